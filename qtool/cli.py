@@ -1,0 +1,250 @@
+"""The `qtool` command: parse options, call the library, render the result, map errors to exit codes.
+
+No numerics and no format code here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from qtool import __version__, ui
+from qtool.errors import BadArgument, QtoolError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Post-training quantization of language models: quantize, inspect, eval.")
+stdout = Console()
+
+# Options every command takes.
+JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or log lines.")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when available).")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM unwinds like Ctrl-C, so staged outputs are removed on the way out.
+    raise KeyboardInterrupt
+
+
+def _run(debug: bool, quiet: bool, work: Callable[[], Any]) -> Any:
+    ui.configure(quiet=quiet)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return work()
+    except QtoolError as exc:
+        if debug:
+            traceback.print_exc()
+        ui.stderr.print(f"error: {exc.message}", style="red", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        ui.stderr.print("error: interrupted; nothing was written", style="red", highlight=False, markup=False)
+        raise typer.Exit(130) from None
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        ui.stderr.print("error: out of memory; try a smaller --max-shard-size or --device cuda", style="red",
+                        highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # a bug of ours: say so in one line, traceback only with --debug
+        if debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        ui.stderr.print(f"error: internal error ({type(exc).__name__}: {first}); rerun with --debug and report it",
+                        style="red", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _emit_json(report: Any) -> None:
+    payload = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    value = text.strip().upper()
+    number = value.rstrip("KMGTIB")
+    try:
+        size = int(float(number) * units[value[len(number):]])
+    except (KeyError, ValueError):
+        raise BadArgument(f"--max-shard-size {text!r}: use a size such as 5GB, 500MB or 2GiB") from None
+    if size <= 0:
+        raise BadArgument(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        stdout.print(f"qtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Show the version and exit.")) -> None:
+    """qtool: shrink a checkpoint to fit your GPU, laptop or phone, and know what it cost."""
+
+
+@app.command()
+def inspect(
+    path: str = typer.Argument(..., help="A .gguf or .safetensors file, a model folder, a Hub id[@revision] or smollm2-135m."),
+    tensors: Optional[str] = typer.Option(None, "--tensors", help="Only tensors whose name matches this glob."),
+    no_metadata: bool = typer.Option(False, "--no-metadata", help="Leave out the metadata table."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Show what is in a model file: metadata, tensors, types, sizes."""
+    from qtool.inspect import inspect_model, render_inspect
+
+    report = _run(debug, quiet, lambda: inspect_model(path, tensors=tensors, revision=revision))
+    if as_json:
+        _emit_json(report)
+    else:
+        render_inspect(report, stdout, metadata=not no_metadata)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Hub id[@revision], local folder, .safetensors or .gguf file, or smollm2-135m."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (safetensors) or .gguf file."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="4 or 8: picks the default scheme (nf4 / int8-sym, or Q4_K_M / Q8_0 for GGUF)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="nf4, fp4, int8-sym, int8-asym, int4-sym, int4-asym."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="safetensors or gguf (default: gguf when --type is given or OUT ends in .gguf)."),
+    gguf_type: Optional[str] = typer.Option(None, "--type", help="GGUF type: F16, Q8_0, Q4_0, Q4_K, ... or a mix: Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="NF4/FP4 block size (default 64)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="int4 group size (default 128)."),
+    no_double_quant: bool = typer.Option(False, "--no-double-quant", help="NF4/FP4: keep absmax in fp32."),
+    include: List[str] = typer.Option([], "--include", help="Also quantize tensors matching this glob (repeatable)."),
+    skip: List[str] = typer.Option([], "--skip", help="Keep tensors matching this glob as they are (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A preset YAML file (see configs/)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and sizes; write nothing."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
+    method: str = typer.Option("rtn", "--method", help="rtn, or a calibration-aware method: gptq, imatrix, awq."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: FILE or wikitext2-train."),
+    calib_samples: int = typer.Option(128, "--calib-samples"),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen"),
+    stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics saved by `qtool calibrate`."),
+    evaluate_after: bool = typer.Option(False, "--eval", help="Measure perplexity of the output against the source."),
+    text: Optional[Path] = typer.Option(None, "--text", help="With --eval: text file to score."),
+    ctx: int = typer.Option(512, "--ctx", help="With --eval: window length in tokens."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="With --eval: number of windows."),
+    show_tensors: bool = typer.Option(False, "--show-tensors", help="List every tensor in the report."),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Quantize a checkpoint and write it as safetensors (transformers, vLLM) or GGUF (llama.cpp)."""
+    from qtool.recipes import choose_format, recipe_from_options
+    from qtool.pipeline import QuantizeOptions, quantize as run_quantize
+    from qtool.report import render_quantize
+
+    def work() -> Any:
+        if output is None and not dry_run:
+            raise BadArgument("missing -o/--output: where to write the quantized model")
+        out_format = choose_format(fmt, gguf_type, output, config)
+        recipe = recipe_from_options(fmt=out_format, bits=bits, scheme=scheme, gguf_type=gguf_type, config=config,
+                                     block_size=block_size, group_size=group_size,
+                                     double_quant=False if no_double_quant else None, include=include, skip=skip)
+        options = QuantizeOptions(format=out_format, force=force, dry_run=dry_run,
+                                  max_shard_size=_parse_size(max_shard_size), device=device, revision=revision,
+                                  method=method, calib=calib, calib_samples=calib_samples,
+                                  calib_seqlen=calib_seqlen, stats=stats)
+        report = run_quantize(model, output or Path("."), recipe, options)
+        if evaluate_after and not dry_run:
+            from qtool.evaluation import evaluate
+
+            quality = evaluate([report.output], text_file=text, ctx=ctx, chunks=chunks, baseline=model,
+                               device=device)
+            report.evaluation = dataclasses.asdict(quality)
+            return report, quality
+        return report, None
+
+    report, quality = _run(debug, quiet, work)
+    if as_json:
+        _emit_json(report)
+        return
+    render_quantize(report, stdout, show_tensors=show_tensors)
+    if quality is not None:
+        from qtool.evaluation import render_eval
+
+        render_eval(quality, stdout)
+
+
+@app.command(name="eval")
+def eval_command(
+    models: List[str] = typer.Argument(..., help="Models to score: anything quantize reads, or its outputs."),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="Perplexity (the default measure)."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Score this text file instead of --dataset."),
+    dataset: str = typer.Option("wikitext2", "--dataset", help="wikitext2 (test split, from the Hub cache)."),
+    ctx: int = typer.Option(512, "--ctx", help="Window length in tokens."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Sliding windows moved by this many tokens."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Compare with this model: ppl delta, KL divergence, top-1 agreement."),
+    max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="Fail (exit 8) when ppl rises more than this percent over --baseline."),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Fail (exit 8) when mean KL divergence exceeds this."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Compute dtype: fp32 or bf16."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Measure perplexity (and damage against a baseline) on WikiText-2 or your own text."""
+    from qtool.evaluation import check_gates, evaluate, render_eval
+
+    def work() -> Any:
+        if not ppl:
+            raise BadArgument("--no-ppl leaves nothing to measure; perplexity is the only measure so far")
+        if (max_ppl_increase is not None or max_kld is not None) and baseline is None:
+            raise BadArgument("--max-ppl-increase and --max-kld need --baseline MODEL to compare with")
+        return evaluate(list(models), text_file=text, dataset=dataset, ctx=ctx, chunks=chunks, stride=stride,
+                        baseline=baseline, device=device, batch_size=batch_size, dtype=dtype,
+                        max_ppl_increase=max_ppl_increase, max_kld=max_kld)
+
+    report = _run(debug, quiet, work)
+    if as_json:
+        _emit_json(report)
+    else:
+        render_eval(report, stdout)
+    # The gate is judged after the report is out, so a failing CI run still shows the numbers.
+    _run(debug, quiet, lambda: check_gates(report))
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="Model to run over the calibration text."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to save the statistics (.safetensors)."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: FILE or wikitext2-train."),
+    calib_samples: int = typer.Option(128, "--calib-samples"),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
+) -> None:
+    """Collect activation statistics (per-channel ranges, X^T X) for calibration-aware quantization."""
+    from qtool.calibration import calibrate_to_file
+
+    report = _run(debug, quiet, lambda: calibrate_to_file(model, output, calib=calib, samples=calib_samples,
+                                                           seqlen=calib_seqlen, seed=seed, device=device,
+                                                           force=force))
+    if as_json:
+        _emit_json(report)
+    else:
+        stdout.print(f"wrote {output}", highlight=False)
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,132 @@
+"""The quantization pipe: Source -> Plan -> Scheme (inside the Sink) -> Sink.finish -> report.
+
+Streaming: one tensor is read, quantized and written at a time, so peak memory is about the
+largest tensor plus the sink's buffers, whatever the model's size.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qtool import __version__, ui
+from qtool.errors import BadArgument
+from qtool.plan import KEEP, Recipe, TensorPlan, build_plan
+from qtool.report import QuantizeReport, size_report
+from qtool.schemes.base import get_scheme
+from qtool.sinks import sink_class
+from qtool.sources.base import Source
+from qtool.sources.resolve import resolve
+
+FORMATS = ("safetensors", "gguf")
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+@dataclass
+class QuantizeOptions:
+    format: str = "safetensors"
+    force: bool = False
+    dry_run: bool = False
+    max_shard_size: int = DEFAULT_SHARD_BYTES
+    device: str = "cpu"
+    revision: str | None = None
+    method: str = "rtn"                 # rtn, or a calibration-aware method (gptq, imatrix, awq)
+    calib: str | None = None
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    stats: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadArgument(f"--device {device}: no CUDA device is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BadArgument(f"--device {device}: use cpu, cuda or auto")
+    return device
+
+
+def plan_model(source: Source, recipe: Recipe) -> list[TensorPlan]:
+    n_layers = int(source.config.get("num_hidden_layers") or 0)
+    plans = build_plan(source.tensors(), recipe, n_layers)
+    for plan in plans:
+        if not plan.keep:
+            get_scheme(plan.scheme)   # unknown names fail before any work
+    return plans
+
+
+def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOptions | None = None) -> QuantizeReport:
+    options = options or QuantizeOptions()
+    if options.format not in FORMATS:
+        raise BadArgument(f"--format {options.format}: choose one of {', '.join(FORMATS)}")
+    device = resolve_device(options.device)
+    started = time.perf_counter()
+    with resolve(spec, revision=options.revision) as source:
+        plans = plan_model(source, recipe)
+        sink_type = sink_class(options.format, {p.scheme for p in plans if not p.keep})
+        if source.is_quantized:
+            ui.warn(f"{spec} is already quantized; its dequantized weights are quantized again, "
+                    "which adds the errors of both steps")
+        infos = {info.name: info for info in source.tensors()}
+        if options.dry_run:
+            sizes = {p.name: sink_type.packed_nbytes(p) for p in plans}
+            return size_report(source, infos, plans, sizes, output=None, fmt=options.format,
+                               seconds=time.perf_counter() - started, dry_run=True)
+
+        sink = sink_type(Path(out), source, plans, force=options.force,
+                         options={"max_shard_size": options.max_shard_size, **options.extra})
+        sizes: dict[str, int] = {}
+        try:
+            with ui.task(f"quantizing {source.description}", total=len(plans)) as progress:
+                for plan in plans:
+                    tensor = source.load(plan.name)
+                    if device != "cpu":
+                        tensor = tensor.to(device, non_blocking=True)
+                    sizes[plan.name] = sink.add(plan, tensor)
+                    del tensor
+                    progress.advance(1, status=plan.name)
+            report = size_report(source, infos, plans, sizes, output=str(out), fmt=options.format,
+                                 seconds=time.perf_counter() - started, dry_run=False)
+            final = sink.finish(model_card(source, recipe, report))
+        except BaseException:
+            sink.abort()
+            raise
+        report.output = str(final)
+        return report
+
+
+def model_card(source: Source, recipe: Recipe, report: QuantizeReport) -> str:
+    revision = f" (revision `{source.revision}`)" if source.revision else ""
+    schemes = ", ".join(f"{row.scheme}: {row.tensors} tensors" for row in report.per_scheme)
+    lines = [
+        "---",
+        "tags: [qtool, quantized]",
+        "---",
+        f"# Quantized {source.description}",
+        "",
+        f"Quantized with qtool {__version__} from `{source.spec}`{revision}.",
+        "",
+        "## Recipe",
+        f"- default scheme: `{recipe.scheme}` with parameters `{recipe.params or {}}`",
+        f"- per-scheme: {schemes}",
+        f"- rules: {len(recipe.rules)}, include: {recipe.include or []}, skip: {recipe.skip or []}",
+        "",
+        "## Size",
+        "| | before | after |",
+        "|---|---|---|",
+        f"| bytes | {report.bytes_before:,} | {report.bytes_after:,} |",
+        f"| bits per weight (quantized tensors) | {report.bits_before_quantized:.2f} | {report.bits_per_weight_quantized:.2f} |",
+        f"| bits per weight (whole model) | {report.bits_before_model:.2f} | {report.bits_per_weight_model:.2f} |",
+        "",
+        f"Compression ratio: {report.compression_ratio:.2f}x",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["quantize", "QuantizeOptions", "plan_model", "KEEP"]

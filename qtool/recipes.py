@@ -1,0 +1,64 @@
+"""Turn command-line options and presets into one Recipe (flags override the preset)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtool.errors import BadArgument
+from qtool.plan import Recipe
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# What --bits means when no scheme or type is named.
+BITS_DEFAULTS = {"safetensors": {4: "nf4", 8: "int8-sym"}, "gguf": {4: "Q4_K_M", 8: "Q8_0"}}
+# GGUF mixes are presets: configs/gguf-<name>.yaml, editable copies of llama-quantize's choices.
+GGUF_MIXES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M")
+
+
+def mix_preset(name: str) -> Path:
+    return CONFIGS_DIR / f"gguf-{name.lower()}.yaml"
+
+
+def choose_format(fmt: str | None, gguf_type: str | None, output: Path | None, config: Path | None) -> str:
+    if fmt is not None:
+        if fmt not in ("safetensors", "gguf"):
+            raise BadArgument(f"--format {fmt}: choose safetensors or gguf")
+        return fmt
+    if gguf_type or (output is not None and output.suffix == ".gguf"):
+        return "gguf"
+    if config is not None:
+        return Recipe.from_yaml(config).format or "safetensors"
+    return "safetensors"
+
+
+def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_type: str | None,
+                        config: Path | None, block_size: int | None, group_size: int | None,
+                        double_quant: bool | None, include: list[str], skip: list[str]) -> Recipe:
+    if fmt == "safetensors" and gguf_type:
+        raise BadArgument(f"--type {gguf_type} is a GGUF type; add --format gguf (or use --scheme for safetensors)")
+    if fmt == "gguf" and scheme:
+        raise BadArgument(f"--scheme {scheme} is for safetensors outputs; GGUF takes --type (e.g. Q4_K_M)")
+    if bits is not None and bits not in (4, 8):
+        raise BadArgument(f"--bits {bits}: choose 4 or 8")
+    chosen = gguf_type or scheme
+    if chosen is None and bits is not None:
+        chosen = BITS_DEFAULTS[fmt][bits]
+    if chosen is not None and fmt == "gguf":
+        chosen = chosen.upper()
+
+    if config is not None:
+        recipe = Recipe.from_yaml(config)
+    elif chosen in GGUF_MIXES:
+        recipe = Recipe.from_yaml(mix_preset(chosen))
+        chosen = None   # the mix preset names its own default type
+    else:
+        recipe = Recipe()
+    if chosen is not None:
+        recipe.scheme = chosen
+    if recipe.scheme is None:
+        raise BadArgument("nothing to do: choose --bits 4|8, --scheme, --type or --config")
+    recipe.format = fmt
+    for key, value in (("block_size", block_size), ("group_size", group_size), ("double_quant", double_quant)):
+        if value is not None:
+            recipe.params[key] = value
+    recipe.include += include
+    recipe.skip += skip
+    return recipe

@@ -1,0 +1,128 @@
+"""Size reports for quantize runs: dataclasses (JSON is ``dataclasses.asdict``) and rich tables."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from qtool.plan import TensorPlan
+from qtool.sources.base import Source, TensorInfo
+
+
+@dataclass
+class SchemeRow:
+    scheme: str
+    tensors: int
+    parameters: int
+    bytes_before: int
+    bytes_after: int
+    bits_per_weight: float
+
+
+@dataclass
+class TensorRow:
+    name: str
+    shape: list[int]
+    scheme: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class QuantizeReport:
+    source: str
+    output: str | None
+    format: str
+    dry_run: bool
+    parameters: int
+    parameters_quantized: int
+    bytes_before: int
+    bytes_after: int
+    bits_before_quantized: float      # bits per weight of the quantized tensors, as the source stores them
+    bits_per_weight_quantized: float  # ... after quantization
+    bits_before_model: float
+    bits_per_weight_model: float
+    compression_ratio: float
+    seconds: float
+    per_scheme: list[SchemeRow]
+    tensors: list[TensorRow]
+    evaluation: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _bits(nbytes: int, params: int) -> float:
+    return 8.0 * nbytes / params if params else 0.0
+
+
+def size_report(source: Source, infos: dict[str, TensorInfo], plans: list[TensorPlan], sizes: dict[str, int],
+                *, output: str | None, fmt: str, seconds: float, dry_run: bool) -> QuantizeReport:
+    rows = []
+    by_scheme: dict[str, list[TensorRow]] = defaultdict(list)
+    params_of = {}
+    for plan in plans:
+        info = infos[plan.name]
+        row = TensorRow(plan.name, list(info.shape), plan.scheme, info.stored_bytes, sizes[plan.name])
+        rows.append(row)
+        by_scheme[plan.scheme].append(row)
+        params_of[plan.name] = math.prod(info.shape)
+    per_scheme = []
+    for scheme, scheme_rows in sorted(by_scheme.items()):
+        params = sum(params_of[r.name] for r in scheme_rows)
+        after = sum(r.bytes_after for r in scheme_rows)
+        per_scheme.append(SchemeRow(scheme, len(scheme_rows), params, sum(r.bytes_before for r in scheme_rows),
+                                    after, _bits(after, params)))
+    quantized = [r for r in rows if r.scheme != "keep"]
+    params_q = sum(params_of[r.name] for r in quantized)
+    params = sum(params_of.values())
+    before, after = sum(r.bytes_before for r in rows), sum(r.bytes_after for r in rows)
+    return QuantizeReport(
+        source=source.description, output=output, format=fmt, dry_run=dry_run,
+        parameters=params, parameters_quantized=params_q, bytes_before=before, bytes_after=after,
+        bits_before_quantized=_bits(sum(r.bytes_before for r in quantized), params_q),
+        bits_per_weight_quantized=_bits(sum(r.bytes_after for r in quantized), params_q),
+        bits_before_model=_bits(before, params), bits_per_weight_model=_bits(after, params),
+        compression_ratio=before / after if after else 0.0, seconds=round(seconds, 3),
+        per_scheme=per_scheme, tensors=rows)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: bool = False) -> None:
+    if show_tensors or report.dry_run:
+        plan = Table(title="plan" if report.dry_run else "tensors")
+        for col in ("tensor", "shape", "scheme", "before", "after"):
+            plan.add_column(col, justify="right" if col in ("before", "after") else "left")
+        for row in report.tensors:
+            plan.add_row(row.name, "x".join(map(str, row.shape)), row.scheme, human_bytes(row.bytes_before),
+                         human_bytes(row.bytes_after))
+        console.print(plan)
+    schemes = Table(title="per scheme")
+    for col in ("scheme", "tensors", "parameters", "before", "after", "bits/weight"):
+        schemes.add_column(col, justify="left" if col == "scheme" else "right")
+    for row in report.per_scheme:
+        schemes.add_row(row.scheme, str(row.tensors), f"{row.parameters:,}", human_bytes(row.bytes_before),
+                        human_bytes(row.bytes_after), f"{row.bits_per_weight:.2f}")
+    console.print(schemes)
+    summary = Table(title=("dry run: nothing written" if report.dry_run else f"wrote {report.output}"),
+                    show_header=True)
+    summary.add_column("")
+    summary.add_column("before", justify="right")
+    summary.add_column("after", justify="right")
+    summary.add_row("size", human_bytes(report.bytes_before), human_bytes(report.bytes_after))
+    summary.add_row("bits/weight, quantized tensors", f"{report.bits_before_quantized:.2f}",
+                    f"{report.bits_per_weight_quantized:.2f}")
+    summary.add_row("bits/weight, whole model", f"{report.bits_before_model:.2f}", f"{report.bits_per_weight_model:.2f}")
+    summary.add_row("parameters (quantized)", f"{report.parameters:,}", f"{report.parameters_quantized:,}")
+    console.print(summary)
+    console.print(f"compression {report.compression_ratio:.2f}x in {report.seconds:.1f} s", highlight=False)

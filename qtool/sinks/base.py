@@ -1,0 +1,47 @@
+"""What every output writer offers the pipeline.
+
+The pipeline hands a sink one tensor at a time (Hugging Face name and layout, float) with the
+plan's decision for it; the sink quantizes it with the named scheme, lays out the bytes its
+format wants, and writes them to a staged (temporary) path. ``finish`` writes what can only be
+written at the end (index, config, model card) and renames the staged output into place;
+``abort`` removes it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from qtool.plan import TensorPlan
+from qtool.sources.base import Source
+
+
+class Sink(ABC):
+    format: ClassVar[str]   # "safetensors" or "gguf"
+
+    def __init__(self, out: Path, source: Source, plans: list[TensorPlan], *, force: bool,
+                 options: dict[str, Any] | None = None) -> None:
+        self.out = Path(out)
+        self.source = source
+        self.plans = plans
+        self.force = force
+        self.options = options or {}
+
+    @classmethod
+    def packed_nbytes(cls, plan: TensorPlan) -> int:
+        """Bytes a planned tensor will take in this format (for --dry-run and size reports)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def add(self, plan: TensorPlan, tensor: torch.Tensor) -> int:
+        """Quantize (unless ``plan.keep``) and write one tensor; return the bytes it takes on disk."""
+
+    @abstractmethod
+    def finish(self, model_card: str) -> Path:
+        """Write the remaining files and move the output into place; return its final path."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove everything written so far."""

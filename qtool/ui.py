@@ -1,0 +1,82 @@
+"""Progress and log lines, always on stderr so stdout stays free for ``--json``.
+
+Library code calls ``ui.task(...)`` / ``ui.log(...)``; the CLI decides once how they show:
+rich bars on a terminal, plain lines when stderr is not a TTY, nothing with ``--quiet``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+_state = {"quiet": False}
+stderr = Console(stderr=True)
+
+# Plain (non-TTY) mode prints at most one line per task every this many seconds.
+_PLAIN_INTERVAL_S = 5.0
+
+
+def configure(*, quiet: bool) -> None:
+    _state["quiet"] = quiet
+
+
+def log(message: str) -> None:
+    if not _state["quiet"]:
+        stderr.print(message, highlight=False, markup=False)
+
+
+def warn(message: str) -> None:
+    """Warnings show even with --quiet: they are about the result."""
+    stderr.print(f"warning: {message}", style="yellow", highlight=False, markup=False)
+
+
+class Task:
+    def __init__(self, description: str, total: float | None) -> None:
+        self.description = description
+        self.total = total
+        self.done = 0.0
+        self.status = ""
+        self._rich: Progress | None = None
+        self._id = None
+        self._last_line = 0.0
+        if _state["quiet"]:
+            return
+        if stderr.is_terminal:
+            self._rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                  console=stderr, transient=True)
+            self._rich.start()
+            self._id = self._rich.add_task(description, total=total, status="")
+        else:
+            self._last_line = time.monotonic()
+            stderr.print(f"{description} ...", highlight=False, markup=False)
+
+    def advance(self, amount: float = 1, status: str | None = None) -> None:
+        self.done += amount
+        if status is not None:
+            self.status = status
+        if self._rich is not None:
+            self._rich.update(self._id, advance=amount, status=self.status)
+        elif not _state["quiet"] and time.monotonic() - self._last_line >= _PLAIN_INTERVAL_S:
+            self._last_line = time.monotonic()
+            of_total = f"/{self.total:g}" if self.total else ""
+            stderr.print(f"{self.description}: {self.done:g}{of_total} {self.status}".rstrip(),
+                         highlight=False, markup=False)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+
+
+@contextmanager
+def task(description: str, total: float | None = None) -> Iterator[Task]:
+    current = Task(description, total)
+    try:
+        yield current
+    finally:
+        current.close()
