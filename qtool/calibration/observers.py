@@ -1,0 +1,106 @@
+"""Statistics of the inputs of one Linear layer, accumulated batch by batch.
+
+What the calibration-aware methods need from the activations X (tokens x in_features):
+- per-input-channel absmax and mean square (AWQ scaling, llama.cpp-style importance weights);
+- per-tensor min/max and |x| percentiles (static int8 activation scales);
+- X^T X (GPTQ's Hessian), fp32, only when a method asks for it (in_features^2 floats per site).
+
+Percentiles come from a seeded uniform subsample of |x| (a fixed number of values per batch), so
+memory stays bounded whatever the number of tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PERCENTILES = (99.0, 99.9, 99.99)
+_SAMPLE_PER_UPDATE = 1 << 16
+_SKETCH_POINTS = 4096
+
+
+@dataclass
+class InputStats:
+    in_features: int
+    tokens: int
+    absmax: torch.Tensor              # [in_features]
+    mean_square: torch.Tensor         # [in_features]
+    act_min: float
+    act_max: float
+    percentiles: dict[str, float]     # "p99.9" -> that percentile of |x|
+    hessian: torch.Tensor | None = None   # [in_features, in_features], sum of x^T x over tokens
+    abs_sample: torch.Tensor | None = field(default=None, repr=False)   # sorted equal-mass quantiles of |x|
+
+
+class InputObserver:
+    def __init__(self, in_features: int, *, want_hessian: bool, device: torch.device | str = "cpu",
+                 seed: int = 0, sample_per_update: int = _SAMPLE_PER_UPDATE) -> None:
+        self.in_features = in_features
+        self.tokens = 0
+        self.absmax = torch.zeros(in_features, device=device)
+        self.sum_square = torch.zeros(in_features, device=device, dtype=torch.float64)
+        self.act_min = float("inf")
+        self.act_max = float("-inf")
+        self.hessian = torch.zeros(in_features, in_features, device=device) if want_hessian else None
+        self._samples: list[torch.Tensor] = []
+        self._sample_per_update = sample_per_update
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features).to(torch.float32)
+        self.tokens += x.shape[0]
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        self.sum_square += (x * x).sum(dim=0, dtype=torch.float64)
+        self.act_min = min(self.act_min, float(x.min()))
+        self.act_max = max(self.act_max, float(x.max()))
+        if self.hessian is not None:
+            self.hessian.addmm_(x.T, x)
+        flat = x.reshape(-1)
+        count = min(self._sample_per_update, flat.numel())
+        picks = torch.randint(0, flat.numel(), (count,), generator=self._generator, device=flat.device)
+        self._samples.append(flat[picks].abs().cpu())
+
+    def finish(self) -> InputStats:
+        sample = torch.cat(self._samples) if self._samples else torch.zeros(1)
+        sample, _ = torch.sort(sample)
+        percentiles = {f"p{p:g}": float(sample[min(sample.numel() - 1, int(round(p / 100 * (sample.numel() - 1))))])
+                       for p in PERCENTILES}
+        # Keep an equal-mass sketch of the |x| distribution (sorted quantiles), not the whole sample.
+        sketch = sample[torch.linspace(0, sample.numel() - 1, min(_SKETCH_POINTS, sample.numel())).round().long()]
+        tokens = max(self.tokens, 1)
+        return InputStats(self.in_features, self.tokens, self.absmax.cpu(), (self.sum_square / tokens).float().cpu(),
+                          self.act_min, self.act_max, percentiles,
+                          None if self.hessian is None else self.hessian.cpu(), sketch.contiguous())
+
+
+def activation_scale(stats: InputStats, *, method: str = "minmax", bits: int = 8, percentile: float = 99.99) -> float:
+    """Static per-tensor scale for symmetric int activations (value = scale * q, |q| <= 2^(bits-1) - 1).
+
+    minmax: the largest |x| seen; percentile: that percentile of |x| (clips rare outliers);
+    mse: the clipping threshold minimizing the mean squared quantization error over the |x| sample.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    absmax = max(abs(stats.act_min), abs(stats.act_max))
+    if method == "minmax":
+        return absmax / qmax
+    if method == "percentile":
+        key = f"p{percentile:g}"
+        if key in stats.percentiles:
+            return stats.percentiles[key] / qmax
+        if stats.abs_sample is None:
+            raise ValueError(f"percentile {percentile} was not recorded")
+        return float(torch.quantile(stats.abs_sample, percentile / 100)) / qmax
+    if method == "mse":
+        if stats.abs_sample is None or stats.abs_sample.numel() == 0:
+            return absmax / qmax
+        sample = stats.abs_sample.to(torch.float32)
+        candidates = torch.linspace(0.3, 1.0, 71) * absmax
+        best, best_err = absmax, float("inf")
+        for clip in candidates.tolist():
+            scale = clip / qmax if clip > 0 else 1.0
+            err = float(((torch.clamp(torch.round(sample / scale), 0, qmax) * scale - sample) ** 2).mean())
+            if err < best_err:
+                best, best_err = clip, err
+        return best / qmax
+    raise ValueError(f"unknown activation scale method {method!r}; use minmax, percentile or mse")

@@ -1,0 +1,75 @@
+"""Lay out the levels and scales a calibration method chose in the scheme's packed format.
+
+A format's own ``quantize`` derives the scales from the weight (round to nearest); a calibrated
+result must keep the scales GPTQ / the importance search chose, so it is packed here from
+``QuantResult`` with the format's byte helpers. The tests check every layout by dequantizing the
+packed result with the format's reference (gguf-py, the scheme's ``dequantize``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qtool.errors import BadArgument
+from qtool.plan import TensorPlan
+from qtool.schemes.gptq import QuantResult
+
+
+def _blocks(tensor: torch.Tensor, block: int) -> torch.Tensor:
+    return tensor.reshape(-1, block)
+
+
+def pack_ggml(type_name: str, result: QuantResult) -> Any:
+    from qtool.schemes.ggml import GGMLTensor, fp16_bytes, pack_bits, pack_nibbles
+
+    rows, cols = result.levels.shape
+    if cols % 32:
+        raise BadArgument(f"{type_name} needs rows that are a multiple of 32 elements; got {cols}")
+    levels = _blocks(result.levels.to(torch.uint8), 32)
+    scale = result.scale.reshape(-1, 1).to(torch.float32)
+    offset = result.offset.reshape(-1, 1).to(torch.float32)
+    if type_name == "Q4_0":
+        parts = [fp16_bytes(scale), pack_nibbles(levels[:, :16], levels[:, 16:])]
+    elif type_name == "Q4_1":
+        parts = [fp16_bytes(scale), fp16_bytes(offset), pack_nibbles(levels[:, :16], levels[:, 16:])]
+    elif type_name == "Q5_0":
+        parts = [fp16_bytes(scale), pack_bits(levels >> 4), pack_nibbles(levels[:, :16], levels[:, 16:])]
+    elif type_name == "Q5_1":
+        parts = [fp16_bytes(scale), fp16_bytes(offset), pack_bits(levels >> 4),
+                 pack_nibbles(levels[:, :16], levels[:, 16:])]
+    elif type_name == "Q8_0":
+        signed = (levels.to(torch.int16) - 127).to(torch.int8).view(torch.uint8)
+        parts = [fp16_bytes(scale), signed]
+    else:
+        raise BadArgument(f"packing calibrated {type_name} tensors is not supported yet; use --method rtn")
+    data = torch.cat(parts, dim=-1).reshape(rows, -1)
+    return GGMLTensor(type_name, (rows, cols), data)
+
+
+def pack_int(scheme: str, result: QuantResult, group_size: int, dtype: torch.dtype) -> Any:
+    """compressed-tensors int4 groups (qtool.schemes.int4.PackedInt): signed levels and zero points."""
+    from qtool.schemes.int4 import PackedInt
+
+    rows, cols = result.levels.shape
+    if scheme == "int4-sym":
+        q = result.levels.to(torch.int16) - 8
+        zero_point = None
+    elif scheme == "int4-asym":
+        q = result.levels.to(torch.int16) - 8
+        zero_point = (result.extra["zero_point"].to(torch.int16) - 8).to(torch.int8)
+    else:
+        raise BadArgument(f"packing calibrated {scheme} tensors is not supported yet; use --method rtn")
+    # The grid chose scales already rounded to bfloat16, which float16/float32 hold exactly.
+    return PackedInt(q=q.to(torch.int8).contiguous(), scale=result.scale.to(dtype), zero_point=zero_point,
+                     bits=4, group_size=group_size, shape=(rows, cols), dtype=dtype)
+
+
+def pack_result(plan: TensorPlan, result: QuantResult, dtype: torch.dtype = torch.float32) -> Any:
+    """The packed object the plan's sink writes, holding exactly ``result``'s grid.
+    ``dtype``: the source weight's dtype (compressed-tensors stores scales in it)."""
+    if plan.scheme in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        return pack_ggml(plan.scheme, result)
+    if plan.scheme in ("int4-sym", "int4-asym"):
+        return pack_int(plan.scheme, result, int(plan.params.get("group_size", 128)), dtype)
+    raise BadArgument(f"packing calibrated {plan.scheme} tensors is not supported yet; use --method rtn")

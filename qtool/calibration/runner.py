@@ -1,0 +1,308 @@
+"""The calibration pass: decoder blocks one at a time, hooks on their Linear layers.
+
+The samples are embedded once; then block i runs on the hidden states block i-1 produced. Only
+one block's weights (loaded from the Source tensor by tensor) and two hidden-state buffers
+(inputs and outputs of the current block, samples x seqlen x hidden, fp32) are in memory at any
+time, never the whole model.
+
+:func:`walk_blocks` is the engine: it yields each block after collecting the statistics of its
+Linear inputs; whoever consumes it may replace the block's Linear weights by quantized ones
+before asking for the next block, and the block is then run again so that the next block sees
+the quantized outputs (GPTQ's sequential mode). :func:`calibrate` consumes it without changing
+anything and returns the statistics; :mod:`qtool.calibration.methods` quantizes with it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from qtool import ui
+from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set, load_tokenizer
+from qtool.calibration.observers import InputObserver, InputStats
+from qtool.errors import BadArgument, CorruptFile, NotFound, QtoolError, Unsupported
+from qtool.sources.base import Source
+
+STATS_FORMAT = "qtool-calibration-stats/1"
+_BATCH_TOKENS = 4096
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    seconds: float
+    tokens: int
+    errors: dict[str, float] = field(default_factory=dict)   # weight name -> relative layer-output error
+
+
+@dataclass
+class CalibrationStats:
+    model: str
+    calib: str
+    samples: int
+    seqlen: int
+    seed: int
+    linears: dict[str, InputStats]            # weight name (model.layers.0.mlp.down_proj.weight) -> stats
+    records: list[LayerRecord] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        return save_stats(self, path)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly view (no tensors) for --json."""
+        return {
+            "model": self.model, "calib": self.calib, "samples": self.samples, "seqlen": self.seqlen,
+            "seed": self.seed, "linears": len(self.linears),
+            "has_hessian": any(s.hessian is not None for s in self.linears.values()),
+            "layers": [asdict(r) for r in self.records],
+        }
+
+
+@dataclass
+class BlockStep:
+    """One decoder block between its statistics pass and its output pass."""
+
+    index: int
+    n_layers: int
+    linears: dict[str, nn.Linear]         # weight name -> module (replace .weight to quantize)
+    stats: dict[str, InputStats]          # weight name -> statistics of its inputs
+    seconds: float = 0.0                  # time of the statistics pass
+    modified: bool = False                # set by the consumer after changing weights
+
+
+def hf_config(config: dict) -> Any:
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise Unsupported("the model's config has no model_type; calibration cannot pick an architecture")
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "transformers_version")}
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as exc:
+        raise Unsupported(f"architecture {model_type!r} is not known to transformers: {exc}") from None
+
+
+class _Skeleton:
+    """The architecture on the meta device: block modules are materialized one at a time."""
+
+    def __init__(self, source: Source, device: torch.device) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.config = hf_config(source.config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa", dtype=torch.float32)
+        base = getattr(model, "model", None)
+        layers = getattr(base, "layers", None)
+        if layers is None or not hasattr(base, "embed_tokens"):
+            raise Unsupported(f"{type(model).__name__}: calibration supports decoder models with model.layers")
+        self.layers = layers
+        self.embed_name = "model.embed_tokens.weight"
+        rotary = getattr(base, "rotary_emb", None)
+        # Rotary tables are computed at construction: build a real one on the device.
+        self.rotary = type(rotary)(config=self.config).to(device) if rotary is not None else None
+
+    def block(self, index: int, source: Source, names: list[str], device: torch.device) -> nn.Module:
+        block = self.layers[index]
+        prefix = f"model.layers.{index}."
+        params = dict(block.named_parameters())
+        for name in names:
+            local = name[len(prefix):]
+            if local not in params:
+                continue
+            tensor = source.load(name)
+            if tuple(tensor.shape) != tuple(params[local].shape):
+                raise CorruptFile(f"tensor {name} has shape {tuple(tensor.shape)}, the config says "
+                                  f"{tuple(params[local].shape)}")
+            module_name, _, leaf = local.rpartition(".")
+            block.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
+                tensor.to(device=device, dtype=torch.float32), requires_grad=False)
+        missing = [f"{prefix}{n}" for n, p in block.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise CorruptFile(f"the checkpoint has no tensor {missing[0]} (needed by block {index})")
+        block.eval()
+        return block
+
+    def release(self, index: int) -> None:
+        self.layers[index].to("meta")
+
+
+def _batches(total: int, batch: int) -> list[slice]:
+    return [slice(start, min(start + batch, total)) for start in range(0, total, batch)]
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, position_embeddings: Any,
+               position_ids: torch.Tensor, batch: int) -> None:
+    for part in _batches(hidden.shape[0], batch):
+        result = block(hidden[part], attention_mask=None, position_ids=position_ids,
+                       position_embeddings=position_embeddings)
+        out[part] = result[0] if isinstance(result, tuple) else result
+
+
+def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.device = "cpu",
+                want_hessian: bool = True, seed: int = 0) -> Iterator[BlockStep]:
+    """Yield every decoder block with the statistics of its Linear inputs (see module doc)."""
+    device = torch.device(device)
+    skeleton = _Skeleton(source, device)
+    names = [info.name for info in source.tensors()]
+    n_layers = len(skeleton.layers)
+    tokens = calib.tokens.to(device)
+    samples, seqlen = tokens.shape
+    batch = max(1, _BATCH_TOKENS // seqlen)
+
+    with torch.inference_mode():
+        embedding = source.load(skeleton.embed_name).to(device=device, dtype=torch.float32)
+        hidden = nn.functional.embedding(tokens, embedding)
+        del embedding
+        position_ids = torch.arange(seqlen, device=device).unsqueeze(0)
+        position_embeddings = skeleton.rotary(hidden[:1], position_ids) if skeleton.rotary is not None else None
+        outputs = torch.empty_like(hidden)
+
+    for index in range(n_layers):
+        prefix = f"model.layers.{index}."
+        block = skeleton.block(index, source, [n for n in names if n.startswith(prefix)], device)
+        linears = {f"{prefix}{name}.weight": module for name, module in block.named_modules()
+                   if isinstance(module, nn.Linear)}
+        observers: dict[str, InputObserver] = {}
+        shared_with: dict[str, str] = {}
+        seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}
+
+        def make_hook(weight_name: str):
+            def hook(module: nn.Module, args: tuple) -> None:
+                x = args[0]
+                # Linears fed the very same tensor (q/k/v, gate/up) share one observer.
+                known = seen_inputs.get(id(x))
+                if known is not None and known[0] is x:
+                    shared_with.setdefault(weight_name, known[1])
+                    if shared_with[weight_name] != weight_name:
+                        return
+                else:
+                    seen_inputs[id(x)] = (x, weight_name)
+                    shared_with.setdefault(weight_name, weight_name)
+                if weight_name not in observers:
+                    observers[weight_name] = InputObserver(module.in_features, want_hessian=want_hessian,
+                                                           device=device, seed=seed + index)
+                observers[weight_name].update(x)
+            return hook
+
+        handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for part in _batches(samples, batch):
+                    seen_inputs.clear()
+                    result = block(hidden[part], attention_mask=None, position_ids=position_ids,
+                                   position_embeddings=position_embeddings)
+                    outputs[part] = result[0] if isinstance(result, tuple) else result
+                seen_inputs.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+        finished = {name: observer.finish() for name, observer in observers.items()}
+        stats = {name: finished[shared_with[name]] for name in linears if name in shared_with}
+        step = BlockStep(index, n_layers, linears, stats, time.perf_counter() - started)
+        yield step
+        if step.modified:
+            with torch.inference_mode():
+                _run_block(block, hidden, outputs, position_embeddings, position_ids, batch)
+        hidden, outputs = outputs, hidden
+        skeleton.release(index)
+        del block, linears, observers, stats, step
+
+
+def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int = DEFAULT_SAMPLES,
+              seqlen: int = DEFAULT_SEQLEN, seed: int = 0, device: str = "cpu", want_hessian: bool = True,
+              calib_set: CalibrationSet | None = None) -> CalibrationStats:
+    """Statistics of every decoder-block Linear input over the calibration samples."""
+    if calib_set is None:
+        calib_set = calibration_set(calib, load_tokenizer(source.tokenizer_dir()), samples=samples,
+                                    seqlen=seqlen, seed=seed)
+    linears: dict[str, InputStats] = {}
+    records: list[LayerRecord] = []
+    n_layers = int(source.config.get("num_hidden_layers") or 0)
+    with ui.task(f"calibrating {source.description}", total=n_layers or None) as progress:
+        started = time.perf_counter()
+        for step in walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, seed=seed):
+            linears.update(step.stats)
+            seconds = time.perf_counter() - started
+            records.append(LayerRecord(step.index, round(seconds, 3), int(calib_set.tokens.numel())))
+            progress.advance(1, status=f"layer {step.index + 1}/{step.n_layers} {seconds:.1f}s")
+            started = time.perf_counter()
+    return CalibrationStats(source.description, calib_set.description, calib_set.samples, calib_set.seqlen,
+                            seed, linears, records)
+
+
+_TENSOR_FIELDS = ("absmax", "mean_square", "hessian", "abs_sample")
+
+
+def save_stats(stats: CalibrationStats, path: str | Path) -> Path:
+    """Write the statistics as one safetensors file; Linears sharing inputs share tensors (stored once)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    site_of: dict[int, str] = {}
+    for name, item in stats.linears.items():
+        site = site_of.setdefault(id(item), name)
+        entry: dict[str, Any] = {"site": site}
+        if site == name:
+            for key in _TENSOR_FIELDS:
+                value = getattr(item, key)
+                if value is not None:
+                    tensors[f"{name}.{key}"] = value.contiguous().cpu()
+            entry.update(in_features=item.in_features, tokens=item.tokens, act_min=item.act_min,
+                         act_max=item.act_max, percentiles=item.percentiles)
+        entries[name] = entry
+    metadata = {
+        "format": STATS_FORMAT,
+        "stats": json.dumps({"model": stats.model, "calib": stats.calib, "samples": stats.samples,
+                             "seqlen": stats.seqlen, "seed": stats.seed, "linears": entries,
+                             "records": [asdict(r) for r in stats.records]}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.qtool-tmp")
+    save_file(tensors, str(staged), metadata=metadata)
+    staged.replace(path)
+    return path
+
+
+def load_stats(path: str | Path) -> CalibrationStats:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NotFound(f"--stats {path}: no such file; make one with `qtool calibrate MODEL -o {path.name}`")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != STATS_FORMAT:
+                raise BadArgument(f"--stats {path}: not a qtool calibration statistics file "
+                                  "(make one with `qtool calibrate`)")
+            info = json.loads(metadata["stats"])
+            keys = set(handle.keys())
+            sites: dict[str, InputStats] = {}
+            linears: dict[str, InputStats] = {}
+            for name, entry in info["linears"].items():
+                site = entry["site"]
+                if site not in sites:
+                    head = info["linears"][site]
+                    values = {key: handle.get_tensor(f"{site}.{key}") if f"{site}.{key}" in keys else None
+                              for key in _TENSOR_FIELDS}
+                    sites[site] = InputStats(head["in_features"], head["tokens"], values["absmax"],
+                                             values["mean_square"], head["act_min"], head["act_max"],
+                                             head["percentiles"], values["hessian"], values["abs_sample"])
+                linears[name] = sites[site]
+    except QtoolError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError, bad JSON, missing keys: all a broken file
+        raise CorruptFile(f"--stats {path}: unreadable statistics file ({type(exc).__name__}); "
+                          "recreate it with `qtool calibrate`") from None
+    records = [LayerRecord(**r) for r in info.get("records", [])]
+    return CalibrationStats(info["model"], info["calib"], info["samples"], info["seqlen"], info["seed"],
+                            linears, records)

@@ -1,0 +1,231 @@
+"""A transformers causal LM built from any qtool Source, for evaluation.
+
+The architecture is instantiated from the source's config with its parameters on the meta
+device (no memory, no random init), then each parameter is replaced by the source's tensor,
+one at a time, cast to the compute dtype and moved to the compute device: peak memory is the
+model in that dtype plus one source tensor.
+
+qtool's quantized safetensors outputs (bitsandbytes NF4/FP4/int8, compressed-tensors int8/int4)
+can be evaluated two ways: through the dequantized weights the source yields (``runtime=
+"dequantized"``, default; the numbers a GGUF or a bf16 model would give for the same weights)
+or through the real runtime modules (``runtime="native"``: transformers ``from_pretrained``
+with its bitsandbytes / compressed-tensors integration, i.e. what a user of the file gets).
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from qtool import ui
+from qtool.errors import BadArgument, CorruptFile, NotFound, Unsupported
+from qtool.sources.base import Source
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RUNTIMES = ("dequantized", "native")
+
+
+@dataclass
+class LoadedModel:
+    model: Any                 # transformers PreTrainedModel, eval mode, no grad
+    tokenizer: Any             # transformers tokenizer
+    description: str           # one line for reports
+    add_bos: bool              # the tokenizer puts BOS first (llama.cpp then puts BOS first in every window)
+    bos_token_id: int | None
+    vocab_size: int            # logits width
+    device: torch.device
+    dtype: torch.dtype
+    runtime: str
+    parameters: int
+    load_seconds: float
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise BadArgument(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadArgument(f"--device {device}: no CUDA device is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BadArgument(f"--device {device}: use cpu, cuda or auto")
+    return torch.device(device)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters created inside are put on the meta device; buffers (rotary tables) stay real.
+
+    Buffers are small and computed at construction (rotary ``inv_freq``); keeping them real avoids
+    recomputing them by hand for every architecture.
+    """
+    original = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            kwargs = dict(module._parameters[name].__dict__)
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name].__dict__.update(kwargs)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _hf_config(config: dict) -> Any:
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise Unsupported("the model's config has no model_type; qtool cannot pick a transformers architecture")
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "transformers_version")}
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as exc:
+        raise Unsupported(f"architecture {model_type!r} is not known to transformers "
+                          f"{_transformers_version()}: {exc}") from exc
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu") -> Any:
+    """A transformers causal LM (eval mode) with the source's weights, filled tensor by tensor."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    hf_config = _hf_config(source.config)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    model.eval()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    unused: list[str] = []
+    for info in source.tensors():
+        if info.name not in params:
+            unused.append(info.name)
+            continue
+        target = params[info.name]
+        tensor = source.load(info.name)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CorruptFile(f"{source.description}: tensor {info.name} has shape {tuple(tensor.shape)}, "
+                              f"the config says {tuple(target.shape)}")
+        module_name, _, leaf = info.name.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        loaded.add(info.name)
+        del tensor
+    if unused:
+        ui.warn(f"{source.description}: {len(unused)} tensor(s) not used by {type(model).__name__} "
+                f"(first: {unused[0]})")
+    model.tie_weights()
+    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if missing:
+        raise CorruptFile(f"{source.description}: {len(missing)} weight(s) missing for "
+                          f"{type(model).__name__} (first: {missing[0]})")
+    for name, buffer in model.named_buffers():
+        if buffer.device != device:
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[leaf] = buffer.to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(source: Source) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = source.tokenizer_dir()
+    if folder is None:
+        raise NotFound(f"{source.description}: no tokenizer files found; evaluation needs the model's tokenizer "
+                       "(tokenizer.json) next to the weights")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def bos_policy(tokenizer: Any) -> tuple[bool, int | None]:
+    """(adds BOS, BOS id) as the tokenizer is configured, which is what llama.cpp follows too.
+
+    Probed on a sample instead of read from ``add_bos_token``: that attribute is missing or
+    misleading for several tokenizer classes, while the post-processor is what actually runs.
+    """
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None:
+        return False, None
+    with_special = tokenizer("a b", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    adds = len(with_special) > len(without) and with_special[0] == bos_id
+    return adds, int(bos_id)
+
+
+def _native_folder(source: Source) -> Path | None:
+    """The folder to give ``from_pretrained`` when the source is a quantized transformers checkpoint."""
+    for candidate in (Path(source.spec), Path(str(source.spec).split("@")[0])):
+        if candidate.is_dir() and (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def _native_model(source: Source, *, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    folder = _native_folder(source)
+    if folder is None:
+        raise BadArgument(f"{source.spec}: --runtime native needs a local transformers folder (config.json + "
+                          "safetensors); use the default dequantized runtime for this model")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" not in config:
+        ui.warn(f"{source.spec} has no quantization_config; the native runtime loads it as a plain model")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device),
+                                                 attn_implementation="sdpa")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_causal_lm(spec: str | Source, *, dtype: str = "fp32", device: str = "cpu",
+                   runtime: str = "dequantized", revision: str | None = None) -> LoadedModel:
+    """Resolve ``spec`` (anything qtool's sources read) and build the model + tokenizer for evaluation."""
+    if runtime not in RUNTIMES:
+        raise BadArgument(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    compute_dtype = torch_dtype(dtype)
+    compute_device = resolve_device(device)
+    started = time.perf_counter()
+    if isinstance(spec, Source):
+        source, owned = spec, False
+    else:
+        from qtool.sources.resolve import resolve
+
+        source, owned = resolve(spec, revision=revision), True
+    try:
+        tokenizer = load_tokenizer(source)
+        if runtime == "native":
+            model = _native_model(source, dtype=compute_dtype, device=compute_device)
+        else:
+            model = model_from_source(source, dtype=compute_dtype, device=compute_device)
+        description = source.description
+    finally:
+        if owned:
+            source.close()
+    add_bos, bos_id = bos_policy(tokenizer)
+    vocab_size = int(model.get_output_embeddings().weight.shape[0]) if runtime != "native" else \
+        int(model.config.vocab_size)
+    return LoadedModel(model=model, tokenizer=tokenizer, description=description, add_bos=add_bos,
+                       bos_token_id=bos_id, vocab_size=vocab_size, device=compute_device, dtype=compute_dtype,
+                       runtime=runtime, parameters=sum(p.numel() for p in model.parameters()),
+                       load_seconds=time.perf_counter() - started)

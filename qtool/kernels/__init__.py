@@ -1,0 +1,69 @@
+"""Fused Triton kernels for the hot schemes: the bytes of :mod:`qtool.schemes`, at GPU speed.
+
+Each kernel module reproduces its scheme's torch code operation by operation in float32
+(correctly rounded division and square root, no fused multiply-add, the same reciprocal-then-
+multiply wherever the torch code writes ``scalar / tensor``), so a weight quantized on a CUDA
+device gives the bytes the CPU path gives. Sums that decide a result are taken in the fixed
+pairwise order of ``pairwise_sum`` (see ggml.py), never in a reduction order left to a library.
+
+``fused(name)`` is the only entry point the schemes need::
+
+    if weight.is_cuda and (kernel := fused(self.name)) is not None:
+        return kernel(weight, **params)
+
+Without Triton or without CUDA it returns None and the scheme's own torch code runs (that is the
+fallback, on any device).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# scheme name -> kernel module in this package (each module has FUSED: dict[name, callable]).
+_MODULES: dict[str, str] = {
+    "nf4": "nf4", "fp4": "nf4",
+    "int8-sym": "integer", "int8-asym": "integer", "int4-sym": "integer", "int4-asym": "integer",
+    "Q8_0": "ggml", "Q4_0": "ggml", "Q4_1": "ggml", "Q5_0": "ggml", "Q5_1": "ggml", "Q4_K": "ggml", "Q5_K": "ggml",
+}
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton importable and a CUDA device present (QTOOL_FUSED=0 turns the kernels off)."""
+    if os.environ.get("QTOOL_FUSED", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_for(scheme_name: str) -> Callable[..., Any] | None:
+    """The Triton-backed quantize function of ``scheme_name`` whenever Triton imports (also under
+    TRITON_INTERPRET=1 on CPU tensors, which is how the kernels are checked without a GPU)."""
+    module_name = _MODULES.get(scheme_name)
+    if module_name is None:
+        return None
+    try:
+        module = importlib.import_module(f"qtool.kernels.{module_name}")
+    except ImportError:
+        return None
+    return module.FUSED.get(scheme_name)
+
+
+def fused(scheme_name: str) -> Callable[..., Any] | None:
+    """A function with the signature and return type of ``get_scheme(scheme_name).quantize`` that
+    runs fused kernels on CUDA tensors, or None (no Triton, no CUDA, or no kernel for the scheme)."""
+    if not triton_available():
+        return None
+    return kernel_for(scheme_name)
+
+
+def fused_names() -> tuple[str, ...]:
+    return tuple(_MODULES)

@@ -1,0 +1,175 @@
+"""int8 (per row) and int4 (groups) in one Triton kernel, the bytes of qtool.schemes.int8 / int4.
+
+A *segment* is what gets one scale: a group of ``group_size`` columns of a row, or a whole row
+(channel strategy, bitsandbytes' int8). Each program quantizes SEGMENTS segments held as a
+[SEGMENTS, BLOCK] tile (BLOCK = segment length rounded up to a power of two, masked).
+
+Modes:
+- ``BNB``: bitsandbytes' LLM.int8 rows: values rounded to float16 first (unless some value is
+  beyond float16's range: then the launcher runs again in float32, as the CPU path decides from
+  the whole matrix), SCB = row absmax, q = round(x * (127 / SCB)).
+- ``SYM`` / ``ASYM``: compressed-tensors' qparams: scale = absmax / (range / 2) or
+  (max - min) / range, rounded *up* to the scale dtype, integer zero point for ASYM.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from qtool.schemes import int4 as cpu_int
+from qtool.schemes import int8 as cpu_int8
+
+_BNB, _SYM, _ASYM = 0, 1, 2
+_FP16_MAX = 65504.0
+_ELEMENTS_PER_PROGRAM = 4096
+
+
+@triton.jit
+def _clamp(v, low, high):
+    # torch.clamp's rule: a bound replaces v only when v is beyond it, so -0.0 and NaN stay.
+    v = tl.where(v < low, low, v)
+    return tl.where(v > high, high, v)
+
+
+@triton.jit
+def _rint(v):
+    # Round half to even (torch.round) by the 1.5 * 2**23 trick: exact for |v| < 2**22, and every
+    # caller clamps to the integer range afterwards.
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, cols, n_groups, segment, n_segments,
+                MODE: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, BLOCK: tl.constexpr,
+                SEGMENTS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    segment_ids = pid * SEGMENTS + tl.arange(0, SEGMENTS)
+    row = segment_ids // n_groups
+    column0 = (segment_ids % n_groups) * segment
+    c = tl.arange(0, BLOCK)[None, :]
+    valid = (segment_ids < n_segments)[:, None] & (c < segment) & (column0[:, None] + c < cols)
+    offsets = row[:, None] * cols + column0[:, None] + c
+    x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    seg_valid = segment_ids < n_segments
+    Q_MIN: tl.constexpr = -(1 << (BITS - 1))
+    Q_MAX: tl.constexpr = (1 << (BITS - 1)) - 1
+    if MODE == 0:
+        tl.store(row_absmax_ptr + segment_ids, tl.max(tl.abs(x), axis=1), mask=seg_valid)
+        if F16:
+            x = x.to(tl.float16).to(tl.float32)
+        scb = tl.max(tl.abs(x), axis=1)
+        ratio = tl.where(scb > 0, tl.math.div_rn(tl.full(scb.shape, 1.0, tl.float32), scb) * 127.0, 0.0)
+        q = _rint(x * ratio[:, None]).to(tl.int32).to(tl.int8)
+        tl.store(scale_ptr + segment_ids, scb, mask=seg_valid)
+    else:
+        low = tl.min(x, axis=1)
+        low = tl.where(low > 0, 0.0, low)
+        high = tl.max(x, axis=1)
+        high = tl.where(high < 0, 0.0, high)
+        if MODE == 1:
+            scale = tl.math.div_rn(tl.maximum(0.0 - low, high), tl.full(low.shape, (Q_MAX - Q_MIN) / 2, tl.float32))
+        else:
+            scale = tl.math.div_rn(high - low, tl.full(low.shape, Q_MAX - Q_MIN, tl.float32))
+        scale = tl.where(scale > 0, scale, 1.0)
+        # _round_up_to: the scale in its storage dtype, one step up where rounding went below.
+        stored = scale.to(scale_ptr.dtype.element_ty)
+        if scale_ptr.dtype.element_ty != tl.float32:
+            bits = stored.to(tl.uint16, bitcast=True)
+            bits = tl.where(stored.to(tl.float32) < scale, bits + 1, bits)
+            stored = bits.to(scale_ptr.dtype.element_ty, bitcast=True)
+        scale32 = stored.to(tl.float32)
+        tl.store(scale_ptr + segment_ids, stored, mask=seg_valid)
+        if MODE == 1:
+            q = _clamp(_rint(tl.math.div_rn(x, scale32[:, None])), Q_MIN, Q_MAX)
+        else:
+            zero = _clamp(_rint(Q_MIN - tl.math.div_rn(low, scale32)), Q_MIN, Q_MAX)
+            q = _clamp(_rint(tl.math.div_rn(x, scale32[:, None]) + zero[:, None]), Q_MIN, Q_MAX)
+            tl.store(zero_ptr + segment_ids, zero.to(tl.int32).to(tl.int8), mask=seg_valid)
+        q = q.to(tl.int32).to(tl.int8)
+    tl.store(q_ptr + offsets, q, mask=valid)
+
+
+def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtype: torch.dtype,
+            f16: bool = False) -> tuple[torch.Tensor, ...]:
+    rows, cols = matrix.shape
+    n_groups = -(-cols // segment)
+    n_segments = rows * n_groups
+    device = matrix.device
+    q = torch.empty((rows, cols), dtype=torch.int8, device=device)
+    scale = torch.empty((rows, n_groups), dtype=scale_dtype, device=device)
+    zero = torch.empty((rows, n_groups), dtype=torch.int8, device=device) if mode == _ASYM else q
+    row_absmax = torch.empty(rows, dtype=torch.float32, device=device) if mode == _BNB else scale
+    if n_segments:
+        block = triton.next_power_of_2(segment)
+        per_program = max(1, _ELEMENTS_PER_PROGRAM // block)
+        num_warps = min(16, max(4, per_program * block // 512))
+        grid = (triton.cdiv(n_segments, per_program),)
+        _int_kernel[grid](matrix, q, scale, zero, row_absmax, cols, n_groups, segment, n_segments, MODE=mode,
+                          BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, num_warps=num_warps,
+                          enable_fp_fusion=False)
+    return q, scale, zero, row_absmax
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> cpu_int8.PackedInt8Rows:
+    if weight.dim() < 2:
+        raise ValueError(f"int8-sym quantizes matrices, got shape {tuple(weight.shape)}")
+    matrix = weight.reshape(weight.shape[0], -1).contiguous()
+    use_f16 = True
+    q, scb, _, row_absmax = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=True)
+    # The CPU path quantizes from float16 unless some value is beyond its range (one sync).
+    if matrix.dtype != torch.float16 and matrix.numel() and bool(row_absmax.max() > _FP16_MAX):
+        use_f16 = False
+    if not use_f16:
+        q, scb, _, _ = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=False)
+    return cpu_int8.PackedInt8Rows(weight=q, scb=scb.reshape(-1), shape=tuple(weight.shape), dtype=weight.dtype)
+
+
+def quantize_int(weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None,
+                 scale_dtype: torch.dtype | None = None) -> cpu_int.PackedInt:
+    if weight.dim() < 2:
+        raise ValueError(f"integer schemes quantize matrices, got shape {tuple(weight.shape)}")
+    if group_size is not None and group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    dtype = scale_dtype or weight.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # Integer or odd scale dtypes: the torch code on the CPU, moved back (same bytes by definition).
+        packed = cpu_int.quantize_int(weight.cpu(), bits, symmetric, group_size, scale_dtype)
+        return _to_device(packed, weight.device)
+    matrix = weight.reshape(weight.shape[0], -1).contiguous()
+    segment = matrix.shape[1] if group_size is None else group_size
+    q, scale, zero, _ = _launch(matrix, max(segment, 1), _SYM if symmetric else _ASYM, bits, dtype)
+    return cpu_int.PackedInt(q=q, scale=scale, zero_point=None if symmetric else zero, bits=bits,
+                             group_size=group_size, shape=tuple(weight.shape), dtype=dtype)
+
+
+def _to_device(packed: cpu_int.PackedInt, device: torch.device) -> cpu_int.PackedInt:
+    packed.q = packed.q.to(device)
+    packed.scale = packed.scale.to(device)
+    if packed.zero_point is not None:
+        packed.zero_point = packed.zero_point.to(device)
+    return packed
+
+
+def _int8_sym(weight: torch.Tensor, **params: Any) -> cpu_int8.PackedInt8Rows:
+    return quantize_int8_rows(weight)
+
+
+def _int8_asym(weight: torch.Tensor, **params: Any) -> cpu_int.PackedInt:
+    return quantize_int(weight, 8, symmetric=False, group_size=None)
+
+
+def _int4(symmetric: bool):
+    default_group_size = 128
+
+    def quantize(weight: torch.Tensor, **params: Any) -> cpu_int.PackedInt:
+        group_size = params.get("group_size", default_group_size)
+        return quantize_int(weight, 4, symmetric, None if group_size is None else int(group_size))
+
+    quantize.__name__ = f"quantize_int4_{'sym' if symmetric else 'asym'}"
+    return quantize
+
+
+FUSED = {"int8-sym": _int8_sym, "int8-asym": _int8_asym, "int4-sym": _int4(True), "int4-asym": _int4(False)}

@@ -1,0 +1,337 @@
+"""GGML block types (the tensor encodings of GGUF files), as pure torch numerics.
+
+One small class per GGUF type, registered under the type's GGUF name (``Q4_0``, ``Q4_K``, ...).
+Each class implements ``quantize_blocks`` / ``dequantize_blocks`` over *all* blocks of a chunk
+of rows at once; the base class does the shape checks, the row chunking (to bound memory) and
+the dtype handling. Packed results are :class:`GGMLTensor`: the raw block bytes exactly as they
+lie in a GGUF file, one row of the tensor per row of ``data``.
+
+The 32-element types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) reproduce llama.cpp's reference quantizer
+byte for byte (``quantize_row_*_ref`` in ggml-quants.c, which ``gguf.quants`` mirrors in numpy).
+The K-quants live in :mod:`qtool.schemes.ggml_kquants`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from qtool.errors import BadArgument
+from qtool.schemes.base import Scheme, register
+
+QK_K = 256
+
+# Elements per chunk of rows handed to quantize_blocks: small enough that the temporaries of the
+# K-quant scale search stay in the tens of MB, large enough that per-op overhead is negligible.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass
+class GGMLTensor:
+    """A tensor encoded as one GGML type: the bytes of a GGUF tensor, row by row."""
+
+    type_name: str               # GGUF type name: "Q4_K", "F16", ...
+    shape: tuple[int, ...]       # logical shape, torch order (rows first)
+    data: torch.Tensor           # uint8, (rows, row_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def roundf(values: torch.Tensor) -> torch.Tensor:
+    """C's roundf: halves away from zero (torch.round goes to even). Exact for all floats."""
+    whole = values.trunc()
+    fraction = values - whole      # exact
+    return whole + (fraction >= 0.5).to(values.dtype) - (fraction <= -0.5).to(values.dtype)
+
+
+def nearest_int(values: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's nearest_int (the 1.5*2^23 trick): round half to even, as torch.round does."""
+    return torch.round(values)
+
+
+def fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """float32 (..., 1) -> its IEEE half bytes (..., 2), round to nearest even like GGML_FP32_TO_FP16."""
+    return values.to(torch.float16).view(torch.uint8)
+
+
+def fp16_from_bytes(raw: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 2) -> float32 (..., 1)."""
+    return raw.contiguous().view(torch.float16).to(torch.float32)
+
+
+def pack_nibbles(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    return (low & 0x0F) | ((high & 0x0F) << 4)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., 8*k) of 0/1 -> (..., k) bytes, element i to bit i % 8 of byte i // 8 (little endian)."""
+    weights = 1 << torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return (bits.reshape(*bits.shape[:-1], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(raw: torch.Tensor) -> torch.Tensor:
+    """(..., k) bytes -> (..., 8*k) of 0/1, the inverse of pack_bits."""
+    shifts = torch.arange(8, device=raw.device, dtype=torch.uint8)
+    return ((raw.unsqueeze(-1) >> shifts) & 1).reshape(*raw.shape[:-1], -1)
+
+
+_COMPILED: dict[tuple[type, str], Any] = {}
+
+
+class GGMLType(Scheme):
+    """Base of every GGML type: shapes and chunking here, numerics in the subclasses."""
+
+    family: ClassVar[str] = "gguf"
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]     # bytes per block
+    compile_worthwhile: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "type_size" in cls.__dict__:
+            cls.bits = cls.type_size * 8 / cls.block_size
+
+    # -- what subclasses implement -------------------------------------------------------------
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """float32 (n_blocks, block_size) -> uint8 (n_blocks, type_size)."""
+        raise NotImplementedError
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """uint8 (n_blocks, type_size) -> float32 (n_blocks, block_size)."""
+        raise NotImplementedError
+
+    # -- shared machinery ----------------------------------------------------------------------
+    def supports(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) >= 1 and shape[-1] % self.block_size == 0
+
+    def row_bytes(self, n_per_row: int) -> int:
+        return n_per_row // self.block_size * self.type_size
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        rows = 1
+        for dim in shape[:-1]:
+            rows *= dim
+        return rows * self.row_bytes(shape[-1])
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> GGMLTensor:
+        shape = tuple(weight.shape)
+        if not self.supports(shape):
+            raise BadArgument(f"{self.name} needs rows that are a multiple of {self.block_size} "
+                              f"elements; got a tensor of shape {list(shape)}")
+        if not weight.is_floating_point():
+            raise BadArgument(f"{self.name} quantizes floating-point tensors; got {weight.dtype}")
+        n_per_row = shape[-1]
+        blocks = weight.reshape(-1, self.block_size)
+        out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=weight.device)
+        chunk_blocks = _CHUNK_ELEMENTS // self.block_size
+        kernel = self._kernel(weight.device) if blocks.shape[0] >= chunk_blocks else self.quantize_blocks
+        for start in range(0, blocks.shape[0], chunk_blocks):
+            chunk = blocks[start:start + chunk_blocks].to(torch.float32)
+            n_blocks = chunk.shape[0]
+            if kernel is not self.quantize_blocks and n_blocks < chunk_blocks:
+                # Compiled kernels see one shape only: pad the last chunk with zero blocks.
+                chunk = torch.cat([chunk, chunk.new_zeros(chunk_blocks - n_blocks, self.block_size)])
+            out[start:start + n_blocks] = kernel(chunk)[:n_blocks]
+        return GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(n_per_row)))
+
+    def _kernel(self, device: torch.device):
+        """quantize_blocks compiled by torch.compile for whole chunks (several times faster on CPU:
+        the element-wise steps fuse into one loop), or the eager function where compiling is off
+        (QTOOL_COMPILE=0) or not possible."""
+        key = (type(self), device.type)
+        if key not in _COMPILED:
+            _COMPILED[key] = self.quantize_blocks
+            if os.environ.get("QTOOL_COMPILE", "1") != "0" and type(self).compile_worthwhile:
+                try:
+                    compiled = torch.compile(self.quantize_blocks, dynamic=False, fullgraph=True)
+                    probe = torch.zeros(_CHUNK_ELEMENTS // self.block_size, self.block_size, device=device)
+                    compiled(probe)
+                    _COMPILED[key] = compiled
+                except Exception:  # noqa: BLE001 - no compiler, unsupported backend: eager is correct too
+                    pass
+        return _COMPILED[key]
+
+    def dequantize(self, packed: GGMLTensor) -> torch.Tensor:
+        if packed.type_name != self.name:
+            raise BadArgument(f"cannot dequantize a {packed.type_name} tensor as {self.name}")
+        raw = packed.data.reshape(-1, self.type_size)
+        values = torch.empty((raw.shape[0], self.block_size), dtype=torch.float32, device=raw.device)
+        step = max(1, _CHUNK_ELEMENTS // self.block_size)
+        for start in range(0, raw.shape[0], step):
+            values[start:start + step] = self.dequantize_blocks(raw[start:start + step])
+        return values.reshape(packed.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Float types: one "block" is one element.
+
+class _FloatType(GGMLType):
+    block_size = 1
+    compile_worthwhile = False
+    dtype: ClassVar[torch.dtype]
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.to(self.dtype).contiguous().view(torch.uint8)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        return blocks.contiguous().view(self.dtype).to(torch.float32)
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> GGMLTensor:
+        # No chunking needed, and keep a tensor that already has the right dtype as it is.
+        shape = tuple(weight.shape)
+        values = weight.reshape(-1, shape[-1] if shape else 1).to(self.dtype).contiguous()
+        return GGMLTensor(self.name, shape, values.view(torch.uint8))
+
+
+@register
+class F32(_FloatType):
+    name = "F32"
+    type_size = 4
+    dtype = torch.float32
+
+
+@register
+class F16(_FloatType):
+    name = "F16"
+    type_size = 2
+    dtype = torch.float16
+
+
+@register
+class BF16(_FloatType):
+    name = "BF16"
+    type_size = 2
+    dtype = torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# 32-element types. The rounding follows ggml-quants.c's quantize_row_*_ref exactly:
+# truncation of (v + offset + 0.5) for Q4/Q5, roundf for Q8_0, the scale rounded to fp16 only
+# when stored (the inverse scale used for rounding comes from the fp32 scale).
+
+def _signed_absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """The element with the largest magnitude, sign kept (the first one on ties, as the C loop)."""
+    index = blocks.abs().argmax(dim=-1, keepdim=True)
+    return blocks.gather(-1, index)
+
+
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+
+
+@register
+class Q8_0(GGMLType):
+    name = "Q8_0"
+    block_size = 32
+    type_size = 34
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        quants = roundf(blocks * _inverse(scale)).to(torch.int8).view(torch.uint8)
+        return torch.cat([fp16_bytes(scale), quants], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = fp16_from_bytes(blocks[:, :2])
+        return blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32) * scale
+
+
+@register
+class Q4_0(GGMLType):
+    name = "Q4_0"
+    block_size = 32
+    type_size = 18
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = _signed_absmax(blocks) / -8
+        quants = (blocks * _inverse(scale) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
+        return torch.cat([fp16_bytes(scale), pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = fp16_from_bytes(blocks[:, :2])
+        packed = blocks[:, 2:]
+        quants = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.float32) - 8
+        return quants * scale
+
+
+@register
+class Q4_1(GGMLType):
+    name = "Q4_1"
+    block_size = 32
+    type_size = 20
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        low = blocks.amin(dim=-1, keepdim=True)
+        scale = (blocks.amax(dim=-1, keepdim=True) - low) / 15
+        quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+        return torch.cat([fp16_bytes(scale), fp16_bytes(low), pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = fp16_from_bytes(blocks[:, :2])
+        low = fp16_from_bytes(blocks[:, 2:4])
+        packed = blocks[:, 4:]
+        quants = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.float32)
+        return quants * scale + low
+
+
+@register
+class Q5_0(GGMLType):
+    name = "Q5_0"
+    block_size = 32
+    type_size = 22
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = _signed_absmax(blocks) / -16
+        quants = (blocks * _inverse(scale) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+        high_bits = pack_bits(quants >> 4)
+        return torch.cat([fp16_bytes(scale), high_bits, pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = fp16_from_bytes(blocks[:, :2])
+        high = unpack_bits(blocks[:, 2:6])
+        packed = blocks[:, 6:]
+        quants = torch.cat([packed & 0x0F, packed >> 4], dim=-1) | (high << 4)
+        return (quants.to(torch.float32) - 16) * scale
+
+
+@register
+class Q5_1(GGMLType):
+    name = "Q5_1"
+    block_size = 32
+    type_size = 24
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        low = blocks.amin(dim=-1, keepdim=True)
+        scale = (blocks.amax(dim=-1, keepdim=True) - low) / 31
+        quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 31).to(torch.uint8)
+        high_bits = pack_bits(quants >> 4)
+        return torch.cat([fp16_bytes(scale), fp16_bytes(low), high_bits,
+                          pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = fp16_from_bytes(blocks[:, :2])
+        low = fp16_from_bytes(blocks[:, 2:4])
+        high = unpack_bits(blocks[:, 4:8])
+        packed = blocks[:, 8:]
+        quants = torch.cat([packed & 0x0F, packed >> 4], dim=-1) | (high << 4)
+        return quants.to(torch.float32) * scale + low
+
+
+# The K-quants register themselves on import; keep them reachable through this family module.
+from qtool.schemes import ggml_kquants as _kquants  # noqa: E402,F401
+
+GGML_TYPE_NAMES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def ggml_type(name: str) -> GGMLType:
+    """The registered GGML type called ``name`` (a GGUF type name)."""
+    from qtool.schemes.base import SCHEMES
+
+    scheme = SCHEMES.get(name)
+    if not isinstance(scheme, GGMLType):
+        raise BadArgument(f"unknown GGUF type {name!r}; choose one of: {', '.join(GGML_TYPE_NAMES)}")
+    return scheme

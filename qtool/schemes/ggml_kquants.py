@@ -1,0 +1,374 @@
+"""K-quants (super-blocks of 256 with quantized sub-block scales), as pure torch numerics.
+
+Layouts are llama.cpp's (block_q2_K ... block_q6_K in ggml-common.h) and round-trip through
+``gguf.quants.dequantize``. The quantizers follow the structure of llama.cpp's reference
+quantizers (quantize_row_qX_K_ref in ggml-quants.c): a per-sub-block scale (and min) search,
+then the sub-block scales quantized against the super-block's largest, then every element
+rounded again with the scales as they will be decoded. The search differs in two ways, both
+so that it runs over all sub-blocks at once:
+
+- the candidate scales are evaluated in closed form (the weighted squared error of a least
+  squares fit follows from the sums Σw·l, Σw·l², Σw·l·x), so one pass per candidate suffices;
+- Q3_K uses the candidate search of make_qx_quants instead of make_q3_quants' element-by-element
+  coordinate descent, which is sequential by nature.
+
+After the sub-block scales are quantized, each one is also tried one step up and down and the
+choice with the lower error kept (llama.cpp only takes the nearest), which more than pays for
+the differences above: tests check the error against llama.cpp's own quantizer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qtool.schemes.base import register
+from qtool.schemes.ggml import QK_K, GGMLType, fp16_bytes, fp16_from_bytes, nearest_int, pack_nibbles
+
+GROUP_MAX_EPS = 1e-15
+
+
+def _f32(value: float) -> float:
+    """A constant rounded to float32, as the C code computes it."""
+    return float(np.float32(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sub-block scale searches. Inputs are (n_groups, group_size) float32; outputs (n_groups, 1).
+
+def _closed_form_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl):
+    """Σ w (scale*l + offset - x)^2, expanded in the per-group sums."""
+    return (scale * scale * sum_l2 + 2 * scale * offset * sum_l - 2 * scale * sum_xl
+            + offset * offset * sum_w - 2 * offset * sum_x + sum_x2)
+
+
+def _search_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                      nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """make_qkx2_quants: x ≈ scale * l + min with l in [0, nmax] and min <= 0, weighted least squares
+    over candidate inverse scales (nmax + rmin + rdelta*i) / (max - min), all candidates at once.
+    Returns (scale, -min), each (n_groups, 1)."""
+    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = x.amax(dim=-1, keepdim=True)
+    span = high - low
+    flat = span == 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    shifted = (x - low).unsqueeze(1)                                    # (g, 1, n)
+    sum_w = weights.sum(dim=-1, keepdim=True)
+    weighted_x = weights * x
+    sum_x = weighted_x.sum(dim=-1, keepdim=True)
+    sum_x2 = (weighted_x * x).sum(dim=-1, keepdim=True)
+    group_sums = (sum_w, sum_x, sum_x2)
+
+    steps = [nmax] + [_f32(_f32(rmin) + _f32(rdelta) * i + nmax) for i in range(nstep + 1)]
+    inverse = torch.tensor(steps, dtype=x.dtype, device=x.device).unsqueeze(-1) / span.unsqueeze(1)  # (g, c, 1)
+    levels = nearest_int(inverse * shifted).clamp_(0, nmax)            # (g, c, n)
+    weighted_levels = levels * weights.unsqueeze(1)
+    sum_l = weighted_levels.sum(dim=-1)                                 # (g, c)
+    sum_l2 = (weighted_levels * levels).sum(dim=-1)
+    sum_xl = (weighted_levels * x.unsqueeze(1)).sum(dim=-1)
+    det = sum_w * sum_l2 - sum_l * sum_l
+    scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    positive = offset > 0
+    scale = torch.where(positive, sum_xl / sum_l2, scale)
+    offset = torch.where(positive, torch.zeros_like(offset), offset)
+    # Candidate 0 is the plain min/max grid, kept unless a fit is strictly better (as in the C loop).
+    scale[:, :1] = 1 / inverse[:, 0]
+    offset[:, :1] = low
+    error = _closed_form_error(scale, offset, *group_sums, sum_l, sum_l2, sum_xl)
+    valid = det > 0
+    valid[:, :1] = True
+    error = torch.where(valid & ~error.isnan(), error, torch.full_like(error, float("inf")))
+    best = error.argmin(dim=-1, keepdim=True)
+    best_scale = scale.gather(-1, best)
+    best_min = offset.gather(-1, best)
+    zero = torch.zeros_like(best_scale)
+    return torch.where(flat, zero, best_scale), torch.where(flat, -low, -best_min)
+
+
+def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    return x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))
+
+
+def _search_scale_symmetric(x: torch.Tensor, nmax: int, nstep: int = 9, rdelta: float = 0.1) -> torch.Tensor:
+    """make_qx_quants with rmse_type 1: x ≈ scale * l, l in [-nmax, nmax-1], weights x², over
+    candidate inverse scales -(nmax + rdelta*i) / max for i in [-nstep, nstep], all at once."""
+    peak = _signed_absmax(x)
+    zero_group = peak.abs() < GROUP_MAX_EPS
+    peak = torch.where(zero_group, torch.ones_like(peak), peak)
+    weights = (x * x).unsqueeze(1)
+    steps = [nmax] + [_f32(nmax + _f32(rdelta) * i) for i in range(-nstep, nstep + 1) if i != 0]
+    inverse = -torch.tensor(steps, dtype=x.dtype, device=x.device).unsqueeze(-1) / peak.unsqueeze(1)  # (g, c, 1)
+    values = x.unsqueeze(1)
+    levels = nearest_int(inverse * values).clamp_(-nmax, nmax - 1)     # (g, c, n)
+    weighted_levels = weights * levels
+    sum_lx = (weighted_levels * values).sum(dim=-1)                    # (g, c)
+    sum_l2 = (weighted_levels * levels).sum(dim=-1)
+    # The best least-squares scale maximizes sum_lx^2 / sum_l2; the first candidate wins ties.
+    gain = torch.where(sum_l2 > 0, sum_lx * sum_lx / sum_l2, torch.full_like(sum_l2, -1.0))
+    best = gain.argmax(dim=-1, keepdim=True)
+    best_l2 = sum_l2.gather(-1, best)
+    best_scale = torch.where(best_l2 > 0, sum_lx.gather(-1, best) / best_l2, torch.zeros_like(best_l2))
+    return torch.where(zero_group, torch.zeros_like(best_scale), best_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized sub-block scales, with the one-step-up/down refinement.
+
+def _refine_asymmetric(x: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor,
+                       nmax: int, smax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given decoded super-block scales d, dmin (n, 1, 1) and quantized sub-block scale/min codes
+    ls, lm (n, s, 1), try ls±1 and keep per sub-block the code with the lowest squared error.
+    x is (n, s, group). Returns (ls, levels)."""
+    best_error = None
+    best_ls = ls
+    best_levels = None
+    for delta in (0, -1, 1):
+        codes = (ls + delta).clamp(0, smax)
+        scale = d * codes
+        offset = dmin * lm
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        levels = nearest_int((x + offset) / safe).clamp_(0, nmax)
+        levels = torch.where(scale == 0, torch.zeros_like(levels), levels)
+        err = (scale * levels - offset - x).square().sum(dim=-1, keepdim=True)
+        if best_error is None:
+            best_error, best_levels = err, levels
+            continue
+        better = err < best_error
+        best_error = torch.where(better, err, best_error)
+        best_ls = torch.where(better, codes, best_ls)
+        best_levels = torch.where(better, levels, best_levels)
+    return best_ls, best_levels
+
+
+def _refine_symmetric(x: torch.Tensor, d: torch.Tensor, codes: torch.Tensor, nmax: int, cmin: int, cmax: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like _refine_asymmetric for symmetric types: levels in [-nmax, nmax-1], codes in [cmin, cmax]."""
+    best_error = None
+    best_codes = codes
+    best_levels = None
+    for delta in (0, -1, 1):
+        trial = (codes + delta).clamp(cmin, cmax)
+        scale = d * trial
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        levels = nearest_int(x / safe).clamp_(-nmax, nmax - 1)
+        levels = torch.where(scale == 0, torch.zeros_like(levels), levels)
+        err = (scale * levels - x).square().sum(dim=-1, keepdim=True)
+        if best_error is None:
+            best_error, best_levels = err, levels
+            continue
+        better = err < best_error
+        best_error = torch.where(better, err, best_error)
+        best_codes = torch.where(better, trial, best_codes)
+        best_levels = torch.where(better, levels, best_levels)
+    return best_codes, best_levels
+
+
+def _pack_crumbs(levels: torch.Tensor) -> torch.Tensor:
+    """(n, 256) 2-bit values -> (n, 64): byte 32*h + l holds levels 128h + l + 32k at bits 2k."""
+    parts = levels.reshape(-1, 2, 4, 32).to(torch.uint8)
+    return (parts[:, :, 0] | (parts[:, :, 1] << 2) | (parts[:, :, 2] << 4) | (parts[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _unpack_crumbs(raw: torch.Tensor) -> torch.Tensor:
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=raw.device).reshape(1, 1, 4, 1)
+    return ((raw.reshape(-1, 2, 1, 32) >> shifts) & 3).reshape(-1, 256)
+
+
+def _pack_scale_min_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and mins -> 12 bytes (get_scale_min_k4's layout)."""
+    ls = ls.to(torch.uint8)
+    lm = lm.to(torch.uint8)
+    first = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    second = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    third = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
+    return torch.cat([first, second, third], dim=-1)
+
+
+def _unpack_scale_min_k4(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    first, second, third = raw[:, 0:4], raw[:, 4:8], raw[:, 8:12]
+    ls = torch.cat([first & 0x3F, (third & 0x0F) | ((first >> 6) << 4)], dim=-1)
+    lm = torch.cat([second & 0x3F, (third >> 4) | ((second >> 6) << 4)], dim=-1)
+    return ls.to(torch.float32), lm.to(torch.float32)
+
+
+class _KQuant(GGMLType):
+    block_size = QK_K
+
+
+def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: int, rmin: float, rdelta: float,
+                           nstep: int, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Shared by Q2_K (group 16, 4-bit scales), Q4_K and Q5_K (group 32, 6-bit scales).
+    Returns fp16 bytes of d and dmin, scale codes, min codes (n, s) and levels (n, 256)."""
+    n_blocks = blocks.shape[0]
+    groups = blocks.reshape(-1, group)
+    scales, mins = _search_scale_min(groups, weights.reshape(-1, group), nmax, rmin, rdelta, nstep)
+    scales = scales.reshape(n_blocks, -1)
+    mins = mins.reshape(n_blocks, -1)
+    max_scale = scales.amax(dim=-1, keepdim=True).clamp(min=0)
+    max_min = mins.amax(dim=-1, keepdim=True).clamp(min=0)
+    zero = torch.zeros_like(max_scale)
+    inv_scale = torch.where(max_scale > 0, smax / torch.where(max_scale > 0, max_scale, 1), zero)
+    inv_min = torch.where(max_min > 0, smax / torch.where(max_min > 0, max_min, 1), zero)
+    ls = nearest_int(inv_scale * scales).clamp_(0, smax)
+    lm = nearest_int(inv_min * mins).clamp_(0, smax)
+    d_raw = fp16_bytes(max_scale / smax)
+    dmin_raw = fp16_bytes(max_min / smax)
+    d = fp16_from_bytes(d_raw).unsqueeze(-1)
+    dmin = fp16_from_bytes(dmin_raw).unsqueeze(-1)
+    ls, levels = _refine_asymmetric(blocks.reshape(n_blocks, -1, group), d, dmin, ls.unsqueeze(-1),
+                                    lm.unsqueeze(-1), nmax, smax)
+    return d_raw, dmin_raw, ls.squeeze(-1), lm, levels.reshape(n_blocks, QK_K)
+
+
+def _rms_weights(blocks: torch.Tensor, group: int) -> torch.Tensor:
+    """llama.cpp's weights for Q4_K/Q5_K: rms of the group plus |x|."""
+    groups = blocks.reshape(-1, group)
+    rms = groups.square().mean(dim=-1, keepdim=True).sqrt()
+    return rms + groups.abs()
+
+
+@register
+class Q2_K(_KQuant):
+    name = "Q2_K"
+    type_size = 84   # scales[16], qs[64], d, dmin
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
+            blocks, group=16, nmax=3, smax=15, rmin=-0.5, rdelta=0.2, nstep=7, weights=blocks.abs())
+        scales = (ls.to(torch.uint8) | (lm.to(torch.uint8) << 4))
+        return torch.cat([scales, _pack_crumbs(levels), d_raw, dmin_raw], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scales = blocks[:, :16]
+        levels = _unpack_crumbs(blocks[:, 16:80]).to(torch.float32).reshape(-1, 16, 16)
+        d = fp16_from_bytes(blocks[:, 80:82]).unsqueeze(-1)
+        dmin = fp16_from_bytes(blocks[:, 82:84]).unsqueeze(-1)
+        scale = d * (scales & 0x0F).to(torch.float32).unsqueeze(-1)
+        offset = dmin * (scales >> 4).to(torch.float32).unsqueeze(-1)
+        return (scale * levels - offset).reshape(-1, QK_K)
+
+
+@register
+class Q4_K(_KQuant):
+    name = "Q4_K"
+    type_size = 144  # d, dmin, scales[12], qs[128]
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
+            blocks, group=32, nmax=15, smax=63, rmin=-1.0, rdelta=0.2, nstep=10, weights=_rms_weights(blocks, 32))
+        halves = levels.reshape(-1, 4, 2, 32).to(torch.uint8)
+        qs = pack_nibbles(halves[:, :, 0], halves[:, :, 1]).reshape(-1, 128)
+        return torch.cat([d_raw, dmin_raw, _pack_scale_min_k4(ls, lm), qs], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        d = fp16_from_bytes(blocks[:, 0:2]).unsqueeze(-1)
+        dmin = fp16_from_bytes(blocks[:, 2:4]).unsqueeze(-1)
+        ls, lm = _unpack_scale_min_k4(blocks[:, 4:16])
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+        levels = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32).to(torch.float32)
+        return (d * ls.unsqueeze(-1) * levels - dmin * lm.unsqueeze(-1)).reshape(-1, QK_K)
+
+
+@register
+class Q5_K(_KQuant):
+    name = "Q5_K"
+    type_size = 176  # d, dmin, scales[12], qh[32], qs[128]
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
+            blocks, group=32, nmax=31, smax=63, rmin=-0.5, rdelta=0.2, nstep=7, weights=_rms_weights(blocks, 32))
+        levels = levels.to(torch.uint8)
+        # qh[j] bit k is the fifth bit of element 32k + j.
+        high = (levels >> 4).reshape(-1, 8, 32)
+        weights = (1 << torch.arange(8, dtype=torch.uint8, device=blocks.device)).reshape(1, 8, 1)
+        qh = (high * weights).sum(dim=1, dtype=torch.uint8)
+        halves = levels.reshape(-1, 4, 2, 32)
+        qs = pack_nibbles(halves[:, :, 0], halves[:, :, 1]).reshape(-1, 128)
+        return torch.cat([d_raw, dmin_raw, _pack_scale_min_k4(ls, lm), qh, qs], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        d = fp16_from_bytes(blocks[:, 0:2]).unsqueeze(-1)
+        dmin = fp16_from_bytes(blocks[:, 2:4]).unsqueeze(-1)
+        ls, lm = _unpack_scale_min_k4(blocks[:, 4:16])
+        shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device).reshape(1, 8, 1)
+        high = (blocks[:, 16:48].reshape(-1, 1, 32) >> shifts) & 1
+        qs = blocks[:, 48:].reshape(-1, 4, 1, 32)
+        low = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
+        levels = (low | (high << 4)).to(torch.float32)
+        return (d * ls.unsqueeze(-1) * levels - dmin * lm.unsqueeze(-1)).reshape(-1, QK_K)
+
+
+@register
+class Q3_K(_KQuant):
+    name = "Q3_K"
+    type_size = 110  # hmask[32], qs[64], scales[12], d
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        n_blocks = blocks.shape[0]
+        scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=4, nstep=4, rdelta=0.2).reshape(n_blocks, 16)
+        peak = _signed_absmax(scales)
+        nonzero = peak != 0
+        inverse = torch.where(nonzero, -32 / torch.where(nonzero, peak, 1), torch.zeros_like(peak))
+        codes = nearest_int(inverse * scales).clamp_(-32, 31)
+        d_raw = fp16_bytes(torch.where(nonzero, 1 / torch.where(nonzero, inverse, 1), torch.zeros_like(peak)))
+        d = fp16_from_bytes(d_raw).unsqueeze(-1)
+        codes, levels = _refine_symmetric(blocks.reshape(n_blocks, 16, 16), d, codes.unsqueeze(-1), 4, -32, 31)
+        codes = (codes.squeeze(-1) + 32).to(torch.uint8)
+        levels = (levels + 4).reshape(n_blocks, QK_K).to(torch.uint8)
+        # Low nibbles of the 16 6-bit scales in bytes 0-7, their top two bits in bytes 8-11.
+        low = pack_nibbles(codes[:, :8], codes[:, 8:])
+        top = (codes >> 4).reshape(-1, 4, 4)
+        high = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
+        # hmask[j] bit k is the third bit of element 32k + j; qs holds the low two bits.
+        bit_weights = (1 << torch.arange(8, dtype=torch.uint8, device=blocks.device)).reshape(1, 8, 1)
+        hmask = ((levels >> 2).reshape(-1, 8, 32) * bit_weights).sum(dim=1, dtype=torch.uint8)
+        return torch.cat([hmask, _pack_crumbs(levels & 3), low, high, d_raw], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device).reshape(1, 8, 1)
+        high = ((blocks[:, :32].reshape(-1, 1, 32) >> shifts) & 1).reshape(-1, QK_K)
+        low = _unpack_crumbs(blocks[:, 32:96])
+        packed = blocks[:, 96:108]
+        nibbles = torch.cat([packed[:, :8] & 0x0F, packed[:, :8] >> 4], dim=-1)
+        top = ((packed[:, 8:12].reshape(-1, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8,
+                                                                  device=blocks.device).reshape(1, 4, 1)) & 3)
+        codes = (nibbles | (top.reshape(-1, 16) << 4)).to(torch.float32) - 32
+        d = fp16_from_bytes(blocks[:, 108:110])
+        levels = (low | (high << 2)).to(torch.float32) - 4
+        return ((d * codes).unsqueeze(-1) * levels.reshape(-1, 16, 16)).reshape(-1, QK_K)
+
+
+@register
+class Q6_K(_KQuant):
+    name = "Q6_K"
+    type_size = 210  # ql[128], qh[64], scales[16] (int8), d
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        n_blocks = blocks.shape[0]
+        scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=32, nstep=4, rdelta=0.2).reshape(n_blocks, 16)
+        peak = _signed_absmax(scales)
+        nonzero = peak.abs() >= GROUP_MAX_EPS
+        inverse = torch.where(nonzero, -128 / torch.where(nonzero, peak, 1), torch.zeros_like(peak))
+        codes = nearest_int(inverse * scales).clamp_(-128, 127)
+        d_raw = fp16_bytes(torch.where(nonzero, 1 / torch.where(nonzero, inverse, 1), torch.zeros_like(peak)))
+        d = fp16_from_bytes(d_raw).unsqueeze(-1)
+        codes, levels = _refine_symmetric(blocks.reshape(n_blocks, 16, 16), d, codes.unsqueeze(-1), 32, -128, 127)
+        codes = codes.squeeze(-1).to(torch.int8).view(torch.uint8)
+        levels = (levels + 32).reshape(n_blocks, 2, 4, 32).to(torch.uint8)
+        # Per half of 128: ql[l] = q0 | q2 << 4, ql[32 + l] = q1 | q3 << 4, qh[l] = q0..q3 top bits.
+        ql = torch.stack([pack_nibbles(levels[:, :, 0], levels[:, :, 2]),
+                          pack_nibbles(levels[:, :, 1], levels[:, :, 3])], dim=2).reshape(-1, 128)
+        top = levels >> 4
+        qh = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).reshape(-1, 64)
+        return torch.cat([ql, qh, codes, d_raw], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        ql = blocks[:, :128].reshape(-1, 2, 1, 64)
+        low = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(-1, 2, 4, 32)
+        qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device).reshape(1, 1, 4, 1)
+        high = (qh >> shifts) & 3
+        levels = (low | (high << 4)).to(torch.float32).reshape(-1, 16, 16) - 32
+        codes = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+        d = fp16_from_bytes(blocks[:, 208:210])
+        return ((d * codes).unsqueeze(-1) * levels).reshape(-1, QK_K)

@@ -1,0 +1,492 @@
+"""Calibration-aware weight quantization: GPTQ and importance-weighted scale search.
+
+Both are generic over the quantization *grid*: a grid says how a group of columns of one row is
+represented (a scale and an offset per sub-block, integer levels ``0..qmax``, optionally a
+non-uniform codebook) and how its parameters are fitted. The grids here mirror the formats qtool
+writes: int4 groups (compressed-tensors, sym/asym), GGML 32-blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0),
+K-quants (Q4_K, Q5_K) and NF4 blocks. The result of a method is the integer levels plus the scales
+and offsets it chose; the format's scheme packs those (it does not re-derive scales from the
+dequantized weight, which would not give back the same grid).
+
+Conventions: a weight is ``[rows, cols]`` (out x in, as nn.Linear stores it); every input column
+``c`` belongs to sub-block ``c // sub_size``; a value is ``scale * level + offset`` (uniform grids)
+or ``scale * codebook[level] + offset`` (codebook grids). Everything is pure torch, float32, on the
+weight's device. GPTQ walks the columns in order (it is sequential by nature); each step is
+vectorized over all rows.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+# llama.cpp's GROUP_MAX_EPS: blocks whose absmax is below this are all zero.
+_GROUP_MAX_EPS = 1e-15
+
+
+@dataclass
+class GridParams:
+    scale: torch.Tensor                      # [..., n_sub]
+    offset: torch.Tensor                     # [..., n_sub]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)   # format-specific (K-quant sub-scales)
+
+
+class Grid(ABC):
+    """How one group of columns of each row is quantized."""
+
+    name: str
+    group_size: int          # columns whose parameters are fitted together (a block, a K super-block)
+    sub_size: int            # columns sharing one (scale, offset)
+    qmax: int                # levels are 0..qmax
+    codebook: torch.Tensor | None = None   # non-uniform grids: value = scale * codebook[level] + offset
+
+    @abstractmethod
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        """Parameters for ``w`` of shape ``[..., group_size]`` minimizing the ``weights``-weighted
+        squared error (``weights`` broadcastable to ``w``; None = plain squared error)."""
+
+    def encode(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Nearest level of each element (scale/offset already expanded to ``w``'s shape)."""
+        inv = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+        if self.codebook is None:
+            return torch.clamp(torch.round((w - offset) * inv), 0, self.qmax)
+        codebook = self.codebook.to(w.device)
+        midpoints = (codebook[1:] + codebook[:-1]) / 2
+        return torch.bucketize(((w - offset) * inv).contiguous(), midpoints).to(w.dtype)
+
+    def decode(self, levels: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        if self.codebook is None:
+            return scale * levels + offset
+        return scale * self.codebook.to(levels.device)[levels.long()] + offset
+
+    def round(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = self.encode(w, scale, offset)
+        return levels, self.decode(levels, scale, offset)
+
+    def bits_per_weight(self, scale_bits: int = 16) -> float:
+        return math.log2(self.qmax + 1) + 2 * scale_bits / self.sub_size
+
+
+def _store(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Round scales to the dtype the format stores them in, so the levels are chosen for the stored value."""
+    return scale if dtype is None else scale.to(dtype).to(torch.float32)
+
+
+def _weighted(w: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(w) if weights is None else torch.broadcast_to(weights, w.shape).to(w.dtype)
+
+
+def search_symmetric(x: torch.Tensor, weights: torch.Tensor | None, low: int, high: int, *,
+                     negative_scales: bool, steps: int = 9, scale_dtype: torch.dtype | None = torch.float16
+                     ) -> torch.Tensor:
+    """Scale for levels ``-low..high`` (value = scale * l) over the last dim of ``x``.
+
+    llama.cpp's make_qx_quants: candidate inverse scales around the one that maps the largest-magnitude
+    element to ``-low``, each followed by the weighted least-squares scale for its levels; the
+    candidate with the smallest weighted error wins. With ``negative_scales=False`` (formats whose
+    kernels expect positive scales) the candidates map the absmax to ``high`` or ``low`` instead.
+    """
+    weights = _weighted(x, weights)
+    absmax, where = x.abs().max(dim=-1, keepdim=True)
+    signed_max = torch.gather(x, -1, where)
+    if negative_scales:
+        bases = [-signed_max / (low + 0.1 * step) for step in range(-steps, steps + 1)]
+    else:
+        bases = [absmax / (edge + 0.1 * step) for edge in sorted({low, high}) for step in range(-steps, steps + 1)
+                 if edge + 0.1 * step > 0]
+    best_score = torch.full_like(absmax, -1.0)
+    best_scale = torch.zeros_like(absmax)
+    for base in bases:
+        inv = torch.where(base != 0, 1.0 / base, torch.zeros_like(base))
+        levels = torch.clamp(torch.round(x * inv), -low, high)
+        sum_lx = (weights * x * levels).sum(-1, keepdim=True)
+        sum_l2 = (weights * levels * levels).sum(-1, keepdim=True)
+        # Weighted error with the least-squares scale is sum(w x^2) - sum_lx^2 / sum_l2: maximize the ratio.
+        score = torch.where(sum_l2 > 0, sum_lx * sum_lx / sum_l2.clamp_min(1e-30), torch.zeros_like(sum_l2))
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, sum_lx / sum_l2.clamp_min(1e-30), best_scale)
+    best_scale = torch.where(absmax < _GROUP_MAX_EPS, torch.zeros_like(best_scale), best_scale)
+    return _store(best_scale.squeeze(-1), scale_dtype)
+
+
+def search_affine(x: torch.Tensor, weights: torch.Tensor | None, qmax: int, *, min_le_zero: bool,
+                  integer_zero: bool, rmin: float = -1.0, rdelta: float = 0.1, nstep: int = 20
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, minimum) with value = scale * l + minimum, l in 0..qmax, over the last dim of ``x``.
+
+    llama.cpp's make_qkx2/3_quants: candidate inverse scales ``(qmax + rmin + rdelta*i) / (max - min)``,
+    levels from each, then the weighted least-squares (scale, min) for those levels; smallest weighted
+    error wins. ``min_le_zero``: K-quants store -min unsigned. ``integer_zero``: compressed-tensors'
+    asymmetric int4 stores an integer zero point, so min = -zero * scale with zero in 0..qmax.
+    """
+    weights = _weighted(x, weights)
+    xmin = x.amin(-1, keepdim=True)
+    xmax = x.amax(-1, keepdim=True)
+    if min_le_zero or integer_zero:
+        xmin = xmin.clamp_max(0)
+        xmax = xmax.clamp_min(0) if integer_zero else xmax
+    span = xmax - xmin
+    flat = span <= 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    sum_w = weights.sum(-1, keepdim=True)
+    sum_x = (weights * x).sum(-1, keepdim=True)
+    best_err = torch.full_like(span, float("inf"))
+    best_scale = torch.zeros_like(span)
+    best_min = torch.zeros_like(span)
+    for step in range(nstep + 1):
+        iscale = (qmax + rmin + rdelta * step) / span
+        levels = torch.clamp(torch.round(iscale * (x - xmin)), 0, qmax)
+        sum_l = (weights * levels).sum(-1, keepdim=True)
+        sum_l2 = (weights * levels * levels).sum(-1, keepdim=True)
+        sum_xl = (weights * levels * x).sum(-1, keepdim=True)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        scale = torch.where(ok, (sum_w * sum_xl - sum_x * sum_l) / det, 1.0 / iscale)
+        minimum = torch.where(ok, (sum_l2 * sum_x - sum_l * sum_xl) / det, xmin)
+        if min_le_zero:
+            clip = minimum > 0
+            minimum = torch.where(clip, torch.zeros_like(minimum), minimum)
+            scale = torch.where(clip, sum_xl / sum_l2.clamp_min(1e-30), scale)
+        if integer_zero:
+            scale = scale.clamp_min(1e-12)
+            zero = torch.clamp(torch.round(-minimum / scale), 0, qmax)
+            levels = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+            centered = levels - zero
+            denom = (weights * centered * centered).sum(-1, keepdim=True)
+            scale = torch.where(denom > 0, (weights * centered * x).sum(-1, keepdim=True) / denom.clamp_min(1e-30), scale)
+            scale = scale.clamp_min(1e-12)
+            minimum = -zero * scale
+        err = (weights * (scale * levels + minimum - x) ** 2).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, minimum, best_min)
+    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+    best_min = torch.where(flat, xmin if not integer_zero else torch.zeros_like(xmin), best_min)
+    return best_scale.squeeze(-1), best_min.squeeze(-1)
+
+
+class SymmetricGrid(Grid):
+    """value = scale * (level - low), one scale per sub-block: Q4_0, Q5_0, Q8_0, int4-sym, int8-sym."""
+
+    def __init__(self, name: str, block: int, low: int, high: int, *, negative_scales: bool,
+                 scale_dtype: torch.dtype | None = torch.float16) -> None:
+        self.name, self.group_size, self.sub_size = name, block, block
+        self.low, self.high, self.qmax = low, high, low + high
+        self.negative_scales = negative_scales
+        self.scale_dtype = scale_dtype
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        scale = search_symmetric(w, weights, self.low, self.high, negative_scales=self.negative_scales,
+                                 scale_dtype=self.scale_dtype)
+        scale = scale.unsqueeze(-1)
+        return GridParams(scale, -self.low * scale)
+
+
+class AffineGrid(Grid):
+    """value = scale * level + min per sub-block: Q4_1, Q5_1 (float min), int4-asym (integer zero point)."""
+
+    def __init__(self, name: str, block: int, qmax: int, *, integer_zero: bool,
+                 scale_dtype: torch.dtype | None = torch.float16) -> None:
+        self.name, self.group_size, self.sub_size, self.qmax = name, block, block, qmax
+        self.integer_zero = integer_zero
+        self.scale_dtype = scale_dtype
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        if self.integer_zero:
+            scale, minimum = search_affine(w, weights, self.qmax, min_le_zero=False, integer_zero=True)
+            zero = torch.where(scale > 0, torch.round(-minimum / scale.clamp_min(1e-30)), torch.zeros_like(scale))
+            scale = _store(scale, self.scale_dtype)
+            params = GridParams(scale.unsqueeze(-1), (-zero * scale).unsqueeze(-1), {"zero_point": zero.unsqueeze(-1)})
+            return params
+        # Q4_1 / Q5_1 with an importance matrix use make_qkx3_quants(rmin=-0.9, rdelta=0.05, nstep=36).
+        scale, minimum = search_affine(w, weights, self.qmax, min_le_zero=False, integer_zero=False,
+                                       rmin=-0.9, rdelta=0.05, nstep=36)
+        return GridParams(_store(scale, self.scale_dtype).unsqueeze(-1), _store(minimum, self.scale_dtype).unsqueeze(-1))
+
+
+class KQuantGrid(Grid):
+    """Q4_K / Q5_K: super-blocks of 256 = 8 sub-blocks of 32; each sub-block's scale and -min are
+    6-bit multiples of the super-block's fp16 ``d`` and ``dmin``."""
+
+    def __init__(self, name: str, qmax: int) -> None:
+        self.name, self.group_size, self.sub_size, self.qmax = name, 256, 32, qmax
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        shape = w.shape[:-1]
+        sub = w.reshape(*shape, 8, 32)
+        sub_weights = None if weights is None else torch.broadcast_to(weights, w.shape).reshape(*shape, 8, 32)
+        scale, minimum = search_affine(sub, sub_weights, self.qmax, min_le_zero=True, integer_zero=False,
+                                       rmin=-1.0, rdelta=0.1, nstep=20)
+        neg_min = -minimum
+        d = _store(scale.amax(-1, keepdim=True) / 63, torch.float16)
+        dmin = _store(neg_min.amax(-1, keepdim=True) / 63, torch.float16)
+        sc = torch.clamp(torch.round(scale / torch.where(d > 0, d, torch.ones_like(d))), 0, 63)
+        mn = torch.clamp(torch.round(neg_min / torch.where(dmin > 0, dmin, torch.ones_like(dmin))), 0, 63)
+        return GridParams(d * sc, -dmin * mn, {"d": d.squeeze(-1), "dmin": dmin.squeeze(-1), "sub_scale": sc, "sub_min": mn})
+
+    def bits_per_weight(self, scale_bits: int = 16) -> float:
+        # 6-bit scale and min per 32 (12 bytes per 256) plus fp16 d and dmin.
+        return math.log2(self.qmax + 1) + (12 * 8 + 32) / 256
+
+
+# bitsandbytes' NF4 code (normal-float quantiles), index = stored 4-bit level.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0])
+
+
+class CodebookGrid(Grid):
+    """value = absmax * codebook[level] per block (NF4); the scale search shrinks absmax."""
+
+    def __init__(self, name: str, block: int, codebook: torch.Tensor, shrink: tuple[float, ...] = ()) -> None:
+        self.name, self.group_size, self.sub_size = name, block, block
+        self.codebook = codebook
+        self.qmax = len(codebook) - 1
+        self.shrink = shrink or tuple(1.0 - 0.02 * i for i in range(13))
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        weights = _weighted(w, weights)
+        absmax = w.abs().amax(-1, keepdim=True)
+        best_err = torch.full_like(absmax, float("inf"))
+        best_scale = absmax.clone()
+        for factor in self.shrink:
+            scale = absmax * factor
+            offset = torch.zeros_like(scale)
+            _, values = self.round(w, scale.expand_as(w), offset.expand_as(w))
+            err = (weights * (values - w) ** 2).sum(-1, keepdim=True)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+        return GridParams(best_scale, torch.zeros_like(best_scale))
+
+
+def make_grid(scheme: str, *, group_size: int | None = None) -> Grid:
+    """The grid of a registered scheme name (GGUF type names, int4-sym/asym, int8-sym, nf4)."""
+    if scheme == "Q4_0":
+        return SymmetricGrid("Q4_0", 32, 8, 7, negative_scales=True)
+    if scheme == "Q5_0":
+        return SymmetricGrid("Q5_0", 32, 16, 15, negative_scales=True)
+    if scheme == "Q8_0":
+        return SymmetricGrid("Q8_0", 32, 127, 127, negative_scales=True)
+    if scheme == "Q4_1":
+        return AffineGrid("Q4_1", 32, 15, integer_zero=False)
+    if scheme == "Q5_1":
+        return AffineGrid("Q5_1", 32, 31, integer_zero=False)
+    if scheme == "Q4_K":
+        return KQuantGrid("Q4_K", 15)
+    if scheme == "Q5_K":
+        return KQuantGrid("Q5_K", 31)
+    if scheme == "int4-sym":
+        return SymmetricGrid("int4-sym", group_size or 128, 8, 7, negative_scales=False, scale_dtype=torch.bfloat16)
+    if scheme == "int4-asym":
+        return AffineGrid("int4-asym", group_size or 128, 15, integer_zero=True, scale_dtype=torch.bfloat16)
+    if scheme == "int8-sym":
+        return SymmetricGrid("int8-sym", group_size or 1 << 30, 127, 127, negative_scales=False, scale_dtype=None)
+    if scheme == "nf4":
+        return CodebookGrid("nf4", group_size or 64, NF4_CODE)
+    raise ValueError(f"no calibration grid for scheme {scheme!r}")
+
+
+@dataclass
+class QuantResult:
+    qweight: torch.Tensor        # dequantized weight, [rows, cols], float32
+    levels: torch.Tensor         # integer levels 0..qmax, [rows, cols], uint8 (int16 for wide grids)
+    scale: torch.Tensor          # [rows, n_sub]
+    offset: torch.Tensor         # [rows, n_sub]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    perm: torch.Tensor | None = None    # act-order: columns in the order they were quantized
+
+
+def _pad_columns(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = (-w.shape[-1]) % multiple
+    return torch.nn.functional.pad(w, (0, pad)) if pad else w
+
+
+def _fit_groups(grid: Grid, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+    """Fit every group of ``w`` [rows, cols] at once (last group zero-padded with zero weight)."""
+    rows, cols = w.shape
+    n_groups = -(-cols // grid.group_size)
+    padded = _pad_columns(w, grid.group_size).reshape(rows, n_groups, grid.group_size)
+    if weights is None:
+        weights = torch.ones(1, cols, device=w.device, dtype=w.dtype)
+    weights = torch.broadcast_to(weights, (weights.shape[0], cols))
+    padded_weights = _pad_columns(weights, grid.group_size).reshape(weights.shape[0], n_groups, grid.group_size)
+    params = grid.fit(padded, padded_weights)
+    n_sub = -(-cols // grid.sub_size)
+    flat = GridParams(params.scale.reshape(rows, -1)[:, :n_sub], params.offset.reshape(rows, -1)[:, :n_sub],
+                      {k: v.reshape(rows, -1) for k, v in params.extra.items()})
+    return flat
+
+
+def _expand(params: torch.Tensor, sub_size: int, cols: int) -> torch.Tensor:
+    return params.repeat_interleave(sub_size, dim=1)[:, :cols]
+
+
+def _levels_dtype(grid: Grid) -> torch.dtype:
+    return torch.uint8 if grid.qmax <= 255 else torch.int16
+
+
+def imatrix_weights(weight: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor | None:
+    """llama.cpp's per-element weights with an importance matrix: imatrix[col] * sqrt(sigma2 + w^2),
+    sigma2 = mean square of the row."""
+    if importance is None:
+        return None
+    sigma2 = (weight * weight).mean(dim=1, keepdim=True)
+    return importance.to(weight.device, torch.float32).unsqueeze(0) * torch.sqrt(sigma2 + weight * weight)
+
+
+def quantize_rtn(weight: torch.Tensor, grid: Grid, importance: torch.Tensor | None = None) -> QuantResult:
+    """Round to nearest on the grid with scales from the (importance-weighted) search:
+    qtool's equivalent of llama.cpp's imatrix quantization when ``importance`` is given."""
+    w = weight.to(torch.float32)
+    params = _fit_groups(grid, w, imatrix_weights(w, importance))
+    cols = w.shape[1]
+    scale = _expand(params.scale, grid.sub_size, cols)
+    offset = _expand(params.offset, grid.sub_size, cols)
+    levels, values = grid.round(w, scale, offset)
+    return QuantResult(values, levels.to(_levels_dtype(grid)), params.scale, params.offset, params.extra)
+
+
+def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the inverse of the damped Hessian (GPTQ's Hinv)."""
+    diag_mean = torch.diagonal(hessian).mean()
+    eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
+    for attempt in range(6):
+        damped = hessian + (damp * 10**attempt) * diag_mean * eye
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper
+    raise ValueError("Hessian is not positive definite even with heavy damping")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
+                  act_order: bool = False, block_size: int = 128, static_groups: bool = False,
+                  importance: torch.Tensor | None = None) -> QuantResult:
+    """GPTQ (Frantar et al. 2022) on any grid.
+
+    ``hessian`` is X^T X over the calibration inputs of this Linear ([cols, cols]). Columns are
+    quantized one after another; each one's rounding error is spread over the columns not yet
+    quantized through the Cholesky factor of the damped inverse Hessian (lazy batch updates in
+    blocks of ``block_size``). ``act_order`` processes columns by decreasing Hessian diagonal; the
+    groups stay contiguous in the original column order, so the output needs no g_idx. A group's
+    scales are fitted when its first column comes up, from the error-updated weights
+    (``static_groups``: fitted once from the original weights, llama.cpp-style, before anything runs).
+    ``importance`` weights the scale search per column (default: the Hessian diagonal).
+    """
+    w = weight.to(torch.float32).clone()
+    rows, cols = w.shape
+    h = hessian.to(w.device, torch.float32).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    if importance is None:
+        importance = torch.diagonal(h).clone()
+        importance[dead] = 0.0
+    importance = importance.to(w.device, torch.float32)
+
+    n_sub = -(-cols // grid.sub_size)
+    scale = torch.zeros(rows, n_sub, device=w.device)
+    offset = torch.zeros(rows, n_sub, device=w.device)
+    extra: dict[str, torch.Tensor] = {}
+    group_of = torch.arange(cols, device=w.device) // grid.group_size
+    n_groups = int(group_of[-1]) + 1
+    subs_per_group = grid.group_size // grid.sub_size
+    fitted = [False] * n_groups
+
+    def store(group: int, params: GridParams) -> None:
+        first = group * subs_per_group
+        count = min(subs_per_group, n_sub - first)
+        scale[:, first:first + count] = params.scale.reshape(rows, -1)[:, :count]
+        offset[:, first:first + count] = params.offset.reshape(rows, -1)[:, :count]
+        for key, value in params.extra.items():
+            value = value.reshape(rows, -1)
+            per_group = value.shape[1]
+            if key not in extra:
+                extra[key] = torch.zeros(rows, per_group * n_groups, device=w.device)
+            extra[key][:, group * per_group:(group + 1) * per_group] = value
+        fitted[group] = True
+
+    def fit_group(group: int, values: torch.Tensor) -> None:
+        start = group * grid.group_size
+        count = values.shape[1]
+        group_weights = imatrix_weights(values, importance[start:start + count])
+        padded = _pad_columns(values, grid.group_size)
+        padded_weights = _pad_columns(group_weights, grid.group_size)
+        store(group, grid.fit(padded, padded_weights))
+
+    if static_groups:
+        params = _fit_groups(grid, w, imatrix_weights(w, importance))
+        scale.copy_(params.scale)
+        offset.copy_(params.offset)
+        extra.update(params.extra)
+        fitted = [True] * n_groups
+
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+    else:
+        perm = torch.arange(cols, device=w.device)
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(cols, device=w.device)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+    hinv = _damped_inverse_cholesky(h, damp)
+
+    levels = torch.zeros(rows, cols, device=w.device)
+    qweight = torch.zeros(rows, cols, device=w.device)
+    sub_of = perm // grid.sub_size
+    for start in range(0, cols, block_size):
+        stop = min(start + block_size, cols)
+        count = stop - start
+        block = w[:, start:stop].clone()
+        errors = torch.zeros(rows, count, device=w.device)
+        hinv_block = hinv[start:stop, start:stop]
+        for i in range(count):
+            column = start + i
+            group = int(group_of[perm[column]])
+            if not fitted[group]:
+                # Current values of the group's columns: those in this block are up to date in
+                # `block`; later ones still owe this block's pending updates.
+                first = group * grid.group_size
+                members = position[first:min(first + grid.group_size, cols)]
+                current = w[:, members].clone()
+                inside = members < stop
+                if inside.any():
+                    current[:, inside] = block[:, members[inside] - start]
+                outside = ~inside
+                if outside.any() and i > 0:
+                    current[:, outside] -= errors[:, :i] @ hinv[start:column][:, members[outside]]
+                fit_group(group, current)
+            sub = int(sub_of[column])
+            col = block[:, i]
+            col_scale = scale[:, sub]
+            col_offset = offset[:, sub]
+            q_level, q_value = grid.round(col, col_scale, col_offset)
+            levels[:, column] = q_level
+            qweight[:, column] = q_value
+            err = (col - q_value) / hinv_block[i, i]
+            block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, stop:] -= errors @ hinv[start:stop, stop:]
+
+    qweight = qweight[:, position]
+    levels = levels[:, position]
+    return QuantResult(qweight, levels.to(_levels_dtype(grid)), scale, offset, extra,
+                       perm if act_order else None)
+
+
+def layer_output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||X W^T - X Q^T||_F^2 / ||X W^T||_F^2 from H = X^T X, without X."""
+    hessian = hessian.to(torch.float64)
+    diff = (weight.to(torch.float64) - qweight.to(torch.float64))
+    num = torch.einsum("ij,jk,ik->", diff, hessian, diff)
+    ref = torch.einsum("ij,jk,ik->", weight.to(torch.float64), hessian, weight.to(torch.float64))
+    return float(num / ref) if float(ref) > 0 else 0.0

@@ -1,0 +1,158 @@
+"""Integer weight quantization in the compressed-tensors layout: int4 groups (sym/asym), and the
+shared numerics that int8-asym (qtool/schemes/int8.py) uses per output channel.
+
+compressed-tensors dequantizes ``(q - zero_point) * scale`` in the scale's dtype (the model's
+dtype), with one scale (and zero point) per group of ``group_size`` input columns, or per row
+for the channel strategy. We therefore round the scale to that dtype *before* choosing the
+integers, and round it up, so that no value of a group is pushed past the integer range by the
+rounding: every element then satisfies ``|w - deq| <= scale / 2`` (plus the final rounding of
+``deq`` to the dtype).
+
+The ranges follow compressed-tensors' ``calculate_qparams``: symmetric scale = absmax /
+(range / 2) (7.5 for int4, so +absmax -> 7 and -absmax -> -8 both stay within half a step), and
+asymmetric scale = (max - min) / range with min <= 0 <= max and an integer zero point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qtool.schemes.base import Scheme, register
+
+
+@dataclass
+class PackedInt:
+    """Integers plus scales, before the sink packs them into compressed-tensors' int32 words."""
+
+    q: torch.Tensor                     # int8 [rows, cols], values in [-2**(bits-1), 2**(bits-1) - 1]
+    scale: torch.Tensor                 # [rows, groups] in ``dtype``
+    zero_point: torch.Tensor | None     # int8 [rows, groups] (asymmetric) or None
+    bits: int
+    group_size: int | None              # None: one scale per row ("channel" strategy)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+
+def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` (float32) in ``dtype``, never smaller than the float32 value."""
+    rounded = scale.to(dtype)
+    too_small = rounded.float() < scale
+    if bool(too_small.any()):
+        rounded = torch.where(too_small, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
+    return rounded
+
+
+def _groups(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, int]:
+    """float32 view [rows, groups, group_size] (last group zero-padded) and the column count."""
+    rows = weight.shape[0]
+    matrix = weight.reshape(rows, -1).float()
+    cols = matrix.shape[1]
+    size = cols if group_size is None else group_size
+    n_groups = -(-cols // size)
+    if n_groups * size != cols:
+        matrix = torch.nn.functional.pad(matrix, (0, n_groups * size - cols))
+    return matrix.view(rows, n_groups, size), cols
+
+
+def quantize_int(weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None,
+                 scale_dtype: torch.dtype | None = None) -> PackedInt:
+    if weight.dim() < 2:
+        raise ValueError(f"integer schemes quantize matrices, got shape {tuple(weight.shape)}")
+    if group_size is not None and group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    dtype = scale_dtype or weight.dtype
+    groups, cols = _groups(weight, group_size)
+    q_min, q_max = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    # Zero padding of the last group never widens its [min, max], which always contains 0.
+    low = groups.amin(dim=2).clamp(max=0)
+    high = groups.amax(dim=2).clamp(min=0)
+    if symmetric:
+        scale = torch.maximum(-low, high) / ((q_max - q_min) / 2)
+    else:
+        scale = (high - low) / (q_max - q_min)
+    # An all-zero group: any positive scale gives q = zero point and dequantizes to 0.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _round_up_to(scale, dtype)
+    scale32 = scale.float()
+    if symmetric:
+        zero_point = None
+        q = torch.round(groups / scale32.unsqueeze(2))
+    else:
+        zero_point = torch.round(q_min - low / scale32).clamp(q_min, q_max)
+        q = torch.round(groups / scale32.unsqueeze(2) + zero_point.unsqueeze(2))
+        zero_point = zero_point.to(torch.int8)
+    q = q.clamp(q_min, q_max).to(torch.int8).reshape(weight.shape[0], -1)[:, :cols]
+    return PackedInt(q=q.contiguous(), scale=scale, zero_point=zero_point, bits=bits,
+                     group_size=group_size, shape=tuple(weight.shape), dtype=dtype)
+
+
+def dequantize_int(packed: PackedInt) -> torch.Tensor:
+    """compressed-tensors' dequantization: ``(q - zero_point) * scale`` in the scale's dtype."""
+    rows, cols = packed.q.shape
+    size = cols if packed.group_size is None else packed.group_size
+    n_groups = packed.scale.shape[1]
+    values = torch.nn.functional.pad(packed.q, (0, n_groups * size - cols)).view(rows, n_groups, size)
+    values = values.to(packed.scale.dtype)
+    if packed.zero_point is not None:
+        values = values - packed.zero_point.to(packed.scale.dtype).unsqueeze(2)
+    values = values * packed.scale.unsqueeze(2)
+    return values.reshape(rows, -1)[:, :cols].to(packed.dtype).reshape(packed.shape)
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' dense packing of ``bits``-bit ints along the last dim of a matrix.
+
+    Each value is offset to unsigned (``+ 2**(bits-1)``); element i of a row occupies bits
+    ``i*bits .. i*bits+bits-1`` of the row's little-endian bit stream; rows are padded to 32 elements.
+    """
+    if 32 % bits:
+        raise ValueError(f"packing supports 1, 2, 4 or 8 bits, got {bits}")
+    rows, cols = values.shape
+    per_word = 32 // bits
+    words = -(-cols // per_word)
+    unsigned = (values.to(torch.int32) + (1 << (bits - 1)))
+    unsigned = torch.nn.functional.pad(unsigned, (0, words * per_word - cols)).view(rows, words, per_word)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=values.device)
+    # Summing disjoint bit fields is an OR; int32 wraps around for the top field as C does.
+    return (unsigned << shifts).sum(dim=2, dtype=torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    fields = (packed.unsqueeze(2) >> shifts) & ((1 << bits) - 1)
+    return (fields.reshape(packed.shape[0], -1)[:, :cols] - (1 << (bits - 1))).to(torch.int8)
+
+
+class _IntScheme(Scheme):
+    family = "compressed"
+    bits = 4.0
+    symmetric = True
+    default_group_size: int | None = 128
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
+        group_size = params.get("group_size", self.default_group_size) if self.default_group_size else None
+        return quantize_int(weight, int(self.bits), self.symmetric, None if group_size is None else int(group_size))
+
+    def dequantize(self, packed: PackedInt) -> torch.Tensor:
+        return dequantize_int(packed)
+
+
+@register
+class Int4Sym(_IntScheme):
+    name = "int4-sym"
+    bits = 4.0
+    symmetric = True
+
+
+@register
+class Int4Asym(_IntScheme):
+    name = "int4-asym"
+    bits = 4.0
+    symmetric = False

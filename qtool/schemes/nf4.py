@@ -1,0 +1,244 @@
+"""bitsandbytes' 4-bit formats (NF4, FP4) with optional double quantization of the block absmax.
+
+Numerics follow bitsandbytes 0.50 on CPU so that the bytes are identical to
+``bitsandbytes.functional.quantize_4bit``:
+
+- 4-bit part (bitsandbytes' pure-torch kernel): the flattened tensor (as float32) is cut into
+  blocks of ``block_size``; full blocks are scaled by ``x * (1 / absmax)`` (absmax clamped to
+  1e-38), the trailing partial block by ``x / absmax``; values are clamped to [-1, 1] and mapped
+  with ``bucketize`` on the midpoints of the *sorted* code, so a value exactly on a midpoint goes
+  to the lower code. Two codes per byte, first element in the high nibble; an odd count is padded
+  with a zero value.
+- double quantization (bitsandbytes' C CPU kernel ``quantize_cpu``): ``offset = absmax.mean()``,
+  then ``absmax - offset`` is quantized in blocks of 256 with the signed 8-bit dynamic map: value
+  divided by the block's absmax, the closest code wins and a tie goes to the lower code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qtool.schemes.base import Scheme, register
+
+NESTED_BLOCK_SIZE = 256
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Elements per vectorized step: bounds the float32 temporaries whatever the tensor size.
+_CHUNK_ELEMENTS = 1 << 21
+
+# The NF4 code (QLoRA): quantiles of N(0, 1) normalised to [-1, 1], as bitsandbytes ships them.
+_NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2) in bit-pattern order, divided by 12 below.
+_FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+# Ascending order of the FP4 code as bitsandbytes sorts it: +0 (index 0) sorts before -0
+# (index 8), so a scaled value <= 0 in the zero bucket becomes code 0 and a tiny positive one 8.
+_FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
+
+
+def code_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-entry float32 code of ``nf4`` or ``fp4``, indexed by the 4-bit value."""
+    if quant_type == "nf4":
+        return torch.tensor(_NF4_CODE, dtype=torch.float32, device=device)
+    if quant_type == "fp4":
+        return torch.tensor(_FP4_RAW, dtype=torch.float32, device=device).div_(12.0)
+    raise ValueError(f"unknown 4-bit type {quant_type!r}")
+
+
+def _bounds_4bit(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    code = code_4bit(quant_type, device)
+    if quant_type == "nf4":
+        return (code[:-1] + code[1:]) / 2, None
+    order = torch.tensor(_FP4_ORDER, dtype=torch.int64, device=device)
+    ordered = code[order]
+    return (ordered[:-1] + ordered[1:]) / 2, order.to(torch.uint8)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``), 256 sorted values.
+
+    For exponent i in 0..6 there are 2**i fraction steps: the midpoints of ``linspace(0.1, 1,
+    2**i + 1)`` (float32) times 10**(i - 6), with both signs; plus 0 and 1.
+    """
+    values: list[float] = []
+    for exponent in range(7):
+        boundaries = torch.linspace(0.1, 1, 2 ** exponent + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scale = 10 ** (exponent - 6)
+        values += (scale * means).tolist()
+        values += (-scale * means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+@dataclass
+class Packed4bit:
+    """What bitsandbytes keeps for one 4-bit weight (its ``Params4bit`` data + ``QuantState``)."""
+
+    quant_type: str                 # "nf4" or "fp4"
+    data: torch.Tensor              # uint8 [(numel + 1) // 2, 1], high nibble first
+    absmax: torch.Tensor            # float32 [blocks], or uint8 [blocks] with double quant
+    block_size: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype              # dtype of the original weight
+    quant_map: torch.Tensor         # float32 [16]
+    nested_absmax: torch.Tensor | None = None      # float32 [ceil(blocks / 256)]
+    nested_quant_map: torch.Tensor | None = None   # float32 [256]
+    nested_offset: float | None = None             # mean of the absmax, added back after dequantization
+    nested_block_size: int = NESTED_BLOCK_SIZE
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def _absmax_and_scaled(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax and values scaled to [-1, 1], exactly as bitsandbytes' torch kernel does."""
+    n = flat.numel()
+    full = n - n % block_size
+    blocks = flat[:full].view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1).reshape(-1)
+    if full < n:
+        tail_absmax = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax, -1, 1)])
+    return absmax, scaled
+
+
+def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
+                  double_quant: bool = True) -> Packed4bit:
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {weight.dtype}")
+    device = weight.device
+    bounds, order = _bounds_4bit(quant_type, device)
+    flat = weight.reshape(-1)
+    n = flat.numel()
+    data = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=device)
+    # Chunks hold an even number of whole blocks, so only the last chunk can end in a partial
+    # block or an odd element: chunking changes nothing in the result.
+    chunk = max(_CHUNK_ELEMENTS // block_size, 1) * block_size
+    for start in range(0, n, chunk):
+        part = flat[start:start + chunk].float()
+        part_absmax, scaled = _absmax_and_scaled(part, block_size)
+        absmax[start // block_size:start // block_size + part_absmax.numel()] = part_absmax
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        codes = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+        if order is not None:
+            codes = order[codes.long()]
+        pairs = codes.view(-1, 2)
+        data[start // 2:start // 2 + pairs.shape[0]] = (pairs[:, 0] << 4) | pairs[:, 1]
+    packed = Packed4bit(quant_type=quant_type, data=data.unsqueeze(1), absmax=absmax, block_size=block_size,
+                        shape=tuple(weight.shape), dtype=weight.dtype, quant_map=code_4bit(quant_type, device))
+    if double_quant:
+        offset = absmax.mean()
+        packed.absmax, packed.nested_absmax = quantize_dynamic(absmax - offset, NESTED_BLOCK_SIZE)
+        packed.nested_quant_map = dynamic_map(device)
+        packed.nested_offset = offset.item()
+    return packed
+
+
+def quantize_dynamic(values: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of float32 ``values`` with the dynamic map (bitsandbytes' CPU kernel).
+
+    Returns (codes uint8, per-block absmax float32). bitsandbytes' CPU kernel does not search the
+    map: it scales by ``1 / absmax``, clamps to [-1, 1], turns the value into one of 65536 evenly
+    spaced bins (``trunc(((v + 1) * 0.5) * 65535 + 0.5)``) and reads the code of the bin's centre
+    from a table built by nearest-code (midpoint, tie to the lower code) search. A block whose
+    absmax is 0 gets code 0 everywhere.
+    """
+    lut = _dynamic_lut(values.device)
+    n = values.numel()
+    blocks = -(-n // block_size)
+    padded = torch.nn.functional.pad(values.float().reshape(-1), (0, blocks * block_size - n)).view(blocks, block_size)
+    # Padding zeros never raise a block's absmax.
+    absmax = padded.abs().amax(dim=1)
+    inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    scaled = torch.clamp(padded * inverse.unsqueeze(1), -1.0, 1.0)
+    bins = (((scaled + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)
+    codes = lut[bins]
+    codes[absmax == 0] = 0
+    return codes.reshape(-1)[:n], absmax
+
+
+_LUT_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _dynamic_lut(device: torch.device) -> torch.Tensor:
+    if device not in _LUT_CACHE:
+        code = dynamic_map(device)
+        midpoints = 0.5 * (code[:-1] + code[1:])
+        centres = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32, device=device)) / 65535.0
+        _LUT_CACHE[device] = torch.bucketize(centres, midpoints).to(torch.uint8)
+    return _LUT_CACHE[device]
+
+
+def dequantize_dynamic(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int) -> torch.Tensor:
+    n = codes.numel()
+    blocks = absmax.numel()
+    values = code[codes.reshape(-1).long()]
+    values = torch.nn.functional.pad(values, (0, blocks * block_size - n)).view(blocks, block_size)
+    return (values * absmax.unsqueeze(1)).reshape(-1)[:n]
+
+
+def block_absmax(packed: Packed4bit) -> torch.Tensor:
+    """The float32 absmax of every 4-bit block (undoing the double quantization)."""
+    if not packed.double_quant:
+        return packed.absmax.float()
+    absmax = dequantize_dynamic(packed.absmax, packed.nested_absmax, packed.nested_quant_map,
+                                packed.nested_block_size)
+    return absmax + torch.tensor(packed.nested_offset, dtype=torch.float32, device=absmax.device)
+
+
+def dequantize_4bit(packed: Packed4bit) -> torch.Tensor:
+    n = 1
+    for size in packed.shape:
+        n *= size
+    data = packed.data.reshape(-1)
+    codes = torch.stack([data >> 4, data & 0x0F], dim=1).reshape(-1)[:n]
+    values = packed.quant_map[codes.long()]
+    absmax = block_absmax(packed)
+    blocks = absmax.numel()
+    values = torch.nn.functional.pad(values, (0, blocks * packed.block_size - n)).view(blocks, packed.block_size)
+    return (values * absmax.unsqueeze(1)).reshape(-1)[:n].to(packed.dtype).reshape(packed.shape)
+
+
+def _params(params: dict[str, Any]) -> tuple[int, bool]:
+    block_size = int(params.get("block_size", 64))
+    double_quant = bool(params.get("double_quant", True))
+    return block_size, double_quant
+
+
+class _Bnb4bit(Scheme):
+    family = "bnb"
+    bits = 4.0
+    quant_type = "nf4"
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> Packed4bit:
+        block_size, double_quant = _params(params)
+        return quantize_4bit(weight, self.quant_type, block_size, double_quant)
+
+    def dequantize(self, packed: Packed4bit) -> torch.Tensor:
+        return dequantize_4bit(packed)
+
+
+@register
+class NF4(_Bnb4bit):
+    name = "nf4"
+    quant_type = "nf4"
+
+
+@register
+class FP4(_Bnb4bit):
+    name = "fp4"
+    quant_type = "fp4"

@@ -1,0 +1,153 @@
+"""compressed-tensors checkpoints (what llm-compressor writes; loaded by vLLM, and by transformers
+with ``compressed-tensors`` installed).
+
+int4 groups use compressed-tensors' ``pack-quantized`` format (what its ``infer_module_format``
+picks for weight-only int schemes and what vLLM's W4A16 kernels read). Per quantized Linear
+``<module>``:
+
+- ``weight_packed`` int32 [rows, ceil(cols * bits / 32)]: values offset to unsigned and packed
+  densely, element i of a row at bit i*bits;
+- ``weight_scale`` [rows, groups] in the model dtype (groups = 1 for the channel strategy);
+- ``weight_zero_point`` (asymmetric only) int32 [ceil(rows * bits / 32), groups]: the int zero
+  points packed the same way along the rows;
+- ``weight_shape`` int64 [2].
+
+int8-asym (per channel) uses ``int-quantized``: ``weight`` int8 [rows, cols], ``weight_scale``
+[rows, 1] and ``weight_zero_point`` int8 [rows, 1], unpacked. transformers + compressed-tensors
+0.20 load it as is (they cannot load *packed* zero points: the empty model they build expects
+them unpacked; int4-asym outputs therefore load with ``CompressedTensorsConfig(dequantize=True)``,
+and in vLLM). vLLM serves weight-only int8 only symmetric, so no format would run int8-asym there.
+
+``config.json`` gets ``quantization_config`` with one config group per distinct scheme, its
+``targets`` being the exact module names (so kept Linear layers, tied lm_head included, are
+simply not targeted).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from qtool.errors import BadArgument
+from qtool.plan import TensorPlan
+from qtool.schemes.base import get_scheme
+from qtool.schemes.int4 import PackedInt, pack_int32
+from qtool.sinks.safetensors_io import OutputTensor, SafetensorsSink, entry_bound
+
+PACKED = "pack-quantized"
+INT = "int-quantized"
+
+
+def _format(plan: TensorPlan) -> str:
+    # int8 weights are stored as they are; transformers then loads the asymmetric zero points
+    # unpacked (compressed-tensors 0.20 cannot load packed zero points through transformers).
+    return INT if plan.scheme == "int8-asym" else PACKED
+
+
+def _module_name(weight_name: str) -> str:
+    if not weight_name.endswith(".weight"):
+        raise BadArgument(f"compressed-tensors quantizes Linear weights (names ending in .weight), not "
+                          f"{weight_name}; keep it (--skip '{weight_name}')")
+    return weight_name[: -len(".weight")]
+
+
+def _scheme_args(plan: TensorPlan) -> dict[str, Any]:
+    """compressed-tensors ``QuantizationArgs`` of a planned tensor's scheme."""
+    scheme = get_scheme(plan.scheme)
+    if plan.scheme == "int8-asym":
+        return {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "channel", "group_size": None,
+                "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
+                "observer_kwargs": {}}
+    group_size = int(plan.params.get("group_size", 128))
+    return {"num_bits": int(scheme.bits), "type": "int", "symmetric": plan.scheme.endswith("-sym"),
+            "strategy": "group", "group_size": group_size, "dynamic": False, "actorder": None,
+            "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
+
+
+class CompressedSink(SafetensorsSink):
+    family: ClassVar[str] = "compressed"
+
+    def check_plans(self, plans: list[TensorPlan]) -> None:
+        super().check_plans(plans)
+        for plan in plans:
+            if plan.keep:
+                continue
+            _module_name(plan.name)
+            if len(plan.shape) != 2:
+                raise BadArgument(f"compressed-tensors quantizes 2-D Linear weights; {plan.name} has shape {plan.shape}")
+            args = _scheme_args(plan)
+            group_size = args["group_size"]
+            if group_size is not None and (group_size <= 0 or plan.shape[1] % group_size):
+                raise BadArgument(f"--group-size {group_size} does not divide the {plan.shape[1]} input columns of "
+                                  f"{plan.name}; compressed-tensors needs whole groups (try a divisor such as "
+                                  f"{math.gcd(plan.shape[1], 128) or 1})")
+
+    @classmethod
+    def quantized_outputs(cls, plan: TensorPlan, dtype: torch.dtype) -> list[OutputTensor]:
+        module = _module_name(plan.name)
+        args = _scheme_args(plan)
+        bits = args["num_bits"]
+        rows, cols = plan.shape
+        groups = 1 if args["group_size"] is None else -(-cols // args["group_size"])
+        if _format(plan) == INT:
+            return [entry_bound(f"{module}.weight", torch.int8, (rows, cols)),
+                    entry_bound(f"{module}.weight_scale", dtype, (rows, groups)),
+                    entry_bound(f"{module}.weight_zero_point", torch.int8, (rows, groups))]
+        outputs = [entry_bound(f"{module}.weight_packed", torch.int32, (rows, -(-cols * bits // 32))),
+                   entry_bound(f"{module}.weight_scale", dtype, (rows, groups)),
+                   entry_bound(f"{module}.weight_shape", torch.int64, (2,))]
+        if not args["symmetric"]:
+            outputs.append(entry_bound(f"{module}.weight_zero_point", torch.int32, (-(-rows * bits // 32), groups)))
+        return outputs
+
+    def packed_tensors(self, plan: TensorPlan, packed: PackedInt) -> dict[str, torch.Tensor]:
+        module = _module_name(plan.name)
+        if _format(plan) == INT:
+            return {f"{module}.weight": packed.q, f"{module}.weight_scale": packed.scale,
+                    f"{module}.weight_zero_point": packed.zero_point}
+        tensors = {f"{module}.weight_packed": pack_int32(packed.q, packed.bits),
+                   f"{module}.weight_scale": packed.scale,
+                   f"{module}.weight_shape": torch.tensor(packed.shape, dtype=torch.int64)}
+        if packed.zero_point is not None:
+            tensors[f"{module}.weight_zero_point"] = \
+                pack_int32(packed.zero_point.t().contiguous(), packed.bits).t().contiguous()
+        return tensors
+
+    def quantization_config(self) -> dict[str, Any]:
+        groups: dict[str, dict[str, Any]] = {}
+        targets: dict[str, list[str]] = {}
+        formats: dict[str, str] = {}
+        for plan in self.plans:
+            if plan.keep:
+                continue
+            args = _scheme_args(plan)
+            key = repr((_format(plan), sorted(args.items())))
+            if key not in groups:
+                groups[key] = args
+                formats[key] = _format(plan)
+                targets[key] = []
+            targets[key].append(_module_name(plan.name))
+        config_groups = {
+            f"group_{index}": {"format": formats[key], "input_activations": None, "output_activations": None,
+                               "targets": targets[key], "weights": args}
+            for index, (key, args) in enumerate(groups.items())
+        }
+        distinct = set(formats.values())
+        overall_format = distinct.pop() if len(distinct) == 1 else ("dense" if not distinct else "mixed-precision")
+        return {
+            "config_groups": config_groups,
+            "format": overall_format,
+            "global_compression_ratio": None,
+            "ignore": [],
+            "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors",
+            "quantization_status": "compressed",
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": "0.20.0",
+        }
+
+
+def packed_nbytes(plan: TensorPlan, dtype: torch.dtype = torch.bfloat16) -> int:
+    return CompressedSink.packed_nbytes(plan, dtype)

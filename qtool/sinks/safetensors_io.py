@@ -1,0 +1,280 @@
+"""Streaming safetensors output shared by the bitsandbytes and compressed-tensors sinks.
+
+safetensors puts a JSON header (names, dtypes, shapes, byte offsets) before the data. We know
+every output tensor's name and an upper bound of its size from the plan, so each shard file is
+opened with room reserved for its header, tensor bytes are appended as they arrive (one tensor
+in memory at a time), and the header is written into the reserved room when the shard's last
+tensor is in. The format allows the header to be padded with spaces, which is how the room left
+over is filled. Offsets are assigned in arrival order, so a tensor whose exact size is only known
+once computed (bitsandbytes' quant-state JSON) needs no special handling.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+import torch
+
+from qtool import ui
+from qtool.atomic import StagedOutput
+from qtool.errors import BadArgument
+from qtool.plan import TensorPlan
+from qtool.schemes.base import get_scheme
+from qtool.sinks.base import Sink
+from qtool.sources.base import Source, TensorInfo
+from qtool.sources.layout import TOKENIZER_FILES
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+INDEX_NAME = "model.safetensors.index.json"
+
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+               torch.bool: "BOOL"}
+_STORED_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass
+class OutputTensor:
+    """One tensor the output will hold, known before its data exists."""
+
+    name: str
+    max_nbytes: int          # exact size, or an upper bound when the size depends on the data
+    max_header: str = ""     # the longest header entry it can have (computed from the bounds)
+
+
+def _header_entry(dtype: str, shape: list[int], start: int, end: int) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+class ShardedWriter:
+    """Writes named tensors into ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index."""
+
+    def __init__(self, folder: Path, groups: list[list[OutputTensor]], max_shard_size: int,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        # Shard boundaries fall between groups (a weight and its auxiliary tensors stay together).
+        shards: list[list[OutputTensor]] = [[]]
+        size = 0
+        for group in groups:
+            group_size = sum(t.max_nbytes for t in group)
+            if shards[-1] and size + group_size > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].extend(group)
+            size += group_size
+        count = len(shards)
+        self.file_names = (["model.safetensors"] if count == 1 else
+                           [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+        self.shard_of: dict[str, int] = {}
+        for index, shard in enumerate(shards):
+            for tensor in shard:
+                if tensor.name in self.shard_of:
+                    raise ValueError(f"output tensor {tensor.name!r} planned twice")
+                self.shard_of[tensor.name] = index
+        self._pending = [{t.name for t in shard} for shard in shards]
+        self._reserved = [self._header_room(shard) for shard in shards]
+        self._files: dict[int, BinaryIO] = {}
+        self._entries: list[dict[str, Any]] = [{} for _ in shards]
+        self._offsets = [0] * count
+        self.total_bytes = 0
+
+    def _header_room(self, shard: list[OutputTensor]) -> int:
+        data_bound = sum(t.max_nbytes for t in shard)
+        digits = len(str(data_bound))
+        room = len(json.dumps({"__metadata__": self.metadata}))
+        for tensor in shard:
+            # entry text + both offsets at their longest + separators
+            room += len(json.dumps(tensor.name)) + len(tensor.max_header) + 2 * digits + 8
+        return int(math.ceil((room + 64) / 8) * 8)
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        index = self.shard_of.get(name)
+        if index is None:
+            raise ValueError(f"tensor {name!r} is not in the planned output")
+        if name not in self._pending[index]:
+            raise ValueError(f"tensor {name!r} written twice")
+        handle = self._files.get(index)
+        if handle is None:
+            handle = open(self.folder / self.file_names[index], "wb")
+            handle.seek(8 + self._reserved[index])
+            self._files[index] = handle
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        start = self._offsets[index]
+        self._offsets[index] = start + nbytes
+        self._entries[index][name] = _header_entry(DTYPE_NAMES[tensor.dtype], list(tensor.shape), start,
+                                                   start + nbytes)
+        self.total_bytes += nbytes
+        self._pending[index].discard(name)
+        if not self._pending[index]:
+            self._finish_shard(index)
+        return nbytes
+
+    def _finish_shard(self, index: int) -> None:
+        handle = self._files.pop(index)
+        header = json.dumps({"__metadata__": self.metadata, **self._entries[index]}, separators=(",", ":"))
+        raw = header.encode("utf-8")
+        room = self._reserved[index]
+        if len(raw) > room:
+            raise RuntimeError(f"safetensors header of {self.file_names[index]} outgrew its reserved room "
+                               f"({len(raw)} > {room} bytes)")
+        handle.seek(0)
+        handle.write(room.to_bytes(8, "little"))
+        handle.write(raw + b" " * (room - len(raw)))
+        handle.close()
+
+    def close(self) -> None:
+        """Check that every planned tensor was written and write the index (sharded outputs)."""
+        missing = [name for pending in self._pending for name in pending]
+        if missing:
+            raise RuntimeError(f"output incomplete: {len(missing)} planned tensors were never written "
+                               f"(first: {missing[0]})")
+        if len(self.file_names) > 1:
+            weight_map = {name: self.file_names[index] for name, index in sorted(self.shard_of.items())}
+            index_doc = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index_doc, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+
+def entry_bound(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> OutputTensor:
+    """An output tensor of known dtype and shape."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return OutputTensor(name, nbytes, json.dumps(_header_entry(DTYPE_NAMES[dtype], list(shape), 0, 0)))
+
+
+def source_dtype(info: TensorInfo | None) -> torch.dtype:
+    """The float dtype a source hands out for a tensor: its stored dtype, or float32 for quantized
+    (GGUF) storage, which sources dequantize to float32."""
+    if info is None:
+        return torch.bfloat16
+    return _STORED_FLOAT.get(info.stored_dtype.upper(), torch.float32)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class SafetensorsSink(Sink):
+    """What both safetensors sinks share: staging, streaming shards, config, tokenizer, model card.
+
+    Subclasses say which schemes they take (``family``), which tensors a quantized weight becomes
+    (``outputs`` before the data, ``packed_tensors`` after) and the ``quantization_config``.
+    """
+
+    format: ClassVar[str] = "safetensors"
+    family: ClassVar[str] = ""
+
+    def __init__(self, out: Path, source: Source, plans: list[TensorPlan], *, force: bool,
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(out, source, plans, force=force, options=options)
+        self.infos = {info.name: info for info in source.tensors()}
+        self.check_plans(plans)
+        max_shard_size = int(self.options.get("max_shard_size") or DEFAULT_MAX_SHARD_SIZE)
+        if max_shard_size <= 0:
+            raise BadArgument(f"--max-shard-size must be positive, got {max_shard_size}")
+        groups = [self.outputs(plan, source_dtype(self.infos.get(plan.name))) for plan in plans]
+        self.staged = StagedOutput(self.out, force=force, is_dir=True)
+        self.writer = ShardedWriter(self.staged.path, groups, max_shard_size,
+                                    metadata={"producer": "qtool"})
+        self.kept_dtypes: dict[torch.dtype, int] = {}
+        self.quantized_dtypes: dict[torch.dtype, int] = {}
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def check_plans(self, plans: list[TensorPlan]) -> None:
+        for plan in plans:
+            if not plan.keep and get_scheme(plan.scheme).family != self.family:
+                raise BadArgument(f"{type(self).__name__} cannot write scheme {plan.scheme!r} "
+                                  f"(tensor {plan.name}); pick schemes of one family")
+
+    @classmethod
+    def outputs(cls, plan: TensorPlan, dtype: torch.dtype) -> list[OutputTensor]:
+        """Output tensors (with size bounds) for one planned input tensor."""
+        if plan.keep:
+            return [entry_bound(plan.name, dtype, plan.shape)]
+        return cls.quantized_outputs(plan, dtype)
+
+    @classmethod
+    def quantized_outputs(cls, plan: TensorPlan, dtype: torch.dtype) -> list[OutputTensor]:
+        raise NotImplementedError
+
+    def packed_tensors(self, plan: TensorPlan, packed: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def quantization_config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def packed_nbytes(cls, plan: TensorPlan, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes on disk for one planned tensor (quant-state JSON counted at its upper bound)."""
+        return sum(t.max_nbytes for t in cls.outputs(plan, dtype))
+
+    # -- the Sink protocol ---------------------------------------------------------------------
+    def add(self, plan: TensorPlan, tensor: torch.Tensor) -> int:
+        if tuple(tensor.shape) != tuple(plan.shape):
+            raise BadArgument(f"tensor {plan.name} has shape {tuple(tensor.shape)}, the plan says {plan.shape}")
+        if plan.keep:
+            self.kept_dtypes[tensor.dtype] = self.kept_dtypes.get(tensor.dtype, 0) + tensor.numel()
+            return self.writer.write(plan.name, tensor)
+        if not tensor.is_floating_point():
+            raise BadArgument(f"tensor {plan.name} is {tensor.dtype}, not floating point; it cannot be "
+                              f"quantized with {plan.scheme}; skip it (--skip '{plan.name}')")
+        if not bool(torch.isfinite(tensor).all()):
+            raise BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "
+                              f"the tensor unquantized (--skip '{plan.name}')")
+        self.quantized_dtypes[tensor.dtype] = self.quantized_dtypes.get(tensor.dtype, 0) + tensor.numel()
+        try:
+            packed = get_scheme(plan.scheme).quantize(tensor, **plan.params)
+        except ValueError as exc:
+            raise BadArgument(f"tensor {plan.name}: {exc}") from None
+        return sum(self.writer.write(name, value) for name, value in self.packed_tensors(plan, packed).items())
+
+    def model_dtype(self) -> torch.dtype:
+        """The dtype of most kept weights (what config.json's ``dtype`` says), else the quantized inputs'."""
+        counts = self.kept_dtypes or self.quantized_dtypes
+        if not counts:
+            return torch.bfloat16
+        return max(counts, key=counts.get)
+
+    def finish(self, model_card: str) -> Path:
+        self.writer.close()
+        folder = self.staged.path
+        config = dict(self.source.config)
+        config.pop("quantization_config", None)
+        name = dtype_name(self.model_dtype())
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+        config["quantization_config"] = self.quantization_config()
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tokenizer_dir = self.source.tokenizer_dir()
+        if tokenizer_dir is not None:
+            for file_name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / file_name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / file_name, folder / file_name)
+        for file_name, path in self.source.extra_files().items():
+            if file_name in ("config.json", "README.md") or os.sep in file_name or file_name.startswith("."):
+                continue
+            shutil.copyfile(path, folder / file_name)
+        (folder / "README.md").write_text(model_card if model_card.endswith("\n") else model_card + "\n")
+        final = self.staged.commit()
+        ui.log(f"wrote {final} ({len(self.writer.file_names)} shard(s), {self.writer.total_bytes:,} bytes of tensors)")
+        return final
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.staged.abort()

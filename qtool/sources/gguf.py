@@ -1,0 +1,209 @@
+"""A ``.gguf`` file as a Source: Llama-family tensors dequantized on demand, in Hugging Face layout.
+
+Names and the config are mapped back with :mod:`qtool.gguf_arch`, q/k rows un-permuted, and a
+Hugging Face tokenizer is rebuilt from the ``tokenizer.*`` metadata when asked for.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qtool import gguf_arch, ui
+from qtool.errors import CorruptFile, NotFound, Unsupported
+from qtool.sources.base import Source, TensorInfo
+from qtool.sources.gguf_file import GGUFFile, GGUFTensor
+
+_FLOAT_TYPES = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+_TORCH_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+
+
+def dequantize_raw(raw: np.ndarray, tensor: GGUFTensor) -> torch.Tensor:
+    """One GGUF tensor's bytes -> a torch tensor in GGUF/numpy shape (rows first), not yet HF layout.
+
+    Float types keep their dtype; block-quantized types come out as float32.
+    """
+    type_id = GGMLQuantizationType(tensor.type_id)
+    if type_id in _FLOAT_TYPES:
+        dtype = _FLOAT_TYPES[type_id]
+        values = torch.from_numpy(raw.view(_TORCH_VIEW[dtype]).copy())
+        if dtype == torch.bfloat16:
+            values = values.view(torch.bfloat16)
+        return values.reshape(tensor.shape)
+    from gguf import quants
+
+    if tensor.n_elements == 0:
+        return torch.empty(tensor.shape, dtype=torch.float32)
+    block_size, type_size = GGML_QUANT_SIZES[type_id]
+    rows = raw.reshape(tensor.n_elements // tensor.dims[0], tensor.dims[0] // block_size * type_size)
+    try:
+        values = quants.dequantize(rows, type_id)
+    except NotImplementedError:
+        raise Unsupported(f"GGUF tensor {tensor.name!r} has type {tensor.type_name}, which qtool cannot "
+                          "dequantize yet") from None
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(tensor.shape)
+
+
+class GGUFSource(Source):
+    """Reads a Llama-family GGUF lazily; ``gguf`` exposes the parsed file (metadata, raw tensors)."""
+
+    def __init__(self, path: str | Path, spec: str | None = None) -> None:
+        path = Path(path)
+        self.gguf = GGUFFile(path)
+        try:
+            config = gguf_arch.hf_config_from_gguf(self.gguf.metadata,
+                                                   tensor_names=[t.name for t in self.gguf.tensors])
+            self._hf_to_gguf: dict[str, GGUFTensor] = {}
+            skipped = []
+            for tensor in self.gguf.tensors:
+                if tensor.name in gguf_arch.GGUF_ONLY_TENSORS:
+                    skipped.append(tensor.name)
+                    continue
+                self._hf_to_gguf[gguf_arch.gguf_to_hf_name(tensor.name)] = tensor
+            if skipped:
+                ui.warn(f"{path}: ignoring {', '.join(skipped)} (no Hugging Face counterpart)")
+            self._check_shapes(config)
+        except BaseException:
+            self.gguf.close()
+            raise
+        super().__init__(spec=spec or str(path), description=str(path), config=config,
+                         is_quantized=any(GGMLQuantizationType(t.type_id) not in _FLOAT_TYPES
+                                          for t in self.gguf.tensors))
+        self.path = path
+        self._tokenizer_tmp: Path | None = None
+
+    @property
+    def metadata(self) -> dict:
+        """The raw GGUF metadata (key -> value), e.g. for inspect."""
+        return self.gguf.metadata
+
+    def _check_shapes(self, config: dict) -> None:
+        # A header that parses can still disagree with its own metadata; catch it before a forward pass.
+        hidden, vocab = config["hidden_size"], config["vocab_size"]
+        heads, kv_heads, head_dim = (config["num_attention_heads"], config["num_key_value_heads"],
+                                     config["head_dim"])
+        expected = {
+            "model.embed_tokens.weight": (vocab, hidden),
+            "lm_head.weight": (vocab, hidden),
+            "model.norm.weight": (hidden,),
+        }
+        for hf_name, tensor in self._hf_to_gguf.items():
+            want = expected.get(hf_name)
+            if hf_name.endswith("q_proj.weight"):
+                want = (heads * head_dim, hidden)
+            elif hf_name.endswith(("k_proj.weight", "v_proj.weight")):
+                want = (kv_heads * head_dim, hidden)
+            if want is not None and tuple(tensor.shape) != want:
+                raise CorruptFile(f"{self.gguf.path}: tensor {tensor.name!r} has shape {tuple(tensor.shape)} but the "
+                                  f"metadata implies {want}; the file is inconsistent")
+        if "model.embed_tokens.weight" not in self._hf_to_gguf:
+            raise CorruptFile(f"{self.gguf.path}: no token_embd.weight tensor; not a complete Llama-family model")
+
+    def tensors(self) -> list[TensorInfo]:
+        return [TensorInfo(hf_name, tuple(tensor.shape), tensor.type_name, tensor.n_bytes)
+                for hf_name, tensor in self._hf_to_gguf.items()]
+
+    def gguf_tensor(self, name: str) -> GGUFTensor:
+        """The GGUF tensor behind a Hugging Face name."""
+        try:
+            return self._hf_to_gguf[name]
+        except KeyError:
+            raise NotFound(f"{self.gguf.path} has no tensor {name!r} (GGUF name "
+                           f"{_safe_gguf_name(name)!r})") from None
+
+    def load(self, name: str) -> torch.Tensor:
+        tensor = self.gguf_tensor(name)
+        values = dequantize_raw(self.gguf.raw(tensor), tensor)
+        heads = gguf_arch.qk_heads(name, self.config)
+        if heads is not None:
+            values = gguf_arch.unpermute_qk(values, heads)
+        return values
+
+    def tokenizer_dir(self) -> Path | None:
+        if self._tokenizer_tmp is None:
+            if "tokenizer.ggml.tokens" not in self.gguf.metadata:
+                return None
+            folder = Path(tempfile.mkdtemp(prefix="qtool-gguf-tokenizer-"))
+            try:
+                write_tokenizer(self.gguf, folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            self._tokenizer_tmp = folder
+        return self._tokenizer_tmp
+
+    def extra_files(self) -> dict[str, Path]:
+        return {}
+
+    def close(self) -> None:
+        self.gguf.close()
+        if self._tokenizer_tmp is not None:
+            shutil.rmtree(self._tokenizer_tmp, ignore_errors=True)
+            self._tokenizer_tmp = None
+
+
+def _safe_gguf_name(name: str) -> str:
+    try:
+        return gguf_arch.hf_to_gguf_name(name)
+    except Unsupported:
+        return "?"
+
+
+def write_tokenizer(gguf_file: GGUFFile, folder: Path) -> None:
+    """Rebuild a Hugging Face tokenizer from GGUF metadata into ``folder`` (save_pretrained layout).
+
+    transformers converts the ``tokenizer.ggml.*`` arrays; we then set the special tokens and
+    BOS/EOS insertion exactly as the GGUF says, since llama.cpp follows those keys when it tokenizes.
+    """
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    metadata = gguf_file.metadata
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(logging.ERROR)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.path.parent), gguf_file=gguf_file.path.name)
+    except Exception as exc:  # noqa: BLE001 - transformers raises bare ValueErrors for vocabularies it cannot convert
+        raise Unsupported(f"{gguf_file.path}: cannot rebuild a tokenizer from this GGUF "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tokens = metadata["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> str | None:
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if isinstance(token_id, int) and 0 <= token_id < len(tokens):
+            return tokens[token_id]
+        return None
+
+    special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+               "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}
+    for attribute, value in special.items():
+        if value is not None:
+            setattr(tokenizer, attribute, value)
+    chat_template = metadata.get("tokenizer.chat_template")
+    if isinstance(chat_template, str):
+        tokenizer.chat_template = chat_template
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False)) and special["bos_token"] is not None
+    add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and special["eos_token"] is not None
+    if hasattr(type(tokenizer), "update_post_processor"):
+        tokenizer.add_bos_token = add_bos
+        tokenizer.add_eos_token = add_eos
+    tokenizer.save_pretrained(str(folder))
+    # Record the BOS/EOS choice in tokenizer_config.json too, for loaders that read it from there.
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["add_bos_token"] = add_bos
+    config["add_eos_token"] = add_eos
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

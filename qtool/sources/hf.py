@@ -1,0 +1,140 @@
+"""Hugging Face Hub repos as Sources, through huggingface_hub's cache.
+
+Only what a quantizer needs is downloaded: config, generation config, tokenizer files,
+safetensors shards and their index. huggingface_hub itself honours HF_TOKEN, HF_HOME,
+HF_HUB_OFFLINE and HF_ENDPOINT; here its exceptions become qtool errors with one line each.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtool import ui
+from qtool.errors import NetworkError, NotFound, Unsupported
+
+if TYPE_CHECKING:
+    from qtool.sources.local import SafetensorsSource
+
+ALLOW_PATTERNS = [
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "*.safetensors", "model.safetensors.index.json",
+]
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def is_hub_id(repo_id: str) -> bool:
+    return bool(_HUB_ID_RE.match(repo_id)) and ".." not in repo_id
+
+
+def _where(repo_id: str, revision: str | None) -> str:
+    return f"{repo_id}@{revision}" if revision else repo_id
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _translate(exc: BaseException, repo_id: str, revision: str | None) -> Exception:
+    """A huggingface_hub / httpx exception as a qtool error (never echoing a token)."""
+    import httpx2
+    from huggingface_hub import errors
+
+    where = _where(repo_id, revision)
+    token_set = bool(os.environ.get("HF_TOKEN"))
+    if isinstance(exc, errors.GatedRepoError):
+        return NotFound(f"Hub repo {repo_id} is gated: accept its terms on the Hub and set HF_TOKEN to a token "
+                        "of that account")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return NotFound(f"revision {revision!r} does not exist in Hub repo {repo_id}; check the branch, tag "
+                        "or commit")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        hint = ("check the name, and that HF_TOKEN can read it" if token_set
+                else "check the name; if it is private, set HF_TOKEN")
+        return NotFound(f"Hub repo {repo_id} not found; {hint}")
+    if isinstance(exc, errors.HfHubHTTPError) and _status(exc) in (401, 403):
+        if token_set:
+            return NotFound(f"Hub refused access to {where} (HTTP {_status(exc)}): HF_TOKEN is invalid or lacks "
+                            "read access; set a valid token")
+        return NotFound(f"Hub refused access to {where} (HTTP {_status(exc)}): set HF_TOKEN to a token with "
+                        "read access")
+    if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and _offline():
+        return NetworkError(f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; run once "
+                            "online (unset HF_HUB_OFFLINE) to download it")
+    if isinstance(exc, (errors.LocalEntryNotFoundError, httpx2.TransportError, ConnectionError, TimeoutError)):
+        return NetworkError(f"cannot reach the Hub at {_endpoint()} for {where} and it is not fully cached; "
+                            "check your network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache")
+    if isinstance(exc, errors.HfHubHTTPError):
+        return NetworkError(f"the Hub at {_endpoint()} answered HTTP {_status(exc)} for {where}; try again "
+                            "later")
+    return NetworkError(f"downloading {where} failed ({type(exc).__name__}); check your network or "
+                        "HF_ENDPOINT and try again")
+
+
+def download_snapshot(repo_id: str, *, revision: str | None = None) -> tuple[Path, str]:
+    """Download (or find in the cache) what qtool needs of ``repo_id``; returns (folder, commit sha)."""
+    import httpx2
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    # huggingface_hub's tqdm bars only on a terminal; plain stderr gets one line after the fact.
+    if ui._state.get("quiet") or not ui.stderr.is_terminal:
+        disable_progress_bars()
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError,
+            httpx2.HTTPError, httpx2.TransportError, ConnectionError, TimeoutError) as exc:
+        raise _translate(exc, repo_id, revision) from None
+    except errors.HFValidationError:
+        raise NotFound(f"{repo_id!r} is not a valid Hub repo id; use org/name[@revision]") from None
+    if not any(folder.glob("*.safetensors")):
+        _explain_missing_weights(repo_id, folder)
+    ui.log(f"{repo_id}@{folder.name}: {sum(1 for _ in folder.iterdir())} files in {folder}")
+    return folder, folder.name
+
+
+def _explain_missing_weights(repo_id: str, folder: Path) -> None:
+    """No safetensors were downloaded: say whether the repo only has pickles or GGUF files."""
+    names: list[str] = []
+    if not _offline():
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(repo_id, revision=folder.name)
+            names = [sibling.rfilename for sibling in info.siblings or []]
+        except Exception:  # noqa: BLE001 - only for a better message; the error below stands either way
+            names = []
+    if any(name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in names):
+        raise Unsupported(f"Hub repo {repo_id} has only pickle checkpoints (.bin/.pt); qtool never unpickles "
+                          "files. Use a repo with safetensors weights")
+    if any(name.endswith(".gguf") for name in names):
+        raise Unsupported(f"Hub repo {repo_id} has GGUF files but no safetensors; download a .gguf with "
+                          "`hf download` and pass the file path")
+    raise NotFound(f"Hub repo {repo_id} at {folder.name} has no safetensors weights")
+
+
+def open_hub(repo_id: str, *, revision: str | None = None, spec: str | None = None) -> SafetensorsSource:
+    """A Hub repo (at a branch, tag or commit) as a lazily read safetensors Source."""
+    if not is_hub_id(repo_id):
+        raise NotFound(f"{repo_id!r} is not a valid Hub repo id; use org/name[@revision]")
+    from qtool.sources.local import open_folder
+
+    folder, commit = download_snapshot(repo_id, revision=revision)
+    return open_folder(folder, spec or _where(repo_id, revision), description=f"{repo_id}@{commit}",
+                       revision=commit)

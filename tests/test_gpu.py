@@ -1,0 +1,110 @@
+"""CPU vs CUDA byte identity for every scheme that has a fused kernel (qtool.kernels).
+
+Each case quantizes the same weight with the scheme on the CPU and with the fused kernel on CUDA
+(and through the scheme's own ``quantize`` on a CUDA tensor, i.e. the dispatch), then compares
+every field of the packed result: tensors bit for bit (dtype, shape, bytes), the rest by value.
+Skipped without CUDA or without Triton.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from qtool.kernels import fused, fused_names, kernel_for
+from qtool.schemes.base import get_scheme
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="no CUDA device: the CPU/CUDA byte-identity tests run on a GPU machine only"),
+]
+
+# (scheme, params) pairs: every fused scheme with its defaults, plus non-default parameters.
+CASES = [(name, {}) for name in fused_names()] + [
+    ("nf4", {"double_quant": False}), ("nf4", {"block_size": 128}), ("nf4", {"block_size": 32}),
+    ("fp4", {"block_size": 256, "double_quant": False}),
+    ("int4-sym", {"group_size": 32}), ("int4-asym", {"group_size": 96}),
+]
+
+
+def _weights(block: int) -> list[torch.Tensor]:
+    """Random weights of several dtypes and shapes (rows a multiple of ``block``), with the awkward
+    values planted: an all-zero row, signed zeros, subnormals, a constant run, one-signed runs."""
+    generator = torch.Generator().manual_seed(7)
+    cases = []
+    for rows, cols, dtype in ((64, 4 * block, torch.bfloat16), (33, 2 * block, torch.float32),
+                              (17, 3 * block, torch.float16)):
+        cols = max(cols, 256)
+        cols -= cols % max(block, 1)
+        scale = torch.rand(rows, 1, generator=generator) * 0.1 + 1e-3
+        weight = torch.randn(rows, cols, generator=generator) * scale
+        weight[1] = 0
+        weight[2, :8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 3.0, -3.0])
+        weight[3, :64] = 0.5
+        weight[4] = weight[4].abs()
+        weight[5] = -weight[5].abs()
+        cases.append(weight.to(dtype))
+    return cases
+
+
+def _block_of(name: str) -> int:
+    return {"Q4_K": 256, "Q5_K": 256}.get(name, 32 if name.startswith("Q") else 64)
+
+
+def _assert_identical(gpu, cpu, where: str) -> None:
+    assert type(gpu) is type(cpu), where
+    for field in dataclasses.fields(cpu):
+        a, b = getattr(gpu, field.name), getattr(cpu, field.name)
+        label = f"{where}: field {field.name}"
+        if isinstance(b, torch.Tensor):
+            assert isinstance(a, torch.Tensor) and a.is_cuda, label
+            a = a.cpu()
+            assert (a.dtype, tuple(a.shape)) == (b.dtype, tuple(b.shape)), label
+            raw_a = a.contiguous().reshape(-1).view(torch.uint8)
+            raw_b = b.contiguous().reshape(-1).view(torch.uint8)
+            mismatched = (raw_a != raw_b).nonzero().flatten()
+            assert mismatched.numel() == 0, (f"{label}: {mismatched.numel()} of {raw_b.numel()} bytes differ, "
+                                             f"first at byte {mismatched[:5].tolist()}")
+        else:
+            assert a == b, f"{label}: {a!r} != {b!r}"
+
+
+def _require_kernel(name: str):
+    kernel = kernel_for(name)
+    if kernel is None or fused(name) is None:
+        pytest.skip(f"no fused kernel for {name} here (Triton missing?)")
+    return kernel
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=[f"{n}-{p}" if p else n for n, p in CASES])
+def test_fused_kernel_bytes_equal_cpu(name: str, params: dict) -> None:
+    kernel = _require_kernel(name)
+    scheme = get_scheme(name)
+    for weight in _weights(_block_of(name)):
+        cpu = scheme.quantize(weight, **params)
+        gpu = kernel(weight.cuda(), **params)
+        _assert_identical(gpu, cpu, f"{name} {params} {tuple(weight.shape)} {weight.dtype}")
+
+
+@pytest.mark.parametrize("name", fused_names())
+def test_scheme_on_cuda_tensor_bytes_equal_cpu(name: str) -> None:
+    """The scheme's own quantize on a CUDA tensor (the dispatch to the kernel) gives the CPU bytes."""
+    _require_kernel(name)
+    scheme = get_scheme(name)
+    weight = _weights(_block_of(name))[0]
+    _assert_identical(scheme.quantize(weight.cuda()), scheme.quantize(weight), f"{name} via the scheme")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nf4", "int8-sym", "Q4_0", "Q8_0", "Q4_K", "int4-sym"])
+def test_large_matrix_bytes_equal_cpu(name: str) -> None:
+    """A 1024 x 4096 bf16 matrix: many blocks, so rare rounding cases get their chance."""
+    kernel = _require_kernel(name)
+    generator = torch.Generator().manual_seed(11)
+    weight = (torch.randn(1024, 4096, generator=generator) * 0.02).to(torch.bfloat16)
+    _assert_identical(kernel(weight.cuda()), get_scheme(name).quantize(weight), f"{name} 1024x4096")
+
+
+def test_fused_is_none_for_unknown_scheme() -> None:
+    assert fused("no-such-scheme") is None
