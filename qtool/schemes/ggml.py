@@ -80,6 +80,7 @@ def unpack_bits(raw: torch.Tensor) -> torch.Tensor:
 
 
 _COMPILED: dict[tuple[type, str], Any] = {}
+_COMPILE_ERRORS: dict[tuple[type, str], str] = {}
 
 
 class GGMLType(Scheme):
@@ -151,8 +152,8 @@ class GGMLType(Scheme):
                     probe = torch.zeros(_CHUNK_ELEMENTS // self.block_size, self.block_size, device=device)
                     compiled(probe)
                     _COMPILED[key] = compiled
-                except Exception:  # noqa: BLE001 - no compiler, unsupported backend: eager is correct too
-                    pass
+                except Exception as exc:  # noqa: BLE001 - no compiler, unsupported backend: eager is correct too
+                    _COMPILE_ERRORS[key] = repr(exc)
         return _COMPILED[key]
 
     def dequantize(self, packed: GGMLTensor) -> torch.Tensor:

@@ -1,0 +1,198 @@
+"""GGUF output: one file llama.cpp loads, written as a stream.
+
+Everything but the tensor bytes is known before the first tensor arrives (names, GGML types and
+sizes follow from the plan), so the header, metadata and tensor infos are written up front with
+gguf-py's ``GGUFWriter`` and every tensor's bytes right after it is quantized: one tensor in
+memory at a time. The file is written under a temporary name beside OUT and renamed at the end.
+
+Type choices the plan cannot see are made here, the way llama-quantize makes them:
+- 1-D tensors (norms, biases) are F32; other tensors the plan keeps are F16;
+- a block type whose block does not divide the row length falls back (Q4_K -> Q5_0,
+  Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0; F16 when even 32 does not divide it).
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+
+from qtool import gguf_arch, ui
+from qtool.atomic import StagedOutput
+from qtool.errors import BadArgument
+from qtool.gguf_tokenizer import tokenizer_metadata
+from qtool.plan import KEEP, Recipe, Rule, TensorPlan, build_plan
+from qtool.schemes.ggml import GGMLTensor, ggml_type
+from qtool.sinks.base import Sink
+from qtool.sources.base import Source, TensorInfo
+
+QUANTIZATION_VERSION = 2   # GGML_QNT_VERSION
+ALIGNMENT = 32
+
+# llama-quantize's tensor_type_fallback: the 32-block type for a K-type whose rows are not a
+# multiple of 256.
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+# general.file_type for a dominant type (mixes are named by their options' "gguf_type").
+_FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
+               "Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_0": LlamaFileType.MOSTLY_Q4_0,
+               "Q4_1": LlamaFileType.MOSTLY_Q4_1, "Q5_0": LlamaFileType.MOSTLY_Q5_0,
+               "Q5_1": LlamaFileType.MOSTLY_Q5_1, "Q2_K": LlamaFileType.MOSTLY_Q2_K,
+               "Q3_K": LlamaFileType.MOSTLY_Q3_K_M, "Q4_K": LlamaFileType.MOSTLY_Q4_K_M,
+               "Q5_K": LlamaFileType.MOSTLY_Q5_K_M, "Q6_K": LlamaFileType.MOSTLY_Q6_K,
+               "Q3_K_M": LlamaFileType.MOSTLY_Q3_K_M, "Q4_K_S": LlamaFileType.MOSTLY_Q4_K_S,
+               "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M, "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M}
+
+
+def stored_type(plan: TensorPlan) -> str:
+    """The GGML type this plan's tensor is written as (after keep and shape fallbacks)."""
+    if len(plan.shape) < 2:
+        return "F32"
+    if plan.keep:
+        return "F16"
+    name = plan.scheme
+    columns = plan.shape[-1]
+    if columns % ggml_type(name).block_size:
+        name = _FALLBACK.get(name, name)
+        if columns % ggml_type(name).block_size:
+            name = "F16"
+    return name
+
+
+def packed_nbytes(plan: TensorPlan) -> int:
+    """Bytes the tensor takes in the GGUF file (without alignment padding)."""
+    return ggml_type(stored_type(plan)).nbytes(tuple(plan.shape))
+
+
+def gguf_plans(tensors: list[TensorInfo], recipe: Recipe, config: dict) -> list[TensorPlan]:
+    """build_plan, plus llama-quantize's rule for tied embeddings: when the model has no lm_head
+    (the output matrix is token_embd), token_embd gets the type a lm_head would get."""
+    n_layers = int(config.get("num_hidden_layers") or 0)
+    names = {info.name for info in tensors}
+    if "model.embed_tokens.weight" in names and "lm_head.weight" not in names:
+        embed = next(info for info in tensors if info.name == "model.embed_tokens.weight")
+        probe = TensorInfo("lm_head.weight", embed.shape, embed.stored_dtype, embed.stored_bytes)
+        output_plan = build_plan([probe], recipe, n_layers)[0]
+        recipe = copy.deepcopy(recipe)
+        recipe.rules.insert(0, Rule("model.embed_tokens.weight", output_plan.scheme, params=output_plan.params))
+    return build_plan(tensors, recipe, n_layers)
+
+
+class GGUFSink(Sink):
+    format: ClassVar[str] = "gguf"
+
+    def __init__(self, out: Path, source: Source, plans: list[TensorPlan], *, force: bool,
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(out, source, plans, force=force, options=options)
+        config = source.config
+        gguf_arch.check_supported(config)   # before any work: names the architecture otherwise
+        self._gguf_names = {plan.name: gguf_arch.hf_to_gguf_name(plan.name) for plan in plans}
+        self._types = {plan.name: stored_type(plan) for plan in plans}
+        for plan in plans:
+            if not plan.keep and len(plan.shape) >= 2 and self._types[plan.name] != plan.scheme:
+                ui.warn(f"{plan.name}: rows of {plan.shape[-1]} are not a multiple of "
+                        f"{ggml_type(plan.scheme).block_size}; writing {self._types[plan.name]} instead of "
+                        f"{plan.scheme}, as llama-quantize does")
+        metadata = self._metadata(config)
+        self._staged = StagedOutput(self.out, force=force, is_dir=False)
+        self._pending = [plan.name for plan in plans]
+        self._writer: GGUFWriter | None = None
+        try:
+            self._writer = GGUFWriter(self._staged.path, metadata["general.architecture"])
+            for key, value in metadata.items():
+                if key == "general.architecture":
+                    continue   # GGUFWriter writes it from its arch argument
+                self._add_key(key, value)
+            for plan in plans:
+                type_name = self._types[plan.name]
+                # numpy's shape order (rows first); the writer reverses it into GGML's ne[].
+                self._writer.add_tensor_info(self._gguf_names[plan.name], tuple(plan.shape), np.dtype(np.float32),
+                                             packed_nbytes(plan), raw_dtype=GGMLQuantizationType[type_name])
+            self._writer.write_header_to_file(self._staged.path)
+            self._writer.write_kv_data_to_file()
+            self._writer.write_ti_data_to_file()
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- metadata --------------------------------------------------------------------------------
+    def _metadata(self, config: dict) -> dict[str, Any]:
+        metadata = dict(gguf_arch.gguf_metadata_from_hf(config))
+        name = self.options.get("name") or config.get("_name_or_path") or Path(self.source.description).name
+        metadata["general.type"] = "model"
+        metadata["general.name"] = str(name)
+        metadata["general.quantized_by"] = "qtool"
+        metadata["general.file_type"] = int(self._file_type())
+        metadata["general.quantization_version"] = QUANTIZATION_VERSION
+        tokenizer = tokenizer_metadata(self.source.tokenizer_dir(), config)
+        if not tokenizer:
+            ui.warn(f"{self.source.description} has no tokenizer files; the GGUF has no vocabulary and "
+                    "llama.cpp cannot tokenize text with it")
+        metadata.update(tokenizer)
+        return metadata
+
+    def _file_type(self) -> LlamaFileType:
+        chosen = self.options.get("gguf_type")
+        if chosen in _FILE_TYPES:
+            return _FILE_TYPES[chosen]
+        weights: Counter[str] = Counter()
+        for plan in self.plans:
+            if len(plan.shape) >= 2:
+                weights[self._types[plan.name]] += int(torch.Size(plan.shape).numel())
+        dominant = weights.most_common(1)[0][0] if weights else "F32"
+        return _FILE_TYPES.get(dominant, LlamaFileType.MOSTLY_F16)
+
+    def _add_key(self, key: str, value: Any) -> None:
+        # Python ints are UINT32 and floats FLOAT32, as llama.cpp's converter writes them.
+        if isinstance(value, bool):
+            self._writer.add_bool(key, value)
+        elif isinstance(value, int):
+            self._writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            self._writer.add_float32(key, value)
+        elif isinstance(value, str):
+            self._writer.add_string(key, value)
+        elif isinstance(value, (list, tuple)):
+            self._writer.add_array(key, list(value))
+        else:
+            raise BadArgument(f"GGUF metadata {key!r} has an unsupported value type {type(value).__name__}")
+
+    # -- tensors ---------------------------------------------------------------------------------
+    def add(self, plan: TensorPlan, tensor: torch.Tensor) -> int:
+        if not self._pending or self._pending[0] != plan.name:
+            expected = self._pending[0] if self._pending else "nothing"
+            raise BadArgument(f"GGUF tensors must arrive in plan order: got {plan.name}, expected {expected}")
+        heads = gguf_arch.qk_heads(plan.name, self.source.config)
+        if heads is not None:
+            tensor = gguf_arch.permute_qk(tensor, heads)
+        packed: GGMLTensor = ggml_type(self._types[plan.name]).quantize(tensor, **plan.params)
+        data = packed.data.cpu().contiguous().numpy()
+        self._writer.write_tensor_data(data)
+        self._pending.pop(0)
+        return data.nbytes
+
+    def finish(self, model_card: str) -> Path:
+        if self._pending:
+            raise BadArgument(f"GGUF output is incomplete: {len(self._pending)} tensor(s) not written, "
+                              f"starting with {self._pending[0]}")
+        self._writer.close()
+        return self._staged.commit()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the file is removed anyway
+                pass
+        self._staged.abort()
+
+    @staticmethod
+    def packed_nbytes(plan: TensorPlan) -> int:
+        return packed_nbytes(plan)
+
+
+__all__ = ["GGUFSink", "gguf_plans", "packed_nbytes", "stored_type", "KEEP"]
