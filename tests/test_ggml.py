@@ -1,0 +1,143 @@
+"""GGML block numerics against llama.cpp: bytes for the 32-element types, error for K-quants."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from qtool.errors import BadArgument
+from qtool.schemes.base import all_schemes, get_scheme
+from qtool.schemes.ggml import GGML_TYPE_NAMES, GGMLType, ggml_type
+
+from tests._ggml_helpers import llamacpp_quantize
+
+LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _edge_case_matrix(n_per_row: int = 256) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    rows = [torch.randn(n_per_row, generator=generator) * 0.02 for _ in range(6)]
+    rows.append(torch.zeros(n_per_row))                                       # all-zero blocks
+    rows.append(torch.full((n_per_row,), -0.5))                              # constant blocks
+    ties = torch.tensor([(i % 17 - 8) / 8 for i in range(n_per_row)])         # exact .5 after scaling
+    rows.append(ties)
+    rows.append(torch.randn(n_per_row, generator=generator) * 1e4)           # large: fp16 scale near its max
+    rows.append(torch.randn(n_per_row, generator=generator) * 1e-6)          # tiny: subnormal fp16 scales
+    spiky = torch.randn(n_per_row, generator=generator) * 0.01
+    spiky[::37] = 5.0
+    rows.append(spiky)                                                        # outliers
+    rows.append(-torch.rand(n_per_row, generator=generator))                 # all negative
+    rows.append(torch.rand(n_per_row, generator=generator))                  # all positive
+    mixed = torch.randn(n_per_row, generator=generator)
+    mixed[:32] = 0
+    mixed[32:64] = 7.0
+    rows.append(mixed)
+    return torch.stack(rows)
+
+
+def test_registry_has_every_gguf_type_in_the_gguf_family():
+    schemes = all_schemes()
+    for name in GGML_TYPE_NAMES:
+        assert schemes[name].family == "gguf"
+        assert isinstance(get_scheme(name), GGMLType)
+    assert get_scheme("Q4_K").bits == 4.5
+    assert get_scheme("Q6_K").bits == 6.5625
+    with pytest.raises(BadArgument):
+        ggml_type("Q7_0")
+
+
+@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_legacy_types_equal_llamacpp_reference_bytes(name, dtype):
+    weight = torch.cat([_edge_case_matrix(), torch.randn(48, 256, generator=torch.Generator().manual_seed(7))])
+    weight = weight.to(dtype)
+    packed = ggml_type(name).quantize(weight)
+    reference = quants.quantize(weight.float().numpy(), GGMLQuantizationType[name])
+    np.testing.assert_array_equal(packed.data.numpy(), reference)
+    # gguf.quants is itself checked against C; check against llama.cpp's own bytes too where we can.
+    np.testing.assert_array_equal(packed.data.numpy(), llamacpp_quantize(weight.float().numpy(), name))
+    # Our decoder agrees with gguf-py's.
+    np.testing.assert_allclose(ggml_type(name).dequantize(packed).numpy(),
+                               quants.dequantize(reference, GGMLQuantizationType[name]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_legacy_types_compiled_path_equals_reference(name, monkeypatch):
+    """Tensors of at least one chunk go through torch.compile'd kernels; the bytes must not change."""
+    from qtool.schemes import ggml
+
+    monkeypatch.setattr(ggml, "_CHUNK_ELEMENTS", 1 << 14)
+    weight = torch.randn(70, 512, generator=torch.Generator().manual_seed(3)) * 0.05   # padded last chunk
+    packed = ggml_type(name).quantize(weight)
+    np.testing.assert_array_equal(packed.data.numpy(),
+                                  quants.quantize(weight.numpy(), GGMLQuantizationType[name]))
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_kquant_bytes_decode_with_gguf_py_as_our_dequantize(name):
+    weight = _edge_case_matrix()
+    packed = ggml_type(name).quantize(weight)
+    assert packed.data.shape == (weight.shape[0], ggml_type(name).type_size)
+    reference_decode = quants.dequantize(packed.data.numpy(), GGMLQuantizationType[name])
+    np.testing.assert_allclose(ggml_type(name).dequantize(packed).numpy(), reference_decode, rtol=1e-6, atol=1e-30)
+    assert np.isfinite(reference_decode).all()
+    assert not reference_decode[6].any()   # all-zero row stays zero
+
+
+def _weights_like_models() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(99)
+    gaussian = torch.randn(128, 1024, generator=generator) * 0.02
+    heavy = torch.distributions.StudentT(3.0).sample((128, 1024)) * 0.01
+    row_scaled = torch.randn(128, 1024, generator=generator) * torch.rand(128, 1, generator=generator) * 0.1
+    return {"gaussian": gaussian, "student-t": heavy, "row-scaled": row_scaled}
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_kquant_error_is_no_worse_than_llamacpp(name):
+    """RMSE of gguf.quants.dequantize(our bytes) vs the original <= that of llama.cpp's bytes."""
+    torch.manual_seed(5)
+    for label, weight in _weights_like_models().items():
+        ours = quants.dequantize(ggml_type(name).quantize(weight).data.numpy(), GGMLQuantizationType[name])
+        theirs = quants.dequantize(llamacpp_quantize(weight.numpy(), name), GGMLQuantizationType[name])
+        ours_rmse = float(np.sqrt(np.mean((ours - weight.numpy()) ** 2)))
+        theirs_rmse = float(np.sqrt(np.mean((theirs - weight.numpy()) ** 2)))
+        assert ours_rmse <= theirs_rmse, f"{name} on {label}: qtool {ours_rmse:.6g} > llama.cpp {theirs_rmse:.6g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_kquant_compiled_path_error_is_no_worse_than_llamacpp(name, monkeypatch):
+    from qtool.schemes import ggml
+
+    monkeypatch.setattr(ggml, "_CHUNK_ELEMENTS", 1 << 16)
+    weight = _weights_like_models()["row-scaled"]
+    ours = quants.dequantize(ggml_type(name).quantize(weight).data.numpy(), GGMLQuantizationType[name])
+    theirs = quants.dequantize(llamacpp_quantize(weight.numpy(), name), GGMLQuantizationType[name])
+    assert np.sqrt(np.mean((ours - weight.numpy()) ** 2)) <= np.sqrt(np.mean((theirs - weight.numpy()) ** 2))
+
+
+@pytest.mark.parametrize("name", ["F32", "F16", "BF16"])
+def test_float_types_match_gguf_py(name):
+    weight = torch.randn(8, 64) * 100
+    packed = ggml_type(name).quantize(weight)
+    if name == "BF16":
+        expected = quants.quantize(weight.numpy(), GGMLQuantizationType.BF16)
+    else:
+        expected = quants.quantize(weight.numpy(), GGMLQuantizationType[name]).view(np.uint8)
+    np.testing.assert_array_equal(packed.data.numpy().reshape(-1), expected.reshape(-1))
+
+
+def test_shape_and_dtype_errors_name_the_type():
+    with pytest.raises(BadArgument, match="Q4_K needs rows that are a multiple of 256"):
+        ggml_type("Q4_K").quantize(torch.zeros(4, 576))
+    with pytest.raises(BadArgument, match="floating-point"):
+        ggml_type("Q8_0").quantize(torch.zeros(4, 64, dtype=torch.int32))
+
+
+def test_three_dimensional_tensors_are_rows_of_the_last_dimension():
+    weight = torch.randn(2, 3, 64)
+    packed = ggml_type("Q8_0").quantize(weight)
+    assert packed.shape == (2, 3, 64)
+    assert ggml_type("Q8_0").dequantize(packed).shape == (2, 3, 64)
