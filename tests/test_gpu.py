@@ -108,3 +108,24 @@ def test_large_matrix_bytes_equal_cpu(name: str) -> None:
 
 def test_fused_is_none_for_unknown_scheme() -> None:
     assert fused("no-such-scheme") is None
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_values_on_code_midpoints_bytes_equal_cpu(quant_type: str) -> None:
+    """Scaled values exactly on the code midpoints (and one float step either side) take the
+    CPU path's codes: bucketize sends a value on a midpoint to the lower code."""
+    kernel = _require_kernel(quant_type)
+    from qtool.schemes.nf4 import _bounds_4bit
+
+    bounds = _bounds_4bit(quant_type, "cpu")[0]
+    values = torch.cat([bounds, torch.nextafter(bounds, torch.full_like(bounds, 2.0)),
+                        torch.nextafter(bounds, torch.full_like(bounds, -2.0)),
+                        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
+    blocks = -(-values.numel() // 63)
+    padded = torch.zeros(blocks * 63)
+    padded[:values.numel()] = values
+    # Each block of 64 starts with 1.0, so its absmax is 1 and the scaled values are the values.
+    weight = torch.cat([torch.ones(blocks, 1), padded.view(blocks, 63)], dim=1)
+    for double_quant in (False, True):
+        _assert_identical(kernel(weight.cuda(), double_quant=double_quant),
+                          get_scheme(quant_type).quantize(weight, double_quant=double_quant), f"{quant_type} midpoints")

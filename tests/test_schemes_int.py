@@ -135,3 +135,16 @@ def test_registry_families():
                                                            "int4-asym")}
     assert families == {"nf4": "bnb", "fp4": "bnb", "int8-sym": "bnb", "int8-asym": "compressed",
                         "int4-sym": "compressed", "int4-asym": "compressed"}
+
+
+@pytest.mark.parametrize("preset", ["nf4", "fp4", "int8", "int8-asym", "int4", "int4-asym"])
+def test_presets_name_registered_schemes(preset):
+    from pathlib import Path
+
+    from qtool.plan import Recipe
+
+    recipe = Recipe.from_yaml(Path(__file__).resolve().parents[1] / "configs" / f"{preset}.yaml")
+    assert recipe.format == "safetensors"
+    scheme = get_scheme(recipe.scheme)
+    packed = scheme.quantize(torch.randn(8, 256), **recipe.params)
+    assert scheme.dequantize(packed).shape == (8, 256)
