@@ -9,9 +9,9 @@ The model is the packaged SmolLM2-135M, written as GGUF files (``--types``) unde
 tools score WikiText-2 test (``../shared/data``) with windows of ``--ctx`` tokens, ``--chunks``
 windows, on ``--threads`` CPU threads.
 
-Tokens/s is what each tool reads per second of model compute: llama-perplexity's "prompt eval"
-rate (its ``llama_perf_context_print``), qtool's forward + log-softmax time (model loading and
-tokenization excluded on both sides). A rich table goes to stderr, the JSON to
+Tokens/s is what each tool reads (windows x ctx) per second of compute: for llama-perplexity the
+time between its "calculating perplexity" and "Final estimate" log lines, for qtool its forward +
+log-softmax time (model loading and tokenization excluded on both sides). A rich table goes to stderr, the JSON to
 ``$QTOOL_BENCH_JSON`` when set, else to stdout.
 """
 from __future__ import annotations
@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,7 +53,7 @@ class Run:
 class Report:
     text: str
     ctx: int
-    chunks: int
+    chunks: int | None          # None: the whole text
     threads: int
     device: str
     cpu: str
@@ -124,29 +123,41 @@ def model_file(gguf_type: str, source: Path | None = None) -> Path:
 
 
 _FINAL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
-_PROMPT_EVAL = re.compile(r"prompt eval time =\s*([0-9.]+) ms /\s*(\d+) tokens.*?([0-9.]+) tokens per second")
+# llama.cpp's log lines start with a minutes.seconds.milliseconds.microseconds timestamp.
+_STAMP = r"(\d+)\.(\d+)\.(\d+)\.(\d+) I "
+_START = re.compile(_STAMP + r"perplexity: calculating perplexity over (\d+) chunks, n_ctx=(\d+)")
+_END = re.compile(_STAMP + r"Final estimate")
+
+
+def _seconds(match: re.Match) -> float:
+    minutes, seconds, millis, micros = (int(match.group(i)) for i in range(1, 5))
+    return 60 * minutes + seconds + millis / 1e3 + micros / 1e6
 
 
 def run_llama_perplexity(binary: Path, path: Path, gguf_type: str, text: Path, *, ctx: int, chunks: int,
                          threads: int) -> Run:
-    started = time.perf_counter()
     done = subprocess.run([str(binary), "-m", str(path), "-f", str(text), "-c", str(ctx),
-                           "--chunks", str(chunks), "-t", str(threads), "-tb", str(threads)],
+                           "--chunks", str(chunks or -1), "-t", str(threads), "-tb", str(threads)],
                           capture_output=True, text=True)
-    wall = time.perf_counter() - started
     log = done.stdout + done.stderr
-    final, prompt = _FINAL.search(log), _PROMPT_EVAL.search(log)
-    if done.returncode != 0 or not final or not prompt:
+    final, start, end = _FINAL.search(log), _START.search(log), _END.search(log)
+    if done.returncode != 0 or not final or not start or not end:
         raise RuntimeError(f"llama-perplexity failed (exit {done.returncode}):\n{log[-3000:]}")
-    eval_ms, eval_tokens = float(prompt.group(1)), int(prompt.group(2))
+    # From "calculating perplexity" to "Final estimate": every window's decode and scoring,
+    # without model loading and tokenization (as qtool's figure).
+    seconds = _seconds(end) - _seconds(start)
+    tokens = int(start.group(5)) * int(start.group(6))
     return Run("llama-perplexity", path.name, gguf_type, f"ggml cpu, {threads} threads", float(final.group(1)),
-               float(final.group(2)), eval_tokens / (eval_ms / 1000.0), round(wall, 2))
+               float(final.group(2)), tokens / seconds, round(seconds, 2))
 
 
 def run_qtool(path: Path, gguf_type: str, text: Path, *, ctx: int, chunks: int, dtype: str, device: str,
               batch_size: int) -> Run:
     from qtool.evaluation import evaluate
 
+    # One untimed batch first: CUDA/cuBLAS and oneDNN set themselves up on their first calls.
+    evaluate([str(path)], text_file=text, ctx=ctx, chunks=batch_size, device=device, dtype=dtype,
+             batch_size=batch_size)
     report = evaluate([str(path)], text_file=text, ctx=ctx, chunks=chunks, device=device, dtype=dtype,
                       batch_size=batch_size)
     row = report.models[0]
@@ -158,7 +169,8 @@ def render(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"perplexity throughput: {report.chunks} x {report.ctx} tokens, {report.threads} threads, "
+    windows = report.chunks if report.chunks else "all"
+    table = Table(title=f"perplexity throughput: {windows} x {report.ctx} tokens, {report.threads} threads, "
                         f"{report.cpu}")
     for column in ("file", "tool", "compute", "ppl", "tokens/s", "vs llama-perplexity"):
         table.add_column(column, justify="right" if column in ("ppl", "tokens/s", "vs llama-perplexity") else "left")
@@ -178,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--ctx", type=int, default=512)
-    parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--chunks", type=int, default=40, help="windows to score; 0 for the whole text")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--types", default="F16,Q8_0", help="GGUF types of the model file, comma separated")
     parser.add_argument("--dtypes", default="fp32,bf16", help="qtool compute dtypes, comma separated")
@@ -187,14 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, default=None,
                         help="GGUF to convert (default: the packaged SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--sdist", default=None, help="llama-cpp-python sdist with the vendored llama.cpp")
+    parser.add_argument("--llama-perplexity", type=Path, default=None, help="a llama-perplexity binary to use")
     parser.add_argument("--no-llama", action="store_true", help="only qtool (e.g. on a GPU machine)")
     args = parser.parse_args(argv)
+    chunks = args.chunks or None
 
     import torch
 
     torch.set_num_threads(args.threads)
-    binary = None if args.no_llama else build_llama_perplexity(find_sdist(args.sdist), args.threads)
-    report = Report(text=str(args.text), ctx=args.ctx, chunks=args.chunks, threads=args.threads,
+    binary = None if args.no_llama else (args.llama_perplexity
+                                         or build_llama_perplexity(find_sdist(args.sdist), args.threads))
+    report = Report(text=str(args.text), ctx=args.ctx, chunks=chunks, threads=args.threads,
                     device=args.device, cpu=cpu_name(), torch=torch.__version__,
                     llama_perplexity=str(binary) if binary else None)
     if args.device.startswith("cuda") and torch.cuda.is_available():
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             report.runs.append(llama_run)
             llama_rate = llama_run.tokens_per_s
         for dtype in args.dtypes.split(","):
-            run = run_qtool(path, gguf_type, args.text, ctx=args.ctx, chunks=args.chunks, dtype=dtype,
+            run = run_qtool(path, gguf_type, args.text, ctx=args.ctx, chunks=chunks, dtype=dtype,
                             device=args.device, batch_size=args.batch_size)
             if llama_rate:
                 run.ratio_vs_llama = run.tokens_per_s / llama_rate

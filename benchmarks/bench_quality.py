@@ -1,6 +1,6 @@
 """Quality per bit of 4-bit recipes on SmolLM2-135M: llama.cpp's numbers (issue 6) and qtool's.
 
-    python benchmarks/bench_quality.py [--samples 64] [--seqlen 512] [--chunks 40] [--ctx 512]
+    python benchmarks/bench_quality.py [--samples 32] [--seqlen 512] [--chunks 40] [--ctx 512]
                                        [--recipes NAME,...] [--no-llamacpp]
 
 Calibration: ``../shared/data/calibration/groups_merged.txt`` (``--calib``), seeded windows; the
@@ -56,18 +56,20 @@ class Recipe:
     act_order: bool = True
     static_groups: bool = False
     damp: float = 0.01
+    damp_diag: float = 1.0
     gguf: bool = False               # also write a GGUF and score it with llama.cpp
 
 
 RECIPES = {
     "rtn-q4_0": Recipe("qtool RTN Q4_0", "rtn", "Q4_0", gguf=True),
     "imatrix-q4_0": Recipe("qtool imatrix Q4_0", "imatrix", "Q4_0", gguf=True),
-    "gptq-q4_0": Recipe("qtool GPTQ Q4_0 (act-order)", "gptq", "Q4_0", gguf=True),
+    "gptq-plain-q4_0": Recipe("qtool GPTQ Q4_0 (act-order, no diag damping)", "gptq", "Q4_0", damp_diag=0.0),
+    "gptq-q4_0": Recipe("qtool GPTQ Q4_0 (act-order, diag damping 1)", "gptq", "Q4_0", gguf=True),
     "rtn-int4-g64": Recipe("qtool RTN int4-asym g64", "rtn", "int4-asym", {"group_size": 64}),
-    "gptq-int4-g64": Recipe("qtool GPTQ int4-asym g64 (act-order)", "gptq", "int4-asym", {"group_size": 64}),
-    "gptq-int4-sym-g32": Recipe("qtool GPTQ int4-sym g32 (act-order)", "gptq", "int4-sym", {"group_size": 32}),
+    "gptq-int4-g64": Recipe("qtool GPTQ int4-asym g64 (act-order, diag damping 1)", "gptq", "int4-asym", {"group_size": 64}),
+    "gptq-int4-sym-g32": Recipe("qtool GPTQ int4-sym g32 (act-order, diag damping 1)", "gptq", "int4-sym", {"group_size": 32}),
 }
-DEFAULT_RECIPES = ["rtn-q4_0", "imatrix-q4_0", "gptq-q4_0", "rtn-int4-g64", "gptq-int4-g64", "gptq-int4-sym-g32"]
+DEFAULT_RECIPES = ["rtn-q4_0", "imatrix-q4_0", "gptq-q4_0", "gptq-int4-g64"]
 
 
 @dataclass
@@ -149,7 +151,7 @@ def _quantize(source, recipe: Recipe, stats) -> tuple[dict, dict, float, float]:
 
     plans = _plans(source, recipe)
     options = MethodOptions(method=recipe.method, act_order=recipe.act_order, static_groups=recipe.static_groups,
-                            damp=recipe.damp)
+                            damp=recipe.damp, damp_diag=recipe.damp_diag)
     started = time.perf_counter()
     weights, packed, errors = {}, {}, []
     for item in calibrated_weights(source, plans, options, stats=stats, pack=recipe.gguf):
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ctx", type=int, default=512)

@@ -231,11 +231,11 @@ def calibrate(
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Collect activation statistics (per-channel ranges, X^T X) for calibration-aware quantization."""
-    from qtool.calibration import calibrate_to_file
+    from qtool.pipeline import calibrate_model
 
-    report = _run(debug, quiet, lambda: calibrate_to_file(model, output, calib=calib, samples=calib_samples,
-                                                           seqlen=calib_seqlen, seed=seed, device=device,
-                                                           force=force))
+    report = _run(debug, quiet, lambda: calibrate_model(model, output, calib=calib, samples=calib_samples,
+                                                        seqlen=calib_seqlen, seed=seed, device=device,
+                                                        force=force))
     if as_json:
         _emit_json(report)
     else:

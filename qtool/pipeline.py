@@ -51,9 +51,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def plan_model(source: Source, recipe: Recipe) -> list[TensorPlan]:
-    n_layers = int(source.config.get("num_hidden_layers") or 0)
-    plans = build_plan(source.tensors(), recipe, n_layers)
+def plan_model(source: Source, recipe: Recipe, fmt: str = "safetensors") -> list[TensorPlan]:
+    if fmt == "gguf":
+        from qtool.sinks.gguf import gguf_plans
+
+        plans = gguf_plans(source.tensors(), recipe, source.config)   # tied embeddings as llama.cpp does
+    else:
+        plans = build_plan(source.tensors(), recipe, int(source.config.get("num_hidden_layers") or 0))
     for plan in plans:
         if not plan.keep:
             get_scheme(plan.scheme)   # unknown names fail before any work
@@ -67,19 +71,22 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
     device = resolve_device(options.device)
     started = time.perf_counter()
     with resolve(spec, revision=options.revision) as source:
-        plans = plan_model(source, recipe)
+        plans = plan_model(source, recipe, options.format)
         sink_type = sink_class(options.format, {p.scheme for p in plans if not p.keep})
         if source.is_quantized:
             ui.warn(f"{spec} is already quantized; its dequantized weights are quantized again, "
                     "which adds the errors of both steps")
         infos = {info.name: info for info in source.tensors()}
+        labels = {p.name: sink_type.stored_scheme(p) for p in plans}
         if options.dry_run:
             sizes = {p.name: sink_type.packed_nbytes(p) for p in plans}
             return size_report(source, infos, plans, sizes, output=None, fmt=options.format,
-                               seconds=time.perf_counter() - started, dry_run=True)
+                               seconds=time.perf_counter() - started, dry_run=True, labels=labels)
 
+        calibrated = calibrate_plans(source, plans, options, device)
         sink = sink_type(Path(out), source, plans, force=options.force,
-                         options={"max_shard_size": options.max_shard_size, **options.extra})
+                         options={"max_shard_size": options.max_shard_size,
+                                  "gguf_type": recipe.name or recipe.scheme, **options.extra})
         sizes: dict[str, int] = {}
         try:
             with ui.task(f"quantizing {source.description}", total=len(plans)) as progress:
@@ -87,17 +94,54 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
                     tensor = source.load(plan.name)
                     if device != "cpu":
                         tensor = tensor.to(device, non_blocking=True)
-                    sizes[plan.name] = sink.add(plan, tensor)
+                    sizes[plan.name] = sink.add(plan, tensor, packed=calibrated.pop(plan.name, None))
                     del tensor
                     progress.advance(1, status=plan.name)
             report = size_report(source, infos, plans, sizes, output=str(out), fmt=options.format,
-                                 seconds=time.perf_counter() - started, dry_run=False)
+                                 seconds=time.perf_counter() - started, dry_run=False, labels=labels)
             final = sink.finish(model_card(source, recipe, report))
         except BaseException:
             sink.abort()
             raise
         report.output = str(final)
         return report
+
+
+def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOptions, device: str) -> dict[str, Any]:
+    """Packed tensors from a calibration-aware method, by name ({} for plain round-to-nearest).
+
+    Calibration walks the model block by block while sinks take tensors in file order, so the packed
+    results (a few bits per weight) are collected first and handed to the sink as their turn comes.
+    """
+    if options.method == "rtn" and options.stats is None:
+        return {}
+    from qtool.calibration import MethodOptions, calibrated_weights, calibration_set, load_stats
+    from qtool.calibration.data import DEFAULT_CALIB, load_tokenizer
+
+    stats = load_stats(options.stats) if options.stats is not None else None
+    calib_set = None
+    if stats is None:
+        calib_set = calibration_set(options.calib or DEFAULT_CALIB, load_tokenizer(source.tokenizer_dir()),
+                                    samples=options.calib_samples, seqlen=options.calib_seqlen, seed=0)
+    results = calibrated_weights(source, plans, MethodOptions(method=options.method), stats=stats,
+                                 calib_set=calib_set, device=device)
+    return {item.plan.name: item.packed for item in results}
+
+
+def calibrate_model(spec: str, output: Path, *, calib: str | None, samples: int, seqlen: int, seed: int,
+                    device: str, force: bool, revision: str | None = None) -> dict[str, Any]:
+    """`qtool calibrate`: activation statistics of every decoder-block Linear, saved as safetensors."""
+    from qtool.atomic import StagedOutput
+    from qtool.calibration import calibrate, save_stats
+    from qtool.calibration.data import DEFAULT_CALIB
+
+    staged = StagedOutput(Path(output), force=force, is_dir=False)   # refuses an existing file early
+    staged.abort()
+    with resolve(spec, revision=revision) as source:
+        stats = calibrate(source, calib=calib or DEFAULT_CALIB, samples=samples, seqlen=seqlen, seed=seed,
+                          device=resolve_device(device))
+        save_stats(stats, output)
+    return {"output": str(output), **stats.summary()}
 
 
 def model_card(source: Source, recipe: Recipe, report: QuantizeReport) -> str:

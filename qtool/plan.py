@@ -46,6 +46,7 @@ class Recipe:
     skip: list[str] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     format: str | None = None
+    name: str | None = None       # what the user asked for (a GGUF mix such as Q4_K_M, a preset's file name)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
@@ -67,7 +68,7 @@ class Recipe:
             raise BadArgument(f"preset {path}: bad rule ({exc})") from None
         return cls(scheme=raw.get("scheme"), params=dict(raw.get("params") or {}),
                    include=list(raw.get("include") or []), skip=list(raw.get("skip") or []),
-                   rules=rules, format=raw.get("format"))
+                   rules=rules, format=raw.get("format"), name=path.stem)
 
 
 @dataclass

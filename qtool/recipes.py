@@ -48,7 +48,14 @@ def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_
         recipe = Recipe.from_yaml(config)
     elif chosen in GGUF_MIXES:
         recipe = Recipe.from_yaml(mix_preset(chosen))
+        recipe.name = chosen
         chosen = None   # the mix preset names its own default type
+    elif fmt == "gguf" and chosen is not None:
+        from qtool.sinks.gguf import plain_type_recipe
+
+        recipe = plain_type_recipe(chosen)   # llama-quantize's choices for the output matrix
+        recipe.name = chosen
+        chosen = None
     else:
         recipe = Recipe()
     if chosen is not None:

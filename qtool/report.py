@@ -60,15 +60,19 @@ def _bits(nbytes: int, params: int) -> float:
 
 
 def size_report(source: Source, infos: dict[str, TensorInfo], plans: list[TensorPlan], sizes: dict[str, int],
-                *, output: str | None, fmt: str, seconds: float, dry_run: bool) -> QuantizeReport:
+                *, output: str | None, fmt: str, seconds: float, dry_run: bool,
+                labels: dict[str, str] | None = None) -> QuantizeReport:
+    """``labels`` names the scheme each tensor was really stored with, where the sink fell back."""
+    labels = labels or {}
     rows = []
     by_scheme: dict[str, list[TensorRow]] = defaultdict(list)
     params_of = {}
     for plan in plans:
         info = infos[plan.name]
-        row = TensorRow(plan.name, list(info.shape), plan.scheme, info.stored_bytes, sizes[plan.name])
+        scheme = labels.get(plan.name, plan.scheme)
+        row = TensorRow(plan.name, list(info.shape), scheme, info.stored_bytes, sizes[plan.name])
         rows.append(row)
-        by_scheme[plan.scheme].append(row)
+        by_scheme[scheme].append(row)
         params_of[plan.name] = math.prod(info.shape)
     per_scheme = []
     for scheme, scheme_rows in sorted(by_scheme.items()):
@@ -123,6 +127,6 @@ def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: b
     summary.add_row("bits/weight, quantized tensors", f"{report.bits_before_quantized:.2f}",
                     f"{report.bits_per_weight_quantized:.2f}")
     summary.add_row("bits/weight, whole model", f"{report.bits_before_model:.2f}", f"{report.bits_per_weight_model:.2f}")
-    summary.add_row("parameters (quantized)", f"{report.parameters:,}", f"{report.parameters_quantized:,}")
+    summary.add_row("parameters: all, quantized", f"{report.parameters:,}", f"{report.parameters_quantized:,}")
     console.print(summary)
     console.print(f"compression {report.compression_ratio:.2f}x in {report.seconds:.1f} s", highlight=False)

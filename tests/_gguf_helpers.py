@@ -92,15 +92,17 @@ def transformers_model(spec: str | Path):
     return model
 
 
-def llamacpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
+def llamacpp_model(path: Path, n_ctx: int = 256):
     import llama_cpp
 
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, len(tokens)), logits_all=True, verbose=False,
-                            n_threads=2, n_batch=max(64, len(tokens)))
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                           n_threads=2)
+
+
+def llamacpp_logits(model, tokens: list[int]) -> np.ndarray:
+    model.reset()
     model.eval(tokens)
-    logits = np.array(model.scores[: len(tokens)], dtype=np.float32)
-    model.close()
-    return logits
+    return np.array(model.scores[: len(tokens)], dtype=np.float32)
 
 
 def transformers_logits(model, tokens: list[int]) -> np.ndarray:

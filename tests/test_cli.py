@@ -83,3 +83,32 @@ def test_debug_shows_traceback(tmp_path):
     result = qtool("inspect", str(tmp_path / "missing.gguf"), "--debug")
     assert result.returncode == 3
     assert "Traceback" in result.stderr
+
+
+def test_calibrate_then_gptq_gguf(tiny_llama_dir, shared_data, tmp_path):
+    """`qtool calibrate` saves statistics; `quantize --method gptq --stats` writes GGUF blocks that differ
+    from round-to-nearest's and that gguf-py reads back with the right types."""
+    from gguf import GGUFReader
+
+    calib = str(shared_data / "calibration" / "groups_merged.txt")
+    stats = tmp_path / "stats.safetensors"
+    result = qtool("calibrate", str(tiny_llama_dir), "-o", str(stats), "--calib", calib, "--calib-samples", "4",
+                   "--calib-seqlen", "64", "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["has_hessian"] is True
+    again = qtool("calibrate", str(tiny_llama_dir), "-o", str(stats), "--calib", calib)
+    assert_one_line_error(again, 7, str(stats))
+
+    outputs = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / f"{method}.gguf"
+        extra = ["--stats", str(stats)] if method == "gptq" else []
+        result = qtool("quantize", str(tiny_llama_dir), "--type", "Q4_0", "--method", method, *extra,
+                       "-o", str(out), "-q", "--json")
+        assert result.returncode == 0, result.stderr
+        outputs[method] = {t.name: (t.tensor_type.name, bytes(t.data)) for t in GGUFReader(out).tensors}
+    assert outputs["rtn"].keys() == outputs["gptq"].keys()
+    name = "blk.0.ffn_down.weight"
+    assert outputs["gptq"][name][0] == outputs["rtn"][name][0] == "Q4_0"
+    assert outputs["gptq"][name][1] != outputs["rtn"][name][1]
+    assert outputs["gptq"]["token_embd.weight"] == outputs["rtn"]["token_embd.weight"]

@@ -44,15 +44,15 @@ def test_qtool_nf4_output_scores_like_bitsandbytes_nf4(hf_float32: Path, shared_
             shutil.copy(path, theirs / path.name)
 
     text = shared_data / "wikitext-2-raw" / "wiki.test.raw"
-    native = evaluate([str(ours), str(theirs)], text_file=text, ctx=512, chunks=2, device="cpu", batch_size=2,
+    native = evaluate([str(ours), str(theirs)], text_file=text, ctx=256, chunks=2, device="cpu", batch_size=2,
                       runtime="native")
     ours_native, theirs_native = native.models
     assert ours_native.runtime == "native"
     assert ours_native.ppl == pytest.approx(theirs_native.ppl, rel=0.005)
 
-    full = evaluate([str(hf_float32)], text_file=text, ctx=512, chunks=2, device="cpu").models[0]
+    full = evaluate([str(hf_float32)], text_file=text, ctx=256, chunks=2, device="cpu").models[0]
     assert ours_native.ppl != pytest.approx(full.ppl, rel=1e-4)    # NF4 did change the model
 
     if importlib.util.find_spec("qtool.sources.quantized") is not None:
-        dequantized = evaluate([str(ours)], text_file=text, ctx=512, chunks=2, device="cpu", batch_size=2)
+        dequantized = evaluate([str(ours)], text_file=text, ctx=256, chunks=2, device="cpu", batch_size=2)
         assert dequantized.models[0].ppl == pytest.approx(theirs_native.ppl, rel=0.005)

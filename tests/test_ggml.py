@@ -68,11 +68,14 @@ def test_legacy_types_compiled_path_equals_reference(name, monkeypatch):
     """Tensors of at least one chunk go through torch.compile'd kernels; the bytes must not change."""
     from qtool.schemes import ggml
 
-    monkeypatch.setattr(ggml, "_CHUNK_ELEMENTS", 1 << 14)
-    weight = torch.randn(70, 512, generator=torch.Generator().manual_seed(3)) * 0.05   # padded last chunk
+    monkeypatch.setattr(ggml, "_COMPILED_CHUNK_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(ggml, "_COMPILE_MIN_ELEMENTS", 1 << 10)
+    monkeypatch.setattr(ggml, "_COMPILED", {})
+    weight = (torch.randn(70, 512, generator=torch.Generator().manual_seed(3)) * 0.05).bfloat16()  # padded last chunk
     packed = ggml_type(name).quantize(weight)
+    assert ggml._COMPILED[(type(ggml_type(name)), "cpu")] is not None, ggml._COMPILE_ERRORS
     np.testing.assert_array_equal(packed.data.numpy(),
-                                  quants.quantize(weight.numpy(), GGMLQuantizationType[name]))
+                                  quants.quantize(weight.float().numpy(), GGMLQuantizationType[name]))
 
 
 @pytest.mark.parametrize("name", KQUANTS)
@@ -111,7 +114,8 @@ def test_kquant_error_is_no_worse_than_llamacpp(name):
 def test_kquant_compiled_path_error_is_no_worse_than_llamacpp(name, monkeypatch):
     from qtool.schemes import ggml
 
-    monkeypatch.setattr(ggml, "_CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(ggml, "_COMPILED_CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(ggml, "_COMPILED", {})
     weight = _weights_like_models()["row-scaled"]
     ours = quants.dequantize(ggml_type(name).quantize(weight).data.numpy(), GGMLQuantizationType[name])
     theirs = quants.dequantize(llamacpp_quantize(weight.numpy(), name), GGMLQuantizationType[name])

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from qtool import gguf_arch
@@ -83,6 +82,7 @@ def test_k_type_rows_not_multiple_of_256_fall_back_like_llama_quantize(tiny_llam
     assert _fields(GGUFReader(out))["general.file_type"] == 15
 
 
+@pytest.mark.slow
 def test_packed_nbytes_matches_the_file_for_every_type(tiny_llama_dir, tmp_path):
     for type_name in ("Q4_0", "Q2_K", "F16", "BF16"):
         out = write_gguf(tiny_llama_dir, type_name, tmp_path / f"{type_name}.gguf")
@@ -159,6 +159,7 @@ def test_existing_output_needs_force_and_abort_leaves_nothing(tiny_llama_dir, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
+@pytest.mark.slow
 def test_gguf_input_requantizes(smollm2_gguf, tmp_path):
     """A quantized GGUF source (SmolLM2, Q4_1) written again as Q4_0: the tensors that the source
     stored as Q4_1 come back as the Q4_0 of their dequantized values."""

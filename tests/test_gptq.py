@@ -143,7 +143,7 @@ def _smollm2_steps(samples: int, seqlen: int):
     return source, walk_blocks(source, calib)
 
 
-def _check_block(step, schemes: tuple[str, ...]) -> dict[str, dict[str, float]]:
+def _check_block(step, schemes: tuple[str, ...], results: dict | None = None) -> dict[str, dict[str, float]]:
     from qtool.schemes.base import get_scheme
 
     table = {}
@@ -158,6 +158,8 @@ def _check_block(step, schemes: tuple[str, ...]) -> dict[str, dict[str, float]]:
             rtn_error = layer_output_error(weight, rtn, stats.hessian)
             gptq_error = layer_output_error(weight, gptq.qweight, stats.hessian)
             table[f"{name} {scheme}"] = {"rtn": rtn_error, "gptq": gptq_error}
+            if results is not None and scheme == schemes[0]:
+                results[name] = gptq.qweight
             assert gptq_error < rtn_error, (name, scheme, rtn_error, gptq_error)
     return table
 
@@ -177,16 +179,14 @@ def test_gptq_beats_rtn_on_real_smollm2_layers(smollm2_gguf: Path) -> None:
 @pytest.mark.slow
 def test_gptq_beats_rtn_on_every_smollm2_layer_sequentially(smollm2_gguf: Path) -> None:
     """All 30 blocks, GPTQ's sequential mode: each block sees the quantized outputs of the previous ones."""
-    source, steps = _smollm2_steps(samples=8, seqlen=512)
+    source, steps = _smollm2_steps(samples=4, seqlen=256)
     seen = 0
     with source:
         for step in steps:
-            _check_block(step, ("Q4_0", "int4-asym"))
+            results: dict[str, torch.Tensor] = {}
+            _check_block(step, ("Q4_0",), results)   # int4 is covered by the fast test; keeps CI short
             for name, module in step.linears.items():
-                stats = step.stats[name]
-                result = gptq_quantize(module.weight.detach(), stats.hessian, make_grid("Q4_0"), act_order=True,
-                                       importance=stats.mean_square)
-                module.weight = torch.nn.Parameter(result.qweight, requires_grad=False)
+                module.weight = torch.nn.Parameter(results[name], requires_grad=False)
             step.modified = True
             seen += 1
     assert seen == 30

@@ -35,6 +35,7 @@ METHODS = ("rtn", "imatrix", "gptq")
 class MethodOptions:
     method: str = "gptq"
     damp: float = 0.01               # GPTQ: fraction of the mean Hessian diagonal added to it
+    damp_diag: float = 1.0           # GPTQ: H + damp_diag * diag(H), against overfitting few tokens
     act_order: bool = True           # GPTQ: columns by decreasing activation energy
     block_size: int = 128            # GPTQ: lazy-update block (columns)
     static_groups: bool = False      # GPTQ: fit all group scales before any error feedback
@@ -82,7 +83,7 @@ def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | 
             raise BadArgument(f"--method gptq needs X^T X; recreate the statistics with `qtool calibrate --hessian`")
         result = gptq_quantize(weight, stats.hessian, grid, damp=options.damp, act_order=options.act_order,
                                block_size=options.block_size, static_groups=options.static_groups,
-                               importance=stats.mean_square)
+                               importance=stats.mean_square, damp_diag=options.damp_diag)
     else:
         raise BadArgument(f"--method {options.method}: choose one of {', '.join(METHODS)}")
     return result.qweight, result

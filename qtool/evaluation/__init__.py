@@ -233,13 +233,13 @@ def render_eval(report: EvalReport, console: Console) -> None:
     """One row per model: ppl +/- stderr, delta, KL divergence, top-1 agreement, speed."""
     with_baseline = report.baseline is not None
     table = Table(title=f"perplexity on {report.text}", caption=report.protocol)
-    table.add_column("model")
-    table.add_column("ppl", justify="right")
+    table.add_column("model", overflow="fold", min_width=16)
+    table.add_column("ppl", justify="right", no_wrap=True)
     if with_baseline:
         for col in ("Δ ppl", "Δ %", "mean KLD", "top-1 same"):
-            table.add_column(col, justify="right")
+            table.add_column(col, justify="right", no_wrap=True)
     for col in ("tokens", "tokens/s"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for row in report.models:
         name = f"{row.model} (baseline)" if row.is_baseline else row.model
         cells = [name, f"{row.ppl:.4f} ± {row.stderr:.4f}"]
@@ -247,7 +247,7 @@ def render_eval(report: EvalReport, console: Console) -> None:
             if row.is_baseline:
                 cells += ["", "", "", ""]
             else:
-                cells += [f"{_fmt(row.delta, '+.4f')} ± {_fmt(row.delta_stderr, '.4f')}",
+                cells += [_fmt(row.delta, '+.4f'),
                           _fmt(row.delta_pct, '+.2f', '%'),
                           f"{_fmt(row.mean_kld, '.5f')} ± {_fmt(row.kld_stderr, '.5f')}",
                           _fmt(None if row.top1_agreement is None else 100 * row.top1_agreement, '.2f', '%')]

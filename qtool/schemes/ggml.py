@@ -23,9 +23,13 @@ from qtool.schemes.base import Scheme, register
 
 QK_K = 256
 
-# Elements per chunk of rows handed to quantize_blocks: small enough that the temporaries of the
-# K-quant scale search stay in the tens of MB, large enough that per-op overhead is negligible.
+# Elements per chunk handed to quantize_blocks: small enough that the temporaries of the K-quant
+# scale search stay in the tens of MB, large enough that per-op overhead is negligible.
 _CHUNK_ELEMENTS = 1 << 20
+# Compiled kernels take chunks of this fixed size (cache-sized), for tensors of at least
+# _COMPILE_MIN_ELEMENTS; smaller tensors are not worth the padding and go eager.
+_COMPILED_CHUNK_ELEMENTS = 1 << 18
+_COMPILE_MIN_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -98,7 +102,8 @@ class GGMLType(Scheme):
 
     # -- what subclasses implement -------------------------------------------------------------
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """float32 (n_blocks, block_size) -> uint8 (n_blocks, type_size)."""
+        """float (n_blocks, block_size) -> uint8 (n_blocks, type_size). Implementations start by
+        converting to float32 there, so that under torch.compile the conversion fuses in."""
         raise NotImplementedError
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -128,29 +133,34 @@ class GGMLType(Scheme):
         n_per_row = shape[-1]
         blocks = weight.reshape(-1, self.block_size)
         out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=weight.device)
-        chunk_blocks = _CHUNK_ELEMENTS // self.block_size
-        kernel = self._kernel(weight.device) if blocks.shape[0] >= chunk_blocks else self.quantize_blocks
-        for start in range(0, blocks.shape[0], chunk_blocks):
-            chunk = blocks[start:start + chunk_blocks].to(torch.float32)
-            n_blocks = chunk.shape[0]
-            if kernel is not self.quantize_blocks and n_blocks < chunk_blocks:
-                # Compiled kernels see one shape only: pad the last chunk with zero blocks.
-                chunk = torch.cat([chunk, chunk.new_zeros(chunk_blocks - n_blocks, self.block_size)])
-            out[start:start + n_blocks] = kernel(chunk)[:n_blocks]
+        kernel = self._kernel(weight.device) if blocks.numel() >= _COMPILE_MIN_ELEMENTS else None
+        if kernel is None:
+            step = max(1, _CHUNK_ELEMENTS // self.block_size)
+            for start in range(0, blocks.shape[0], step):
+                out[start:start + step] = self.quantize_blocks(blocks[start:start + step].to(torch.float32))
+        else:
+            step = _COMPILED_CHUNK_ELEMENTS // self.block_size
+            for start in range(0, blocks.shape[0], step):
+                chunk = blocks[start:start + step]
+                n_blocks = chunk.shape[0]
+                if n_blocks < step:
+                    # Compiled kernels see one shape only: pad the last chunk with zero blocks.
+                    chunk = torch.cat([chunk, chunk.new_zeros(step - n_blocks, self.block_size)])
+                out[start:start + n_blocks] = kernel(chunk)[:n_blocks]
         return GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(n_per_row)))
 
     def _kernel(self, device: torch.device):
-        """quantize_blocks compiled by torch.compile for whole chunks (several times faster on CPU:
-        the element-wise steps fuse into one loop), or the eager function where compiling is off
-        (QTOOL_COMPILE=0) or not possible."""
+        """quantize_blocks compiled by torch.compile for chunks of one fixed shape (several times
+        faster on CPU: the element-wise steps fuse into a few loops), or None where compiling is
+        off (QTOOL_COMPILE=0) or fails; the eager path gives the same bytes."""
         key = (type(self), device.type)
         if key not in _COMPILED:
-            _COMPILED[key] = self.quantize_blocks
+            _COMPILED[key] = None
             if os.environ.get("QTOOL_COMPILE", "1") != "0" and type(self).compile_worthwhile:
                 try:
+                    # Each type's own quantize_blocks: dynamo caches per code object.
                     compiled = torch.compile(self.quantize_blocks, dynamic=False, fullgraph=True)
-                    probe = torch.zeros(_CHUNK_ELEMENTS // self.block_size, self.block_size, device=device)
-                    compiled(probe)
+                    compiled(torch.zeros(_COMPILED_CHUNK_ELEMENTS // self.block_size, self.block_size, device=device))
                     _COMPILED[key] = compiled
                 except Exception as exc:  # noqa: BLE001 - no compiler, unsupported backend: eager is correct too
                     _COMPILE_ERRORS[key] = repr(exc)
@@ -176,6 +186,7 @@ class _FloatType(GGMLType):
     dtype: ClassVar[torch.dtype]
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         return blocks.to(self.dtype).contiguous().view(torch.uint8)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -231,6 +242,7 @@ class Q8_0(GGMLType):
     type_size = 34
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
         quants = roundf(blocks * _inverse(scale)).to(torch.int8).view(torch.uint8)
         return torch.cat([fp16_bytes(scale), quants], dim=-1)
@@ -247,6 +259,7 @@ class Q4_0(GGMLType):
     type_size = 18
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         scale = _signed_absmax(blocks) / -8
         quants = (blocks * _inverse(scale) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
         return torch.cat([fp16_bytes(scale), pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)
@@ -265,6 +278,7 @@ class Q4_1(GGMLType):
     type_size = 20
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         low = blocks.amin(dim=-1, keepdim=True)
         scale = (blocks.amax(dim=-1, keepdim=True) - low) / 15
         quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
@@ -285,6 +299,7 @@ class Q5_0(GGMLType):
     type_size = 22
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         scale = _signed_absmax(blocks) / -16
         quants = (blocks * _inverse(scale) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
         high_bits = pack_bits(quants >> 4)
@@ -305,6 +320,7 @@ class Q5_1(GGMLType):
     type_size = 24
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         low = blocks.amin(dim=-1, keepdim=True)
         scale = (blocks.amax(dim=-1, keepdim=True) - low) / 31
         quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 31).to(torch.uint8)

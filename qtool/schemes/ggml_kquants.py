@@ -44,43 +44,49 @@ def _closed_form_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_x
 def _search_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
                       nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qkx2_quants: x ≈ scale * l + min with l in [0, nmax] and min <= 0, weighted least squares
-    over candidate inverse scales (nmax + rmin + rdelta*i) / (max - min), all candidates at once.
-    Returns (scale, -min), each (n_groups, 1)."""
+    over candidate inverse scales (nmax + rmin + rdelta*i) / (max - min), every group at once.
+    Returns (scale, -min), each (n_groups, 1).
+
+    The candidates are a short Python loop over whole tensors (a (groups, candidates, n) tensor
+    would be the same arithmetic, but torch.compile fuses the loop form into tighter code)."""
     low = x.amin(dim=-1, keepdim=True).clamp(max=0)
     high = x.amax(dim=-1, keepdim=True)
     span = high - low
     flat = span == 0
     span = torch.where(flat, torch.ones_like(span), span)
-    shifted = (x - low).unsqueeze(1)                                    # (g, 1, n)
+    shifted = x - low
     sum_w = weights.sum(dim=-1, keepdim=True)
     weighted_x = weights * x
     sum_x = weighted_x.sum(dim=-1, keepdim=True)
     sum_x2 = (weighted_x * x).sum(dim=-1, keepdim=True)
     group_sums = (sum_w, sum_x, sum_x2)
 
-    steps = [nmax] + [_f32(_f32(rmin) + _f32(rdelta) * i + nmax) for i in range(nstep + 1)]
-    inverse = torch.tensor(steps, dtype=x.dtype, device=x.device).unsqueeze(-1) / span.unsqueeze(1)  # (g, c, 1)
-    levels = nearest_int(inverse * shifted).clamp_(0, nmax)            # (g, c, n)
-    weighted_levels = levels * weights.unsqueeze(1)
-    sum_l = weighted_levels.sum(dim=-1)                                 # (g, c)
-    sum_l2 = (weighted_levels * levels).sum(dim=-1)
-    sum_xl = (weighted_levels * x.unsqueeze(1)).sum(dim=-1)
-    det = sum_w * sum_l2 - sum_l * sum_l
-    scale = (sum_w * sum_xl - sum_x * sum_l) / det
-    offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
-    positive = offset > 0
-    scale = torch.where(positive, sum_xl / sum_l2, scale)
-    offset = torch.where(positive, torch.zeros_like(offset), offset)
-    # Candidate 0 is the plain min/max grid, kept unless a fit is strictly better (as in the C loop).
-    scale[:, :1] = 1 / inverse[:, 0]
-    offset[:, :1] = low
-    error = _closed_form_error(scale, offset, *group_sums, sum_l, sum_l2, sum_xl)
-    valid = det > 0
-    valid[:, :1] = True
-    error = torch.where(valid & ~error.isnan(), error, torch.full_like(error, float("inf")))
-    best = error.argmin(dim=-1, keepdim=True)
-    best_scale = scale.gather(-1, best)
-    best_min = offset.gather(-1, best)
+    def fit(levels):
+        sum_l = (weights * levels).sum(dim=-1, keepdim=True)
+        sum_l2 = (weights * levels * levels).sum(dim=-1, keepdim=True)
+        sum_xl = (weighted_x * levels).sum(dim=-1, keepdim=True)
+        return sum_l, sum_l2, sum_xl
+
+    # The plain min/max grid first; a least-squares fit replaces it only when strictly better.
+    inverse = nmax / span
+    best_scale = 1 / inverse
+    best_min = low
+    best_error = _closed_form_error(best_scale, best_min, *group_sums,
+                                    *fit(nearest_int(inverse * shifted).clamp_(0, nmax)))
+    for step in range(nstep + 1):
+        inverse = _f32(_f32(rmin) + _f32(rdelta) * step + nmax) / span
+        sum_l, sum_l2, sum_xl = fit(nearest_int(inverse * shifted).clamp_(0, nmax))
+        det = sum_w * sum_l2 - sum_l * sum_l
+        scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = offset > 0
+        scale = torch.where(positive, sum_xl / sum_l2, scale)
+        offset = torch.where(positive, torch.zeros_like(offset), offset)
+        error = _closed_form_error(scale, offset, *group_sums, sum_l, sum_l2, sum_xl)
+        better = (det > 0) & (error < best_error)
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, offset, best_min)
     zero = torch.zeros_like(best_scale)
     return torch.where(flat, zero, best_scale), torch.where(flat, -low, -best_min)
 
@@ -91,23 +97,31 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
 
 def _search_scale_symmetric(x: torch.Tensor, nmax: int, nstep: int = 9, rdelta: float = 0.1) -> torch.Tensor:
     """make_qx_quants with rmse_type 1: x ≈ scale * l, l in [-nmax, nmax-1], weights x², over
-    candidate inverse scales -(nmax + rdelta*i) / max for i in [-nstep, nstep], all at once."""
+    candidate inverse scales -(nmax + rdelta*i) / max for i in [-nstep, nstep]."""
     peak = _signed_absmax(x)
     zero_group = peak.abs() < GROUP_MAX_EPS
     peak = torch.where(zero_group, torch.ones_like(peak), peak)
-    weights = (x * x).unsqueeze(1)
-    steps = [nmax] + [_f32(nmax + _f32(rdelta) * i) for i in range(-nstep, nstep + 1) if i != 0]
-    inverse = -torch.tensor(steps, dtype=x.dtype, device=x.device).unsqueeze(-1) / peak.unsqueeze(1)  # (g, c, 1)
-    values = x.unsqueeze(1)
-    levels = nearest_int(inverse * values).clamp_(-nmax, nmax - 1)     # (g, c, n)
-    weighted_levels = weights * levels
-    sum_lx = (weighted_levels * values).sum(dim=-1)                    # (g, c)
-    sum_l2 = (weighted_levels * levels).sum(dim=-1)
-    # The best least-squares scale maximizes sum_lx^2 / sum_l2; the first candidate wins ties.
-    gain = torch.where(sum_l2 > 0, sum_lx * sum_lx / sum_l2, torch.full_like(sum_l2, -1.0))
-    best = gain.argmax(dim=-1, keepdim=True)
-    best_l2 = sum_l2.gather(-1, best)
-    best_scale = torch.where(best_l2 > 0, sum_lx.gather(-1, best) / best_l2, torch.zeros_like(best_l2))
+    weights = x * x
+    weighted_x = weights * x
+
+    def fit(inverse):
+        levels = nearest_int(inverse * x).clamp_(-nmax, nmax - 1)
+        sum_lx = (weighted_x * levels).sum(dim=-1, keepdim=True)
+        sum_l2 = (weights * levels * levels).sum(dim=-1, keepdim=True)
+        return sum_lx, sum_l2
+
+    sum_lx, sum_l2 = fit(-nmax / peak)
+    best_scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
+    best = best_scale * sum_lx
+    # The best least-squares scale maximizes sum_lx^2 / sum_l2; a candidate must be strictly better.
+    for step in range(-nstep, nstep + 1):
+        if step == 0:
+            continue
+        sum_lx, sum_l2 = fit(-_f32(nmax + _f32(rdelta) * step) / peak)
+        better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
+        scale = sum_lx / sum_l2
+        best_scale = torch.where(better, scale, best_scale)
+        best = torch.where(better, scale * sum_lx, best)
     return torch.where(zero_group, torch.zeros_like(best_scale), best_scale)
 
 
@@ -233,6 +247,7 @@ class Q2_K(_KQuant):
     type_size = 84   # scales[16], qs[64], d, dmin
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
             blocks, group=16, nmax=3, smax=15, rmin=-0.5, rdelta=0.2, nstep=7, weights=blocks.abs())
         scales = (ls.to(torch.uint8) | (lm.to(torch.uint8) << 4))
@@ -254,6 +269,7 @@ class Q4_K(_KQuant):
     type_size = 144  # d, dmin, scales[12], qs[128]
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
             blocks, group=32, nmax=15, smax=63, rmin=-1.0, rdelta=0.2, nstep=10, weights=_rms_weights(blocks, 32))
         halves = levels.reshape(-1, 4, 2, 32).to(torch.uint8)
@@ -275,6 +291,7 @@ class Q5_K(_KQuant):
     type_size = 176  # d, dmin, scales[12], qh[32], qs[128]
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
             blocks, group=32, nmax=31, smax=63, rmin=-0.5, rdelta=0.2, nstep=7, weights=_rms_weights(blocks, 32))
         levels = levels.to(torch.uint8)
@@ -304,6 +321,7 @@ class Q3_K(_KQuant):
     type_size = 110  # hmask[32], qs[64], scales[12], d
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         n_blocks = blocks.shape[0]
         scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=4, nstep=4, rdelta=0.2).reshape(n_blocks, 16)
         peak = _signed_absmax(scales)
@@ -344,6 +362,7 @@ class Q6_K(_KQuant):
     type_size = 210  # ql[128], qh[64], scales[16] (int8), d
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
         n_blocks = blocks.shape[0]
         scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=32, nstep=4, rdelta=0.2).reshape(n_blocks, 16)
         peak = _signed_absmax(scales)

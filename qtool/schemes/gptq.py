@@ -388,7 +388,7 @@ def _few_threads(device: torch.device) -> Iterator[None]:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128, static_groups: bool = False,
-                  importance: torch.Tensor | None = None) -> QuantResult:
+                  importance: torch.Tensor | None = None, damp_diag: float = 0.0) -> QuantResult:
     """GPTQ (Frantar et al. 2022) on any grid.
 
     ``hessian`` is X^T X over the calibration inputs of this Linear ([cols, cols]). Columns are
@@ -399,7 +399,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     scales are fitted when its first column comes up, from the error-updated weights
     (``static_groups``: fitted once from the original weights, llama.cpp-style, before anything runs).
     ``importance`` weights the scale search per column (default: the Hessian diagonal).
+    ``damp_diag`` adds that multiple of each channel's own Hessian diagonal (H + l*diag(H)): it
+    shrinks the input correlations estimated from few calibration tokens, the part of GPTQ that
+    overfits (l -> inf is importance-weighted round to nearest).
     """
+    if damp_diag > 0:
+        hessian = hessian + damp_diag * torch.diag(torch.diagonal(hessian))
     with _few_threads(weight.device):
         return _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size,
                      static_groups=static_groups, importance=importance)

@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
+from qtool.schemes._parallel import cpu_workers, run_chunks
 from qtool.schemes.base import Scheme, register
+
+
+class NonFiniteWeight(ValueError):
+    """The weight holds inf or nan. Schemes find it through their reductions (absmax, min/max),
+    which propagate both, instead of a separate pass over the weight."""
 
 
 @dataclass
@@ -67,11 +73,27 @@ def quantize_int(weight: torch.Tensor, bits: int, symmetric: bool, group_size: i
     if group_size is not None and group_size <= 0:
         raise ValueError(f"group_size must be positive, got {group_size}")
     dtype = scale_dtype or weight.dtype
-    groups, cols = _groups(weight, group_size)
+    matrix = weight.reshape(weight.shape[0], -1)
+    if weight.device.type == "cpu":
+        q, scale, zero_point = _quantize_int_cpu(matrix, bits, symmetric, group_size, dtype)
+    else:
+        q, scale, zero_point = _quantize_int_rows(matrix, bits, symmetric, group_size, dtype)
+    return PackedInt(q=q, scale=scale, zero_point=zero_point, bits=bits,
+                     group_size=group_size, shape=tuple(weight.shape), dtype=dtype)
+
+
+def _quantize_int_rows(matrix: torch.Tensor, bits: int, symmetric: bool, group_size: int | None,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q int8 [rows, cols], scale [rows, groups], zero point int8 or None) of some rows."""
+    groups, cols = _groups(matrix, group_size)
     q_min, q_max = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     # Zero padding of the last group never widens its [min, max], which always contains 0.
-    low = groups.amin(dim=2).clamp(max=0)
-    high = groups.amax(dim=2).clamp(min=0)
+    low = groups.amin(dim=2)
+    high = groups.amax(dim=2)
+    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise NonFiniteWeight("the weight contains inf or nan values")
+    low = low.clamp(max=0)
+    high = high.clamp(min=0)
     if symmetric:
         scale = torch.maximum(-low, high) / ((q_max - q_min) / 2)
     else:
@@ -87,9 +109,37 @@ def quantize_int(weight: torch.Tensor, bits: int, symmetric: bool, group_size: i
         zero_point = torch.round(q_min - low / scale32).clamp(q_min, q_max)
         q = torch.round(groups / scale32.unsqueeze(2) + zero_point.unsqueeze(2))
         zero_point = zero_point.to(torch.int8)
-    q = q.clamp(q_min, q_max).to(torch.int8).reshape(weight.shape[0], -1)[:, :cols]
-    return PackedInt(q=q.contiguous(), scale=scale, zero_point=zero_point, bits=bits,
-                     group_size=group_size, shape=tuple(weight.shape), dtype=dtype)
+    q = q.clamp(q_min, q_max).to(torch.int8).reshape(matrix.shape[0], -1)[:, :cols]
+    return q.contiguous(), scale, zero_point
+
+
+_CPU_CHUNK_ELEMENTS = 1 << 17
+
+
+def _quantize_int_cpu(matrix: torch.Tensor, bits: int, symmetric: bool, group_size: int | None,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Every row is independent: chunks of rows on the CPU workers (qtool/schemes/_parallel.py)."""
+    rows, cols = matrix.shape
+    step = max(1, _CPU_CHUNK_ELEMENTS // max(cols, 1))
+    if rows <= step:
+        with cpu_workers():
+            return _quantize_int_rows(matrix, bits, symmetric, group_size, dtype)
+    n_groups = -(-cols // (cols if group_size is None else group_size)) if cols else 0
+    q = torch.empty((rows, cols), dtype=torch.int8)
+    scale = torch.empty((rows, n_groups), dtype=dtype)
+    zero_point = None if symmetric else torch.empty((rows, n_groups), dtype=torch.int8)
+
+    def work(starts: range) -> None:
+        for start in starts:
+            end = min(start + step, rows)
+            part_q, part_scale, part_zero = _quantize_int_rows(matrix[start:end], bits, symmetric, group_size, dtype)
+            q[start:end] = part_q
+            scale[start:end] = part_scale
+            if zero_point is not None:
+                zero_point[start:end] = part_zero
+
+    run_chunks(range(0, rows, step), work)
+    return q, scale, zero_point
 
 
 def dequantize_int(packed: PackedInt) -> torch.Tensor:
@@ -132,6 +182,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 
 class _IntScheme(Scheme):
     family = "compressed"
+    checks_finite = True        # quantize raises NonFiniteWeight itself
     bits = 4.0
     symmetric = True
     default_group_size: int | None = 128

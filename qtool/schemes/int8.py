@@ -8,13 +8,15 @@
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from qtool.schemes.base import Scheme, register
-from qtool.schemes.int4 import PackedInt, dequantize_int, quantize_int
+from qtool.schemes._parallel import cpu_workers, run_chunks
+from qtool.schemes.int4 import NonFiniteWeight, PackedInt, dequantize_int, quantize_int
 
 _FP16_MAX = 65504.0
 # bitsandbytes dequantizes with this float constant (1/127) after multiplying by SCB.
@@ -33,15 +35,79 @@ def quantize_int8_rows(weight: torch.Tensor) -> PackedInt8Rows:
     if weight.dim() < 2:
         raise ValueError(f"int8-sym quantizes matrices, got shape {tuple(weight.shape)}")
     matrix = weight.reshape(weight.shape[0], -1)
+    if matrix.device.type == "cpu":
+        with cpu_workers():
+            result = _int8_rows_cpu(matrix)
+            q, scb = result if result is not None else _int8_rows_torch(matrix)
+    else:
+        q, scb = _int8_rows_torch(matrix)
+    return PackedInt8Rows(weight=q, scb=scb, shape=tuple(weight.shape), dtype=weight.dtype)
+
+
+def _int8_rows_torch(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any device: the whole matrix at once."""
     if matrix.dtype == torch.float16 or bool(matrix.abs().max() <= _FP16_MAX):
         matrix = matrix.to(torch.float16)
     else:
         matrix = matrix.float()
     scb = matrix.abs().amax(dim=1).float()
+    if not bool(torch.isfinite(scb).all()):
+        raise NonFiniteWeight("the weight contains inf or nan values")
     # A zero row has SCB 0: bitsandbytes gets 0 * inf = nan there; we write zeros.
     ratio = torch.where(scb > 0, 127.0 / scb, torch.zeros_like(scb))
     q = torch.round(matrix * ratio.unsqueeze(1)).to(torch.int8)
-    return PackedInt8Rows(weight=q, scb=scb, shape=tuple(weight.shape), dtype=weight.dtype)
+    return q, scb
+
+
+_CPU_CHUNK_ELEMENTS = 1 << 17
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float16, float32, float32 buffers of ``size`` elements, kept per thread for the next tensors."""
+    buffers = getattr(_LOCAL, "buffers", None)
+    if buffers is None or buffers[0].numel() < size:
+        size = max(size, _CPU_CHUNK_ELEMENTS)
+        buffers = _LOCAL.buffers = (torch.empty(size, dtype=torch.float16), torch.empty(size, dtype=torch.float32),
+                                    torch.empty(size, dtype=torch.float32))
+    return buffers
+
+
+def _int8_rows_cpu(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The same numbers in chunks of rows through reused buffers, on the CPU workers (see
+    qtool/schemes/_parallel.py). Assumes the float16 route; None (use the whole-matrix path) when
+    a row's absmax reaches float16's limit (float32 route, or inf/nan) so that rare case stays
+    decided in one place."""
+    rows, cols = matrix.shape
+    q = torch.empty((rows, cols), dtype=torch.int8)
+    scb = torch.empty(rows, dtype=torch.float32)
+    if q.numel() == 0:
+        return None
+    step = max(1, _CPU_CHUNK_ELEMENTS // max(cols, 1))
+    is_half = matrix.dtype == torch.float16
+
+    def work(starts: range) -> None:
+        half, values, scratch = _scratch(min(step, rows) * cols)
+        for start in starts:
+            end = min(start + step, rows)
+            n = (end - start) * cols
+            x = matrix[start:end]
+            if not is_half:
+                x = half[:n].view(end - start, cols).copy_(x)
+            # float16 -> float32 is exact: the absmax and the product are those of the float16 values.
+            v = values[:n].view(end - start, cols).copy_(x)
+            row_absmax = scb[start:end]
+            torch.amax(torch.abs(v, out=scratch[:n].view(end - start, cols)), dim=1, out=row_absmax)
+            ratio = torch.where(row_absmax > 0, 127.0 / row_absmax, torch.zeros_like(row_absmax))
+            v.mul_(ratio.unsqueeze(1)).round_()
+            q[start:end].copy_(v)
+
+    run_chunks(range(0, rows, step), work)
+    if not bool((scb < _FP16_MAX).all()):
+        return None
+    return q, scb
 
 
 def dequantize_int8_rows(packed: PackedInt8Rows) -> torch.Tensor:
@@ -54,6 +120,7 @@ class Int8Sym(Scheme):
     name = "int8-sym"
     family = "bnb"
     bits = 8.0
+    checks_finite = True        # quantize raises NonFiniteWeight itself
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt8Rows:
         return quantize_int8_rows(weight)
@@ -67,6 +134,7 @@ class Int8Asym(Scheme):
     name = "int8-asym"
     family = "compressed"
     bits = 8.0
+    checks_finite = True        # quantize raises NonFiniteWeight itself
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
         return quantize_int(weight, 8, symmetric=False, group_size=None)

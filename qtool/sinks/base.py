@@ -34,9 +34,15 @@ class Sink(ABC):
         """Bytes a planned tensor will take in this format (for --dry-run and size reports)."""
         raise NotImplementedError
 
+    @classmethod
+    def stored_scheme(cls, plan: TensorPlan) -> str:
+        """The scheme a planned tensor is really written with (a format may fall back to another)."""
+        return plan.scheme
+
     @abstractmethod
-    def add(self, plan: TensorPlan, tensor: torch.Tensor) -> int:
-        """Quantize (unless ``plan.keep``) and write one tensor; return the bytes it takes on disk."""
+    def add(self, plan: TensorPlan, tensor: torch.Tensor, packed: Any = None) -> int:
+        """Quantize (unless ``plan.keep``) and write one tensor; return the bytes it takes on disk.
+        ``packed``: the tensor already quantized (by a calibration-aware method); written as it is."""
 
     @abstractmethod
     def finish(self, model_card: str) -> Path:

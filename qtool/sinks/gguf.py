@@ -92,11 +92,11 @@ class GGUFSink(Sink):
         gguf_arch.check_supported(config)   # before any work: names the architecture otherwise
         self._gguf_names = {plan.name: gguf_arch.hf_to_gguf_name(plan.name) for plan in plans}
         self._types = {plan.name: stored_type(plan) for plan in plans}
-        for plan in plans:
-            if not plan.keep and len(plan.shape) >= 2 and self._types[plan.name] != plan.scheme:
-                ui.warn(f"{plan.name}: rows of {plan.shape[-1]} are not a multiple of "
-                        f"{ggml_type(plan.scheme).block_size}; writing {self._types[plan.name]} instead of "
-                        f"{plan.scheme}, as llama-quantize does")
+        fallbacks = Counter((plan.scheme, self._types[plan.name]) for plan in plans
+                            if not plan.keep and len(plan.shape) >= 2 and self._types[plan.name] != plan.scheme)
+        if fallbacks:
+            summary = ", ".join(f"{count} x {wanted} -> {used}" for (wanted, used), count in sorted(fallbacks.items()))
+            ui.warn(f"rows not a multiple of the block size; written as the fallback type llama-quantize uses: {summary}")
         metadata = self._metadata(config)
         self._staged = StagedOutput(self.out, force=force, is_dir=False)
         self._pending = [plan.name for plan in plans]
@@ -162,15 +162,23 @@ class GGUFSink(Sink):
             raise BadArgument(f"GGUF metadata {key!r} has an unsupported value type {type(value).__name__}")
 
     # -- tensors ---------------------------------------------------------------------------------
-    def add(self, plan: TensorPlan, tensor: torch.Tensor) -> int:
+    def add(self, plan: TensorPlan, tensor: torch.Tensor, packed: GGMLTensor | None = None) -> int:
         if not self._pending or self._pending[0] != plan.name:
             expected = self._pending[0] if self._pending else "nothing"
             raise BadArgument(f"GGUF tensors must arrive in plan order: got {plan.name}, expected {expected}")
         heads = gguf_arch.qk_heads(plan.name, self.source.config)
-        if heads is not None:
-            tensor = gguf_arch.permute_qk(tensor, heads)
-        packed: GGMLTensor = ggml_type(self._types[plan.name]).quantize(tensor, **plan.params)
-        data = packed.data.cpu().contiguous().numpy()
+        if packed is None:
+            if heads is not None:
+                tensor = gguf_arch.permute_qk(tensor, heads)
+            data = ggml_type(self._types[plan.name]).quantize(tensor, **plan.params).data
+        else:
+            # Calibrated blocks arrive packed; the q/k permutation moves whole rows, so it applies
+            # to packed rows as well.
+            if packed.type_name != self._types[plan.name]:
+                raise BadArgument(f"tensor {plan.name}: calibrated as {packed.type_name}, but the file stores "
+                                  f"{self._types[plan.name]}")
+            data = packed.data if heads is None else gguf_arch.permute_qk(packed.data, heads)
+        data = data.cpu().contiguous().numpy()
         self._writer.write_tensor_data(data)
         self._pending.pop(0)
         return data.nbytes
@@ -193,6 +201,10 @@ class GGUFSink(Sink):
     @staticmethod
     def packed_nbytes(plan: TensorPlan) -> int:
         return packed_nbytes(plan)
+
+    @staticmethod
+    def stored_scheme(plan: TensorPlan) -> str:
+        return plan.scheme if plan.keep else stored_type(plan)
 
 
 

@@ -7,6 +7,10 @@ in memory at a time), and the header is written into the reserved room when the 
 tensor is in. The format allows the header to be padded with spaces, which is how the room left
 over is filled. Offsets are assigned in arrival order, so a tensor whose exact size is only known
 once computed (bitsandbytes' quant-state JSON) needs no special handling.
+
+The file writes themselves run on one background thread, in order, while the caller quantizes
+the next tensor (at most ``_MAX_BACKLOG_BYTES`` wait to be written; an error surfaces at the next
+call).
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import json
 import math
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -25,11 +31,13 @@ from qtool.atomic import StagedOutput
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
 from qtool.schemes.base import get_scheme
+from qtool.schemes.int4 import NonFiniteWeight
 from qtool.sinks.base import Sink
 from qtool.sources.base import Source, TensorInfo
 from qtool.sources.layout import TOKENIZER_FILES
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+_MAX_BACKLOG_BYTES = 64 * 2**20
 INDEX_NAME = "model.safetensors.index.json"
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -83,6 +91,9 @@ class ShardedWriter:
         self._entries: list[dict[str, Any]] = [{} for _ in shards]
         self._offsets = [0] * count
         self.total_bytes = 0
+        self._io: ThreadPoolExecutor | None = None
+        self._backlog: deque[tuple[Future, int]] = deque()
+        self._backlog_bytes = 0
 
     def _header_room(self, shard: list[OutputTensor]) -> int:
         data_bound = sum(t.max_nbytes for t in shard)
@@ -99,18 +110,16 @@ class ShardedWriter:
             raise ValueError(f"tensor {name!r} is not in the planned output")
         if name not in self._pending[index]:
             raise ValueError(f"tensor {name!r} written twice")
-        handle = self._files.get(index)
-        if handle is None:
-            handle = open(self.folder / self.file_names[index], "wb")
-            handle.seek(8 + self._reserved[index])
-            self._files[index] = handle
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         tensor = tensor.contiguous()
         nbytes = tensor.numel() * tensor.element_size()
+        if index not in self._files:
+            self._files[index] = open(self.folder / self.file_names[index], "wb")
+            self._submit(self._files[index].seek, 8 + self._reserved[index], nbytes=0)
         if nbytes:
-            handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            self._submit(self._write_data, self._files[index], tensor, nbytes=nbytes)
         start = self._offsets[index]
         self._offsets[index] = start + nbytes
         self._entries[index][name] = _header_entry(DTYPE_NAMES[tensor.dtype], list(tensor.shape), start,
@@ -121,31 +130,76 @@ class ShardedWriter:
             self._finish_shard(index)
         return nbytes
 
+    @staticmethod
+    def _write_data(handle: BinaryIO, tensor: torch.Tensor) -> None:
+        handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+    def _submit(self, function, *args: Any, nbytes: int) -> None:
+        """Queue file I/O on the writer thread; wait while too many bytes are queued."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-write")
+        while self._backlog and (self._backlog[0][0].done() or self._backlog_bytes + nbytes > _MAX_BACKLOG_BYTES):
+            self._settle_oldest()
+        self._backlog.append((self._io.submit(function, *args), nbytes))
+        self._backlog_bytes += nbytes
+
+    def _settle_oldest(self) -> None:
+        future, nbytes = self._backlog.popleft()
+        self._backlog_bytes -= nbytes
+        future.result()         # re-raises the writer thread's error here
+
+    def _drain(self) -> None:
+        while self._backlog:
+            self._settle_oldest()
+
     def _finish_shard(self, index: int) -> None:
         handle = self._files.pop(index)
         header = json.dumps({"__metadata__": self.metadata, **self._entries[index]}, separators=(",", ":"))
         raw = header.encode("utf-8")
         room = self._reserved[index]
         if len(raw) > room:
+            self._drain()
+            handle.close()
             raise RuntimeError(f"safetensors header of {self.file_names[index]} outgrew its reserved room "
                                f"({len(raw)} > {room} bytes)")
-        handle.seek(0)
-        handle.write(room.to_bytes(8, "little"))
-        handle.write(raw + b" " * (room - len(raw)))
-        handle.close()
+
+        def finish() -> None:
+            try:
+                handle.seek(0)
+                handle.write(room.to_bytes(8, "little"))
+                handle.write(raw + b" " * (room - len(raw)))
+            finally:
+                handle.close()
+
+        self._submit(finish, nbytes=0)
 
     def close(self) -> None:
-        """Check that every planned tensor was written and write the index (sharded outputs)."""
+        """Check that every planned tensor was written, wait for the writes, and write the index
+        (sharded outputs)."""
         missing = [name for pending in self._pending for name in pending]
         if missing:
             raise RuntimeError(f"output incomplete: {len(missing)} planned tensors were never written "
                                f"(first: {missing[0]})")
+        self._drain()
+        self._shutdown()
         if len(self.file_names) > 1:
             weight_map = {name: self.file_names[index] for name, index in sorted(self.shard_of.items())}
             index_doc = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / INDEX_NAME).write_text(json.dumps(index_doc, indent=2) + "\n")
 
+    def _shutdown(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+
     def abort(self) -> None:
+        # Let queued writes finish (their files are deleted with the staging folder), ignoring errors.
+        while self._backlog:
+            try:
+                self._settle_oldest()
+            except Exception:  # noqa: BLE001 - aborting anyway; the first error was already raised
+                pass
+        self._shutdown()
         for handle in self._files.values():
             handle.close()
         self._files.clear()
@@ -224,7 +278,9 @@ class SafetensorsSink(Sink):
         return sum(t.max_nbytes for t in cls.outputs(plan, dtype))
 
     # -- the Sink protocol ---------------------------------------------------------------------
-    def add(self, plan: TensorPlan, tensor: torch.Tensor) -> int:
+    def add(self, plan: TensorPlan, tensor: torch.Tensor, packed: Any = None) -> int:
+        if packed is not None:   # already quantized by a calibration-aware method
+            return sum(self.writer.write(name, value) for name, value in self.packed_tensors(plan, packed).items())
         if tuple(tensor.shape) != tuple(plan.shape):
             raise BadArgument(f"tensor {plan.name} has shape {tuple(tensor.shape)}, the plan says {plan.shape}")
         if plan.keep:
@@ -233,15 +289,23 @@ class SafetensorsSink(Sink):
         if not tensor.is_floating_point():
             raise BadArgument(f"tensor {plan.name} is {tensor.dtype}, not floating point; it cannot be "
                               f"quantized with {plan.scheme}; skip it (--skip '{plan.name}')")
-        if not bool(torch.isfinite(tensor).all()):
-            raise BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "
-                              f"the tensor unquantized (--skip '{plan.name}')")
+        scheme = get_scheme(plan.scheme)
+        # Schemes that find inf/nan through their own reductions save a pass over the weight.
+        if not getattr(scheme, "checks_finite", False) and not bool(torch.isfinite(tensor).all()):
+            raise self._nonfinite(plan)
         self.quantized_dtypes[tensor.dtype] = self.quantized_dtypes.get(tensor.dtype, 0) + tensor.numel()
         try:
-            packed = get_scheme(plan.scheme).quantize(tensor, **plan.params)
+            packed = scheme.quantize(tensor, **plan.params)
+        except NonFiniteWeight:
+            raise self._nonfinite(plan) from None
         except ValueError as exc:
             raise BadArgument(f"tensor {plan.name}: {exc}") from None
         return sum(self.writer.write(name, value) for name, value in self.packed_tensors(plan, packed).items())
+
+    @staticmethod
+    def _nonfinite(plan: TensorPlan) -> BadArgument:
+        return BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "
+                           f"the tensor unquantized (--skip '{plan.name}')")
 
     def model_dtype(self) -> torch.dtype:
         """The dtype of most kept weights (what config.json's ``dtype`` says), else the quantized inputs'."""

@@ -1,19 +1,34 @@
 """Safetensors checkpoints on disk: one ``.safetensors`` file, or a Hugging Face folder
 (``config.json`` + single or sharded safetensors with ``model.safetensors.index.json``).
 
-Headers are validated by :mod:`qtool.sources.safetensors_file` first; tensors are then read
-one at a time through memory-mapped ``safe_open`` handles.
+Headers are validated by :mod:`qtool.sources.safetensors_file` first. ``load`` then gives each
+tensor its own short-lived memory map of just its bytes (private, so writable without touching the
+file), released when the tensor is: no copy, and none of the long-lived whole-file map that kept
+every page read so far resident (pages of a mapping count as the process's resident memory for as
+long as it lives), so the resident memory stays about one tensor. Where a map cannot be made the
+bytes are read (pread) into a buffer of its own. ``load_raw`` (exact stored tensors, for the
+dequantizing wrapper) and dtypes torch has no plain equivalent for go through ``safe_open``.
 """
 from __future__ import annotations
 
+import mmap
+import os
 from pathlib import Path
 
+import numpy
 import torch
 
 from qtool.errors import CorruptFile, NotFound, Unsupported
 from qtool.sources.base import Source, TensorInfo
 from qtool.sources.layout import EXTRA_FILES, INDEX_NAME, PICKLE_SUFFIXES, TOKENIZER_FILES, read_json, shard_files  # noqa: F401
 from qtool.sources.safetensors_file import SafetensorsHeader, SafetensorsTensor, read_header
+
+
+# safetensors dtypes read directly into a torch buffer (little-endian, as the format stores them).
+_PLAIN_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}
+_READ_STEP = 1 << 26     # bytes per read call (a read is capped near 2 GiB on Linux)
 
 
 class SafetensorsSource(Source):
@@ -38,6 +53,7 @@ class SafetensorsSource(Source):
                                       "the checkpoint is inconsistent")
                 self._where[tensor.name] = (file_index, tensor)
         self._handles: dict[int, object] = {}
+        self._files: dict[int, int] = {}     # file index -> OS file descriptor for plain reads
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -73,8 +89,47 @@ class SafetensorsSource(Source):
             raise Unsupported(f"{self.files[file_index]}: tensor {name!r} has a dtype torch cannot load "
                               f"({str(exc).splitlines()[0][:80]})") from None
 
+    def _fd(self, file_index: int) -> int:
+        fd = self._files.get(file_index)
+        if fd is None:
+            fd = os.open(self.files[file_index], os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._files[file_index] = fd
+        return fd
+
+    def _map(self, file_index: int, entry: SafetensorsTensor, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor over a private map of its own bytes (unmapped once the tensor is freed)."""
+        start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
+        skip = entry.begin - start
+        if entry.n_bytes == 0 or skip % torch.empty((), dtype=dtype).element_size():
+            return self._read(file_index, entry, dtype)
+        try:
+            mapped = mmap.mmap(self._fd(file_index), entry.end - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):
+            return self._read(file_index, entry, dtype)
+        array = numpy.frombuffer(mapped, dtype=numpy.uint8, count=entry.n_bytes, offset=skip)
+        return torch.from_numpy(array).view(dtype).view(entry.shape)
+
+    def _read(self, file_index: int, entry: SafetensorsTensor, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor's bytes read (pread) into a fresh buffer of its own."""
+        fd = self._fd(file_index)
+        raw = torch.empty(entry.n_bytes, dtype=torch.uint8)
+        view = memoryview(raw.numpy()) if entry.n_bytes else memoryview(b"")
+        done = 0
+        while done < entry.n_bytes:
+            got = os.preadv(fd, [view[done:done + _READ_STEP]], entry.begin + done)
+            if got <= 0:
+                raise CorruptFile(f"{self.files[file_index]}: ended inside tensor {entry.name!r}; "
+                                  "the file is truncated (re-download or re-save it)")
+            done += got
+        return raw.view(dtype).view(entry.shape)
+
     def load(self, name: str) -> torch.Tensor:
-        tensor = self.load_raw(name)
+        try:
+            file_index, entry = self._where[name]
+        except KeyError:
+            raise NotFound(f"{self.description} has no tensor {name!r}") from None
+        dtype = _PLAIN_DTYPES.get(entry.dtype)
+        tensor = self._map(file_index, entry, dtype) if dtype is not None else self.load_raw(name)
         if not tensor.is_floating_point():
             tensor = tensor.to(torch.float32)
         return tensor
@@ -91,6 +146,9 @@ class SafetensorsSource(Source):
 
     def close(self) -> None:
         self._handles.clear()
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
 
 def open_folder(folder: Path, spec: str, *, description: str | None = None,

@@ -1,0 +1,98 @@
+"""calibrated_weights: rtn / imatrix / gptq over a whole (tiny) model, with and without saved stats."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qtool.calibration import MethodOptions, OverlaySource, calibrate, calibrated_weights, calibration_set, load_stats, save_stats
+from qtool.calibration.data import load_tokenizer
+from qtool.errors import BadArgument
+from qtool.plan import Recipe, build_plan, layer_index
+from qtool.schemes.base import get_scheme
+from qtool.sources.resolve import resolve
+
+
+def _calib(source, samples: int = 3, seqlen: int = 32):
+    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "groups_merged.txt"
+    if not text.is_file():
+        pytest.skip(f"calibration text {text} is absent")
+    return calibration_set(text, load_tokenizer(source.tokenizer_dir()), samples=samples, seqlen=seqlen)
+
+
+def _plans(source, scheme: str, **params):
+    return build_plan(source.tensors(), Recipe(scheme=scheme, params=params), int(source.config["num_hidden_layers"]))
+
+
+def test_methods_over_a_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    with resolve(str(tiny_llama_dir)) as source:
+        calib = _calib(source)
+        plans = _plans(source, "Q4_0")
+        planned = [p.name for p in plans if not p.keep]
+        # Sequential GPTQ straight from the calibration set.
+        sequential = list(calibrated_weights(source, plans, MethodOptions("gptq"), calib_set=calib))
+        names = [item.plan.name for item in sequential]
+        assert sorted(names) == sorted(planned)
+        assert [layer_index(n) for n in names] == sorted(layer_index(n) for n in names)   # block order
+        for item in sequential:
+            assert 0 <= item.error < 0.05, (item.plan.name, item.error)
+            reference = dequantize(item.packed.data.numpy(), GGMLQuantizationType.Q4_0)
+            assert np.array_equal(reference.reshape(item.weight.shape), item.weight.numpy())
+
+        # From saved statistics: no forward pass; the first block is identical to the sequential run
+        # (its inputs do not depend on any quantized block), later ones differ.
+        stats_path = save_stats(calibrate(source, calib_set=calib), tmp_path / "stats.safetensors")
+        stats = load_stats(stats_path)
+        from_stats = {item.plan.name: item for item in
+                      calibrated_weights(source, plans, MethodOptions("gptq"), stats=stats)}
+        first = [n for n in names if layer_index(n) == 0]
+        for name in first:
+            assert torch.equal(from_stats[name].weight, next(i for i in sequential if i.plan.name == name).weight)
+        later = [n for n in names if layer_index(n) == 1]
+        assert any(not torch.equal(from_stats[n].weight, next(i for i in sequential if i.plan.name == n).weight)
+                   for n in later)
+
+        # rtn is the scheme's own quantizer; imatrix and gptq beat it on the layer-output error.
+        errors = {}
+        for method in ("rtn", "imatrix", "gptq"):
+            items = list(calibrated_weights(source, plans, MethodOptions(method), stats=stats))
+            errors[method] = sum(item.error for item in items)
+            if method == "rtn":
+                q4_0 = get_scheme("Q4_0")
+                for item in items:
+                    weight = source.load(item.plan.name)
+                    assert torch.equal(item.weight, q4_0.dequantize(q4_0.quantize(weight)))
+        assert errors["gptq"] < errors["imatrix"] <= errors["rtn"] * 1.02, errors
+
+        # The quantized weights drop into a model through OverlaySource.
+        overlay = OverlaySource(source, {name: item.weight for name, item in from_stats.items()})
+        assert torch.equal(overlay.load(first[0]), from_stats[first[0]].weight)
+        assert torch.equal(overlay.load("model.norm.weight"), source.load("model.norm.weight"))
+
+
+def test_int4_results_pack_for_compressed_tensors(tiny_llama_dir: Path) -> None:
+    from qtool.schemes.int4 import PackedInt, dequantize_int
+
+    with resolve(str(tiny_llama_dir)) as source:
+        plans = _plans(source, "int4-asym", group_size=32)
+        items = list(calibrated_weights(source, plans, MethodOptions("gptq"), calib_set=_calib(source)))
+        for item in items:
+            assert isinstance(item.packed, PackedInt) and item.packed.zero_point is not None
+            assert torch.equal(dequantize_int(item.packed), item.weight)
+
+
+def test_method_errors(tiny_llama_dir: Path) -> None:
+    with resolve(str(tiny_llama_dir)) as source:
+        plans = _plans(source, "Q4_0")
+        with pytest.raises(BadArgument, match="--method"):
+            list(calibrated_weights(source, plans, MethodOptions("awq-typo")))
+        with pytest.raises(BadArgument, match="--calib"):
+            list(calibrated_weights(source, plans, MethodOptions("gptq")))
+        items = list(calibrated_weights(source, plans, MethodOptions("rtn")))
+        assert items and all(math.isnan(item.error) for item in items)
