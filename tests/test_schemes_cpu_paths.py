@@ -134,3 +134,26 @@ def test_thread_count_restored():
     nf4.quantize_4bit(torch.randn(600, 600), "nf4", 64, True)
     int8.quantize_int8_rows(torch.randn(600, 600))
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_mean_replays_torch_split(threads):
+    """The double-quant offset is torch's float32 mean with the caller's thread count, replayed on
+    one thread: equal to torch's own result for sizes below, at and far above the split grain."""
+    generator = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for n in (1, 7, 32768, 32769, 65537, 100_003, 180_224, 1_000_001):
+            values = torch.rand(n, generator=generator) * 0.05
+            assert torch.equal(nf4._mean_as_torch(values, threads), values.mean()), n
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_double_quant_offset_identical_with_many_blocks():
+    """More than 32768 blocks: torch splits bitsandbytes' mean between threads; the offset still
+    matches bitsandbytes' bit for bit."""
+    generator = torch.Generator().manual_seed(4)
+    weight = (torch.randn(2048, 1500, generator=generator) * torch.rand(2048, 1, generator=generator)).to(torch.bfloat16)
+    _same_as_bnb(weight, "nf4", 64, double_quant=True)

@@ -16,7 +16,6 @@ Numerics follow bitsandbytes 0.50 on CPU so that the bytes are identical to
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,26 +123,53 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
         raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {weight.dtype}")
     device = weight.device
     flat = weight.reshape(-1)
-    on_cpu = device.type == "cpu"
-    with cpu_workers() if on_cpu else nullcontext():
-        if on_cpu:
-            data, absmax = _quantize_4bit_cpu(flat, quant_type, block_size)
-        else:
-            data, absmax = _quantize_4bit_torch(flat, quant_type, block_size)
-        if not bool(torch.isfinite(absmax).all()):
-            # amax propagates nan and inf, so this checks every element of the weight.
-            raise NonFiniteWeight("the weight contains inf or nan values")
+    if device.type != "cpu":
+        return _pack_4bit(weight, *_quantize_4bit_torch(flat, quant_type, block_size), quant_type, block_size,
+                          double_quant, absmax_mean=lambda absmax: absmax.mean())
+    threads = torch.get_num_threads()
+    with cpu_workers():
+        return _pack_4bit(weight, *_quantize_4bit_cpu(flat, quant_type, block_size), quant_type, block_size,
+                          double_quant, absmax_mean=lambda absmax: _mean_as_torch(absmax, threads))
+
+
+def _pack_4bit(weight: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, quant_type: str, block_size: int,
+               double_quant: bool, absmax_mean) -> Packed4bit:
+    if not bool(torch.isfinite(absmax).all()):
+        # amax propagates nan and inf, so this checks every element of the weight.
+        raise NonFiniteWeight("the weight contains inf or nan values")
+    device = weight.device
     packed = Packed4bit(quant_type=quant_type, data=data.unsqueeze(1), absmax=absmax, block_size=block_size,
                         shape=tuple(weight.shape), dtype=weight.dtype, quant_map=code_4bit(quant_type, device))
     if double_quant:
-        # With torch's usual thread count, as bitsandbytes: a float32 sum's rounding depends on how
-        # the reduction is split between threads.
-        offset = absmax.mean()
-        with cpu_workers() if on_cpu else nullcontext():
-            packed.absmax, packed.nested_absmax = quantize_dynamic(absmax - offset, NESTED_BLOCK_SIZE)
+        offset = absmax_mean(absmax)
+        packed.absmax, packed.nested_absmax = quantize_dynamic(absmax - offset, NESTED_BLOCK_SIZE)
         packed.nested_quant_map = dynamic_map(device)
         packed.nested_offset = offset.item()
     return packed
+
+
+_REDUCTION_GRAIN = 32768     # at::internal::GRAIN_SIZE
+
+
+def _mean_as_torch(values: torch.Tensor, threads: int) -> torch.Tensor:
+    """``values.mean()`` (float32, 1-D, contiguous) as torch computes it with ``threads`` threads,
+    computed on the current thread only.
+
+    bitsandbytes' offset is ``absmax.mean()``, and a float32 sum's rounding depends on how torch
+    splits it: each of k = min(threads, ceil(n / grain)) threads sums one of k equal contiguous
+    parts (ceil(n / k) elements), the partial sums are added in order, then divided by n. Running
+    that op itself with several threads would cost more than the sum on a busy machine (every
+    parallel op leaves OpenMP threads spinning for milliseconds), so the split is replayed here;
+    tests/test_schemes_cpu_paths.py checks the replay against torch's own mean.
+    """
+    n = values.numel()
+    parts = max(1, min(threads, -(-n // _REDUCTION_GRAIN)))
+    size = -(-n // parts)
+    with cpu_workers():         # each part summed in one piece, as one of those threads does
+        total = values[:size].sum()
+        for start in range(size, n, size):
+            total = total + values[start:start + size].sum()
+        return total / n
 
 
 def _quantize_4bit_torch(flat: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +209,7 @@ def _quantize_4bit_torch(flat: torch.Tensor, quant_type: str, block_size: int) -
 # can round past 1) fall in cells holding the end codes, so no clamp is needed. Work goes in chunks
 # that stay in the CPU caches, through preallocated buffers, one single-threaded torch op after
 # another, on a few Python threads taking alternate chunks (see qtool/schemes/_parallel.py).
-_CPU_CHUNK_ELEMENTS = 1 << 17
+_CPU_CHUNK_ELEMENTS = 1 << 18
 _CPU_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 

@@ -9,6 +9,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,6 +159,21 @@ def _safe_gguf_name(name: str) -> str:
         return "?"
 
 
+def _set_pre_tokenizer(tokenizer: Any, pre: Any) -> None:
+    """transformers' GGUF conversion uses plain GPT-2 splitting; llama.cpp's `smollm` pre-tokenizer
+    also splits numbers into single digits (as SmolLM's own tokenizer.json does)."""
+    if pre != "smollm":
+        return
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+
+
 def write_tokenizer(gguf_file: GGUFFile, folder: Path) -> None:
     """Rebuild a Hugging Face tokenizer from GGUF metadata into ``folder`` (save_pretrained layout).
 
@@ -179,6 +195,7 @@ def write_tokenizer(gguf_file: GGUFFile, folder: Path) -> None:
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    _set_pre_tokenizer(tokenizer, metadata.get("tokenizer.ggml.pre"))
     tokens = metadata["tokenizer.ggml.tokens"]
 
     def token(key: str) -> str | None:
