@@ -1,6 +1,6 @@
 """qtool NF4 / int8-sym end to end against transformers + bitsandbytes, same checkpoint, same run.
 
-    python benchmarks/bench_safetensors.py [--schemes nf4,int8-sym] [--model .bench/synthetic-1.1b]
+    python benchmarks/bench_safetensors.py [--schemes nf4,int8-sym] [--model .bench/synthetic-1.1b] [--repeat N]
 
 The checkpoint is a synthetic TinyLlama-shaped 1.1B Llama (random bf16, two shards) generated once
 into ``.bench/synthetic-1.1b``. Each side runs as a child process from start to files on disk:
@@ -9,7 +9,9 @@ into ``.bench/synthetic-1.1b``. Each side runs as a child process from start to 
 - peer: ``AutoModelForCausalLM.from_pretrained(MODEL, quantization_config=BitsAndBytesConfig(...),
   device_map="cpu")`` then ``save_pretrained(OUT)`` (what a user of transformers does).
 
-Wall time is measured around the child, peak RSS is the child's own ``ru_maxrss`` (``os.wait4``).
+Wall time is measured around the child, peak RSS is the child's own ``ru_maxrss`` and CPU time
+its user + system time (``os.wait4``). With ``--repeat N`` the two sides alternate N times and the
+median run of each is reported (the machine's load varies; CPU seconds vary less than wall time).
 Targets (issue 3): qtool at most 0.25x the peer's wall time and under 1.2 GB peak RSS. A rich table
 goes to stderr, the JSON to ``$QTOOL_BENCH_JSON`` when set, else to stdout.
 """
@@ -53,6 +55,7 @@ class Run:
     tool: str
     scheme: str
     seconds: float
+    cpu_seconds: float
     peak_rss_bytes: int
     output_bytes: int
     exit_code: int
@@ -101,7 +104,12 @@ def timed(command: list[str], tool: str, scheme: str, out: Path) -> Run:
     if code != 0:
         print(f"{tool} {scheme} failed ({code}):\n{stderr.decode(errors='replace')[-2000:]}", file=sys.stderr)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors")) if out.is_dir() else 0
-    return Run(tool, scheme, seconds, usage.ru_maxrss * 1024, size, code)
+    return Run(tool, scheme, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, size, code)
+
+
+def median_run(runs: list[Run]) -> Run:
+    ok = sorted((run for run in runs if run.exit_code == 0), key=lambda run: run.seconds)
+    return ok[(len(ok) - 1) // 2] if ok else runs[0]
 
 
 def main() -> int:
@@ -109,6 +117,7 @@ def main() -> int:
     parser.add_argument("--schemes", default="nf4,int8-sym")
     parser.add_argument("--model", type=Path, default=BENCH_DIR / "synthetic-1.1b")
     parser.add_argument("--skip-peer", action="store_true", help="time qtool only")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per side (alternating); the median is reported")
     args = parser.parse_args()
 
     import torch
@@ -117,25 +126,31 @@ def main() -> int:
     report = Report(model=str(model), threads=torch.get_num_threads())
     qtool = [sys.executable, "-m", "qtool"]
     for scheme in args.schemes.split(","):
-        # Warm the page cache the same way for both sides: each reads the whole checkpoint once first.
-        for path in model.glob("*.safetensors"):
-            with open(path, "rb") as handle:
-                while handle.read(1 << 24):
-                    pass
         out = BENCH_DIR / f"out-qtool-{scheme}"
-        ours = timed(qtool + ["quantize", str(model), "-o", str(out), "--scheme", scheme, "--format", "safetensors",
-                              "--force", "--quiet"], "qtool", scheme, out)
+        peer_out = BENCH_DIR / f"out-transformers-{scheme}"
+        ours_runs: list[Run] = []
+        peer_runs: list[Run] = []
+        for _ in range(max(1, args.repeat)):
+            # Warm the page cache the same way for both sides: each reads the whole checkpoint once first.
+            for path in model.glob("*.safetensors"):
+                with open(path, "rb") as handle:
+                    while handle.read(1 << 24):
+                        pass
+            ours_runs.append(timed(qtool + ["quantize", str(model), "-o", str(out), "--scheme", scheme,
+                                            "--format", "safetensors", "--force", "--quiet"], "qtool", scheme, out))
+            shutil.rmtree(out, ignore_errors=True)
+            if not args.skip_peer:
+                peer_runs.append(timed([sys.executable, "-c", _PEER, scheme, str(model), str(peer_out)],
+                                       "transformers+bnb", scheme, peer_out))
+                shutil.rmtree(peer_out, ignore_errors=True)
+        ours = median_run(ours_runs)
         report.runs.append(ours)
         ratio = None
-        if not args.skip_peer:
-            peer_out = BENCH_DIR / f"out-transformers-{scheme}"
-            peer = timed([sys.executable, "-c", _PEER, scheme, str(model), str(peer_out)], "transformers+bnb",
-                         scheme, peer_out)
+        if peer_runs:
+            peer = median_run(peer_runs)
             report.runs.append(peer)
-            shutil.rmtree(peer_out, ignore_errors=True)
             if peer.exit_code == 0 and ours.exit_code == 0:
                 ratio = ours.seconds / peer.seconds
-        shutil.rmtree(out, ignore_errors=True)
         report.comparisons.append(Comparison(
             scheme, ratio, ours.peak_rss_bytes / 1e9,
             meets_time_target=ratio is not None and ratio <= TARGET_TIME_RATIO,
@@ -144,14 +159,15 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"safetensors quantization, {model.name} ({report.threads} threads)")
-    for column in ("tool", "scheme", "wall s", "peak RSS GB", "output GB", "vs transformers"):
+    repeats = f", median of {args.repeat} runs" if args.repeat > 1 else ""
+    table = Table(title=f"safetensors quantization, {model.name} ({report.threads} threads{repeats})")
+    for column in ("tool", "scheme", "wall s", "CPU s", "peak RSS GB", "output GB", "vs transformers"):
         table.add_column(column, justify="right" if column not in ("tool", "scheme") else "left")
     ratios = {c.scheme: c.time_ratio for c in report.comparisons}
     for run in report.runs:
         ratio = ratios.get(run.scheme) if run.tool == "qtool" else None
         table.add_row(run.tool, run.scheme, f"{run.seconds:.1f}" if run.exit_code == 0 else "failed",
-                      f"{run.peak_rss_bytes / 1e9:.2f}", f"{run.output_bytes / 1e9:.2f}",
+                      f"{run.cpu_seconds:.1f}", f"{run.peak_rss_bytes / 1e9:.2f}", f"{run.output_bytes / 1e9:.2f}",
                       f"{ratio:.2f}x" if ratio is not None else "")
     Console(stderr=True).print(table)
     document = json.dumps(asdict(report), indent=2)

@@ -9,8 +9,8 @@ import torch
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from qtool.schemes import _parallel, int4, int8, nf4  # noqa: E402
-from qtool.schemes.int4 import NonFiniteWeight  # noqa: E402
+from qtool.schemes import _parallel, int4, int8, nf4
+from qtool.schemes.int4 import NonFiniteWeight
 
 
 def _same_as_bnb(weight: torch.Tensor, quant_type: str, block_size: int = 64, double_quant: bool = True) -> None:

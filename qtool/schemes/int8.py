@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from qtool.schemes.base import Scheme, register
 from qtool.schemes._parallel import cpu_workers, run_chunks
+from qtool.schemes.base import Scheme, register
 from qtool.schemes.int4 import NonFiniteWeight, PackedInt, dequantize_int, quantize_int
 
 _FP16_MAX = 65504.0

@@ -14,6 +14,7 @@ call).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -280,10 +281,8 @@ class ShardedWriter:
     def abort(self) -> None:
         # Let queued writes finish (their files are deleted with the staging folder), ignoring errors.
         while self._backlog:
-            try:
+            with contextlib.suppress(Exception):      # aborting anyway; the first error was raised
                 self._settle_oldest()
-            except Exception:  # noqa: BLE001 - aborting anyway; the first error was already raised
-                pass
         self._shutdown()
         for shard in self._files.values():
             shard.close()
