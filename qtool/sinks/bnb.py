@@ -26,7 +26,13 @@ from qtool.plan import TensorPlan
 from qtool.schemes.base import get_scheme
 from qtool.schemes.int8 import PackedInt8Rows
 from qtool.schemes.nf4 import BLOCK_SIZES, NESTED_BLOCK_SIZE, Packed4bit
-from qtool.sinks.safetensors_io import OutputTensor, SafetensorsSink, dtype_name, entry_bound
+from qtool.sinks.safetensors_io import (
+    OutputTensor,
+    SafetensorsSink,
+    dtype_name,
+    entry_bound,
+    linear_module_name,
+)
 
 _MAX_FLOAT_TEXT = "-1.2345678901234567e-308"   # longest repr() of a float
 
@@ -42,10 +48,7 @@ def quant_state_json(packed: Packed4bit) -> bytes:
 
 
 def _module_name(weight_name: str) -> str:
-    if not weight_name.endswith(".weight"):
-        raise BadArgument(f"bitsandbytes quantizes Linear weights (names ending in .weight), not {weight_name}; "
-                          f"keep it (--skip '{weight_name}')")
-    return weight_name[: -len(".weight")]
+    return linear_module_name(weight_name, "bitsandbytes")
 
 
 def _params_4bit(plan: TensorPlan) -> tuple[int, bool]:

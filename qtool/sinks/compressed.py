@@ -33,7 +33,12 @@ from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
 from qtool.schemes.base import get_scheme
 from qtool.schemes.int4 import PackedInt, pack_int32
-from qtool.sinks.safetensors_io import OutputTensor, SafetensorsSink, entry_bound
+from qtool.sinks.safetensors_io import (
+    OutputTensor,
+    SafetensorsSink,
+    entry_bound,
+    linear_module_name,
+)
 
 PACKED = "pack-quantized"
 INT = "int-quantized"
@@ -46,10 +51,7 @@ def _format(plan: TensorPlan) -> str:
 
 
 def _module_name(weight_name: str) -> str:
-    if not weight_name.endswith(".weight"):
-        raise BadArgument(f"compressed-tensors quantizes Linear weights (names ending in .weight), not "
-                          f"{weight_name}; keep it (--skip '{weight_name}')")
-    return weight_name[: -len(".weight")]
+    return linear_module_name(weight_name, "compressed-tensors")
 
 
 def _scheme_args(plan: TensorPlan) -> dict[str, Any]:

@@ -289,6 +289,14 @@ class ShardedWriter:
         self._files.clear()
 
 
+def linear_module_name(weight_name: str, runtime: str) -> str:
+    """``model.layers.0.mlp.up_proj`` for ``...up_proj.weight``: quantized layouts are keyed by Linear module."""
+    if not weight_name.endswith(".weight"):
+        raise BadArgument(f"{runtime} quantizes Linear weights (names ending in .weight), not {weight_name}; "
+                          f"keep it (--skip '{weight_name}')")
+    return weight_name[: -len(".weight")]
+
+
 def entry_bound(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> OutputTensor:
     """An output tensor of known dtype and shape."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
