@@ -39,7 +39,8 @@ bench-quality: install
 	$(PY) benchmarks/bench_quality.py
 
 lint: install
-	$(PY) -m ruff check qtool tests benchmarks || $(PY) -m pip install -q ruff && $(PY) -m ruff check qtool tests benchmarks
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
+	$(PY) -m ruff check qtool tests benchmarks
 
 demo: install
 	$(QTOOL) inspect smollm2-135m --no-metadata --tensors 'blk.0.*'

@@ -5,7 +5,6 @@ rich bars on a terminal, plain lines when stderr is not a TTY, nothing with ``--
 """
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator

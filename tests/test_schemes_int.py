@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qtool.schemes.base import get_scheme
-from qtool.schemes.int4 import dequantize_int, pack_int32, quantize_int, unpack_int32
+from qtool.schemes.int4 import dequantize_int, pack_int32, unpack_int32
 from qtool.schemes.nf4 import block_absmax
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -80,7 +80,7 @@ def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | 
         result = quantize_rtn(weight, grid, stats.mean_square)
     elif options.method == "gptq":
         if stats.hessian is None:
-            raise BadArgument(f"--method gptq needs X^T X; recreate the statistics with `qtool calibrate --hessian`")
+            raise BadArgument("--method gptq needs X^T X; recreate the statistics with `qtool calibrate --hessian`")
         result = gptq_quantize(weight, stats.hessian, grid, damp=options.damp, act_order=options.act_order,
                                block_size=options.block_size, static_groups=options.static_groups,
                                importance=stats.mean_square, damp_diag=options.damp_diag)
