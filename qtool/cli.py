@@ -20,7 +20,8 @@ from qtool.errors import BadArgument, QtoolError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training quantization of language models: quantize, inspect, eval.")
-stdout = Console()
+# Piped output (CI logs, `make demo | tee`) gets wide tables instead of rich's 80-column default.
+stdout = Console() if sys.stdout.isatty() else Console(width=160)
 
 # Options every command takes.
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
