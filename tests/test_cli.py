@@ -112,3 +112,16 @@ def test_calibrate_then_gptq_gguf(tiny_llama_dir, shared_data, tmp_path):
     assert outputs["gptq"][name][0] == outputs["rtn"][name][0] == "Q4_0"
     assert outputs["gptq"][name][1] != outputs["rtn"][name][1]
     assert outputs["gptq"]["token_embd.weight"] == outputs["rtn"]["token_embd.weight"]
+
+
+def test_quantize_eval_reports_size_and_quality(tiny_llama_dir, shared_data, tmp_path):
+    out = tmp_path / "out"
+    text = shared_data / "wikitext-2-raw" / "wiki.test.raw"
+    result = qtool("quantize", str(tiny_llama_dir), "--bits", "8", "-o", str(out), "--eval", "--text", str(text),
+                   "--ctx", "128", "--chunks", "2", "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["bytes_after"] < report["bytes_before"]
+    rows = report["evaluation"]["models"]
+    assert len(rows) == 2 and all(row["ppl"] > 1 for row in rows)
+    assert rows[1]["delta_pct"] is not None and abs(rows[1]["delta_pct"]) < 5
