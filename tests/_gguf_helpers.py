@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qtool.plan import Recipe
-from qtool.recipes import GGUF_MIXES, mix_preset
-from qtool.sinks.gguf import GGUFSink, gguf_plans, plain_type_recipe
+from qtool.pipeline import QuantizeOptions, quantize
+from qtool.recipes import recipe_from_options
 from qtool.sources.resolve import resolve
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -28,23 +28,15 @@ def smollm2_path() -> Path:
 
 
 def recipe_for(type_name: str) -> Recipe:
-    if type_name in GGUF_MIXES:
-        return Recipe.from_yaml(mix_preset(type_name))
-    return plain_type_recipe(type_name)
+    """The recipe `qtool quantize --type TYPE` builds (a mix preset, or llama-quantize's plain-type choices)."""
+    return recipe_from_options(fmt="gguf", bits=None, scheme=None, gguf_type=type_name, config=None,
+                               block_size=None, group_size=None, double_quant=None, include=[], skip=[])
 
 
 def write_gguf(spec: str | Path, type_name: str, out: Path) -> Path:
-    """What `qtool quantize SPEC --format gguf --type TYPE -o OUT` does, through the library."""
-    with resolve(str(spec)) as source:
-        plans = gguf_plans(source.tensors(), recipe_for(type_name), source.config)
-        sink = GGUFSink(out, source, plans, force=True, options={"gguf_type": type_name})
-        try:
-            for plan in plans:
-                sink.add(plan, source.load(plan.name))
-            return sink.finish("")
-        except BaseException:
-            sink.abort()
-            raise
+    """What `qtool quantize SPEC --format gguf --type TYPE -o OUT --force` does, through the library."""
+    quantize(str(spec), out, recipe_for(type_name), QuantizeOptions(format="gguf", force=True))
+    return out
 
 
 def make_spm_llama(folder: Path) -> Path:

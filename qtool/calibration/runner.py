@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from qtool import ui
+from qtool.evaluation.model import hf_config
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set, load_tokenizer
 from qtool.calibration.observers import InputObserver, InputStats
 from qtool.errors import BadArgument, CorruptFile, NotFound, QtoolError, Unsupported
@@ -73,19 +74,6 @@ class BlockStep:
     stats: dict[str, InputStats]          # weight name -> statistics of its inputs
     seconds: float = 0.0                  # time of the statistics pass
     modified: bool = False                # set by the consumer after changing weights
-
-
-def hf_config(config: dict) -> Any:
-    from transformers import AutoConfig
-
-    model_type = config.get("model_type")
-    if not model_type:
-        raise Unsupported("the model's config has no model_type; calibration cannot pick an architecture")
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "transformers_version")}
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except ValueError as exc:
-        raise Unsupported(f"architecture {model_type!r} is not known to transformers: {exc}") from None
 
 
 class _Skeleton:

@@ -85,7 +85,8 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def _hf_config(config: dict) -> Any:
+def hf_config(config: dict) -> Any:
+    """A transformers config object from a config.json dict (no remote code)."""
     from transformers import AutoConfig
 
     model_type = config.get("model_type")
@@ -111,9 +112,9 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
-    hf_config = _hf_config(source.config)
+    hf_config_object = hf_config(source.config)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(hf_config_object, dtype=dtype, attn_implementation="sdpa")
     model.eval()
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
