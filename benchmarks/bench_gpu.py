@@ -136,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         from qtool.kernels import ggml as ggml_kernels
         from qtool.kernels import nf4 as nf4_kernels
 
+        nf4_default = nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS
         for elements in (2048, 4096, 8192, 16384):
             for warps in (4, 8):
                 nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = elements, warps
                 ms = time_call(lambda x: nf4_kernels.quantize_4bit(x, "nf4", 64, True), inputs, args.repeat)
                 add(f"sweep nf4+dq e{elements} w{warps}", ms, "launch configuration")
-        nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = 4096, 4
+        nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = nf4_default
         from qtool.kernels import integer as int_kernels
 
         for block, warps in ((1024, 4), (2048, 4), (4096, 8)):

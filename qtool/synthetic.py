@@ -23,6 +23,9 @@ SHAPES: dict[str, dict[str, int]] = {
     # TinyLlama-1.1B's shape.
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
                  vocab_size=32000),
+    # Llama-3-8B's shape (benchmarks/bench_gpu_e2e.py).
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+               vocab_size=128256),
 }
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

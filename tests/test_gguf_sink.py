@@ -20,14 +20,6 @@ from qtool.sources.resolve import resolve
 from tests._gguf_helpers import recipe_for, write_gguf
 
 
-@pytest.fixture(autouse=True)
-def _eager_numerics(monkeypatch):
-    """These tests are about the file; torch.compile (tested in test_ggml.py) only costs time here."""
-    from qtool.schemes import ggml
-
-    monkeypatch.setenv("QTOOL_COMPILE", "0")
-    monkeypatch.setattr(ggml, "_COMPILED", {})
-
 
 def _fields(reader: GGUFReader) -> dict:
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}

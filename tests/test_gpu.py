@@ -129,3 +129,33 @@ def test_4bit_values_on_code_midpoints_bytes_equal_cpu(quant_type: str) -> None:
     for double_quant in (False, True):
         _assert_identical(kernel(weight.cuda(), double_quant=double_quant),
                           get_scheme(quant_type).quantize(weight, double_quant=double_quant), f"{quant_type} midpoints")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 8, 12, 16, 32])
+def test_double_quant_offset_equals_cpu_for_any_thread_count(threads: int) -> None:
+    """The offset is torch's float32 CPU mean, whose rounding depends on the thread count: the CUDA
+    path replays it for the caller's count (here, sizes below and far above torch's split grain)."""
+    kernel = _require_kernel("nf4")
+    generator = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for rows in (3, 700, 2048):
+            weight = (torch.randn(rows, 4096, generator=generator) * 0.02).to(torch.bfloat16)
+            _assert_identical(kernel(weight.cuda()), get_scheme("nf4").quantize(weight), f"nf4 {threads} threads {rows} rows")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", [n for n in fused_names() if getattr(get_scheme(n), "checks_finite", False)])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_weight_raises_on_cuda_as_on_cpu(name: str, bad_value: float) -> None:
+    from qtool.schemes.int4 import NonFiniteWeight
+
+    _require_kernel(name)
+    weight = torch.randn(64, 256)
+    weight[7, 100] = bad_value
+    with pytest.raises(NonFiniteWeight):
+        get_scheme(name).quantize(weight)
+    with pytest.raises(NonFiniteWeight):
+        get_scheme(name).quantize(weight.cuda())

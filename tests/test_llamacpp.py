@@ -33,13 +33,6 @@ TOLERANCE = {"F32": 0.02, "F16": 0.03, "BF16": 0.05, "Q2_K": 1.0, "Q3_K": 1.0, "
 DEFAULT_TOLERANCE = 0.4
 
 
-@pytest.fixture(autouse=True)
-def _eager_numerics(monkeypatch):
-    from qtool.schemes import ggml
-
-    monkeypatch.setenv("QTOOL_COMPILE", "0")   # compiling costs more than it saves on these sizes
-    monkeypatch.setattr(ggml, "_COMPILED", {})
-
 
 @pytest.fixture(scope="module")
 def spm_llama(tmp_path_factory):

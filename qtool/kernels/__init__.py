@@ -3,8 +3,10 @@
 Each kernel module reproduces its scheme's torch code operation by operation in float32
 (correctly rounded division and square root, no fused multiply-add, the same reciprocal-then-
 multiply wherever the torch code writes ``scalar / tensor``), so a weight quantized on a CUDA
-device gives the bytes the CPU path gives. Sums that decide a result are taken in the fixed
-pairwise order of ``pairwise_sum`` (see ggml.py), never in a reduction order left to a library.
+device gives the bytes the CPU path gives. Sums that decide a result are taken in an order both
+paths compute: the K-quants' fixed pairwise order (``qtool.schemes.ggml_kquants.pairwise_sum``), and
+for NF4's double-quant offset torch's own CPU summation order, replayed (nf4.py), never a reduction
+order left to a library.
 
 ``fused(name)`` is the only entry point the schemes need::
 
@@ -27,7 +29,7 @@ import torch
 # scheme name -> kernel module in this package (each module has FUSED: dict[name, callable]).
 _MODULES: dict[str, str] = {
     "nf4": "nf4", "fp4": "nf4",
-    "int8-sym": "integer", "int8-asym": "integer", "int4-sym": "integer", "int4-asym": "integer",
+    "int8-sym": "integer", "int8-asym": "integer", "w8a8": "integer", "int4-sym": "integer", "int4-asym": "integer",
     "Q8_0": "ggml", "Q4_0": "ggml", "Q4_1": "ggml", "Q5_0": "ggml", "Q5_1": "ggml", "Q4_K": "ggml", "Q5_K": "ggml",
 }
 

@@ -179,23 +179,24 @@ def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NM
     sum_x = _sum32(wx, G)
     sum_x2 = _sum32(wx * x, G)
     # Candidate 0 is the plain min/max grid (nmax / span, the fit not solved); candidates 1.. are
-    # least-squares fits, each kept only when strictly better (argmin's first-minimum rule), and an
-    # error that is NaN or comes from det <= 0 counts as +inf.
-    inverse = tl.math.div_rn(tl.full([G], 1.0, tl.float32) * tl.load(steps_ptr), span)
+    # least-squares fits, each kept only when strictly better and det > 0 (a NaN error never wins,
+    # a NaN best error is never replaced, as the CPU loop's comparisons do). ``scalar / span`` is
+    # torch's __rtruediv__: span's reciprocal times the scalar, two roundings.
+    reciprocal_span = _recip(span)
+    inverse = reciprocal_span * tl.load(steps_ptr)
     best_scale = _recip(inverse)
     best_min = low
     levels = _clamp(_rint(inverse[:, None] * shifted), 0.0, NMAX)
-    wl = levels * w
+    wl = w * levels
     best_error = _weighted_error(best_scale, best_min, sum_w, sum_x, sum_x2,
-                                 _sum32(wl, G), _sum32(wl * levels, G), _sum32(wl * x, G))
-    best_error = tl.where(best_error != best_error, float("inf"), best_error)
+                                 _sum32(wl, G), _sum32(wl * levels, G), _sum32(wx * levels, G))
     for step in tl.static_range(1, NSTEP + 2):
-        inverse = tl.math.div_rn(tl.full([G], 1.0, tl.float32) * tl.load(steps_ptr + step), span)
+        inverse = reciprocal_span * tl.load(steps_ptr + step)
         levels = _clamp(_rint(inverse[:, None] * shifted), 0.0, NMAX)
-        wl = levels * w
+        wl = w * levels
         sum_l = _sum32(wl, G)
         sum_l2 = _sum32(wl * levels, G)
-        sum_xl = _sum32(wl * x, G)
+        sum_xl = _sum32(wx * levels, G)
         det = sum_w * sum_l2 - sum_l * sum_l
         scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, det)
         offset = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, det)
@@ -203,8 +204,7 @@ def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NM
         scale = tl.where(positive, tl.math.div_rn(sum_xl, sum_l2), scale)
         offset = tl.where(positive, 0.0, offset)
         candidate = _weighted_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
-        candidate = tl.where((det > 0) & (candidate == candidate), candidate, float("inf"))
-        better = candidate < best_error
+        better = (det > 0) & (candidate < best_error)
         best_error = tl.where(better, candidate, best_error)
         best_scale = tl.where(better, scale, best_scale)
         best_min = tl.where(better, offset, best_min)

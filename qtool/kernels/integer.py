@@ -13,6 +13,7 @@ Modes:
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ import triton.language as tl
 
 from qtool.schemes import int4 as cpu_int
 from qtool.schemes import int8 as cpu_int8
+from qtool.schemes.int4 import NonFiniteWeight
 
 _BNB, _SYM, _ASYM = 0, 1, 2
 _FP16_MAX = 65504.0
@@ -41,6 +43,12 @@ def _rint(v):
     # Round half to even (torch.round) by the 1.5 * 2**23 trick: exact for |v| < 2**22, and every
     # caller clamps to the integer range afterwards.
     return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _magnitude(x):
+    # |x| with NaN as +inf: Triton's max drops NaN, and a non-finite weight must still be seen.
+    return tl.where(x == x, tl.abs(x), float("inf"))
 
 
 @triton.jit
@@ -89,7 +97,7 @@ def _quantize_values(x, factor, zero, MODE: tl.constexpr, BITS: tl.constexpr, F1
 
 
 @triton.jit
-def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, cols, n_groups, segment, n_segments,
+def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, nonfinite_ptr, cols, n_groups, segment, n_segments,
                 MODE: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, BLOCK: tl.constexpr,
                 SEGMENTS: tl.constexpr, TWO_PASS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -111,7 +119,7 @@ def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, cols, n_group
             x = tl.load(x_ptr + row[:, None] * cols + column0[:, None] + c, mask=valid, other=0.0).to(tl.float32)
             low = tl.minimum(low, tl.min(x, axis=1))
             high = tl.maximum(high, tl.max(x, axis=1))
-            absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+            absmax = tl.maximum(absmax, tl.max(_magnitude(x), axis=1))
         factor, zero, stored = _segment_params(low, high, absmax, scale_ptr, MODE, BITS, F16)
         for start in range(0, segment, BLOCK):
             c = start + tl.arange(0, BLOCK)[None, :]
@@ -124,13 +132,19 @@ def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, cols, n_group
         valid = seg_valid[:, None] & (c < segment) & (column0[:, None] + c < cols)
         offsets = row[:, None] * cols + column0[:, None] + c
         x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-        absmax = tl.max(tl.abs(x), axis=1)
+        absmax = tl.max(_magnitude(x), axis=1)
         factor, zero, stored = _segment_params(tl.min(x, axis=1), tl.max(x, axis=1), absmax, scale_ptr,
                                                MODE, BITS, F16)
         tl.store(q_ptr + offsets, _quantize_values(x, factor, zero, MODE, BITS, F16), mask=valid)
     tl.store(scale_ptr + segment_ids, stored, mask=seg_valid)
     if MODE == 0:
         tl.store(row_absmax_ptr + segment_ids, absmax, mask=seg_valid)
+    else:
+        # One flag for the whole launch, touched only by a program that saw inf/NaN (an atomic in
+        # every program would serialize thousands of them on one address).
+        nonfinite = tl.max((absmax == float("inf")).to(tl.int32), axis=0)
+        if nonfinite != 0:
+            tl.atomic_max(nonfinite_ptr, nonfinite)
     if MODE == 2:
         tl.store(zero_ptr + segment_ids, zero.to(tl.int32).to(tl.int8), mask=seg_valid)
 
@@ -145,6 +159,7 @@ def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtyp
     scale = torch.empty((rows, n_groups), dtype=scale_dtype, device=device)
     zero = torch.empty((rows, n_groups), dtype=torch.int8, device=device) if mode == _ASYM else q
     row_absmax = torch.empty(rows, dtype=torch.float32, device=device) if mode == _BNB else scale
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=device) if mode != _BNB else scale
     if n_segments:
         block = triton.next_power_of_2(segment)
         two_pass = block > _ELEMENTS_PER_PROGRAM
@@ -154,9 +169,11 @@ def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtyp
             per_program = max(1, _ELEMENTS_PER_PROGRAM // block)
             num_warps = min(16, max(4, per_program * block // 512))
         grid = (triton.cdiv(n_segments, per_program),)
-        _int_kernel[grid](matrix, q, scale, zero, row_absmax, cols, n_groups, segment, n_segments, MODE=mode,
+        _int_kernel[grid](matrix, q, scale, zero, row_absmax, nonfinite, cols, n_groups, segment, n_segments, MODE=mode,
                           BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, TWO_PASS=two_pass,
                           num_warps=num_warps, enable_fp_fusion=False)
+    if mode != _BNB and n_segments and nonfinite.item():
+        raise NonFiniteWeight("the weight contains inf or nan values")
     return q, scale, zero, row_absmax
 
 
@@ -164,12 +181,13 @@ def quantize_int8_rows(weight: torch.Tensor) -> cpu_int8.PackedInt8Rows:
     if weight.dim() < 2:
         raise ValueError(f"int8-sym quantizes matrices, got shape {tuple(weight.shape)}")
     matrix = weight.reshape(weight.shape[0], -1).contiguous()
-    use_f16 = True
     q, scb, _, row_absmax = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=True)
-    # The CPU path quantizes from float16 unless some value is beyond its range (one sync).
-    if matrix.dtype != torch.float16 and matrix.numel() and bool(row_absmax.max() > _FP16_MAX):
-        use_f16 = False
-    if not use_f16:
+    # The CPU path quantizes from float16 unless some value is beyond its range (one sync; NaN
+    # counts as +inf in row_absmax).
+    peak = row_absmax.max().item() if matrix.numel() else 0.0
+    if not math.isfinite(peak):
+        raise NonFiniteWeight("the weight contains inf or nan values")
+    if matrix.dtype != torch.float16 and peak > _FP16_MAX:
         q, scb, _, _ = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=False)
     return cpu_int8.PackedInt8Rows(weight=q, scb=scb.reshape(-1), shape=tuple(weight.shape), dtype=weight.dtype)
 
@@ -219,4 +237,9 @@ def _int4(symmetric: bool):
     return quantize
 
 
-FUSED = {"int8-sym": _int8_sym, "int8-asym": _int8_asym, "int4-sym": _int4(True), "int4-asym": _int4(False)}
+def _w8a8(weight: torch.Tensor, **params: Any) -> cpu_int.PackedInt:
+    return quantize_int(weight, 8, symmetric=True, group_size=None)
+
+
+FUSED = {"int8-sym": _int8_sym, "int8-asym": _int8_asym, "w8a8": _w8a8, "int4-sym": _int4(True),
+         "int4-asym": _int4(False)}

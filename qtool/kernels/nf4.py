@@ -1,19 +1,22 @@
-"""NF4 / FP4 with double quantization in two Triton launches, the bytes of qtool.schemes.nf4.
+"""NF4 / FP4 with double quantization in Triton, the bytes of qtool.schemes.nf4.
 
 1. ``_quantize_4bit_kernel``: per block of ``block_size`` elements the absmax, the scaled values
    (``x * (1 / absmax)`` for whole blocks, ``x / absmax`` for the trailing partial one, as
    bitsandbytes' torch kernel), the 4-bit code (the number of sorted code midpoints strictly below
    the value: torch.bucketize's rule, so a value on a midpoint takes the lower code; FP4 then maps
    the sorted position to its bit pattern) and two codes per byte, high nibble first.
-2. ``_quantize_dynamic_kernel`` (double quantization): ``absmax - offset`` in blocks of 256 with
-   bitsandbytes' 8-bit dynamic map, through the same 65536-bin table as the CPU path.
+2. ``_part_sum_kernel`` (double quantization): the offset is bitsandbytes' ``absmax.mean()`` as
+   torch computes it on the CPU, whose float32 rounding depends on its summation order (split
+   between threads, then a cascade over 8-float vectors); this kernel replays that order exactly
+   (see ``absmax_mean``), so the offset is the CPU path's to the bit.
+3. ``_quantize_dynamic_kernel``: ``absmax - offset`` in blocks of 256 with bitsandbytes' 8-bit
+   dynamic map, through the same 65536-bin table as the CPU path.
 
-The offset (mean of the absmax) is a float64 sum rounded once to float32, like the CPU path's
-``nested_offset`` helper: a float32 mean depends on the summation order, which differs between
-devices, CPU vector widths and thread counts.
+One host sync per weight, at the end: the offset's value (``Packed4bit.nested_offset``).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,11 +24,14 @@ import triton
 import triton.language as tl
 
 from qtool.schemes import nf4 as cpu
+from qtool.schemes.int4 import NonFiniteWeight
 
-# Elements per program of the 4-bit kernel (whole blocks) and its warps: an H100 wants enough bytes
-# in flight per SM; 4096 bf16 elements (8 KB) per program with 4 warps keeps 16 elements per thread.
+# Elements per program of the 4-bit kernel (whole blocks) and its warps: 4096 bf16 elements (8 KB)
+# with 8 warps, 16 elements a thread, was the fastest of benchmarks/bench_gpu.py --sweep on an H100.
 _ELEMENTS_PER_PROGRAM = 4096
-_NUM_WARPS = 4
+_NUM_WARPS = 8
+_MAX_SUMS = 8                   # sums the dynamic kernel adds in order (absmax_mean's parts below 8 lanes)
+_MAX_SUMS_CONSTEXPR = tl.constexpr(_MAX_SUMS)
 _NESTED_ROWS = 8          # nested blocks (of 256) per program of the dynamic kernel
 
 
@@ -64,13 +70,14 @@ def _bucketize16(v, bounds_ptr):
 
 
 @triton.jit
-def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, bounds_ptr, n, n_blocks, order_table,
+def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, nonfinite_ptr, bounds_ptr, n, n_blocks, order_table,
                           BLOCK: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     block_ids = pid * ROWS + tl.arange(0, ROWS)
     offsets = block_ids[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.abs(x), axis=1)
+    # Triton's max ignores NaN; as +inf it still marks the block non-finite (the caller raises).
+    absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
     # 1e-38 is a float32 subnormal (a Python float that small would make Triton use float64): an
     # all-zero block scales by 1e38 instead of dividing by zero.
     clamped = _clamp(absmax, tl.full([ROWS], 1e-38, tl.float32), float("inf"))
@@ -91,16 +98,102 @@ def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, bounds_ptr, n, n_blocks, 
     byte_offsets = block_ids[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     tl.store(data_ptr + byte_offsets, packed, mask=byte_offsets < (n + 1) // 2)
     tl.store(absmax_ptr + block_ids, absmax, mask=block_ids < n_blocks)
+    # One flag for the launch, written only by a program that saw inf/NaN.
+    nonfinite = tl.max((absmax == float("inf")).to(tl.int32), axis=0)
+    if nonfinite != 0:
+        tl.atomic_max(nonfinite_ptr, nonfinite)
 
 
-@triton.jit
-def _quantize_dynamic_kernel(values_ptr, offset_ptr, codes_ptr, absmax_ptr, lut_ptr, n, n_blocks,
-                             BLOCK: tl.constexpr, ROWS: tl.constexpr):
+@triton.jit(do_not_specialize=["n", "part_size"])
+def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr):
+    """Program p: torch's float32 CPU ``sum`` of part p of ``values`` (one thread's share), in its
+    order (aten/src/ATen/native/cpu/SumKernel.cpp, contiguous inner reduction):
+
+    - the part is read as ``m // LANES`` vectors of LANES floats (the CPU's vector width) and those
+      as rows of 4 vectors (4 accumulators for instruction-level parallelism): each of the 4*LANES
+      columns is summed over the rows by a 4-level cascade with steps of 16 rows (a running sum of
+      16 rows, running sums of 16 of those, of 16 of those, and one running sum on top; then the
+      unfinished levels, lowest first);
+    - the 0-3 vectors after the last whole row go to accumulator 0, then accumulators 1, 2 and 3;
+    - finally a scalar running sum: the 0..LANES-1 trailing floats, then the LANES lanes in order.
+
+    Masked-out terms add exact zeros (all values are >= 0). Rows of 16 * 16 are read per loop
+    iteration (256 independent loads in flight); the cascade's step stays 16 up to 2**19 rows,
+    which the launcher checks.
+    """
+    W: tl.constexpr = 4 * LANES
+    part = tl.program_id(0).to(tl.int64)
+    start = part * part_size
+    m = tl.maximum(tl.minimum(n - start, part_size), 0)      # programs past the last part write 0
+    base = values_ptr + start
+    vectors = m // LANES
+    rows = vectors // 4
+    accumulator = tl.arange(0, 4)[:, None]
+    lane = tl.arange(0, LANES)[None, :]
+    columns = accumulator * LANES + lane                                   # [4, LANES]
+    chunks = rows // 16
+    groups = chunks // 16
+    acc2 = tl.zeros([4, LANES], tl.float32)
+    acc3 = tl.zeros([4, LANES], tl.float32)
+    for group in range(groups):
+        acc1 = tl.zeros([4, LANES], tl.float32)
+        for chunk in tl.static_range(16):
+            acc0 = tl.zeros([4, LANES], tl.float32)
+            for j in tl.static_range(16):
+                acc0 += tl.load(base + ((group * 16 + chunk) * 16 + j) * W + columns)
+            acc1 += acc0
+        acc2 += acc1
+        flush = (group + 1) % 16 == 0
+        acc3 = tl.where(flush, acc3 + acc2, acc3)
+        acc2 = tl.where(flush, 0.0, acc2)
+    acc1 = tl.zeros([4, LANES], tl.float32)
+    for chunk in tl.static_range(16):
+        index = groups * 16 + chunk
+        valid = index < chunks
+        acc0 = tl.zeros([4, LANES], tl.float32)
+        for j in tl.static_range(16):
+            acc0 += tl.load(base + (index * 16 + j) * W + columns, mask=valid, other=0.0)
+        acc1 = tl.where(valid, acc1 + acc0, acc1)
+    acc0 = tl.zeros([4, LANES], tl.float32)
+    for j in tl.static_range(16):
+        row = chunks * 16 + j
+        valid = row < rows
+        acc0 = tl.where(valid, acc0 + tl.load(base + row * W + columns, mask=valid, other=0.0), acc0)
+    total = ((acc0 + acc1) + acc2) + acc3
+    # Row k of a [4, LANES] tile, exactly: every other term of the sum is zero.
+    p0 = tl.sum(tl.where(accumulator == 0, total, 0.0), axis=0)
+    p1 = tl.sum(tl.where(accumulator == 1, total, 0.0), axis=0)
+    p2 = tl.sum(tl.where(accumulator == 2, total, 0.0), axis=0)
+    p3 = tl.sum(tl.where(accumulator == 3, total, 0.0), axis=0)
+    lanes = tl.arange(0, LANES)
+    for v in tl.static_range(3):
+        valid = rows * 4 + v < vectors
+        p0 = tl.where(valid, p0 + tl.load(base + (rows * 4 + v) * LANES + lanes, mask=valid, other=0.0), p0)
+    p0 = ((p0 + p1) + p2) + p3
+    result = tl.sum(tl.zeros([LANES], tl.float32), axis=0)
+    for t in tl.static_range(LANES):
+        valid = vectors * LANES + t < m
+        result = tl.where(valid, result + tl.load(base + vectors * LANES + t, mask=valid, other=0.0), result)
+    for t in tl.static_range(LANES):
+        result = result + tl.sum(tl.where(lanes == t, p0, 0.0), axis=0)
+    tl.store(partials_ptr + part, result)
+
+
+@triton.jit(do_not_specialize=["n_sums", "divisor"])
+def _quantize_dynamic_kernel(values_ptr, sums_ptr, n_sums, divisor, offset_out_ptr, codes_ptr, absmax_ptr,
+                             lut_ptr, n, n_blocks, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
+    # The offset: the sums added in order, divided (every program redoes it; see absmax_mean).
+    total = tl.load(sums_ptr)
+    for index in tl.static_range(1, _MAX_SUMS_CONSTEXPR):
+        valid = index < n_sums
+        total = tl.where(valid, total + tl.load(sums_ptr + index, mask=valid, other=0.0), total)
+    offset = tl.math.div_rn(total, divisor.to(tl.float32))
+    if pid == 0:
+        tl.store(offset_out_ptr, offset)
     block_ids = pid * ROWS + tl.arange(0, ROWS)
     offsets = block_ids[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     valid = offsets < n
-    offset = tl.load(offset_ptr)
     # The CPU path pads (values - offset) with zeros, which never raise a block's absmax.
     values = tl.where(valid, tl.load(values_ptr + offsets, mask=valid, other=0.0) - offset, 0.0)
     absmax = tl.max(tl.abs(values), axis=1)
@@ -144,26 +237,138 @@ def _order_table(quant_type: str) -> int:
     return sum(code << (4 * position) for position, code in enumerate(cpu._FP4_ORDER))
 
 
-def nested_offset(absmax: torch.Tensor) -> torch.Tensor:
-    """Mean of the float32 absmax as a float32 0-d tensor: a float64 sum, rounded once."""
-    return (absmax.double().sum() / absmax.numel()).float()
+_GRAIN = 32768                 # at::internal::GRAIN_SIZE
+_MAX_CASCADE_ROWS = 1 << 19    # below this the CPU cascade's step is 16 rows
 
 
-def quantize_dynamic(values: torch.Tensor, block_size: int, offset: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``qtool.schemes.nf4.quantize_dynamic(values - offset, block_size)`` in one launch."""
+def cpu_lanes() -> int | None:
+    """Floats per vector of torch's CPU kernels here (Vectorized<float>::size()), or None when the
+    capability is one whose width this module does not know."""
+    # Measured: torch's float sum runs 8 lanes wide on AVX512 machines too (its reduction kernels
+    # are not built for AVX512); tests/test_gpu.py checks this against the CPU path on the device.
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX2", "DEFAULT"):
+        return 8
+    return None
+
+
+def _cascade_order(count: int, lanes: int) -> list:
+    """The expression tree of torch's float32 CPU sum of ``count`` contiguous floats on one thread
+    (leaves are indices; a pair is an addition), built by running SumKernel.cpp's loops on symbols."""
+    def add(a, b):
+        return b if a is None else (a if b is None else (a, b))
+
+    def multi_row_sum(size: int, nrows: int, item) -> list:
+        power = max(4, (1 if size <= 2 else (size - 1).bit_length()) // 4)
+        step = 1 << power
+        acc = [[None] * nrows for _ in range(4)]
+        i = 0
+        while i + step <= size:
+            for _ in range(step):
+                for k in range(nrows):
+                    acc[0][k] = add(acc[0][k], item(i, k))
+                i += 1
+            for j in range(1, 4):
+                for k in range(nrows):
+                    acc[j][k] = add(acc[j][k], acc[j - 1][k])
+                    acc[j - 1][k] = None
+                if i & ((step - 1) << (j * power)):
+                    break
+        for i in range(i, size):
+            for k in range(nrows):
+                acc[0][k] = add(acc[0][k], item(i, k))
+        for j in range(1, 4):
+            for k in range(nrows):
+                acc[0][k] = add(acc[0][k], acc[j][k])
+        return acc[0]
+
+    def row_sum(size: int, item):
+        partial = multi_row_sum(size // 4, 4, lambda i, k: item(4 * i + k))
+        for i in range(size // 4 * 4, size):
+            partial[0] = add(partial[0], item(i))
+        for k in range(1, 4):
+            partial[0] = add(partial[0], partial[k])
+        return partial[0]
+
+    if count < lanes:       # not vectorized: torch's scalar_outer_sum on one row
+        return row_sum(count, lambda i: i)
+    vectors = count // lanes
+    result = None
+    for index in range(vectors * lanes, count):
+        result = add(result, index)
+    for lane in range(lanes):
+        result = add(result, row_sum(vectors, lambda i, lane=lane: i * lanes + lane))
+    return result
+
+
+def _is_running_sum(tree, count: int) -> bool:
+    """Whether ``tree``, with leaves >= count removed (zeros), adds leaves 0..count-1 in order."""
+    def prune(node):
+        if isinstance(node, int):
+            return node if node < count else None
+        left, right = prune(node[0]), prune(node[1])
+        return right if left is None else (left if right is None else (left, right))
+
+    node = prune(tree)
+    for expected in range(count - 1, 0, -1):
+        if not (isinstance(node, tuple) and node[1] == expected):
+            return False
+        node = node[0]
+    return node == 0
+
+
+def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, int]:
+    """What the dynamic kernel needs for ``qtool.schemes.nf4._mean_as_torch(absmax, threads)`` on
+    the GPU: (sums, divisor), the offset being the running sum of ``sums`` divided by ``divisor``.
+
+    One thread's share (k = 1) is one program of ``_part_sum_kernel``; with k parts their sums go
+    into a buffer of ``threads`` floats (zeros past k) which the same kernel sums again, as torch's
+    second pass does, or, for fewer threads than lanes, the parts are added in order where that is
+    torch's order. Anything else (an unknown CPU, tiny or enormous tensors) runs the CPU path's own
+    function on a copy of the absmax."""
+    threads = torch.get_num_threads() if threads is None else threads
+    n = absmax.numel()
+    device = absmax.device
+    lanes = cpu_lanes()
+    parts = max(1, min(threads, -(-n // _GRAIN)))
+    size = -(-n // parts)
+    if lanes is not None and n >= lanes and size // (4 * lanes) < _MAX_CASCADE_ROWS:
+        def part_sums(count: int) -> torch.Tensor:
+            sums = torch.empty(count, dtype=torch.float32, device=device)
+            _part_sum_kernel[(count,)](absmax, sums, n, size, LANES=lanes, num_warps=1, enable_fp_fusion=False)
+            return sums
+
+        if parts == 1:
+            return part_sums(1), n
+        if threads >= lanes:
+            buffer = part_sums(threads)
+            total = torch.empty(1, dtype=torch.float32, device=device)
+            _part_sum_kernel[(1,)](buffer, total, threads, threads, LANES=lanes, num_warps=1, enable_fp_fusion=False)
+            return total, n
+        if parts <= _MAX_SUMS and _is_running_sum(_cascade_order(threads, lanes), parts):
+            return part_sums(parts), n
+    return cpu._mean_as_torch(absmax.cpu(), threads).to(device).reshape(1), 1
+
+
+def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor | None = None, divisor: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``qtool.schemes.nf4.quantize_dynamic(values - offset, block_size)`` in one launch, the offset
+    being the running sum of ``sums`` (float32, on the device; none: 0) divided by ``divisor``.
+    Returns (codes, absmax, offset as a 1-element tensor)."""
     values = values.reshape(-1).float().contiguous()
-    if offset is None:
-        offset = torch.zeros((), dtype=torch.float32, device=values.device)
+    device = values.device
+    if sums is None:
+        sums = torch.zeros(1, dtype=torch.float32, device=device)
     n = values.numel()
     n_blocks = -(-n // block_size)
-    codes = torch.empty(n, dtype=torch.uint8, device=values.device)
-    absmax = torch.empty(n_blocks, dtype=torch.float32, device=values.device)
+    codes = torch.empty(n, dtype=torch.uint8, device=device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
+    offset = torch.empty(1, dtype=torch.float32, device=device)
     rows = _NESTED_ROWS if block_size <= 1024 else 1
-    grid = (triton.cdiv(n_blocks, rows),)
-    _quantize_dynamic_kernel[grid](values, offset.reshape(1), codes, absmax, _table("lut", values.device), n,
-                                   n_blocks, BLOCK=block_size, ROWS=rows, num_warps=4, enable_fp_fusion=False)
-    return codes, absmax
+    grid = (max(1, triton.cdiv(n_blocks, rows)),)
+    _quantize_dynamic_kernel[grid](values, sums, sums.numel(), divisor, offset, codes, absmax,
+                                   _table("lut", device), n, n_blocks, BLOCK=block_size, ROWS=rows, num_warps=4,
+                                   enable_fp_fusion=False)
+    return codes, absmax, offset
 
 
 def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
@@ -179,18 +384,26 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
     n_blocks = -(-n // block_size)
     data = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
     rows = max(1, _ELEMENTS_PER_PROGRAM // block_size)
-    grid = (triton.cdiv(n_blocks, rows),)
-    _quantize_4bit_kernel[grid](flat, data, absmax, bounds, n, n_blocks, _order_table(quant_type),
-                                BLOCK=block_size, ROWS=rows, FP4=quant_type == "fp4", num_warps=_NUM_WARPS,
-                                enable_fp_fusion=False)
+    if n_blocks:
+        grid = (triton.cdiv(n_blocks, rows),)
+        _quantize_4bit_kernel[grid](flat, data, absmax, nonfinite, bounds, n, n_blocks, _order_table(quant_type),
+                                    BLOCK=block_size, ROWS=rows, FP4=quant_type == "fp4", num_warps=_NUM_WARPS,
+                                    enable_fp_fusion=False)
     packed = cpu.Packed4bit(quant_type=quant_type, data=data.unsqueeze(1), absmax=absmax, block_size=block_size,
                             shape=tuple(weight.shape), dtype=weight.dtype, quant_map=_table(f"code:{quant_type}", device).clone())
-    if double_quant:
-        offset = nested_offset(absmax)
-        packed.absmax, packed.nested_absmax = quantize_dynamic(absmax, cpu.NESTED_BLOCK_SIZE, offset)
-        packed.nested_quant_map = _table("dynamic", device).clone()
-        packed.nested_offset = offset.item()
+    if not double_quant or not n_blocks:
+        if nonfinite.item():
+            raise NonFiniteWeight("the weight contains inf or nan values")
+        return packed
+    sums, divisor = absmax_mean(absmax)
+    packed.absmax, packed.nested_absmax, offset_out = quantize_dynamic(absmax, cpu.NESTED_BLOCK_SIZE, sums, divisor)
+    packed.nested_quant_map = _table("dynamic", device).clone()
+    # The one host sync: the offset's value; a NaN or inf block absmax makes it non-finite.
+    packed.nested_offset = offset_out.item()
+    if not math.isfinite(packed.nested_offset) and nonfinite.item():
+        raise NonFiniteWeight("the weight contains inf or nan values")
     return packed
 
 

@@ -9,16 +9,22 @@ lie in a GGUF file, one row of the tensor per row of ``data``.
 The 32-element types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) reproduce llama.cpp's reference quantizer
 byte for byte (``quantize_row_*_ref`` in ggml-quants.c, which ``gguf.quants`` mirrors in numpy).
 The K-quants live in :mod:`qtool.schemes.ggml_kquants`.
+
+These torch functions are the reference. On the CPU, C kernels (:mod:`qtool.kernels.cpu`) give the
+same bytes several times faster for the common types; on CUDA, Triton kernels (:mod:`qtool.kernels`).
 """
 from __future__ import annotations
 
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from qtool.errors import BadArgument
+from qtool.kernels import fused
+from qtool.kernels.cpu import cpu_kernel
+from qtool.schemes._parallel import run_chunks
 from qtool.schemes.base import Scheme, register
 
 QK_K = 256
@@ -26,10 +32,6 @@ QK_K = 256
 # Elements per chunk handed to quantize_blocks: small enough that the temporaries of the K-quant
 # scale search stay in the tens of MB, large enough that per-op overhead is negligible.
 _CHUNK_ELEMENTS = 1 << 20
-# Compiled kernels take chunks of this fixed size (cache-sized), for tensors of at least
-# _COMPILE_MIN_ELEMENTS; smaller tensors are not worth the padding and go eager.
-_COMPILED_CHUNK_ELEMENTS = 1 << 18
-_COMPILE_MIN_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -83,17 +85,12 @@ def unpack_bits(raw: torch.Tensor) -> torch.Tensor:
     return ((raw.unsqueeze(-1) >> shifts) & 1).reshape(*raw.shape[:-1], -1)
 
 
-_COMPILED: dict[tuple[type, str], Any] = {}
-_COMPILE_ERRORS: dict[tuple[type, str], str] = {}
-
-
 class GGMLType(Scheme):
     """Base of every GGML type: shapes and chunking here, numerics in the subclasses."""
 
     family: ClassVar[str] = "gguf"
     block_size: ClassVar[int]
     type_size: ClassVar[int]     # bytes per block
-    compile_worthwhile: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -102,8 +99,8 @@ class GGMLType(Scheme):
 
     # -- what subclasses implement -------------------------------------------------------------
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """float (n_blocks, block_size) -> uint8 (n_blocks, type_size). Implementations start by
-        converting to float32 there, so that under torch.compile the conversion fuses in."""
+        """float (n_blocks, block_size) -> uint8 (n_blocks, type_size): the reference numerics, which
+        the C kernels (qtool.kernels.cpu) and the Triton kernels (qtool.kernels.ggml) reproduce."""
         raise NotImplementedError
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -130,41 +127,30 @@ class GGMLType(Scheme):
                               f"elements; got a tensor of shape {list(shape)}")
         if not weight.is_floating_point():
             raise BadArgument(f"{self.name} quantizes floating-point tensors; got {weight.dtype}")
-        n_per_row = shape[-1]
+        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+            return fused_kernel(weight, **params)
         blocks = weight.reshape(-1, self.block_size)
-        out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=weight.device)
-        kernel = self._kernel(weight.device) if blocks.numel() >= _COMPILE_MIN_ELEMENTS else None
-        if kernel is None:
-            step = max(1, _CHUNK_ELEMENTS // self.block_size)
-            for start in range(0, blocks.shape[0], step):
-                out[start:start + step] = self.quantize_blocks(blocks[start:start + step].to(torch.float32))
+        if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self.name)) is not None:
+            out = c_kernel(blocks)
         else:
-            step = _COMPILED_CHUNK_ELEMENTS // self.block_size
-            for start in range(0, blocks.shape[0], step):
-                chunk = blocks[start:start + step]
-                n_blocks = chunk.shape[0]
-                if n_blocks < step:
-                    # Compiled kernels see one shape only: pad the last chunk with zero blocks.
-                    chunk = torch.cat([chunk, chunk.new_zeros(step - n_blocks, self.block_size)])
-                out[start:start + n_blocks] = kernel(chunk)[:n_blocks]
-        return GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(n_per_row)))
+            out = self._quantize_chunks(blocks)
+        return GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(shape[-1])))
 
-    def _kernel(self, device: torch.device):
-        """quantize_blocks compiled by torch.compile for chunks of one fixed shape (several times
-        faster on CPU: the element-wise steps fuse into a few loops), or None where compiling is
-        off (QTOOL_COMPILE=0) or fails; the eager path gives the same bytes."""
-        key = (type(self), device.type)
-        if key not in _COMPILED:
-            _COMPILED[key] = None
-            if os.environ.get("QTOOL_COMPILE", "1") != "0" and type(self).compile_worthwhile:
-                try:
-                    # Each type's own quantize_blocks: dynamo caches per code object.
-                    compiled = torch.compile(self.quantize_blocks, dynamic=False, fullgraph=True)
-                    compiled(torch.zeros(_COMPILED_CHUNK_ELEMENTS // self.block_size, self.block_size, device=device))
-                    _COMPILED[key] = compiled
-                except Exception as exc:  # noqa: BLE001 - no compiler, unsupported backend: eager is correct too
-                    _COMPILE_ERRORS[key] = repr(exc)
-        return _COMPILED[key]
+    def _quantize_chunks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """quantize_blocks over bounded chunks; on the CPU on several threads (see _parallel)."""
+        out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=blocks.device)
+        step = max(1, _CHUNK_ELEMENTS // self.block_size)
+
+        def work(starts: Sequence[int]) -> None:
+            for start in starts:
+                out[start:start + step] = self.quantize_blocks(blocks[start:start + step].to(torch.float32))
+
+        starts = range(0, blocks.shape[0], step)
+        if blocks.device.type == "cpu":
+            run_chunks(starts, work)
+        else:
+            work(starts)
+        return out
 
     def dequantize(self, packed: GGMLTensor) -> torch.Tensor:
         if packed.type_name != self.name:
@@ -182,7 +168,6 @@ class GGMLType(Scheme):
 
 class _FloatType(GGMLType):
     block_size = 1
-    compile_worthwhile = False
     dtype: ClassVar[torch.dtype]
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,16 @@ def _f32(value: float) -> float:
     return float(np.float32(value))
 
 
+def pairwise_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (a power of two) in a fixed order, keepdim: neighbours first, level by
+    level, ((v0 + v1) + (v2 + v3)) + ... A float32 sum's bytes depend on its order, and torch's
+    own ``sum`` takes a different one on each CPU vector width, under torch.compile, and on CUDA;
+    this one is what the Triton K-quant kernel (qtool/kernels/ggml.py) computes too."""
+    while values.shape[-1] > 1:
+        values = values[..., 0::2] + values[..., 1::2]
+    return values
+
+
 # ---------------------------------------------------------------------------------------------
 # Sub-block scale searches. Inputs are (n_groups, group_size) float32; outputs (n_groups, 1).
 
@@ -48,23 +58,23 @@ def _search_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
     Returns (scale, -min), each (n_groups, 1).
 
     The candidates are a short Python loop over whole tensors (a (groups, candidates, n) tensor
-    would be the same arithmetic, but torch.compile fuses the loop form into tighter code)."""
+    would be the same arithmetic with a larger temporary)."""
     low = x.amin(dim=-1, keepdim=True).clamp(max=0)
     high = x.amax(dim=-1, keepdim=True)
     span = high - low
     flat = span == 0
     span = torch.where(flat, torch.ones_like(span), span)
     shifted = x - low
-    sum_w = weights.sum(dim=-1, keepdim=True)
+    sum_w = pairwise_sum(weights)
     weighted_x = weights * x
-    sum_x = weighted_x.sum(dim=-1, keepdim=True)
-    sum_x2 = (weighted_x * x).sum(dim=-1, keepdim=True)
+    sum_x = pairwise_sum(weighted_x)
+    sum_x2 = pairwise_sum(weighted_x * x)
     group_sums = (sum_w, sum_x, sum_x2)
 
     def fit(levels):
-        sum_l = (weights * levels).sum(dim=-1, keepdim=True)
-        sum_l2 = (weights * levels * levels).sum(dim=-1, keepdim=True)
-        sum_xl = (weighted_x * levels).sum(dim=-1, keepdim=True)
+        sum_l = pairwise_sum(weights * levels)
+        sum_l2 = pairwise_sum(weights * levels * levels)
+        sum_xl = pairwise_sum(weighted_x * levels)
         return sum_l, sum_l2, sum_xl
 
     # The plain min/max grid first; a least-squares fit replaces it only when strictly better.
@@ -106,8 +116,8 @@ def _search_scale_symmetric(x: torch.Tensor, nmax: int, nstep: int = 9, rdelta: 
 
     def fit(inverse):
         levels = nearest_int(inverse * x).clamp_(-nmax, nmax - 1)
-        sum_lx = (weighted_x * levels).sum(dim=-1, keepdim=True)
-        sum_l2 = (weights * levels * levels).sum(dim=-1, keepdim=True)
+        sum_lx = pairwise_sum(weighted_x * levels)
+        sum_l2 = pairwise_sum(weights * levels * levels)
         return sum_lx, sum_l2
 
     sum_lx, sum_l2 = fit(-nmax / peak)
@@ -143,7 +153,7 @@ def _refine_asymmetric(x: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls:
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         levels = nearest_int((x + offset) / safe).clamp_(0, nmax)
         levels = torch.where(scale == 0, torch.zeros_like(levels), levels)
-        err = (scale * levels - offset - x).square().sum(dim=-1, keepdim=True)
+        err = pairwise_sum((scale * levels - offset - x).square())
         if best_error is None:
             best_error, best_levels = err, levels
             continue
@@ -166,7 +176,7 @@ def _refine_symmetric(x: torch.Tensor, d: torch.Tensor, codes: torch.Tensor, nma
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         levels = nearest_int(x / safe).clamp_(-nmax, nmax - 1)
         levels = torch.where(scale == 0, torch.zeros_like(levels), levels)
-        err = (scale * levels - x).square().sum(dim=-1, keepdim=True)
+        err = pairwise_sum((scale * levels - x).square())
         if best_error is None:
             best_error, best_levels = err, levels
             continue
@@ -237,7 +247,9 @@ def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: in
 def _rms_weights(blocks: torch.Tensor, group: int) -> torch.Tensor:
     """llama.cpp's weights for Q4_K/Q5_K: rms of the group plus |x|."""
     groups = blocks.reshape(-1, group)
-    rms = groups.square().mean(dim=-1, keepdim=True).sqrt()
+    # sqrt in float64, rounded once to float32: the correctly rounded float32 square root. torch's
+    # own float32 sqrt is not correctly rounded on every CPU (1 ulp off with some vector units).
+    rms = (pairwise_sum(groups.square()) / group).to(torch.float64).sqrt().to(torch.float32)
     return rms + groups.abs()
 
 

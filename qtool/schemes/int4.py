@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from qtool.kernels import fused
 from qtool.schemes._parallel import cpu_workers, run_chunks
 from qtool.schemes.base import Scheme, register
 
@@ -187,6 +188,8 @@ class _IntScheme(Scheme):
     default_group_size: int | None = 128
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
+        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+            return fused_kernel(weight, **params)
         group_size = params.get("group_size", self.default_group_size) if self.default_group_size else None
         return quantize_int(weight, int(self.bits), self.symmetric, None if group_size is None else int(group_size))
 

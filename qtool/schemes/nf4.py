@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from qtool.kernels import fused
 from qtool.schemes._parallel import cpu_workers, run_chunks
 from qtool.schemes.base import Scheme, register
 from qtool.schemes.int4 import NonFiniteWeight
@@ -157,19 +158,22 @@ def _mean_as_torch(values: torch.Tensor, threads: int) -> torch.Tensor:
 
     bitsandbytes' offset is ``absmax.mean()``, and a float32 sum's rounding depends on how torch
     splits it: each of k = min(threads, ceil(n / grain)) threads sums one of k equal contiguous
-    parts (ceil(n / k) elements), the partial sums are added in order, then divided by n. Running
-    that op itself with several threads would cost more than the sum on a busy machine (every
-    parallel op leaves OpenMP threads spinning for milliseconds), so the split is replayed here;
-    tests/test_schemes_cpu_paths.py checks the replay against torch's own mean.
+    parts (ceil(n / k) elements) into its slot of a zeroed buffer of ``threads`` floats, the buffer
+    is summed (torch's own sum again), then divided by n. Running that op itself with several
+    threads would cost more than the sum on a busy machine (every parallel op leaves OpenMP threads
+    spinning for milliseconds), so the split is replayed here; tests/test_schemes_cpu_paths.py
+    checks the replay against torch's own mean, and qtool/kernels/nf4.py computes the same on CUDA.
     """
     n = values.numel()
     parts = max(1, min(threads, -(-n // _REDUCTION_GRAIN)))
     size = -(-n // parts)
     with cpu_workers():         # each part summed in one piece, as one of those threads does
-        total = values[:size].sum()
-        for start in range(size, n, size):
-            total = total + values[start:start + size].sum()
-        return total / n
+        if parts == 1:
+            return values.sum() / n
+        buffer = torch.zeros(threads, dtype=values.dtype)
+        for part, start in enumerate(range(0, n, size)):
+            buffer[part] = values[start:start + size].sum()
+        return buffer.sum() / n
 
 
 def _quantize_4bit_torch(flat: torch.Tensor, quant_type: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,6 +391,8 @@ class _Bnb4bit(Scheme):
     quant_type = "nf4"
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> Packed4bit:
+        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+            return fused_kernel(weight, **params)
         block_size, double_quant = _params(params)
         return quantize_4bit(weight, self.quant_type, block_size, double_quant)
 

@@ -1,0 +1,126 @@
+"""C kernels for the CPU's hottest GGML types, built on first use with the system C compiler.
+
+Why not torch.compile here: a compiled torch function costs every process seconds of tracing
+and module imports before its first block, and its OpenMP loops stall when the cores are
+shared; a GGUF conversion is short enough for both to dominate. These kernels (cpu_ggml.c)
+compute the torch code's bytes (see the C file), take bf16 or f32 input as it lies in the
+checkpoint, and run chunks of a tensor on several Python threads at once (ctypes releases the
+GIL during the call).
+
+The shared library is cached under $XDG_CACHE_HOME/qtool (default ~/.cache/qtool), keyed by a
+hash of the source and the compiler command. Without a compiler, or with QTOOL_CPU_KERNELS=0,
+``cpu_kernel`` returns None and the torch code runs: same bytes, slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_ggml.c")
+# No -ffast-math, no contraction into fused multiply-adds: the bytes must equal torch's.
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno"]
+# Blocks per call: big enough that the call overhead is negligible, small enough that threads
+# share a tensor evenly.
+_CHUNK_ELEMENTS = 1 << 20
+
+# The candidate inverse-scale constants of Q6_K's search (nmax 32, rdelta 0.2, steps -4..4 but 0),
+# each rounded to float32 exactly as ggml_kquants._search_scale_symmetric rounds them.
+_Q6_K_CANDIDATES = np.array([np.float32(32 + float(np.float32(0.2)) * step) for step in (-4, -3, -2, -1, 1, 2, 3, 4)],
+                            dtype=np.float32)
+
+
+def _asymmetric_candidates(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
+    """The constants rmin + rdelta*step + nmax of ggml_kquants._search_scale_min, as it rounds them."""
+    return np.array([np.float32(float(np.float32(rmin)) + float(np.float32(rdelta)) * step + nmax)
+                     for step in range(nstep + 1)], dtype=np.float32)
+
+
+_CANDIDATES = {"Q6_K": _Q6_K_CANDIDATES, "Q4_K": _asymmetric_candidates(15, -1.0, 0.2, 10),
+               "Q5_K": _asymmetric_candidates(31, -0.5, 0.2, 7)}
+
+# scheme name -> (C function, bytes per block, elements per block)
+_FUNCTIONS = {"Q8_0": ("quantize_q8_0", 34, 32), "Q4_0": ("quantize_q4_0", 18, 32),
+              "Q4_1": ("quantize_q4_1", 20, 32), "Q5_0": ("quantize_q5_0", 22, 32),
+              "Q5_1": ("quantize_q5_1", 24, 32), "Q4_K": ("quantize_q4_k", 144, 256),
+              "Q5_K": ("quantize_q5_k", 176, 256), "Q6_K": ("quantize_q6_k", 210, 256)}
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qtool"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("QTOOL_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not SOURCE.is_file():
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_ggml-{key}.so"
+    try:
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Build beside the target and rename: concurrent processes never load a partial file.
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(built, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    for name, _, _ in _FUNCTIONS.values():
+        function = getattr(library, name)
+        function.restype = None
+        with_candidates = name.endswith("_k")
+        function.argtypes = [pointer, ctypes.c_int, size, *([pointer] if with_candidates else []), pointer]
+    return library
+
+
+def cpu_kernel(scheme_name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a GGML type with a C kernel: a function (n_blocks, block) float tensor on the CPU ->
+    (n_blocks, type_size) uint8, the bytes of the scheme's ``quantize_blocks``; else None."""
+    entry = _FUNCTIONS.get(scheme_name)
+    library = _library() if entry is not None else None
+    if library is None:
+        return None
+    function_name, type_size, block = entry
+    function = getattr(library, function_name)
+    extra = (_CANDIDATES[scheme_name].ctypes.data,) if scheme_name in _CANDIDATES else ()
+
+    def quantize_blocks(blocks: torch.Tensor) -> torch.Tensor:
+        from qtool.schemes._parallel import run_chunks
+
+        if blocks.dtype not in _DTYPES:
+            blocks = blocks.to(torch.float32)
+        blocks = blocks.contiguous()
+        n_blocks = blocks.shape[0]
+        out = torch.empty((n_blocks, type_size), dtype=torch.uint8)
+        step = max(1, _CHUNK_ELEMENTS // block)
+        dtype_code = _DTYPES[blocks.dtype]
+        base_in, base_out = blocks.data_ptr(), out.data_ptr()
+        in_stride = block * blocks.element_size()
+
+        def work(starts):
+            for start in starts:
+                count = min(step, n_blocks - start)
+                function(base_in + start * in_stride, dtype_code, count, *extra, base_out + start * type_size)
+
+        run_chunks(range(0, n_blocks, step), work)
+        return out
+
+    return quantize_blocks

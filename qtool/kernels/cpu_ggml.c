@@ -1,0 +1,430 @@
+/* CPU kernels for the GGML block types that dominate GGUF conversion time: Q8_0, Q4_0, Q4_1,
+ * Q5_0, Q5_1 and Q6_K (the output matrix of every plain-type recipe).
+ *
+ * Each function is the torch code of qtool/schemes/ggml.py / ggml_kquants.py for one block,
+ * operation by operation in float32: the same divisions (torch's `scalar / tensor` is a
+ * reciprocal then a multiply), round-half-even (rintf) where the torch code calls torch.round,
+ * roundf where it calls roundf, sums in the fixed pairwise order of `pairwise_sum`. Built with
+ * -ffp-contract=off and without -ffast-math, so the compiler neither fuses multiply-adds nor
+ * reorders sums: the bytes equal the torch path's (tests compare them).
+ *
+ * Input blocks are float32 (dtype 0) or bfloat16 (dtype 1). No global state: callers run
+ * several chunks of a tensor on several threads (ctypes releases the GIL).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float load(const void *src, int dtype, int64_t i) {
+    if (dtype == 1) {
+        uint32_t bits = (uint32_t)((const uint16_t *)src)[i] << 16;
+        float value;
+        memcpy(&value, &bits, 4);
+        return value;
+    }
+    return ((const float *)src)[i];
+}
+
+static inline void store_half(uint8_t *dst, float value) {
+    _Float16 half = (_Float16)value;   /* round to nearest even, like torch's .to(float16) */
+    memcpy(dst, &half, 2);
+}
+
+static inline float half_value(const uint8_t *src) {
+    _Float16 half;
+    memcpy(&half, src, 2);
+    return (float)half;
+}
+
+static inline float reciprocal_or_zero(float scale) {
+    return scale == 0.0f ? 0.0f : 1.0f / scale;
+}
+
+/* The element of largest magnitude, sign kept; the first one on ties (torch.argmax). */
+static inline float signed_absmax(const float *x, int n) {
+    float best = x[0];
+    float best_abs = fabsf(x[0]);
+    for (int i = 1; i < n; i++) {
+        if (fabsf(x[i]) > best_abs) {
+            best_abs = fabsf(x[i]);
+            best = x[i];
+        }
+    }
+    return best;
+}
+
+static inline void load_block(const void *src, int dtype, int64_t block, int n, float *x) {
+    for (int i = 0; i < n; i++) x[i] = load(src, dtype, block * n + i);
+}
+
+static inline float clampf(float v, float lo, float hi) {
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+/* rintf (round half to even) of a level that is then clamped to [-32, 31] or narrower: values
+ * past +-64 are clamped first (they round past the range either way), and below 2^22 adding
+ * and subtracting 1.5 * 2^23 rounds to an integer exactly, in a form the compiler vectorizes. */
+static inline float rint_level(float v) {
+    const float magic = 12582912.0f;
+    v = clampf(v, -64.0f, 64.0f);
+    return (v + magic) - magic;
+}
+
+/* Exported kernels are built for AVX2 and for plain x86-64; the loader picks one at run time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KERNEL __attribute__((target_clones("avx2", "default")))
+#else
+#define KERNEL
+#endif
+
+KERNEL void quantize_q8_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    float x[32];
+    for (int64_t b = 0; b < n_blocks; b++, out += 34) {
+        load_block(src, dtype, b, 32, x);
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[i]));
+        float scale = amax / 127.0f;
+        float inverse = reciprocal_or_zero(scale);
+        store_half(out, scale);
+        for (int i = 0; i < 32; i++) out[2 + i] = (uint8_t)(int8_t)roundf(x[i] * inverse);
+    }
+}
+
+/* Q4_0 / Q5_0: scale = signed absmax / -half_range, q = trunc(x / scale + half_range + 0.5). */
+static inline void symmetric_levels(const float *x, float half_range, float *scale_out, uint8_t *q) {
+    float scale = signed_absmax(x, 32) / -half_range;
+    float inverse = reciprocal_or_zero(scale);
+    float top = 2.0f * half_range - 1.0f;
+    for (int i = 0; i < 32; i++) q[i] = (uint8_t)clampf(truncf(x[i] * inverse + (half_range + 0.5f)), 0.0f, top);
+    *scale_out = scale;
+}
+
+/* Q4_1 / Q5_1: low = min, scale = (max - low) / top, q = trunc((x - low) / scale + 0.5). */
+static inline void affine_levels(const float *x, float top, float *scale_out, float *low_out, uint8_t *q) {
+    float low = x[0], high = x[0];
+    for (int i = 1; i < 32; i++) {
+        low = fminf(low, x[i]);
+        high = fmaxf(high, x[i]);
+    }
+    float scale = (high - low) / top;
+    float inverse = reciprocal_or_zero(scale);
+    for (int i = 0; i < 32; i++) q[i] = (uint8_t)clampf(truncf((x[i] - low) * inverse + 0.5f), 0.0f, top);
+    *scale_out = scale;
+    *low_out = low;
+}
+
+static inline void store_nibbles(uint8_t *dst, const uint8_t *q) {
+    for (int i = 0; i < 16; i++) dst[i] = (uint8_t)((q[i] & 0x0F) | ((q[i + 16] & 0x0F) << 4));
+}
+
+static inline void store_high_bits(uint8_t *dst, const uint8_t *q) {
+    for (int byte = 0; byte < 4; byte++) {
+        uint8_t bits = 0;
+        for (int bit = 0; bit < 8; bit++) bits |= (uint8_t)(((q[byte * 8 + bit] >> 4) & 1) << bit);
+        dst[byte] = bits;
+    }
+}
+
+KERNEL void quantize_q4_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    float x[32], scale;
+    uint8_t q[32];
+    for (int64_t b = 0; b < n_blocks; b++, out += 18) {
+        load_block(src, dtype, b, 32, x);
+        symmetric_levels(x, 8.0f, &scale, q);
+        store_half(out, scale);
+        store_nibbles(out + 2, q);
+    }
+}
+
+KERNEL void quantize_q5_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    float x[32], scale;
+    uint8_t q[32];
+    for (int64_t b = 0; b < n_blocks; b++, out += 22) {
+        load_block(src, dtype, b, 32, x);
+        symmetric_levels(x, 16.0f, &scale, q);
+        store_half(out, scale);
+        store_high_bits(out + 2, q);
+        store_nibbles(out + 6, q);
+    }
+}
+
+KERNEL void quantize_q4_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    float x[32], scale, low;
+    uint8_t q[32];
+    for (int64_t b = 0; b < n_blocks; b++, out += 20) {
+        load_block(src, dtype, b, 32, x);
+        affine_levels(x, 15.0f, &scale, &low, q);
+        store_half(out, scale);
+        store_half(out + 2, low);
+        store_nibbles(out + 4, q);
+    }
+}
+
+KERNEL void quantize_q5_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    float x[32], scale, low;
+    uint8_t q[32];
+    for (int64_t b = 0; b < n_blocks; b++, out += 24) {
+        load_block(src, dtype, b, 32, x);
+        affine_levels(x, 31.0f, &scale, &low, q);
+        store_half(out, scale);
+        store_half(out + 2, low);
+        store_high_bits(out + 4, q);
+        store_nibbles(out + 8, q);
+    }
+}
+
+/* pairwise_sum of 16 values: neighbours first, level by level. */
+static inline float pairwise16(const float *v) {
+    float a[8], b[4];
+    for (int i = 0; i < 8; i++) a[i] = v[2 * i] + v[2 * i + 1];
+    for (int i = 0; i < 4; i++) b[i] = a[2 * i] + a[2 * i + 1];
+    return (b[0] + b[1]) + (b[2] + b[3]);
+}
+
+/* _search_scale_symmetric for one group of 16, nmax 32, nstep 4, rdelta 0.2 (Q6_K).
+ * candidates[k] are the float32 constants nmax + rdelta*step, step = -4..4 without 0. */
+static float q6_group_scale(const float *x, const float *candidates) {
+    float peak = signed_absmax(x, 16);
+    int zero_group = fabsf(peak) < 1e-15f;
+    if (zero_group) peak = 1.0f;
+    float weights[16], weighted_x[16], terms_lx[16], terms_l2[16];
+    for (int i = 0; i < 16; i++) {
+        weights[i] = x[i] * x[i];
+        weighted_x[i] = weights[i] * x[i];
+    }
+    float reciprocal = 1.0f / peak;
+    float best_scale = 0.0f, best = 0.0f;
+    for (int k = -1; k < 8; k++) {
+        float inverse = reciprocal * (k < 0 ? -32.0f : -candidates[k]);
+        for (int i = 0; i < 16; i++) {
+            float level = clampf(rint_level(inverse * x[i]), -32.0f, 31.0f);
+            terms_lx[i] = weighted_x[i] * level;
+            terms_l2[i] = weights[i] * level * level;
+        }
+        float sum_lx = pairwise16(terms_lx), sum_l2 = pairwise16(terms_l2);
+        if (k < 0) {
+            best_scale = sum_l2 > 0.0f ? sum_lx / sum_l2 : 0.0f;
+            best = best_scale * sum_lx;
+        } else if (sum_l2 > 0.0f && sum_lx * sum_lx > best * sum_l2) {
+            best_scale = sum_lx / sum_l2;
+            best = best_scale * sum_lx;
+        }
+    }
+    return zero_group ? 0.0f : best_scale;
+}
+
+KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    float x[256], scales[16];
+    float levels[256];
+    for (int64_t b = 0; b < n_blocks; b++, out += 210) {
+        load_block(src, dtype, b, 256, x);
+        for (int g = 0; g < 16; g++) scales[g] = q6_group_scale(x + 16 * g, candidates);
+        float peak = signed_absmax(scales, 16);
+        int nonzero = fabsf(peak) >= 1e-15f;
+        float inverse = nonzero ? (1.0f / peak) * -128.0f : 0.0f;
+        float d_stored = nonzero ? 1.0f / inverse : 0.0f;
+        store_half(out + 208, d_stored);
+        float d = half_value(out + 208);
+        for (int g = 0; g < 16; g++) {
+            const float *xg = x + 16 * g;
+            float code = clampf(rintf(inverse * scales[g]), -128.0f, 127.0f);
+            float best_error = 0.0f, best_code = code, trial_levels[16], squares[16];
+            float *best_levels = levels + 16 * g;
+            /* _refine_symmetric: the code, then one step down, then one step up. */
+            for (int t = 0; t < 3; t++) {
+                float trial = clampf(code + (t == 0 ? 0.0f : (t == 1 ? -1.0f : 1.0f)), -128.0f, 127.0f);
+                float scale = d * trial;
+                float safe = scale == 0.0f ? 1.0f : scale;
+                for (int i = 0; i < 16; i++) {
+                    float level = scale == 0.0f ? 0.0f : clampf(rint_level(xg[i] / safe), -32.0f, 31.0f);
+                    float diff = scale * level - xg[i];
+                    trial_levels[i] = level;
+                    squares[i] = diff * diff;
+                }
+                float error = pairwise16(squares);
+                if (t == 0 || error < best_error) {
+                    best_error = error;
+                    best_code = trial;
+                    memcpy(best_levels, trial_levels, sizeof trial_levels);
+                }
+            }
+            out[192 + g] = (uint8_t)(int8_t)best_code;
+        }
+        /* ql[64h + l] = q(128h + l) | q(128h + l + 64) << 4, ql[64h + 32 + l] = q(+32) | q(+96) << 4,
+         * qh[32h + l] = top two bits of q(128h + l + 32k) at bits 2k. */
+        for (int h = 0; h < 2; h++) {
+            for (int l = 0; l < 32; l++) {
+                uint8_t q[4];
+                for (int k = 0; k < 4; k++) q[k] = (uint8_t)(levels[128 * h + 32 * k + l] + 32.0f);
+                out[64 * h + l] = (uint8_t)((q[0] & 0x0F) | ((q[2] & 0x0F) << 4));
+                out[64 * h + 32 + l] = (uint8_t)((q[1] & 0x0F) | ((q[3] & 0x0F) << 4));
+                out[128 + 32 * h + l] = (uint8_t)((q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6));
+            }
+        }
+    }
+}
+
+/* pairwise_sum of 32 values. */
+static inline float pairwise32(const float *v) {
+    float a[16];
+    for (int i = 0; i < 16; i++) a[i] = v[2 * i] + v[2 * i + 1];
+    return pairwise16(a);
+}
+
+/* Σ w (scale*l + offset - x)^2 from the group sums, in the torch code's order of operations. */
+static inline float closed_form_error(float scale, float offset, float sum_w, float sum_x, float sum_x2,
+                                      float sum_l, float sum_l2, float sum_xl) {
+    return scale * scale * sum_l2 + 2.0f * scale * offset * sum_l - 2.0f * scale * sum_xl
+           + offset * offset * sum_w - 2.0f * offset * sum_x + sum_x2;
+}
+
+/* _search_scale_min for one group of 32: x ≈ scale * l - min, l in [0, nmax]. candidates[0..nstep]
+ * are the float32 constants rmin + rdelta*step + nmax. */
+static void search_scale_min32(const float *x, const float *w, float nmax, int nstep, const float *candidates,
+                               float *scale_out, float *min_out) {
+    float low = x[0], high = x[0];
+    for (int i = 1; i < 32; i++) {
+        low = fminf(low, x[i]);
+        high = fmaxf(high, x[i]);
+    }
+    low = low > 0.0f ? 0.0f : low;   /* clamp(max=0), which keeps a -0 */
+    float span = high - low;
+    int flat = span == 0.0f;
+    if (flat) span = 1.0f;
+    float shifted[32], wx[32], t_l[32], t_l2[32], t_xl[32], t[32];
+    for (int i = 0; i < 32; i++) {
+        shifted[i] = x[i] - low;
+        wx[i] = w[i] * x[i];
+        t[i] = wx[i] * x[i];
+    }
+    float sum_w = pairwise32(w), sum_x = pairwise32(wx), sum_x2 = pairwise32(t);
+    float reciprocal = 1.0f / span;
+    float best_scale = 0.0f, best_min = low, best_error = 0.0f;
+    for (int k = -1; k <= nstep; k++) {
+        float inverse = reciprocal * (k < 0 ? nmax : candidates[k]);
+        for (int i = 0; i < 32; i++) {
+            float level = clampf(rint_level(inverse * shifted[i]), 0.0f, nmax);
+            t_l[i] = w[i] * level;
+            t_l2[i] = w[i] * level * level;
+            t_xl[i] = wx[i] * level;
+        }
+        float sum_l = pairwise32(t_l), sum_l2 = pairwise32(t_l2), sum_xl = pairwise32(t_xl);
+        if (k < 0) {   /* the plain min/max grid */
+            best_scale = 1.0f / inverse;
+            best_error = closed_form_error(best_scale, best_min, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl);
+            continue;
+        }
+        float det = sum_w * sum_l2 - sum_l * sum_l;
+        float scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+        float offset = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+        if (offset > 0.0f) {
+            scale = sum_xl / sum_l2;
+            offset = 0.0f;
+        }
+        float error = closed_form_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl);
+        if (det > 0.0f && error < best_error) {
+            best_error = error;
+            best_scale = scale;
+            best_min = offset;
+        }
+    }
+    *scale_out = flat ? 0.0f : best_scale;
+    *min_out = flat ? -low : -best_min;
+}
+
+/* _quantize_k_asymmetric + _rms_weights for groups of 32 with 6-bit codes (Q4_K, Q5_K): writes
+ * d and dmin (fp16 bytes) to out[0..3], the codes to ls/lm and the levels. */
+static void quantize_k32(const float *x, float nmax, int nstep, const float *candidates, uint8_t *out,
+                         uint8_t *ls_out, uint8_t *lm_out, uint8_t *levels_out) {
+    float scales[8], mins[8], w[32], squares[32];
+    for (int g = 0; g < 8; g++) {
+        const float *xg = x + 32 * g;
+        for (int i = 0; i < 32; i++) squares[i] = xg[i] * xg[i];
+        float rms = sqrtf(pairwise32(squares) / 32.0f);
+        for (int i = 0; i < 32; i++) w[i] = rms + fabsf(xg[i]);
+        search_scale_min32(xg, w, nmax, nstep, candidates, &scales[g], &mins[g]);
+    }
+    float max_scale = scales[0], max_min = mins[0];
+    for (int g = 1; g < 8; g++) {
+        max_scale = fmaxf(max_scale, scales[g]);
+        max_min = fmaxf(max_min, mins[g]);
+    }
+    max_scale = max_scale < 0.0f ? 0.0f : max_scale;   /* clamp(min=0), which keeps a -0 */
+    max_min = max_min < 0.0f ? 0.0f : max_min;
+    float inv_scale = max_scale > 0.0f ? (1.0f / max_scale) * 63.0f : 0.0f;
+    float inv_min = max_min > 0.0f ? (1.0f / max_min) * 63.0f : 0.0f;
+    store_half(out, max_scale / 63.0f);
+    store_half(out + 2, max_min / 63.0f);
+    float d = half_value(out), dmin = half_value(out + 2);
+    for (int g = 0; g < 8; g++) {
+        const float *xg = x + 32 * g;
+        float ls = clampf(rintf(inv_scale * scales[g]), 0.0f, 63.0f);
+        float lm = clampf(rintf(inv_min * mins[g]), 0.0f, 63.0f);
+        float offset = dmin * lm, best_error = 0.0f, best_ls = ls, trial_levels[32];
+        uint8_t *best_levels = levels_out + 32 * g;
+        /* _refine_asymmetric: the code, then one step down, then one step up. */
+        for (int t = 0; t < 3; t++) {
+            float code = clampf(ls + (t == 0 ? 0.0f : (t == 1 ? -1.0f : 1.0f)), 0.0f, 63.0f);
+            float scale = d * code;
+            float safe = scale == 0.0f ? 1.0f : scale;
+            for (int i = 0; i < 32; i++) {
+                float level = scale == 0.0f ? 0.0f : clampf(rint_level((xg[i] + offset) / safe), 0.0f, nmax);
+                float diff = scale * level - offset - xg[i];
+                trial_levels[i] = level;
+                squares[i] = diff * diff;
+            }
+            float error = pairwise32(squares);
+            if (t == 0 || error < best_error) {
+                best_error = error;
+                best_ls = code;
+                for (int i = 0; i < 32; i++) best_levels[i] = (uint8_t)trial_levels[i];
+            }
+        }
+        ls_out[g] = (uint8_t)best_ls;
+        lm_out[g] = (uint8_t)lm;
+    }
+}
+
+/* get_scale_min_k4's layout: eight 6-bit scales and mins in 12 bytes. */
+static inline void store_scale_min_k4(uint8_t *dst, const uint8_t *ls, const uint8_t *lm) {
+    for (int i = 0; i < 4; i++) {
+        dst[i] = (uint8_t)(ls[i] | ((ls[i + 4] >> 4) << 6));
+        dst[4 + i] = (uint8_t)(lm[i] | ((lm[i + 4] >> 4) << 6));
+        dst[8 + i] = (uint8_t)((ls[i + 4] & 0x0F) | ((lm[i + 4] & 0x0F) << 4));
+    }
+}
+
+/* qs[32j + l] = level(64j + l) | level(64j + 32 + l) << 4. */
+static inline void store_k_nibbles(uint8_t *dst, const uint8_t *levels) {
+    for (int j = 0; j < 4; j++)
+        for (int l = 0; l < 32; l++)
+            dst[32 * j + l] = (uint8_t)((levels[64 * j + l] & 0x0F) | ((levels[64 * j + 32 + l] & 0x0F) << 4));
+}
+
+KERNEL void quantize_q4_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    float x[256];
+    uint8_t ls[8], lm[8], levels[256];
+    for (int64_t b = 0; b < n_blocks; b++, out += 144) {
+        load_block(src, dtype, b, 256, x);
+        quantize_k32(x, 15.0f, 10, candidates, out, ls, lm, levels);
+        store_scale_min_k4(out + 4, ls, lm);
+        store_k_nibbles(out + 16, levels);
+    }
+}
+
+KERNEL void quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    float x[256];
+    uint8_t ls[8], lm[8], levels[256];
+    for (int64_t b = 0; b < n_blocks; b++, out += 176) {
+        load_block(src, dtype, b, 256, x);
+        quantize_k32(x, 31.0f, 7, candidates, out, ls, lm, levels);
+        store_scale_min_k4(out + 4, ls, lm);
+        /* qh[j] bit k is the fifth bit of level 32k + j. */
+        for (int j = 0; j < 32; j++) {
+            uint8_t bits = 0;
+            for (int k = 0; k < 8; k++) bits |= (uint8_t)(((levels[32 * k + j] >> 4) & 1) << k);
+            out[16 + j] = bits;
+        }
+        store_k_nibbles(out + 48, levels);
+    }
+}
