@@ -96,3 +96,31 @@ def test_method_errors(tiny_llama_dir: Path) -> None:
             list(calibrated_weights(source, plans, MethodOptions("gptq")))
         items = list(calibrated_weights(source, plans, MethodOptions("rtn")))
         assert items and all(math.isnan(item.error) for item in items)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
+@pytest.mark.parametrize("method", ["imatrix", "gptq"])
+def test_kquant_results_pack_into_bytes_that_decode_to_the_calibrated_weight(type_name: str, method: str) -> None:
+    """GGUF K-quant blocks laid out from the grid GPTQ / the importance search chose, decoded by
+    gguf-py (llama.cpp's layout): exactly the weight the method returned."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from qtool.calibration.packing import pack_result
+    from qtool.plan import TensorPlan
+    from qtool.schemes.gptq import gptq_quantize, make_grid, quantize_rtn
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 512, generator=generator) * 0.02
+    weight[0] = 0                                    # an all-zero row: d = dmin = 0
+    inputs = torch.randn(300, 512, generator=generator) * torch.rand(512, generator=generator) * 3
+    hessian = inputs.T @ inputs
+    grid = make_grid(type_name)
+    importance = inputs.square().mean(0)
+    result = (gptq_quantize(weight, hessian, grid, importance=importance, act_order=True, damp_diag=1.0)
+              if method == "gptq" else quantize_rtn(weight, grid, importance))
+    plan = TensorPlan(name="model.layers.0.mlp.down_proj.weight", shape=tuple(weight.shape), scheme=type_name,
+                      params={})
+    packed = pack_result(plan, result)
+    decoded = dequantize(packed.data.numpy(), GGMLQuantizationType[type_name]).reshape(weight.shape)
+    np.testing.assert_array_equal(decoded, result.qweight.numpy())

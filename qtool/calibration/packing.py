@@ -47,6 +47,30 @@ def pack_ggml(type_name: str, result: QuantResult) -> Any:
     return GGMLTensor(type_name, (rows, cols), data)
 
 
+def pack_kquant(type_name: str, result: QuantResult) -> Any:
+    """Q4_K / Q5_K from a KQuantGrid result: its fp16 d/dmin per super-block, 6-bit sub-block scale
+    and min codes, and levels, in block_q4_K / block_q5_K's layout."""
+    from qtool.schemes.ggml import GGMLTensor, fp16_bytes, pack_nibbles
+    from qtool.schemes.ggml_kquants import _pack_scale_min_k4
+
+    rows, cols = result.levels.shape
+    if cols % 256:
+        raise BadArgument(f"{type_name} needs rows that are a multiple of 256 elements; got {cols}")
+    levels = _blocks(result.levels.to(torch.uint8), 256)
+    d = result.extra["d"].reshape(-1, 1).to(torch.float32)
+    dmin = result.extra["dmin"].reshape(-1, 1).to(torch.float32)
+    codes = _pack_scale_min_k4(_blocks(result.extra["sub_scale"], 8), _blocks(result.extra["sub_min"], 8))
+    halves = levels.reshape(-1, 4, 2, 32)
+    qs = pack_nibbles(halves[:, :, 0], halves[:, :, 1]).reshape(-1, 128)
+    parts = [fp16_bytes(d), fp16_bytes(dmin), codes]
+    if type_name == "Q5_K":
+        # qh[j] bit k is the fifth bit of element 32k + j.
+        high = ((levels >> 4) & 1).reshape(-1, 8, 32)
+        parts.append(sum(high[:, k] << k for k in range(8)).to(torch.uint8))
+    data = torch.cat(parts + [qs], dim=-1).reshape(rows, -1)
+    return GGMLTensor(type_name, (rows, cols), data)
+
+
 def pack_int(scheme: str, result: QuantResult, group_size: int, dtype: torch.dtype) -> Any:
     """compressed-tensors int4 groups (qtool.schemes.int4.PackedInt): signed levels and zero points."""
     from qtool.schemes.int4 import PackedInt
@@ -70,6 +94,8 @@ def pack_result(plan: TensorPlan, result: QuantResult, dtype: torch.dtype = torc
     ``dtype``: the source weight's dtype (compressed-tensors stores scales in it)."""
     if plan.scheme in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         return pack_ggml(plan.scheme, result)
+    if plan.scheme in ("Q4_K", "Q5_K"):
+        return pack_kquant(plan.scheme, result)
     if plan.scheme in ("int4-sym", "int4-asym"):
         return pack_int(plan.scheme, result, int(plan.params.get("group_size", 128)), dtype)
     raise BadArgument(f"packing calibrated {plan.scheme} tensors is not supported yet; use --method rtn")
