@@ -5,9 +5,9 @@ vendored sources: ``convert_hf_to_gguf.py --outtype f16`` then ``llama-quantize`
 cmake into .bench/). qtool: ``qtool quantize MODEL --format gguf --type TYPE``.
 
 Reports wall time and peak RSS of every step, the ratio qtool / llama.cpp, and the targets
-(qtool <= 0.5x llama.cpp's total wall time, peak RSS < 1 GB). torch.compile'd kernels are cached
-on disk after their first use; the first-use compile time is measured separately (a warm-up
-conversion of a tiny model) and reported, not hidden.
+(qtool <= 0.5x llama.cpp's total wall time, peak RSS < 1 GB). qtool's C kernels are compiled on
+first use and cached; that one-time cost is measured separately (a warm-up conversion of a tiny
+model) and reported, not hidden.
 
 Environment: QTOOL_LLAMA_SDIST (path to llama_cpp_python-*.tar.gz; else /tmp/llsdist/*.tar.gz,
 else ``pip download``), QTOOL_BENCH_TYPES (default "Q8_0,Q4_0,Q4_K_M"), QTOOL_BENCH_JSON (where
@@ -111,7 +111,7 @@ def llama_sources() -> Path:
     if sdist is None:
         download = BENCH / "sdist"
         subprocess.check_call([PYTHON, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                               "llama-cpp-python", "-d", str(download)])
+                               "llama-cpp-python==0.3.36", "-d", str(download)])
         sdist = str(next(download.glob("llama_cpp_python-*.tar.gz")))
     with tarfile.open(sdist) as archive:
         archive.extractall(BENCH, filter="data")
@@ -147,8 +147,8 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
 
-    # First use of each torch.compile'd kernel compiles it (cached on disk afterwards): do that on a
-    # tiny model, and report the time.
+    # The first conversion builds qtool's C kernels (cached afterwards): do that on a tiny model, and
+    # report the time.
     from qtool.synthetic import SHAPES, write_synthetic_llama
     from qtool.sources.resolve import resolve
 
@@ -198,7 +198,7 @@ def main() -> int:
                       ("time ok" if row.meets_time_target else f"time > {TARGET_RATIO}x") + ", "
                       + ("rss ok" if row.meets_rss_target else "rss >= 1 GB"))
     console.print(table)
-    console.print(f"qtool's one-time torch.compile warm-up (cached afterwards): {warmup:.1f} s")
+    console.print(f"qtool's warm-up conversion of a one-layer model (builds the C kernels once): {warmup:.1f} s")
     payload = json.dumps(asdict(result), indent=2)
     if os.environ.get("QTOOL_BENCH_JSON"):
         Path(os.environ["QTOOL_BENCH_JSON"]).write_text(payload)

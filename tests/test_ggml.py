@@ -151,3 +151,16 @@ def test_three_dimensional_tensors_are_rows_of_the_last_dimension():
     packed = ggml_type("Q8_0").quantize(weight)
     assert packed.shape == (2, 3, 64)
     assert ggml_type("Q8_0").dequantize(packed).shape == (2, 3, 64)
+
+
+def test_cpu_kernels_give_the_same_bytes_without_vector_instructions(tmp_path):
+    """The shipped build has an AVX2 clone of every kernel picked at run time; a plain x86-64 (or
+    other) build must give the same bytes, or files would depend on the machine."""
+    from qtool.kernels import cpu
+
+    portable = cpu.build_library(tmp_path, ("-DQTOOL_PORTABLE", "-O1", "-fno-tree-vectorize"))
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.cat([_edge_case_matrix(512), torch.randn(300, 512, generator=generator) * 0.02]).bfloat16()
+    for name in cpu._FUNCTIONS:
+        blocks = weight.reshape(-1, ggml_type(name).block_size)
+        assert torch.equal(cpu_kernel(name)(blocks), cpu_kernel(name, portable)(blocks)), name

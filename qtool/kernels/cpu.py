@@ -60,28 +60,24 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qtool"
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("QTOOL_CPU_KERNELS", "1") == "0":
-        return None
+def build_library(directory: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile cpu_ggml.c into ``directory`` (once per source, compiler and flags) and load it.
+    Raises OSError / subprocess errors when there is no working compiler."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not SOURCE.is_file():
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_ggml-{key}.so"
-    try:
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # Build beside the target and rename: concurrent processes never load a partial file.
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-                built = Path(scratch) / target.name
-                subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(built, target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError):
-        return None
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    flags = [*_FLAGS, *extra_flags]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    target = directory / f"cpu_ggml-{key}.so"
+    if not target.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: concurrent processes never load a partial file.
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(built, target)
+    library = ctypes.CDLL(str(target))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name, _, _ in _FUNCTIONS.values():
         function = getattr(library, name)
@@ -91,11 +87,24 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-def cpu_kernel(scheme_name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("QTOOL_CPU_KERNELS", "1") == "0" or not SOURCE.is_file():
+        return None
+    try:
+        return build_library(_cache_dir())
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_kernel(scheme_name: str, library: ctypes.CDLL | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """For a GGML type with a C kernel: a function (n_blocks, block) float tensor on the CPU ->
-    (n_blocks, type_size) uint8, the bytes of the scheme's ``quantize_blocks``; else None."""
+    (n_blocks, type_size) uint8, the bytes of the scheme's ``quantize_blocks``; else None.
+    ``library``: another build (tests compare builds); default: the cached one."""
     entry = _FUNCTIONS.get(scheme_name)
-    library = _library() if entry is not None else None
+    if entry is None:
+        return None
+    library = library or _library()
     if library is None:
         return None
     function_name, type_size, block = entry

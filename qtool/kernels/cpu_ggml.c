@@ -71,7 +71,7 @@ static inline float rint_level(float v) {
 }
 
 /* Exported kernels are built for AVX2 and for plain x86-64; the loader picks one at run time. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(QTOOL_PORTABLE)
 #define KERNEL __attribute__((target_clones("avx2", "default")))
 #else
 #define KERNEL
