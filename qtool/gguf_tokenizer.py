@@ -84,13 +84,19 @@ def _bpe_vocab(tokenizer_dir: Path, vocab_size: int | None) -> dict[str, Any]:
     if model.get("type") != "BPE" or not _is_byte_level(spec):
         raise Unsupported(f"{tokenizer_dir / 'tokenizer.json'}: only byte-level BPE (gpt2-style) tokenizer.json "
                           "files or SentencePiece tokenizer.model files can be written to GGUF")
-    from transformers import AutoTokenizer
+    # The tokenizers library reads tokenizer.json directly; transformers would cost seconds of imports.
+    from tokenizers import Tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    vocab: dict[str, int] = tokenizer.get_vocab()
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
     size = max(vocab_size or 0, max(vocab.values()) + 1)
     by_id = {index: text for text, index in vocab.items()}
-    added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
+    added = {token["content"]: token for token in spec.get("added_tokens") or []}
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    if config_path.is_file():   # tokenizer_config.json's view of the added tokens wins, as in transformers
+        for token in (_load_json(config_path).get("added_tokens_decoder") or {}).values():
+            if isinstance(token, dict) and "content" in token:
+                added[token["content"]] = {**added.get(token["content"], {}), **token}
     tokens: list[str] = []
     types: list[int] = []
     for index in range(size):
@@ -100,10 +106,11 @@ def _bpe_vocab(tokenizer_dir: Path, vocab_size: int | None) -> dict[str, Any]:
             types.append(UNUSED)
         elif text in added:
             token = added[text]
-            if not token.normalized:
+            if not token.get("normalized", True):
                 # llama.cpp expects control/user-defined tokens pre-normalized, as the converter does.
-                text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False))
-            if token.special or _looks_special(text):
+                ids = tokenizer.encode(text, add_special_tokens=False).ids
+                text = tokenizer.decode(ids, skip_special_tokens=False)
+            if token.get("special") or _looks_special(text):
                 types.append(CONTROL)
             else:
                 text = text.replace("\u2581", " ")
@@ -112,7 +119,7 @@ def _bpe_vocab(tokenizer_dir: Path, vocab_size: int | None) -> dict[str, Any]:
         else:
             tokens.append(text)
             types.append(NORMAL)
-    probe = sha256(str(tokenizer.encode(_PROBE_TEXT)).encode()).hexdigest()
+    probe = sha256(str(tokenizer.encode(_PROBE_TEXT).ids).encode()).hexdigest()
     pre = _PRE_TOKENIZERS.get(probe)
     if pre is None:
         ui.warn(f"{tokenizer_dir}: BPE pre-tokenizer not recognised (probe hash {probe[:12]}...); "

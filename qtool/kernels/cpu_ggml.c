@@ -86,7 +86,13 @@ KERNEL void quantize_q8_0(const void *src, int dtype, int64_t n_blocks, uint8_t 
         float scale = amax / 127.0f;
         float inverse = reciprocal_or_zero(scale);
         store_half(out, scale);
-        for (int i = 0; i < 32; i++) out[2 + i] = (uint8_t)(int8_t)roundf(x[i] * inverse);
+        for (int i = 0; i < 32; i++) {
+            /* roundf (halves away from zero) in a form that vectorizes: |v| <= 127 here. */
+            float v = x[i] * inverse;
+            int whole = (int)v;
+            float fraction = v - (float)whole;
+            out[2 + i] = (uint8_t)(int8_t)(whole + (fraction >= 0.5f) - (fraction <= -0.5f));
+        }
     }
 }
 
@@ -95,7 +101,8 @@ static inline void symmetric_levels(const float *x, float half_range, float *sca
     float scale = signed_absmax(x, 32) / -half_range;
     float inverse = reciprocal_or_zero(scale);
     float top = 2.0f * half_range - 1.0f;
-    for (int i = 0; i < 32; i++) q[i] = (uint8_t)clampf(truncf(x[i] * inverse + (half_range + 0.5f)), 0.0f, top);
+    /* clamp then truncate (an int conversion, which vectorizes) = truncate then clamp. */
+    for (int i = 0; i < 32; i++) q[i] = (uint8_t)(int)clampf(x[i] * inverse + (half_range + 0.5f), 0.0f, top);
     *scale_out = scale;
 }
 
@@ -108,7 +115,7 @@ static inline void affine_levels(const float *x, float top, float *scale_out, fl
     }
     float scale = (high - low) / top;
     float inverse = reciprocal_or_zero(scale);
-    for (int i = 0; i < 32; i++) q[i] = (uint8_t)clampf(truncf((x[i] - low) * inverse + 0.5f), 0.0f, top);
+    for (int i = 0; i < 32; i++) q[i] = (uint8_t)(int)clampf((x[i] - low) * inverse + 0.5f, 0.0f, top);
     *scale_out = scale;
     *low_out = low;
 }
