@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_ggml.c")
-# No -ffast-math, no contraction into fused multiply-adds: the bytes must equal torch's.
-_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno"]
+# No -ffast-math, no contraction into fused multiply-adds: the bytes must equal torch's. Without
+# trapping math the compiler may if-convert (and so vectorize) the clamps; no value changes.
+_FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 # Blocks per call: big enough that the call overhead is negligible, small enough that threads
 # share a tensor evenly.
 _CHUNK_ELEMENTS = 1 << 20

@@ -58,7 +58,9 @@ static inline void load_block(const void *src, int dtype, int64_t block, int n, 
 }
 
 static inline float clampf(float v, float lo, float hi) {
-    return v < lo ? lo : (v > hi ? hi : v);
+    /* Two plain selects (not nested) so that the compiler if-converts and vectorizes them. */
+    v = v < lo ? lo : v;
+    return v > hi ? hi : v;
 }
 
 /* rintf (round half to even) of a level that is then clamped to [-32, 31] or narrower: values
@@ -132,52 +134,46 @@ static inline void store_high_bits(uint8_t *dst, const uint8_t *q) {
     }
 }
 
-KERNEL void quantize_q4_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    float x[32], scale;
+/* The four 4/5-bit 32-blocks: [fp16 scale][fp16 low, affine types][high bits, 5-bit types][nibbles].
+ * `range` is half the level range (symmetric types) or the top level (affine types). */
+static inline void quantize_32(const void *src, int dtype, int64_t n_blocks, uint8_t *out, int affine, float range,
+                               int five_bit) {
+    float x[32], scale, low;
     uint8_t q[32];
-    for (int64_t b = 0; b < n_blocks; b++, out += 18) {
+    int type_size = 2 + (affine ? 2 : 0) + (five_bit ? 4 : 0) + 16;
+    for (int64_t b = 0; b < n_blocks; b++, out += type_size) {
         load_block(src, dtype, b, 32, x);
-        symmetric_levels(x, 8.0f, &scale, q);
+        uint8_t *next = out + 2;
+        if (affine) {
+            affine_levels(x, range, &scale, &low, q);
+            store_half(next, low);
+            next += 2;
+        } else {
+            symmetric_levels(x, range, &scale, q);
+        }
         store_half(out, scale);
-        store_nibbles(out + 2, q);
+        if (five_bit) {
+            store_high_bits(next, q);
+            next += 4;
+        }
+        store_nibbles(next, q);
     }
+}
+
+KERNEL void quantize_q4_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    quantize_32(src, dtype, n_blocks, out, 0, 8.0f, 0);
 }
 
 KERNEL void quantize_q5_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    float x[32], scale;
-    uint8_t q[32];
-    for (int64_t b = 0; b < n_blocks; b++, out += 22) {
-        load_block(src, dtype, b, 32, x);
-        symmetric_levels(x, 16.0f, &scale, q);
-        store_half(out, scale);
-        store_high_bits(out + 2, q);
-        store_nibbles(out + 6, q);
-    }
+    quantize_32(src, dtype, n_blocks, out, 0, 16.0f, 1);
 }
 
 KERNEL void quantize_q4_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    float x[32], scale, low;
-    uint8_t q[32];
-    for (int64_t b = 0; b < n_blocks; b++, out += 20) {
-        load_block(src, dtype, b, 32, x);
-        affine_levels(x, 15.0f, &scale, &low, q);
-        store_half(out, scale);
-        store_half(out + 2, low);
-        store_nibbles(out + 4, q);
-    }
+    quantize_32(src, dtype, n_blocks, out, 1, 15.0f, 0);
 }
 
 KERNEL void quantize_q5_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    float x[32], scale, low;
-    uint8_t q[32];
-    for (int64_t b = 0; b < n_blocks; b++, out += 24) {
-        load_block(src, dtype, b, 32, x);
-        affine_levels(x, 31.0f, &scale, &low, q);
-        store_half(out, scale);
-        store_half(out + 2, low);
-        store_high_bits(out + 4, q);
-        store_nibbles(out + 8, q);
-    }
+    quantize_32(src, dtype, n_blocks, out, 1, 31.0f, 1);
 }
 
 /* pairwise_sum of 16 values: neighbours first, level by level. */
