@@ -117,7 +117,7 @@ def quantize(
     model: str = typer.Argument(..., help="Hub id[@revision], local folder, .safetensors or .gguf file, or smollm2-135m."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (safetensors) or .gguf file."),
     bits: Optional[int] = typer.Option(None, "--bits", help="4 or 8: picks the default scheme (nf4 / int8-sym, or Q4_K_M / Q8_0 for GGUF)."),
-    scheme: Optional[str] = typer.Option(None, "--scheme", help="nf4, fp4, int8-sym, int8-asym, int4-sym, int4-asym."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="nf4, fp4, int8-sym, int8-asym, int4-sym, int4-asym, w8a8."),
     fmt: Optional[str] = typer.Option(None, "--format", help="safetensors or gguf (default: gguf when --type is given or OUT ends in .gguf)."),
     gguf_type: Optional[str] = typer.Option(None, "--type", help="GGUF type: F16, Q8_0, Q4_0, Q4_K, ... or a mix: Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M."),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="NF4/FP4 block size (default 64)."),
@@ -135,6 +135,9 @@ def quantize(
     calib_samples: int = typer.Option(128, "--calib-samples"),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen"),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics saved by `qtool calibrate`."),
+    act_range: Optional[str] = typer.Option(None, "--act-range", help="w8a8: static input scale from minmax (default), percentile (p99.99) or mse of |x|."),
+    act_strategy: Optional[str] = typer.Option(None, "--act-strategy", help="w8a8: tensor (static scales, calibrated; default) or token (dynamic)."),
+    smooth: Optional[float] = typer.Option(None, "--smooth", help="w8a8: SmoothQuant alpha, 0 to 1 (0: off; configs/w8a8.yaml: 0.8)."),
     evaluate_after: bool = typer.Option(False, "--eval", help="Measure perplexity of the output against the source."),
     text: Optional[Path] = typer.Option(None, "--text", help="With --eval: text file to score."),
     ctx: int = typer.Option(512, "--ctx", help="With --eval: window length in tokens."),
@@ -154,7 +157,8 @@ def quantize(
         out_format = choose_format(fmt, gguf_type, output, config)
         recipe = recipe_from_options(fmt=out_format, bits=bits, scheme=scheme, gguf_type=gguf_type, config=config,
                                      block_size=block_size, group_size=group_size,
-                                     double_quant=False if no_double_quant else None, include=include, skip=skip)
+                                     double_quant=False if no_double_quant else None, include=include, skip=skip,
+                                     act_range=act_range, act_strategy=act_strategy, smooth=smooth)
         options = QuantizeOptions(format=out_format, force=force, dry_run=dry_run,
                                   max_shard_size=_parse_size(max_shard_size), device=device, revision=revision,
                                   method=method, calib=calib, calib_samples=calib_samples,

@@ -15,7 +15,7 @@ import torch
 from qtool import __version__, ui
 from qtool.errors import BadArgument
 from qtool.plan import KEEP, Recipe, TensorPlan, build_plan
-from qtool.report import QuantizeReport, size_report
+from qtool.report import ActivationReport, ActivationRow, QuantizeReport, size_report
 from qtool.schemes.base import get_scheme
 from qtool.sinks import sink_class
 from qtool.sources.base import Source
@@ -84,8 +84,10 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
                                seconds=time.perf_counter() - started, dry_run=True, labels=labels)
 
         calibrated = calibrate_plans(source, plans, options, device)
+        # W8A8 may smooth the model first: from here on, tensors are read through the smoothing.
+        source, scales, activations = activation_scales(source, plans, options, device)
         sink = sink_type(Path(out), source, plans, force=options.force,
-                         options={"max_shard_size": options.max_shard_size,
+                         options={"max_shard_size": options.max_shard_size, "input_scales": scales,
                                   "gguf_type": recipe.name or recipe.scheme, **options.extra})
         sizes: dict[str, int] = {}
         try:
@@ -99,6 +101,7 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
                     progress.advance(1, status=plan.name)
             report = size_report(source, infos, plans, sizes, output=str(out), fmt=options.format,
                                  seconds=time.perf_counter() - started, dry_run=False, labels=labels)
+            report.activations = activations
             final = sink.finish(model_card(source, recipe, report))
         except BaseException:
             sink.abort()
@@ -113,7 +116,7 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
     Calibration walks the model block by block while sinks take tensors in file order, so the packed
     results (a few bits per weight) are collected first and handed to the sink as their turn comes.
     """
-    if options.method == "rtn" and options.stats is None:
+    if options.method == "rtn":   # the sink's own round-to-nearest; --stats may be for activation scales
         return {}
     from qtool.calibration import MethodOptions, calibrated_weights, calibration_set, load_stats
     from qtool.calibration.data import DEFAULT_CALIB, load_tokenizer
@@ -126,6 +129,58 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
     results = calibrated_weights(source, plans, MethodOptions(method=options.method), stats=stats,
                                  calib_set=calib_set, device=device)
     return {item.plan.name: item.packed for item in results}
+
+
+def activation_scales(source: Source, plans: list[TensorPlan], options: QuantizeOptions,
+                      device: str) -> tuple[Source, dict[str, Any], ActivationReport | None]:
+    """For W8A8 plans: the source to quantize (smoothed when the plans ask for ``smooth: ALPHA``),
+    the static input scales (from --stats, else a calibration pass without X^T X; after smoothing,
+    a second pass over the smoothed model) and what was chosen, for the report."""
+    from qtool.calibration.activation import act_strategy, input_scales, needs_static_scale
+
+    w8a8 = [p for p in plans if not p.keep and p.scheme == "w8a8"]
+    if not w8a8:
+        return source, {}, None
+    strategies = sorted({act_strategy(p) for p in w8a8})
+    static = [p for p in w8a8 if needs_static_scale(p)]
+    alphas = {float(p.params.get("smooth") or 0.0) for p in w8a8}
+    if len(alphas) > 1:
+        raise BadArgument(f"smooth: one smoothing alpha per model, got {sorted(alphas)}")
+    alpha = alphas.pop()
+    scales: dict[str, Any] = {}
+    described = None
+    if static or alpha:
+        from qtool.calibration import calibrate, load_stats
+        from qtool.calibration.data import DEFAULT_CALIB
+
+        calib: str = options.calib or DEFAULT_CALIB
+        samples, seqlen = options.calib_samples, options.calib_seqlen
+        if options.stats is not None:
+            stats = load_stats(options.stats)
+            # A second pass (after smoothing) reads the text the statistics were made from.
+            if options.calib is None and Path(stats.calib).is_file():
+                calib = stats.calib
+            samples, seqlen = stats.samples, stats.seqlen
+        else:
+            stats = calibrate(source, calib=calib, samples=samples, seqlen=seqlen, device=device, want_hessian=False)
+        if alpha:
+            from qtool.calibration.smoothing import SmoothedSource, smoothing_ops
+
+            names = {info.name for info in source.tensors()}
+            planned = {p.name for p in w8a8}
+            ops = smoothing_ops(names, int(source.config.get("num_hidden_layers") or 0), stats.linears,
+                                source.load, alpha, selected=planned.__contains__)
+            source = SmoothedSource(source, ops)
+            if static:
+                stats = calibrate(source, calib=calib, samples=samples, seqlen=seqlen, device=device,
+                                  want_hessian=False)
+        scales = input_scales(static, stats.linears)
+        described = f"{stats.calib}, {stats.samples} x {stats.seqlen} tokens"
+    rows = [ActivationRow(name[: -len(".weight")], s.method, s.absmax, s.clip, s.scale) for name, s in scales.items()]
+    methods = sorted({s.method for s in scales.values()})
+    return source, scales, ActivationReport(strategy=",".join(strategies), bits=8, range=",".join(methods) or None,
+                                            calibration=described, modules=rows, per_token=len(w8a8) - len(static),
+                                            smoothing=alpha or None)
 
 
 def calibrate_model(spec: str, output: Path, *, calib: str | None, samples: int, seqlen: int, seed: int,

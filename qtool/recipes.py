@@ -31,7 +31,9 @@ def choose_format(fmt: str | None, gguf_type: str | None, output: Path | None, c
 
 def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_type: str | None,
                         config: Path | None, block_size: int | None, group_size: int | None,
-                        double_quant: bool | None, include: list[str], skip: list[str]) -> Recipe:
+                        double_quant: bool | None, include: list[str], skip: list[str],
+                        act_range: str | None = None, act_strategy: str | None = None,
+                        smooth: float | None = None) -> Recipe:
     if fmt == "safetensors" and gguf_type:
         raise BadArgument(f"--type {gguf_type} is a GGUF type; add --format gguf (or use --scheme for safetensors)")
     if fmt == "gguf" and scheme:
@@ -66,6 +68,31 @@ def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_
     for key, value in (("block_size", block_size), ("group_size", group_size), ("double_quant", double_quant)):
         if value is not None:
             recipe.params[key] = value
+    _activation_options(recipe, act_range, act_strategy, smooth)
     recipe.include += include
     recipe.skip += skip
     return recipe
+
+
+def _activation_options(recipe: Recipe, act_range: str | None, act_strategy: str | None,
+                        smooth: float | None) -> None:
+    """--act-range / --act-strategy / --smooth: how the w8a8 scheme quantizes Linear inputs."""
+    from qtool.calibration.activation import ACT_RANGES, ACT_STRATEGIES
+
+    if smooth is not None and not 0 <= smooth <= 1:
+        raise BadArgument(f"--smooth {smooth}: choose an alpha between 0 (off) and 1, e.g. 0.8")
+    for flag, value, choices in (("--act-range", act_range, ACT_RANGES), ("--act-strategy", act_strategy, ACT_STRATEGIES),
+                                 ("--smooth", smooth, None)):
+        if value is None:
+            continue
+        if choices is not None and value not in choices:
+            raise BadArgument(f"{flag} {value}: choose one of {', '.join(choices)}")
+        if recipe.scheme != "w8a8" and all(rule.scheme != "w8a8" for rule in recipe.rules):
+            raise BadArgument(f"{flag} sets how inputs are quantized, which only --scheme w8a8 does "
+                              "(or --config configs/w8a8.yaml)")
+    if act_range is not None:
+        recipe.params["act_range"] = act_range
+    if act_strategy is not None:
+        recipe.params["act_strategy"] = act_strategy
+    if smooth is not None:
+        recipe.params["smooth"] = smooth

@@ -33,6 +33,28 @@ class TensorRow:
 
 
 @dataclass
+class ActivationRow:
+    module: str
+    range: str            # how the clip was chosen: minmax | percentile | mse
+    absmax: float         # largest |x| seen in calibration
+    clip: float           # |x| mapped to the largest int level
+    scale: float
+
+
+@dataclass
+class ActivationReport:
+    """What a W8A8 output does with the Linear inputs."""
+
+    strategy: str                 # tensor (static scales) | token (dynamic, per token)
+    bits: int
+    range: str | None             # minmax | percentile | mse (static only)
+    calibration: str | None       # where the static scales came from
+    modules: list[ActivationRow] = field(default_factory=list)    # the static ones
+    per_token: int = 0            # modules quantizing their inputs per token, dynamically
+    smoothing: float | None = None    # SmoothQuant alpha folded into norms / up_proj (None: not smoothed)
+
+
+@dataclass
 class QuantizeReport:
     source: str
     output: str | None
@@ -52,6 +74,7 @@ class QuantizeReport:
     tensors: list[TensorRow]
     evaluation: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
+    activations: ActivationReport | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -130,3 +153,30 @@ def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: b
     summary.add_row("parameters: all, quantized", f"{report.parameters:,}", f"{report.parameters_quantized:,}")
     console.print(summary)
     console.print(f"compression {report.compression_ratio:.2f}x in {report.seconds:.1f} s", highlight=False)
+    if report.activations is not None:
+        render_activations(report.activations, console, show_modules=show_tensors)
+
+
+def render_activations(activations: ActivationReport, console: Console, *, show_modules: bool = False) -> None:
+    if activations.smoothing:
+        console.print(f"inputs smoothed into the weights (SmoothQuant alpha {activations.smoothing:g})", highlight=False)
+    if activations.strategy == "token":
+        console.print(f"inputs: int{activations.bits} per token, dynamic (no stored scales)", highlight=False)
+        return
+    modules = activations.modules
+    ratios = sorted(row.clip / row.absmax for row in modules if row.absmax > 0)
+    clipped = sum(1 for r in ratios if r < 1)
+    line = (f"inputs: int{activations.bits} per tensor, static scales ({activations.range}) of {len(modules)} "
+            f"modules from {activations.calibration}")
+    if activations.per_token:
+        line += f"; {activations.per_token} modules per token (dynamic)"
+    if ratios:
+        line += f"; clip / absmax {ratios[0]:.3f}..{ratios[-1]:.3f} (median {ratios[len(ratios) // 2]:.3f}), {clipped} clipped"
+    console.print(line, highlight=False)
+    if show_modules:
+        table = Table(title="input scales")
+        for col in ("module", "range", "absmax", "clip", "scale"):
+            table.add_column(col, justify="left" if col in ("module", "range") else "right")
+        for row in modules:
+            table.add_row(row.module, row.range, f"{row.absmax:.4g}", f"{row.clip:.4g}", f"{row.scale:.4g}")
+        console.print(table)

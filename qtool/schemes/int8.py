@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from qtool.kernels import fused
 from qtool.schemes._parallel import cpu_workers, run_chunks
 from qtool.schemes.base import Scheme, register
 from qtool.schemes.int4 import NonFiniteWeight, PackedInt, dequantize_int, quantize_int
@@ -124,6 +125,8 @@ class Int8Sym(Scheme):
     checks_finite = True        # quantize raises NonFiniteWeight itself
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt8Rows:
+        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+            return fused_kernel(weight, **params)
         return quantize_int8_rows(weight)
 
     def dequantize(self, packed: PackedInt8Rows) -> torch.Tensor:
@@ -138,7 +141,29 @@ class Int8Asym(Scheme):
     checks_finite = True        # quantize raises NonFiniteWeight itself
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
+        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+            return fused_kernel(weight, **params)
         return quantize_int(weight, 8, symmetric=False, group_size=None)
+
+    def dequantize(self, packed: PackedInt) -> torch.Tensor:
+        return dequantize_int(packed)
+
+
+@register
+class W8A8(Scheme):
+    """int8 weights, symmetric per output channel, for compressed-tensors' ``int-quantized`` W8A8
+    format; the inputs' int8 scales come from calibration (qtool.calibration.activation) and are
+    the sink's business, not the weight numerics'."""
+
+    name = "w8a8"
+    family = "compressed"
+    bits = 8.0
+    checks_finite = True        # quantize raises NonFiniteWeight itself
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
+        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+            return fused_kernel(weight, **params)
+        return quantize_int(weight, 8, symmetric=True, group_size=None)
 
     def dequantize(self, packed: PackedInt) -> torch.Tensor:
         return dequantize_int(packed)

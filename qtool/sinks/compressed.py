@@ -13,7 +13,11 @@ picks for weight-only int schemes and what vLLM's W4A16 kernels read). Per quant
 - ``weight_shape`` int64 [2].
 
 int8-asym (per channel) uses ``int-quantized``: ``weight`` int8 [rows, cols], ``weight_scale``
-[rows, 1] and ``weight_zero_point`` int8 [rows, 1], unpacked. transformers + compressed-tensors
+[rows, 1] and ``weight_zero_point`` int8 [rows, 1], unpacked. ``w8a8`` is the same layout with
+symmetric weights (no zero point) plus the inputs' quantization (what vLLM runs as W8A8 int8):
+``input_activations`` in the config group, int8 symmetric, either ``strategy: tensor`` with a
+static ``input_scale`` [1] per module (from calibration, ``options["input_scales"]``), or
+``strategy: token, dynamic: true`` (the runtime takes each token's absmax; nothing stored). transformers + compressed-tensors
 0.20 load it as is (they cannot load *packed* zero points: the empty model they build expects
 them unpacked; int4-asym outputs therefore load with ``CompressedTensorsConfig(dequantize=True)``,
 and in vLLM). vLLM serves weight-only int8 only symmetric, so no format would run int8-asym there.
@@ -29,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from qtool.calibration.activation import ACT_BITS, ActivationScale, act_strategy, needs_static_scale
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
 from qtool.schemes.base import get_scheme
@@ -47,7 +52,7 @@ INT = "int-quantized"
 def _format(plan: TensorPlan) -> str:
     # int8 weights are stored as they are; transformers then loads the asymmetric zero points
     # unpacked (compressed-tensors 0.20 cannot load packed zero points through transformers).
-    return INT if plan.scheme == "int8-asym" else PACKED
+    return INT if plan.scheme in ("int8-asym", "w8a8") else PACKED
 
 
 def _module_name(weight_name: str) -> str:
@@ -57,14 +62,24 @@ def _module_name(weight_name: str) -> str:
 def _scheme_args(plan: TensorPlan) -> dict[str, Any]:
     """compressed-tensors ``QuantizationArgs`` of a planned tensor's scheme."""
     scheme = get_scheme(plan.scheme)
-    if plan.scheme == "int8-asym":
-        return {"num_bits": 8, "type": "int", "symmetric": False, "strategy": "channel", "group_size": None,
-                "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
-                "observer_kwargs": {}}
+    if plan.scheme in ("int8-asym", "w8a8"):
+        return {"num_bits": 8, "type": "int", "symmetric": plan.scheme == "w8a8", "strategy": "channel",
+                "group_size": None, "dynamic": False, "actorder": None, "block_structure": None,
+                "observer": "minmax", "observer_kwargs": {}}
     group_size = int(plan.params.get("group_size", 128))
     return {"num_bits": int(scheme.bits), "type": "int", "symmetric": plan.scheme.endswith("-sym"),
             "strategy": "group", "group_size": group_size, "dynamic": False, "actorder": None,
             "block_structure": None, "observer": "minmax", "observer_kwargs": {}}
+
+
+def _input_args(plan: TensorPlan) -> dict[str, Any] | None:
+    """compressed-tensors ``QuantizationArgs`` of the inputs (None: weight-only scheme)."""
+    if plan.scheme != "w8a8":
+        return None
+    dynamic = act_strategy(plan) == "token"
+    return {"num_bits": ACT_BITS, "type": "int", "symmetric": True, "strategy": act_strategy(plan),
+            "group_size": None, "dynamic": dynamic, "actorder": None, "block_structure": None,
+            "observer": None if dynamic else "minmax", "observer_kwargs": {}}
 
 
 class CompressedSink(SafetensorsSink):
@@ -84,6 +99,13 @@ class CompressedSink(SafetensorsSink):
                 raise BadArgument(f"--group-size {group_size} does not divide the {plan.shape[1]} input columns of "
                                   f"{plan.name}; compressed-tensors needs whole groups (try a divisor such as "
                                   f"{math.gcd(plan.shape[1], 128) or 1})")
+            if needs_static_scale(plan) and plan.name not in self.input_scales:
+                raise BadArgument(f"{plan.name}: w8a8 with static activation scales needs calibration "
+                                  "(--calib FILE or --stats FILE), or pass --act-strategy token")
+
+    @property
+    def input_scales(self) -> dict[str, ActivationScale]:
+        return self.options.get("input_scales") or {}
 
     @classmethod
     def quantized_outputs(cls, plan: TensorPlan, dtype: torch.dtype) -> list[OutputTensor]:
@@ -93,9 +115,13 @@ class CompressedSink(SafetensorsSink):
         rows, cols = plan.shape
         groups = 1 if args["group_size"] is None else -(-cols // args["group_size"])
         if _format(plan) == INT:
-            return [entry_bound(f"{module}.weight", torch.int8, (rows, cols)),
-                    entry_bound(f"{module}.weight_scale", dtype, (rows, groups)),
-                    entry_bound(f"{module}.weight_zero_point", torch.int8, (rows, groups))]
+            outputs = [entry_bound(f"{module}.weight", torch.int8, (rows, cols)),
+                       entry_bound(f"{module}.weight_scale", dtype, (rows, groups))]
+            if not args["symmetric"]:
+                outputs.append(entry_bound(f"{module}.weight_zero_point", torch.int8, (rows, groups)))
+            if needs_static_scale(plan):
+                outputs.append(entry_bound(f"{module}.input_scale", dtype, (1,)))
+            return outputs
         outputs = [entry_bound(f"{module}.weight_packed", torch.int32, (rows, -(-cols * bits // 32))),
                    entry_bound(f"{module}.weight_scale", dtype, (rows, groups)),
                    entry_bound(f"{module}.weight_shape", torch.int64, (2,))]
@@ -106,8 +132,14 @@ class CompressedSink(SafetensorsSink):
     def packed_tensors(self, plan: TensorPlan, packed: PackedInt) -> dict[str, torch.Tensor]:
         module = _module_name(plan.name)
         if _format(plan) == INT:
-            return {f"{module}.weight": packed.q, f"{module}.weight_scale": packed.scale,
-                    f"{module}.weight_zero_point": packed.zero_point}
+            tensors = {f"{module}.weight": packed.q, f"{module}.weight_scale": packed.scale}
+            if packed.zero_point is not None:
+                tensors[f"{module}.weight_zero_point"] = packed.zero_point
+            if needs_static_scale(plan):
+                # Stored in the scale dtype, as compressed-tensors allocates it (the weight's dtype).
+                tensors[f"{module}.input_scale"] = torch.tensor([self.input_scales[plan.name].scale],
+                                                                dtype=packed.scale.dtype)
+            return tensors
         tensors = {f"{module}.weight_packed": pack_int32(packed.q, packed.bits),
                    f"{module}.weight_scale": packed.scale,
                    f"{module}.weight_shape": torch.tensor(packed.shape, dtype=torch.int64)}
@@ -124,16 +156,17 @@ class CompressedSink(SafetensorsSink):
             if plan.keep:
                 continue
             args = _scheme_args(plan)
-            key = repr((_format(plan), sorted(args.items())))
+            inputs = _input_args(plan)
+            key = repr((_format(plan), sorted(args.items()), sorted((inputs or {}).items())))
             if key not in groups:
-                groups[key] = args
+                groups[key] = (args, inputs)
                 formats[key] = _format(plan)
                 targets[key] = []
             targets[key].append(_module_name(plan.name))
         config_groups = {
-            f"group_{index}": {"format": formats[key], "input_activations": None, "output_activations": None,
+            f"group_{index}": {"format": formats[key], "input_activations": inputs, "output_activations": None,
                                "targets": targets[key], "weights": args}
-            for index, (key, args) in enumerate(groups.items())
+            for index, (key, (args, inputs)) in enumerate(groups.items())
         }
         distinct = set(formats.values())
         overall_format = distinct.pop() if len(distinct) == 1 else ("dense" if not distinct else "mixed-precision")
