@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from qtool.calibration.data import CalibrationSet, calibration_set, load_tokenizer, read_calibration_text, sample_windows
-from qtool.calibration.observers import InputObserver, activation_scale
+from qtool.calibration.activation import choose_scale
+from qtool.calibration.observers import InputObserver
 from qtool.calibration.runner import calibrate, hf_config, load_stats, save_stats, walk_blocks
 from qtool.errors import BadArgument, CorruptFile, NetworkError, NotFound
 from qtool.sources.resolve import resolve
@@ -69,9 +70,10 @@ def test_observer_matches_direct_statistics() -> None:
     assert stats.act_min == float(x.min()) and stats.act_max == float(x.max())
     # Every element was sampled (budget above the element count): percentiles are exact order statistics.
     assert abs(stats.percentiles["p99"] - float(torch.quantile(x.abs().reshape(-1), 0.99))) < 0.05
-    assert activation_scale(stats, method="minmax") == pytest.approx(float(x.abs().max()) / 127)
-    assert activation_scale(stats, method="percentile", percentile=99.0) < activation_scale(stats, method="minmax")
-    assert 0 < activation_scale(stats, method="mse") <= activation_scale(stats, method="minmax") * 1.0001
+    minmax = choose_scale(stats, "minmax").scale
+    assert minmax == pytest.approx(float(x.abs().max()) / 127)
+    assert choose_scale(stats, "percentile", percentile=99.0).scale < minmax
+    assert 0 < choose_scale(stats, "mse").scale <= minmax * 1.0001
 
 
 def _tiny_set(source, samples: int = 3, seqlen: int = 32, seed: int = 0) -> CalibrationSet:

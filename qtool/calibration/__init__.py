@@ -6,12 +6,12 @@ Public entry points (the CLI wires them):
 """
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
 from qtool.calibration.methods import METHODS, CalibratedTensor, MethodOptions, OverlaySource, calibrated_weights
-from qtool.calibration.observers import InputStats, activation_scale
+from qtool.calibration.observers import InputStats
 from qtool.calibration.runner import CalibrationStats, LayerRecord, calibrate, load_stats, save_stats, walk_blocks
 
 __all__ = [
     "DEFAULT_CALIB", "DEFAULT_SAMPLES", "DEFAULT_SEQLEN", "CalibrationSet", "calibration_set",
     "METHODS", "CalibratedTensor", "MethodOptions", "OverlaySource", "calibrated_weights",
-    "InputStats", "activation_scale", "CalibrationStats", "LayerRecord", "calibrate", "load_stats",
+    "InputStats", "CalibrationStats", "LayerRecord", "calibrate", "load_stats",
     "save_stats", "walk_blocks",
 ]

@@ -72,35 +72,3 @@ class InputObserver:
         return InputStats(self.in_features, self.tokens, self.absmax.cpu(), (self.sum_square / tokens).float().cpu(),
                           self.act_min, self.act_max, percentiles,
                           None if self.hessian is None else self.hessian.cpu(), sketch.contiguous())
-
-
-def activation_scale(stats: InputStats, *, method: str = "minmax", bits: int = 8, percentile: float = 99.99) -> float:
-    """Static per-tensor scale for symmetric int activations (value = scale * q, |q| <= 2^(bits-1) - 1).
-
-    minmax: the largest |x| seen; percentile: that percentile of |x| (clips rare outliers);
-    mse: the clipping threshold minimizing the mean squared quantization error over the |x| sample.
-    """
-    qmax = 2 ** (bits - 1) - 1
-    absmax = max(abs(stats.act_min), abs(stats.act_max))
-    if method == "minmax":
-        return absmax / qmax
-    if method == "percentile":
-        key = f"p{percentile:g}"
-        if key in stats.percentiles:
-            return stats.percentiles[key] / qmax
-        if stats.abs_sample is None:
-            raise ValueError(f"percentile {percentile} was not recorded")
-        return float(torch.quantile(stats.abs_sample, percentile / 100)) / qmax
-    if method == "mse":
-        if stats.abs_sample is None or stats.abs_sample.numel() == 0:
-            return absmax / qmax
-        sample = stats.abs_sample.to(torch.float32)
-        candidates = torch.linspace(0.3, 1.0, 71) * absmax
-        best, best_err = absmax, float("inf")
-        for clip in candidates.tolist():
-            scale = clip / qmax if clip > 0 else 1.0
-            err = float(((torch.clamp(torch.round(sample / scale), 0, qmax) * scale - sample) ** 2).mean())
-            if err < best_err:
-                best, best_err = clip, err
-        return best / qmax
-    raise ValueError(f"unknown activation scale method {method!r}; use minmax, percentile or mse")
