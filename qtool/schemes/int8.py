@@ -133,37 +133,34 @@ class Int8Sym(Scheme):
         return dequantize_int8_rows(packed)
 
 
-@register
-class Int8Asym(Scheme):
-    name = "int8-asym"
+class _Int8Compressed(Scheme):
+    """int8 per output channel in compressed-tensors' ``int-quantized`` layout."""
+
     family = "compressed"
     bits = 8.0
     checks_finite = True        # quantize raises NonFiniteWeight itself
+    symmetric: bool
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
         if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
             return fused_kernel(weight, **params)
-        return quantize_int(weight, 8, symmetric=False, group_size=None)
+        return quantize_int(weight, 8, symmetric=self.symmetric, group_size=None)
 
     def dequantize(self, packed: PackedInt) -> torch.Tensor:
         return dequantize_int(packed)
 
 
 @register
-class W8A8(Scheme):
+class Int8Asym(_Int8Compressed):
+    name = "int8-asym"
+    symmetric = False
+
+
+@register
+class W8A8(_Int8Compressed):
     """int8 weights, symmetric per output channel, for compressed-tensors' ``int-quantized`` W8A8
     format; the inputs' int8 scales come from calibration (qtool.calibration.activation) and are
     the sink's business, not the weight numerics'."""
 
     name = "w8a8"
-    family = "compressed"
-    bits = 8.0
-    checks_finite = True        # quantize raises NonFiniteWeight itself
-
-    def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
-        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
-            return fused_kernel(weight, **params)
-        return quantize_int(weight, 8, symmetric=True, group_size=None)
-
-    def dequantize(self, packed: PackedInt) -> torch.Tensor:
-        return dequantize_int(packed)
+    symmetric = True
