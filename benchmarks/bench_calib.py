@@ -5,7 +5,7 @@
 The model is bench_gguf's synthetic 1.1B Llama (TinyLlama's shape, bf16, two shards, SmolLM2's
 tokenizer), built once into .bench/. ``qtool calibrate MODEL --calib groups_merged.txt -o
 stats.safetensors`` runs as a child process; its wall time and its own peak RSS come from
-bench_gguf's ``run`` (``os.wait4`` rusage), the time of every layer from the per-layer records
+bench_gguf's ``run`` (the child's own VmHWM), the time of every layer from the per-layer records
 ``qtool calibrate`` saves with the statistics (the same records as its ``--json``).
 
 Why 32 x 512 tokens by default: the pass runs every block over every token (plus X^T X, which

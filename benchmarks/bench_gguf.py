@@ -22,12 +22,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import measure  # noqa: E402
 BENCH = REPO / ".bench"
 PYTHON = sys.executable
 QTOOL = [PYTHON, "-m", "qtool"]
@@ -67,40 +68,12 @@ class Result:
     rows: list[Row] = field(default_factory=list)
 
 
-def _high_water_rss(pid: int) -> int:
-    """VmHWM of a running process (bytes), 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def run(command: list[str], *, env: dict | None = None, cwd: Path | None = None) -> Step:
-    """Run a command; its wall time and its own peak RSS. The peak is the child's VmHWM, polled:
-    wait4's ru_maxrss would report at least this (large) process's RSS, which Linux carries over
-    into a forked child's maximum across exec."""
-    with tempfile.TemporaryFile() as log:   # a file, not a pipe: chatty tools cannot block on it
-        started = time.perf_counter()
-        process = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=cwd,
-                                   stdout=subprocess.DEVNULL, stderr=log)
-        peak = 0
-        while True:
-            peak = max(peak, _high_water_rss(process.pid))
-            try:
-                code = process.wait(timeout=0.05)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        seconds = time.perf_counter() - started
-        log.seek(0)
-        stderr = log.read().decode(errors="replace")
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({code}):\n{stderr[-3000:]}")
-    return Step(" ".join(command), seconds, peak)
+    """Run a command; its wall time and its own peak RSS (see _measure)."""
+    measured = measure(command, env=env, cwd=cwd)
+    if measured.exit_code != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({measured.exit_code}):\n{measured.stderr[-3000:]}")
+    return Step(" ".join(command), measured.seconds, measured.peak_rss_bytes)
 
 
 def synthetic_model() -> tuple[Path, int]:

@@ -9,7 +9,7 @@ into ``.bench/synthetic-1.1b``. Each side runs as a child process from start to 
 - peer: ``AutoModelForCausalLM.from_pretrained(MODEL, quantization_config=BitsAndBytesConfig(...),
   device_map="cpu")`` then ``save_pretrained(OUT)`` (what a user of transformers does).
 
-Wall time is measured around the child, peak RSS is the child's own ``ru_maxrss`` and CPU time
+Wall time is measured around the child, peak RSS is the child's own VmHWM (benchmarks/_measure.py) and CPU time
 its user + system time (``os.wait4``). With ``--repeat N`` the two sides alternate N times and the
 median run of each is reported (the machine's load varies; CPU seconds vary less than wall time).
 Targets (issue 3): qtool at most 0.25x the peer's wall time and under 1.2 GB peak RSS. A rich table
@@ -21,15 +21,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import measure  # noqa: E402
 
 BENCH_DIR = REPO / ".bench"
 TARGET_TIME_RATIO = 0.25
@@ -95,16 +96,12 @@ def ensure_model(folder: Path) -> Path:
 
 def timed(command: list[str], tool: str, scheme: str, out: Path) -> Run:
     shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
+    measured = measure(command, cwd=REPO)
+    code = measured.exit_code
     if code != 0:
-        print(f"{tool} {scheme} failed ({code}):\n{stderr.decode(errors='replace')[-2000:]}", file=sys.stderr)
+        print(f"{tool} {scheme} failed ({code}):\n{measured.stderr[-2000:]}", file=sys.stderr)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors")) if out.is_dir() else 0
-    return Run(tool, scheme, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, size, code)
+    return Run(tool, scheme, measured.seconds, measured.cpu_seconds, measured.peak_rss_bytes, size, code)
 
 
 def median_run(runs: list[Run]) -> Run:
