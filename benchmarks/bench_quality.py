@@ -68,6 +68,8 @@ RECIPES = {
     "rtn-q4_k": Recipe("qtool RTN Q4_K", "rtn", "Q4_K", gguf=True),
     "imatrix-q4_k": Recipe("qtool imatrix Q4_K", "imatrix", "Q4_K", gguf=True),
     "gptq-q4_k": Recipe("qtool GPTQ Q4_K (act-order, diag damping 1)", "gptq", "Q4_K", gguf=True),
+    "gptq-q4_0-down-q4_k": Recipe("qtool GPTQ Q4_0, down_proj Q4_K (act-order, diag damping 1)", "gptq", "Q4_0",
+                                  rules=[("*.mlp.down_proj.weight", "Q4_K", {})], gguf=True),
     "rtn-int4-g64": Recipe("qtool RTN int4-asym g64", "rtn", "int4-asym", {"group_size": 64}),
     "gptq-int4-g64": Recipe("qtool GPTQ int4-asym g64 (act-order, diag damping 1)", "gptq", "int4-asym", {"group_size": 64}),
     "gptq-int4-sym-g32": Recipe("qtool GPTQ int4-sym g32 (act-order, diag damping 1)", "gptq", "int4-sym", {"group_size": 32}),

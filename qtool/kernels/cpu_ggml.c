@@ -63,13 +63,17 @@ static inline float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
-/* rintf (round half to even) of a level that is then clamped to [-32, 31] or narrower: values
- * past +-64 are clamped first (they round past the range either way), and below 2^22 adding
- * and subtracting 1.5 * 2^23 rounds to an integer exactly, in a form the compiler vectorizes. */
-static inline float rint_level(float v) {
+/* rintf (round half to even): below 2^22, adding and subtracting 1.5 * 2^23 rounds to an integer
+ * exactly, in a form the compiler vectorizes. rint_level is for a level then clamped to [-32, 31]
+ * or narrower: values past +-64 are clamped first (they round past the range either way). The
+ * scale searches use rint_small where |inverse * x| <= nmax + 1 by construction. */
+static inline float rint_small(float v) {   /* |v| < 2^22 */
     const float magic = 12582912.0f;
-    v = clampf(v, -64.0f, 64.0f);
     return (v + magic) - magic;
+}
+
+static inline float rint_level(float v) {
+    return rint_small(clampf(v, -64.0f, 64.0f));
 }
 
 /* Exported kernels are built for AVX2 and for plain x86-64; the loader picks one at run time. */
@@ -200,7 +204,7 @@ static float q6_group_scale(const float *x, const float *candidates) {
     for (int k = -1; k < 8; k++) {
         float inverse = reciprocal * (k < 0 ? -32.0f : -candidates[k]);
         for (int i = 0; i < 16; i++) {
-            float level = clampf(rint_level(inverse * x[i]), -32.0f, 31.0f);
+            float level = clampf(rint_small(inverse * x[i]), -32.0f, 31.0f);
             terms_lx[i] = weighted_x[i] * level;
             terms_l2[i] = weights[i] * level * level;
         }
@@ -306,7 +310,10 @@ static void search_scale_min32(const float *x, const float *w, float nmax, int n
     for (int k = -1; k <= nstep; k++) {
         float inverse = reciprocal * (k < 0 ? nmax : candidates[k]);
         for (int i = 0; i < 32; i++) {
-            float level = clampf(rint_level(inverse * shifted[i]), 0.0f, nmax);
+            /* shifted >= 0, but a subnormal span can make inverse infinite: cap first, as torch's
+             * clamp would turn that infinity into nmax. */
+            float scaled = inverse * shifted[i];
+            float level = clampf(rint_small(scaled > 64.0f ? 64.0f : scaled), 0.0f, nmax);
             t_l[i] = w[i] * level;
             t_l2[i] = w[i] * level * level;
             t_xl[i] = wx[i] * level;
