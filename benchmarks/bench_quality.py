@@ -151,7 +151,9 @@ def _block_bits(plans, gguf: bool) -> float:
     return bits / weights
 
 
-def _quantize(source, recipe: Recipe, stats) -> tuple[dict, dict, float, float]:
+def _quantize(source, recipe: Recipe, stats, calib_set=None) -> tuple[dict, dict, float, float]:
+    """``calib_set`` given: sequential (each block calibrated on the outputs of the quantized blocks
+    before it, the forward pass run again); else from the saved statistics of the unquantized model."""
     from qtool.calibration.methods import MethodOptions, calibrated_weights
 
     plans = _plans(source, recipe)
@@ -159,7 +161,8 @@ def _quantize(source, recipe: Recipe, stats) -> tuple[dict, dict, float, float]:
                             damp=recipe.damp, damp_diag=recipe.damp_diag)
     started = time.perf_counter()
     weights, packed, errors = {}, {}, []
-    for item in calibrated_weights(source, plans, options, stats=stats, pack=recipe.gguf):
+    sources = {"calib_set": calib_set} if calib_set is not None else {"stats": stats}
+    for item in calibrated_weights(source, plans, options, pack=recipe.gguf, **sources):
         weights[item.plan.name] = item.weight
         if item.packed is not None:
             packed[item.plan.name] = item.packed
@@ -204,7 +207,10 @@ def _write_gguf(source, recipe: Recipe, packed: dict, out: Path) -> Path:
             self._pending.pop(0)
             return array.nbytes
 
-    plans = gguf_plans(source.tensors(), PlanRecipe(scheme=recipe.scheme, params=dict(recipe.params)),
+    from qtool.plan import Rule
+
+    rules = [Rule(match, scheme, params=params) for match, scheme, params in recipe.rules]
+    plans = gguf_plans(source.tensors(), PlanRecipe(scheme=recipe.scheme, params=dict(recipe.params), rules=rules),
                        source.config)
     sink = CalibratedGGUFSink(out, source, plans, force=True, options={"gguf_type": recipe.scheme})
     try:
@@ -281,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                         help=f"comma-separated, from: {', '.join(RECIPES)}")
     parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp confirmation of GGUF rows")
+    parser.add_argument("--sequential", action="store_true",
+                        help="calibrate each block on the quantized outputs of the blocks before it (slower)")
     args = parser.parse_args(argv)
     for path in (args.calib, args.text):
         if not path.is_file():
@@ -299,7 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     text = args.text.read_text(encoding="utf-8")
     rows: list[Row] = []
     with resolve("smollm2-135m") as source:
-        stats, calib_seconds, layer_seconds = _stats(source, args)
+        calib_set = None
+        if not args.sequential:   # sequential mode collects its statistics as it goes
+            stats, calib_seconds, layer_seconds = _stats(source, args)
+        else:
+            stats, calib_seconds, layer_seconds = None, 0.0, []
+            from qtool.calibration.data import calibration_set, load_tokenizer
+
+            calib_set = calibration_set(args.calib, load_tokenizer(source.tokenizer_dir()), samples=args.samples,
+                                        seqlen=args.seqlen, seed=args.seed)
         base_ppl, base_err = _qtool_ppl(source, text, args)
         rows.append(Row("unquantized (GGUF source, fp32)", "qtool eval", None, base_ppl, base_err, base_ppl, 0.0))
         rows[:0] = [Row(name, "llama.cpp (issue 6)", bits, ppl, None, base, 100 * (ppl / base - 1))
@@ -310,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             plans = _plans(source, recipe)
             gguf = recipe.scheme.startswith("Q")
             bits = _block_bits(plans, gguf)
-            weights, packed, seconds, mean_error = _quantize(source, recipe, stats)
+            weights, packed, seconds, mean_error = _quantize(source, recipe, stats, calib_set)
             ppl, err = _qtool_ppl(OverlaySource(source, weights), text, args)
             delta = 100 * (ppl / base_ppl - 1)
             rows.append(Row(recipe.name, "qtool eval", bits, ppl, err, base_ppl, delta, seconds, mean_error,
@@ -330,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  llama.cpp on {out.name}: ppl {l_ppl:.3f} ({l_delta:+.1f}%)", file=sys.stderr, flush=True)
     meeting = [r for r in rows if r.meets_goal and r.tool == "qtool eval"]
     best = min(meeting, key=lambda r: r.ppl).name if meeting else None
-    report = Report("smollm2-135m", str(args.calib), stats.samples, stats.seqlen, str(args.text), args.ctx,
+    report = Report("smollm2-135m", str(args.calib), args.samples, args.seqlen, str(args.text), args.ctx,
                     args.chunks, calib_seconds, layer_seconds, rows, best)
     _render(report)
     payload = json.dumps(asdict(report), indent=2)
