@@ -188,6 +188,40 @@ static inline float pairwise16(const float *v) {
     return (b[0] + b[1]) + (b[2] + b[3]);
 }
 
+/* pairwise_sum of 32 values. */
+static inline float pairwise32(const float *v) {
+    float a[16];
+    for (int i = 0; i < 16; i++) a[i] = v[2 * i] + v[2 * i + 1];
+    return pairwise16(a);
+}
+
+/* _refine_symmetric / _refine_asymmetric for one group of n (16 or 32): the code, one step down,
+ * one step up; keeps the code whose levels (x + offset) / (d * code), rounded and clamped, give
+ * the lowest squared error (pairwise sum), and writes those levels. Symmetric types pass offset 0,
+ * which changes no value. */
+static inline float refine_code(const float *x, int n, float d, float code, float offset, float code_lo, float code_hi,
+                                float level_lo, float level_hi, float *best_levels) {
+    float best_error = 0.0f, best_code = code, trial_levels[32], squares[32];
+    for (int t = 0; t < 3; t++) {
+        float trial = clampf(code + (t == 0 ? 0.0f : (t == 1 ? -1.0f : 1.0f)), code_lo, code_hi);
+        float scale = d * trial;
+        float safe = scale == 0.0f ? 1.0f : scale;
+        for (int i = 0; i < n; i++) {
+            float level = scale == 0.0f ? 0.0f : clampf(rint_level((x[i] + offset) / safe), level_lo, level_hi);
+            float diff = scale * level - offset - x[i];
+            trial_levels[i] = level;
+            squares[i] = diff * diff;
+        }
+        float error = n == 16 ? pairwise16(squares) : pairwise32(squares);
+        if (t == 0 || error < best_error) {
+            best_error = error;
+            best_code = trial;
+            memcpy(best_levels, trial_levels, (size_t)n * sizeof(float));
+        }
+    }
+    return best_code;
+}
+
 /* _search_scale_symmetric for one group of 16, nmax 32, nstep 4, rdelta 0.2 (Q6_K).
  * candidates[k] are the float32 constants nmax + rdelta*step, step = -4..4 without 0. */
 static float q6_group_scale(const float *x, const float *candidates) {
@@ -235,26 +269,7 @@ KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const fl
         for (int g = 0; g < 16; g++) {
             const float *xg = x + 16 * g;
             float code = clampf(rintf(inverse * scales[g]), -128.0f, 127.0f);
-            float best_error = 0.0f, best_code = code, trial_levels[16], squares[16];
-            float *best_levels = levels + 16 * g;
-            /* _refine_symmetric: the code, then one step down, then one step up. */
-            for (int t = 0; t < 3; t++) {
-                float trial = clampf(code + (t == 0 ? 0.0f : (t == 1 ? -1.0f : 1.0f)), -128.0f, 127.0f);
-                float scale = d * trial;
-                float safe = scale == 0.0f ? 1.0f : scale;
-                for (int i = 0; i < 16; i++) {
-                    float level = scale == 0.0f ? 0.0f : clampf(rint_level(xg[i] / safe), -32.0f, 31.0f);
-                    float diff = scale * level - xg[i];
-                    trial_levels[i] = level;
-                    squares[i] = diff * diff;
-                }
-                float error = pairwise16(squares);
-                if (t == 0 || error < best_error) {
-                    best_error = error;
-                    best_code = trial;
-                    memcpy(best_levels, trial_levels, sizeof trial_levels);
-                }
-            }
+            float best_code = refine_code(xg, 16, d, code, 0.0f, -128.0f, 127.0f, -32.0f, 31.0f, levels + 16 * g);
             out[192 + g] = (uint8_t)(int8_t)best_code;
         }
         /* ql[64h + l] = q(128h + l) | q(128h + l + 64) << 4, ql[64h + 32 + l] = q(+32) | q(+96) << 4,
@@ -271,12 +286,6 @@ KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const fl
     }
 }
 
-/* pairwise_sum of 32 values. */
-static inline float pairwise32(const float *v) {
-    float a[16];
-    for (int i = 0; i < 16; i++) a[i] = v[2 * i] + v[2 * i + 1];
-    return pairwise16(a);
-}
 
 /* Σ w (scale*l + offset - x)^2 from the group sums, in the torch code's order of operations. */
 static inline float closed_form_error(float scale, float offset, float sum_w, float sum_x, float sum_x2,
@@ -370,26 +379,9 @@ static void quantize_k32(const float *x, float nmax, int nstep, const float *can
         const float *xg = x + 32 * g;
         float ls = clampf(rintf(inv_scale * scales[g]), 0.0f, 63.0f);
         float lm = clampf(rintf(inv_min * mins[g]), 0.0f, 63.0f);
-        float offset = dmin * lm, best_error = 0.0f, best_ls = ls, trial_levels[32];
-        uint8_t *best_levels = levels_out + 32 * g;
-        /* _refine_asymmetric: the code, then one step down, then one step up. */
-        for (int t = 0; t < 3; t++) {
-            float code = clampf(ls + (t == 0 ? 0.0f : (t == 1 ? -1.0f : 1.0f)), 0.0f, 63.0f);
-            float scale = d * code;
-            float safe = scale == 0.0f ? 1.0f : scale;
-            for (int i = 0; i < 32; i++) {
-                float level = scale == 0.0f ? 0.0f : clampf(rint_level((xg[i] + offset) / safe), 0.0f, nmax);
-                float diff = scale * level - offset - xg[i];
-                trial_levels[i] = level;
-                squares[i] = diff * diff;
-            }
-            float error = pairwise32(squares);
-            if (t == 0 || error < best_error) {
-                best_error = error;
-                best_ls = code;
-                for (int i = 0; i < 32; i++) best_levels[i] = (uint8_t)trial_levels[i];
-            }
-        }
+        float trial_levels[32];
+        float best_ls = refine_code(xg, 32, d, ls, dmin * lm, 0.0f, 63.0f, 0.0f, nmax, trial_levels);
+        for (int i = 0; i < 32; i++) levels_out[32 * g + i] = (uint8_t)trial_levels[i];
         ls_out[g] = (uint8_t)best_ls;
         lm_out[g] = (uint8_t)lm;
     }
