@@ -403,30 +403,32 @@ static inline void store_k_nibbles(uint8_t *dst, const uint8_t *levels) {
             dst[32 * j + l] = (uint8_t)((levels[64 * j + l] & 0x0F) | ((levels[64 * j + 32 + l] & 0x0F) << 4));
 }
 
-KERNEL void quantize_q4_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+/* Q4_K: [d][dmin][scales 12][qs 128]; Q5_K: [d][dmin][scales 12][qh 32][qs 128]. */
+static inline void quantize_k_blocks(const void *src, int dtype, int64_t n_blocks, const float *candidates,
+                                     uint8_t *out, int five_bit) {
     float x[256];
     uint8_t ls[8], lm[8], levels[256];
-    for (int64_t b = 0; b < n_blocks; b++, out += 144) {
+    int type_size = five_bit ? 176 : 144;
+    for (int64_t b = 0; b < n_blocks; b++, out += type_size) {
         load_block(src, dtype, b, 256, x);
-        quantize_k32(x, 15.0f, 10, candidates, out, ls, lm, levels);
+        quantize_k32(x, five_bit ? 31.0f : 15.0f, five_bit ? 7 : 10, candidates, out, ls, lm, levels);
         store_scale_min_k4(out + 4, ls, lm);
-        store_k_nibbles(out + 16, levels);
+        if (five_bit) {
+            /* qh[j] bit k is the fifth bit of level 32k + j. */
+            for (int j = 0; j < 32; j++) {
+                uint8_t bits = 0;
+                for (int k = 0; k < 8; k++) bits |= (uint8_t)(((levels[32 * k + j] >> 4) & 1) << k);
+                out[16 + j] = bits;
+            }
+        }
+        store_k_nibbles(out + (five_bit ? 48 : 16), levels);
     }
 }
 
+KERNEL void quantize_q4_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    quantize_k_blocks(src, dtype, n_blocks, candidates, out, 0);
+}
+
 KERNEL void quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
-    float x[256];
-    uint8_t ls[8], lm[8], levels[256];
-    for (int64_t b = 0; b < n_blocks; b++, out += 176) {
-        load_block(src, dtype, b, 256, x);
-        quantize_k32(x, 31.0f, 7, candidates, out, ls, lm, levels);
-        store_scale_min_k4(out + 4, ls, lm);
-        /* qh[j] bit k is the fifth bit of level 32k + j. */
-        for (int j = 0; j < 32; j++) {
-            uint8_t bits = 0;
-            for (int k = 0; k < 8; k++) bits |= (uint8_t)(((levels[32 * k + j] >> 4) & 1) << k);
-            out[16 + j] = bits;
-        }
-        store_k_nibbles(out + 48, levels);
-    }
+    quantize_k_blocks(src, dtype, n_blocks, candidates, out, 1);
 }
