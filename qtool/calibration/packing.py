@@ -50,24 +50,16 @@ def pack_ggml(type_name: str, result: QuantResult) -> Any:
 def pack_kquant(type_name: str, result: QuantResult) -> Any:
     """Q4_K / Q5_K from a KQuantGrid result: its fp16 d/dmin per super-block, 6-bit sub-block scale
     and min codes, and levels, in block_q4_K / block_q5_K's layout."""
-    from qtool.schemes.ggml import GGMLTensor, fp16_bytes, pack_nibbles
-    from qtool.schemes.ggml_kquants import _pack_scale_min_k4
+    from qtool.schemes.ggml import GGMLTensor, fp16_bytes
+    from qtool.schemes.ggml_kquants import pack_k_blocks
 
     rows, cols = result.levels.shape
     if cols % 256:
         raise BadArgument(f"{type_name} needs rows that are a multiple of 256 elements; got {cols}")
-    levels = _blocks(result.levels.to(torch.uint8), 256)
-    d = result.extra["d"].reshape(-1, 1).to(torch.float32)
-    dmin = result.extra["dmin"].reshape(-1, 1).to(torch.float32)
-    codes = _pack_scale_min_k4(_blocks(result.extra["sub_scale"], 8), _blocks(result.extra["sub_min"], 8))
-    halves = levels.reshape(-1, 4, 2, 32)
-    qs = pack_nibbles(halves[:, :, 0], halves[:, :, 1]).reshape(-1, 128)
-    parts = [fp16_bytes(d), fp16_bytes(dmin), codes]
-    if type_name == "Q5_K":
-        # qh[j] bit k is the fifth bit of element 32k + j.
-        high = ((levels >> 4) & 1).reshape(-1, 8, 32)
-        parts.append(sum(high[:, k] << k for k in range(8)).to(torch.uint8))
-    data = torch.cat(parts + [qs], dim=-1).reshape(rows, -1)
+    data = pack_k_blocks(fp16_bytes(result.extra["d"].reshape(-1, 1).to(torch.float32)),
+                         fp16_bytes(result.extra["dmin"].reshape(-1, 1).to(torch.float32)),
+                         _blocks(result.extra["sub_scale"], 8), _blocks(result.extra["sub_min"], 8),
+                         _blocks(result.levels, 256), five_bit=type_name == "Q5_K").reshape(rows, -1)
     return GGMLTensor(type_name, (rows, cols), data)
 
 

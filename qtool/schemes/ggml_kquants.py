@@ -215,6 +215,22 @@ def _unpack_scale_min_k4(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return ls.to(torch.float32), lm.to(torch.float32)
 
 
+def pack_k_blocks(d_raw: torch.Tensor, dmin_raw: torch.Tensor, ls: torch.Tensor, lm: torch.Tensor,
+                  levels: torch.Tensor, five_bit: bool) -> torch.Tensor:
+    """Q4_K / Q5_K block bytes from the fp16 bytes of d and dmin (n, 2), the 6-bit sub-block scale
+    and min codes (n, 8) and the levels (n, 256): [d][dmin][scales 12][qh 32, Q5_K only][qs 128]."""
+    levels = levels.to(torch.uint8)
+    parts = [d_raw, dmin_raw, _pack_scale_min_k4(ls, lm)]
+    if five_bit:
+        # qh[j] bit k is the fifth bit of element 32k + j.
+        high = (levels >> 4).reshape(-1, 8, 32)
+        weights = (1 << torch.arange(8, dtype=torch.uint8, device=levels.device)).reshape(1, 8, 1)
+        parts.append((high * weights).sum(dim=1, dtype=torch.uint8))
+    halves = levels.reshape(-1, 4, 2, 32)
+    parts.append(pack_nibbles(halves[:, :, 0], halves[:, :, 1]).reshape(-1, 128))
+    return torch.cat(parts, dim=-1)
+
+
 class _KQuant(GGMLType):
     block_size = QK_K
 
@@ -284,9 +300,7 @@ class Q4_K(_KQuant):
         blocks = blocks.to(torch.float32)
         d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
             blocks, group=32, nmax=15, smax=63, rmin=-1.0, rdelta=0.2, nstep=10, weights=_rms_weights(blocks, 32))
-        halves = levels.reshape(-1, 4, 2, 32).to(torch.uint8)
-        qs = pack_nibbles(halves[:, :, 0], halves[:, :, 1]).reshape(-1, 128)
-        return torch.cat([d_raw, dmin_raw, _pack_scale_min_k4(ls, lm), qs], dim=-1)
+        return pack_k_blocks(d_raw, dmin_raw, ls, lm, levels, five_bit=False)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = fp16_from_bytes(blocks[:, 0:2]).unsqueeze(-1)
@@ -306,14 +320,7 @@ class Q5_K(_KQuant):
         blocks = blocks.to(torch.float32)
         d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
             blocks, group=32, nmax=31, smax=63, rmin=-0.5, rdelta=0.2, nstep=7, weights=_rms_weights(blocks, 32))
-        levels = levels.to(torch.uint8)
-        # qh[j] bit k is the fifth bit of element 32k + j.
-        high = (levels >> 4).reshape(-1, 8, 32)
-        weights = (1 << torch.arange(8, dtype=torch.uint8, device=blocks.device)).reshape(1, 8, 1)
-        qh = (high * weights).sum(dim=1, dtype=torch.uint8)
-        halves = levels.reshape(-1, 4, 2, 32)
-        qs = pack_nibbles(halves[:, :, 0], halves[:, :, 1]).reshape(-1, 128)
-        return torch.cat([d_raw, dmin_raw, _pack_scale_min_k4(ls, lm), qh, qs], dim=-1)
+        return pack_k_blocks(d_raw, dmin_raw, ls, lm, levels, five_bit=True)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = fp16_from_bytes(blocks[:, 0:2]).unsqueeze(-1)
