@@ -66,6 +66,19 @@ def test_legacy_types_equal_llamacpp_reference_bytes(name, dtype):
                                quants.dequantize(reference, GGMLQuantizationType[name]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_iq4_nl_equals_llamacpp_bytes(dtype):
+    """IQ4_NL's scale search (first guess, then 15 tried inverse scales, each with its least-squares
+    scale) gives llama.cpp's bytes; gguf-py decodes them as our dequantize does."""
+    heavy = torch.distributions.StudentT(3.0).sample((64, 256)) * 0.01
+    weight = torch.cat([_edge_case_matrix(), torch.randn(64, 256, generator=torch.Generator().manual_seed(3)),
+                        heavy]).to(dtype)
+    packed = ggml_type("IQ4_NL").quantize(weight)
+    np.testing.assert_array_equal(packed.data.numpy(), llamacpp_quantize(weight.float().numpy(), "IQ4_NL"))
+    np.testing.assert_array_equal(ggml_type("IQ4_NL").dequantize(packed).numpy(),
+                                  quants.dequantize(packed.data.numpy(), GGMLQuantizationType.IQ4_NL))
+
+
 def test_cpu_kernels_are_built_here():
     """CI has a C compiler: the fast path must really be the one the other tests exercise."""
     from qtool.kernels.cpu import _FUNCTIONS

@@ -19,7 +19,7 @@ from qtool.plan import TensorPlan
 from qtool.schemes.gptq import (gptq_quantize, layer_output_error, make_grid, quantize_rtn,
                                 search_affine, search_symmetric)
 
-GRIDS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "int4-sym", "int4-asym", "nf4"]
+GRIDS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q4_K", "int4-sym", "int4-asym", "nf4"]
 
 
 def _problem(rows: int = 32, cols: int = 256, tokens: int = 512, seed: int = 0):
@@ -89,7 +89,7 @@ def test_scale_searches_handle_degenerate_blocks() -> None:
     assert torch.isfinite(s).all() and torch.isfinite(m).all()
 
 
-@pytest.mark.parametrize("scheme", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+@pytest.mark.parametrize("scheme", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"])
 def test_ggml_packing_matches_gguf_reference(scheme: str) -> None:
     """gguf-py's dequantizer (checked against llama.cpp's C code) reads our bytes as our weights."""
     from gguf import GGMLQuantizationType

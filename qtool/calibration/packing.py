@@ -38,6 +38,8 @@ def pack_ggml(type_name: str, result: QuantResult) -> Any:
     elif type_name == "Q5_1":
         parts = [fp16_bytes(scale), fp16_bytes(offset), pack_bits(levels >> 4),
                  pack_nibbles(levels[:, :16], levels[:, 16:])]
+    elif type_name == "IQ4_NL":
+        parts = [fp16_bytes(scale), pack_nibbles(levels[:, :16], levels[:, 16:])]
     elif type_name == "Q8_0":
         signed = (levels.to(torch.int16) - 127).to(torch.int8).view(torch.uint8)
         parts = [fp16_bytes(scale), signed]
@@ -84,7 +86,7 @@ def pack_int(scheme: str, result: QuantResult, group_size: int, dtype: torch.dty
 def pack_result(plan: TensorPlan, result: QuantResult, dtype: torch.dtype = torch.float32) -> Any:
     """The packed object the plan's sink writes, holding exactly ``result``'s grid.
     ``dtype``: the source weight's dtype (compressed-tensors stores scales in it)."""
-    if plan.scheme in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+    if plan.scheme in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"):
         return pack_ggml(plan.scheme, result)
     if plan.scheme in ("Q4_K", "Q5_K"):
         return pack_kquant(plan.scheme, result)

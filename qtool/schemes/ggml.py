@@ -322,11 +322,81 @@ class Q5_1(GGMLType):
         return quants.to(torch.float32) * scale + low
 
 
+# IQ4_NL: blocks of 32 with one fp16 scale and 4-bit indices into a fixed non-uniform table
+# (ggml's kvalues_iq4nl), 4.5 bits per weight like Q4_0 but with levels denser near zero.
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# llama.cpp's quantize_iq4_nl tries the inverse scales (k - 127) / max, k = -7..7, after its first guess.
+_IQ4_NL_TRIES = 7
+
+
+def nearest_table_index(scaled: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table entry (ggml's best_index_int8): halfway goes to the upper entry,
+    distances compared as the float differences the C code computes."""
+    upper = torch.bucketize(scaled, table, right=True).clamp(1, len(table) - 1)
+    low_value = table[upper - 1]
+    high_value = table[upper]
+    index = torch.where(scaled - low_value < high_value - scaled, upper - 1, upper)
+    index = torch.where(scaled <= table[0], torch.zeros_like(index), index)
+    return torch.where(scaled >= table[-1], torch.full_like(index, len(table) - 1), index)
+
+
+def _sequential_sums(weight: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum(w*q*x) and sum(w*q*q) accumulated left to right in float32, as the C loop does (the
+    comparisons between candidate scales depend on the exact sums)."""
+    sum_qx = torch.zeros_like(blocks[:, :1])
+    sum_q2 = torch.zeros_like(blocks[:, :1])
+    wq = weight * value
+    for j in range(blocks.shape[1]):
+        sum_qx = sum_qx + wq[:, j:j + 1] * blocks[:, j:j + 1]
+        sum_q2 = sum_q2 + wq[:, j:j + 1] * value[:, j:j + 1]
+    return sum_qx, sum_q2
+
+
+@register
+class IQ4_NL(GGMLType):
+    name = "IQ4_NL"
+    block_size = 32
+    type_size = 18
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
+        table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+        weight = blocks * blocks
+        peak = _signed_absmax(blocks)
+        empty = peak.abs() < 1e-15                 # GROUP_MAX_EPS: the block stays zero
+
+        def candidate(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            value = table[nearest_table_index(inverse * blocks, table)]
+            return _sequential_sums(weight, value, blocks)
+
+        safe_peak = torch.where(empty, torch.ones_like(peak), peak)
+        sum_qx, sum_q2 = candidate(1 / (safe_peak / 127))
+        scale = sum_qx / sum_q2
+        best = scale * sum_qx
+        for step in range(-_IQ4_NL_TRIES, _IQ4_NL_TRIES + 1):
+            sum_qx, sum_q2 = candidate((step + table[0]) / safe_peak)
+            better = (sum_q2 > 0) & (sum_qx * sum_qx > best * sum_q2)
+            scale = torch.where(better, sum_qx / torch.where(better, sum_q2, torch.ones_like(sum_q2)), scale)
+            best = torch.where(better, scale * sum_qx, best)
+        scale = torch.where(empty, torch.zeros_like(scale), scale)
+        # The indices are chosen again for the final (float32) scale; an empty block (scale 0) gets
+        # the index nearest 0, as llama.cpp writes it.
+        indices = nearest_table_index(_inverse(scale) * blocks, table).to(torch.uint8)
+        return torch.cat([fp16_bytes(scale), pack_nibbles(indices[:, :16], indices[:, 16:])], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        scale = fp16_from_bytes(blocks[:, :2])
+        packed = blocks[:, 2:]
+        indices = torch.cat([packed & 0x0F, packed >> 4], dim=-1).long()
+        table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
+        return table[indices] * scale
+
+
 # The K-quants register themselves on import; keep them reachable through this family module.
 from qtool.schemes import ggml_kquants as _kquants  # noqa: E402,F401
 
 GGML_TYPE_NAMES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+                                    "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def ggml_type(name: str) -> GGMLType:

@@ -269,6 +269,38 @@ class CodebookGrid(Grid):
         return GridParams(best_scale, torch.zeros_like(best_scale))
 
 
+class IQ4NLGrid(CodebookGrid):
+    """IQ4_NL: value = d * table[level] per block of 32, d a signed fp16 scale; the fit is llama.cpp's
+    search (the scale mapping the largest-magnitude element to the table's end, then inverse scales
+    ``(k - 127) / max`` for k = -7..7, each with its weighted least-squares scale)."""
+
+    def __init__(self) -> None:
+        from qtool.schemes.ggml import IQ4_NL_VALUES
+
+        super().__init__("IQ4_NL", 32, torch.tensor(IQ4_NL_VALUES, dtype=torch.float32))
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        weights = _weighted(w, weights)
+        table = self.codebook.to(w.device)
+        absmax, where = w.abs().max(dim=-1, keepdim=True)
+        peak = torch.gather(w, -1, where)
+        empty = absmax < _GROUP_MAX_EPS
+        peak = torch.where(empty, torch.ones_like(peak), peak)
+        best_score = torch.full_like(peak, -1.0)
+        best_scale = torch.zeros_like(peak)
+        for inverse in [127 / peak] + [(step - 127) / peak for step in range(-7, 8)]:
+            levels = self.encode(w, 1 / inverse, torch.zeros_like(w))
+            q = table[levels.long()]
+            sum_qx = (weights * q * w).sum(-1, keepdim=True)
+            sum_q2 = (weights * q * q).sum(-1, keepdim=True)
+            score = torch.where(sum_q2 > 0, sum_qx * sum_qx / sum_q2.clamp_min(1e-30), torch.zeros_like(sum_q2))
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_scale = torch.where(better, sum_qx / sum_q2.clamp_min(1e-30), best_scale)
+        best_scale = _store(torch.where(empty, torch.zeros_like(best_scale), best_scale), torch.float16)
+        return GridParams(best_scale, torch.zeros_like(best_scale))
+
+
 def make_grid(scheme: str, *, group_size: int | None = None) -> Grid:
     """The grid of a registered scheme name (GGUF type names, int4-sym/asym, int8-sym, nf4)."""
     if scheme == "Q4_0":
@@ -293,6 +325,8 @@ def make_grid(scheme: str, *, group_size: int | None = None) -> Grid:
         return SymmetricGrid("int8-sym", group_size or 1 << 30, 127, 127, negative_scales=False, scale_dtype=None)
     if scheme == "nf4":
         return CodebookGrid("nf4", group_size or 64, NF4_CODE)
+    if scheme == "IQ4_NL":
+        return IQ4NLGrid()
     raise ValueError(f"no calibration grid for scheme {scheme!r}")
 
 
