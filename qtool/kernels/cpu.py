@@ -52,7 +52,7 @@ _CANDIDATES = {"Q6_K": _Q6_K_CANDIDATES, "Q4_K": _asymmetric_candidates(15, -1.0
 # scheme name -> (C function, bytes per block, elements per block)
 _FUNCTIONS = {"Q8_0": ("quantize_q8_0", 34, 32), "Q4_0": ("quantize_q4_0", 18, 32),
               "Q4_1": ("quantize_q4_1", 20, 32), "Q5_0": ("quantize_q5_0", 22, 32),
-              "Q5_1": ("quantize_q5_1", 24, 32), "Q4_K": ("quantize_q4_k", 144, 256),
+              "Q5_1": ("quantize_q5_1", 24, 32), "IQ4_NL": ("quantize_iq4_nl", 18, 32), "Q4_K": ("quantize_q4_k", 144, 256),
               "Q5_K": ("quantize_q5_k", 176, 256), "Q6_K": ("quantize_q6_k", 210, 256)}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 

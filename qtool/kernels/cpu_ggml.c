@@ -1,5 +1,5 @@
 /* CPU kernels for the GGML block types that dominate GGUF conversion time: Q8_0, Q4_0, Q4_1,
- * Q5_0, Q5_1 and Q6_K (the output matrix of every plain-type recipe).
+ * Q5_0, Q5_1, IQ4_NL and the K-quants (Q6_K: the output matrix of every plain-type recipe).
  *
  * Each function is the torch code of qtool/schemes/ggml.py / ggml_kquants.py for one block,
  * operation by operation in float32: the same divisions (torch's `scalar / tensor` is a
@@ -178,6 +178,61 @@ KERNEL void quantize_q4_1(const void *src, int dtype, int64_t n_blocks, uint8_t 
 
 KERNEL void quantize_q5_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
     quantize_32(src, dtype, n_blocks, out, 1, 31.0f, 1);
+}
+
+/* IQ4_NL: indices into a fixed table; ggml.py's IQ4_NL.quantize_blocks, whose sums run left to
+ * right like llama.cpp's loop. */
+static const float iq4_nl_table[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+static inline int iq4_nl_index(float v) {
+    if (v <= iq4_nl_table[0]) return 0;
+    if (v >= iq4_nl_table[15]) return 15;
+    int low = 0, high = 15;
+    while (high - low > 1) {
+        int mid = (low + high) / 2;
+        if (v < iq4_nl_table[mid]) high = mid; else low = mid;
+    }
+    return v - iq4_nl_table[high - 1] < iq4_nl_table[high] - v ? high - 1 : high;
+}
+
+static inline void iq4_nl_sums(const float *x, const float *w, float inverse, float *sum_qx, float *sum_q2) {
+    float qx = 0.0f, q2 = 0.0f;
+    for (int i = 0; i < 32; i++) {
+        float q = iq4_nl_table[iq4_nl_index(inverse * x[i])];
+        float wq = w[i] * q;
+        qx = qx + wq * x[i];
+        q2 = q2 + wq * q;
+    }
+    *sum_qx = qx;
+    *sum_q2 = q2;
+}
+
+KERNEL void quantize_iq4_nl(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    float x[32], w[32];
+    uint8_t q[32];
+    for (int64_t b = 0; b < n_blocks; b++, out += 18) {
+        load_block(src, dtype, b, 32, x);
+        for (int i = 0; i < 32; i++) w[i] = x[i] * x[i];
+        float peak = signed_absmax(x, 32);
+        float scale = 0.0f;
+        if (fabsf(peak) >= 1e-15f) {
+            float sum_qx, sum_q2;
+            iq4_nl_sums(x, w, 1.0f / (peak / 127.0f), &sum_qx, &sum_q2);
+            scale = sum_qx / sum_q2;
+            float best = scale * sum_qx;
+            for (int step = -7; step <= 7; step++) {
+                iq4_nl_sums(x, w, (float)(step - 127) / peak, &sum_qx, &sum_q2);
+                if (sum_q2 > 0.0f && sum_qx * sum_qx > best * sum_q2) {
+                    scale = sum_qx / sum_q2;
+                    best = scale * sum_qx;
+                }
+            }
+        }
+        float inverse = reciprocal_or_zero(scale);
+        for (int i = 0; i < 32; i++) q[i] = (uint8_t)iq4_nl_index(inverse * x[i]);
+        store_half(out, scale);
+        store_nibbles(out + 2, q);
+    }
 }
 
 /* pairwise_sum of 16 values: neighbours first, level by level. */
