@@ -190,6 +190,18 @@ def _qtool_ppl(source, text, args) -> tuple[float, float]:
     return ppl, stderr
 
 
+def _cached_ppl(label: str, measure, args) -> tuple[float, float]:
+    """The unquantized model's (ppl, stderr): the same for every run on the same text and windows,
+    so it is measured once and kept under .bench/quality/."""
+    text = args.text.stat()
+    cache = BENCH_DIR / f"{label}-ctx{args.ctx}-chunks{args.chunks}-{text.st_size}.json"
+    if cache.is_file():
+        return tuple(json.loads(cache.read_text()))
+    result = measure()
+    cache.write_text(json.dumps(list(result)))
+    return result
+
+
 def _write_gguf(source, recipe: Recipe, packed: dict, out: Path) -> Path:
     """The recipe as a GGUF file: GGUFSink with the calibrated blocks written as chosen."""
     from qtool import gguf_arch
@@ -306,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
 
     from qtool.calibration.methods import OverlaySource
+    from qtool.schemes.base import get_scheme
     from qtool.sources.resolve import resolve
 
     text = args.text.read_text(encoding="utf-8")
@@ -320,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
             calib_set = calibration_set(args.calib, load_tokenizer(source.tokenizer_dir()), samples=args.samples,
                                         seqlen=args.seqlen, seed=args.seed)
-        base_ppl, base_err = _qtool_ppl(source, text, args)
+        base_ppl, base_err = _cached_ppl("qtool-base", lambda: _qtool_ppl(source, text, args), args)
         rows.append(Row("unquantized (GGUF source, fp32)", "qtool eval", None, base_ppl, base_err, base_ppl, 0.0))
         rows[:0] = [Row(name, "llama.cpp (issue 6)", bits, ppl, None, base, 100 * (ppl / base - 1))
                     for name, bits, ppl, base in LLAMACPP_ROWS]
@@ -328,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in args.recipes.split(","):
             recipe = RECIPES[key]
             plans = _plans(source, recipe)
-            gguf = recipe.scheme.startswith("Q")
+            gguf = get_scheme(recipe.scheme).family == "gguf"
             bits = _block_bits(plans, gguf)
             weights, packed, seconds, mean_error = _quantize(source, recipe, stats, calib_set)
             ppl, err = _qtool_ppl(OverlaySource(source, weights), text, args)
@@ -339,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             if recipe.gguf and not args.no_llamacpp:
                 if llama_base is None:
                     base_file = _write_gguf(source, Recipe("F32", "rtn", "F32"), {}, BENCH_DIR / "smollm2-f32.gguf")
-                    llama_base = _llamacpp_ppl(base_file, text, args)
+                    llama_base = _cached_ppl("llamacpp-base", lambda: _llamacpp_ppl(base_file, text, args), args)
                     rows.append(Row("unquantized (F32 GGUF)", "llama.cpp (this run)", None, llama_base[0],
                                     llama_base[1], llama_base[0], 0.0))
                 out = _write_gguf(source, recipe, packed, BENCH_DIR / f"smollm2-{key}.gguf")
