@@ -80,6 +80,18 @@ def _weighted(w: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return torch.ones_like(w) if weights is None else torch.broadcast_to(weights, w.shape).to(w.dtype)
 
 
+def _keep_best_least_squares(x: torch.Tensor, weights: torch.Tensor, levels: torch.Tensor, best_score: torch.Tensor,
+                             best_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate of a symmetric scale search: the weighted least-squares scale for ``levels``
+    (values scale * levels), kept where it beats the best so far. The weighted error with that scale
+    is sum(w x^2) - sum_lx^2 / sum_l2, so the score to maximize is the ratio."""
+    sum_lx = (weights * x * levels).sum(-1, keepdim=True)
+    sum_l2 = (weights * levels * levels).sum(-1, keepdim=True)
+    score = torch.where(sum_l2 > 0, sum_lx * sum_lx / sum_l2.clamp_min(1e-30), torch.zeros_like(sum_l2))
+    better = score > best_score
+    return torch.where(better, score, best_score), torch.where(better, sum_lx / sum_l2.clamp_min(1e-30), best_scale)
+
+
 def search_symmetric(x: torch.Tensor, weights: torch.Tensor | None, low: int, high: int, *,
                      negative_scales: bool, steps: int = 9, scale_dtype: torch.dtype | None = torch.float16
                      ) -> torch.Tensor:
@@ -103,13 +115,7 @@ def search_symmetric(x: torch.Tensor, weights: torch.Tensor | None, low: int, hi
     for base in bases:
         inv = torch.where(base != 0, 1.0 / base, torch.zeros_like(base))
         levels = torch.clamp(torch.round(x * inv), -low, high)
-        sum_lx = (weights * x * levels).sum(-1, keepdim=True)
-        sum_l2 = (weights * levels * levels).sum(-1, keepdim=True)
-        # Weighted error with the least-squares scale is sum(w x^2) - sum_lx^2 / sum_l2: maximize the ratio.
-        score = torch.where(sum_l2 > 0, sum_lx * sum_lx / sum_l2.clamp_min(1e-30), torch.zeros_like(sum_l2))
-        better = score > best_score
-        best_score = torch.where(better, score, best_score)
-        best_scale = torch.where(better, sum_lx / sum_l2.clamp_min(1e-30), best_scale)
+        best_score, best_scale = _keep_best_least_squares(x, weights, levels, best_score, best_scale)
     best_scale = torch.where(absmax < _GROUP_MAX_EPS, torch.zeros_like(best_scale), best_scale)
     return _store(best_scale.squeeze(-1), scale_dtype)
 
@@ -290,13 +296,7 @@ class IQ4NLGrid(CodebookGrid):
         best_scale = torch.zeros_like(peak)
         for inverse in [127 / peak] + [(step - 127) / peak for step in range(-7, 8)]:
             levels = self.encode(w, 1 / inverse, torch.zeros_like(w))
-            q = table[levels.long()]
-            sum_qx = (weights * q * w).sum(-1, keepdim=True)
-            sum_q2 = (weights * q * q).sum(-1, keepdim=True)
-            score = torch.where(sum_q2 > 0, sum_qx * sum_qx / sum_q2.clamp_min(1e-30), torch.zeros_like(sum_q2))
-            better = score > best_score
-            best_score = torch.where(better, score, best_score)
-            best_scale = torch.where(better, sum_qx / sum_q2.clamp_min(1e-30), best_scale)
+            best_score, best_scale = _keep_best_least_squares(w, weights, table[levels.long()], best_score, best_scale)
         best_scale = _store(torch.where(empty, torch.zeros_like(best_scale), best_scale), torch.float16)
         return GridParams(best_scale, torch.zeros_like(best_scale))
 
