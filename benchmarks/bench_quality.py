@@ -122,7 +122,7 @@ def _stats(source, args) -> tuple[object, float, list[float]]:
     calib = calibration_set(args.calib, load_tokenizer(source.tokenizer_dir()), samples=args.samples,
                             seqlen=args.seqlen, seed=args.seed)
     started = time.perf_counter()
-    stats = calibrate(source, calib_set=calib, want_hessian=True)
+    stats = calibrate(source, calib_set=calib, want_hessian=True, device=args.device)
     seconds = time.perf_counter() - started
     save_stats(stats, path)
     return stats, seconds, [r.seconds for r in stats.records]
@@ -155,7 +155,7 @@ def _block_bits(plans, gguf: bool) -> float:
     return bits / weights
 
 
-def _quantize(source, recipe: Recipe, stats, calib_set=None) -> tuple[dict, dict, float, float]:
+def _quantize(source, recipe: Recipe, stats, calib_set=None, device: str = "cpu") -> tuple[dict, dict, float, float]:
     """``calib_set`` given: sequential (each block calibrated on the outputs of the quantized blocks
     before it, the forward pass run again); else from the saved statistics of the unquantized model."""
     from qtool.calibration.methods import MethodOptions, calibrated_weights
@@ -166,7 +166,7 @@ def _quantize(source, recipe: Recipe, stats, calib_set=None) -> tuple[dict, dict
     started = time.perf_counter()
     weights, packed, errors = {}, {}, []
     sources = {"calib_set": calib_set} if calib_set is not None else {"stats": stats}
-    for item in calibrated_weights(source, plans, options, pack=recipe.gguf, **sources):
+    for item in calibrated_weights(source, plans, options, pack=recipe.gguf, device=device, **sources):
         weights[item.plan.name] = item.weight
         if item.packed is not None:
             packed[item.plan.name] = item.packed
@@ -180,11 +180,11 @@ def _qtool_ppl(source, text, args) -> tuple[float, float]:
     from qtool.evaluation.model import load_causal_lm
     from qtool.evaluation.perplexity import plan_windows, run_windows, tokenize
 
-    model = load_causal_lm(source, dtype="fp32", device="cpu")
+    model = load_causal_lm(source, dtype="fp32", device=args.device)
     tokens = tokenize(model, text)
     plan = plan_windows(len(tokens), ctx=args.ctx, chunks=args.chunks,
                         bos_token_id=model.bos_token_id if model.add_bos else None)
-    run = run_windows(model, tokens, plan, batch_size=1, label=source.description)
+    run = run_windows(model, tokens, plan, batch_size=1 if args.device == "cpu" else 8, label=source.description)
     ppl, stderr = run.nll.ppl_and_stderr()
     del model
     return ppl, stderr
@@ -300,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--chunks", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where calibration, GPTQ and evaluation run")
     parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                         help=f"comma-separated, from: {', '.join(RECIPES)}")
     parser.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp confirmation of GGUF rows")
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             plans = _plans(source, recipe)
             gguf = get_scheme(recipe.scheme).family == "gguf"
             bits = _block_bits(plans, gguf)
-            weights, packed, seconds, mean_error = _quantize(source, recipe, stats, calib_set)
+            weights, packed, seconds, mean_error = _quantize(source, recipe, stats, calib_set, args.device)
             ppl, err = _qtool_ppl(OverlaySource(source, weights), text, args)
             delta = 100 * (ppl / base_ppl - 1)
             rows.append(Row(recipe.name, "qtool eval", bits, ppl, err, base_ppl, delta, seconds, mean_error,
