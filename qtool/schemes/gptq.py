@@ -548,8 +548,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
 
 def layer_output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:
     """||X W^T - X Q^T||_F^2 / ||X W^T||_F^2 from H = X^T X, without X."""
-    hessian = hessian.to(torch.float64)
-    diff = (weight.to(torch.float64) - qweight.to(torch.float64))
+    hessian = hessian.to(weight.device, torch.float64)   # statistics may be kept on the CPU
+    diff = (weight.to(torch.float64) - qweight.to(weight.device, torch.float64))
     num = torch.einsum("ij,jk,ik->", diff, hessian, diff)
     ref = torch.einsum("ij,jk,ik->", weight.to(torch.float64), hessian, weight.to(torch.float64))
     return float(num / ref) if float(ref) > 0 else 0.0
