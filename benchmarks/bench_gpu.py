@@ -6,7 +6,8 @@ On 4096 x 11008 bf16 matrices (several, rotated, so no run reads a matrix the ca
 it times, with CUDA events after a warm-up, the median of ``--repeat`` calls of:
 
 - qtool's fused kernels: NF4 + double quant, NF4, int8-sym, int4-sym (groups of 128), Q8_0,
-  Q4_0, Q4_K (each call includes the host sync the scheme needs, e.g. NF4's ``nested_offset``);
+  Q4_0, Q4_K, Q5_K, Q6_K (each call includes the host sync the scheme needs, e.g. NF4's
+  ``nested_offset``);
 - the same schemes' torch code on the GPU (``QTOOL_FUSED``-free path, for reference);
 - bitsandbytes' ``quantize_4bit`` (NF4, blocks of 64) with and without ``compress_statistics``;
 - a device-to-device copy of the same bytes (counting bytes read plus written).
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fused_cases = [("qtool nf4 + dq", "nf4", {}), ("qtool nf4", "nf4", {"double_quant": False}),
                    ("qtool int8-sym", "int8-sym", {}), ("qtool int4-sym g128", "int4-sym", {}),
-                   ("qtool Q8_0", "Q8_0", {}), ("qtool Q4_0", "Q4_0", {}), ("qtool Q4_K", "Q4_K", {})]
+                   ("qtool Q8_0", "Q8_0", {}), ("qtool Q4_0", "Q4_0", {}), ("qtool Q4_K", "Q4_K", {}),
+                   ("qtool Q5_K", "Q5_K", {}), ("qtool Q6_K", "Q6_K", {})]
     for label, name, params in fused_cases:
         kernel = kernel_for(name)
         ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
@@ -150,14 +152,24 @@ def main(argv: list[str] | None = None) -> int:
             ms = time_call(lambda x: int_kernels.quantize_int8_rows(x), inputs, args.repeat)
             add(f"sweep int8-sym b{block} w{warps}", ms, "launch configuration")
         int_kernels._TWO_PASS_BLOCK, int_kernels._TWO_PASS_WARPS = 4096, 8
-        for super_blocks, warps in ((1, 1), (2, 1), (2, 2), (4, 2)):
+        k_default = ggml_kernels._SUPER_BLOCKS, ggml_kernels._NUM_WARPS_K
+        for super_blocks, warps in ((4, 1), (8, 2), (16, 4), (32, 8)):
             ggml_kernels._SUPER_BLOCKS, ggml_kernels._NUM_WARPS_K = super_blocks, warps
             ms = time_call(lambda x: ggml_kernels.quantize_ggml(x, "Q4_K"), inputs, max(5, args.repeat // 3))
             add(f"sweep Q4_K sb{super_blocks} w{warps}", ms, "launch configuration")
+        ggml_kernels._SUPER_BLOCKS, ggml_kernels._NUM_WARPS_K = k_default
+        q6_default = ggml_kernels._SUPER_BLOCKS_Q6, ggml_kernels._NUM_WARPS_Q6
+        for super_blocks, warps in ((4, 2), (8, 4), (16, 8)):
+            ggml_kernels._SUPER_BLOCKS_Q6, ggml_kernels._NUM_WARPS_Q6 = super_blocks, warps
+            ms = time_call(lambda x: ggml_kernels.quantize_ggml(x, "Q6_K"), inputs, max(5, args.repeat // 3))
+            add(f"sweep Q6_K sb{super_blocks} w{warps}", ms, "launch configuration")
+        ggml_kernels._SUPER_BLOCKS_Q6, ggml_kernels._NUM_WARPS_Q6 = q6_default
+        rows_default = ggml_kernels._ROWS_32, ggml_kernels._NUM_WARPS_32
         for rows, warps in ((64, 4), (128, 4), (256, 8)):
             ggml_kernels._ROWS_32, ggml_kernels._NUM_WARPS_32 = rows, warps
             ms = time_call(lambda x: ggml_kernels.quantize_ggml(x, "Q4_0"), inputs, args.repeat)
             add(f"sweep Q4_0 r{rows} w{warps}", ms, "launch configuration")
+        ggml_kernels._ROWS_32, ggml_kernels._NUM_WARPS_32 = rows_default
 
     if not args.no_torch_path:
         # The schemes' own torch code on the GPU (what runs without the kernels).
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["QTOOL_FUSED"] = "0"
         triton_available.cache_clear()
         for label, name in (("torch path nf4 + dq", "nf4"), ("torch path Q4_0", "Q4_0"),
-                            ("torch path int8-sym", "int8-sym")):
+                            ("torch path int8-sym", "int8-sym"), ("torch path Q6_K", "Q6_K")):
             scheme = get_scheme(name)
             ms = time_call(lambda x, s=scheme: s.quantize(x), inputs, max(5, args.repeat // 5), warmup=2)
             add(label, ms, "scheme torch code on cuda")

@@ -1,9 +1,10 @@
-"""CPU vs CUDA byte identity for every scheme that has a fused kernel (qtool.kernels).
+"""CPU vs CUDA byte identity for every registered scheme.
 
-Each case quantizes the same weight with the scheme on the CPU and with the fused kernel on CUDA
-(and through the scheme's own ``quantize`` on a CUDA tensor, i.e. the dispatch), then compares
-every field of the packed result: tensors bit for bit (dtype, shape, bytes), the rest by value.
-Skipped without CUDA or without Triton.
+Each case quantizes the same weight with the scheme on the CPU and on CUDA, then compares every
+field of the packed result: tensors bit for bit (dtype, shape, bytes), the rest by value. Schemes
+with a fused kernel (qtool.kernels) are checked through the kernel and through the scheme's own
+``quantize`` (the dispatch); the others (Q2_K, Q3_K, Q6_K, IQ4_NL, the float types) run their torch
+code on the CUDA tensor. Skipped without CUDA (the fused-kernel cases also without Triton).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from qtool.kernels import fused, fused_names, kernel_for
-from qtool.schemes.base import get_scheme
+from qtool.schemes.base import all_schemes, get_scheme
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(),
@@ -49,7 +50,8 @@ def _weights(block: int) -> list[torch.Tensor]:
 
 
 def _block_of(name: str) -> int:
-    return {"Q4_K": 256, "Q5_K": 256}.get(name, 32 if name.startswith("Q") else 64)
+    scheme = get_scheme(name)
+    return getattr(scheme, "block_size", None) or 64
 
 
 def _assert_identical(gpu, cpu, where: str) -> None:
@@ -87,23 +89,24 @@ def test_fused_kernel_bytes_equal_cpu(name: str, params: dict) -> None:
         _assert_identical(gpu, cpu, f"{name} {params} {tuple(weight.shape)} {weight.dtype}")
 
 
-@pytest.mark.parametrize("name", fused_names())
+@pytest.mark.parametrize("name", sorted(all_schemes()))
 def test_scheme_on_cuda_tensor_bytes_equal_cpu(name: str) -> None:
-    """The scheme's own quantize on a CUDA tensor (the dispatch to the kernel) gives the CPU bytes."""
-    _require_kernel(name)
+    """Every registered scheme's own quantize on a CUDA tensor (the fused kernel where there is one,
+    else the torch code on the GPU) gives the CPU bytes."""
     scheme = get_scheme(name)
-    weight = _weights(_block_of(name))[0]
-    _assert_identical(scheme.quantize(weight.cuda()), scheme.quantize(weight), f"{name} via the scheme")
+    for weight in _weights(_block_of(name)):
+        _assert_identical(scheme.quantize(weight.cuda()), scheme.quantize(weight),
+                          f"{name} via the scheme {tuple(weight.shape)} {weight.dtype}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["nf4", "int8-sym", "Q4_0", "Q8_0", "Q4_K", "int4-sym"])
+@pytest.mark.parametrize("name", ["nf4", "int8-sym", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "int4-sym"])
 def test_large_matrix_bytes_equal_cpu(name: str) -> None:
     """A 1024 x 4096 bf16 matrix: many blocks, so rare rounding cases get their chance."""
-    kernel = _require_kernel(name)
+    scheme = get_scheme(name)
     generator = torch.Generator().manual_seed(11)
     weight = (torch.randn(1024, 4096, generator=generator) * 0.02).to(torch.bfloat16)
-    _assert_identical(kernel(weight.cuda()), get_scheme(name).quantize(weight), f"{name} 1024x4096")
+    _assert_identical(scheme.quantize(weight.cuda()), scheme.quantize(weight), f"{name} 1024x4096")
 
 
 def test_fused_is_none_for_unknown_scheme() -> None:

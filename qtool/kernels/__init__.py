@@ -30,7 +30,8 @@ import torch
 _MODULES: dict[str, str] = {
     "nf4": "nf4", "fp4": "nf4",
     "int8-sym": "integer", "int8-asym": "integer", "w8a8": "integer", "int4-sym": "integer", "int4-asym": "integer",
-    "Q8_0": "ggml", "Q4_0": "ggml", "Q4_1": "ggml", "Q5_0": "ggml", "Q5_1": "ggml", "Q4_K": "ggml", "Q5_K": "ggml",
+    "Q8_0": "ggml", "Q4_0": "ggml", "Q4_1": "ggml", "Q5_0": "ggml", "Q5_1": "ggml",
+    "Q4_K": "ggml", "Q5_K": "ggml", "Q6_K": "ggml",
 }
 
 

@@ -6,7 +6,15 @@
 - Q4_K / Q5_K: the scale-and-min search of ``_search_scale_min`` over all sub-blocks of a
   program's super-blocks, the 6-bit sub-block scales, then the one-step refinement, all in
   registers; sums in the fixed pairwise order of ``pairwise_sum`` (sum of neighbours, level by
-  level), which the CPU path uses too.
+  level), which the CPU path uses too. Q6_K: ``_search_scale_symmetric`` per group of 16, the
+  8-bit group scales, the refinement.
+
+  The K-quant kernels give each thread one sub-block (32 elements, Q6_K: 16) held as a tuple of
+  [G] tensors, one per element: a pairwise sum is then register additions in exactly the CPU's
+  order, with no shuffles or layout conversions (a [G, 32] tile split level by level needed both,
+  and spilled). The candidate and refinement loops are runtime loops, which keeps the compiled
+  kernel short. The bytes of neighbouring sub-blocks that share a byte are combined at the end as
+  64-bit words (their bits are disjoint).
 
 Rounding helpers mirror the CPU code: ``roundf`` (halves away from zero) for Q8_0, truncation of
 ``v + 0.5`` for Q4/Q5, and llama.cpp's nearest_int (1.5 * 2**23 trick, halves to even, like
@@ -26,11 +34,13 @@ from qtool.errors import BadArgument
 from qtool.schemes.ggml import QK_K
 
 _KIND = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q5_1": 4}
-_TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176}
+_TYPE_SIZE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 _ROWS_32 = 128            # 32-element blocks per program
 _NUM_WARPS_32 = 4
-_SUPER_BLOCKS = 2         # K-quant super-blocks per program
-_NUM_WARPS_K = 2
+_SUPER_BLOCKS = 16        # K-quant super-blocks per program: 128 sub-blocks, one per thread
+_NUM_WARPS_K = 4
+_SUPER_BLOCKS_Q6 = 8      # Q6_K super-blocks per program: 128 groups of 16, one per thread
+_NUM_WARPS_Q6 = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,58 +163,102 @@ def _weighted_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl):
 
 
 @triton.jit
+def _tuple_sum(t, N: tl.constexpr):
+    """pairwise_sum of a tuple of N tensors (N a power of two): neighbours first, level by level."""
+    if N == 1:
+        return t[0]
+    else:
+        half = ()
+        for i in tl.static_range(N // 2):
+            half = half + (t[2 * i] + t[2 * i + 1],)
+        return _tuple_sum(half, N // 2)
+
+
+@triton.jit
+def _level_sums(inverse, shifted, w, wx, NMAX: tl.constexpr):
+    """Σ w·l, Σ w·l², Σ w·x·l for the levels l = min(rint(inverse * shifted), nmax) of one
+    candidate (shifted >= 0, so only the upper clamp can bind)."""
+    wl = ()
+    wl2 = ()
+    wxl = ()
+    for i in tl.static_range(32):
+        level = tl.minimum(_rint(inverse * shifted[i]), NMAX * 1.0)
+        wl = wl + (w[i] * level,)
+        wl2 = wl2 + (wl[i] * level,)
+        wxl = wxl + (wx[i] * level,)
+    return _tuple_sum(wl, 32), _tuple_sum(wl2, 32), _tuple_sum(wxl, 32)
+
+
+@triton.jit(do_not_specialize=["n_super"])
 def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NMAX: tl.constexpr,
                         NSTEP: tl.constexpr, Q5: tl.constexpr):
+    """One thread per sub-block of 32: its elements are a tuple of 32 [G] tensors, so every sum
+    of pairwise_sum's order is plain register additions (no shuffles, no layout conversions)."""
     G: tl.constexpr = SB * 8
     TYPE_SIZE: tl.constexpr = 176 if Q5 else 144
     pid = tl.program_id(0).to(tl.int64)
     groups = pid * G + tl.arange(0, G)
-    cols = tl.arange(0, 32)
-    x = tl.load(x_ptr + groups[:, None] * 32 + cols[None, :], mask=(groups < n_super * 8)[:, None],
-                other=0.0).to(tl.float32)
+    valid = groups < n_super * 8
+    x = ()
+    for i in tl.static_range(32):
+        x = x + (tl.load(x_ptr + groups * 32 + i, mask=valid, other=0.0).to(tl.float32),)
 
     # _rms_weights: sqrt(mean(x^2)) + |x|
-    rms = tl.sqrt_rn(_sum32(x * x, G) * 0.03125)
-    w = rms[:, None] + tl.abs(x)
+    squares = ()
+    for i in tl.static_range(32):
+        squares = squares + (x[i] * x[i],)
+    rms = tl.sqrt_rn(_tuple_sum(squares, 32) * 0.03125)
+    w = ()
+    wx = ()
+    wx2 = ()
+    low = x[0]
+    high = x[0]
+    for i in tl.static_range(32):
+        weight = rms + tl.abs(x[i])
+        w = w + (weight,)
+        wx = wx + (weight * x[i],)
+        wx2 = wx2 + (wx[i] * x[i],)
+        if i > 0:
+            low = tl.minimum(low, x[i])
+            high = tl.maximum(high, x[i])
 
     # _search_scale_min
-    low = tl.min(x, axis=1)
     low = tl.where(low > 0, 0.0, low)
-    span = tl.max(x, axis=1) - low
+    span = high - low
     flat = span == 0
     span = tl.where(flat, 1.0, span)
-    shifted = x - low[:, None]
-    sum_w = _sum32(w, G)
-    wx = w * x
-    sum_x = _sum32(wx, G)
-    sum_x2 = _sum32(wx * x, G)
+    shifted = ()
+    for i in tl.static_range(32):
+        shifted = shifted + (x[i] - low,)
+    sum_w = _tuple_sum(w, 32)
+    sum_x = _tuple_sum(wx, 32)
+    sum_x2 = _tuple_sum(wx2, 32)
     # Candidate 0 is the plain min/max grid (nmax / span, the fit not solved); candidates 1.. are
     # least-squares fits, each kept only when strictly better and det > 0 (a NaN error never wins,
     # a NaN best error is never replaced, as the CPU loop's comparisons do). ``scalar / span`` is
-    # torch's __rtruediv__: span's reciprocal times the scalar, two roundings.
+    # torch's __rtruediv__: span's reciprocal times the scalar, two roundings. shifted >= 0, so the
+    # rounded levels need only the upper clamp.
     reciprocal_span = _recip(span)
-    inverse = reciprocal_span * tl.load(steps_ptr)
-    best_scale = _recip(inverse)
+    best_scale = span
     best_min = low
-    levels = _clamp(_rint(inverse[:, None] * shifted), 0.0, NMAX)
-    wl = w * levels
-    best_error = _weighted_error(best_scale, best_min, sum_w, sum_x, sum_x2,
-                                 _sum32(wl, G), _sum32(wl * levels, G), _sum32(wx * levels, G))
-    for step in tl.static_range(1, NSTEP + 2):
+    best_error = span
+    # A loop, not unrolled: the candidates share nothing but the running best, and an unrolled
+    # search is a very long kernel to compile. Candidate 0 always takes the place of the initial
+    # values above.
+    for step in range(0, NSTEP + 2):
         inverse = reciprocal_span * tl.load(steps_ptr + step)
-        levels = _clamp(_rint(inverse[:, None] * shifted), 0.0, NMAX)
-        wl = w * levels
-        sum_l = _sum32(wl, G)
-        sum_l2 = _sum32(wl * levels, G)
-        sum_xl = _sum32(wx * levels, G)
+        sum_l, sum_l2, sum_xl = _level_sums(inverse, shifted, w, wx, NMAX)
         det = sum_w * sum_l2 - sum_l * sum_l
         scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, det)
         offset = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, det)
         positive = offset > 0
         scale = tl.where(positive, tl.math.div_rn(sum_xl, sum_l2), scale)
         offset = tl.where(positive, 0.0, offset)
+        first = step == 0
+        scale = tl.where(first, _recip(inverse), scale)
+        offset = tl.where(first, low, offset)
         candidate = _weighted_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
-        better = (det > 0) & (candidate < best_error)
+        better = first | ((det > 0) & (candidate < best_error))
         best_error = tl.where(better, candidate, best_error)
         best_scale = tl.where(better, scale, best_scale)
         best_min = tl.where(better, offset, best_min)
@@ -229,25 +283,33 @@ def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NM
     # _refine_asymmetric: the scale code as rounded, one below, one above; lowest error wins
     ls_g = tl.reshape(ls, [G])
     offset = dmin * tl.reshape(lm, [G])
+    moved = ()
+    for i in tl.static_range(32):
+        moved = moved + (x[i] + offset,)
     best_ls = ls_g
-    best_levels = levels
+    best_levels = x
     best_err = sum_w
-    for trial in tl.static_range(3):
-        codes = _clamp(ls_g + (0.0 if trial == 0 else (-1.0 if trial == 1 else 1.0)), 0.0, 63.0)
+    for trial in range(3):
+        # trial 0 keeps the code (and always replaces the initial values), 1 tries one below, 2 one above
+        codes = _clamp(ls_g + tl.where(trial == 0, 0.0, tl.where(trial == 1, -1.0, 1.0)), 0.0, 63.0)
         scale = d * codes
         safe = tl.where(scale == 0, 1.0, scale)
-        trial_levels = _clamp(_rint(tl.math.div_rn(x + offset[:, None], safe[:, None])), 0.0, NMAX)
-        trial_levels = tl.where(scale[:, None] == 0, 0.0, trial_levels)
-        diff = scale[:, None] * trial_levels - offset[:, None] - x
-        err = _sum32(diff * diff, G)
-        if trial == 0:
-            best_err = err
-            best_levels = trial_levels
-        else:
-            better = err < best_err
-            best_err = tl.where(better, err, best_err)
-            best_ls = tl.where(better, codes, best_ls)
-            best_levels = tl.where(better[:, None], trial_levels, best_levels)
+        levels = ()
+        squares = ()
+        for i in tl.static_range(32):
+            level = _clamp(_rint(tl.math.div_rn(moved[i], safe)), 0.0, NMAX)
+            level = tl.where(scale == 0, 0.0, level)
+            diff = scale * level - offset - x[i]
+            levels = levels + (level,)
+            squares = squares + (diff * diff,)
+        err = _tuple_sum(squares, 32)
+        better = (trial == 0) | (err < best_err)
+        best_err = tl.where(better, err, best_err)
+        best_ls = tl.where(better, codes, best_ls)
+        chosen = ()
+        for i in tl.static_range(32):
+            chosen = chosen + (tl.where(better, levels[i], best_levels[i]),)
+        best_levels = chosen
 
     # bytes: d, dmin, 12 bytes of scales, (qh,) qs
     sb_ids = pid * SB + tl.arange(0, SB)
@@ -264,18 +326,156 @@ def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NM
     tl.store(scale_ptr, (ls_lo | ((ls_hi >> 4) << 6)).to(tl.uint8), mask=sb_valid[:, None])
     tl.store(scale_ptr + 4, (lm_lo | ((lm_hi >> 4) << 6)).to(tl.uint8), mask=sb_valid[:, None])
     tl.store(scale_ptr + 8, ((ls_hi & 15) | ((lm_hi & 15) << 4)).to(tl.uint8), mask=sb_valid[:, None])
-    level_i = best_levels.to(tl.int32)
-    qs_offset = 16
-    if Q5:
-        # qh[j] bit k: fifth bit of element 32k + j
-        high = (tl.reshape(level_i, [SB, 8, 32]) >> 4) << tl.arange(0, 8)[None, :, None]
-        qh = tl.sum(high, axis=1)
-        tl.store(base[:, None] + 16 + cols[None, :], qh.to(tl.uint8), mask=sb_valid[:, None])
-        qs_offset = 48
-    low_part, high_part = tl.split(tl.permute(tl.reshape(level_i, [SB, 4, 2, 32]), (0, 1, 3, 2)))
-    qs = ((low_part & 15) | ((high_part & 15) << 4)).to(tl.uint8)
-    qs_ptr = (base[:, None, None] + qs_offset + tl.arange(0, 4)[None, :, None] * 32 + cols[None, None, :])
-    tl.store(qs_ptr, qs, mask=sb_valid[:, None, None])
+    # Each thread packs its 32 levels as four little-endian 64-bit words of bytes (low nibbles,
+    # and for Q5 the fifth bits at bit ``sub-block index`` of each byte); the words of a pair of
+    # sub-blocks (qs) or of all 8 (qh) are then combined, their bits being disjoint.
+    qs_offset: tl.constexpr = 48 if Q5 else 16
+    sub_block = (groups % 8).to(tl.int64)
+    group_base = out_ptr + (groups // 8) * TYPE_SIZE
+    pair_valid, _ = tl.split(tl.reshape(valid.to(tl.int32), [G // 2, 2]))
+    for c in tl.static_range(4):
+        nibbles = tl.zeros([G], tl.int64)
+        fifth = tl.zeros([G], tl.int64)
+        for j in tl.static_range(8):
+            level = best_levels[8 * c + j].to(tl.int64)
+            nibbles = nibbles | ((level & 15) << (8 * j))
+            if Q5:
+                fifth = fifth | ((level >> 4) << (8 * j))
+        if Q5:
+            qh = tl.sum(tl.reshape(fifth << sub_block, [SB, 8]), axis=1)
+            qh_ptr = (out_ptr + sb_ids * TYPE_SIZE + 16 + 8 * c).to(tl.pointer_type(tl.int64))
+            tl.store(qh_ptr, qh, mask=sb_valid)
+        # sub-block 2k gives the low nibbles of qs[32k:32k+32], sub-block 2k+1 the high ones
+        even, odd = tl.split(tl.reshape(nibbles, [G // 2, 2]))
+        pair_ptr = tl.reshape(group_base + qs_offset + (sub_block // 2) * 32 + 8 * c, [G // 2, 2])
+        first_ptr, _ = tl.split(pair_ptr)
+        tl.store(first_ptr.to(tl.pointer_type(tl.int64)), even | (odd << 4), mask=pair_valid != 0)
+
+
+@triton.jit
+def _q6k_fit(inverse, x, weights, weighted_x):
+    """make_qx_quants' fit for one candidate: Σ w·x·l and Σ w·l² with l = clamp(rint(inverse·x), -32, 31)."""
+    lx = ()
+    l2 = ()
+    for i in tl.static_range(16):
+        level = tl.minimum(tl.maximum(_rint(inverse * x[i]), -32.0), 31.0)
+        lx = lx + (weighted_x[i] * level,)
+        l2 = l2 + ((weights[i] * level) * level,)
+    return _tuple_sum(lx, 16), _tuple_sum(l2, 16)
+
+
+@triton.jit(do_not_specialize=["n_super"])
+def _q6k_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr):
+    """Q6_K (ggml_kquants.Q6_K): one thread per group of 16 elements, as a tuple of 16 [G] tensors."""
+    G: tl.constexpr = SB * 16
+    pid = tl.program_id(0).to(tl.int64)
+    groups = pid * G + tl.arange(0, G)
+    valid = groups < n_super * 16
+    x = ()
+    for i in tl.static_range(16):
+        x = x + (tl.load(x_ptr + groups * 16 + i, mask=valid, other=0.0).to(tl.float32),)
+
+    # _search_scale_symmetric(nmax=32, nstep=4, rdelta=0.2): the signed absmax (first of equals)
+    peak = x[0]
+    magnitude = tl.abs(x[0])
+    weights = ()
+    weighted_x = ()
+    for i in tl.static_range(16):
+        if i > 0:
+            larger = tl.abs(x[i]) > magnitude
+            peak = tl.where(larger, x[i], peak)
+            magnitude = tl.where(larger, tl.abs(x[i]), magnitude)
+        weights = weights + (x[i] * x[i],)
+        weighted_x = weighted_x + (weights[i] * x[i],)
+    zero_group = tl.abs(peak) < 1e-15
+    reciprocal_peak = _recip(tl.where(zero_group, 1.0, peak))
+    best_scale = reciprocal_peak
+    best = reciprocal_peak
+    # Candidate 0 (-nmax / peak) sets the best unconditionally; the others must be strictly better:
+    # the best least-squares scale maximizes sum_lx^2 / sum_l2.
+    for step in range(0, 9):
+        sum_lx, sum_l2 = _q6k_fit(reciprocal_peak * tl.load(steps_ptr + step), x, weights, weighted_x)
+        scale = tl.math.div_rn(sum_lx, sum_l2)
+        better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
+        first_scale = tl.where(sum_l2 > 0, scale, 0.0)
+        first = step == 0
+        best_scale = tl.where(first, first_scale, tl.where(better, scale, best_scale))
+        best = tl.where(first, first_scale * sum_lx, tl.where(better, scale * sum_lx, best))
+    scales = tl.reshape(tl.where(zero_group, 0.0, best_scale), [SB, 16])
+
+    # 8-bit group scales against the super-block's signed absmax
+    index = tl.argmax(tl.abs(scales), axis=1, tie_break_left=True)
+    columns = tl.arange(0, 16)[None, :]
+    sb_peak = tl.max(tl.where(columns == index[:, None], scales, float("-inf")), axis=1)
+    nonzero = tl.abs(sb_peak) >= 1e-15
+    inverse = tl.where(nonzero, _recip(tl.where(nonzero, sb_peak, 1.0)) * -128.0, 0.0)
+    codes = _clamp(_rint(inverse[:, None] * scales), -128.0, 127.0)
+    d_store = tl.where(nonzero, _recip(tl.where(nonzero, inverse, 1.0)), 0.0)
+    d = tl.reshape(tl.broadcast_to(_fp16_round(d_store)[:, None], [SB, 16]), [G])
+
+    # _refine_symmetric: the code as rounded, one below, one above; lowest error wins
+    codes = tl.reshape(codes, [G])
+    best_codes = codes
+    best_levels = x
+    best_err = d
+    for trial in range(3):
+        # trial 0 keeps the code (and always replaces the initial values), 1 tries one below, 2 one above
+        trial_codes = _clamp(codes + tl.where(trial == 0, 0.0, tl.where(trial == 1, -1.0, 1.0)), -128.0, 127.0)
+        scale = d * trial_codes
+        safe = tl.where(scale == 0, 1.0, scale)
+        levels = ()
+        squares = ()
+        for i in tl.static_range(16):
+            level = tl.minimum(tl.maximum(_rint(tl.math.div_rn(x[i], safe)), -32.0), 31.0)
+            level = tl.where(scale == 0, 0.0, level)
+            diff = scale * level - x[i]
+            levels = levels + (level,)
+            squares = squares + (diff * diff,)
+        err = _tuple_sum(squares, 16)
+        better = (trial == 0) | (err < best_err)
+        best_err = tl.where(better, err, best_err)
+        best_codes = tl.where(better, trial_codes, best_codes)
+        chosen = ()
+        for i in tl.static_range(16):
+            chosen = chosen + (tl.where(better, levels[i], best_levels[i]),)
+        best_levels = chosen
+
+    # bytes: ql[128], qh[64], scales[16] (int8), d. Group j = 8h + 2q + half holds elements
+    # 128h + 32q + 16half + i: its low nibbles go to ql[64h + 32(q % 2) + 16half + i] (high nibble
+    # for q >= 2), its top two bits to qh[32h + 16half + i] at bit 2q. Each thread packs two
+    # 64-bit words of bytes per part; the words sharing bytes are combined (disjoint bits). 210-byte
+    # blocks are only 2-byte aligned: the words are stored as four 16-bit halves.
+    sb_ids = pid * SB + tl.arange(0, SB)
+    sb_valid = sb_ids < n_super
+    tl.store(out_ptr + groups // 16 * 210 + 192 + groups % 16, best_codes.to(tl.int32).to(tl.int8).to(tl.uint8, bitcast=True),
+             mask=valid)
+    _store_fp16(out_ptr + sb_ids * 210 + 208, d_store, sb_valid)
+    q = ((groups % 8) // 2).to(tl.int64)
+    sb4 = (pid * SB + tl.arange(0, SB)).to(tl.int64)[:, None, None, None]
+    part4 = tl.arange(0, 2)[None, :, None, None]
+    mid4 = tl.arange(0, 2)[None, None, :, None]
+    half4 = tl.arange(0, 2)[None, None, None, :]
+    ql_offsets = sb4 * 210 + part4 * 64 + mid4 * 32 + half4 * 16
+    valid4 = sb4 < n_super
+    sb3 = (pid * SB + tl.arange(0, SB)).to(tl.int64)[:, None, None]
+    qh_offsets = sb3 * 210 + 128 + tl.arange(0, 2)[None, :, None] * 32 + tl.arange(0, 2)[None, None, :] * 16
+    valid3 = sb3 < n_super
+    for c in tl.static_range(2):
+        nibbles = tl.zeros([G], tl.int64)
+        tops = tl.zeros([G], tl.int64)
+        for k in tl.static_range(8):
+            level = (best_levels[8 * c + k] + 32.0).to(tl.int64)
+            nibbles = nibbles | ((level & 15) << (8 * k))
+            tops = tops | ((level >> 4) << (8 * k))
+        # ql: [SB, h, q // 2, q % 2, half], summed over q // 2 (nibble position)
+        ql = tl.sum(tl.reshape(nibbles << (4 * (q // 2)), [SB, 2, 2, 2, 2]), axis=2)
+        # qh: [SB, h, q, half], summed over q
+        qh = tl.sum(tl.reshape(tops << (2 * q), [SB, 2, 4, 2]), axis=2)
+        for k in tl.static_range(4):
+            tl.store((out_ptr + ql_offsets + 8 * c + 2 * k).to(tl.pointer_type(tl.int16)),
+                     ((ql >> (16 * k)) & 65535).to(tl.int16), mask=valid4)
+            tl.store((out_ptr + qh_offsets + 8 * c + 2 * k).to(tl.pointer_type(tl.int16)),
+                     ((qh >> (16 * k)) & 65535).to(tl.int16), mask=valid3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +499,18 @@ def _steps(name: str, device: torch.device) -> torch.Tensor:
     return _STEP_TABLES[key]
 
 
+_Q6K_STEPS: dict[torch.device, torch.Tensor] = {}
+
+
+def _q6k_steps(device: torch.device) -> torch.Tensor:
+    """The scalars of _search_scale_symmetric's candidates -nmax / peak, then -(32 + 0.2 * step) / peak
+    for step = -4..4 without 0, rounded as it rounds them (float32 of the double sum)."""
+    if device not in _Q6K_STEPS:
+        values = [-32.0] + [-_f32(32 + _f32(0.2) * step) for step in range(-4, 5) if step != 0]
+        _Q6K_STEPS[device] = torch.tensor(values, dtype=torch.float32, device=device)
+    return _Q6K_STEPS[device]
+
+
 def _check(name: str, weight: torch.Tensor, block_size: int) -> None:
     shape = tuple(weight.shape)
     if not (len(shape) >= 1 and shape[-1] % block_size == 0):
@@ -311,7 +523,7 @@ def _check(name: str, weight: torch.Tensor, block_size: int) -> None:
 def quantize_ggml(weight: torch.Tensor, name: str):
     from qtool.schemes.ggml import GGMLTensor
 
-    k_quant = name in _K_PARAMS
+    k_quant = name in _K_PARAMS or name == "Q6_K"
     block_size = QK_K if k_quant else 32
     _check(name, weight, block_size)
     shape = tuple(weight.shape)
@@ -320,7 +532,11 @@ def quantize_ggml(weight: torch.Tensor, name: str):
     type_size = _TYPE_SIZE[name]
     out = torch.empty(n_blocks * type_size, dtype=torch.uint8, device=weight.device)
     if n_blocks:
-        if k_quant:
+        if name == "Q6_K":
+            grid = (triton.cdiv(n_blocks, _SUPER_BLOCKS_Q6),)
+            _q6k_kernel[grid](flat, out, _q6k_steps(weight.device), n_blocks, SB=_SUPER_BLOCKS_Q6,
+                              num_warps=_NUM_WARPS_Q6, enable_fp_fusion=False)
+        elif k_quant:
             nmax, _, _, nstep = _K_PARAMS[name]
             grid = (triton.cdiv(n_blocks, _SUPER_BLOCKS),)
             _kquant_asym_kernel[grid](flat, out, _steps(name, weight.device), n_blocks, SB=_SUPER_BLOCKS,

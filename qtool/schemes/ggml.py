@@ -59,6 +59,12 @@ def nearest_int(values: torch.Tensor) -> torch.Tensor:
     return torch.round(values)
 
 
+def divide(values: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``values / divisor`` correctly rounded on every device: CUDA computes ``tensor / number`` as a
+    product with the number's reciprocal (one rounding more), so the number goes in as a tensor."""
+    return values / torch.tensor(divisor, dtype=values.dtype, device=values.device)
+
+
 def fp16_bytes(values: torch.Tensor) -> torch.Tensor:
     """float32 (..., 1) -> its IEEE half bytes (..., 2), round to nearest even like GGML_FP32_TO_FP16."""
     return values.to(torch.float16).view(torch.uint8)
@@ -228,7 +234,7 @@ class Q8_0(GGMLType):
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
-        scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+        scale = divide(blocks.abs().amax(dim=-1, keepdim=True), 127)
         quants = roundf(blocks * _inverse(scale)).to(torch.int8).view(torch.uint8)
         return torch.cat([fp16_bytes(scale), quants], dim=-1)
 
@@ -265,7 +271,7 @@ class Q4_1(GGMLType):
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
         low = blocks.amin(dim=-1, keepdim=True)
-        scale = (blocks.amax(dim=-1, keepdim=True) - low) / 15
+        scale = divide(blocks.amax(dim=-1, keepdim=True) - low, 15)
         quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
         return torch.cat([fp16_bytes(scale), fp16_bytes(low), pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)
 
@@ -307,7 +313,7 @@ class Q5_1(GGMLType):
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
         low = blocks.amin(dim=-1, keepdim=True)
-        scale = (blocks.amax(dim=-1, keepdim=True) - low) / 31
+        scale = divide(blocks.amax(dim=-1, keepdim=True) - low, 31)
         quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 31).to(torch.uint8)
         high_bits = pack_bits(quants >> 4)
         return torch.cat([fp16_bytes(scale), fp16_bytes(low), high_bits,
@@ -370,7 +376,7 @@ class IQ4_NL(GGMLType):
             return _sequential_sums(weight, value, blocks)
 
         safe_peak = torch.where(empty, torch.ones_like(peak), peak)
-        sum_qx, sum_q2 = candidate(1 / (safe_peak / 127))
+        sum_qx, sum_q2 = candidate(1 / divide(safe_peak, 127))
         scale = sum_qx / sum_q2
         best = scale * sum_qx
         for step in range(-_IQ4_NL_TRIES, _IQ4_NL_TRIES + 1):

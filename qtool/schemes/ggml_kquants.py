@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qtool.schemes.base import register
-from qtool.schemes.ggml import QK_K, GGMLType, fp16_bytes, fp16_from_bytes, nearest_int, pack_nibbles
+from qtool.schemes.ggml import QK_K, GGMLType, divide, fp16_bytes, fp16_from_bytes, nearest_int, pack_nibbles
 
 GROUP_MAX_EPS = 1e-15
 
@@ -251,8 +251,8 @@ def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: in
     inv_min = torch.where(max_min > 0, smax / torch.where(max_min > 0, max_min, 1), zero)
     ls = nearest_int(inv_scale * scales).clamp_(0, smax)
     lm = nearest_int(inv_min * mins).clamp_(0, smax)
-    d_raw = fp16_bytes(max_scale / smax)
-    dmin_raw = fp16_bytes(max_min / smax)
+    d_raw = fp16_bytes(divide(max_scale, smax))
+    dmin_raw = fp16_bytes(divide(max_min, smax))
     d = fp16_from_bytes(d_raw).unsqueeze(-1)
     dmin = fp16_from_bytes(dmin_raw).unsqueeze(-1)
     ls, levels = _refine_asymmetric(blocks.reshape(n_blocks, -1, group), d, dmin, ls.unsqueeze(-1),
