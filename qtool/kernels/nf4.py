@@ -1,20 +1,16 @@
 """NF4 / FP4 with double quantization in Triton, the bytes of qtool.schemes.nf4.
 
-1. ``_quantize_4bit_kernel``: per block of ``block_size`` elements the absmax (NaN-propagating,
-   so a non-finite block is seen with one max per element), the scaled values
+1. ``_quantize_4bit_kernel``: per block of ``block_size`` elements the absmax, the scaled values
    (``x * (1 / absmax)`` for whole blocks, ``x / absmax`` for the trailing partial one, as
-   bitsandbytes' torch kernel; programs of whole blocks run without masks), the 4-bit code (the
-   number of sorted code midpoints strictly below the value: torch.bucketize's rule, so a value
-   on a midpoint takes the lower code; FP4 then maps the sorted position to its bit pattern) and
-   two codes per byte, high nibble first.
+   bitsandbytes' torch kernel), the 4-bit code (the number of sorted code midpoints strictly below
+   the value: torch.bucketize's rule, so a value on a midpoint takes the lower code; FP4 then maps
+   the sorted position to its bit pattern) and two codes per byte, high nibble first.
 2. ``_part_sum_kernel`` (double quantization): the offset is bitsandbytes' ``absmax.mean()`` as
    torch computes it on the CPU, whose float32 rounding depends on its summation order (split
    between threads, then a cascade over 8-float vectors); this kernel replays that order exactly
-   for each thread's share, and the dynamic kernel sums the shares in torch's order (see
-   ``absmax_mean``), so the offset is the CPU path's to the bit.
+   (see ``absmax_mean``), so the offset is the CPU path's to the bit.
 3. ``_quantize_dynamic_kernel``: ``absmax - offset`` in blocks of 256 with bitsandbytes' 8-bit
-   dynamic map, through the same 65536-bin table as the CPU path; each program first adds the
-   per-thread sums in torch's order (no separate launch for that second pass).
+   dynamic map, through the same 65536-bin table as the CPU path.
 
 One host sync per weight, at the end: the offset's value (``Packed4bit.nested_offset``).
 """
@@ -74,36 +70,25 @@ def _bucketize16(v, bounds_ptr):
 
 
 @triton.jit
-def _max_propagating_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, nonfinite_ptr, bounds_ptr, n, n_blocks, order_table,
                           BLOCK: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     block_ids = pid * ROWS + tl.arange(0, ROWS)
     offsets = block_ids[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    whole = (pid + 1) * ROWS * BLOCK <= n
-    if whole:
-        x = tl.load(x_ptr + offsets).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0).to(tl.float32)
-    # A NaN anywhere makes the block's absmax NaN (one max.NaN per element), which marks the block
-    # non-finite below (the caller raises), as an inf does.
-    absmax = tl.reduce(tl.abs(x), 1, _max_propagating_nan)
+    x = tl.load(x_ptr + offsets, mask=offsets < n, other=0.0).to(tl.float32)
+    # Triton's max ignores NaN; as +inf it still marks the block non-finite (the caller raises).
+    absmax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
     # 1e-38 is a float32 subnormal (a Python float that small would make Triton use float64): an
     # all-zero block scales by 1e38 instead of dividing by zero.
     clamped = _clamp(absmax, tl.full([ROWS], 1e-38, tl.float32), float("inf"))
     inverse = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), clamped)
-    if whole:
-        scaled = x * inverse[:, None]
-    else:
+    if (pid + 1) * ROWS * BLOCK > n:
         partial = (block_ids + 1) * BLOCK > n
         scaled = tl.where(partial[:, None], tl.math.div_rn(x, clamped[:, None]), x * inverse[:, None])
         absmax = tl.where(partial, clamped, absmax)
-    # No clamp to [-1, 1]: every code midpoint lies strictly inside, so a value just past +-1 (the
-    # product's rounding) takes the same code as +-1 would.
+    else:
+        scaled = x * inverse[:, None]
+    scaled = _clamp(scaled, -1.0, 1.0)
     code = _bucketize16(scaled, bounds_ptr)
     if FP4:
         # Sorted position -> FP4 bit pattern, a 16-nibble table in one integer.
@@ -111,21 +96,17 @@ def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, nonfinite_ptr, bounds_ptr
     high, low = tl.split(tl.reshape(code, [ROWS, BLOCK // 2, 2]))
     packed = ((high << 4) | low).to(tl.uint8)
     byte_offsets = block_ids[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
-    if whole:
-        tl.store(data_ptr + byte_offsets, packed)
-        tl.store(absmax_ptr + block_ids, absmax)
-    else:
-        tl.store(data_ptr + byte_offsets, packed, mask=byte_offsets < (n + 1) // 2)
-        tl.store(absmax_ptr + block_ids, absmax, mask=block_ids < n_blocks)
+    tl.store(data_ptr + byte_offsets, packed, mask=byte_offsets < (n + 1) // 2)
+    tl.store(absmax_ptr + block_ids, absmax, mask=block_ids < n_blocks)
     # One flag for the launch, written only by a program that saw inf/NaN.
-    nonfinite = tl.max(((absmax == float("inf")) | (absmax != absmax)).to(tl.int32), axis=0)
+    nonfinite = tl.max((absmax == float("inf")).to(tl.int32), axis=0)
     if nonfinite != 0:
         tl.atomic_max(nonfinite_ptr, nonfinite)
 
 
-@triton.jit
-def _cpu_sum(base, m, LANES: tl.constexpr, SMALL: tl.constexpr):
-    """torch's float32 CPU ``sum`` of the ``m`` floats at ``base`` (one thread's share), in its
+@triton.jit(do_not_specialize=["n", "part_size"])
+def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr):
+    """Program p: torch's float32 CPU ``sum`` of part p of ``values`` (one thread's share), in its
     order (aten/src/ATen/native/cpu/SumKernel.cpp, contiguous inner reduction):
 
     - the part is read as ``m // LANES`` vectors of LANES floats (the CPU's vector width) and those
@@ -138,9 +119,13 @@ def _cpu_sum(base, m, LANES: tl.constexpr, SMALL: tl.constexpr):
 
     Masked-out terms add exact zeros (all values are >= 0). Rows of 16 * 16 are read per loop
     iteration (256 independent loads in flight); the cascade's step stays 16 up to 2**19 rows,
-    which the launcher checks. SMALL: the caller knows there are fewer than 16 rows.
+    which the launcher checks.
     """
     W: tl.constexpr = 4 * LANES
+    part = tl.program_id(0).to(tl.int64)
+    start = part * part_size
+    m = tl.maximum(tl.minimum(n - start, part_size), 0)      # programs past the last part write 0
+    base = values_ptr + start
     vectors = m // LANES
     rows = vectors // 4
     accumulator = tl.arange(0, 4)[:, None]
@@ -150,27 +135,25 @@ def _cpu_sum(base, m, LANES: tl.constexpr, SMALL: tl.constexpr):
     groups = chunks // 16
     acc2 = tl.zeros([4, LANES], tl.float32)
     acc3 = tl.zeros([4, LANES], tl.float32)
-    acc1 = tl.zeros([4, LANES], tl.float32)
-    if not SMALL:
-        for group in range(groups):
-            acc1 = tl.zeros([4, LANES], tl.float32)
-            for chunk in tl.static_range(16):
-                acc0 = tl.zeros([4, LANES], tl.float32)
-                for j in tl.static_range(16):
-                    acc0 += tl.load(base + ((group * 16 + chunk) * 16 + j) * W + columns)
-                acc1 += acc0
-            acc2 += acc1
-            flush = (group + 1) % 16 == 0
-            acc3 = tl.where(flush, acc3 + acc2, acc3)
-            acc2 = tl.where(flush, 0.0, acc2)
+    for group in range(groups):
         acc1 = tl.zeros([4, LANES], tl.float32)
         for chunk in tl.static_range(16):
-            index = groups * 16 + chunk
-            valid = index < chunks
             acc0 = tl.zeros([4, LANES], tl.float32)
             for j in tl.static_range(16):
-                acc0 += tl.load(base + (index * 16 + j) * W + columns, mask=valid, other=0.0)
-            acc1 = tl.where(valid, acc1 + acc0, acc1)
+                acc0 += tl.load(base + ((group * 16 + chunk) * 16 + j) * W + columns)
+            acc1 += acc0
+        acc2 += acc1
+        flush = (group + 1) % 16 == 0
+        acc3 = tl.where(flush, acc3 + acc2, acc3)
+        acc2 = tl.where(flush, 0.0, acc2)
+    acc1 = tl.zeros([4, LANES], tl.float32)
+    for chunk in tl.static_range(16):
+        index = groups * 16 + chunk
+        valid = index < chunks
+        acc0 = tl.zeros([4, LANES], tl.float32)
+        for j in tl.static_range(16):
+            acc0 += tl.load(base + (index * 16 + j) * W + columns, mask=valid, other=0.0)
+        acc1 = tl.where(valid, acc1 + acc0, acc1)
     acc0 = tl.zeros([4, LANES], tl.float32)
     for j in tl.static_range(16):
         row = chunks * 16 + j
@@ -193,31 +176,18 @@ def _cpu_sum(base, m, LANES: tl.constexpr, SMALL: tl.constexpr):
         result = tl.where(valid, result + tl.load(base + vectors * LANES + t, mask=valid, other=0.0), result)
     for t in tl.static_range(LANES):
         result = result + tl.sum(tl.where(lanes == t, p0, 0.0), axis=0)
-    return result
-
-
-@triton.jit(do_not_specialize=["n", "part_size"])
-def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr):
-    """Program p: ``_cpu_sum`` of part p of ``values``; programs past the last part write 0."""
-    part = tl.program_id(0).to(tl.int64)
-    start = part * part_size
-    m = tl.maximum(tl.minimum(n - start, part_size), 0)
-    tl.store(partials_ptr + part, _cpu_sum(values_ptr + start, m, LANES, False))
+    tl.store(partials_ptr + part, result)
 
 
 @triton.jit(do_not_specialize=["n_sums", "divisor"])
 def _quantize_dynamic_kernel(values_ptr, sums_ptr, n_sums, divisor, offset_out_ptr, codes_ptr, absmax_ptr,
-                             lut_ptr, n, n_blocks, BLOCK: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr):
+                             lut_ptr, n, n_blocks, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    # The offset, divided (every program redoes it; see absmax_mean): the sums' own CPU sum when
-    # LANES is set (torch's second pass over its per-thread sums), else their running sum.
-    if LANES > 0:
-        total = _cpu_sum(sums_ptr, n_sums, LANES, True)
-    else:
-        total = tl.load(sums_ptr)
-        for index in tl.static_range(1, _MAX_SUMS_CONSTEXPR):
-            valid = index < n_sums
-            total = tl.where(valid, total + tl.load(sums_ptr + index, mask=valid, other=0.0), total)
+    # The offset: the sums added in order, divided (every program redoes it; see absmax_mean).
+    total = tl.load(sums_ptr)
+    for index in tl.static_range(1, _MAX_SUMS_CONSTEXPR):
+        valid = index < n_sums
+        total = tl.where(valid, total + tl.load(sums_ptr + index, mask=valid, other=0.0), total)
     offset = tl.math.div_rn(total, divisor.to(tl.float32))
     if pid == 0:
         tl.store(offset_out_ptr, offset)
@@ -346,15 +316,14 @@ def _is_running_sum(tree, count: int) -> bool:
     return node == 0
 
 
-def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, int, int]:
+def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, int]:
     """What the dynamic kernel needs for ``qtool.schemes.nf4._mean_as_torch(absmax, threads)`` on
-    the GPU: (sums, divisor, lanes), the offset being ``_cpu_sum(sums)`` (lanes > 0) or the running
-    sum of ``sums`` (lanes 0), divided by ``divisor``.
+    the GPU: (sums, divisor), the offset being the running sum of ``sums`` divided by ``divisor``.
 
     One thread's share (k = 1) is one program of ``_part_sum_kernel``; with k parts their sums go
-    into a buffer of ``threads`` floats (zeros past k) which the dynamic kernel sums again, as
-    torch's second pass does, or, for fewer threads than lanes, the parts are added in order where
-    that is torch's order. Anything else (an unknown CPU, tiny or enormous tensors) runs the CPU path's own
+    into a buffer of ``threads`` floats (zeros past k) which the same kernel sums again, as torch's
+    second pass does, or, for fewer threads than lanes, the parts are added in order where that is
+    torch's order. Anything else (an unknown CPU, tiny or enormous tensors) runs the CPU path's own
     function on a copy of the absmax."""
     threads = torch.get_num_threads() if threads is None else threads
     n = absmax.numel()
@@ -369,19 +338,21 @@ def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch
             return sums
 
         if parts == 1:
-            return part_sums(1), n, 0
-        if threads >= lanes and threads // (4 * lanes) < 16:
-            return part_sums(threads), n, lanes
+            return part_sums(1), n
+        if threads >= lanes:
+            buffer = part_sums(threads)
+            total = torch.empty(1, dtype=torch.float32, device=device)
+            _part_sum_kernel[(1,)](buffer, total, threads, threads, LANES=lanes, num_warps=1, enable_fp_fusion=False)
+            return total, n
         if parts <= _MAX_SUMS and _is_running_sum(_cascade_order(threads, lanes), parts):
-            return part_sums(parts), n, 0
-    return cpu._mean_as_torch(absmax.cpu(), threads).to(device).reshape(1), 1, 0
+            return part_sums(parts), n
+    return cpu._mean_as_torch(absmax.cpu(), threads).to(device).reshape(1), 1
 
 
-def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor | None = None, divisor: int = 1,
-                     lanes: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor | None = None, divisor: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``qtool.schemes.nf4.quantize_dynamic(values - offset, block_size)`` in one launch, the offset
-    being (see ``absmax_mean``) the sum of ``sums`` (float32, on the device; none: 0) divided by
-    ``divisor``.
+    being the running sum of ``sums`` (float32, on the device; none: 0) divided by ``divisor``.
     Returns (codes, absmax, offset as a 1-element tensor)."""
     values = values.reshape(-1).float().contiguous()
     device = values.device
@@ -395,7 +366,7 @@ def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor |
     rows = _NESTED_ROWS if block_size <= 1024 else 1
     grid = (max(1, triton.cdiv(n_blocks, rows)),)
     _quantize_dynamic_kernel[grid](values, sums, sums.numel(), divisor, offset, codes, absmax,
-                                   _table("lut", device), n, n_blocks, BLOCK=block_size, ROWS=rows, LANES=lanes, num_warps=4,
+                                   _table("lut", device), n, n_blocks, BLOCK=block_size, ROWS=rows, num_warps=4,
                                    enable_fp_fusion=False)
     return codes, absmax, offset
 
@@ -426,9 +397,8 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int
         if nonfinite.item():
             raise NonFiniteWeight("the weight contains inf or nan values")
         return packed
-    sums, divisor, lanes = absmax_mean(absmax)
-    packed.absmax, packed.nested_absmax, offset_out = quantize_dynamic(absmax, cpu.NESTED_BLOCK_SIZE, sums, divisor,
-                                                                       lanes)
+    sums, divisor = absmax_mean(absmax)
+    packed.absmax, packed.nested_absmax, offset_out = quantize_dynamic(absmax, cpu.NESTED_BLOCK_SIZE, sums, divisor)
     packed.nested_quant_map = _table("dynamic", device).clone()
     # The one host sync: the offset's value; a NaN or inf block absmax makes it non-finite.
     packed.nested_offset = offset_out.item()
