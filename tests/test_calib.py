@@ -123,6 +123,33 @@ def test_block_by_block_matches_whole_model(tiny_llama_dir: Path) -> None:
     assert [r.layer for r in stats.records] == [0, 1]
 
 
+def test_per_group_walk_sees_the_changed_earlier_groups(tiny_llama_dir: Path) -> None:
+    """per_group: each Linear's statistics are those of its inputs in the model whose earlier Linears
+    (same block included) carry the consumer's changes, as a whole-model forward of that model says."""
+    from qtool.calibration.methods import OverlaySource
+
+    def change(weight: torch.Tensor) -> torch.Tensor:
+        return torch.round(weight * 8) / 8
+
+    with resolve(str(tiny_llama_dir)) as source:
+        calib = _tiny_set(source)
+        changed: dict[str, torch.Tensor] = {}
+        seen: dict[str, torch.Tensor] = {}
+        order: list[list[str]] = []
+        for step in walk_blocks(source, calib, per_group=True):
+            order.append(sorted(name.rsplit(".", 2)[-2] for name in step.linears))
+            for name, module in step.linears.items():
+                seen[name] = step.stats[name].hessian.clone()
+                changed[name] = change(module.weight.detach())
+                module.weight = torch.nn.Parameter(changed[name], requires_grad=False)
+            step.modified = True
+        reference = _full_model_stats(OverlaySource(source, changed), calib.tokens)
+    assert order[:4] == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert set(seen) == set(reference)
+    for name, hessian in reference.items():
+        torch.testing.assert_close(seen[name], hessian, rtol=1e-4, atol=1e-3, msg=name)
+
+
 def test_stats_save_load_round_trip(tiny_llama_dir: Path, tmp_path: Path) -> None:
     with resolve(str(tiny_llama_dir)) as source:
         stats = calibrate(source, calib_set=_tiny_set(source, samples=2))

@@ -74,6 +74,7 @@ class BlockStep:
     stats: dict[str, InputStats]          # weight name -> statistics of its inputs
     seconds: float = 0.0                  # time of the statistics pass
     modified: bool = False                # set by the consumer after changing weights
+    last_of_block: bool = True            # per-group walks: the block's last group
 
 
 class _Skeleton:
@@ -132,9 +133,64 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, positi
         out[part] = result[0] if isinstance(result, tuple) else result
 
 
+def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, outputs: torch.Tensor | None,
+             position_embeddings: Any, position_ids: torch.Tensor, batch: int, *, want_hessian: bool,
+             device: torch.device, seed: int) -> tuple[dict[str, InputStats], list[list[str]]]:
+    """Run ``block`` over ``hidden`` with hooks on ``linears``: the statistics of each one's inputs,
+    and the Linears grouped by shared input in the order the forward pass calls them (q/k/v, o,
+    gate/up, down). ``outputs``: where to write the block's outputs (None: not needed)."""
+    observers: dict[str, InputObserver] = {}
+    shared_with: dict[str, str] = {}
+    seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}
+    groups: dict[str, list[str]] = {}
+
+    def make_hook(weight_name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            # Linears fed the very same tensor (q/k/v, gate/up) share one observer.
+            known = seen_inputs.get(id(x))
+            if known is not None and known[0] is x:
+                shared_with.setdefault(weight_name, known[1])
+                if shared_with[weight_name] != weight_name:
+                    if weight_name not in groups[known[1]]:
+                        groups[known[1]].append(weight_name)
+                    return
+            else:
+                seen_inputs[id(x)] = (x, weight_name)
+                shared_with.setdefault(weight_name, weight_name)
+            groups.setdefault(weight_name, [weight_name])
+            if weight_name not in observers:
+                observers[weight_name] = InputObserver(module.in_features, want_hessian=want_hessian,
+                                                       device=device, seed=seed)
+            observers[weight_name].update(x)
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
+    try:
+        with torch.inference_mode():
+            for part in _batches(hidden.shape[0], batch):
+                seen_inputs.clear()
+                result = block(hidden[part], attention_mask=None, position_ids=position_ids,
+                               position_embeddings=position_embeddings)
+                if outputs is not None:
+                    outputs[part] = result[0] if isinstance(result, tuple) else result
+            seen_inputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    finished = {name: observer.finish() for name, observer in observers.items()}
+    stats = {name: finished[shared_with[name]] for name in linears if name in shared_with}
+    return stats, list(groups.values())
+
+
 def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.device = "cpu",
-                want_hessian: bool = True, seed: int = 0) -> Iterator[BlockStep]:
-    """Yield every decoder block with the statistics of its Linear inputs (see module doc)."""
+                want_hessian: bool = True, seed: int = 0, per_group: bool = False) -> Iterator[BlockStep]:
+    """Yield every decoder block with the statistics of its Linear inputs (see module doc).
+
+    ``per_group``: yield each block once per group of Linears sharing an input, in forward order
+    (q/k/v, then o, then gate/up, then down), each with statistics taken after the consumer changed
+    the earlier groups: o_proj's inputs come from the quantized q/k/v, down_proj's from the
+    quantized gate/up (GPTQ's "true sequential" order). Costs one more forward pass per group."""
     device = torch.device(device)
     skeleton = _Skeleton(source, device)
     names = [info.name for info in source.tensors()]
@@ -156,51 +212,28 @@ def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.de
         block = skeleton.block(index, source, [n for n in names if n.startswith(prefix)], device)
         linears = {f"{prefix}{name}.weight": module for name, module in block.named_modules()
                    if isinstance(module, nn.Linear)}
-        observers: dict[str, InputObserver] = {}
-        shared_with: dict[str, str] = {}
-        seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}
-
-        def make_hook(weight_name: str):
-            def hook(module: nn.Module, args: tuple) -> None:
-                x = args[0]
-                # Linears fed the very same tensor (q/k/v, gate/up) share one observer.
-                known = seen_inputs.get(id(x))
-                if known is not None and known[0] is x:
-                    shared_with.setdefault(weight_name, known[1])
-                    if shared_with[weight_name] != weight_name:
-                        return
-                else:
-                    seen_inputs[id(x)] = (x, weight_name)
-                    shared_with.setdefault(weight_name, weight_name)
-                if weight_name not in observers:
-                    observers[weight_name] = InputObserver(module.in_features, want_hessian=want_hessian,
-                                                           device=device, seed=seed + index)
-                observers[weight_name].update(x)
-            return hook
-
-        handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
+        run = dict(position_embeddings=position_embeddings, position_ids=position_ids, batch=batch,
+                   want_hessian=want_hessian, device=device, seed=seed + index)
         started = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                for part in _batches(samples, batch):
-                    seen_inputs.clear()
-                    result = block(hidden[part], attention_mask=None, position_ids=position_ids,
-                                   position_embeddings=position_embeddings)
-                    outputs[part] = result[0] if isinstance(result, tuple) else result
-                seen_inputs.clear()
-        finally:
-            for handle in handles:
-                handle.remove()
-        finished = {name: observer.finish() for name, observer in observers.items()}
-        stats = {name: finished[shared_with[name]] for name in linears if name in shared_with}
-        step = BlockStep(index, n_layers, linears, stats, time.perf_counter() - started)
-        yield step
-        if step.modified:
+        stats, groups = _observe(block, linears, hidden, outputs, **run)
+        steps = ([(linears, stats)] if not per_group else
+                 [({n: linears[n] for n in group}, {n: stats[n] for n in group}) for group in groups])
+        modified = False
+        for number, (step_linears, step_stats) in enumerate(steps):
+            if number > 0:
+                started = time.perf_counter()
+                if modified:
+                    step_stats = _observe(block, step_linears, hidden, None, **run)[0]
+            step = BlockStep(index, n_layers, step_linears, step_stats, time.perf_counter() - started,
+                             last_of_block=number == len(steps) - 1)
+            yield step
+            modified = modified or step.modified
+        if modified:
             with torch.inference_mode():
                 _run_block(block, hidden, outputs, position_embeddings, position_ids, batch)
         hidden, outputs = outputs, hidden
         skeleton.release(index)
-        del block, linears, observers, stats, step
+        del block, linears, stats, step
 
 
 def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int = DEFAULT_SAMPLES,
