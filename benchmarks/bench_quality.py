@@ -57,6 +57,7 @@ class Recipe:
     static_groups: bool = False
     damp: float = 0.01
     damp_diag: float = 1.0
+    true_sequential: bool = False    # with --sequential: o_proj / down_proj calibrated on quantized q/k/v, gate/up
     gguf: bool = False               # also write a GGUF and score it with llama.cpp
 
 
@@ -74,9 +75,21 @@ RECIPES = {
     "gptq-iq4_nl": Recipe("qtool GPTQ IQ4_NL (act-order, diag damping 1)", "gptq", "IQ4_NL", gguf=True),
     "gptq-iq4_nl-down-q4_k": Recipe("qtool GPTQ IQ4_NL, down_proj Q4_K (act-order, diag damping 1)", "gptq", "IQ4_NL",
                                     rules=[("*.mlp.down_proj.weight", "Q4_K", {})], gguf=True),
+    "gptq-q4_0-down-q4_k-ts": Recipe("qtool GPTQ Q4_0, down_proj Q4_K, true sequential", "gptq", "Q4_0",
+                                     rules=[("*.mlp.down_proj.weight", "Q4_K", {})], gguf=True, true_sequential=True),
     "rtn-int4-g64": Recipe("qtool RTN int4-asym g64", "rtn", "int4-asym", {"group_size": 64}),
     "gptq-int4-g64": Recipe("qtool GPTQ int4-asym g64 (act-order, diag damping 1)", "gptq", "int4-asym", {"group_size": 64}),
     "gptq-int4-sym-g32": Recipe("qtool GPTQ int4-sym g32 (act-order, diag damping 1)", "gptq", "int4-sym", {"group_size": 32}),
+    # bitsandbytes NF4, blocks of 64, double quant (the scales the methods chose, double-quantized); gguf=False.
+    "rtn-nf4": Recipe("qtool RTN NF4 + DQ (bitsandbytes' quantizer)", "rtn", "nf4"),
+    "imatrix-nf4": Recipe("qtool imatrix NF4 + DQ", "imatrix", "nf4"),
+    "gptq-nf4": Recipe("qtool GPTQ NF4 + DQ (act-order, static groups, diag damping 1)", "gptq", "nf4"),
+    # AWQ scaling folded into the norms / up_proj rows: gguf=False, since _write_gguf writes the source's
+    # unfolded norms (`qtool quantize --method awq` writes the folded ones).
+    "awq-q4_0": Recipe("qtool AWQ Q4_0", "awq", "Q4_0"),
+    "awq-imatrix-q4_0": Recipe("qtool AWQ + imatrix Q4_0", "awq+imatrix", "Q4_0"),
+    "awq-gptq-q4_0-down-q4_k": Recipe("qtool AWQ + GPTQ Q4_0, down_proj Q4_K (act-order, diag damping 1)", "awq+gptq",
+                                      "Q4_0", rules=[("*.mlp.down_proj.weight", "Q4_K", {})]),
 }
 DEFAULT_RECIPES = ["rtn-q4_0", "imatrix-q4_0", "gptq-q4_0", "gptq-int4-g64"]
 
@@ -143,12 +156,15 @@ def _block_bits(plans, gguf: bool) -> float:
     for plan in plans:
         if plan.keep or layer_index(plan.name) is None or len(plan.shape) != 2:
             continue
+        bnb = plan.scheme in ("nf4", "fp4")
         if gguf:
             from qtool.sinks.gguf import packed_nbytes
+        elif bnb:
+            from qtool.sinks.bnb import packed_nbytes
         else:
             from qtool.sinks.compressed import packed_nbytes
         nbytes = packed_nbytes(plan)
-        if not gguf:
+        if not gguf and not bnb:
             nbytes -= 16  # weight_shape (2 x int64) is bookkeeping, not weights
         bits += 8 * nbytes
         weights += plan.shape[0] * plan.shape[1]
@@ -162,7 +178,7 @@ def _quantize(source, recipe: Recipe, stats, calib_set=None, device: str = "cpu"
 
     plans = _plans(source, recipe)
     options = MethodOptions(method=recipe.method, act_order=recipe.act_order, static_groups=recipe.static_groups,
-                            damp=recipe.damp, damp_diag=recipe.damp_diag)
+                            damp=recipe.damp, damp_diag=recipe.damp_diag, true_sequential=recipe.true_sequential)
     started = time.perf_counter()
     weights, packed, errors = {}, {}, []
     sources = {"calib_set": calib_set} if calib_set is not None else {"stats": stats}

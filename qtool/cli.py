@@ -130,7 +130,7 @@ def quantize(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
-    method: str = typer.Option("rtn", "--method", help="rtn, or a calibration-aware method: gptq, imatrix, awq."),
+    method: str = typer.Option("rtn", "--method", help="rtn, or a calibration-aware method: gptq, imatrix, awq (awq+imatrix, awq+gptq: AWQ scaling, then that method)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: FILE or wikitext2-train."),
     calib_samples: int = typer.Option(128, "--calib-samples"),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen"),

@@ -83,9 +83,16 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
             return size_report(source, infos, plans, sizes, output=None, fmt=options.format,
                                seconds=time.perf_counter() - started, dry_run=True, labels=labels)
 
-        calibrated = calibrate_plans(source, plans, options, device)
-        # W8A8 may smooth the model first: from here on, tensors are read through the smoothing.
+        # W8A8 may smooth the model first: from here on (GPTQ included), tensors are read through the smoothing.
         source, scales, activations = activation_scales(source, plans, options, device)
+        calibrated, folds = calibrate_plans(source, plans, options, device)
+        if folds:   # AWQ: the packed weights belong to the scaled model; its norms are written too
+            from qtool.calibration.smoothing import SmoothedSource
+
+            if scales:
+                raise BadArgument(f"--method {options.method} rescales the Linear inputs after w8a8's static input "
+                                  "scales were chosen; use --method gptq or rtn with w8a8 (it smooths with --smooth)")
+            source = SmoothedSource(source, folds)
         sink = sink_type(Path(out), source, plans, force=options.force,
                          options={"max_shard_size": options.max_shard_size, "input_scales": scales,
                                   "gguf_type": recipe.name or recipe.scheme, **options.extra})
@@ -110,25 +117,42 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
         return report
 
 
-def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOptions, device: str) -> dict[str, Any]:
-    """Packed tensors from a calibration-aware method, by name ({} for plain round-to-nearest).
+def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOptions,
+                    device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Packed tensors from a calibration-aware method, by name ({} for plain round-to-nearest), and
+    the scalings the method folded into the model (AWQ; name -> operations, for SmoothedSource).
 
     Calibration walks the model block by block while sinks take tensors in file order, so the packed
     results (a few bits per weight) are collected first and handed to the sink as their turn comes.
     """
     if options.method == "rtn":   # the sink's own round-to-nearest; --stats may be for activation scales
-        return {}
+        return {}, {}
     from qtool.calibration import MethodOptions, calibrated_weights, calibration_set, load_stats
     from qtool.calibration.data import DEFAULT_CALIB, load_tokenizer
 
+    from qtool.calibration.smoothing import SmoothedSource
+
     stats = load_stats(options.stats) if options.stats is not None else None
+    calib, samples, seqlen = options.calib or DEFAULT_CALIB, options.calib_samples, options.calib_seqlen
+    if stats is not None and isinstance(source, SmoothedSource):
+        # W8A8 smoothing changed the Linear inputs the saved X^T X describes: calibrate the smoothed
+        # model again, on the text the statistics were made from.
+        if options.calib is None and Path(stats.calib).is_file():
+            calib = stats.calib
+        samples, seqlen, stats = stats.samples, stats.seqlen, None
     calib_set = None
     if stats is None:
-        calib_set = calibration_set(options.calib or DEFAULT_CALIB, load_tokenizer(source.tokenizer_dir()),
-                                    samples=options.calib_samples, seqlen=options.calib_seqlen, seed=0)
+        calib_set = calibration_set(calib, load_tokenizer(source.tokenizer_dir()), samples=samples, seqlen=seqlen,
+                                    seed=0)
     results = calibrated_weights(source, plans, MethodOptions(method=options.method), stats=stats,
                                  calib_set=calib_set, device=device)
-    return {item.plan.name: item.packed for item in results}
+    packed: dict[str, Any] = {}
+    folds: dict[str, Any] = {}
+    for item in results:
+        packed[item.plan.name] = item.packed
+        for name, operations in item.folds.items():
+            folds.setdefault(name, []).extend(operations)
+    return packed, folds
 
 
 def activation_scales(source: Source, plans: list[TensorPlan], options: QuantizeOptions,
@@ -147,9 +171,14 @@ def activation_scales(source: Source, plans: list[TensorPlan], options: Quantize
     if len(alphas) > 1:
         raise BadArgument(f"smooth: one smoothing alpha per model, got {sorted(alphas)}")
     alpha = alphas.pop()
+    downs = {p.params.get("smooth_down") for p in w8a8}
+    if len(downs) > 1:
+        raise BadArgument(f"smooth_down: one down_proj smoothing alpha per model, got {sorted(map(str, downs))}")
+    down = downs.pop()
+    down_alpha = float(down) if down is not None else None
     scales: dict[str, Any] = {}
     described = None
-    if static or alpha:
+    if static or alpha or down_alpha:
         from qtool.calibration import calibrate, load_stats
         from qtool.calibration.data import DEFAULT_CALIB
 
@@ -163,13 +192,13 @@ def activation_scales(source: Source, plans: list[TensorPlan], options: Quantize
             samples, seqlen = stats.samples, stats.seqlen
         else:
             stats = calibrate(source, calib=calib, samples=samples, seqlen=seqlen, device=device, want_hessian=False)
-        if alpha:
+        if alpha or down_alpha:
             from qtool.calibration.smoothing import SmoothedSource, smoothing_ops
 
             names = {info.name for info in source.tensors()}
             planned = {p.name for p in w8a8}
             ops = smoothing_ops(names, int(source.config.get("num_hidden_layers") or 0), stats.linears,
-                                source.load, alpha, selected=planned.__contains__)
+                                source.load, alpha, selected=planned.__contains__, down_alpha=down_alpha)
             source = SmoothedSource(source, ops)
             if static:
                 stats = calibrate(source, calib=calib, samples=samples, seqlen=seqlen, device=device,

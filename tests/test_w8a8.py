@@ -29,6 +29,7 @@ from qtool.plan import Recipe, TensorPlan
 from tests._safetensors_helpers import logits, reference_model
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "w8a8.yaml"
+TOKEN_CONFIG = CONFIG.with_name("w8a8-token.yaml")
 
 
 def observed(x: torch.Tensor) -> InputStats:
@@ -240,6 +241,61 @@ def test_w8a8_per_token_dynamic(tiny_llama_dir, shared_data, tmp_path) -> None:
     assert float((got - logits(reference)).abs().max()) <= 1e-5
 
 
+def test_w8a8_gptq_on_the_smoothed_model(tiny_llama_dir, shared_data, tmp_path) -> None:
+    """--method gptq with w8a8: GPTQ quantizes the smoothed weights (after SmoothQuant, with down_proj's
+    own alpha), and the layers the runtime loads compute closer to the smoothed float layers than round
+    to nearest's."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qtool.pipeline import QuantizeOptions, quantize
+
+    calib = shared_data / "calibration" / "groups_merged.txt"
+    params = {"act_strategy": "token", "smooth": 0.8, "smooth_down": 0.5}
+    models, stored = {}, {}
+    for method in ("rtn", "gptq"):
+        options = QuantizeOptions(calib=str(calib), calib_samples=4, calib_seqlen=64, method=method)
+        quantize(str(tiny_llama_dir), tmp_path / method, Recipe(scheme="w8a8", params=dict(params)), options)
+        with safe_open(str(tmp_path / method / "model.safetensors"), "pt") as handle:
+            stored[method] = {name: handle.get_tensor(name) for name in handle.keys()}
+        models[method] = AutoModelForCausalLM.from_pretrained(tmp_path / method, device_map="cpu",
+                                                              dtype=torch.float32).eval()
+    # The same smoothing is folded into both (norms and up_proj rows), and GPTQ chose other levels.
+    norm = "model.layers.0.post_attention_layernorm.weight"
+    with safe_open(str(tiny_llama_dir / "model.safetensors"), "pt") as handle:
+        assert not torch.equal(stored["gptq"][norm], handle.get_tensor(norm))
+    assert torch.equal(stored["gptq"][norm], stored["rtn"][norm])
+    for module in ("self_attn.q_proj", "mlp.down_proj"):
+        weight, scale = (stored["gptq"][f"model.layers.1.{module}.{leaf}"] for leaf in ("weight", "weight_scale"))
+        assert weight.dtype == torch.int8 and scale.shape == (weight.shape[0], 1)
+        assert torch.equal(scale.to(torch.bfloat16).to(scale.dtype), scale)
+        assert not torch.equal(weight, stored["rtn"][f"model.layers.1.{module}.weight"])
+
+    # Every Linear's output error on the calibration inputs of the smoothed model (issue 6's direct
+    # check), with the weights the runtime reconstructs: GPTQ's below round to nearest's.
+    from qtool.calibration import calibrate
+    from qtool.pipeline import activation_scales
+    from qtool.schemes.gptq import layer_output_error
+    from qtool.sources.resolve import resolve
+
+    with resolve(str(tiny_llama_dir)) as source:
+        plans = _plans(tiny_llama_dir, Recipe(scheme="w8a8", params=dict(params)))
+        smoothed, _, _ = activation_scales(source, plans, QuantizeOptions(calib=str(calib), calib_samples=4,
+                                                                          calib_seqlen=64), "cpu")
+        stats = calibrate(smoothed, calib=calib, samples=4, seqlen=64)
+        compared = 0
+        for name, module in models["gptq"].named_modules():
+            if not (name.startswith("model.layers.") and isinstance(module, torch.nn.Linear)):
+                continue
+            weight = smoothed.load(f"{name}.weight").to(torch.float32)
+            hessian = stats.linears[f"{name}.weight"].hessian
+            gptq = layer_output_error(weight, module.weight.detach(), hessian)
+            rtn = layer_output_error(weight, models["rtn"].get_submodule(name).weight.detach(), hessian)
+            assert gptq < rtn, (name, gptq, rtn)
+            compared += 1
+    assert compared == 14
+
+
 def test_cli_w8a8_json_and_errors(tiny_llama_dir, shared_data, tmp_path) -> None:
     from tests.test_cli import assert_one_line_error, qtool
 
@@ -319,26 +375,27 @@ SMOLLM2_CALIB = {"calib_samples": 16, "calib_seqlen": 512}
 
 @pytest.mark.slow
 def test_smollm2_w8a8_perplexity(shared_data, tmp_path) -> None:
-    """The packaged SmolLM2 with the W8A8 preset (smoothing, then static per-tensor input scales
-    calibrated on groups_merged.txt), and the same with per-token dynamic input scales, run by
-    transformers + compressed-tensors on CPU, scored on WikiText-2 test against the unquantized
-    model on the same windows.
+    """The packaged SmolLM2 with the static W8A8 preset (smoothing, then static per-tensor input
+    scales calibrated on groups_merged.txt) and with the per-token preset (smoothing with down_proj's
+    own alpha, then GPTQ on the smoothed weights), run by transformers + compressed-tensors on CPU,
+    scored on WikiText-2 test against the unquantized model on the same windows.
 
-    Measured (12 windows): static per-tensor +4.94%, per token +2.35% (inputs alone, with float
-    weights, measured +2.7% and +0.4% on 8 windows: int8 weights of the smoothed model add the
-    rest). Issue 6 asks for 1%: the test holds the measured levels and reports the 1% target as an
-    expected failure until it is met."""
+    Measured here (12 windows): static +4.94%, per token + GPTQ +1.37%. The same recipes with fake
+    quantization on the device machine's GPU, 40 windows: per token + GPTQ +1.22% (int8 weights
+    alone +0.55%, inputs alone about +0.5%); static +5.6% with GPTQ, its down_proj inputs alone +4.1%.
+    Issue 6 asks for 1%: the test holds the measured levels and reports the 1% target as an expected
+    failure until it is met."""
     from qtool.evaluation import evaluate
     from qtool.pipeline import QuantizeOptions, quantize
 
     calib = shared_data / "calibration" / "groups_merged.txt"
     outputs = {}
-    for strategy in ("tensor", "token"):
-        recipe = Recipe.from_yaml(CONFIG)
-        recipe.params["act_strategy"] = strategy
+    for strategy, config, method in (("tensor", CONFIG, "rtn"), ("token", TOKEN_CONFIG, "gptq")):
+        recipe = Recipe.from_yaml(config)
+        assert recipe.params["act_strategy"] == strategy
         outputs[strategy] = tmp_path / strategy
         report = quantize("smollm2-135m", outputs[strategy], recipe,
-                          QuantizeOptions(calib=str(calib), **SMOLLM2_CALIB))
+                          QuantizeOptions(calib=str(calib), method=method, **SMOLLM2_CALIB))
         assert report.activations.smoothing == 0.8
         assert len(report.activations.modules) == (30 * 7 if strategy == "tensor" else 0)
     result = evaluate([str(outputs["tensor"]), str(outputs["token"])],
@@ -349,7 +406,7 @@ def test_smollm2_w8a8_perplexity(shared_data, tmp_path) -> None:
         assert row.runtime == "native" and row.windows == base.windows == W8A8_EVAL_WINDOWS
         print(f"{row.model}: {row.ppl:.4f} vs {base.ppl:.4f} ({row.delta_pct:+.2f}%), KLD {row.mean_kld:.5f}, "
               f"top-1 {row.top1_agreement:.4f}")
-    assert static.delta_pct < 7.0 and token.delta_pct < 4.0
-    if max(static.delta_pct, token.delta_pct) > 1.0:
-        pytest.xfail(f"W8A8 on SmolLM2-135M: static {static.delta_pct:+.2f}%, per token {token.delta_pct:+.2f}% "
+    assert static.delta_pct < 7.0 and token.delta_pct < 2.0
+    if token.delta_pct > 1.0:
+        pytest.xfail(f"W8A8 on SmolLM2-135M: per token + GPTQ {token.delta_pct:+.2f}%, static {static.delta_pct:+.2f}% "
                      "ppl, above issue 6's 1%")

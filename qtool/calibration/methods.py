@@ -1,10 +1,13 @@
-"""Calibration-aware quantization of a model's planned Linear weights: rtn, imatrix, gptq.
+"""Calibration-aware quantization of a model's planned Linear weights: rtn, imatrix, gptq, awq.
 
 - ``rtn``: the scheme's own round-to-nearest (what the sinks do without calibration);
 - ``imatrix``: importance-weighted scale search on the scheme's grid, importance = per-input-channel
   mean square activation (the role of llama.cpp's importance matrix), then round to nearest;
 - ``gptq``: GPTQ error feedback with the inverse Hessian on the scheme's grid, with scales from the
-  same importance-weighted search.
+  same importance-weighted search;
+- ``awq``, ``awq+imatrix``, ``awq+gptq``: AWQ's per-input-channel scaling (:mod:`qtool.calibration.awq`),
+  searched per decoder block and folded into the norms / producer Linears, then the scaled weights
+  quantized by round to nearest on the grid, the importance-weighted search, or GPTQ.
 
 :func:`calibrated_weights` walks the decoder blocks. Without saved statistics it runs the
 calibration pass itself, block by block, and (``sequential``) feeds each block the outputs of the
@@ -13,6 +16,7 @@ already-quantized previous blocks, as GPTQ does. With statistics from ``qtool ca
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -21,14 +25,18 @@ import torch
 
 from qtool import ui
 from qtool.calibration.data import CalibrationSet
+from qtool.calibration.awq import (Choice, Member, alpha_grid, block_sites, effective_weight, fold_ops, scaled_stats,
+                                  search)
 from qtool.calibration.observers import InputStats
 from qtool.calibration.runner import CalibrationStats, LayerRecord, walk_blocks
+from qtool.calibration.smoothing import SmoothingOps, apply_ops
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan, layer_index
-from qtool.schemes.gptq import Grid, QuantResult, gptq_quantize, layer_output_error, make_grid, quantize_rtn
+from qtool.schemes.gptq import (Grid, QuantResult, SymmetricGrid, gptq_quantize, layer_output_error, make_grid,
+                               quantize_rtn)
 from qtool.sources.base import Source
 
-METHODS = ("rtn", "imatrix", "gptq")
+METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+imatrix", "awq+gptq")
 
 
 @dataclass
@@ -40,15 +48,20 @@ class MethodOptions:
     block_size: int = 128            # GPTQ: lazy-update block (columns)
     static_groups: bool = False      # GPTQ: fit all group scales before any error feedback
     sequential: bool = True          # feed each block the quantized outputs of the previous ones
+    true_sequential: bool = False    # also within a block: o_proj sees quantized q/k/v, down_proj quantized gate/up
+    awq_grid: int = 20               # AWQ: alphas 0, 1/n, ..., 1 searched per site
 
 
 @dataclass
 class CalibratedTensor:
     plan: TensorPlan
-    weight: torch.Tensor             # dequantized result, float32, original shape
+    weight: torch.Tensor             # dequantized result, float32, original shape, in the unscaled model
     result: QuantResult | None       # levels / scales / offsets chosen (None for the scheme's own rtn)
-    packed: Any                      # the scheme's packed object, ready for the sink
+    packed: Any                      # the scheme's packed object, ready for the sink (AWQ: the scaled weight)
     error: float                     # relative layer-output error ||X(W-Q)^T||^2 / ||XW^T||^2 (nan without X)
+    # AWQ: the scalings folded into the model (norms, producer rows, consumer columns) that ``packed``
+    # belongs to; the whole block's ride on its first tensor. Merge them all (SmoothedSource) to write.
+    folds: SmoothingOps = field(default_factory=dict)
 
 
 @dataclass
@@ -58,8 +71,14 @@ class MethodReport:
 
 
 def grid_for(plan: TensorPlan) -> Grid:
+    if plan.scheme == "w8a8":
+        # int8 per output channel (one group spanning the row), scales rounded to bfloat16, which the
+        # stored weight_scale (model dtype: float32, bfloat16 or float16) holds exactly.
+        return SymmetricGrid("w8a8", plan.shape[-1], 127, 127, negative_scales=False, scale_dtype=torch.bfloat16)
     try:
-        return make_grid(plan.scheme, group_size=plan.params.get("group_size"))
+        # nf4/fp4 name their block "block_size" and double-quantize their scales by default.
+        return make_grid(plan.scheme, group_size=plan.params.get("group_size") or plan.params.get("block_size"),
+                         double_quant=bool(plan.params.get("double_quant", True)))
     except ValueError:
         raise BadArgument(f"--method: no calibration-aware quantization for scheme {plan.scheme} "
                           f"(tensor {plan.name}); use --method rtn") from None
@@ -108,33 +127,142 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
     planned = {p.name: p for p in plans if not p.keep and layer_index(p.name) is not None}
     if options.method not in METHODS:
         raise BadArgument(f"--method {options.method}: choose one of {', '.join(METHODS)}")
+    is_awq = options.method.startswith("awq")
     if options.method == "rtn" or stats is not None:
-        yield from _from_stats(source, planned, options, stats, device, pack)
+        if is_awq:
+            yield from _awq_from_stats(source, planned, options, stats, device, pack)
+        else:
+            yield from _from_stats(source, planned, options, stats, device, pack)
         return
     if calib_set is None:
         raise BadArgument(f"--method {options.method} needs calibration data (--calib) or --stats")
     n_layers = int(source.config.get("num_hidden_layers") or 0)
+    shapes = {info.name: tuple(info.shape) for info in source.tensors()}
+    want_hessian = options.method == "gptq" or is_awq
     with ui.task(f"{options.method} {source.description}", total=n_layers or None) as progress:
-        for step in walk_blocks(source, calib_set, device=device, want_hessian=options.method == "gptq"):
+        per_group = options.sequential and options.true_sequential and not is_awq
+        for step in walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, per_group=per_group):
             started = time.perf_counter()
-            errors = []
-            for name, module in step.linears.items():
-                plan = planned.get(name)
-                if plan is None:
-                    continue
-                weight = module.weight.detach()
-                stats_for = step.stats.get(name)
-                qweight, result = quantize_weight(weight, plan, stats_for, options)
-                error = (layer_output_error(weight, qweight, stats_for.hessian)
-                         if stats_for is not None and stats_for.hessian is not None else float("nan"))
-                errors.append(error)
+            if is_awq:
+                weights = {name: module.weight.detach() for name, module in step.linears.items()}
+                items, alphas = _awq_block(step.index, weights, step.stats, planned, shapes, options, pack)
+            else:
+                items, alphas = [], {}
+                for name, module in step.linears.items():
+                    plan = planned.get(name)
+                    if plan is None:
+                        continue
+                    weight = module.weight.detach()
+                    stats_for = step.stats.get(name)
+                    qweight, result = quantize_weight(weight, plan, stats_for, options)
+                    error = (layer_output_error(weight, qweight, stats_for.hessian)
+                             if stats_for is not None and stats_for.hessian is not None else float("nan"))
+                    items.append(CalibratedTensor(plan, qweight, result, _pack(plan, qweight, result) if pack else None,
+                                                  error))
+            for item in items:
                 if options.sequential:
-                    module.weight = torch.nn.Parameter(qweight.to(weight.dtype), requires_grad=False)
+                    # AWQ: the unscaled model's effective weight computes what the scaled model does.
+                    module = step.linears[item.plan.name]
+                    module.weight = torch.nn.Parameter(item.weight.to(module.weight.dtype), requires_grad=False)
                     step.modified = True
-                yield CalibratedTensor(plan, qweight, result, _pack(plan, qweight, result) if pack else None, error)
+                yield item
             seconds = step.seconds + time.perf_counter() - started
-            worst = max(errors) if errors else 0.0
-            progress.advance(1, status=f"layer {step.index + 1}/{step.n_layers} {seconds:.1f}s max err {worst:.4f}")
+            worst = max((item.error for item in items), default=0.0)
+            chosen = " alpha " + "/".join(f"{a:.2f}" for a in alphas.values()) if alphas else ""
+            if step.last_of_block:
+                progress.advance(1, status=f"layer {step.index + 1}/{step.n_layers} {seconds:.1f}s max err {worst:.4f}{chosen}")
+
+
+def _inner_method(method: str) -> str:
+    """What quantizes the scaled weights of ``awq[+inner]``."""
+    return method.partition("+")[2] or "rtn"
+
+
+def _awq_block(layer: int, weights: dict[str, torch.Tensor], stats: dict[str, InputStats],
+               planned: dict[str, TensorPlan], shapes: dict[str, tuple[int, ...]], options: MethodOptions,
+               pack: bool) -> tuple[list[CalibratedTensor], dict[str, float]]:
+    """AWQ on one decoder block: search the sites' scales one after another (each on the Linears as the
+    earlier sites left them), then quantize every planned Linear's scaled weight. Returns the tensors
+    (in ``weights``' order) and the alpha chosen per site (by producer name)."""
+    inner = _inner_method(options.method)
+    quantizers = {name: _search_quantizer(grid_for(planned[name]), stats[name], inner)
+                  for name in weights if name in planned and name in stats}
+
+    def member(name: str, folds: SmoothingOps) -> Member:
+        hessian = stats[name].hessian
+        if hessian is None:
+            raise BadArgument(f"--method {options.method} needs X^T X; recreate the statistics with `qtool calibrate`")
+        return Member(weights[name].to(torch.float32), hessian, quantizers[name], folds.get(name, []))
+
+    choices: list[Choice] = []
+    for site in block_sites(layer, shapes, shapes):
+        if not all(name in quantizers for name in site.linears):
+            continue   # a kept or uncalibrated Linear stays as it is: no scaling to fold
+        folds = fold_ops(choices)
+        producer = member(site.producer, folds) if site.producer in quantizers else None
+        consumers = [member(name, folds) for name in site.linears]
+        act_scale = stats[site.linears[0]].mean_square.sqrt()
+        choices.append(search(site, consumers, producer, act_scale, alpha_grid(options.awq_grid)))
+    folds = fold_ops(choices)
+    inner_options = dataclasses.replace(options, method=inner)
+    items: list[CalibratedTensor] = []
+    for name, weight in weights.items():
+        plan = planned.get(name)
+        if plan is None:
+            continue
+        weight = weight.to(torch.float32)
+        own = folds.get(name, [])
+        stored = apply_ops(weight, own) if own else weight
+        if inner == "rtn":
+            result = quantize_rtn(stored, grid_for(plan))   # exactly the search's candidate
+            qstored = result.qweight
+        else:
+            stats_for = stats.get(name)
+            column_scales = [factors for how, factors in own if how == "cols"]
+            if stats_for is not None and column_scales:
+                stats_for = scaled_stats(stats_for, column_scales[0])
+            qstored, result = quantize_weight(stored, plan, stats_for, inner_options)
+        effective = effective_weight(qstored, own)
+        hessian = stats[name].hessian if name in stats else None
+        error = (layer_output_error(weight, effective, hessian.to(weight.device)) if hessian is not None
+                 else float("nan"))
+        items.append(CalibratedTensor(plan, effective, result, _pack(plan, qstored, result) if pack else None, error))
+    if items:
+        items[0].folds = folds
+    return items, {choice.site.producer: choice.alpha for choice in choices}
+
+
+def _search_quantizer(grid: Grid, stats: InputStats, inner: str):
+    """The quantizer of AWQ's search: the grid's round to nearest, importance-weighted (with the scaled
+    inputs' mean square) when the final method is (GPTQ is too slow to run per candidate)."""
+    if inner == "rtn":
+        return lambda weight, column_scales: quantize_rtn(weight, grid).qweight
+    mean_square = stats.mean_square
+
+    def weighted(weight: torch.Tensor, column_scales: torch.Tensor | None) -> torch.Tensor:
+        importance = mean_square.to(weight.device)
+        if column_scales is not None:
+            importance = importance / column_scales.to(weight.device).square()
+        return quantize_rtn(weight, grid, importance).qweight
+
+    return weighted
+
+
+def _awq_from_stats(source: Source, planned: dict[str, TensorPlan], options: MethodOptions,
+                    stats: CalibrationStats, device: str, pack: bool) -> Iterator[CalibratedTensor]:
+    shapes = {info.name: tuple(info.shape) for info in source.tensors()}
+    layers = sorted({layer_index(name) for name in planned})
+    with ui.task(f"{options.method} {source.description}", total=len(layers)) as progress:
+        for layer in layers:
+            block = sorted(name for name in planned if layer_index(name) == layer)
+            missing = [name for name in block if name not in stats.linears]
+            if missing:
+                raise BadArgument(f"--stats has no statistics for {missing[0]}; recreate them with `qtool calibrate` "
+                                  "on this model")
+            weights = {name: source.load(name).to(device=device, dtype=torch.float32) for name in block}
+            items, alphas = _awq_block(layer, weights, stats.linears, planned, shapes, options, pack)
+            yield from items
+            progress.advance(1, status=f"layer {layer} alpha " + "/".join(f"{a:.2f}" for a in alphas.values()))
 
 
 def _from_stats(source: Source, planned: dict[str, TensorPlan], options: MethodOptions,

@@ -83,6 +83,50 @@ def pack_int(scheme: str, result: QuantResult, group_size: int, dtype: torch.dty
                      bits=4, group_size=group_size, shape=(rows, cols), dtype=dtype)
 
 
+def pack_4bit(plan: TensorPlan, result: QuantResult, dtype: torch.dtype) -> Any:
+    """bitsandbytes NF4 / FP4 (qtool.schemes.nf4.Packed4bit) from a Bnb4bitGrid result: the absmax of
+    each block is the chosen scale (bitsandbytes decodes absmax * code[nibble]); with double quant,
+    the 8-bit codes, nested absmax and offset the grid decoded its scales from."""
+    from qtool.schemes.nf4 import Packed4bit, code_4bit, dynamic_map
+
+    block_size = int(plan.params.get("block_size", 64))
+    double_quant = bool(plan.params.get("double_quant", True))
+    rows, cols = result.levels.shape
+    if cols % block_size:
+        # bitsandbytes' blocks run over the flattened weight; the grid's blocks are within rows.
+        raise BadArgument(f"--block-size {block_size}: calibrated {plan.scheme} needs rows that are a multiple "
+                          f"of the block size; {plan.name} has {cols} columns (use --method rtn or another block size)")
+    if double_quant != ("absmax_codes" in result.extra):
+        raise ValueError(f"{plan.name}: the result's double quantization does not match the plan's")
+    code = code_4bit(plan.scheme)
+    # Grid levels index the code sorted ascending; the stored nibble indexes bitsandbytes' code.
+    nibble_of_level = torch.argsort(code, stable=True).to(torch.uint8)
+    nibbles = nibble_of_level[result.levels.reshape(-1).long()]
+    if nibbles.numel() % 2:
+        nibbles = torch.nn.functional.pad(nibbles, (0, 1))
+    pairs = nibbles.view(-1, 2)
+    data = ((pairs[:, 0] << 4) | pairs[:, 1]).unsqueeze(1)
+    packed = Packed4bit(quant_type=plan.scheme, data=data, absmax=result.scale.reshape(-1).to(torch.float32),
+                        block_size=block_size, shape=(rows, cols), dtype=dtype, quant_map=code)
+    if double_quant:
+        packed.absmax = result.extra["absmax_codes"].reshape(-1).to(torch.uint8)
+        packed.nested_absmax = result.extra["nested_absmax"].reshape(-1).to(torch.float32)
+        packed.nested_quant_map = dynamic_map()
+        packed.nested_offset = float(result.extra["nested_offset"])
+    return packed
+
+
+def pack_int8_channel(result: QuantResult, dtype: torch.dtype) -> Any:
+    """compressed-tensors int8 per output channel, symmetric (w8a8): levels 0..254 are q = level - 127."""
+    from qtool.schemes.int4 import PackedInt
+
+    rows, cols = result.levels.shape
+    q = (result.levels.to(torch.int16) - 127).to(torch.int8).contiguous()
+    # The grid chose scales already rounded to bfloat16, which float16/float32 hold exactly.
+    return PackedInt(q=q, scale=result.scale.reshape(rows, 1).to(dtype), zero_point=None, bits=8, group_size=None,
+                     shape=(rows, cols), dtype=dtype)
+
+
 def pack_result(plan: TensorPlan, result: QuantResult, dtype: torch.dtype = torch.float32) -> Any:
     """The packed object the plan's sink writes, holding exactly ``result``'s grid.
     ``dtype``: the source weight's dtype (compressed-tensors stores scales in it)."""
@@ -92,4 +136,8 @@ def pack_result(plan: TensorPlan, result: QuantResult, dtype: torch.dtype = torc
         return pack_kquant(plan.scheme, result)
     if plan.scheme in ("int4-sym", "int4-asym"):
         return pack_int(plan.scheme, result, int(plan.params.get("group_size", 128)), dtype)
+    if plan.scheme == "w8a8":
+        return pack_int8_channel(result, dtype)
+    if plan.scheme in ("nf4", "fp4"):
+        return pack_4bit(plan, result, dtype)
     raise BadArgument(f"packing calibrated {plan.scheme} tensors is not supported yet; use --method rtn")

@@ -43,11 +43,19 @@ class Grid(ABC):
     sub_size: int            # columns sharing one (scale, offset)
     qmax: int                # levels are 0..qmax
     codebook: torch.Tensor | None = None   # non-uniform grids: value = scale * codebook[level] + offset
+    # The format quantizes the scales across groups (NF4's double quantization): every group is
+    # fitted before any level is chosen, and GPTQ always runs with static groups.
+    whole_tensor_scales: bool = False
 
     @abstractmethod
     def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
         """Parameters for ``w`` of shape ``[..., group_size]`` minimizing the ``weights``-weighted
         squared error (``weights`` broadcastable to ``w``; None = plain squared error)."""
+
+    def finish(self, params: GridParams) -> GridParams:
+        """The fitted parameters of a whole ``[rows, cols]`` weight (scale and offset ``[rows, n_sub]``)
+        as the format stores them; grids with ``whole_tensor_scales`` override it."""
+        return params
 
     def encode(self, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Nearest level of each element (scale/offset already expanded to ``w``'s shape)."""
@@ -242,14 +250,6 @@ class KQuantGrid(Grid):
         return math.log2(self.qmax + 1) + (12 * 8 + 32) / 256
 
 
-# bitsandbytes' NF4 code (normal-float quantiles), index = stored 4-bit level.
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0])
-
-
 class CodebookGrid(Grid):
     """value = absmax * codebook[level] per block (NF4); the scale search shrinks absmax."""
 
@@ -273,6 +273,51 @@ class CodebookGrid(Grid):
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
         return GridParams(best_scale, torch.zeros_like(best_scale))
+
+
+class Bnb4bitGrid(CodebookGrid):
+    """bitsandbytes' NF4 / FP4 blocks: value = absmax * code[level], the float32 absmax of each block
+    being the chosen scale. Levels index the code sorted ascending (FP4's is not; the packing maps
+    them back). With ``double_quant`` the absmaxes of the whole tensor are stored as bitsandbytes'
+    double quantization does (offset = their mean, then 8-bit dynamic codes in blocks of 256), and
+    the levels are chosen for those decoded scales, so the packed file holds exactly the weight the
+    method evaluated. Blocks run along rows, as bitsandbytes' blocks of the flattened weight do when
+    the block size divides the row length."""
+
+    def __init__(self, quant_type: str, block: int, double_quant: bool) -> None:
+        from qtool.schemes.nf4 import code_4bit
+
+        super().__init__(quant_type, block, torch.sort(code_4bit(quant_type)).values)
+        self.double_quant = double_quant
+        self.whole_tensor_scales = double_quant
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        # The shrink candidates' levels, each with its weighted least-squares scale (the absmax is a
+        # free float here, unlike IQ4_NL's fp16 d): about 3% lower output error than the shrink alone
+        # on SmolLM2's layers.
+        weights = _weighted(w, weights)
+        absmax = w.abs().amax(-1, keepdim=True)
+        table = self.codebook.to(w.device)
+        best_score = torch.full_like(absmax, -1.0)
+        best_scale = absmax.clone()
+        for factor in self.shrink:
+            levels = self.encode(w, (absmax * factor).expand_as(w), torch.zeros_like(w))
+            best_score, best_scale = _keep_best_least_squares(w, weights, table[levels.long()], best_score, best_scale)
+        return GridParams(best_scale, torch.zeros_like(best_scale))
+
+    def finish(self, params: GridParams) -> GridParams:
+        if not self.double_quant:
+            return params
+        from qtool.schemes.nf4 import NESTED_BLOCK_SIZE, dequantize_dynamic, dynamic_map, quantize_dynamic
+
+        absmax = params.scale.reshape(-1).to(torch.float32)      # block order = row-major
+        offset = absmax.mean()
+        codes, nested_absmax = quantize_dynamic(absmax - offset, NESTED_BLOCK_SIZE)
+        # The decoded absmax, computed as bitsandbytes' dequantize_4bit does (blockwise decode, + offset).
+        decoded = dequantize_dynamic(codes, nested_absmax, dynamic_map(absmax.device), NESTED_BLOCK_SIZE) + offset
+        extra = dict(params.extra, absmax_codes=codes.reshape(params.scale.shape), nested_absmax=nested_absmax,
+                     nested_offset=offset)
+        return GridParams(decoded.reshape(params.scale.shape), params.offset, extra)
 
 
 class IQ4NLGrid(CodebookGrid):
@@ -301,8 +346,9 @@ class IQ4NLGrid(CodebookGrid):
         return GridParams(best_scale, torch.zeros_like(best_scale))
 
 
-def make_grid(scheme: str, *, group_size: int | None = None) -> Grid:
-    """The grid of a registered scheme name (GGUF type names, int4-sym/asym, int8-sym, nf4)."""
+def make_grid(scheme: str, *, group_size: int | None = None, double_quant: bool = False) -> Grid:
+    """The grid of a registered scheme name (GGUF type names, int4-sym/asym, int8-sym, nf4, fp4).
+    ``double_quant``: nf4/fp4 absmaxes quantized as bitsandbytes' double quantization stores them."""
     if scheme == "Q4_0":
         return SymmetricGrid("Q4_0", 32, 8, 7, negative_scales=True)
     if scheme == "Q5_0":
@@ -323,8 +369,8 @@ def make_grid(scheme: str, *, group_size: int | None = None) -> Grid:
         return AffineGrid("int4-asym", group_size or 128, 15, integer_zero=True, scale_dtype=torch.bfloat16)
     if scheme == "int8-sym":
         return SymmetricGrid("int8-sym", group_size or 1 << 30, 127, 127, negative_scales=False, scale_dtype=None)
-    if scheme == "nf4":
-        return CodebookGrid("nf4", group_size or 64, NF4_CODE)
+    if scheme in ("nf4", "fp4"):
+        return Bnb4bitGrid(scheme, group_size or 64, double_quant)
     if scheme == "IQ4_NL":
         return IQ4NLGrid()
     raise ValueError(f"no calibration grid for scheme {scheme!r}")
@@ -358,7 +404,7 @@ def _fit_groups(grid: Grid, w: torch.Tensor, weights: torch.Tensor | None) -> Gr
     n_sub = -(-cols // grid.sub_size)
     flat = GridParams(params.scale.reshape(rows, -1)[:, :n_sub], params.offset.reshape(rows, -1)[:, :n_sub],
                       {k: v.reshape(rows, -1) for k, v in params.extra.items()})
-    return flat
+    return grid.finish(flat)
 
 
 def _expand(params: torch.Tensor, sub_size: int, cols: int) -> torch.Tensor:
@@ -439,6 +485,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     """
     if damp_diag > 0:
         hessian = hessian + damp_diag * torch.diag(torch.diagonal(hessian))
+    static_groups = static_groups or grid.whole_tensor_scales
     with _few_threads(weight.device):
         return _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size,
                      static_groups=static_groups, importance=importance)

@@ -15,6 +15,7 @@ Per quantized Linear ``<module>`` (weight name ``<module>.weight``):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any, ClassVar
@@ -115,6 +116,12 @@ class BnbSink(SafetensorsSink):
                         entry_bound(f"{plan.name}.nested_quant_map", torch.float32, (256,))]
         outputs.append(entry_bound(f"{plan.name}.quant_state.bitsandbytes__{quant_type}", torch.uint8, (state_len,)))
         return outputs
+
+    def add(self, plan: TensorPlan, tensor: torch.Tensor, packed: Any = None) -> int:
+        if isinstance(packed, Packed4bit) and packed.dtype != tensor.dtype:
+            # A calibrated result decodes into the source weight's dtype, as the sink's own quantizer's does.
+            packed = dataclasses.replace(packed, dtype=tensor.dtype)
+        return super().add(plan, tensor, packed)
 
     def packed_tensors(self, plan: TensorPlan, packed: Any) -> dict[str, torch.Tensor]:
         if isinstance(packed, PackedInt8Rows):
