@@ -45,15 +45,19 @@ def test_methods_over_a_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
             reference = dequantize(item.packed.data.numpy(), GGMLQuantizationType.Q4_0)
             assert np.array_equal(reference.reshape(item.weight.shape), item.weight.numpy())
 
-        # From saved statistics: no forward pass; the first block is identical to the sequential run
-        # (its inputs do not depend on any quantized block), later ones differ.
+        # From saved statistics: no forward pass; the first block's q/k/v are identical to the
+        # sequential run's (their inputs do not depend on anything quantized); o_proj differs (true
+        # sequential: its inputs come from the quantized q/k/v), and so do later blocks.
         stats_path = save_stats(calibrate(source, calib_set=calib), tmp_path / "stats.safetensors")
         stats = load_stats(stats_path)
         from_stats = {item.plan.name: item for item in
                       calibrated_weights(source, plans, MethodOptions("gptq"), stats=stats)}
-        first = [n for n in names if layer_index(n) == 0]
+        first = [n for n in names if layer_index(n) == 0 and n.split(".")[-2] in ("q_proj", "k_proj", "v_proj")]
+        assert len(first) == 3
         for name in first:
             assert torch.equal(from_stats[name].weight, next(i for i in sequential if i.plan.name == name).weight)
+        o_proj = "model.layers.0.self_attn.o_proj.weight"
+        assert not torch.equal(from_stats[o_proj].weight, next(i for i in sequential if i.plan.name == o_proj).weight)
         later = [n for n in names if layer_index(n) == 1]
         assert any(not torch.equal(from_stats[n].weight, next(i for i in sequential if i.plan.name == n).weight)
                    for n in later)

@@ -48,7 +48,7 @@ class MethodOptions:
     block_size: int = 128            # GPTQ: lazy-update block (columns)
     static_groups: bool = False      # GPTQ: fit all group scales before any error feedback
     sequential: bool = True          # feed each block the quantized outputs of the previous ones
-    true_sequential: bool = False    # also within a block: o_proj sees quantized q/k/v, down_proj quantized gate/up
+    true_sequential: bool = True     # also within a block: o_proj sees quantized q/k/v, down_proj quantized gate/up
     awq_grid: int = 20               # AWQ: alphas 0, 1/n, ..., 1 searched per site
 
 
@@ -141,6 +141,7 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
     want_hessian = options.method == "gptq" or is_awq
     with ui.task(f"{options.method} {source.description}", total=n_layers or None) as progress:
         per_group = options.sequential and options.true_sequential and not is_awq
+        block_seconds, block_errors = 0.0, []     # over a block's groups (per_group walks)
         for step in walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, per_group=per_group):
             started = time.perf_counter()
             if is_awq:
@@ -166,11 +167,14 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
                     module.weight = torch.nn.Parameter(item.weight.to(module.weight.dtype), requires_grad=False)
                     step.modified = True
                 yield item
-            seconds = step.seconds + time.perf_counter() - started
-            worst = max((item.error for item in items), default=0.0)
-            chosen = " alpha " + "/".join(f"{a:.2f}" for a in alphas.values()) if alphas else ""
+            block_seconds += step.seconds + time.perf_counter() - started
+            block_errors.extend(item.error for item in items)
             if step.last_of_block:
-                progress.advance(1, status=f"layer {step.index + 1}/{step.n_layers} {seconds:.1f}s max err {worst:.4f}{chosen}")
+                worst = max(block_errors, default=0.0)
+                chosen = " alpha " + "/".join(f"{a:.2f}" for a in alphas.values()) if alphas else ""
+                progress.advance(1, status=f"layer {step.index + 1}/{step.n_layers} {block_seconds:.1f}s "
+                                           f"max err {worst:.4f}{chosen}")
+                block_seconds, block_errors = 0.0, []
 
 
 def _inner_method(method: str) -> str:
