@@ -57,6 +57,7 @@ class Recipe:
     static_groups: bool = False
     damp: float = 0.01
     damp_diag: float = 1.0
+    refit_scales: bool = True         # GPTQ: least-squares scales once the levels are chosen
     true_sequential: bool = False    # with --sequential: o_proj / down_proj calibrated on quantized q/k/v, gate/up
     gguf: bool = False               # also write a GGUF and score it with llama.cpp
 
@@ -178,7 +179,8 @@ def _quantize(source, recipe: Recipe, stats, calib_set=None, device: str = "cpu"
 
     plans = _plans(source, recipe)
     options = MethodOptions(method=recipe.method, act_order=recipe.act_order, static_groups=recipe.static_groups,
-                            damp=recipe.damp, damp_diag=recipe.damp_diag, true_sequential=recipe.true_sequential)
+                            damp=recipe.damp, damp_diag=recipe.damp_diag, true_sequential=recipe.true_sequential,
+                            refit_scales=recipe.refit_scales)
     started = time.perf_counter()
     weights, packed, errors = {}, {}, []
     sources = {"calib_set": calib_set} if calib_set is not None else {"stats": stats}

@@ -160,12 +160,14 @@ def activation_scales(source: Source, plans: list[TensorPlan], options: Quantize
     """For W8A8 plans: the source to quantize (smoothed when the plans ask for ``smooth: ALPHA``),
     the static input scales (from --stats, else a calibration pass without X^T X; after smoothing,
     a second pass over the smoothed model) and what was chosen, for the report."""
-    from qtool.calibration.activation import act_strategy, input_scales, needs_static_scale
+    from qtool.calibration.activation import act_strategy, act_symmetric, input_scales, needs_static_scale
 
     w8a8 = [p for p in plans if not p.keep and p.scheme == "w8a8"]
     if not w8a8:
         return source, {}, None
     strategies = sorted({act_strategy(p) for p in w8a8})
+    for plan in w8a8:
+        act_symmetric(plan)     # refused before any work when it cannot be written
     static = [p for p in w8a8 if needs_static_scale(p)]
     alphas = {float(p.params.get("smooth") or 0.0) for p in w8a8}
     if len(alphas) > 1:

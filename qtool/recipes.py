@@ -33,7 +33,7 @@ def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_
                         config: Path | None, block_size: int | None, group_size: int | None,
                         double_quant: bool | None, include: list[str], skip: list[str],
                         act_range: str | None = None, act_strategy: str | None = None,
-                        smooth: float | None = None) -> Recipe:
+                        smooth: float | None = None, act_asymmetric: bool | None = None) -> Recipe:
     if fmt == "safetensors" and gguf_type:
         raise BadArgument(f"--type {gguf_type} is a GGUF type; add --format gguf (or use --scheme for safetensors)")
     if fmt == "gguf" and scheme:
@@ -68,21 +68,21 @@ def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_
     for key, value in (("block_size", block_size), ("group_size", group_size), ("double_quant", double_quant)):
         if value is not None:
             recipe.params[key] = value
-    _activation_options(recipe, act_range, act_strategy, smooth)
+    _activation_options(recipe, act_range, act_strategy, smooth, act_asymmetric)
     recipe.include += include
     recipe.skip += skip
     return recipe
 
 
 def _activation_options(recipe: Recipe, act_range: str | None, act_strategy: str | None,
-                        smooth: float | None) -> None:
+                        smooth: float | None, act_asymmetric: bool | None = None) -> None:
     """--act-range / --act-strategy / --smooth: how the w8a8 scheme quantizes Linear inputs."""
     from qtool.calibration.activation import ACT_RANGES, ACT_STRATEGIES
 
     if smooth is not None and not 0 <= smooth <= 1:
         raise BadArgument(f"--smooth {smooth}: choose an alpha between 0 (off) and 1, e.g. 0.8")
     for flag, value, choices in (("--act-range", act_range, ACT_RANGES), ("--act-strategy", act_strategy, ACT_STRATEGIES),
-                                 ("--smooth", smooth, None)):
+                                 ("--smooth", smooth, None), ("--act-asymmetric", act_asymmetric, None)):
         if value is None:
             continue
         if choices is not None and value not in choices:
@@ -96,3 +96,5 @@ def _activation_options(recipe: Recipe, act_range: str | None, act_strategy: str
         recipe.params["act_strategy"] = act_strategy
     if smooth is not None:
         recipe.params["smooth"] = smooth
+    if act_asymmetric is not None:
+        recipe.params["act_symmetric"] = not act_asymmetric

@@ -16,7 +16,7 @@ from qtool.calibration.data import calibration_set, load_tokenizer
 from qtool.calibration.packing import pack_ggml, pack_result
 from qtool.calibration.runner import walk_blocks
 from qtool.plan import TensorPlan
-from qtool.schemes.gptq import (gptq_quantize, layer_output_error, make_grid, quantize_rtn,
+from qtool.schemes.gptq import (gptq_quantize, layer_output_error, make_grid, quantize_rtn, refit_scales,
                                 search_affine, search_symmetric)
 
 GRIDS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q4_K", "int4-sym", "int4-asym", "nf4"]
@@ -65,6 +65,35 @@ def test_gptq_beats_round_to_nearest(scheme: str) -> None:
     # the unweighted search, usually better.
     assert errors["imatrix"] <= errors["rtn"] * 1.05, errors
     assert max(v for k, v in errors.items() if k.startswith("gptq")) < 0.8 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize("scheme", GRIDS)
+def test_refit_scales_lowers_the_output_error_and_keeps_the_levels(scheme: str) -> None:
+    """Least-squares scales for GPTQ's levels: never a higher output error, the same levels, scales
+    the format can store; grids with free offsets (Q4_1, K-quants, int4-asym) and NF4's
+    double-quantized scales come back unchanged."""
+    w, x = _problem(rows=24, cols=320)     # 320: a partial last group for the 128-column grids
+    h = x.T @ x
+    grid = make_grid(scheme, group_size=128)
+    if scheme in ("Q4_K",):
+        w, x = _problem(rows=24, cols=512)
+        h = x.T @ x
+    gptq = gptq_quantize(w, h, grid, act_order=True)
+    refit = refit_scales(w, h, grid, gptq)
+    assert torch.equal(refit.levels, gptq.levels)
+    before, after = layer_output_error(w, gptq.qweight, h), layer_output_error(w, refit.qweight, h)
+    if scheme in ("Q4_1", "Q5_1", "Q4_K", "int4-asym", "nf4"):
+        assert refit is gptq
+        return
+    assert after < before, (before, after)
+    scale, offset = _expanded(refit, grid, w.shape[1])
+    assert torch.equal(grid.decode(refit.levels.long() if grid.codebook is not None else refit.levels.float(),
+                                   scale, offset), refit.qweight)
+    stored = {"int4-sym": torch.bfloat16}.get(scheme, torch.float16)
+    assert torch.equal(refit.scale.to(stored).float(), refit.scale)
+    if scheme == "int4-sym":
+        assert bool((refit.scale > 0).all())
+    assert torch.equal(gptq_quantize(w, h, grid, act_order=True, refit=True).qweight, refit.qweight)
 
 
 def test_act_order_groups_stay_contiguous() -> None:
@@ -172,6 +201,19 @@ def test_gptq_beats_rtn_on_real_smollm2_layers(smollm2_gguf: Path) -> None:
             assert len(table) == 14
             # GPTQ does not just win, it wins clearly (typically 3-10x lower output error).
             assert sum(v["gptq"] for v in table.values()) < 0.6 * sum(v["rtn"] for v in table.values())
+            # Re-fitted scales lower the error GPTQ minimizes (with its diagonal damping) on every
+            # layer, and the plain output error over the block.
+            plain = {"gptq": 0.0, "refit": 0.0}
+            for name, module in step.linears.items():
+                weight, hessian = module.weight.detach(), step.stats[name].hessian
+                damped = hessian + torch.diag(torch.diagonal(hessian))
+                gptq = gptq_quantize(weight, hessian, make_grid("Q4_0"), act_order=True,
+                                     importance=step.stats[name].mean_square, damp_diag=1.0)
+                refit = refit_scales(weight, damped, make_grid("Q4_0"), gptq)
+                assert layer_output_error(weight, refit.qweight, damped) < layer_output_error(weight, gptq.qweight, damped)
+                plain["gptq"] += layer_output_error(weight, gptq.qweight, hessian)
+                plain["refit"] += layer_output_error(weight, refit.qweight, hessian)
+            assert plain["refit"] < plain["gptq"], plain
             if step.index == 1:
                 break
 

@@ -209,21 +209,23 @@ def _plans(source: Path, recipe: Recipe):
         return build_plan(opened.tensors(), recipe, int(opened.config["num_hidden_layers"]))
 
 
-def test_w8a8_per_token_dynamic(tiny_llama_dir, shared_data, tmp_path) -> None:
-    """--act-strategy token: no calibration, no stored scale; the runtime quantizes every token with its absmax."""
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w8a8_per_token_dynamic(tiny_llama_dir, shared_data, tmp_path, symmetric: bool) -> None:
+    """--act-strategy token: no calibration, no stored scale; the runtime quantizes every token with its
+    absmax (symmetric) or with its min and max and a zero point (--act-asymmetric)."""
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from qtool.pipeline import QuantizeOptions, quantize
 
-    recipe = Recipe(scheme="w8a8", params={"act_strategy": "token"})
+    recipe = Recipe(scheme="w8a8", params={"act_strategy": "token", "act_symmetric": symmetric})
     out = tmp_path / "token"
     report = quantize(str(tiny_llama_dir), out, recipe, QuantizeOptions(calib="/nonexistent"))   # never read
     assert report.activations.strategy == "token" and report.activations.modules == []
     config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     inputs = next(iter(config.config_groups.values())).input_activations
-    assert (inputs.strategy, inputs.dynamic) == ("token", True)
+    assert (inputs.strategy, inputs.dynamic, inputs.symmetric) == ("token", True, symmetric)
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert not [name for name in handle.keys() if ".input_scale" in name or ".input_zero_point" in name]
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
@@ -232,13 +234,30 @@ def test_w8a8_per_token_dynamic(tiny_llama_dir, shared_data, tmp_path) -> None:
 
     def per_token(module, args):
         x = args[0]
-        scale = x.abs().amax(dim=-1, keepdim=True) / 127.5     # compressed-tensors' symmetric range: 255 / 2
-        return (torch.clamp(x / scale, -128, 127).round() * scale,)
+        if symmetric:
+            scale = x.abs().amax(dim=-1, keepdim=True) / 127.5     # compressed-tensors' symmetric range: 255 / 2
+            return (torch.clamp(x / scale, -128, 127).round() * scale,)
+        low = x.amin(dim=-1, keepdim=True).clamp(max=0)
+        high = x.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = (high - low) / 255
+        zero = torch.clamp(torch.round(-128 - low / scale), -128, 127)
+        # In the model's dtype, in compressed-tensors' order: the zero point is added before rounding.
+        return ((torch.clamp(x / scale + zero, -128, 127).round() - zero) * scale,)
 
     for name, module in reference.named_modules():
         if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(per_token)
     assert float((got - logits(reference)).abs().max()) <= 1e-5
+
+
+def test_asymmetric_inputs_need_per_token_scales(tiny_llama_dir, tmp_path) -> None:
+    from tests.test_cli import assert_one_line_error, qtool
+
+    assert_one_line_error(qtool("quantize", str(tiny_llama_dir), "--scheme", "w8a8", "--act-asymmetric",
+                                "-o", str(tmp_path / "x")), 2, "--act-strategy token")
+    assert not (tmp_path / "x").exists()
+    assert_one_line_error(qtool("quantize", str(tiny_llama_dir), "--scheme", "int8-sym", "--act-asymmetric",
+                                "-o", str(tmp_path / "y")), 2, "--act-asymmetric")
 
 
 def test_w8a8_gptq_on_the_smoothed_model(tiny_llama_dir, shared_data, tmp_path) -> None:
@@ -380,11 +399,10 @@ def test_smollm2_w8a8_perplexity(shared_data, tmp_path) -> None:
     own alpha, then GPTQ on the smoothed weights), run by transformers + compressed-tensors on CPU,
     scored on WikiText-2 test against the unquantized model on the same windows.
 
-    Measured here (12 windows): static +4.94%, per token + GPTQ +1.37%. The same recipes with fake
-    quantization on the device machine's GPU, 40 windows: per token + GPTQ +1.22% (int8 weights
-    alone +0.55%, inputs alone about +0.5%); static +5.6% with GPTQ, its down_proj inputs alone +4.1%.
-    Issue 6 asks for 1%: the test holds the measured levels and reports the 1% target as an expected
-    failure until it is met."""
+    Static inputs lose several percent here (+4.94% measured, 12 windows; its down_proj inputs alone
+    +4.1% in the device GPU's fake quantization, 40 windows). Issue 6's 1% is met per token with
+    asymmetric inputs (zero points) and down_proj alpha 0.5: +0.41% in the GPU's fake quantization
+    (symmetric inputs: +1.22%)."""
     from qtool.evaluation import evaluate
     from qtool.pipeline import QuantizeOptions, quantize
 
@@ -406,7 +424,5 @@ def test_smollm2_w8a8_perplexity(shared_data, tmp_path) -> None:
         assert row.runtime == "native" and row.windows == base.windows == W8A8_EVAL_WINDOWS
         print(f"{row.model}: {row.ppl:.4f} vs {base.ppl:.4f} ({row.delta_pct:+.2f}%), KLD {row.mean_kld:.5f}, "
               f"top-1 {row.top1_agreement:.4f}")
-    assert static.delta_pct < 7.0 and token.delta_pct < 2.0
-    if token.delta_pct > 1.0:
-        pytest.xfail(f"W8A8 on SmolLM2-135M: per token + GPTQ {token.delta_pct:+.2f}%, static {static.delta_pct:+.2f}% "
-                     "ppl, above issue 6's 1%")
+    assert static.delta_pct < 7.0
+    assert token.delta_pct < 1.0, f"W8A8 per token + GPTQ: {token.delta_pct:+.2f}% ppl, above issue 6's 1%"

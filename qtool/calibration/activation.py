@@ -164,6 +164,20 @@ def act_strategy(plan: TensorPlan) -> str:
     return strategy
 
 
+def act_symmetric(plan: TensorPlan) -> bool:
+    """Inputs quantized around zero (the default) or with a per-token zero point: asymmetric inputs
+    use all 256 levels on one-sided tokens (SwiGLU outputs, down_proj's inputs, whose largest values
+    are mostly of one sign). Only dynamic per-token scales have them: a static per-tensor zero point
+    is not something qtool calibrates."""
+    symmetric = plan.params.get("act_symmetric", True)
+    if not isinstance(symmetric, bool):
+        raise BadArgument(f"act_symmetric: {symmetric!r} is not true or false")
+    if not symmetric and act_strategy(plan) != "token":
+        raise BadArgument("--act-asymmetric needs --act-strategy token (per-token zero points computed by the "
+                          "runtime); static per-tensor input scales are symmetric")
+    return symmetric
+
+
 def needs_static_scale(plan: TensorPlan) -> bool:
     """A planned tensor whose scheme quantizes its inputs with a static per-tensor scale."""
     return not plan.keep and plan.scheme == "w8a8" and act_strategy(plan) == "tensor"

@@ -47,6 +47,7 @@ class MethodOptions:
     act_order: bool = True           # GPTQ: columns by decreasing activation energy
     block_size: int = 128            # GPTQ: lazy-update block (columns)
     static_groups: bool = False      # GPTQ: fit all group scales before any error feedback
+    refit_scales: bool = True        # GPTQ: re-fit the scales by least squares once the levels are chosen
     sequential: bool = True          # feed each block the quantized outputs of the previous ones
     true_sequential: bool = True     # also within a block: o_proj sees quantized q/k/v, down_proj quantized gate/up
     awq_grid: int = 20               # AWQ: alphas 0, 1/n, ..., 1 searched per site
@@ -102,7 +103,8 @@ def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | 
             raise BadArgument("--method gptq needs X^T X; recreate the statistics with `qtool calibrate --hessian`")
         result = gptq_quantize(weight, stats.hessian, grid, damp=options.damp, act_order=options.act_order,
                                block_size=options.block_size, static_groups=options.static_groups,
-                               importance=stats.mean_square, damp_diag=options.damp_diag)
+                               importance=stats.mean_square, damp_diag=options.damp_diag,
+                               refit=options.refit_scales)
     else:
         raise BadArgument(f"--method {options.method}: choose one of {', '.join(METHODS)}")
     return result.qweight, result

@@ -78,6 +78,11 @@ class Grid(ABC):
     def bits_per_weight(self, scale_bits: int = 16) -> float:
         return math.log2(self.qmax + 1) + 2 * scale_bits / self.sub_size
 
+    def unit_values(self, levels: torch.Tensor) -> torch.Tensor | None:
+        """Grids whose value is ``scale * u(level)`` (no free offset): ``u`` of each level, which lets
+        the scales be re-fitted by least squares once the levels are fixed. None for the others."""
+        return None
+
 
 def _store(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Round scales to the dtype the format stores them in, so the levels are chosen for the stored value."""
@@ -201,6 +206,9 @@ class SymmetricGrid(Grid):
                                  scale_dtype=self.scale_dtype)
         scale = scale.unsqueeze(-1)
         return GridParams(scale, -self.low * scale)
+
+    def unit_values(self, levels: torch.Tensor) -> torch.Tensor | None:
+        return levels.to(torch.float32) - self.low
 
 
 class AffineGrid(Grid):
@@ -329,6 +337,7 @@ class IQ4NLGrid(CodebookGrid):
         from qtool.schemes.ggml import IQ4_NL_VALUES
 
         super().__init__("IQ4_NL", 32, torch.tensor(IQ4_NL_VALUES, dtype=torch.float32))
+        self.scale_dtype = torch.float16
 
     def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
         weights = _weighted(w, weights)
@@ -342,8 +351,11 @@ class IQ4NLGrid(CodebookGrid):
         for inverse in [127 / peak] + [(step - 127) / peak for step in range(-7, 8)]:
             levels = self.encode(w, 1 / inverse, torch.zeros_like(w))
             best_score, best_scale = _keep_best_least_squares(w, weights, table[levels.long()], best_score, best_scale)
-        best_scale = _store(torch.where(empty, torch.zeros_like(best_scale), best_scale), torch.float16)
+        best_scale = _store(torch.where(empty, torch.zeros_like(best_scale), best_scale), self.scale_dtype)
         return GridParams(best_scale, torch.zeros_like(best_scale))
+
+    def unit_values(self, levels: torch.Tensor) -> torch.Tensor | None:
+        return self.codebook.to(levels.device)[levels.long()]
 
 
 def make_grid(scheme: str, *, group_size: int | None = None, double_quant: bool = False) -> Grid:
@@ -468,7 +480,8 @@ def _few_threads(device: torch.device) -> Iterator[None]:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128, static_groups: bool = False,
-                  importance: torch.Tensor | None = None, damp_diag: float = 0.0) -> QuantResult:
+                  importance: torch.Tensor | None = None, damp_diag: float = 0.0, refit: bool = False
+                  ) -> QuantResult:
     """GPTQ (Frantar et al. 2022) on any grid.
 
     ``hessian`` is X^T X over the calibration inputs of this Linear ([cols, cols]). Columns are
@@ -482,17 +495,20 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     ``damp_diag`` adds that multiple of each channel's own Hessian diagonal (H + l*diag(H)): it
     shrinks the input correlations estimated from few calibration tokens, the part of GPTQ that
     overfits (l -> inf is importance-weighted round to nearest).
+    ``refit``: afterwards, re-fit the scales for the chosen levels (``refit_scales``).
     """
     if damp_diag > 0:
         hessian = hessian + damp_diag * torch.diag(torch.diagonal(hessian))
     static_groups = static_groups or grid.whole_tensor_scales
     with _few_threads(weight.device):
-        return _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size,
-                     static_groups=static_groups, importance=importance)
+        result = _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size,
+                       static_groups=static_groups, importance=importance)
+        return refit_scales(weight, hessian, grid, result) if refit else result
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float, act_order: bool,
-          block_size: int, static_groups: bool, importance: torch.Tensor | None) -> QuantResult:
+          block_size: int, static_groups: bool, importance: torch.Tensor | None,
+          initial: GridParams | None = None) -> QuantResult:
     w = weight.to(torch.float32).clone()
     rows, cols = w.shape
     h = hessian.to(w.device, torch.float32).clone()
@@ -533,8 +549,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
         padded_weights = _pad_columns(group_weights, grid.group_size)
         store(group, grid.fit(padded, padded_weights))
 
-    if static_groups:
-        params = _fit_groups(grid, w, imatrix_weights(w, importance))
+    if static_groups or initial is not None:
+        params = initial or _fit_groups(grid, w, imatrix_weights(w, importance))
         scale.copy_(params.scale)
         offset.copy_(params.offset)
         extra.update(params.extra)
@@ -591,6 +607,62 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
     levels = levels[:, position]
     return QuantResult(qweight, levels.to(_levels_dtype(grid)), scale, offset, extra,
                        perm if act_order else None)
+
+
+def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, result: QuantResult,
+                 rows_per_step: int = 4096) -> QuantResult:
+    """The levels kept, every row's scales re-fitted jointly by least squares on the layer output
+    error (W - s*U) H (W - s*U)^T, U the grid's unit values of the levels.
+
+    GPTQ picks a block's scale before its error feedback has moved the weights; once all levels are
+    fixed, the best scales for them solve a small linear system per row (one unknown per sub-block),
+    which lowers the output error GPTQ was minimizing. Grids without ``unit_values`` (free offsets)
+    come back unchanged; so does a row whose new scales the format could not store (sign flips on
+    positive-scale grids) or that would not improve after rounding the scales."""
+    unit = grid.unit_values(result.levels)
+    if unit is None:
+        return result
+    rows, cols = weight.shape
+    size = grid.sub_size
+    n_sub = result.scale.shape[1]
+    pad = n_sub * size - cols
+    w = weight.to(torch.float32)
+    h = hessian.to(w.device, torch.float32)
+    if pad:
+        w, unit = _pad_columns(w, size), _pad_columns(unit, size)
+        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
+    scale = result.scale.clone()
+    wh = w @ h
+    ridge = 1e-6 * torch.diagonal(h).mean().clamp_min(1e-30)
+    for first in range(0, rows, rows_per_step):
+        part = slice(first, min(first + rows_per_step, rows))
+        u = unit[part]
+        # normal[r, a, b] = sum over columns i of sub a and j of sub b of u[r,i] h[i,j] u[r,j]
+        normal = torch.empty(u.shape[0], n_sub, n_sub, device=w.device)
+        for b in range(n_sub):
+            cols_b = slice(b * size, (b + 1) * size)
+            hu = u[:, cols_b] @ h[cols_b, :]                       # [r, cols]
+            normal[:, b, :] = (hu * u).reshape(-1, n_sub, size).sum(-1)
+        rhs = (wh[part] * u).reshape(-1, n_sub, size).sum(-1)
+        empty = torch.diagonal(normal, dim1=1, dim2=2) <= 0
+        normal = normal + torch.diag_embed(torch.where(empty, torch.ones_like(rhs), torch.full_like(rhs, ridge)))
+        new = torch.linalg.solve(normal, rhs.unsqueeze(-1)).squeeze(-1)
+        old = scale[part]
+        new = torch.where(empty, old, new)
+        new = _store(new, getattr(grid, "scale_dtype", None))
+        if not getattr(grid, "negative_scales", True):
+            new = torch.where(new > 0, new, old)
+        # keep a row's new scales only where its error actually dropped
+        def error(s: torch.Tensor) -> torch.Tensor:
+            diff = w[part] - _expand(s, size, n_sub * size) * u
+            return ((diff @ h) * diff).sum(-1)
+        better = error(new) < error(old)
+        scale[part] = torch.where(better.unsqueeze(-1), new, old)
+    values = _expand(scale, size, cols) * unit[:, :cols]
+    # offsets that are a multiple of the scale (Q4_0's -8*d) follow it
+    low = getattr(grid, "low", 0)
+    offset = -low * scale
+    return QuantResult(values, result.levels, scale, offset, result.extra, result.perm)
 
 
 def layer_output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:

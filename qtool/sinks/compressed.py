@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from qtool.calibration.activation import ACT_BITS, ActivationScale, act_strategy, needs_static_scale
+from qtool.calibration.activation import ACT_BITS, ActivationScale, act_strategy, act_symmetric, needs_static_scale
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
 from qtool.schemes.base import get_scheme
@@ -77,7 +77,7 @@ def _input_args(plan: TensorPlan) -> dict[str, Any] | None:
     if plan.scheme != "w8a8":
         return None
     dynamic = act_strategy(plan) == "token"
-    return {"num_bits": ACT_BITS, "type": "int", "symmetric": True, "strategy": act_strategy(plan),
+    return {"num_bits": ACT_BITS, "type": "int", "symmetric": act_symmetric(plan), "strategy": act_strategy(plan),
             "group_size": None, "dynamic": dynamic, "actorder": None, "block_structure": None,
             "observer": None if dynamic else "minmax", "observer_kwargs": {}}
 
