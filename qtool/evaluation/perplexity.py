@@ -245,6 +245,15 @@ def run_windows(model: LoadedModel, tokens: torch.Tensor, plan: WindowPlan, *, b
     base_nll = NllSeries() if baseline is not None else None
     divergence = DivergenceSeries() if baseline is not None else None
     seconds = base_seconds = 0.0
+    if plan.windows and str(model.device) != "cpu":
+        # Untimed first batch: CUDA's lazy initialisation (cuBLAS handles, kernel selection, the
+        # allocator's first blocks) would otherwise be billed to the first window's tokens/s.
+        inputs, _ = window_batch(tokens, plan, range(min(batch_size, plan.windows)))
+        with torch.inference_mode():
+            for warm in (model, baseline):
+                if warm is not None:
+                    window_log_probs(warm, inputs, plan.first)
+                    _synchronize(warm.device)
     with torch.inference_mode(), ui.task(f"perplexity {label or model.description}", total=plan.windows) as progress:
         for begin in range(0, plan.windows, batch_size):
             indices = range(begin, min(begin + batch_size, plan.windows))

@@ -117,9 +117,10 @@ def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr
     - the 0-3 vectors after the last whole row go to accumulator 0, then accumulators 1, 2 and 3;
     - finally a scalar running sum: the 0..LANES-1 trailing floats, then the LANES lanes in order.
 
-    Masked-out terms add exact zeros (all values are >= 0). Rows of 16 * 16 are read per loop
-    iteration (256 independent loads in flight); the cascade's step stays 16 up to 2**19 rows,
-    which the launcher checks.
+    Masked-out terms add exact zeros (all values are >= 0). The 16-step loops are not unrolled
+    (unrolled, the kernel took about 50 s to compile on first use; the sum is over one float per
+    block, a small share of the work); the cascade's step stays 16 up to 2**19 rows, which the
+    launcher checks.
     """
     W: tl.constexpr = 4 * LANES
     part = tl.program_id(0).to(tl.int64)
@@ -137,9 +138,9 @@ def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr
     acc3 = tl.zeros([4, LANES], tl.float32)
     for group in range(groups):
         acc1 = tl.zeros([4, LANES], tl.float32)
-        for chunk in tl.static_range(16):
+        for chunk in range(16):
             acc0 = tl.zeros([4, LANES], tl.float32)
-            for j in tl.static_range(16):
+            for j in range(16):
                 acc0 += tl.load(base + ((group * 16 + chunk) * 16 + j) * W + columns)
             acc1 += acc0
         acc2 += acc1
@@ -147,15 +148,15 @@ def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr
         acc3 = tl.where(flush, acc3 + acc2, acc3)
         acc2 = tl.where(flush, 0.0, acc2)
     acc1 = tl.zeros([4, LANES], tl.float32)
-    for chunk in tl.static_range(16):
+    for chunk in range(16):
         index = groups * 16 + chunk
         valid = index < chunks
         acc0 = tl.zeros([4, LANES], tl.float32)
-        for j in tl.static_range(16):
+        for j in range(16):
             acc0 += tl.load(base + (index * 16 + j) * W + columns, mask=valid, other=0.0)
         acc1 = tl.where(valid, acc1 + acc0, acc1)
     acc0 = tl.zeros([4, LANES], tl.float32)
-    for j in tl.static_range(16):
+    for j in range(16):
         row = chunks * 16 + j
         valid = row < rows
         acc0 = tl.where(valid, acc0 + tl.load(base + row * W + columns, mask=valid, other=0.0), acc0)
