@@ -10,10 +10,11 @@ bench_gguf's ``run`` (the child's own VmHWM), the time of every layer from the p
 
 Why 32 x 512 tokens by default: the pass runs every block over every token (plus X^T X, which
 ``qtool calibrate`` always collects), so time grows linearly with the tokens; 16k tokens keeps
-one run at minutes on a 2-core machine. Memory has two parts: the statistics kept for every layer
-(dominated by X^T X, independent of the token count) and the two hidden-state buffers (samples x
-seqlen x hidden x 4 bytes each), which the JSON reports so that the peak at the default 128
-samples can be read off (+0.8 GB of buffers for this model). Target: peak RSS < 6 GB.
+one run at minutes on a 2-core machine. Memory: ``qtool calibrate`` writes each block's
+statistics (dominated by X^T X) to the file as the block finishes, so the peak holds one block's
+weights and statistics plus the two hidden-state buffers (samples x seqlen x hidden x 4 bytes
+each), which the JSON reports so that the peak at the default 128 samples can be read off (+0.8 GB
+of buffers for this model). Target: peak RSS < 6 GB.
 
 No peer is run: llama.cpp's ``llama-imatrix`` needs a GGUF conversion of the model first and
 collects less (no X^T X, no percentiles), so its numbers would not measure the same work.

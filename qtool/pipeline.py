@@ -218,15 +218,14 @@ def calibrate_model(spec: str, output: Path, *, calib: str | None, samples: int,
                     device: str, force: bool, revision: str | None = None) -> dict[str, Any]:
     """`qtool calibrate`: activation statistics of every decoder-block Linear, saved as safetensors."""
     from qtool.atomic import StagedOutput
-    from qtool.calibration import calibrate, save_stats
+    from qtool.calibration import calibrate
     from qtool.calibration.data import DEFAULT_CALIB
 
     staged = StagedOutput(Path(output), force=force, is_dir=False)   # refuses an existing file early
     staged.abort()
     with resolve(spec, revision=revision) as source:
         stats = calibrate(source, calib=calib or DEFAULT_CALIB, samples=samples, seqlen=seqlen, seed=seed,
-                          device=resolve_device(device))
-        save_stats(stats, output)
+                          device=resolve_device(device), output=output)
     return {"output": str(output), **stats.summary()}
 
 

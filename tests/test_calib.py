@@ -5,6 +5,8 @@ collected block by block must equal those collected by hooks on the whole model'
 """
 from __future__ import annotations
 
+import json
+
 import gc
 import weakref
 from pathlib import Path
@@ -178,6 +180,44 @@ def test_stats_save_load_round_trip(tiny_llama_dir: Path, tmp_path: Path) -> Non
         load_stats(bad)
     with pytest.raises(NotFound, match="qtool calibrate"):
         load_stats(tmp_path / "absent.safetensors")
+
+
+def test_statistics_streamed_to_the_file_block_by_block(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """calibrate(output=...) writes each block's tensors as the block finishes: the same file as
+    save_stats of the in-memory statistics, while the returned statistics keep no X^T X; a walk
+    that fails leaves no file and no staging leftovers."""
+    from safetensors import safe_open
+
+    with resolve(str(tiny_llama_dir)) as source:
+        kept = calibrate(source, calib_set=_tiny_set(source, samples=2))
+        streamed = calibrate(source, calib_set=_tiny_set(source, samples=2), output=tmp_path / "s.safetensors")
+    assert all(item.hessian is None and item.abs_sample is None for item in streamed.linears.values())
+    assert streamed.summary()["has_hessian"] and streamed.summary()["linears"] == kept.summary()["linears"]
+    reference = save_stats(kept, tmp_path / "k.safetensors")
+    with safe_open(str(reference), framework="pt") as a, safe_open(str(tmp_path / "s.safetensors"), framework="pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+        stats_a, stats_b = json.loads(a.metadata()["stats"]), json.loads(b.metadata()["stats"])
+        assert stats_a["linears"] == stats_b["linears"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.safetensors", "s.safetensors"]
+
+    class Failing:
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def load(self, name):
+            if name.startswith("model.layers.1."):
+                raise OSError("disk went away")
+            return self._inner.load(name)
+
+    with resolve(str(tiny_llama_dir)) as source:
+        with pytest.raises(OSError):
+            calibrate(Failing(source), calib_set=_tiny_set(source, samples=2), output=tmp_path / "f.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.safetensors", "s.safetensors"]
 
 
 class _CountingSource:
