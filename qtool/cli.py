@@ -138,6 +138,7 @@ def quantize(
     act_range: Optional[str] = typer.Option(None, "--act-range", help="w8a8: static input scale from minmax (default), percentile (p99.99) or mse of |x|."),
     act_strategy: Optional[str] = typer.Option(None, "--act-strategy", help="w8a8: tensor (static scales, calibrated; default) or token (dynamic)."),
     act_asymmetric: Optional[bool] = typer.Option(None, "--act-asymmetric/--act-symmetric", help="w8a8 with --act-strategy token: per-token zero points (configs/w8a8-token.yaml) or inputs around zero."),
+    smooth_down: Optional[float] = typer.Option(None, "--smooth-down", help="w8a8: SmoothQuant alpha of the up_proj -> down_proj site alone (default: --smooth; configs/w8a8-token.yaml: 0.5)."),
     smooth: Optional[float] = typer.Option(None, "--smooth", help="w8a8: SmoothQuant alpha, 0 to 1 (0: off; configs/w8a8.yaml: 0.8)."),
     evaluate_after: bool = typer.Option(False, "--eval", help="Measure perplexity of the output against the source."),
     text: Optional[Path] = typer.Option(None, "--text", help="With --eval: text file to score."),
@@ -160,7 +161,7 @@ def quantize(
                                      block_size=block_size, group_size=group_size,
                                      double_quant=False if no_double_quant else None, include=include, skip=skip,
                                      act_range=act_range, act_strategy=act_strategy, smooth=smooth,
-                                     act_asymmetric=act_asymmetric)
+                                     act_asymmetric=act_asymmetric, smooth_down=smooth_down)
         options = QuantizeOptions(format=out_format, force=force, dry_run=dry_run,
                                   max_shard_size=_parse_size(max_shard_size), device=device, revision=revision,
                                   method=method, calib=calib, calib_samples=calib_samples,

@@ -33,7 +33,8 @@ def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_
                         config: Path | None, block_size: int | None, group_size: int | None,
                         double_quant: bool | None, include: list[str], skip: list[str],
                         act_range: str | None = None, act_strategy: str | None = None,
-                        smooth: float | None = None, act_asymmetric: bool | None = None) -> Recipe:
+                        smooth: float | None = None, act_asymmetric: bool | None = None,
+                        smooth_down: float | None = None) -> Recipe:
     if fmt == "safetensors" and gguf_type:
         raise BadArgument(f"--type {gguf_type} is a GGUF type; add --format gguf (or use --scheme for safetensors)")
     if fmt == "gguf" and scheme:
@@ -68,21 +69,24 @@ def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_
     for key, value in (("block_size", block_size), ("group_size", group_size), ("double_quant", double_quant)):
         if value is not None:
             recipe.params[key] = value
-    _activation_options(recipe, act_range, act_strategy, smooth, act_asymmetric)
+    _activation_options(recipe, act_range, act_strategy, smooth, act_asymmetric, smooth_down)
     recipe.include += include
     recipe.skip += skip
     return recipe
 
 
 def _activation_options(recipe: Recipe, act_range: str | None, act_strategy: str | None,
-                        smooth: float | None, act_asymmetric: bool | None = None) -> None:
+                        smooth: float | None, act_asymmetric: bool | None = None,
+                        smooth_down: float | None = None) -> None:
     """--act-range / --act-strategy / --smooth: how the w8a8 scheme quantizes Linear inputs."""
     from qtool.calibration.activation import ACT_RANGES, ACT_STRATEGIES
 
-    if smooth is not None and not 0 <= smooth <= 1:
-        raise BadArgument(f"--smooth {smooth}: choose an alpha between 0 (off) and 1, e.g. 0.8")
+    for flag, alpha in (("--smooth", smooth), ("--smooth-down", smooth_down)):
+        if alpha is not None and not 0 <= alpha <= 1:
+            raise BadArgument(f"{flag} {alpha}: choose an alpha between 0 (off) and 1, e.g. 0.8")
     for flag, value, choices in (("--act-range", act_range, ACT_RANGES), ("--act-strategy", act_strategy, ACT_STRATEGIES),
-                                 ("--smooth", smooth, None), ("--act-asymmetric", act_asymmetric, None)):
+                                 ("--smooth", smooth, None), ("--act-asymmetric", act_asymmetric, None),
+                                 ("--smooth-down", smooth_down, None)):
         if value is None:
             continue
         if choices is not None and value not in choices:
@@ -96,5 +100,7 @@ def _activation_options(recipe: Recipe, act_range: str | None, act_strategy: str
         recipe.params["act_strategy"] = act_strategy
     if smooth is not None:
         recipe.params["smooth"] = smooth
+    if smooth_down is not None:
+        recipe.params["smooth_down"] = smooth_down
     if act_asymmetric is not None:
         recipe.params["act_symmetric"] = not act_asymmetric

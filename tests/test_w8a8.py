@@ -349,6 +349,8 @@ def test_cli_w8a8_json_and_errors(tiny_llama_dir, shared_data, tmp_path) -> None
                                 "-o", str(tmp_path / "y")), 2, "--act-range kl", "minmax")
     assert_one_line_error(qtool("quantize", str(tiny_llama_dir), "--scheme", "w8a8", "--smooth", "1.5",
                                 "-o", str(tmp_path / "z")), 2, "--smooth 1.5")
+    assert_one_line_error(qtool("quantize", str(tiny_llama_dir), "--scheme", "w8a8", "--smooth-down", "2",
+                                "-o", str(tmp_path / "w")), 2, "--smooth-down 2")
 
 
 def test_smoothing_keeps_the_float_model(tiny_llama_dir, shared_data) -> None:

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import torch
 
 from qtool.calibration.observers import InputStats
-from qtool.calibration.smoothing import _SITES, SmoothingOps, apply_ops
+from qtool.calibration.smoothing import SMOOTHING_SITES, SmoothingOps, apply_ops
 
 # v_proj's output channels are o_proj's input channels only without grouped-query attention.
 _V_TO_O = ("self_attn.v_proj.weight", "rows", ("self_attn.o_proj",))
@@ -56,7 +56,7 @@ def block_sites(layer: int, names: Iterable[str], shapes: dict[str, tuple[int, .
     prefix = f"model.layers.{layer}."
     names = set(names)
     sites = []
-    for producer, how, linears in (*_SITES, _V_TO_O):
+    for producer, how, linears in (*SMOOTHING_SITES, _V_TO_O):
         weights = tuple(f"{prefix}{linear}.weight" for linear in linears)
         if prefix + producer not in names or not all(w in names for w in weights):
             continue

@@ -77,8 +77,12 @@ def grid_for(plan: TensorPlan) -> Grid:
         # stored weight_scale (model dtype: float32, bfloat16 or float16) holds exactly.
         return SymmetricGrid("w8a8", plan.shape[-1], 127, 127, negative_scales=False, scale_dtype=torch.bfloat16)
     try:
-        # nf4/fp4 name their block "block_size" and double-quantize their scales by default.
-        return make_grid(plan.scheme, group_size=plan.params.get("group_size") or plan.params.get("block_size"),
+        # nf4/fp4 name their block "block_size" and double-quantize their scales by default; int8-sym's
+        # group is the whole row (the grid's own default is a size no row reaches, which GPTQ would pad to).
+        group_size = plan.params.get("group_size") or plan.params.get("block_size")
+        if plan.scheme == "int8-sym" and group_size is None:
+            group_size = plan.shape[-1]
+        return make_grid(plan.scheme, group_size=group_size,
                          double_quant=bool(plan.params.get("double_quant", True)))
     except ValueError:
         raise BadArgument(f"--method: no calibration-aware quantization for scheme {plan.scheme} "

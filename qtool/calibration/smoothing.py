@@ -27,7 +27,7 @@ from qtool.calibration.observers import InputStats
 from qtool.sources.base import Source
 
 # (the producer folded with 1/s, how: "vector" or "rows", the Linears sharing the input) per site.
-_SITES = (
+SMOOTHING_SITES = (
     ("input_layernorm.weight", "vector", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ("post_attention_layernorm.weight", "vector", ("mlp.gate_proj", "mlp.up_proj")),
     ("mlp.up_proj.weight", "rows", ("mlp.down_proj",)),
@@ -60,7 +60,7 @@ def smoothing_ops(names: set[str], n_layers: int, stats: Mapping[str, InputStats
     ops: SmoothingOps = {}
     for layer in range(n_layers):
         prefix = f"model.layers.{layer}."
-        for producer, how, linears in _SITES:
+        for producer, how, linears in SMOOTHING_SITES:
             site_alpha = down_alpha if down_alpha is not None and how == "rows" else alpha
             if not site_alpha:
                 continue
