@@ -35,8 +35,10 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/run_all.py
 
+# Issue 6's table with qtool's best 4.5-bit recipe (configs/gguf-q4_0-gptq.yaml --method gptq):
+# 128 x 512 calibration tokens, block by block on the quantized outputs; about 30 minutes on 2 cores.
 bench-quality: install
-	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_quality.py --recipes rtn-q4_0,imatrix-q4_0,gptq-q4_0-down-q4_k-ts --samples 128 --sequential
 
 lint: install
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff

@@ -1,7 +1,11 @@
 """Quality per bit of 4-bit recipes on SmolLM2-135M: llama.cpp's numbers (issue 6) and qtool's.
 
     python benchmarks/bench_quality.py [--samples 32] [--seqlen 512] [--chunks 40] [--ctx 512]
-                                       [--recipes NAME,...] [--no-llamacpp]
+                                       [--recipes NAME,...] [--no-llamacpp] [--sequential]
+
+``make bench-quality`` runs the best recipe (``gptq-q4_0-down-q4_k-ts``, the one
+``configs/gguf-q4_0-gptq.yaml --method gptq`` writes) with round to nearest and imatrix Q4_0 beside
+it: ``--recipes rtn-q4_0,imatrix-q4_0,gptq-q4_0-down-q4_k-ts --samples 128 --sequential``.
 
 Calibration: ``../shared/data/calibration/groups_merged.txt`` (``--calib``), seeded windows; the
 statistics pass (with X^T X) runs once and is cached under ``.bench/quality/``. Evaluation:
