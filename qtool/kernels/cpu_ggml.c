@@ -418,13 +418,12 @@ static void quantize_k32(const float *x, float nmax, int nstep, const float *can
         for (int i = 0; i < 32; i++) w[i] = rms + fabsf(xg[i]);
         search_scale_min32(xg, w, nmax, nstep, candidates, &scales[g], &mins[g]);
     }
-    float max_scale = scales[0], max_min = mins[0];
-    for (int g = 1; g < 8; g++) {
-        max_scale = fmaxf(max_scale, scales[g]);
-        max_min = fmaxf(max_min, mins[g]);
+    /* llama.cpp's running max from +0 with `>`: all-zero blocks (mins of -0) give +0, not -0. */
+    float max_scale = 0.0f, max_min = 0.0f;
+    for (int g = 0; g < 8; g++) {
+        if (scales[g] > max_scale) max_scale = scales[g];
+        if (mins[g] > max_min) max_min = mins[g];
     }
-    max_scale = max_scale < 0.0f ? 0.0f : max_scale;   /* clamp(min=0), which keeps a -0 */
-    max_min = max_min < 0.0f ? 0.0f : max_min;
     float inv_scale = max_scale > 0.0f ? (1.0f / max_scale) * 63.0f : 0.0f;
     float inv_min = max_min > 0.0f ? (1.0f / max_min) * 63.0f : 0.0f;
     store_half(out, max_scale / 63.0f);

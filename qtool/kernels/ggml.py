@@ -267,10 +267,9 @@ def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NM
     mins = tl.reshape(tl.where(flat, low * -1.0, best_min * -1.0), [SB, 8])
 
     # _quantize_k_asymmetric: 6-bit sub-block scales against the super-block's largest
-    max_scale = tl.max(scales, axis=1)
-    max_scale = tl.where(max_scale < 0, 0.0, max_scale)
-    max_min = tl.max(mins, axis=1)
-    max_min = tl.where(max_min < 0, 0.0, max_min)
+    # llama.cpp's running max from +0 with `>`: +0 for all-zero blocks (mins of -0.0), NaN never wins.
+    max_scale = tl.max(tl.where(scales > 0, scales, 0.0), axis=1)
+    max_min = tl.max(tl.where(mins > 0, mins, 0.0), axis=1)
     inv_scale = tl.where(max_scale > 0, _recip(tl.where(max_scale > 0, max_scale, 1.0)) * 63, 0.0)
     inv_min = tl.where(max_min > 0, _recip(tl.where(max_min > 0, max_min, 1.0)) * 63, 0.0)
     ls = _clamp(_rint(inv_scale[:, None] * scales), 0.0, 63.0)

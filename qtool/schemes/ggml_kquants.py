@@ -244,13 +244,11 @@ def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: in
     scales, mins = _search_scale_min(groups, weights.reshape(-1, group), nmax, rmin, rdelta, nstep)
     scales = scales.reshape(n_blocks, -1)
     mins = mins.reshape(n_blocks, -1)
-    # The C code keeps a running max from +0 with `>`: an all-zero sub-block list gives +0, never the
-    # -0.0 that amax may return (a min of +0 is stored negated), whose fp16 bytes differ.
-    max_scale = scales.amax(dim=-1, keepdim=True)
-    max_min = mins.amax(dim=-1, keepdim=True)
+    # llama.cpp keeps a running max from +0 with `>`: all-zero blocks (whose mins are -0.0) give +0,
+    # never the -0.0 that amax may return (fp16 bytes 0x8000), and NaN never wins.
+    max_scale = torch.where(scales > 0, scales, 0.0).amax(dim=-1, keepdim=True)
+    max_min = torch.where(mins > 0, mins, 0.0).amax(dim=-1, keepdim=True)
     zero = torch.zeros_like(max_scale)
-    max_scale = torch.where(max_scale > 0, max_scale, zero)
-    max_min = torch.where(max_min > 0, max_min, zero)
     inv_scale = torch.where(max_scale > 0, smax / torch.where(max_scale > 0, max_scale, 1), zero)
     inv_min = torch.where(max_min > 0, smax / torch.where(max_min > 0, max_min, 1), zero)
     ls = nearest_int(inv_scale * scales).clamp_(0, smax)
