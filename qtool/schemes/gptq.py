@@ -610,7 +610,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
 
 
 def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, result: QuantResult,
-                 rows_per_step: int = 4096) -> QuantResult:
+                 memory_bytes: int = 512 * 2**20) -> QuantResult:
     """The levels kept, every row's scales re-fitted jointly by least squares on the layer output
     error (W - s*U) H (W - s*U)^T, U the grid's unit values of the levels.
 
@@ -634,6 +634,9 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, result
     scale = result.scale.clone()
     wh = w @ h
     ridge = 1e-6 * torch.diagonal(h).mean().clamp_min(1e-30)
+    # Rows per step: each holds an n_sub x n_sub system and two rows of temporaries (a 70B down_proj
+    # in 32-blocks: 896 x 896 floats a row).
+    rows_per_step = max(1, memory_bytes // (4 * (n_sub * n_sub + 2 * n_sub * size)))
     for first in range(0, rows, rows_per_step):
         part = slice(first, min(first + rows_per_step, rows))
         u = unit[part]
