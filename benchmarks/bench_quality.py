@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             weights, packed, seconds, mean_error = _quantize(source, recipe, stats, calib_set, args.device)
             ppl, err = _qtool_ppl(OverlaySource(source, weights), text, args)
             delta = 100 * (ppl / base_ppl - 1)
-            rows.append(Row(recipe.name, "qtool eval", bits, ppl, err, base_ppl, delta, seconds, mean_error,
+            rows.append(Row(recipe.name, "qtool eval", bits, ppl, err, base_ppl, delta, seconds,
+                            mean_error if math.isfinite(mean_error) else None,  # JSON has no NaN
                             bits <= GOAL_BITS + 1e-9 and delta <= GOAL_DELTA_PCT))
             print(f"{recipe.name}: {bits:.2f} bits/weight, ppl {ppl:.3f} ({delta:+.1f}%)", file=sys.stderr, flush=True)
             if recipe.gguf and not args.no_llamacpp:
