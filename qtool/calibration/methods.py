@@ -114,7 +114,7 @@ def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | 
     return result.qweight, result
 
 
-def _pack(plan: TensorPlan, weight: torch.Tensor, result: QuantResult | None) -> Any:
+def _pack(plan: TensorPlan, result: QuantResult | None) -> Any:
     if result is None:
         return None
     from qtool.calibration.packing import pack_result
@@ -164,7 +164,7 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
                     qweight, result = quantize_weight(weight, plan, stats_for, options)
                     error = (layer_output_error(weight, qweight, stats_for.hessian)
                              if stats_for is not None and stats_for.hessian is not None else float("nan"))
-                    items.append(CalibratedTensor(plan, qweight, result, _pack(plan, qweight, result) if pack else None,
+                    items.append(CalibratedTensor(plan, qweight, result, _pack(plan, result) if pack else None,
                                                   error))
             for item in items:
                 if options.sequential:
@@ -236,7 +236,7 @@ def _awq_block(layer: int, weights: dict[str, torch.Tensor], stats: dict[str, In
         hessian = stats[name].hessian if name in stats else None
         error = (layer_output_error(weight, effective, hessian.to(weight.device)) if hessian is not None
                  else float("nan"))
-        items.append(CalibratedTensor(plan, effective, result, _pack(plan, qstored, result) if pack else None, error))
+        items.append(CalibratedTensor(plan, effective, result, _pack(plan, result) if pack else None, error))
     if items:
         items[0].folds = folds
     return items, {choice.site.producer: choice.alpha for choice in choices}
@@ -289,7 +289,7 @@ def _from_stats(source: Source, planned: dict[str, TensorPlan], options: MethodO
             qweight, result = quantize_weight(weight, plan, stats_for, options)
             error = (layer_output_error(weight, qweight, stats_for.hessian.to(device))
                      if stats_for is not None and stats_for.hessian is not None else float("nan"))
-            yield CalibratedTensor(plan, qweight, result, _pack(plan, qweight, result) if pack else None, error)
+            yield CalibratedTensor(plan, qweight, result, _pack(plan, result) if pack else None, error)
             progress.advance(1, status=name)
 
 

@@ -13,6 +13,7 @@ anything and returns the statistics; :mod:`qtool.calibration.methods` quantizes 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -251,8 +252,7 @@ def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int
     linears: dict[str, InputStats] = {}
     records: list[LayerRecord] = []
     n_layers = int(source.config.get("num_hidden_layers") or 0)
-    writer = StatsFile(output) if output is not None else None
-    try:
+    with (StatsFile(output) if output is not None else contextlib.nullcontext()) as writer:
         with ui.task(f"calibrating {source.description}", total=n_layers or None) as progress:
             started = time.perf_counter()
             for step in walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, seed=seed):
@@ -270,10 +270,6 @@ def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int
                                  seed, linears, records, saved_hessian=writer is not None and want_hessian)
         if writer is not None:
             writer.finish(stats)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
     return stats
 
 
@@ -281,7 +277,8 @@ class StatsFile:
     """A statistics file written as the statistics come: ``add`` appends each Linear's tensors to a
     data file beside the output (Linears sharing inputs share them, stored once), ``finish`` writes
     the safetensors header (offsets, and the JSON metadata only known at the end) in front of them
-    into a staged file and renames it into place; ``abort`` leaves nothing behind."""
+    into a staged file and renames it into place. Used as a context manager, it leaves nothing behind
+    when the block raises before ``finish``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -292,6 +289,14 @@ class StatsFile:
         self._header: dict[str, Any] = {}
         self._entries: dict[str, dict[str, Any]] = {}
         self._offset = 0
+        self._finished = False
+
+    def __enter__(self) -> StatsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._finished:
+            self._abort()
 
     def add(self, linears: dict[str, InputStats]) -> None:
         site_of: dict[int, str] = {}
@@ -332,9 +337,10 @@ class StatsFile:
             shutil.copyfileobj(data, out, 16 * 2**20)
         self._data_path.unlink()
         self._staged.replace(self.path)
+        self._finished = True
         return self.path
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         self._data.close()
         for leftover in (self._data_path, self._staged):
             leftover.unlink(missing_ok=True)
@@ -345,13 +351,9 @@ _TENSOR_FIELDS = ("absmax", "mean_square", "hessian", "abs_sample")
 
 def save_stats(stats: CalibrationStats, path: str | Path) -> Path:
     """Write the statistics as one safetensors file; Linears sharing inputs share tensors (stored once)."""
-    writer = StatsFile(path)
-    try:
+    with StatsFile(path) as writer:
         writer.add(stats.linears)
         return writer.finish(stats)
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def load_stats(path: str | Path) -> CalibrationStats:

@@ -43,6 +43,8 @@ class Grid(ABC):
     sub_size: int            # columns sharing one (scale, offset)
     qmax: int                # levels are 0..qmax
     codebook: torch.Tensor | None = None   # non-uniform grids: value = scale * codebook[level] + offset
+    scale_dtype: torch.dtype | None = None  # what the format stores scales in (None: float32)
+    negative_scales: bool = True            # whether the format's scales may be negative
     # The format quantizes the scales across groups (NF4's double quantization): every group is
     # fitted before any level is chosen, and GPTQ always runs with static groups.
     whole_tensor_scales: bool = False
@@ -82,6 +84,10 @@ class Grid(ABC):
         """Grids whose value is ``scale * u(level)`` (no free offset): ``u`` of each level, which lets
         the scales be re-fitted by least squares once the levels are fixed. None for the others."""
         return None
+
+    def offset_for(self, scale: torch.Tensor) -> torch.Tensor:
+        """On grids with ``unit_values``: the offset that goes with ``scale``."""
+        return torch.zeros_like(scale)
 
 
 def _store(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -205,10 +211,13 @@ class SymmetricGrid(Grid):
         scale = search_symmetric(w, weights, self.low, self.high, negative_scales=self.negative_scales,
                                  scale_dtype=self.scale_dtype)
         scale = scale.unsqueeze(-1)
-        return GridParams(scale, -self.low * scale)
+        return GridParams(scale, self.offset_for(scale))
 
     def unit_values(self, levels: torch.Tensor) -> torch.Tensor | None:
         return levels.to(torch.float32) - self.low
+
+    def offset_for(self, scale: torch.Tensor) -> torch.Tensor:
+        return -self.low * scale
 
 
 class AffineGrid(Grid):
@@ -503,12 +512,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     with _few_threads(weight.device):
         result = _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size,
                        static_groups=static_groups, importance=importance)
-        return refit_scales(weight, hessian, grid, result) if refit else result
+    # A few large matrix products: these want every thread, unlike GPTQ's column loop.
+    return refit_scales(weight, hessian, grid, result) if refit else result
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float, act_order: bool,
-          block_size: int, static_groups: bool, importance: torch.Tensor | None,
-          initial: GridParams | None = None) -> QuantResult:
+          block_size: int, static_groups: bool, importance: torch.Tensor | None) -> QuantResult:
     w = weight.to(torch.float32).clone()
     rows, cols = w.shape
     h = hessian.to(w.device, torch.float32).clone()
@@ -549,8 +558,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
         padded_weights = _pad_columns(group_weights, grid.group_size)
         store(group, grid.fit(padded, padded_weights))
 
-    if static_groups or initial is not None:
-        params = initial or _fit_groups(grid, w, imatrix_weights(w, importance))
+    if static_groups:
+        params = _fit_groups(grid, w, imatrix_weights(w, importance))
         scale.copy_(params.scale)
         offset.copy_(params.offset)
         extra.update(params.extra)
@@ -652,8 +661,8 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, result
         new = torch.linalg.solve(normal, rhs.unsqueeze(-1)).squeeze(-1)
         old = scale[part]
         new = torch.where(empty, old, new)
-        new = _store(new, getattr(grid, "scale_dtype", None))
-        if not getattr(grid, "negative_scales", True):
+        new = _store(new, grid.scale_dtype)
+        if not grid.negative_scales:
             new = torch.where(new > 0, new, old)
         # keep a row's new scales only where its error actually dropped
         def error(s: torch.Tensor) -> torch.Tensor:
@@ -662,10 +671,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, result
         better = error(new) < error(old)
         scale[part] = torch.where(better.unsqueeze(-1), new, old)
     values = _expand(scale, size, cols) * unit[:, :cols]
-    # offsets that are a multiple of the scale (Q4_0's -8*d) follow it
-    low = getattr(grid, "low", 0)
-    offset = -low * scale
-    return QuantResult(values, result.levels, scale, offset, result.extra, result.perm)
+    return QuantResult(values, result.levels, scale, grid.offset_for(scale), result.extra, result.perm)
 
 
 def layer_output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:
