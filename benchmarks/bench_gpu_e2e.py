@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--skip", default="", help="comma list of steps to skip: nf4, gguf, eval")
+    parser.add_argument("--spread-gib", type=float, default=None,
+                        help="also evaluate with this many GiB of weights per GPU, spread over every visible GPU")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu_e2e: no CUDA device", file=sys.stderr)
@@ -232,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         row = evaluated.models[0]
         report.eval.append(EvalRun(what="qtool eval bf16", tokens=row.tokens_evaluated, seconds=row.seconds,
                                    tokens_per_s=round(row.tokens_per_s), ppl=row.ppl))
+        if args.spread_gib and torch.cuda.device_count() > 1:
+            torch.cuda.empty_cache()
+            spread = evaluate([str(model_dir)], text_file=args.text, ctx=args.ctx, chunks=args.chunks, device="cuda",
+                              batch_size=args.batch_size, dtype="bf16", gpu_memory=int(args.spread_gib * 2**30)).models[0]
+            report.eval.append(EvalRun(what=f"qtool eval bf16, {torch.cuda.device_count()} GPUs x {args.spread_gib:g} GiB",
+                                       tokens=spread.tokens_evaluated, seconds=spread.seconds,
+                                       tokens_per_s=round(spread.tokens_per_s), ppl=spread.ppl))
         torch.cuda.empty_cache()
         # The same number of windows of the same text (without qtool's BOS handling).
         ids = AutoTokenizer.from_pretrained(model_dir)(args.text.read_text(encoding="utf-8"))["input_ids"]

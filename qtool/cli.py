@@ -68,7 +68,7 @@ def _emit_json(report: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def _parse_size(text: str) -> int:
+def _parse_size(text: str, option: str = "--max-shard-size") -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     value = text.strip().upper()
@@ -76,9 +76,9 @@ def _parse_size(text: str) -> int:
     try:
         size = int(float(number) * units[value[len(number):]])
     except (KeyError, ValueError):
-        raise BadArgument(f"--max-shard-size {text!r}: use a size such as 5GB, 500MB or 2GiB") from None
+        raise BadArgument(f"{option} {text!r}: use a size such as 5GB, 500MB or 2GiB") from None
     if size <= 0:
-        raise BadArgument(f"--max-shard-size {text!r} must be positive")
+        raise BadArgument(f"{option} {text!r} must be positive")
     return size
 
 
@@ -202,7 +202,8 @@ def eval_command(
     batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
     dtype: str = typer.Option("fp32", "--dtype", help="Compute dtype: fp32 or bf16."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto; cuda spreads a model one GPU cannot hold over all visible GPUs."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Weights per GPU when spreading, e.g. 70GiB (default: 90% of free memory)."),
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Measure perplexity (and damage against a baseline) on WikiText-2 or your own text."""
@@ -215,7 +216,8 @@ def eval_command(
             raise BadArgument("--max-ppl-increase and --max-kld need --baseline MODEL to compare with")
         return evaluate(list(models), text_file=text, dataset=dataset, ctx=ctx, chunks=chunks, stride=stride,
                         baseline=baseline, device=device, batch_size=batch_size, dtype=dtype,
-                        max_ppl_increase=max_ppl_increase, max_kld=max_kld)
+                        max_ppl_increase=max_ppl_increase, max_kld=max_kld,
+                        gpu_memory=_parse_size(gpu_memory, "--gpu-memory") if gpu_memory else None)
 
     report = _run(debug, quiet, work)
     if as_json:

@@ -95,6 +95,32 @@ def test_model_matches_transformers_from_pretrained(tiny_llama_dir: Path) -> Non
     assert ours.parameters == sum(p.numel() for p in reference.parameters())
 
 
+def test_gpu_device_map_spreads_whole_blocks(tiny_llama_dir: Path) -> None:
+    """The multi-GPU plan is accelerate's device map (computed here for 2 GPUs without any): only
+    when one GPU's budget is too small, never splitting a decoder block, and a clear error when
+    the GPUs together are too small."""
+    import warnings
+
+    from qtool.evaluation.model import _parameters_on_meta, gpu_device_map, hf_config
+    from qtool.sources.resolve import resolve
+    from transformers import AutoModelForCausalLM
+
+    with resolve(str(tiny_llama_dir)) as source:
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(hf_config(source.config), dtype=torch.float32)
+    size = sum(p.numel() for p in model.parameters()) * 4
+    assert gpu_device_map(model, torch.float32, gpu_memory=size, gpus=2) is None
+    assert gpu_device_map(model, torch.float32, gpu_memory=size // 4, gpus=1) is None     # one GPU: nothing to plan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # accelerate warns that GPUs 0 and 1 are not visible here
+        plan = gpu_device_map(model, torch.float32, gpu_memory=int(size * 0.99), gpus=2)
+        assert plan is not None and set(plan.values()) == {0, 1}
+        assert plan["model.embed_tokens"] == 0 and plan["lm_head"] == 1
+        assert not any(".layers." in name and name.count(".") > 2 for name in plan), plan   # blocks whole
+        with pytest.raises(BadArgument, match="--gpu-memory"):
+            gpu_device_map(model, torch.float32, gpu_memory=size // 4, gpus=2)
+
+
 def test_ppl_equals_transformers_loss_over_second_halves(tiny_llama_dir: Path, short_text: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -109,6 +109,21 @@ def test_large_matrix_bytes_equal_cpu(name: str) -> None:
     _assert_identical(scheme.quantize(weight.cuda()), scheme.quantize(weight), f"{name} 1024x4096")
 
 
+@pytest.mark.parametrize("name", ["int8-sym", "int8-asym", "w8a8"])
+def test_rows_longer_than_one_tile_bytes_equal_cpu(name: str) -> None:
+    """Whole-row scales over rows longer than the kernel's one-tile limit (its two-pass path),
+    and, for bitsandbytes' int8, a value beyond float16's range (the float32 relaunch)."""
+    kernel = _require_kernel(name)
+    scheme = get_scheme(name)
+    generator = torch.Generator().manual_seed(5)
+    for cols in (11008, 20000):
+        weight = (torch.randn(6, cols, generator=generator) * 0.02).to(torch.bfloat16)
+        weight[1] = 0
+        _assert_identical(kernel(weight.cuda()), scheme.quantize(weight), f"{name} 6x{cols}")
+        weight[3, 17] = 70000.0
+        _assert_identical(kernel(weight.cuda()), scheme.quantize(weight), f"{name} 6x{cols} beyond float16")
+
+
 def test_fused_is_none_for_unknown_scheme() -> None:
     assert fused("no-such-scheme") is None
 
@@ -162,3 +177,32 @@ def test_non_finite_weight_raises_on_cuda_as_on_cpu(name: str, bad_value: float)
         get_scheme(name).quantize(weight)
     with pytest.raises(NonFiniteWeight):
         get_scheme(name).quantize(weight.cuda())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="fewer than 2 GPUs: spreading a model over GPUs is tested on a multi-GPU machine only")
+def test_model_spread_over_gpus_gives_one_gpu_logits(tmp_path) -> None:
+    """A model given less than its size per GPU is spread by accelerate's device map over every
+    visible GPU, whole decoder blocks on each, and computes the logits one GPU computes."""
+    from qtool.evaluation.model import model_from_source
+    from qtool.sources.resolve import resolve
+    from qtool.synthetic import write_synthetic_llama
+
+    folder = write_synthetic_llama(tmp_path / "model", hidden_size=256, intermediate_size=688, num_layers=8,
+                                   num_heads=4, num_kv_heads=2, vocab_size=4096)
+    ids = torch.randint(0, 4096, (2, 96), generator=torch.Generator().manual_seed(0))
+    with resolve(str(folder)) as source:
+        one = model_from_source(source, dtype=torch.float32, device="cuda:0")
+        size = sum(p.numel() for p in one.parameters()) * 4
+        spread = model_from_source(source, dtype=torch.float32, device="cuda", gpu_memory=size * 6 // 10)
+    gpus = {p.device.index for p in spread.parameters()}
+    assert gpus == set(range(torch.cuda.device_count())) or len(gpus) >= 2, gpus
+    by_block = {}
+    for name, param in spread.named_parameters():
+        if ".layers." in name:
+            by_block.setdefault(name.split(".layers.")[1].split(".")[0], set()).add(param.device.index)
+    assert all(len(devices) == 1 for devices in by_block.values()), by_block
+    with torch.inference_mode():
+        expected = one(ids.to("cuda:0")).logits
+        got = spread(ids.to("cuda:0")).logits
+    torch.testing.assert_close(got.to(expected.device), expected, rtol=1e-5, atol=1e-5)

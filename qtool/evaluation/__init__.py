@@ -153,7 +153,8 @@ def evaluate(models: list[str], *, text_file: Path | None = None, dataset: str =
              chunks: int | None = None, stride: int | None = None, baseline: str | None = None,
              device: str = "auto", batch_size: int = 1, dtype: str = "fp32",
              max_ppl_increase: float | None = None, max_kld: float | None = None,
-             runtime: str = "dequantized", text: EvalText | None = None) -> EvalReport:
+             runtime: str = "dequantized", text: EvalText | None = None,
+             gpu_memory: int | None = None) -> EvalReport:
     """Perplexity of each model over the text, llama-perplexity's protocol, and the gates' verdict.
 
     With ``baseline``, each model is run side by side with the baseline on the same windows (both
@@ -171,7 +172,8 @@ def evaluate(models: list[str], *, text_file: Path | None = None, dataset: str =
     compute_device = resolve_device(device)
     eval_text = text or load_text(text_file, dataset)
 
-    base_model = load_causal_lm(baseline, dtype=dtype, device=str(compute_device)) if baseline else None
+    base_model = load_causal_lm(baseline, dtype=dtype, device=str(compute_device),
+                                gpu_memory=gpu_memory) if baseline else None
     base_tokens = tokenize(base_model, eval_text.text) if base_model is not None else None
     rows: list[ModelResult] = []
     base_row: ModelResult | None = None
@@ -181,7 +183,8 @@ def evaluate(models: list[str], *, text_file: Path | None = None, dataset: str =
         for spec in models:
             if baseline is not None and spec == baseline:
                 continue
-            model = load_causal_lm(spec, dtype=dtype, device=str(compute_device), runtime=runtime)
+            model = load_causal_lm(spec, dtype=dtype, device=str(compute_device), runtime=runtime,
+                                   gpu_memory=gpu_memory)
             try:
                 tokens = tokenize(model, eval_text.text)
                 if base_tokens is not None and not torch.equal(tokens, base_tokens):

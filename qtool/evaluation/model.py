@@ -107,8 +107,12 @@ def _transformers_version() -> str:
 
 
 def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str = "cpu") -> Any:
-    """A transformers causal LM (eval mode) with the source's weights, filled tensor by tensor."""
+                      device: torch.device | str = "cpu", gpu_memory: int | None = None) -> Any:
+    """A transformers causal LM (eval mode) with the source's weights, filled tensor by tensor.
+
+    On ``cuda`` (no index) with several GPUs visible, a model larger than one GPU's share
+    (``gpu_memory`` bytes each, default 90% of what is free) is spread over them by accelerate's
+    device map, block by block, and dispatched with its hooks (activations move between GPUs)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
@@ -116,6 +120,15 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(hf_config_object, dtype=dtype, attn_implementation="sdpa")
     model.eval()
+    device_map = gpu_device_map(model, dtype, gpu_memory) if device == torch.device("cuda") else None
+
+    def device_of(name: str) -> torch.device:
+        if device_map is None:
+            return device
+        module = name
+        while module and module not in device_map:
+            module = module.rpartition(".")[0]
+        return torch.device("cuda", device_map.get(module, 0))
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     unused: list[str] = []
@@ -130,7 +143,7 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
                               f"the config says {tuple(target.shape)}")
         module_name, _, leaf = info.name.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        module._parameters[leaf] = nn.Parameter(tensor.to(device=device_of(info.name), dtype=dtype), requires_grad=False)
         loaded.add(info.name)
         del tensor
     if unused:
@@ -142,11 +155,44 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
         raise CorruptFile(f"{source.description}: {len(missing)} weight(s) missing for "
                           f"{type(model).__name__} (first: {missing[0]})")
     for name, buffer in model.named_buffers():
-        if buffer.device != device:
+        if buffer.device != device_of(name):
             module_name, _, leaf = name.rpartition(".")
-            model.get_submodule(module_name)._buffers[leaf] = buffer.to(device)
+            model.get_submodule(module_name)._buffers[leaf] = buffer.to(device_of(name))
     model.requires_grad_(False)
+    if device_map is not None:
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map=device_map)
+        ui.log(f"{source.description}: spread over GPUs {sorted(set(device_map.values()))} (accelerate device map)")
     return model
+
+
+def gpu_device_map(model: nn.Module, dtype: torch.dtype, gpu_memory: int | None = None,
+                   gpus: int | None = None) -> dict[str, int] | None:
+    """accelerate's device map of ``model`` (on the meta device) over the visible GPUs, or None when
+    the first GPU holds it. Decoder blocks are never split (the model's ``_no_split_modules``);
+    ``gpu_memory`` is each GPU's budget in bytes (default: 90% of what is free on it)."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if gpus < 2:
+        return None
+    budgets = {index: gpu_memory if gpu_memory is not None else int(torch.cuda.mem_get_info(index)[0] * 0.9)
+               for index in range(gpus)}
+    size = sum(p.numel() for p in model.parameters()) * torch.empty(0, dtype=dtype).element_size()
+    if size <= budgets[0]:
+        return None
+    try:
+        from accelerate import infer_auto_device_map
+    except ImportError:
+        raise Unsupported("spreading a model over several GPUs needs accelerate: pip install accelerate") from None
+    device_map = infer_auto_device_map(model, max_memory={**budgets, "cpu": 0}, dtype=dtype,
+                                       no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []))
+    if any(not isinstance(where, int) for where in device_map.values()):
+        from qtool.report import human_bytes
+
+        raise BadArgument(f"the model needs {human_bytes(size)} in {str(dtype).removeprefix('torch.')}, more than "
+                          f"{gpus} GPUs with {human_bytes(budgets[0])} each hold (accelerate keeps room for the "
+                          "largest layer); raise --gpu-memory, use --dtype bf16, or --device cpu")
+    return device_map
 
 
 def load_tokenizer(source: Source) -> Any:
@@ -200,7 +246,8 @@ def _native_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
 
 
 def load_causal_lm(spec: str | Source, *, dtype: str = "fp32", device: str = "cpu",
-                   runtime: str = "dequantized", revision: str | None = None) -> LoadedModel:
+                   runtime: str = "dequantized", revision: str | None = None,
+                   gpu_memory: int | None = None) -> LoadedModel:
     """Resolve ``spec`` (anything qtool's sources read) and build the model + tokenizer for evaluation."""
     if runtime not in RUNTIMES:
         raise BadArgument(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
@@ -218,7 +265,7 @@ def load_causal_lm(spec: str | Source, *, dtype: str = "fp32", device: str = "cp
         if runtime == "native":
             model = _native_model(source, dtype=compute_dtype, device=compute_device)
         else:
-            model = model_from_source(source, dtype=compute_dtype, device=compute_device)
+            model = model_from_source(source, dtype=compute_dtype, device=compute_device, gpu_memory=gpu_memory)
         description = source.description
     finally:
         if owned:
