@@ -3,14 +3,21 @@
     python benchmarks/bench_gpu.py [--rows 4096] [--cols 11008] [--repeat 30] [--sweep]
 
 On 4096 x 11008 bf16 matrices (several, rotated, so no run reads a matrix the cache still holds)
-it times, with CUDA events after a warm-up, the median of ``--repeat`` calls of:
+it times, with CUDA events after a warm-up, the median of ``--repeat`` calls (*per call*: from
+before the call's host work to the end of its GPU work) of:
 
 - qtool's fused kernels: NF4 + double quant, NF4, int8-sym, int4-sym (groups of 128), Q8_0,
-  Q4_0, Q4_K, Q5_K, Q6_K (each call includes the host sync the scheme needs, e.g. NF4's
-  ``nested_offset``);
+  Q4_0, Q4_K, Q5_K, Q6_K (each call includes the host sync the scheme needs; NF4's results stay
+  on the GPU as bitsandbytes' do, and a second row adds reading the offset back);
 - the same schemes' torch code on the GPU (``QTOOL_FUSED``-free path, for reference);
 - bitsandbytes' ``quantize_4bit`` (NF4, blocks of 64) with and without ``compress_statistics``;
 - a device-to-device copy of the same bytes (counting bytes read plus written).
+
+Two more columns for the rows that matter most (qtool NF4 + double quant, bitsandbytes):
+*pipelined*, calls issued back to back with one sync at the end (throughput when the host keeps
+the GPU fed: the slower of host work and GPU work per call), and *GPU*, with the stream held by a
+sleep kernel while the host queues the call (GPU work alone). Per-call figures depend on the
+host's speed: a Triton launch costs the host 10-30 us.
 
 Throughput is GB/s of bf16 input (1 GB = 1e9 bytes). A table goes to stdout, and the same data as
 JSON to ``$QTOOL_BENCH_JSON`` when set, else to stdout after the table. ``--sweep`` also times a
@@ -43,6 +50,8 @@ class Result:
     vs_bnb_nf4_dq: float | None = None
     vs_copy: float | None = None
     note: str = ""
+    pipelined_gb_per_s: float | None = None
+    gpu_gb_per_s: float | None = None
 
 
 @dataclass
@@ -70,6 +79,36 @@ def time_call(fn, inputs: list[torch.Tensor], repeat: int, warmup: int = 3) -> f
         x = inputs[i % len(inputs)]
         start.record()
         fn(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_pipelined(fn, inputs: list[torch.Tensor], calls: int = 40) -> float:
+    """Milliseconds per call of ``calls`` calls issued back to back, one sync at the end."""
+    for i in range(3):
+        fn(inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(calls):
+        fn(inputs[i % len(inputs)])
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def time_gpu(fn, inputs: list[torch.Tensor], repeat: int) -> float:
+    """Median milliseconds of GPU work per call: a sleep kernel holds the stream while the host
+    queues the call, so host work overlaps it (only for calls that do not sync inside)."""
+    times = []
+    for i in range(repeat):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(3_000_000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(inputs[i % len(inputs)])
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -106,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                     bitsandbytes=bnb_version, shape=(args.rows, args.cols), dtype="bfloat16",
                     input_bytes=input_bytes, repeat=args.repeat)
 
-    def add(name: str, ms: float, note: str = "", bytes_moved: int | None = None) -> Result:
+    def add(name: str, ms: float, note: str = "", bytes_moved: int | None = None, fn=None) -> Result:
         result = Result(name=name, median_ms=round(ms, 4), gb_per_s=round((bytes_moved or input_bytes) / ms / 1e6, 1),
                         note=note)
+        if fn is not None:
+            result.pipelined_gb_per_s = round(input_bytes / time_pipelined(fn, inputs) / 1e6, 1)
+            result.gpu_gb_per_s = round(input_bytes / time_gpu(fn, inputs, args.repeat) / 1e6, 1)
         report.results.append(result)
         print(f"  {name:<34} {ms:8.3f} ms  {result.gb_per_s:8.1f} GB/s", file=sys.stderr, flush=True)
         return result
@@ -121,30 +163,45 @@ def main(argv: list[str] | None = None) -> int:
 
     if bnb_functional is not None:
         for compress in (True, False):
-            ms = time_call(lambda x, c=compress: bnb_functional.quantize_4bit(
-                x, blocksize=64, quant_type="nf4", compress_statistics=c), inputs, args.repeat)
-            add(f"bitsandbytes nf4{' + dq' if compress else ''}", ms, "quantize_4bit, blocksize 64")
+            def bnb_call(x, c=compress):
+                return bnb_functional.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=c)
+
+            ms = time_call(bnb_call, inputs, args.repeat)
+            add(f"bitsandbytes nf4{' + dq' if compress else ''}", ms, "quantize_4bit, blocksize 64", fn=bnb_call)
 
     fused_cases = [("qtool nf4 + dq", "nf4", {}), ("qtool nf4", "nf4", {"double_quant": False}),
                    ("qtool int8-sym", "int8-sym", {}), ("qtool int4-sym g128", "int4-sym", {}),
                    ("qtool Q8_0", "Q8_0", {}), ("qtool Q4_0", "Q4_0", {}), ("qtool Q4_K", "Q4_K", {}),
                    ("qtool Q5_K", "Q5_K", {}), ("qtool Q6_K", "Q6_K", {})]
+    from qtool.kernels import nf4 as nf4_kernels
+
     for label, name, params in fused_cases:
         kernel = kernel_for(name)
+        if name == "nf4":
+            # Like bitsandbytes' quantize_4bit, results stay on the GPU (the offset is read back
+            # when the sink copies the tensor to the host); the next row adds that read-back.
+            def nf4_call(x, p=params):
+                return nf4_kernels.quantize_4bit_async(x, "nf4", 64, **p)
+
+            ms = time_call(nf4_call, inputs, args.repeat)
+            add(label, ms, "fused Triton kernels, results on the GPU", fn=nf4_call)
+            if params.get("double_quant", True):
+                ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
+                add(label + " + offset read back", ms, "fused Triton kernels, then one host sync")
+            continue
         ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
         add(label, ms, "fused Triton kernel")
 
     if args.sweep:
         from qtool.kernels import ggml as ggml_kernels
-        from qtool.kernels import nf4 as nf4_kernels
 
-        nf4_default = nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS
-        for elements in (2048, 4096, 8192, 16384):
-            for warps in (4, 8):
-                nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = elements, warps
-                ms = time_call(lambda x: nf4_kernels.quantize_4bit(x, "nf4", 64, True), inputs, args.repeat)
-                add(f"sweep nf4+dq e{elements} w{warps}", ms, "launch configuration")
-        nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS = nf4_default
+        nf4_default = nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS, nf4_kernels._USE_CELLS
+        for cells in (True, False):
+            for elements, warps in ((1024, 2), (2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+                nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS, nf4_kernels._USE_CELLS = elements, warps, cells
+                ms = time_call(lambda x: nf4_kernels.quantize_4bit_async(x, "nf4", 64, True), inputs, args.repeat)
+                add(f"sweep nf4+dq {'cells' if cells else 'search'} e{elements} w{warps}", ms, "launch configuration")
+        nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS, nf4_kernels._USE_CELLS = nf4_default
         from qtool.kernels import integer as int_kernels
 
         for block, warps in ((1024, 4), (2048, 4), (4096, 8)):
@@ -194,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{report.device}, torch {report.torch}, triton {report.triton}, bitsandbytes {report.bitsandbytes}; "
           f"{args.rows} x {args.cols} bf16 ({input_bytes / 1e6:.1f} MB), median of {args.repeat}")
-    print(f"{'what':<34} {'ms':>9} {'GB/s':>9} {'x bnb dq':>9} {'/ copy':>7}")
+    print(f"{'what':<38} {'ms':>7} {'GB/s':>7} {'x bnb dq':>9} {'/ copy':>7} {'pipelined':>10} {'GPU':>7}")
     for r in report.results:
-        print(f"{r.name:<34} {r.median_ms:9.3f} {r.gb_per_s:9.1f} "
-              f"{'' if r.vs_bnb_nf4_dq is None else r.vs_bnb_nf4_dq:>9} {'' if r.vs_copy is None else r.vs_copy:>7}")
+        print(f"{r.name:<38} {r.median_ms:7.3f} {r.gb_per_s:7.1f} "
+              f"{'' if r.vs_bnb_nf4_dq is None else r.vs_bnb_nf4_dq:>9} {'' if r.vs_copy is None else r.vs_copy:>7} "
+              f"{'' if r.pipelined_gb_per_s is None else r.pipelined_gb_per_s:>10} "
+              f"{'' if r.gpu_gb_per_s is None else r.gpu_gb_per_s:>7}")
     text = json.dumps(asdict(report), indent=2)
     target = os.environ.get("QTOOL_BENCH_JSON")
     if target:

@@ -157,3 +157,19 @@ def test_double_quant_offset_identical_with_many_blocks():
     generator = torch.Generator().manual_seed(4)
     weight = (torch.randn(2048, 1500, generator=generator) * torch.rand(2048, 1, generator=generator)).to(torch.bfloat16)
     _same_as_bnb(weight, "nf4", 64, double_quant=True)
+
+
+def test_cell_table_gives_bucketize_index():
+    """The CUDA kernel's NF4 codes come from a 64-cell table (one comparison instead of a binary
+    search): on a dense grid of [-1, 1], every midpoint and its float32 neighbours, and the cell
+    edges' neighbours, its index is torch.bucketize's. FP4's midpoints are too close for it."""
+    bounds = nf4._bounds_4bit("nf4", torch.device("cpu"))[0]
+    table = nf4.cell_table(bounds, 64)
+    assert table is not None
+    edges = torch.arange(65, dtype=torch.float32) / 32 - 1
+    up, down = torch.tensor(2.0), torch.tensor(-2.0)
+    values = torch.cat([torch.linspace(-1, 1, 1_000_001), bounds, torch.nextafter(bounds, up),
+                        torch.nextafter(bounds, down), edges, torch.nextafter(edges, up),
+                        torch.nextafter(edges, down), torch.tensor([-0.0, 0.0])]).clamp(-1, 1)
+    assert torch.equal(nf4.bucket_by_cell(values, table, 64), torch.bucketize(values, bounds).to(torch.int32))
+    assert nf4.cell_table(nf4._bounds_4bit("fp4", torch.device("cpu"))[0], 64) is None

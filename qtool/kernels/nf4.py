@@ -3,19 +3,23 @@
 1. ``_quantize_4bit_kernel``: per block of ``block_size`` elements the absmax, the scaled values
    (``x * (1 / absmax)`` for whole blocks, ``x / absmax`` for the trailing partial one, as
    bitsandbytes' torch kernel), the 4-bit code (the number of sorted code midpoints strictly below
-   the value: torch.bucketize's rule, so a value on a midpoint takes the lower code; FP4 then maps
-   the sorted position to its bit pattern) and two codes per byte, high nibble first.
+   the value: torch.bucketize's rule, so a value on a midpoint takes the lower code; NF4 reads it
+   from a 64-cell table, FP4, whose midpoints are too close for cells, by binary search and then
+   maps the sorted position to its bit pattern) and two codes per byte, high nibble first.
 2. ``_part_sum_kernel`` (double quantization): the offset is bitsandbytes' ``absmax.mean()`` as
    torch computes it on the CPU, whose float32 rounding depends on its summation order (split
-   between threads, then a cascade over 8-float vectors); this kernel replays that order exactly
-   (see ``absmax_mean``), so the offset is the CPU path's to the bit.
-3. ``_quantize_dynamic_kernel``: ``absmax - offset`` in blocks of 256 with bitsandbytes' 8-bit
-   dynamic map, through the same 65536-bin table as the CPU path.
+   between threads, then a cascade over 8-float vectors); this kernel replays each thread's share
+   exactly (see ``absmax_mean``), so the offset is the CPU path's to the bit.
+3. ``_quantize_dynamic_kernel``: torch's second pass over the threads' sums, then ``absmax -
+   offset`` in blocks of 256 with bitsandbytes' 8-bit dynamic map, through the same 65536-bin
+   table as the CPU path.
 
-One host sync per weight, at the end: the offset's value (``Packed4bit.nested_offset``).
+``quantize_4bit_async`` only enqueues (three launches with double quantization); ``finish`` reads
+the offset (or the inf/NaN flag) back, the one host sync per weight.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -26,13 +30,14 @@ import triton.language as tl
 from qtool.schemes import nf4 as cpu
 from qtool.schemes.int4 import NonFiniteWeight
 
-# Elements per program of the 4-bit kernel (whole blocks) and its warps: 4096 bf16 elements (8 KB)
-# with 8 warps, 16 elements a thread, was the fastest of benchmarks/bench_gpu.py --sweep on an H100.
-_ELEMENTS_PER_PROGRAM = 4096
-_NUM_WARPS = 8
+# Elements per program of the 4-bit kernel (whole blocks) and its warps: 2048 bf16 elements with 4
+# warps, 16 elements a thread, was the fastest on an H100 (GPU time, benchmarks/bench_gpu.py --sweep).
+_ELEMENTS_PER_PROGRAM = 2048
+_NUM_WARPS = 4
+_USE_CELLS = True     # NF4 codes from the cell table: 1.5x the binary search's speed on an H100
 _MAX_SUMS = 8                   # sums the dynamic kernel adds in order (absmax_mean's parts below 8 lanes)
 _MAX_SUMS_CONSTEXPR = tl.constexpr(_MAX_SUMS)
-_NESTED_ROWS = 8          # nested blocks (of 256) per program of the dynamic kernel
+_NESTED_ROWS = 32         # nested blocks (of 256) per program of the dynamic kernel
 
 
 @triton.jit
@@ -70,8 +75,21 @@ def _bucketize16(v, bounds_ptr):
 
 
 @triton.jit
+def _bucket_by_cell(v, cells_ptr, CELLS: tl.constexpr):
+    """torch.bucketize's index of v in [-1, 1] (or NaN) from a table over CELLS equal cells of
+    [-1, 1]: each cell's count of midpoints below it and the one midpoint that may lie inside it
+    (+inf if none), so one comparison replaces the binary search. See qtool.schemes.nf4.cell_table."""
+    cell = ((v + 1.0) * (CELLS / 2.0)).to(tl.int32)
+    cell = tl.minimum(tl.maximum(cell, 0), CELLS)            # v = 1 -> CELLS; NaN -> a valid cell
+    below = tl.load(cells_ptr + cell)
+    midpoint = tl.load(cells_ptr + (CELLS + 1) + cell)
+    return below.to(tl.int32, bitcast=True) + (v > midpoint).to(tl.int32)
+
+
+@triton.jit
 def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, nonfinite_ptr, bounds_ptr, n, n_blocks, order_table,
-                          BLOCK: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr):
+                          BLOCK: tl.constexpr, ROWS: tl.constexpr, FP4: tl.constexpr, FLAG: tl.constexpr,
+                          CELLS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     block_ids = pid * ROWS + tl.arange(0, ROWS)
     offsets = block_ids[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -89,7 +107,10 @@ def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, nonfinite_ptr, bounds_ptr
     else:
         scaled = x * inverse[:, None]
     scaled = _clamp(scaled, -1.0, 1.0)
-    code = _bucketize16(scaled, bounds_ptr)
+    if CELLS > 0:
+        code = _bucket_by_cell(scaled, bounds_ptr, CELLS)
+    else:
+        code = _bucketize16(scaled, bounds_ptr)
     if FP4:
         # Sorted position -> FP4 bit pattern, a 16-nibble table in one integer.
         code = ((order_table >> (code.to(tl.int64) * 4)) & 15).to(tl.int32)
@@ -98,10 +119,30 @@ def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, nonfinite_ptr, bounds_ptr
     byte_offsets = block_ids[:, None] * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
     tl.store(data_ptr + byte_offsets, packed, mask=byte_offsets < (n + 1) // 2)
     tl.store(absmax_ptr + block_ids, absmax, mask=block_ids < n_blocks)
-    # One flag for the launch, written only by a program that saw inf/NaN.
-    nonfinite = tl.max((absmax == float("inf")).to(tl.int32), axis=0)
-    if nonfinite != 0:
-        tl.atomic_max(nonfinite_ptr, nonfinite)
+    if FLAG:
+        # One flag for the launch, written only by a program that saw inf/NaN. (With double
+        # quantization the offset, a mean of the absmax, is non-finite then, which is checked instead.)
+        nonfinite = tl.max((absmax == float("inf")).to(tl.int32), axis=0)
+        if nonfinite != 0:
+            tl.atomic_max(nonfinite_ptr, nonfinite)
+
+
+@triton.jit
+def _group_sum(base, first, count, W: tl.constexpr):
+    """The running sum of runs first .. first + count - 1 (count <= 16), each run a running sum of
+    16 rows of W floats. The 16 runs are summed side by side as a [16, W] tile, whose run axis a
+    one-warp program keeps within each thread, then added in order (picking run k out of the tile
+    is exact: the other terms are zeros)."""
+    run = tl.arange(0, 16)[:, None]
+    column = tl.arange(0, W)[None, :]
+    valid = run < count
+    runs = tl.zeros([16, W], tl.float32)
+    for j in tl.static_range(16):
+        runs += tl.load(base + ((first + run) * 16 + j) * W + column, mask=valid, other=0.0)
+    total = tl.zeros([W], tl.float32)
+    for k in tl.static_range(16):
+        total = tl.where(k < count, total + tl.sum(tl.where(run == k, runs, 0.0), axis=0), total)
+    return total
 
 
 @triton.jit(do_not_specialize=["n", "part_size"])
@@ -117,50 +158,46 @@ def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr
     - the 0-3 vectors after the last whole row go to accumulator 0, then accumulators 1, 2 and 3;
     - finally a scalar running sum: the 0..LANES-1 trailing floats, then the LANES lanes in order.
 
-    Masked-out terms add exact zeros (all values are >= 0). The 16-step loops are not unrolled
-    (unrolled, the kernel took about 50 s to compile on first use; the sum is over one float per
-    block, a small share of the work); the cascade's step stays 16 up to 2**19 rows, which the
-    launcher checks.
+    Masked-out terms add exact zeros (all values are >= 0). The loop over groups of 256 rows is not
+    unrolled (unrolled, an earlier version took about 50 s to compile on first use); within a group
+    the 16 runs of 16 rows are summed side by side (_group_sum). The cascade's step stays 16 up to
+    2**19 rows, which the launcher checks.
     """
     W: tl.constexpr = 4 * LANES
     part = tl.program_id(0).to(tl.int64)
     start = part * part_size
     m = tl.maximum(tl.minimum(n - start, part_size), 0)      # programs past the last part write 0
     base = values_ptr + start
-    vectors = m // LANES
-    rows = vectors // 4
-    accumulator = tl.arange(0, 4)[:, None]
-    lane = tl.arange(0, LANES)[None, :]
-    columns = accumulator * LANES + lane                                   # [4, LANES]
+    rows = (m // LANES) // 4
+    column = tl.arange(0, W)                                  # accumulator * LANES + lane
     chunks = rows // 16
     groups = chunks // 16
-    acc2 = tl.zeros([4, LANES], tl.float32)
-    acc3 = tl.zeros([4, LANES], tl.float32)
+    acc2 = tl.zeros([W], tl.float32)
+    acc3 = tl.zeros([W], tl.float32)
     for group in range(groups):
-        acc1 = tl.zeros([4, LANES], tl.float32)
-        for chunk in range(16):
-            acc0 = tl.zeros([4, LANES], tl.float32)
-            for j in range(16):
-                acc0 += tl.load(base + ((group * 16 + chunk) * 16 + j) * W + columns)
-            acc1 += acc0
+        acc1 = _group_sum(base, group * 16, 16, W)
         acc2 += acc1
         flush = (group + 1) % 16 == 0
         acc3 = tl.where(flush, acc3 + acc2, acc3)
         acc2 = tl.where(flush, 0.0, acc2)
-    acc1 = tl.zeros([4, LANES], tl.float32)
-    for chunk in range(16):
-        index = groups * 16 + chunk
-        valid = index < chunks
-        acc0 = tl.zeros([4, LANES], tl.float32)
-        for j in range(16):
-            acc0 += tl.load(base + (index * 16 + j) * W + columns, mask=valid, other=0.0)
-        acc1 = tl.where(valid, acc1 + acc0, acc1)
-    acc0 = tl.zeros([4, LANES], tl.float32)
+    acc1 = _group_sum(base, groups * 16, chunks - groups * 16, W)
+    acc0 = tl.zeros([W], tl.float32)
     for j in range(16):
         row = chunks * 16 + j
         valid = row < rows
-        acc0 = tl.where(valid, acc0 + tl.load(base + row * W + columns, mask=valid, other=0.0), acc0)
-    total = ((acc0 + acc1) + acc2) + acc3
+        acc0 = tl.where(valid, acc0 + tl.load(base + row * W + column, mask=valid, other=0.0), acc0)
+    total = tl.reshape(((acc0 + acc1) + acc2) + acc3, [4, LANES])
+    tl.store(partials_ptr + part, _finish_sum(base, m, total, LANES))
+
+
+@triton.jit
+def _finish_sum(base, m, total, LANES: tl.constexpr):
+    """The end of torch's CPU sum of the ``m`` floats at ``base`` (see _part_sum_kernel), from the
+    column totals of its whole rows of 4 vectors ([4, LANES]): the 4 accumulators' lanes, the 0-3
+    vectors after the rows, the scalar tail, then the lanes in order."""
+    vectors = m // LANES
+    rows = vectors // 4
+    accumulator = tl.arange(0, 4)[:, None]
     # Row k of a [4, LANES] tile, exactly: every other term of the sum is zero.
     p0 = tl.sum(tl.where(accumulator == 0, total, 0.0), axis=0)
     p1 = tl.sum(tl.where(accumulator == 1, total, 0.0), axis=0)
@@ -177,18 +214,36 @@ def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr
         result = tl.where(valid, result + tl.load(base + vectors * LANES + t, mask=valid, other=0.0), result)
     for t in tl.static_range(LANES):
         result = result + tl.sum(tl.where(lanes == t, p0, 0.0), axis=0)
-    tl.store(partials_ptr + part, result)
+    return result
+
+
+@triton.jit
+def _short_sum(base, m, LANES: tl.constexpr):
+    """torch's CPU sum of m < 64 * LANES floats (fewer than 16 rows of 4 vectors: no cascade level
+    is ever completed, so the column totals are running sums over the rows)."""
+    columns = tl.arange(0, 4)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+    rows = (m // LANES) // 4
+    total = tl.zeros([4, LANES], tl.float32)
+    for j in tl.static_range(16):
+        valid = j < rows
+        total = tl.where(valid, total + tl.load(base + j * 4 * LANES + columns, mask=valid, other=0.0), total)
+    return _finish_sum(base, m, total, LANES)
 
 
 @triton.jit(do_not_specialize=["n_sums", "divisor"])
 def _quantize_dynamic_kernel(values_ptr, sums_ptr, n_sums, divisor, offset_out_ptr, codes_ptr, absmax_ptr,
-                             lut_ptr, n, n_blocks, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                             lut_ptr, n, n_blocks, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                             TORCH_SUM: tl.constexpr, LANES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    # The offset: the sums added in order, divided (every program redoes it; see absmax_mean).
-    total = tl.load(sums_ptr)
-    for index in tl.static_range(1, _MAX_SUMS_CONSTEXPR):
-        valid = index < n_sums
-        total = tl.where(valid, total + tl.load(sums_ptr + index, mask=valid, other=0.0), total)
+    # The offset (every program redoes it; see absmax_mean): the partial sums added in order, or,
+    # with TORCH_SUM, summed as torch's second pass sums its threads' partials; then divided.
+    if TORCH_SUM:
+        total = _short_sum(sums_ptr, n_sums, LANES)
+    else:
+        total = tl.load(sums_ptr)
+        for index in tl.static_range(1, _MAX_SUMS_CONSTEXPR):
+            valid = index < n_sums
+            total = tl.where(valid, total + tl.load(sums_ptr + index, mask=valid, other=0.0), total)
     offset = tl.math.div_rn(total, divisor.to(tl.float32))
     if pid == 0:
         tl.store(offset_out_ptr, offset)
@@ -226,10 +281,15 @@ def _table(kind: str, device: torch.device) -> torch.Tensor:
             table = cpu.dynamic_map(cpu_device)
         elif kind.startswith("code:"):
             table = cpu.code_4bit(kind[5:], cpu_device)
+        elif kind.startswith("cells:"):
+            table = cpu.cell_table(cpu._bounds_4bit(kind[6:], cpu_device)[0], _CELLS)
         else:
             table = cpu._bounds_4bit(kind[7:], cpu_device)[0]
         _TABLES[key] = table.contiguous().to(device)
     return _TABLES[key]
+
+
+_CELLS = 64      # cells of [-1, 1] for _bucket_by_cell (see qtool.schemes.nf4.cell_table)
 
 
 def _order_table(quant_type: str) -> int:
@@ -242,6 +302,7 @@ _GRAIN = 32768                 # at::internal::GRAIN_SIZE
 _MAX_CASCADE_ROWS = 1 << 19    # below this the CPU cascade's step is 16 rows
 
 
+@functools.cache
 def cpu_lanes() -> int | None:
     """Floats per vector of torch's CPU kernels here (Vectorized<float>::size()), or None when the
     capability is one whose width this module does not know."""
@@ -317,15 +378,17 @@ def _is_running_sum(tree, count: int) -> bool:
     return node == 0
 
 
-def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, int]:
+def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, int, bool]:
     """What the dynamic kernel needs for ``qtool.schemes.nf4._mean_as_torch(absmax, threads)`` on
-    the GPU: (sums, divisor), the offset being the running sum of ``sums`` divided by ``divisor``.
+    the GPU: (sums, divisor, torch_sum); the offset is the sum of ``sums`` divided by ``divisor``,
+    the sum taken in order, or with ``torch_sum`` as torch sums its threads' partials.
 
     One thread's share (k = 1) is one program of ``_part_sum_kernel``; with k parts their sums go
-    into a buffer of ``threads`` floats (zeros past k) which the same kernel sums again, as torch's
-    second pass does, or, for fewer threads than lanes, the parts are added in order where that is
-    torch's order. Anything else (an unknown CPU, tiny or enormous tensors) runs the CPU path's own
-    function on a copy of the absmax."""
+    into a buffer of ``threads`` floats (zeros past k) which torch sums again (the dynamic kernel
+    does that second pass itself up to 64 * lanes threads; more take one more launch), or, for
+    fewer threads than lanes, the parts are added in order where that is torch's order. Anything
+    else (an unknown CPU, tiny or enormous tensors) runs the CPU path's own function on a copy of
+    the absmax."""
     threads = torch.get_num_threads() if threads is None else threads
     n = absmax.numel()
     device = absmax.device
@@ -333,28 +396,29 @@ def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch
     parts = max(1, min(threads, -(-n // _GRAIN)))
     size = -(-n // parts)
     if lanes is not None and n >= lanes and size // (4 * lanes) < _MAX_CASCADE_ROWS:
-        def part_sums(count: int) -> torch.Tensor:
+        def part_sums(values: torch.Tensor, count: int, total: int, part_size: int) -> torch.Tensor:
             sums = torch.empty(count, dtype=torch.float32, device=device)
-            _part_sum_kernel[(count,)](absmax, sums, n, size, LANES=lanes, num_warps=1, enable_fp_fusion=False)
+            _part_sum_kernel[(count,)](values, sums, total, part_size, LANES=lanes, num_warps=1,
+                                       enable_fp_fusion=False)
             return sums
 
         if parts == 1:
-            return part_sums(1), n
+            return part_sums(absmax, 1, n, size), n, False
         if threads >= lanes:
-            buffer = part_sums(threads)
-            total = torch.empty(1, dtype=torch.float32, device=device)
-            _part_sum_kernel[(1,)](buffer, total, threads, threads, LANES=lanes, num_warps=1, enable_fp_fusion=False)
-            return total, n
+            buffer = part_sums(absmax, threads, n, size)
+            if threads < 64 * lanes:
+                return buffer, n, True
+            return part_sums(buffer, 1, threads, threads), n, False
         if parts <= _MAX_SUMS and _is_running_sum(_cascade_order(threads, lanes), parts):
-            return part_sums(parts), n
-    return cpu._mean_as_torch(absmax.cpu(), threads).to(device).reshape(1), 1
+            return part_sums(absmax, parts, n, size), n, False
+    return cpu._mean_as_torch(absmax.cpu(), threads).to(device).reshape(1), 1, False
 
 
-def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor | None = None, divisor: int = 1
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor | None = None, divisor: int = 1,
+                     torch_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``qtool.schemes.nf4.quantize_dynamic(values - offset, block_size)`` in one launch, the offset
-    being the running sum of ``sums`` (float32, on the device; none: 0) divided by ``divisor``.
-    Returns (codes, absmax, offset as a 1-element tensor)."""
+    being the sum of ``sums`` (float32, on the device; none: 0; see absmax_mean) divided by
+    ``divisor``. Returns (codes, absmax, offset as a 1-element tensor)."""
     values = values.reshape(-1).float().contiguous()
     device = values.device
     if sums is None:
@@ -367,45 +431,71 @@ def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor |
     rows = _NESTED_ROWS if block_size <= 1024 else 1
     grid = (max(1, triton.cdiv(n_blocks, rows)),)
     _quantize_dynamic_kernel[grid](values, sums, sums.numel(), divisor, offset, codes, absmax,
-                                   _table("lut", device), n, n_blocks, BLOCK=block_size, ROWS=rows, num_warps=4,
-                                   enable_fp_fusion=False)
+                                   _table("lut", device), n, n_blocks, BLOCK=block_size, ROWS=rows,
+                                   TORCH_SUM=torch_sum, LANES=cpu_lanes() or 8, num_warps=4, enable_fp_fusion=False)
     return codes, absmax, offset
 
 
-def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
-                  double_quant: bool = True) -> cpu.Packed4bit:
+def _check_args(quant_type: str, block_size: int, weight: torch.Tensor) -> None:
     if block_size not in cpu.BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {cpu.BLOCK_SIZES}, got {block_size}")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {weight.dtype}")
+
+
+def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
+                        double_quant: bool = True) -> tuple[cpu.Packed4bit, torch.Tensor]:
+    """The kernels enqueued, nothing read back: (packed, status) where ``status`` (1 element, on
+    the device) is the double-quant offset, or without double quantization the inf/NaN flag;
+    ``finish`` reads it. bitsandbytes' ``quantize_4bit`` also leaves its offset on the GPU.
+
+    The code tables in the result are shared, cached device tensors (read-only)."""
+    _check_args(quant_type, block_size, weight)
     device = weight.device
-    bounds = _table(f"bounds:{quant_type}", device)
     flat = weight.reshape(-1).contiguous()
     n = flat.numel()
     n_blocks = -(-n // block_size)
     data = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
+    double_quant = double_quant and n_blocks > 0
+    status = absmax if double_quant else torch.zeros(1, dtype=torch.int32, device=device)
     rows = max(1, _ELEMENTS_PER_PROGRAM // block_size)
     if n_blocks:
         grid = (triton.cdiv(n_blocks, rows),)
-        _quantize_4bit_kernel[grid](flat, data, absmax, nonfinite, bounds, n, n_blocks, _order_table(quant_type),
-                                    BLOCK=block_size, ROWS=rows, FP4=quant_type == "fp4", num_warps=_NUM_WARPS,
-                                    enable_fp_fusion=False)
+        cells = _CELLS if _USE_CELLS and quant_type == "nf4" else 0
+        table = _table(f"cells:{quant_type}" if cells else f"bounds:{quant_type}", device)
+        _quantize_4bit_kernel[grid](flat, data, absmax, status, table, n, n_blocks,
+                                    _order_table(quant_type), BLOCK=block_size, ROWS=rows, FP4=quant_type == "fp4",
+                                    FLAG=not double_quant, CELLS=cells, num_warps=_NUM_WARPS, enable_fp_fusion=False)
     packed = cpu.Packed4bit(quant_type=quant_type, data=data.unsqueeze(1), absmax=absmax, block_size=block_size,
-                            shape=tuple(weight.shape), dtype=weight.dtype, quant_map=_table(f"code:{quant_type}", device).clone())
-    if not double_quant or not n_blocks:
-        if nonfinite.item():
+                            shape=tuple(weight.shape), dtype=weight.dtype, quant_map=_table(f"code:{quant_type}", device))
+    if not double_quant:
+        return packed, status
+    sums, divisor, torch_sum = absmax_mean(absmax)
+    packed.absmax, packed.nested_absmax, offset = quantize_dynamic(absmax, cpu.NESTED_BLOCK_SIZE, sums, divisor,
+                                                                   torch_sum)
+    packed.nested_quant_map = _table("dynamic", device)
+    return packed, offset
+
+
+def finish(packed: cpu.Packed4bit, status: torch.Tensor, weight: torch.Tensor) -> cpu.Packed4bit:
+    """Read what ``quantize_4bit_async`` left on the device (one host sync): the offset becomes
+    ``packed.nested_offset``; inf/NaN in the weight raises NonFiniteWeight, as the CPU path does."""
+    value = status.item()
+    if packed.double_quant:
+        # A NaN or inf block absmax makes the offset non-finite (so can an overflowing sum, which the
+        # CPU path writes as it is).
+        if not math.isfinite(value) and not bool(torch.isfinite(weight).all()):
             raise NonFiniteWeight("the weight contains inf or nan values")
-        return packed
-    sums, divisor = absmax_mean(absmax)
-    packed.absmax, packed.nested_absmax, offset_out = quantize_dynamic(absmax, cpu.NESTED_BLOCK_SIZE, sums, divisor)
-    packed.nested_quant_map = _table("dynamic", device).clone()
-    # The one host sync: the offset's value; a NaN or inf block absmax makes it non-finite.
-    packed.nested_offset = offset_out.item()
-    if not math.isfinite(packed.nested_offset) and nonfinite.item():
+        packed.nested_offset = value
+    elif value:
         raise NonFiniteWeight("the weight contains inf or nan values")
     return packed
+
+
+def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
+                  double_quant: bool = True) -> cpu.Packed4bit:
+    return finish(*quantize_4bit_async(weight, quant_type, block_size, double_quant), weight)
 
 
 def _scheme_quantize(quant_type: str):

@@ -63,6 +63,35 @@ def _bounds_4bit(quant_type: str, device: torch.device) -> tuple[torch.Tensor, t
     return (ordered[:-1] + ordered[1:]) / 2, order.to(torch.uint8)
 
 
+def cell_table(bounds: torch.Tensor, cells: int) -> torch.Tensor | None:
+    """A lookup table that replaces the binary search over the sorted float32 midpoints ``bounds``
+    (used by the CUDA kernel, qtool/kernels/nf4.py; ``bucket_by_cell`` is its arithmetic):
+    float32 [2 * (cells + 1)], first each cell's count of midpoints below it (as int32 bits), then
+    the midpoint inside it or +inf. Cell c covers [c, c + 1] * (2 / cells) - 1 widened by 1/8 cell
+    on each side, as the float32 cell index of a value may be off by one next to a cell edge.
+    None when two midpoints share a widened cell (FP4's around zero)."""
+    values = bounds.double().tolist()
+    width = 2.0 / cells
+    below, inside = [], []
+    for cell in range(cells + 1):
+        low, high = -1.0 + (cell - 0.125) * width, -1.0 + (cell + 1.125) * width
+        within = [b for b in values if low <= b <= high]
+        if len(within) > 1:
+            return None
+        below.append(sum(b < low for b in values))
+        inside.append(within[0] if within else float("inf"))
+    counts = torch.tensor(below, dtype=torch.int32).view(torch.float32)
+    return torch.cat([counts, torch.tensor(inside, dtype=torch.float64).float()])
+
+
+def bucket_by_cell(scaled: torch.Tensor, table: torch.Tensor, cells: int) -> torch.Tensor:
+    """``torch.bucketize(scaled, bounds)`` for float32 values in [-1, 1] through ``cell_table``,
+    in the kernel's float32 operations: one table lookup and one comparison per value."""
+    cell = ((scaled + 1.0) * (cells / 2.0)).to(torch.int32).clamp(0, cells).long()
+    below = table[:cells + 1].view(torch.int32)[cell]
+    return below + (scaled > table[cells + 1:][cell]).to(torch.int32)
+
+
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``), 256 sorted values.
 
