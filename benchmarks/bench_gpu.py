@@ -7,13 +7,14 @@ it times, with CUDA events after a warm-up, the median of ``--repeat`` calls (*p
 before the call's host work to the end of its GPU work) of:
 
 - qtool's fused kernels: NF4 + double quant, NF4, int8-sym, int4-sym (groups of 128), Q8_0,
-  Q4_0, Q4_K, Q5_K, Q6_K (each call includes the host sync the scheme needs; NF4's results stay
-  on the GPU as bitsandbytes' do, and a second row adds reading the offset back);
+  Q4_0, Q4_K, Q5_K, Q6_K (NF4's and int4's results stay on the GPU as bitsandbytes' do, and a
+  second row adds the host sync that reads back NF4's offset or the inf/NaN flags; int8-sym
+  reads its flags back before its result is final);
 - the same schemes' torch code on the GPU (``QTOOL_FUSED``-free path, for reference);
 - bitsandbytes' ``quantize_4bit`` (NF4, blocks of 64) with and without ``compress_statistics``;
 - a device-to-device copy of the same bytes (counting bytes read plus written).
 
-Two more columns for the rows that matter most (qtool NF4 + double quant, bitsandbytes):
+Two more columns for bitsandbytes and the results-on-the-GPU rows:
 *pipelined*, calls issued back to back with one sync at the end (throughput when the host keeps
 the GPU fed: the slower of host work and GPU work per call), and *GPU*, with the stream held by a
 sleep kernel while the host queues the call (GPU work alone). Per-call figures depend on the
@@ -173,21 +174,25 @@ def main(argv: list[str] | None = None) -> int:
                    ("qtool int8-sym", "int8-sym", {}), ("qtool int4-sym g128", "int4-sym", {}),
                    ("qtool Q8_0", "Q8_0", {}), ("qtool Q4_0", "Q4_0", {}), ("qtool Q4_K", "Q4_K", {}),
                    ("qtool Q5_K", "Q5_K", {}), ("qtool Q6_K", "Q6_K", {})]
+    from qtool.kernels import integer as int_kernels
     from qtool.kernels import nf4 as nf4_kernels
 
+    # Like bitsandbytes' quantize_4bit, these leave their results on the GPU (the value the host
+    # needs, NF4's offset or the inf/NaN flags, is read when the sink copies the tensor back); a
+    # second row adds that read-back (the scheme's own call).
+    results_on_gpu = {
+        "qtool nf4 + dq": lambda x: nf4_kernels.quantize_4bit_async(x, "nf4", 64, True),
+        "qtool nf4": lambda x: nf4_kernels.quantize_4bit_async(x, "nf4", 64, False),
+        "qtool int4-sym g128": lambda x: int_kernels.quantize_int_async(x, 4, True, 128),
+    }
     for label, name, params in fused_cases:
         kernel = kernel_for(name)
-        if name == "nf4":
-            # Like bitsandbytes' quantize_4bit, results stay on the GPU (the offset is read back
-            # when the sink copies the tensor to the host); the next row adds that read-back.
-            def nf4_call(x, p=params):
-                return nf4_kernels.quantize_4bit_async(x, "nf4", 64, **p)
-
-            ms = time_call(nf4_call, inputs, args.repeat)
-            add(label, ms, "fused Triton kernels, results on the GPU", fn=nf4_call)
-            if params.get("double_quant", True):
-                ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
-                add(label + " + offset read back", ms, "fused Triton kernels, then one host sync")
+        if label in results_on_gpu:
+            call = results_on_gpu[label]
+            ms = time_call(call, inputs, args.repeat)
+            add(label, ms, "fused Triton kernels, results on the GPU", fn=call)
+            ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
+            add(label + ", read back", ms, "fused Triton kernels, then one host sync")
             continue
         ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
         add(label, ms, "fused Triton kernel")
@@ -202,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
                 ms = time_call(lambda x: nf4_kernels.quantize_4bit_async(x, "nf4", 64, True), inputs, args.repeat)
                 add(f"sweep nf4+dq {'cells' if cells else 'search'} e{elements} w{warps}", ms, "launch configuration")
         nf4_kernels._ELEMENTS_PER_PROGRAM, nf4_kernels._NUM_WARPS, nf4_kernels._USE_CELLS = nf4_default
-        from qtool.kernels import integer as int_kernels
 
         for block, warps in ((1024, 4), (2048, 4), (4096, 8)):
             int_kernels._TWO_PASS_BLOCK, int_kernels._TWO_PASS_WARPS = block, warps

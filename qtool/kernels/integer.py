@@ -10,10 +10,11 @@ Modes:
   the whole matrix), SCB = row absmax, q = round(x * (127 / SCB)).
 - ``SYM`` / ``ASYM``: compressed-tensors' qparams: scale = absmax / (range / 2) or
   (max - min) / range, rounded *up* to the scale dtype, integer zero point for ASYM.
+
+``quantize_int_async`` only enqueues; ``finish`` reads the inf/NaN flag back (one host sync).
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from qtool.schemes.int4 import NonFiniteWeight
 
 _BNB, _SYM, _ASYM = 0, 1, 2
 _FP16_MAX = 65504.0
+_FP16_MAX_CONSTEXPR = tl.constexpr(_FP16_MAX)
 _ELEMENTS_PER_PROGRAM = 4096   # segments up to this long are one tile
 _TWO_PASS_BLOCK = 4096          # chunk of a longer segment (one per program)
 _TWO_PASS_WARPS = 8
@@ -97,7 +99,7 @@ def _quantize_values(x, factor, zero, MODE: tl.constexpr, BITS: tl.constexpr, F1
 
 
 @triton.jit
-def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, nonfinite_ptr, cols, n_groups, segment, n_segments,
+def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, flags_ptr, cols, n_groups, segment, n_segments,
                 MODE: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, BLOCK: tl.constexpr,
                 SEGMENTS: tl.constexpr, TWO_PASS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -137,20 +139,21 @@ def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, row_absmax_ptr, nonfinite_ptr
                                                MODE, BITS, F16)
         tl.store(q_ptr + offsets, _quantize_values(x, factor, zero, MODE, BITS, F16), mask=valid)
     tl.store(scale_ptr + segment_ids, stored, mask=seg_valid)
+    # This program's flags: inf/NaN seen (bit 0), for bitsandbytes rows a value beyond float16's
+    # range (bit 1). One slot per program: nothing to zero before the launch, no atomics.
+    flags = (absmax == float("inf")).to(tl.int32)
     if MODE == 0:
-        tl.store(row_absmax_ptr + segment_ids, absmax, mask=seg_valid)
-    else:
-        # One flag for the whole launch, touched only by a program that saw inf/NaN (an atomic in
-        # every program would serialize thousands of them on one address).
-        nonfinite = tl.max((absmax == float("inf")).to(tl.int32), axis=0)
-        if nonfinite != 0:
-            tl.atomic_max(nonfinite_ptr, nonfinite)
+        flags = flags | ((absmax > _FP16_MAX_CONSTEXPR).to(tl.int32) << 1)
+    tl.store(flags_ptr + pid, tl.max(flags, axis=0))
     if MODE == 2:
         tl.store(zero_ptr + segment_ids, zero.to(tl.int32).to(tl.int8), mask=seg_valid)
 
 
 def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtype: torch.dtype,
-            f16: bool = False) -> tuple[torch.Tensor, ...]:
+            f16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Enqueue the kernel: (q, scale, zero point, flags), nothing read back. flags (int32, on the
+    device, one per program; their maximum is what counts): bit 0 = some value is inf/NaN, bit 1 =
+    some value is beyond float16's range."""
     rows, cols = matrix.shape
     n_groups = -(-cols // segment)
     n_segments = rows * n_groups
@@ -158,42 +161,51 @@ def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtyp
     q = torch.empty((rows, cols), dtype=torch.int8, device=device)
     scale = torch.empty((rows, n_groups), dtype=scale_dtype, device=device)
     zero = torch.empty((rows, n_groups), dtype=torch.int8, device=device) if mode == _ASYM else q
-    row_absmax = torch.empty(rows, dtype=torch.float32, device=device) if mode == _BNB else scale
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=device) if mode != _BNB else scale
-    if n_segments:
-        block = triton.next_power_of_2(segment)
-        two_pass = block > _ELEMENTS_PER_PROGRAM
-        if two_pass:
-            block, per_program, num_warps = _TWO_PASS_BLOCK, 1, _TWO_PASS_WARPS
-        else:
-            per_program = max(1, _ELEMENTS_PER_PROGRAM // block)
-            num_warps = min(16, max(4, per_program * block // 512))
-        grid = (triton.cdiv(n_segments, per_program),)
-        _int_kernel[grid](matrix, q, scale, zero, row_absmax, nonfinite, cols, n_groups, segment, n_segments, MODE=mode,
-                          BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, TWO_PASS=two_pass,
-                          num_warps=num_warps, enable_fp_fusion=False)
-    if mode != _BNB and n_segments and nonfinite.item():
+    if not n_segments:
+        return q, scale, zero, torch.zeros(1, dtype=torch.int32, device=device)
+    block = triton.next_power_of_2(segment)
+    two_pass = block > _ELEMENTS_PER_PROGRAM
+    if two_pass:
+        block, per_program, num_warps = _TWO_PASS_BLOCK, 1, _TWO_PASS_WARPS
+    else:
+        per_program = max(1, _ELEMENTS_PER_PROGRAM // block)
+        num_warps = min(16, max(4, per_program * block // 512))
+    grid = (triton.cdiv(n_segments, per_program),)
+    flags = torch.empty(grid[0], dtype=torch.int32, device=device)
+    _int_kernel[grid](matrix, q, scale, zero, flags, cols, n_groups, segment, n_segments, MODE=mode,
+                      BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, TWO_PASS=two_pass,
+                      num_warps=num_warps, enable_fp_fusion=False)
+    return q, scale, zero, flags
+
+
+def finish(packed, flags: torch.Tensor):
+    """Read the flags an ``*_async`` function left on the device (one host sync); inf/NaN in the
+    weight raises NonFiniteWeight, as the CPU path does."""
+    if int(flags.max().item()) & 1:
         raise NonFiniteWeight("the weight contains inf or nan values")
-    return q, scale, zero, row_absmax
+    return packed
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> cpu_int8.PackedInt8Rows:
+    """bitsandbytes' int8 rows. Whether the values are rounded to float16 first depends on the whole
+    matrix (not when some value is beyond float16's range), so the flags are read back before the
+    result is final: one kernel and one host sync, a second kernel in the rare float32 case. (A
+    device-side rerun that skips itself costs the host a Triton launch, more than the sync.)"""
     if weight.dim() < 2:
         raise ValueError(f"int8-sym quantizes matrices, got shape {tuple(weight.shape)}")
     matrix = weight.reshape(weight.shape[0], -1).contiguous()
-    q, scb, _, row_absmax = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=True)
-    # The CPU path quantizes from float16 unless some value is beyond its range (one sync; NaN
-    # counts as +inf in row_absmax).
-    peak = row_absmax.max().item() if matrix.numel() else 0.0
-    if not math.isfinite(peak):
+    q, scb, _, flags = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=True)
+    value = int(flags.max().item())
+    if value & 1:
         raise NonFiniteWeight("the weight contains inf or nan values")
-    if matrix.dtype != torch.float16 and peak > _FP16_MAX:
+    if matrix.dtype != torch.float16 and value & 2:
         q, scb, _, _ = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=False)
     return cpu_int8.PackedInt8Rows(weight=q, scb=scb.reshape(-1), shape=tuple(weight.shape), dtype=weight.dtype)
 
 
-def quantize_int(weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None,
-                 scale_dtype: torch.dtype | None = None) -> cpu_int.PackedInt:
+def quantize_int_async(weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None,
+                       scale_dtype: torch.dtype | None = None) -> tuple[cpu_int.PackedInt, torch.Tensor]:
+    """compressed-tensors' integer qparams, results and flags left on the device (see ``finish``)."""
     if weight.dim() < 2:
         raise ValueError(f"integer schemes quantize matrices, got shape {tuple(weight.shape)}")
     if group_size is not None and group_size <= 0:
@@ -202,12 +214,17 @@ def quantize_int(weight: torch.Tensor, bits: int, symmetric: bool, group_size: i
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         # Integer or odd scale dtypes: the torch code on the CPU, moved back (same bytes by definition).
         packed = cpu_int.quantize_int(weight.cpu(), bits, symmetric, group_size, scale_dtype)
-        return _to_device(packed, weight.device)
+        return _to_device(packed, weight.device), torch.zeros(1, dtype=torch.int32, device=weight.device)
     matrix = weight.reshape(weight.shape[0], -1).contiguous()
     segment = matrix.shape[1] if group_size is None else group_size
-    q, scale, zero, _ = _launch(matrix, max(segment, 1), _SYM if symmetric else _ASYM, bits, dtype)
+    q, scale, zero, flags = _launch(matrix, max(segment, 1), _SYM if symmetric else _ASYM, bits, dtype)
     return cpu_int.PackedInt(q=q, scale=scale, zero_point=None if symmetric else zero, bits=bits,
-                             group_size=group_size, shape=tuple(weight.shape), dtype=dtype)
+                             group_size=group_size, shape=tuple(weight.shape), dtype=dtype), flags
+
+
+def quantize_int(weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None,
+                 scale_dtype: torch.dtype | None = None) -> cpu_int.PackedInt:
+    return finish(*quantize_int_async(weight, bits, symmetric, group_size, scale_dtype))
 
 
 def _to_device(packed: cpu_int.PackedInt, device: torch.device) -> cpu_int.PackedInt:

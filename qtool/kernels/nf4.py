@@ -120,11 +120,9 @@ def _quantize_4bit_kernel(x_ptr, data_ptr, absmax_ptr, nonfinite_ptr, bounds_ptr
     tl.store(data_ptr + byte_offsets, packed, mask=byte_offsets < (n + 1) // 2)
     tl.store(absmax_ptr + block_ids, absmax, mask=block_ids < n_blocks)
     if FLAG:
-        # One flag for the launch, written only by a program that saw inf/NaN. (With double
-        # quantization the offset, a mean of the absmax, is non-finite then, which is checked instead.)
-        nonfinite = tl.max((absmax == float("inf")).to(tl.int32), axis=0)
-        if nonfinite != 0:
-            tl.atomic_max(nonfinite_ptr, nonfinite)
+        # This program's inf/NaN flag, one slot per program (nothing to zero before the launch).
+        # With double quantization the offset, a mean of the absmax, is non-finite then instead.
+        tl.store(nonfinite_ptr + pid, tl.max((absmax == float("inf")).to(tl.int32), axis=0))
 
 
 @triton.jit
@@ -445,9 +443,10 @@ def _check_args(quant_type: str, block_size: int, weight: torch.Tensor) -> None:
 
 def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
                         double_quant: bool = True) -> tuple[cpu.Packed4bit, torch.Tensor]:
-    """The kernels enqueued, nothing read back: (packed, status) where ``status`` (1 element, on
-    the device) is the double-quant offset, or without double quantization the inf/NaN flag;
-    ``finish`` reads it. bitsandbytes' ``quantize_4bit`` also leaves its offset on the GPU.
+    """The kernels enqueued, nothing read back: (packed, status) where ``status`` (on the device)
+    is the double-quant offset (1 element), or without double quantization the 4-bit kernel's
+    per-program inf/NaN flags; ``finish`` reads it. bitsandbytes' ``quantize_4bit`` also leaves its
+    offset on the GPU.
 
     The code tables in the result are shared, cached device tensors (read-only)."""
     _check_args(quant_type, block_size, weight)
@@ -458,10 +457,15 @@ def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_siz
     data = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
     double_quant = double_quant and n_blocks > 0
-    status = absmax if double_quant else torch.zeros(1, dtype=torch.int32, device=device)
     rows = max(1, _ELEMENTS_PER_PROGRAM // block_size)
+    grid = (triton.cdiv(n_blocks, rows),)
+    if double_quant:
+        status = absmax          # no flags written (FLAG off); the offset is the status below
+    elif n_blocks:
+        status = torch.empty(grid[0], dtype=torch.int32, device=device)
+    else:
+        status = torch.zeros(1, dtype=torch.int32, device=device)
     if n_blocks:
-        grid = (triton.cdiv(n_blocks, rows),)
         cells = _CELLS if _USE_CELLS and quant_type == "nf4" else 0
         table = _table(f"cells:{quant_type}" if cells else f"bounds:{quant_type}", device)
         _quantize_4bit_kernel[grid](flat, data, absmax, status, table, n, n_blocks,
@@ -481,7 +485,7 @@ def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_siz
 def finish(packed: cpu.Packed4bit, status: torch.Tensor, weight: torch.Tensor) -> cpu.Packed4bit:
     """Read what ``quantize_4bit_async`` left on the device (one host sync): the offset becomes
     ``packed.nested_offset``; inf/NaN in the weight raises NonFiniteWeight, as the CPU path does."""
-    value = status.item()
+    value = status.item() if packed.double_quant else int(status.max().item())
     if packed.double_quant:
         # A NaN or inf block absmax makes the offset non-finite (so can an overflowing sum, which the
         # CPU path writes as it is).
