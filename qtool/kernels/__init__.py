@@ -70,3 +70,15 @@ def fused(scheme_name: str) -> Callable[..., Any] | None:
 
 def fused_names() -> tuple[str, ...]:
     return tuple(_MODULES)
+
+
+def read_flags(flags: torch.Tensor) -> int:
+    """The flags a kernel left on the device, one int32 word per program, combined (one host sync).
+    Bit 0 (the program saw inf or NaN) raises NonFiniteWeight, as the CPU paths do; the other
+    bits are the kernel's own."""
+    from qtool.schemes.int4 import NonFiniteWeight
+
+    value = int(flags.max().item())
+    if value & 1:
+        raise NonFiniteWeight("the weight contains inf or nan values")
+    return value

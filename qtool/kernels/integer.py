@@ -23,7 +23,7 @@ import triton.language as tl
 
 from qtool.schemes import int4 as cpu_int
 from qtool.schemes import int8 as cpu_int8
-from qtool.schemes.int4 import NonFiniteWeight
+from qtool.kernels import read_flags
 
 _BNB, _SYM, _ASYM = 0, 1, 2
 _FP16_MAX = 65504.0
@@ -179,10 +179,9 @@ def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtyp
 
 
 def finish(packed, flags: torch.Tensor):
-    """Read the flags an ``*_async`` function left on the device (one host sync); inf/NaN in the
+    """Read the flags ``quantize_int_async`` left on the device (one host sync); inf/NaN in the
     weight raises NonFiniteWeight, as the CPU path does."""
-    if int(flags.max().item()) & 1:
-        raise NonFiniteWeight("the weight contains inf or nan values")
+    read_flags(flags)
     return packed
 
 
@@ -195,10 +194,8 @@ def quantize_int8_rows(weight: torch.Tensor) -> cpu_int8.PackedInt8Rows:
         raise ValueError(f"int8-sym quantizes matrices, got shape {tuple(weight.shape)}")
     matrix = weight.reshape(weight.shape[0], -1).contiguous()
     q, scb, _, flags = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=True)
-    value = int(flags.max().item())
-    if value & 1:
-        raise NonFiniteWeight("the weight contains inf or nan values")
-    if matrix.dtype != torch.float16 and value & 2:
+    beyond_float16 = read_flags(flags) & 2
+    if matrix.dtype != torch.float16 and beyond_float16:
         q, scb, _, _ = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=False)
     return cpu_int8.PackedInt8Rows(weight=q, scb=scb.reshape(-1), shape=tuple(weight.shape), dtype=weight.dtype)
 

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qtool.kernels import read_flags
 from qtool.schemes import nf4 as cpu
 from qtool.schemes.int4 import NonFiniteWeight
 
@@ -143,6 +144,17 @@ def _group_sum(base, first, count, W: tl.constexpr):
     return total
 
 
+@triton.jit
+def _row_sum(base, first, count, W: tl.constexpr):
+    """The running sum of rows first .. first + count - 1 (count < 16) of W floats, per column."""
+    column = tl.arange(0, W)
+    total = tl.zeros([W], tl.float32)
+    for j in tl.static_range(16):
+        valid = j < count
+        total = tl.where(valid, total + tl.load(base + (first + j) * W + column, mask=valid, other=0.0), total)
+    return total
+
+
 @triton.jit(do_not_specialize=["n", "part_size"])
 def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr):
     """Program p: torch's float32 CPU ``sum`` of part p of ``values`` (one thread's share), in its
@@ -167,7 +179,6 @@ def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr
     m = tl.maximum(tl.minimum(n - start, part_size), 0)      # programs past the last part write 0
     base = values_ptr + start
     rows = (m // LANES) // 4
-    column = tl.arange(0, W)                                  # accumulator * LANES + lane
     chunks = rows // 16
     groups = chunks // 16
     acc2 = tl.zeros([W], tl.float32)
@@ -179,11 +190,7 @@ def _part_sum_kernel(values_ptr, partials_ptr, n, part_size, LANES: tl.constexpr
         acc3 = tl.where(flush, acc3 + acc2, acc3)
         acc2 = tl.where(flush, 0.0, acc2)
     acc1 = _group_sum(base, groups * 16, chunks - groups * 16, W)
-    acc0 = tl.zeros([W], tl.float32)
-    for j in range(16):
-        row = chunks * 16 + j
-        valid = row < rows
-        acc0 = tl.where(valid, acc0 + tl.load(base + row * W + column, mask=valid, other=0.0), acc0)
+    acc0 = _row_sum(base, chunks * 16, rows - chunks * 16, W)
     total = tl.reshape(((acc0 + acc1) + acc2) + acc3, [4, LANES])
     tl.store(partials_ptr + part, _finish_sum(base, m, total, LANES))
 
@@ -219,13 +226,8 @@ def _finish_sum(base, m, total, LANES: tl.constexpr):
 def _short_sum(base, m, LANES: tl.constexpr):
     """torch's CPU sum of m < 64 * LANES floats (fewer than 16 rows of 4 vectors: no cascade level
     is ever completed, so the column totals are running sums over the rows)."""
-    columns = tl.arange(0, 4)[:, None] * LANES + tl.arange(0, LANES)[None, :]
-    rows = (m // LANES) // 4
-    total = tl.zeros([4, LANES], tl.float32)
-    for j in tl.static_range(16):
-        valid = j < rows
-        total = tl.where(valid, total + tl.load(base + j * 4 * LANES + columns, mask=valid, other=0.0), total)
-    return _finish_sum(base, m, total, LANES)
+    total = _row_sum(base, 0, (m // LANES) // 4, 4 * LANES)
+    return _finish_sum(base, m, tl.reshape(total, [4, LANES]), LANES)
 
 
 @triton.jit(do_not_specialize=["n_sums", "divisor"])
@@ -434,13 +436,6 @@ def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor |
     return codes, absmax, offset
 
 
-def _check_args(quant_type: str, block_size: int, weight: torch.Tensor) -> None:
-    if block_size not in cpu.BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {cpu.BLOCK_SIZES}, got {block_size}")
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {weight.dtype}")
-
-
 def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_size: int = 64,
                         double_quant: bool = True) -> tuple[cpu.Packed4bit, torch.Tensor]:
     """The kernels enqueued, nothing read back: (packed, status) where ``status`` (on the device)
@@ -449,7 +444,10 @@ def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_siz
     offset on the GPU.
 
     The code tables in the result are shared, cached device tensors (read-only)."""
-    _check_args(quant_type, block_size, weight)
+    if block_size not in cpu.BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {cpu.BLOCK_SIZES}, got {block_size}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {weight.dtype}")
     device = weight.device
     flat = weight.reshape(-1).contiguous()
     n = flat.numel()
@@ -485,15 +483,15 @@ def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_siz
 def finish(packed: cpu.Packed4bit, status: torch.Tensor, weight: torch.Tensor) -> cpu.Packed4bit:
     """Read what ``quantize_4bit_async`` left on the device (one host sync): the offset becomes
     ``packed.nested_offset``; inf/NaN in the weight raises NonFiniteWeight, as the CPU path does."""
-    value = status.item() if packed.double_quant else int(status.max().item())
-    if packed.double_quant:
-        # A NaN or inf block absmax makes the offset non-finite (so can an overflowing sum, which the
-        # CPU path writes as it is).
-        if not math.isfinite(value) and not bool(torch.isfinite(weight).all()):
-            raise NonFiniteWeight("the weight contains inf or nan values")
-        packed.nested_offset = value
-    elif value:
+    if not packed.double_quant:
+        read_flags(status)
+        return packed
+    offset = status.item()
+    # A NaN or inf block absmax makes the offset non-finite (so can an overflowing sum, which the
+    # CPU path writes as it is).
+    if not math.isfinite(offset) and not bool(torch.isfinite(weight).all()):
         raise NonFiniteWeight("the weight contains inf or nan values")
+    packed.nested_offset = offset
     return packed
 
 
