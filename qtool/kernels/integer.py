@@ -23,7 +23,7 @@ import triton.language as tl
 
 from qtool.schemes import int4 as cpu_int
 from qtool.schemes import int8 as cpu_int8
-from qtool.kernels import read_flags
+from qtool.kernels import launch, read_flags
 
 _BNB, _SYM, _ASYM = 0, 1, 2
 _FP16_MAX = 65504.0
@@ -172,9 +172,9 @@ def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtyp
         num_warps = min(16, max(4, per_program * block // 512))
     grid = (triton.cdiv(n_segments, per_program),)
     flags = torch.empty(grid[0], dtype=torch.int32, device=device)
-    _int_kernel[grid](matrix, q, scale, zero, flags, cols, n_groups, segment, n_segments, MODE=mode,
-                      BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, TWO_PASS=two_pass,
-                      num_warps=num_warps, enable_fp_fusion=False)
+    launch(_int_kernel, grid, matrix, q, scale, zero, flags, cols, n_groups, segment, n_segments, MODE=mode,
+           BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, TWO_PASS=two_pass, num_warps=num_warps,
+           enable_fp_fusion=False)
     return q, scale, zero, flags
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtool.kernels import read_flags
+from qtool.kernels import launch, read_flags
 from qtool.schemes import nf4 as cpu
 from qtool.schemes.int4 import NonFiniteWeight
 
@@ -398,8 +398,8 @@ def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch
     if lanes is not None and n >= lanes and size // (4 * lanes) < _MAX_CASCADE_ROWS:
         def part_sums(values: torch.Tensor, count: int, total: int, part_size: int) -> torch.Tensor:
             sums = torch.empty(count, dtype=torch.float32, device=device)
-            _part_sum_kernel[(count,)](values, sums, total, part_size, LANES=lanes, num_warps=1,
-                                       enable_fp_fusion=False)
+            launch(_part_sum_kernel, (count,), values, sums, total, part_size, LANES=lanes, num_warps=1,
+                   enable_fp_fusion=False)
             return sums
 
         if parts == 1:
@@ -430,9 +430,9 @@ def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor |
     offset = torch.empty(1, dtype=torch.float32, device=device)
     rows = _NESTED_ROWS if block_size <= 1024 else 1
     grid = (max(1, triton.cdiv(n_blocks, rows)),)
-    _quantize_dynamic_kernel[grid](values, sums, sums.numel(), divisor, offset, codes, absmax,
-                                   _table("lut", device), n, n_blocks, BLOCK=block_size, ROWS=rows,
-                                   TORCH_SUM=torch_sum, LANES=cpu_lanes() or 8, num_warps=4, enable_fp_fusion=False)
+    launch(_quantize_dynamic_kernel, grid, values, sums, sums.numel(), divisor, offset, codes, absmax,
+           _table("lut", device), n, n_blocks, BLOCK=block_size, ROWS=rows, TORCH_SUM=torch_sum,
+           LANES=cpu_lanes() or 8, num_warps=4, enable_fp_fusion=False)
     return codes, absmax, offset
 
 
@@ -466,9 +466,9 @@ def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_siz
     if n_blocks:
         cells = _CELLS if _USE_CELLS and quant_type == "nf4" else 0
         table = _table(f"cells:{quant_type}" if cells else f"bounds:{quant_type}", device)
-        _quantize_4bit_kernel[grid](flat, data, absmax, status, table, n, n_blocks,
-                                    _order_table(quant_type), BLOCK=block_size, ROWS=rows, FP4=quant_type == "fp4",
-                                    FLAG=not double_quant, CELLS=cells, num_warps=_NUM_WARPS, enable_fp_fusion=False)
+        launch(_quantize_4bit_kernel, grid, flat, data, absmax, status, table, n, n_blocks, _order_table(quant_type),
+               BLOCK=block_size, ROWS=rows, FP4=quant_type == "fp4", FLAG=not double_quant, CELLS=cells,
+               num_warps=_NUM_WARPS, enable_fp_fusion=False)
     packed = cpu.Packed4bit(quant_type=quant_type, data=data.unsqueeze(1), absmax=absmax, block_size=block_size,
                             shape=tuple(weight.shape), dtype=weight.dtype, quant_map=_table(f"code:{quant_type}", device))
     if not double_quant:
