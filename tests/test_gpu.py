@@ -124,6 +124,22 @@ def test_rows_longer_than_one_tile_bytes_equal_cpu(name: str) -> None:
         _assert_identical(kernel(weight.cuda()), scheme.quantize(weight), f"{name} 6x{cols} beyond float16")
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "nf4", "int4-sym"])
+def test_repeated_launches_respecialize_for_alignment_and_size(name: str) -> None:
+    """qtool.kernels.launch reuses a compiled kernel only for arguments of the same class: after an
+    aligned, 16-divisible call, a view 2 bytes off alignment and a size not divisible by 16 must
+    still give the CPU path's bytes (a kernel compiled for aligned pointers would read wrongly)."""
+    kernel = _require_kernel(name)
+    scheme = get_scheme(name)
+    generator = torch.Generator().manual_seed(3)
+    storage = (torch.randn(64 * 512 + 1, generator=generator) * 0.02).to(torch.bfloat16)
+    on_gpu = storage.cuda()
+    for start, rows in ((0, 64), (1, 64), (0, 64), (1, 37)):
+        weight = on_gpu[start:start + rows * 512].reshape(rows, 512)
+        assert (weight.data_ptr() % 16 == 0) == (start == 0)
+        _assert_identical(kernel(weight), scheme.quantize(weight.cpu()), f"{name} offset {start}, {rows} rows")
+
+
 def test_fused_is_none_for_unknown_scheme() -> None:
     assert fused("no-such-scheme") is None
 

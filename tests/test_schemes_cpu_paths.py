@@ -173,3 +173,18 @@ def test_cell_table_gives_bucketize_index():
                         torch.nextafter(edges, down), torch.tensor([-0.0, 0.0])]).clamp(-1, 1)
     assert torch.equal(nf4.bucket_by_cell(values, table, 64), torch.bucketize(values, bounds).to(torch.int32))
     assert nf4.cell_table(nf4._bounds_4bit("fp4", torch.device("cpu"))[0], 64) is None
+
+
+def test_launch_argument_class_separates_what_triton_specializes_on():
+    """qtool.kernels.launch reuses a compiled kernel for arguments of one class; the class must
+    tell apart everything Triton compiles differently: dtype, 16-byte alignment, ints equal to 1,
+    divisible by 16, or beyond 32 bits."""
+    from qtool.kernels import _argument_class
+
+    storage = torch.zeros(64, dtype=torch.bfloat16)
+    assert _argument_class(storage[:8]) != _argument_class(storage[1:9])        # 2 bytes off alignment
+    assert _argument_class(storage[:8]) == _argument_class(storage[8:16])       # 16 bytes on: aligned
+    assert _argument_class(storage[:8]) != _argument_class(storage.float()[:8])
+    assert len({_argument_class(v) for v in (1, 2, 16, 1 << 31, 1 << 63)}) == 5
+    assert _argument_class(16) == _argument_class(32) and _argument_class(2) == _argument_class(17)
+    assert _argument_class(True) != _argument_class(1)

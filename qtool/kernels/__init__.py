@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 # scheme name -> kernel module in this package (each module has FUSED: dict[name, callable]).
@@ -78,7 +79,9 @@ def read_flags(flags: torch.Tensor) -> int:
     bits are the kernel's own."""
     from qtool.schemes.int4 import NonFiniteWeight
 
-    value = int(flags.max().item())
+    # One copy of the words, OR-ed on the host: a reduction kernel first would cost the host a
+    # torch launch (15-20 us on the device machine) for a few microseconds of GPU time.
+    value = int(np.bitwise_or.reduce(flags.cpu().numpy().ravel()))
     if value & 1:
         raise NonFiniteWeight("the weight contains inf or nan values")
     return value
@@ -101,6 +104,23 @@ def _argument_class(arg: Any) -> Any:
     return type(arg)
 
 
+@functools.cache
+def _triton_runtime() -> tuple[Any, Any] | None:
+    """(Triton's runtime knobs, its driver's current-stream query), or None for a Triton without
+    them (< 3.4). Only called for CUDA tensors: the driver needs a GPU."""
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+    except ImportError:
+        return None
+    return knobs.runtime, driver.active.get_current_stream
+
+
+def _hooked(hook: Any) -> bool:
+    """Whether a Triton launch hook is set: None or an empty HookChain (Triton 3.5+) is not."""
+    return bool(getattr(hook, "calls", hook))
+
+
 def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
     """``kernel[grid](*args, **meta)`` (runtime arguments positional, constexprs and launch options
     by keyword) with the host work of a repeated launch cut to the compiled kernel's own launcher.
@@ -112,15 +132,11 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
     so a cached kernel is only reused where Triton would pick the same one. Anything unusual (CPU
     tensors under the interpreter, a profiler's launch hooks, a Triton without these attributes)
     takes the JIT path."""
-    from triton import knobs
-    from triton.runtime import driver
-
-    first = args[0]
-    hooks = knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
-    if not first.is_cuda or hooks or kernel in _JIT_ONLY:
+    runtime = _triton_runtime() if args[0].is_cuda and kernel not in _JIT_ONLY else None
+    if runtime is None or _hooked(runtime[0].launch_enter_hook) or _hooked(runtime[0].launch_exit_hook):
         kernel[tuple(grid)](*args, **meta)
         return
-    index = first.device.index
+    index = args[0].device.index
     key = (kernel, index, tuple(meta.items()), tuple(_argument_class(arg) for arg in args))
     entry = _COMPILED.get(key)
     if entry is None:
@@ -136,5 +152,5 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
         return
     compiled, constants = entry
     grid = tuple(grid) + (1, 1)
-    compiled.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(index), compiled.function,
+    compiled.run(grid[0], grid[1], grid[2], runtime[1](index), compiled.function,
                  compiled.packed_metadata, None, None, None, *args, *constants)
