@@ -87,7 +87,7 @@ def read_flags(flags: torch.Tensor) -> int:
     return value
 
 
-# (kernel, device index, options, argument classes) -> (compiled kernel, constexpr values in order)
+# (id of the kernel, device index, options, argument classes) -> (compiled kernel, constexpr values in order)
 _COMPILED: dict[tuple, tuple[Any, tuple]] = {}
 _JIT_ONLY: set[Any] = set()      # kernels whose compiled form this Triton does not expose
 
@@ -137,7 +137,9 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
         kernel[tuple(grid)](*args, **meta)
         return
     index = args[0].device.index
-    key = (kernel, index, tuple(meta.items()), tuple(_argument_class(arg) for arg in args))
+    # id(): a JITFunction hashes through its source-derived cache key, slow per launch; kernels
+    # are module-level objects, alive as long as the process.
+    key = (id(kernel), index, tuple(meta.items()), tuple(map(_argument_class, args)))
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[tuple(grid)](*args, **meta)

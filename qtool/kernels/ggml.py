@@ -536,17 +536,17 @@ def quantize_ggml(weight: torch.Tensor, name: str):
     out = torch.empty(n_blocks * type_size, dtype=torch.uint8, device=weight.device)
     if n_blocks:
         if name == "Q6_K":
-            grid = (triton.cdiv(n_blocks, _SUPER_BLOCKS_Q6),)
+            grid = (-(-n_blocks // _SUPER_BLOCKS_Q6),)
             launch(_q6k_kernel, grid, flat, out, _q6k_steps(weight.device), n_blocks, SB=_SUPER_BLOCKS_Q6,
                    num_warps=_NUM_WARPS_Q6, enable_fp_fusion=False)
         elif k_quant:
             nmax, _, _, nstep = _K_PARAMS[name]
-            grid = (triton.cdiv(n_blocks, _SUPER_BLOCKS),)
+            grid = (-(-n_blocks // _SUPER_BLOCKS),)
             launch(_kquant_asym_kernel, grid, flat, out, _steps(name, weight.device), n_blocks, SB=_SUPER_BLOCKS,
                    NMAX=nmax, NSTEP=nstep, Q5=name == "Q5_K", num_warps=_NUM_WARPS_K, maxnreg=_MAX_REGISTERS_K,
                    enable_fp_fusion=False)
         else:
-            grid = (triton.cdiv(n_blocks, _ROWS_32),)
+            grid = (-(-n_blocks // _ROWS_32),)
             launch(_quantize_32_kernel, grid, flat, out, n_blocks, KIND=_KIND[name], TYPE_SIZE=type_size,
                    ROWS=_ROWS_32, num_warps=_NUM_WARPS_32, enable_fp_fusion=False)
     row_bytes = shape[-1] // block_size * type_size

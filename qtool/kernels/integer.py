@@ -163,14 +163,14 @@ def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtyp
     zero = torch.empty((rows, n_groups), dtype=torch.int8, device=device) if mode == _ASYM else q
     if not n_segments:
         return q, scale, zero, torch.zeros(1, dtype=torch.int32, device=device)
-    block = triton.next_power_of_2(segment)
+    block = 1 << (segment - 1).bit_length()   # the next power of two
     two_pass = block > _ELEMENTS_PER_PROGRAM
     if two_pass:
         block, per_program, num_warps = _TWO_PASS_BLOCK, 1, _TWO_PASS_WARPS
     else:
         per_program = max(1, _ELEMENTS_PER_PROGRAM // block)
         num_warps = min(16, max(4, per_program * block // 512))
-    grid = (triton.cdiv(n_segments, per_program),)
+    grid = (-(-n_segments // per_program),)
     flags = torch.empty(grid[0], dtype=torch.int32, device=device)
     launch(_int_kernel, grid, matrix, q, scale, zero, flags, cols, n_groups, segment, n_segments, MODE=mode,
            BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, TWO_PASS=two_pass, num_warps=num_warps,

@@ -429,7 +429,7 @@ def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor |
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
     offset = torch.empty(1, dtype=torch.float32, device=device)
     rows = _NESTED_ROWS if block_size <= 1024 else 1
-    grid = (max(1, triton.cdiv(n_blocks, rows)),)
+    grid = (max(1, -(-n_blocks // rows)),)
     launch(_quantize_dynamic_kernel, grid, values, sums, sums.numel(), divisor, offset, codes, absmax,
            _table("lut", device), n, n_blocks, BLOCK=block_size, ROWS=rows, TORCH_SUM=torch_sum,
            LANES=cpu_lanes() or 8, num_warps=4, enable_fp_fusion=False)
@@ -456,7 +456,7 @@ def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_siz
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=device)
     double_quant = double_quant and n_blocks > 0
     rows = max(1, _ELEMENTS_PER_PROGRAM // block_size)
-    grid = (triton.cdiv(n_blocks, rows),)
+    grid = (-(-n_blocks // rows),)
     if double_quant:
         status = absmax          # no flags written (FLAG off); the offset is the status below
     elif n_blocks:
