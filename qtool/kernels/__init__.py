@@ -87,9 +87,11 @@ def read_flags(flags: torch.Tensor) -> int:
     return value
 
 
+# Kernels are keyed by id(): a JITFunction hashes through its source-derived cache key, slow per
+# launch; they are module-level objects, alive as long as the process.
 # (id of the kernel, device index, options, argument classes) -> (compiled kernel, constexpr values in order)
 _COMPILED: dict[tuple, tuple[Any, tuple]] = {}
-_JIT_ONLY: set[Any] = set()      # kernels whose compiled form this Triton does not expose
+_JIT_ONLY: set[int] = set()      # ids of kernels whose compiled form this Triton does not expose
 
 
 def _argument_class(arg: Any) -> Any:
@@ -132,13 +134,11 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
     so a cached kernel is only reused where Triton would pick the same one. Anything unusual (CPU
     tensors under the interpreter, a profiler's launch hooks, a Triton without these attributes)
     takes the JIT path."""
-    runtime = _triton_runtime() if args[0].is_cuda and kernel not in _JIT_ONLY else None
+    runtime = _triton_runtime() if args[0].is_cuda and id(kernel) not in _JIT_ONLY else None
     if runtime is None or _hooked(runtime[0].launch_enter_hook) or _hooked(runtime[0].launch_exit_hook):
         kernel[tuple(grid)](*args, **meta)
         return
     index = args[0].device.index
-    # id(): a JITFunction hashes through its source-derived cache key, slow per launch; kernels
-    # are module-level objects, alive as long as the process.
     key = (id(kernel), index, tuple(meta.items()), tuple(map(_argument_class, args)))
     entry = _COMPILED.get(key)
     if entry is None:
@@ -148,11 +148,17 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
             constants = tuple(meta[name] for name in kernel.arg_names[len(args):])
             compiled.run, compiled.function, compiled.packed_metadata  # noqa: B018 - probe the API
         except (AttributeError, KeyError):
-            _JIT_ONLY.add(kernel)
+            _JIT_ONLY.add(id(kernel))
             return
         _COMPILED[key] = (compiled, constants)
         return
     compiled, constants = entry
-    grid = tuple(grid) + (1, 1)
-    compiled.run(grid[0], grid[1], grid[2], runtime[1](index), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *constants)
+    padded = tuple(grid) + (1, 1)
+    try:
+        compiled.run(padded[0], padded[1], padded[2], runtime[1](index), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *constants)
+    except TypeError:
+        # A launcher whose arguments differ from the ones above (another Triton): checked before
+        # anything is enqueued, so the JIT path can take this launch and all later ones.
+        _JIT_ONLY.add(id(kernel))
+        kernel[tuple(grid)](*args, **meta)
