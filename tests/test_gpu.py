@@ -168,15 +168,18 @@ def test_4bit_values_on_code_midpoints_bytes_equal_cpu(quant_type: str) -> None:
 @pytest.mark.parametrize("threads", [1, 2, 3, 5, 8, 12, 16, 32])
 def test_double_quant_offset_equals_cpu_for_any_thread_count(threads: int) -> None:
     """The offset is torch's float32 CPU mean, whose rounding depends on the thread count: the CUDA
-    path replays it for the caller's count (here, sizes below and far above torch's split grain)."""
+    path replays it for the caller's count (here, sizes below and far above torch's split grain,
+    and 7001 x 576, whose parts of 31505 blocks do not end on a 4-bit kernel program's blocks).
+    Shapes run twice: nothing one call leaves on the device may change the next one's bytes."""
     kernel = _require_kernel("nf4")
     generator = torch.Generator().manual_seed(threads)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for rows in (3, 700, 2048):
-            weight = (torch.randn(rows, 4096, generator=generator) * 0.02).to(torch.bfloat16)
-            _assert_identical(kernel(weight.cuda()), get_scheme("nf4").quantize(weight), f"nf4 {threads} threads {rows} rows")
+        for rows, cols in ((3, 4096), (700, 4096), (2048, 4096), (7001, 576), (7001, 576), (2048, 4096)):
+            weight = (torch.randn(rows, cols, generator=generator) * 0.02).to(torch.bfloat16)
+            _assert_identical(kernel(weight.cuda()), get_scheme("nf4").quantize(weight),
+                              f"nf4 {threads} threads {rows}x{cols}")
     finally:
         torch.set_num_threads(before)
 
