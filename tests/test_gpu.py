@@ -140,6 +140,18 @@ def test_repeated_launches_respecialize_for_alignment_and_size(name: str) -> Non
         _assert_identical(kernel(weight), scheme.quantize(weight.cpu()), f"{name} offset {start}, {rows} rows")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: a tensor on a GPU that is not the current one")
+@pytest.mark.parametrize("name", ["Q4_0", "nf4", "int8-sym"])
+def test_kernels_run_on_the_tensors_gpu_not_the_current_one(name: str) -> None:
+    """``--device cuda:1`` leaves GPU 0 current; Triton launches on the current GPU, so the kernels
+    must switch to the tensor's (else they fail, or read GPU 1's memory from GPU 0)."""
+    kernel = _require_kernel(name)
+    weight = (torch.randn(64, 512, generator=torch.Generator().manual_seed(2)) * 0.02).to(torch.bfloat16)
+    assert torch.cuda.current_device() == 0
+    for _ in range(2):   # the JIT's launch, then the cached one
+        _assert_identical(kernel(weight.to("cuda:1")), get_scheme(name).quantize(weight), f"{name} on cuda:1")
+
+
 def test_fused_is_none_for_unknown_scheme() -> None:
     assert fused("no-such-scheme") is None
 

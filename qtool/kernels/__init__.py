@@ -134,11 +134,16 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
     so a cached kernel is only reused where Triton would pick the same one. Anything unusual (CPU
     tensors under the interpreter, a profiler's launch hooks, a Triton without these attributes)
     takes the JIT path."""
-    runtime = _triton_runtime() if args[0].is_cuda and id(kernel) not in _JIT_ONLY else None
+    device = args[0].device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton compiles for, and launches on, the current device: make it the tensor's.
+        with torch.cuda.device(device):
+            return launch(kernel, grid, *args, **meta)
+    runtime = _triton_runtime() if device.type == "cuda" and id(kernel) not in _JIT_ONLY else None
     if runtime is None or _hooked(runtime[0].launch_enter_hook) or _hooked(runtime[0].launch_exit_hook):
         kernel[tuple(grid)](*args, **meta)
         return
-    index = args[0].device.index
+    index = device.index
     key = (id(kernel), index, tuple(meta.items()), tuple(map(_argument_class, args)))
     entry = _COMPILED.get(key)
     if entry is None:
