@@ -14,7 +14,9 @@ order left to a library.
         return kernel(weight, **params)
 
 Without Triton or without CUDA it returns None and the scheme's own torch code runs (that is the
-fallback, on any device).
+fallback, on any device). The kernel modules launch through ``launch``, which after a kernel's
+first launch calls its compiled form directly (Triton's per-call Python work costs more host time
+than these kernels take on the GPU), and ``read_flags`` reads back their inf/NaN flags.
 """
 from __future__ import annotations
 
