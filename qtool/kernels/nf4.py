@@ -378,6 +378,32 @@ def _is_running_sum(tree, count: int) -> bool:
     return node == 0
 
 
+@functools.lru_cache(maxsize=1024)
+def _mean_plan(n: int, threads: int) -> tuple[int, int, bool, bool] | None:
+    """How absmax_mean replays torch's mean of n floats on ``threads`` CPU threads: (part sums to
+    launch, part size, torch_sum, second level), or None for the CPU path's own function. Cached:
+    the cascade check below builds an expression tree in Python."""
+    lanes = cpu_lanes()
+    parts = max(1, min(threads, -(-n // _GRAIN)))
+    size = -(-n // parts)
+    if lanes is None or n < lanes or size // (4 * lanes) >= _MAX_CASCADE_ROWS:
+        return None
+    if parts == 1:
+        return 1, size, False, False
+    if threads >= lanes:
+        return threads, size, threads < 64 * lanes, threads >= 64 * lanes
+    if parts <= _MAX_SUMS and _is_running_sum(_cascade_order(threads, lanes), parts):
+        return parts, size, False, False
+    return None
+
+
+def _part_sums(values: torch.Tensor, count: int, total: int, part_size: int) -> torch.Tensor:
+    sums = torch.empty(count, dtype=torch.float32, device=values.device)
+    launch(_part_sum_kernel, (count,), values, sums, total, part_size, LANES=cpu_lanes(), num_warps=1,
+           enable_fp_fusion=False)
+    return sums
+
+
 def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch.Tensor, int, bool]:
     """What the dynamic kernel needs for ``qtool.schemes.nf4._mean_as_torch(absmax, threads)`` on
     the GPU: (sums, divisor, torch_sum); the offset is the sum of ``sums`` divided by ``divisor``,
@@ -385,33 +411,20 @@ def absmax_mean(absmax: torch.Tensor, threads: int | None = None) -> tuple[torch
 
     One thread's share (k = 1) is one program of ``_part_sum_kernel``; with k parts their sums go
     into a buffer of ``threads`` floats (zeros past k) which torch sums again (the dynamic kernel
-    does that second pass itself up to 64 * lanes threads; more take one more launch), or, for
-    fewer threads than lanes, the parts are added in order where that is torch's order. Anything
-    else (an unknown CPU, tiny or enormous tensors) runs the CPU path's own function on a copy of
-    the absmax."""
+    does that second pass itself up to 64 * lanes threads; more take one more launch: the second
+    level), or, for fewer threads than lanes, the parts are added in order where that is torch's
+    order. Anything else (an unknown CPU, tiny or enormous tensors) runs the CPU path's own
+    function on a copy of the absmax."""
     threads = torch.get_num_threads() if threads is None else threads
     n = absmax.numel()
-    device = absmax.device
-    lanes = cpu_lanes()
-    parts = max(1, min(threads, -(-n // _GRAIN)))
-    size = -(-n // parts)
-    if lanes is not None and n >= lanes and size // (4 * lanes) < _MAX_CASCADE_ROWS:
-        def part_sums(values: torch.Tensor, count: int, total: int, part_size: int) -> torch.Tensor:
-            sums = torch.empty(count, dtype=torch.float32, device=device)
-            launch(_part_sum_kernel, (count,), values, sums, total, part_size, LANES=lanes, num_warps=1,
-                   enable_fp_fusion=False)
-            return sums
-
-        if parts == 1:
-            return part_sums(absmax, 1, n, size), n, False
-        if threads >= lanes:
-            buffer = part_sums(absmax, threads, n, size)
-            if threads < 64 * lanes:
-                return buffer, n, True
-            return part_sums(buffer, 1, threads, threads), n, False
-        if parts <= _MAX_SUMS and _is_running_sum(_cascade_order(threads, lanes), parts):
-            return part_sums(absmax, parts, n, size), n, False
-    return cpu._mean_as_torch(absmax.cpu(), threads).to(device).reshape(1), 1, False
+    plan = _mean_plan(n, threads)
+    if plan is None:
+        return cpu._mean_as_torch(absmax.cpu(), threads).to(absmax.device).reshape(1), 1, False
+    count, size, torch_sum, second_level = plan
+    sums = _part_sums(absmax, count, n, size)
+    if second_level:
+        return _part_sums(sums, 1, count, count), n, False
+    return sums, n, torch_sum
 
 
 def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor | None = None, divisor: int = 1,
@@ -419,7 +432,8 @@ def quantize_dynamic(values: torch.Tensor, block_size: int, sums: torch.Tensor |
     """``qtool.schemes.nf4.quantize_dynamic(values - offset, block_size)`` in one launch, the offset
     being the sum of ``sums`` (float32, on the device; none: 0; see absmax_mean) divided by
     ``divisor``. Returns (codes, absmax, offset as a 1-element tensor)."""
-    values = values.reshape(-1).float().contiguous()
+    if values.dtype != torch.float32 or values.dim() != 1 or not values.is_contiguous():
+        values = values.reshape(-1).float().contiguous()
     device = values.device
     if sums is None:
         sums = torch.zeros(1, dtype=torch.float32, device=device)
