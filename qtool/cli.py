@@ -204,6 +204,7 @@ def eval_command(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub branch, tag or commit."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto; cuda spreads a model one GPU cannot hold over all visible GPUs."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Weights per GPU when spreading, e.g. 70GiB (default: 90% of free memory)."),
+    runtime: str = typer.Option("dequantized", "--runtime", help="dequantized (weights decoded by qtool, W8A8 inputs quantized as the file says; any format) or native (transformers' own bitsandbytes / compressed-tensors modules; local folders)."),
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Measure perplexity (and damage against a baseline) on WikiText-2 or your own text."""
@@ -215,7 +216,7 @@ def eval_command(
         if (max_ppl_increase is not None or max_kld is not None) and baseline is None:
             raise BadArgument("--max-ppl-increase and --max-kld need --baseline MODEL to compare with")
         return evaluate(list(models), text_file=text, dataset=dataset, ctx=ctx, chunks=chunks, stride=stride,
-                        baseline=baseline, device=device, batch_size=batch_size, dtype=dtype,
+                        baseline=baseline, device=device, batch_size=batch_size, dtype=dtype, runtime=runtime,
                         max_ppl_increase=max_ppl_increase, max_kld=max_kld,
                         gpu_memory=_parse_size(gpu_memory, "--gpu-memory") if gpu_memory else None)
 

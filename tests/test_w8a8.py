@@ -250,6 +250,57 @@ def test_w8a8_per_token_dynamic(tiny_llama_dir, shared_data, tmp_path, symmetric
     assert float((got - logits(reference)).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("params", [{"act_strategy": "tensor", "act_range": "minmax"}, {"act_strategy": "token"},
+                                    {"act_strategy": "token", "act_symmetric": False}],
+                         ids=["static", "token", "token-asym"])
+def test_eval_replays_input_quantization(tiny_llama_dir, shared_data, tmp_path, params) -> None:
+    """qtool's evaluator (dequantized runtime) quantizes a W8A8 file's Linear inputs as the file says:
+    its logits equal compressed-tensors' runtime's, and differ from the weights alone."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.evaluation.model import load_causal_lm
+
+    out = tmp_path / "w8a8"
+    quantize_w8a8(tiny_llama_dir, out, shared_data, recipe=Recipe(scheme="w8a8", params=params))
+    runtime = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    ours = load_causal_lm(str(out), dtype="bf16", device="cpu").model
+    hooked = [name for name, module in ours.named_modules() if module._forward_pre_hooks]
+    assert len(hooked) == 14 and all(name.startswith("model.layers.") for name in hooked)
+    got = logits(ours)
+    assert float((got - logits(runtime)).abs().max()) <= 1e-5
+    for name in hooked:
+        ours.get_submodule(name)._forward_pre_hooks.clear()
+    assert float((logits(ours) - got).abs().max()) > 1e-3     # weights alone score differently
+
+
+def test_eval_runtimes_agree_on_w8a8_and_refuse_what_they_cannot_replay(tiny_llama_dir, shared_data, tmp_path) -> None:
+    from tests.test_cli import assert_one_line_error, qtool
+
+    out = tmp_path / "w8a8"
+    quantize_w8a8(tiny_llama_dir, out, shared_data, recipe=Recipe(scheme="w8a8", params={"act_strategy": "token"}))
+    text = tmp_path / "text.txt"
+    text.write_text((shared_data / "calibration" / "groups_merged.txt").read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    ppl = {}
+    for runtime in ("dequantized", "native"):
+        result = qtool("eval", str(out), "--text", str(text), "--ctx", "64", "--chunks", "3", "--device", "cpu",
+                       "--runtime", runtime, "--json", "-q")
+        assert result.returncode == 0, result.stderr
+        (row,) = json.loads(result.stdout)["models"]
+        assert row["runtime"] == runtime
+        ppl[runtime] = row["ppl"]
+    assert ppl["dequantized"] == pytest.approx(ppl["native"], rel=1e-4)
+    assert_one_line_error(qtool("eval", str(out), "--text", str(text), "--runtime", "fast"), 2, "--runtime fast")
+
+    # Inputs quantized per group: neither weight-only scoring nor a guess, a one-line refusal.
+    config = json.loads((out / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["input_activations"]["strategy"] = "group"
+        group["input_activations"]["group_size"] = 32
+    (out / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(qtool("eval", str(out), "--text", str(text), "--device", "cpu"), 4,
+                          "does not replay", "--runtime native")
+
+
 def test_asymmetric_inputs_need_per_token_scales(tiny_llama_dir, tmp_path) -> None:
     from tests.test_cli import assert_one_line_error, qtool
 

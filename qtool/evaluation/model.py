@@ -245,6 +245,27 @@ def _native_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     return model
 
 
+def replay_input_quantization(model: nn.Module, source: Source) -> int:
+    """Quantize the inputs of the Linears whose inputs the file's runtime quantizes (W8A8), as it
+    does, with forward pre-hooks: the dequantized runtime would otherwise score the weights alone.
+    Returns how many modules got one."""
+    from qtool.calibration.activation import fake_quantize_input
+
+    specs = source.input_quantization() if hasattr(source, "input_quantization") else {}
+    for name, spec in specs.items():
+        module = model.get_submodule(name)
+        weight = module.weight
+        scale = None if spec.scale is None else spec.scale.to(device=weight.device, dtype=weight.dtype)
+        zero_point = None if spec.zero_point is None else spec.zero_point.to(weight.device)
+
+        def quantize_input(module, args, spec=spec, scale=scale, zero_point=zero_point):
+            return (fake_quantize_input(args[0], bits=spec.bits, symmetric=spec.symmetric, per_token=spec.per_token,
+                                        scale=scale, zero_point=zero_point),) + tuple(args[1:])
+
+        module.register_forward_pre_hook(quantize_input)
+    return len(specs)
+
+
 def load_causal_lm(spec: str | Source, *, dtype: str = "fp32", device: str = "cpu",
                    runtime: str = "dequantized", revision: str | None = None,
                    gpu_memory: int | None = None) -> LoadedModel:
@@ -266,6 +287,7 @@ def load_causal_lm(spec: str | Source, *, dtype: str = "fp32", device: str = "cp
             model = _native_model(source, dtype=compute_dtype, device=compute_device)
         else:
             model = model_from_source(source, dtype=compute_dtype, device=compute_device, gpu_memory=gpu_memory)
+            replay_input_quantization(model, source)
         description = source.description
     finally:
         if owned:

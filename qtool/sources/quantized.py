@@ -27,6 +27,18 @@ _BNB_4BIT_AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@dataclass(frozen=True)
+class InputQuantization:
+    """How a file's runtime quantizes a Linear's input (compressed-tensors int ``input_activations``):
+    with a stored per-tensor ``scale`` (and zero point), or dynamically from each token's range
+    (``per_token``) or the whole input's."""
+    bits: int
+    symmetric: bool
+    per_token: bool
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+
+
 @dataclass
 class _Logical:
     info: TensorInfo
@@ -48,6 +60,7 @@ class QuantizedSource(Source):
         self.model_dtype = _TORCH_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"),
                                              torch.float32)
         stored = {info.name: info for info in inner.tensors()}
+        self._stored_names = set(stored)
         method = self.quantization_config.get("quant_method")
         if method == "bitsandbytes":
             logical = self._bnb(stored)
@@ -118,9 +131,10 @@ class QuantizedSource(Source):
             if not name.endswith(".weight_scale"):
                 continue
             module = name[: -len(".weight_scale")]
-            args = _weights_args(module, groups, ignore)
-            if args is None:
+            group = _target_group(module, groups, ignore)
+            if group is None:
                 raise CorruptFile(f"{self.description}: {module} has a weight_scale but no config group targets it")
+            args = group.get("weights") or {}
             bits = int(args.get("num_bits", 8))
             zero_name = module + ".weight_zero_point"
             has_zero = zero_name in stored
@@ -161,6 +175,38 @@ class QuantizedSource(Source):
                            shape=tuple(shape), dtype=scale.dtype)
         return dequantize_int(packed)
 
+    def input_quantization(self) -> dict[str, InputQuantization]:
+        """The modules whose inputs the file's runtime quantizes (W8A8), by module name; empty for
+        weight-only files. A kind the evaluator cannot replay (float inputs, groups, static per
+        token) raises Unsupported rather than being evaluated as weight-only."""
+        if self.quantization_config.get("quant_method") != "compressed-tensors":
+            return {}
+        groups = list((self.quantization_config.get("config_groups") or {}).values())
+        ignore = self.quantization_config.get("ignore") or []
+        found: dict[str, InputQuantization] = {}
+        for weight in self._logical:
+            module = weight[: -len(".weight")]
+            args = (_target_group(module, groups, ignore) or {}).get("input_activations")
+            if not args:
+                continue
+            kind, strategy, dynamic = args.get("type", "int"), args.get("strategy", "tensor"), args.get("dynamic", False)
+            if kind != "int" or strategy not in ("tensor", "token") or dynamic not in (True, False) \
+                    or (strategy == "token" and not dynamic):
+                raise Unsupported(f"{self.description}: {module} quantizes its inputs as {kind} {strategy} "
+                                  f"(dynamic: {dynamic}), which qtool's evaluator does not replay; "
+                                  "evaluate it with --runtime native")
+            scale = zero_point = None
+            if not dynamic:
+                if module + ".input_scale" not in self._stored_names:
+                    raise CorruptFile(f"{self.description}: {module} has static input quantization but no "
+                                      f"{module}.input_scale")
+                scale = self._raw(module + ".input_scale")
+                if module + ".input_zero_point" in self._stored_names:
+                    zero_point = self._raw(module + ".input_zero_point")
+            found[module] = InputQuantization(bits=int(args.get("num_bits", 8)), symmetric=bool(args.get("symmetric", True)),
+                                              per_token=strategy == "token", scale=scale, zero_point=zero_point)
+        return found
+
     # -- the Source protocol -----------------------------------------------------------------------
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
@@ -200,12 +246,13 @@ def _target_matches(target: str, module: str) -> bool:
     return target == module or module.endswith("." + target)
 
 
-def _weights_args(module: str, groups: list[dict[str, Any]], ignore: list[str]) -> dict[str, Any] | None:
+def _target_group(module: str, groups: list[dict[str, Any]], ignore: list[str]) -> dict[str, Any] | None:
+    """The config group that targets ``module`` (None: ignored or untargeted)."""
     if any(_target_matches(pattern, module) and not pattern[:1].isupper() for pattern in ignore):
         return None
     for group in groups:
         if any(_target_matches(target, module) for target in group.get("targets") or []):
-            return group.get("weights") or {}
+            return group
     return None
 
 
