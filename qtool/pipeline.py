@@ -83,6 +83,10 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
             return size_report(source, infos, plans, sizes, output=None, fmt=options.format,
                                seconds=time.perf_counter() - started, dry_run=True, labels=labels)
 
+        if options.method != "rtn":
+            from qtool.calibration.packing import check_packable
+
+            check_packable(plans, options.method)    # before any calibration work
         # W8A8 may smooth the model first: from here on (GPTQ included), tensors are read through the smoothing.
         source, scales, activations = activation_scales(source, plans, options, device)
         calibrated, folds = calibrate_plans(source, plans, options, device)

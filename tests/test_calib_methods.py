@@ -102,6 +102,18 @@ def test_method_errors(tiny_llama_dir: Path) -> None:
         assert items and all(math.isnan(item.error) for item in items)
 
 
+def test_unwritable_calibrated_scheme_is_refused_before_calibration(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Calibrated int8-sym (bitsandbytes rows) has no packing yet: the error comes first, before the
+    calibration text is even read (the path below does not exist), and nothing is written."""
+    from tests.test_cli import assert_one_line_error, qtool
+
+    out = tmp_path / "out"
+    assert_one_line_error(qtool("quantize", str(tiny_llama_dir), "--scheme", "int8-sym", "--method", "gptq",
+                                "--calib", str(tmp_path / "missing.txt"), "-o", str(out)),
+                          2, "int8-sym", "--method rtn")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
 @pytest.mark.parametrize("method", ["imatrix", "gptq"])
 def test_kquant_results_pack_into_bytes_that_decode_to_the_calibrated_weight(type_name: str, method: str) -> None:

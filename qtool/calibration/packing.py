@@ -127,17 +127,32 @@ def pack_int8_channel(result: QuantResult, dtype: torch.dtype) -> Any:
                      shape=(rows, cols), dtype=dtype)
 
 
+_PACKERS: dict[str, Any] = {
+    **{name: lambda plan, result, dtype: pack_ggml(plan.scheme, result)
+       for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL")},
+    **{name: lambda plan, result, dtype: pack_kquant(plan.scheme, result) for name in ("Q4_K", "Q5_K")},
+    **{name: lambda plan, result, dtype: pack_int(plan.scheme, result, int(plan.params.get("group_size", 128)), dtype)
+       for name in ("int4-sym", "int4-asym")},
+    "w8a8": lambda plan, result, dtype: pack_int8_channel(result, dtype),
+    **{name: pack_4bit for name in ("nf4", "fp4")},
+}
+
+
 def pack_result(plan: TensorPlan, result: QuantResult, dtype: torch.dtype = torch.float32) -> Any:
     """The packed object the plan's sink writes, holding exactly ``result``'s grid.
     ``dtype``: the source weight's dtype (compressed-tensors stores scales in it)."""
-    if plan.scheme in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"):
-        return pack_ggml(plan.scheme, result)
-    if plan.scheme in ("Q4_K", "Q5_K"):
-        return pack_kquant(plan.scheme, result)
-    if plan.scheme in ("int4-sym", "int4-asym"):
-        return pack_int(plan.scheme, result, int(plan.params.get("group_size", 128)), dtype)
-    if plan.scheme == "w8a8":
-        return pack_int8_channel(result, dtype)
-    if plan.scheme in ("nf4", "fp4"):
-        return pack_4bit(plan, result, dtype)
-    raise BadArgument(f"packing calibrated {plan.scheme} tensors is not supported yet; use --method rtn")
+    packer = _PACKERS.get(plan.scheme)
+    if packer is None:
+        raise BadArgument(f"packing calibrated {plan.scheme} tensors is not supported yet; use --method rtn")
+    return packer(plan, result, dtype)
+
+
+def check_packable(plans: list[TensorPlan], method: str) -> None:
+    """Refuse, before any calibration work, a plan whose calibrated decoder-block tensors could not
+    be written (embeddings and the head are not calibrated: the sink rounds them to nearest)."""
+    from qtool.plan import layer_index
+
+    for plan in plans:
+        if not plan.keep and layer_index(plan.name) is not None and plan.scheme not in _PACKERS:
+            raise BadArgument(f"--method {method}: calibrated {plan.scheme} tensors cannot be written yet "
+                              f"({plan.name}); use --method rtn, or a scheme such as w8a8 or int4-sym")
