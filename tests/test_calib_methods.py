@@ -102,6 +102,33 @@ def test_method_errors(tiny_llama_dir: Path) -> None:
         assert items and all(math.isnan(item.error) for item in items)
 
 
+@pytest.mark.parametrize("scheme", ["int4-sym", "w8a8"])
+def test_calibrated_scales_are_stored_in_the_model_dtype(tiny_llama_dir: Path, shared_data: Path, tmp_path: Path,
+                                                          scheme: str) -> None:
+    """GPTQ's scales (float32, rounded to bfloat16 by the grid) are written in the bf16 model's
+    dtype, as round to nearest writes them, with the same values."""
+    from safetensors import safe_open
+
+    from qtool.calibration.methods import grid_for
+    from qtool.pipeline import QuantizeOptions, quantize
+
+    params = {"act_strategy": "token"} if scheme == "w8a8" else {"group_size": 32}    # rows of 64 here
+    options = QuantizeOptions(method="gptq", calib=str(shared_data / "calibration" / "groups_merged.txt"),
+                              calib_samples=2, calib_seqlen=32)
+    out = tmp_path / scheme
+    quantize(str(tiny_llama_dir), out, Recipe(scheme=scheme, params=params), options)
+    with resolve(str(tiny_llama_dir)) as source, safe_open(str(out / "model.safetensors"), "pt") as handle:
+        plans = [p for p in _plans(source, scheme, **params) if not p.keep and layer_index(p.name) is not None]
+        assert plans
+        items = {item.plan.name: item for item in calibrated_weights(source, plans, MethodOptions("gptq"),
+                                                                     calib_set=_calib(source, 2, 32))}
+        for plan in plans:
+            stored = handle.get_tensor(plan.name.replace(".weight", ".weight_scale"))
+            assert stored.dtype == torch.bfloat16, plan.name
+            assert grid_for(plan).scale_dtype in (torch.bfloat16, None)
+            assert torch.equal(stored.float().reshape(-1), items[plan.name].packed.scale.float().reshape(-1))
+
+
 def test_unwritable_calibrated_scheme_is_refused_before_calibration(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Calibrated int8-sym (bitsandbytes rows) has no packing yet: the error comes first, before the
     calibration text is even read (the path below does not exist), and nothing is written."""

@@ -28,6 +28,7 @@ simply not targeted).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, ClassVar
 
@@ -128,6 +129,16 @@ class CompressedSink(SafetensorsSink):
         if not args["symmetric"]:
             outputs.append(entry_bound(f"{module}.weight_zero_point", torch.int32, (-(-rows * bits // 32), groups)))
         return outputs
+
+    def calibrated_as(self, packed: PackedInt, dtype: torch.dtype) -> PackedInt:
+        """Calibrated scales come in float32; round to nearest stores them in the weight's dtype, and
+        so does this where that dtype holds them exactly (the grids round scales to bfloat16)."""
+        if not dtype.is_floating_point or packed.scale.dtype == dtype:
+            return packed
+        scale = packed.scale.to(dtype)
+        if not torch.equal(scale.to(packed.scale.dtype), packed.scale):
+            return packed
+        return dataclasses.replace(packed, scale=scale, dtype=dtype)
 
     def packed_tensors(self, plan: TensorPlan, packed: PackedInt) -> dict[str, torch.Tensor]:
         module = _module_name(plan.name)

@@ -361,6 +361,11 @@ class SafetensorsSink(Sink):
     def packed_tensors(self, plan: TensorPlan, packed: Any) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def calibrated_as(self, packed: Any, dtype: torch.dtype) -> Any:
+        """A calibration method's packed result as the format stores the weight's own results
+        (``dtype``: the source weight's); unchanged by default."""
+        return packed
+
     def quantization_config(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -372,6 +377,7 @@ class SafetensorsSink(Sink):
     # -- the Sink protocol ---------------------------------------------------------------------
     def add(self, plan: TensorPlan, tensor: torch.Tensor, packed: Any = None) -> int:
         if packed is not None:   # already quantized by a calibration-aware method
+            packed = self.calibrated_as(packed, tensor.dtype)
             return sum(self.writer.write(name, value) for name, value in self.packed_tensors(plan, packed).items())
         if tuple(tensor.shape) != tuple(plan.shape):
             raise BadArgument(f"tensor {plan.name} has shape {tuple(tensor.shape)}, the plan says {plan.shape}")
