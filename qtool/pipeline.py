@@ -73,6 +73,7 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
     with resolve(spec, revision=options.revision) as source:
         plans = plan_model(source, recipe, options.format)
         sink_type = sink_class(options.format, {p.scheme for p in plans if not p.keep})
+        sink_type.check_layout(plans)     # before reading or calibrating anything, and for --dry-run
         if source.is_quantized:
             ui.warn(f"{spec} is already quantized; its dequantized weights are quantized again, "
                     "which adds the errors of both steps")

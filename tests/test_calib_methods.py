@@ -131,13 +131,18 @@ def test_calibrated_scales_are_stored_in_the_model_dtype(tiny_llama_dir: Path, s
 
 def test_unwritable_calibrated_scheme_is_refused_before_calibration(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Calibrated int8-sym (bitsandbytes rows) has no packing yet: the error comes first, before the
-    calibration text is even read (the path below does not exist), and nothing is written."""
+    calibration text is even read (the path below does not exist), and nothing is written; so do
+    the output format's layout errors."""
     from tests.test_cli import assert_one_line_error, qtool
 
     out = tmp_path / "out"
     assert_one_line_error(qtool("quantize", str(tiny_llama_dir), "--scheme", "int8-sym", "--method", "gptq",
                                 "--calib", str(tmp_path / "missing.txt"), "-o", str(out)),
                           2, "int8-sym", "--method rtn")
+    # The format's own layout checks come first too (and in a dry run).
+    for extra in (["--method", "gptq", "--calib", str(tmp_path / "missing.txt"), "-o", str(out)], ["--dry-run"]):
+        assert_one_line_error(qtool("quantize", str(tiny_llama_dir), "--scheme", "int4-sym", "--group-size", "48",
+                                    *extra), 2, "--group-size 48")
     assert not out.exists()
 
 

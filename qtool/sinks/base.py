@@ -35,6 +35,11 @@ class Sink(ABC):
         raise NotImplementedError
 
     @classmethod
+    def check_layout(cls, plans: list[TensorPlan]) -> None:
+        """Refuse plans the format cannot lay out (BadArgument), from the plans alone: the pipeline
+        calls it before any calibration or reading, and for --dry-run."""
+
+    @classmethod
     def stored_scheme(cls, plan: TensorPlan) -> str:
         """The scheme a planned tensor is really written with (a format may fall back to another)."""
         return plan.scheme

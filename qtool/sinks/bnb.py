@@ -59,8 +59,9 @@ def _params_4bit(plan: TensorPlan) -> tuple[int, bool]:
 class BnbSink(SafetensorsSink):
     family: ClassVar[str] = "bnb"
 
-    def check_plans(self, plans: list[TensorPlan]) -> None:
-        super().check_plans(plans)
+    @classmethod
+    def check_layout(cls, plans: list[TensorPlan]) -> None:
+        super().check_layout(plans)
         quantized = [plan for plan in plans if not plan.keep]
         kinds = {"8bit" if plan.scheme == "int8-sym" else "4bit" for plan in quantized}
         if len(kinds) > 1:
@@ -78,7 +79,12 @@ class BnbSink(SafetensorsSink):
                 if block_size not in BLOCK_SIZES:
                     raise BadArgument(f"--block-size {block_size}: bitsandbytes takes one of "
                                       f"{', '.join(map(str, BLOCK_SIZES))}")
-        self.scheme_name = quant_types.pop() if quant_types else ("int8-sym" if kinds == {"8bit"} else None)
+
+    def check_plans(self, plans: list[TensorPlan]) -> None:
+        super().check_plans(plans)
+        quantized = [plan for plan in plans if not plan.keep]
+        four_bit = {plan.scheme for plan in quantized if plan.scheme != "int8-sym"}   # one at most (check_layout)
+        self.scheme_name = four_bit.pop() if four_bit else ("int8-sym" if quantized else None)
         double_quants = {_params_4bit(plan)[1] for plan in quantized if plan.scheme != "int8-sym"}
         self.double_quant = double_quants != {False}
         # An explicit skip list replaces transformers' default one (lm_head), so lm_head is named

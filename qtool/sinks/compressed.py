@@ -86,8 +86,9 @@ def _input_args(plan: TensorPlan) -> dict[str, Any] | None:
 class CompressedSink(SafetensorsSink):
     family: ClassVar[str] = "compressed"
 
-    def check_plans(self, plans: list[TensorPlan]) -> None:
-        super().check_plans(plans)
+    @classmethod
+    def check_layout(cls, plans: list[TensorPlan]) -> None:
+        super().check_layout(plans)
         for plan in plans:
             if plan.keep:
                 continue
@@ -100,7 +101,11 @@ class CompressedSink(SafetensorsSink):
                 raise BadArgument(f"--group-size {group_size} does not divide the {plan.shape[1]} input columns of "
                                   f"{plan.name}; compressed-tensors needs whole groups (try a divisor such as "
                                   f"{math.gcd(plan.shape[1], 128) or 1})")
-            if needs_static_scale(plan) and plan.name not in self.input_scales:
+
+    def check_plans(self, plans: list[TensorPlan]) -> None:
+        super().check_plans(plans)
+        for plan in plans:
+            if not plan.keep and needs_static_scale(plan) and plan.name not in self.input_scales:
                 raise BadArgument(f"{plan.name}: w8a8 with static activation scales needs calibration "
                                   "(--calib FILE or --stats FILE), or pass --act-strategy token")
 

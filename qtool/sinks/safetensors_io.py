@@ -341,11 +341,16 @@ class SafetensorsSink(Sink):
         self.quantized_dtypes: dict[torch.dtype, int] = {}
 
     # -- what subclasses provide -------------------------------------------------------------
-    def check_plans(self, plans: list[TensorPlan]) -> None:
+    @classmethod
+    def check_layout(cls, plans: list[TensorPlan]) -> None:
         for plan in plans:
-            if not plan.keep and get_scheme(plan.scheme).family != self.family:
-                raise BadArgument(f"{type(self).__name__} cannot write scheme {plan.scheme!r} "
+            if not plan.keep and get_scheme(plan.scheme).family != cls.family:
+                raise BadArgument(f"{cls.__name__} cannot write scheme {plan.scheme!r} "
                                   f"(tensor {plan.name}); pick schemes of one family")
+
+    def check_plans(self, plans: list[TensorPlan]) -> None:
+        """check_layout, and what depends on the sink's options."""
+        self.check_layout(plans)
 
     @classmethod
     def outputs(cls, plan: TensorPlan, dtype: torch.dtype) -> list[OutputTensor]:
