@@ -264,6 +264,10 @@ def test_eval_replays_input_quantization(tiny_llama_dir, shared_data, tmp_path, 
     quantize_w8a8(tiny_llama_dir, out, shared_data, recipe=Recipe(scheme="w8a8", params=params))
     runtime = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
     ours = load_causal_lm(str(out), dtype="bf16", device="cpu").model
+    from qtool.sources.resolve import resolve
+
+    with resolve(str(out)) as source:    # the float model it reads as has no input scales
+        assert not [info.name for info in source.tensors() if info.name.endswith(".input_scale")]
     hooked = [name for name, module in ours.named_modules() if module._forward_pre_hooks]
     assert len(hooked) == 14 and all(name.startswith("model.layers.") for name in hooked)
     got = logits(ours)

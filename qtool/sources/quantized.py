@@ -70,6 +70,9 @@ class QuantizedSource(Source):
             raise Unsupported(f"{inner.description}: quantization method {method!r} is not one qtool reads "
                               "(bitsandbytes, compressed-tensors)")
         hidden = {part for item in logical.values() for part in item.parts}
+        # W8A8 input scales belong to the runtime's input quantization (see input_quantization), not
+        # to the float model: a re-quantized output must not carry them.
+        hidden |= {name for name in stored if name.endswith((".input_scale", ".input_zero_point"))}
         self._logical = logical
         # Each logical tensor takes the place of its first stored part, so file order is kept.
         first_part = {item.parts[0]: item for item in logical.values()}
