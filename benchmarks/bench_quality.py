@@ -130,14 +130,15 @@ class Report:
 
 
 def _stats(source, args) -> tuple[object, float, list[float]]:
-    from qtool.calibration.data import calibration_set, load_tokenizer
+    from qtool.calibration.data import calibration_set
+    from qtool.tokenizer import load_tokenizer
     from qtool.calibration.runner import calibrate, load_stats, save_stats
 
     path = BENCH_DIR / f"stats-{args.samples}x{args.seqlen}-seed{args.seed}.safetensors"
     if path.is_file():
         stats = load_stats(path)
         return stats, sum(r.seconds for r in stats.records), [r.seconds for r in stats.records]
-    calib = calibration_set(args.calib, load_tokenizer(source.tokenizer_dir()), samples=args.samples,
+    calib = calibration_set(args.calib, load_tokenizer(source), samples=args.samples,
                             seqlen=args.seqlen, seed=args.seed)
     started = time.perf_counter()
     stats = calibrate(source, calib_set=calib, want_hessian=True, device=args.device)
@@ -352,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             stats, calib_seconds, layer_seconds = _stats(source, args)
         else:
             stats, calib_seconds, layer_seconds = None, 0.0, []
-            from qtool.calibration.data import calibration_set, load_tokenizer
+            from qtool.calibration.data import calibration_set
+            from qtool.tokenizer import load_tokenizer
 
-            calib_set = calibration_set(args.calib, load_tokenizer(source.tokenizer_dir()), samples=args.samples,
+            calib_set = calibration_set(args.calib, load_tokenizer(source), samples=args.samples,
                                         seqlen=args.seqlen, seed=args.seed)
         base_ppl, base_err = _cached_ppl("qtool-base", lambda: _qtool_ppl(source, text, args), args)
         rows.append(Row("unquantized (GGUF source, fp32)", "qtool eval", None, base_ppl, base_err, base_ppl, 0.0))

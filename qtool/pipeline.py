@@ -133,7 +133,8 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
     if options.method == "rtn":   # the sink's own round-to-nearest; --stats may be for activation scales
         return {}, {}
     from qtool.calibration import MethodOptions, calibrated_weights, calibration_set, load_stats
-    from qtool.calibration.data import DEFAULT_CALIB, load_tokenizer
+    from qtool.calibration.data import DEFAULT_CALIB
+    from qtool.tokenizer import load_tokenizer
 
     from qtool.calibration.smoothing import SmoothedSource
 
@@ -147,7 +148,7 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
         samples, seqlen, stats = stats.samples, stats.seqlen, None
     calib_set = None
     if stats is None:
-        calib_set = calibration_set(calib, load_tokenizer(source.tokenizer_dir()), samples=samples, seqlen=seqlen,
+        calib_set = calibration_set(calib, load_tokenizer(source, "calibration"), samples=samples, seqlen=seqlen,
                                     seed=0)
     results = calibrated_weights(source, plans, MethodOptions(method=options.method), stats=stats,
                                  calib_set=calib_set, device=device)

@@ -21,7 +21,7 @@ import torch
 
 from qtool.calibration import MethodOptions, OverlaySource, calibrate, calibrated_weights, calibration_set, save_stats
 from qtool.calibration.awq import Choice, alpha_grid, block_sites, channel_scales, effective_weight, fold_ops
-from qtool.calibration.data import load_tokenizer
+from qtool.tokenizer import load_tokenizer
 from qtool.calibration.smoothing import SmoothedSource, apply_ops
 from qtool.errors import BadArgument
 from qtool.evaluation.model import model_from_source
@@ -33,7 +33,7 @@ PROMPT_IDS = torch.tensor([[1, 504, 3458, 282, 5248, 314, 2209, 30, 378, 1345]])
 
 
 def _calib(source, shared_data: Path, samples: int, seqlen: int):
-    return calibration_set(shared_data / "calibration" / "groups_merged.txt", load_tokenizer(source.tokenizer_dir()),
+    return calibration_set(shared_data / "calibration" / "groups_merged.txt", load_tokenizer(source),
                            samples=samples, seqlen=seqlen)
 
 

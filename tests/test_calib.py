@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtool.calibration.data import CalibrationSet, calibration_set, load_tokenizer, read_calibration_text, sample_windows
+from qtool.calibration.data import CalibrationSet, calibration_set, read_calibration_text, sample_windows
+from qtool.tokenizer import load_tokenizer
 from qtool.calibration.activation import choose_scale
 from qtool.calibration.observers import InputObserver
 from qtool.calibration.runner import calibrate, hf_config, load_stats, save_stats, walk_blocks
@@ -82,7 +83,7 @@ def _tiny_set(source, samples: int = 3, seqlen: int = 32, seed: int = 0) -> Cali
     text = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "groups_merged.txt"
     if not text.is_file():
         pytest.skip(f"calibration text {text} is absent")
-    return calibration_set(text, load_tokenizer(source.tokenizer_dir()), samples=samples, seqlen=seqlen, seed=seed)
+    return calibration_set(text, load_tokenizer(source), samples=samples, seqlen=seqlen, seed=seed)
 
 
 def _full_model_stats(source, tokens: torch.Tensor) -> dict[str, torch.Tensor]:

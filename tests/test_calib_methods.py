@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qtool.calibration import MethodOptions, OverlaySource, calibrate, calibrated_weights, calibration_set, load_stats, save_stats
-from qtool.calibration.data import load_tokenizer
+from qtool.tokenizer import load_tokenizer
 from qtool.errors import BadArgument
 from qtool.plan import Recipe, build_plan, layer_index
 from qtool.schemes.base import get_scheme
@@ -20,7 +20,7 @@ def _calib(source, samples: int = 3, seqlen: int = 32):
     text = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "groups_merged.txt"
     if not text.is_file():
         pytest.skip(f"calibration text {text} is absent")
-    return calibration_set(text, load_tokenizer(source.tokenizer_dir()), samples=samples, seqlen=seqlen)
+    return calibration_set(text, load_tokenizer(source), samples=samples, seqlen=seqlen)
 
 
 def _plans(source, scheme: str, **params):

@@ -102,7 +102,8 @@ def test_packing_refuses_blocks_across_rows():
 def test_gptq_beats_rtn_on_real_smollm2_layers(smollm2_gguf: Path) -> None:
     """Block 0 and 1 of SmolLM2, every Linear: GPTQ (double-quantized scales, static groups) has a
     lower layer-output error than bitsandbytes' NF4 + double quant, and so does the importance search."""
-    from qtool.calibration.data import calibration_set, load_tokenizer
+    from qtool.calibration.data import calibration_set
+    from qtool.tokenizer import load_tokenizer
     from qtool.calibration.runner import walk_blocks
     from qtool.schemes.base import get_scheme
     from qtool.sources.resolve import resolve
@@ -113,7 +114,7 @@ def test_gptq_beats_rtn_on_real_smollm2_layers(smollm2_gguf: Path) -> None:
     nf4 = get_scheme("nf4")
     grid = make_grid("nf4", double_quant=True)
     with resolve("smollm2-135m") as source:
-        calib = calibration_set(text, load_tokenizer(source.tokenizer_dir()), samples=4, seqlen=256)
+        calib = calibration_set(text, load_tokenizer(source), samples=4, seqlen=256)
         totals = {"rtn": 0.0, "imatrix": 0.0, "gptq": 0.0}
         for step in walk_blocks(source, calib):
             for name, module in step.linears.items():
@@ -142,7 +143,7 @@ def test_quantize_nf4_gptq_loads_in_transformers(tiny_llama_dir: Path, tmp_path:
     from transformers import AutoModelForCausalLM
 
     from qtool.calibration import MethodOptions, calibrated_weights, calibration_set
-    from qtool.calibration.data import load_tokenizer
+    from qtool.tokenizer import load_tokenizer
     from qtool.pipeline import QuantizeOptions, quantize
     from qtool.plan import Recipe, build_plan
     from qtool.sources.resolve import resolve
@@ -159,7 +160,7 @@ def test_quantize_nf4_gptq_loads_in_transformers(tiny_llama_dir: Path, tmp_path:
     # The same calibration, run directly: the weights the method chose.
     with resolve(str(tiny_llama_dir)) as source:
         plans = build_plan(source.tensors(), recipe, int(source.config["num_hidden_layers"]))
-        calib = calibration_set(text, load_tokenizer(source.tokenizer_dir()), samples=4, seqlen=64, seed=0)
+        calib = calibration_set(text, load_tokenizer(source), samples=4, seqlen=64, seed=0)
         chosen = {item.plan.name: item.weight for item in
                   calibrated_weights(source, plans, MethodOptions("gptq"), calib_set=calib, pack=False)}
     assert len(chosen) == 14

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qtool.evaluation import evaluate
-from qtool.evaluation.model import bos_policy, load_tokenizer
+from qtool.tokenizer import bos_policy, load_tokenizer
 from qtool.sources.resolve import resolve
 from tests._eval_helpers import llama_cpp_perplexity, llama_cpp_tokens, write_gguf_variant, write_hf_folder
 

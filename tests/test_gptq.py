@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from qtool.calibration.data import calibration_set, load_tokenizer
+from qtool.calibration.data import calibration_set
+from qtool.tokenizer import load_tokenizer
 from qtool.calibration.packing import pack_ggml, pack_result
 from qtool.calibration.runner import walk_blocks
 from qtool.plan import TensorPlan
@@ -170,7 +171,7 @@ def _smollm2_steps(samples: int, seqlen: int):
     if not text.is_file():
         pytest.skip(f"calibration text {text} is absent")
     source = resolve("smollm2-135m")
-    calib = calibration_set(text, load_tokenizer(source.tokenizer_dir()), samples=samples, seqlen=seqlen)
+    calib = calibration_set(text, load_tokenizer(source), samples=samples, seqlen=seqlen)
     return source, walk_blocks(source, calib)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from qtool.errors import BadArgument, NetworkError, NotFound
+from qtool.tokenizer import bos_policy
 
 WIKITEXT2_TRAIN = "wikitext2-train"
 DEFAULT_CALIB = WIKITEXT2_TRAIN
@@ -70,22 +71,6 @@ def _wikitext2_train() -> str:
     return "".join(pq.read_table(parquet, columns=["text"]).column("text").to_pylist())
 
 
-def load_tokenizer(tokenizer_dir: Path | None) -> Any:
-    if tokenizer_dir is None:
-        raise BadArgument("the model has no tokenizer files; calibration needs its tokenizer")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a").input_ids
-    return bool(ids) and ids[0] == bos
-
-
 def sample_windows(token_ids: torch.Tensor, *, samples: int, seqlen: int, seed: int,
                    bos_token_id: int | None = None) -> torch.Tensor:
     """``samples`` windows of ``seqlen`` tokens at seeded random offsets (BOS first when given)."""
@@ -108,6 +93,7 @@ def calibration_set(calib: str | Path, tokenizer: Any, *, samples: int = DEFAULT
     text, description = read_calibration_text(calib)
     ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
     token_ids = torch.tensor(ids, dtype=torch.long)
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    adds_bos, bos_id = bos_policy(tokenizer)
+    bos = bos_id if adds_bos else None
     windows = sample_windows(token_ids, samples=samples, seqlen=seqlen, seed=seed, bos_token_id=bos)
     return CalibrationSet(windows, description, int(token_ids.numel()), seed)

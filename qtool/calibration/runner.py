@@ -25,7 +25,8 @@ from torch import nn
 
 from qtool import ui
 from qtool.evaluation.model import hf_config
-from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set, load_tokenizer
+from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
+from qtool.tokenizer import load_tokenizer
 from qtool.calibration.observers import InputObserver, InputStats
 from qtool.errors import BadArgument, CorruptFile, NotFound, QtoolError, Unsupported
 from qtool.sources.base import Source
@@ -247,7 +248,7 @@ def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int
     disk when the block is done, and the returned statistics keep only the per-channel vectors, so
     memory holds one block's X^T X instead of the whole model's (3.9 GB for a 1.1B Llama)."""
     if calib_set is None:
-        calib_set = calibration_set(calib, load_tokenizer(source.tokenizer_dir()), samples=samples,
+        calib_set = calibration_set(calib, load_tokenizer(source, "calibration"), samples=samples,
                                     seqlen=seqlen, seed=seed)
     linears: dict[str, InputStats] = {}
     records: list[LayerRecord] = []

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from qtool import ui
-from qtool.errors import BadArgument, CorruptFile, NotFound, Unsupported
+from qtool.errors import BadArgument, CorruptFile, Unsupported
 from qtool.sources.base import Source
+from qtool.tokenizer import bos_policy, load_tokenizer
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RUNTIMES = ("dequantized", "native")
@@ -195,31 +196,6 @@ def gpu_device_map(model: nn.Module, dtype: torch.dtype, gpu_memory: int | None 
     return device_map
 
 
-def load_tokenizer(source: Source) -> Any:
-    from transformers import AutoTokenizer
-
-    folder = source.tokenizer_dir()
-    if folder is None:
-        raise NotFound(f"{source.description}: no tokenizer files found; evaluation needs the model's tokenizer "
-                       "(tokenizer.json) next to the weights")
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
-def bos_policy(tokenizer: Any) -> tuple[bool, int | None]:
-    """(adds BOS, BOS id) as the tokenizer is configured, which is what llama.cpp follows too.
-
-    Probed on a sample instead of read from ``add_bos_token``: that attribute is missing or
-    misleading for several tokenizer classes, while the post-processor is what actually runs.
-    """
-    bos_id = tokenizer.bos_token_id
-    if bos_id is None:
-        return False, None
-    with_special = tokenizer("a b", add_special_tokens=True)["input_ids"]
-    without = tokenizer("a b", add_special_tokens=False)["input_ids"]
-    adds = len(with_special) > len(without) and with_special[0] == bos_id
-    return adds, int(bos_id)
-
-
 def _native_folder(source: Source) -> Path | None:
     """The folder to give ``from_pretrained`` when the source is a quantized transformers checkpoint."""
     for candidate in (Path(source.spec), Path(str(source.spec).split("@")[0])):
@@ -282,7 +258,7 @@ def load_causal_lm(spec: str | Source, *, dtype: str = "fp32", device: str = "cp
 
         source, owned = resolve(spec, revision=revision), True
     try:
-        tokenizer = load_tokenizer(source)
+        tokenizer = load_tokenizer(source, "evaluation")
         if runtime == "native":
             model = _native_model(source, dtype=compute_dtype, device=compute_device)
         else:
