@@ -84,13 +84,14 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
             return size_report(source, infos, plans, sizes, output=None, fmt=options.format,
                                seconds=time.perf_counter() - started, dry_run=True, labels=labels)
 
+        calib_plans = stored_plans(plans, sink_type)
         if options.method != "rtn":
             from qtool.calibration.packing import check_packable
 
-            check_packable(plans, options.method)    # before any calibration work
+            check_packable(calib_plans, options.method)    # before any calibration work
         # W8A8 may smooth the model first: from here on (GPTQ included), tensors are read through the smoothing.
         source, scales, activations = activation_scales(source, plans, options, device)
-        calibrated, folds = calibrate_plans(source, plans, options, device)
+        calibrated, folds = calibrate_plans(source, calib_plans, options, device)
         if folds:   # AWQ: the packed weights belong to the scaled model; its norms are written too
             from qtool.calibration.smoothing import SmoothedSource
 
@@ -120,6 +121,22 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
             raise
         report.output = str(final)
         return report
+
+
+def stored_plans(plans: list[TensorPlan], sink_type: Any) -> list[TensorPlan]:
+    """The plans as the sink will store them, which is what calibration must fit: a GGUF block type
+    whose blocks do not divide a tensor's rows falls back to another type (Q4_K -> Q5_0 for rows of
+    576), or to a float type, which is not calibrated (kept)."""
+    stored = []
+    for plan in plans:
+        scheme = plan.scheme if plan.keep else sink_type.stored_scheme(plan)
+        if scheme == plan.scheme:
+            stored.append(plan)
+        elif scheme in ("F32", "F16", "BF16"):
+            stored.append(TensorPlan(plan.name, plan.shape, KEEP))
+        else:
+            stored.append(TensorPlan(plan.name, plan.shape, scheme))
+    return stored
 
 
 def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOptions,

@@ -129,6 +129,29 @@ def test_calibrated_scales_are_stored_in_the_model_dtype(tiny_llama_dir: Path, s
             assert torch.equal(stored.float().reshape(-1), items[plan.name].packed.scale.float().reshape(-1))
 
 
+def test_calibration_fits_the_type_a_gguf_file_falls_back_to(tiny_llama_dir: Path, shared_data: Path,
+                                                              tmp_path: Path) -> None:
+    """Rows of 64 or 128 hold no Q4_K super-block, so the GGUF file stores Q5_0 there: the calibrated
+    method must fit Q5_0 (it failed after calibrating, packed Q4_K against a Q5_0 tensor)."""
+    from gguf import GGUFReader
+
+    from tests.test_cli import qtool
+
+    calib = ["--calib", str(shared_data / "calibration" / "groups_merged.txt"), "--calib-samples", "2",
+             "--calib-seqlen", "32"]
+    files = {}
+    for method in ("rtn", "imatrix"):
+        files[method] = tmp_path / f"{method}.gguf"
+        result = qtool("quantize", str(tiny_llama_dir), "--format", "gguf", "--type", "Q4_K", "--method", method,
+                       *calib, "-o", str(files[method]), "-q")
+        assert result.returncode == 0, result.stderr
+    tensors = {method: {t.name: t for t in GGUFReader(path).tensors} for method, path in files.items()}
+    layer = [name for name in tensors["imatrix"] if name.startswith("blk.") and name.endswith(".weight")
+             and len(tensors["imatrix"][name].shape) == 2]
+    assert layer and {tensors["imatrix"][name].tensor_type.name for name in layer} == {"Q5_0"}
+    assert any(bytes(tensors["imatrix"][name].data) != bytes(tensors["rtn"][name].data) for name in layer)
+
+
 def test_unwritable_calibrated_scheme_is_refused_before_calibration(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """Calibrated int8-sym (bitsandbytes rows) has no packing yet: the error comes first, before the
     calibration text is even read (the path below does not exist), and nothing is written; so do

@@ -250,6 +250,33 @@ def test_w8a8_per_token_dynamic(tiny_llama_dir, shared_data, tmp_path, symmetric
     assert float((got - logits(reference)).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("strategy", ["tensor", "token"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quantize_input_is_compressed_tensors_dynamic_quantization(strategy, symmetric, dtype) -> None:
+    """qtool's replay of a Linear's dynamic input quantization equals compressed-tensors' own
+    functions bit for bit (random ranges, an all-zero token, 2-D and 3-D inputs, empty input)."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    from qtool.calibration.activation import fake_quantize_input
+
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=symmetric, strategy=strategy, dynamic=True)
+    generator = torch.Generator().manual_seed(4)
+    for trial in range(40):
+        shape = (2, 7, 48) if trial % 4 else (9, 48)
+        x = (torch.randn(shape, generator=generator) * (trial + 1) * 0.1 + (trial % 3 - 1) * 0.5).to(dtype)
+        if trial == 1:
+            x[0, 1] = 0
+        scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=torch.nn.Linear(1, 1))
+        expected = fake_quantize(x=x, scale=scale, zero_point=zero_point, args=args)
+        got = fake_quantize_input(x, symmetric=symmetric, per_token=strategy == "token")
+        assert got.dtype == expected.dtype and torch.equal(got, expected), (trial, shape)
+    empty = torch.zeros(0, 48, dtype=dtype)
+    assert fake_quantize_input(empty, symmetric=symmetric, per_token=strategy == "token").shape == (0, 48)
+
+
 @pytest.mark.parametrize("params", [{"act_strategy": "tensor", "act_range": "minmax"}, {"act_strategy": "token"},
                                     {"act_strategy": "token", "act_symmetric": False}],
                          ids=["static", "token", "token-asym"])
@@ -300,6 +327,13 @@ def test_eval_runtimes_agree_on_w8a8_and_refuse_what_they_cannot_replay(tiny_lla
     for group in config["quantization_config"]["config_groups"].values():
         group["input_activations"]["strategy"] = "group"
         group["input_activations"]["group_size"] = 32
+    (out / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(qtool("eval", str(out), "--text", str(text), "--device", "cpu"), 4,
+                          "does not replay", "--runtime native")
+    # So are quantized outputs.
+    for group in config["quantization_config"]["config_groups"].values():
+        group["output_activations"] = dict(group["input_activations"], strategy="token", dynamic=True)
+        group["input_activations"]["strategy"] = "token"
     (out / "config.json").write_text(json.dumps(config))
     assert_one_line_error(qtool("eval", str(out), "--text", str(text), "--device", "cpu"), 4,
                           "does not replay", "--runtime native")

@@ -186,13 +186,21 @@ class QuantizedSource(Source):
             return {}
         groups = list((self.quantization_config.get("config_groups") or {}).values())
         ignore = self.quantization_config.get("ignore") or []
+        for group in groups:
+            # Modules quantized on their inputs or outputs only carry no weight_scale to find them by.
+            if group.get("output_activations") or (group.get("input_activations") and not group.get("weights")):
+                raise Unsupported(f"{self.description}: a config group quantizes activations "
+                                  f"({', '.join(group.get('targets') or [])}) in a way qtool's evaluator does "
+                                  "not replay; evaluate it with --runtime native")
         found: dict[str, InputQuantization] = {}
         for weight in self._logical:
             module = weight[: -len(".weight")]
             args = (_target_group(module, groups, ignore) or {}).get("input_activations")
             if not args:
                 continue
-            kind, strategy, dynamic = args.get("type", "int"), args.get("strategy", "tensor"), args.get("dynamic", False)
+            kind, dynamic = args.get("type", "int"), args.get("dynamic", False)
+            # compressed-tensors' default strategy: groups when a group size is given, else the tensor.
+            strategy = args.get("strategy") or ("group" if args.get("group_size") else "tensor")
             if kind != "int" or strategy not in ("tensor", "token") or dynamic not in (True, False) \
                     or (strategy == "token" and not dynamic):
                 raise Unsupported(f"{self.description}: {module} quantizes its inputs as {kind} {strategy} "
