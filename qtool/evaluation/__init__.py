@@ -17,7 +17,7 @@ from rich.table import Table
 from qtool import ui
 from qtool.errors import BadArgument, QualityGateFailed
 from qtool.evaluation.datasets import EvalText, load_text
-from qtool.evaluation.model import RUNTIMES, LoadedModel, load_causal_lm, resolve_device, torch_dtype
+from qtool.evaluation.model import LoadedModel, check_runtime, load_causal_lm, resolve_device, torch_dtype
 from qtool.evaluation.perplexity import PassResult, compare, plan_windows, run_windows, tokenize
 
 
@@ -168,8 +168,7 @@ def evaluate(models: list[str], *, text_file: Path | None = None, dataset: str =
         raise BadArgument(f"{gate} compares against a reference: pass --baseline MODEL")
     if batch_size < 1:
         raise BadArgument(f"--batch-size {batch_size}: must be at least 1")
-    if runtime not in RUNTIMES:
-        raise BadArgument(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     torch_dtype(dtype)
     compute_device = resolve_device(device)
     eval_text = text or load_text(text_file, dataset)

@@ -227,7 +227,7 @@ def replay_input_quantization(model: nn.Module, source: Source) -> int:
     Returns how many modules got one."""
     from qtool.calibration.activation import fake_quantize_input
 
-    specs = source.input_quantization() if hasattr(source, "input_quantization") else {}
+    specs = source.input_quantization()
     for name, spec in specs.items():
         module = model.get_submodule(name)
         weight = module.weight
@@ -242,12 +242,16 @@ def replay_input_quantization(model: nn.Module, source: Source) -> int:
     return len(specs)
 
 
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise BadArgument(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+
+
 def load_causal_lm(spec: str | Source, *, dtype: str = "fp32", device: str = "cpu",
                    runtime: str = "dequantized", revision: str | None = None,
                    gpu_memory: int | None = None) -> LoadedModel:
     """Resolve ``spec`` (anything qtool's sources read) and build the model + tokenizer for evaluation."""
-    if runtime not in RUNTIMES:
-        raise BadArgument(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     compute_dtype = torch_dtype(dtype)
     compute_device = resolve_device(device)
     started = time.perf_counter()

@@ -152,8 +152,8 @@ def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, flags_ptr, cols, n_groups, se
 def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtype: torch.dtype,
             f16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Enqueue the kernel: (q, scale, zero point, flags), nothing read back. flags (int32, on the
-    device, one per program; their maximum is what counts): bit 0 = some value is inf/NaN, bit 1 =
-    some value is beyond float16's range."""
+    device, one per program, OR-ed by read_flags): bit 0 = some value is inf/NaN, bit 1 = some
+    value is beyond float16's range."""
     rows, cols = matrix.shape
     n_groups = -(-cols // segment)
     n_segments = rows * n_groups

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,11 @@ class Source(ABC):
 
     def extra_files(self) -> dict[str, Path]:
         """Other files worth copying next to a quantized output (generation_config.json, ...)."""
+        return {}
+
+    def input_quantization(self) -> dict[str, Any]:
+        """Modules whose inputs the checkpoint's runtime quantizes (W8A8), by name; none for float
+        checkpoints (see qtool.sources.quantized.InputQuantization)."""
         return {}
 
     def close(self) -> None:

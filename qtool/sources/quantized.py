@@ -60,7 +60,6 @@ class QuantizedSource(Source):
         self.model_dtype = _TORCH_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "float32"),
                                              torch.float32)
         stored = {info.name: info for info in inner.tensors()}
-        self._stored_names = set(stored)
         method = self.quantization_config.get("quant_method")
         if method == "bitsandbytes":
             logical = self._bnb(stored)
@@ -126,9 +125,13 @@ class QuantizedSource(Source):
             nested_block_size=int(state.get("nested_blocksize", 256)))
         return dequantize_4bit(packed)
 
+    def _groups(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """compressed-tensors' config groups and ignore list."""
+        return (list((self.quantization_config.get("config_groups") or {}).values()),
+                self.quantization_config.get("ignore") or [])
+
     def _compressed(self, stored: dict[str, TensorInfo]) -> dict[str, _Logical]:
-        groups = list((self.quantization_config.get("config_groups") or {}).values())
-        ignore = self.quantization_config.get("ignore") or []
+        groups, ignore = self._groups()
         logical: dict[str, _Logical] = {}
         for name in stored:
             if not name.endswith(".weight_scale"):
@@ -184,14 +187,14 @@ class QuantizedSource(Source):
         token) raises Unsupported rather than being evaluated as weight-only."""
         if self.quantization_config.get("quant_method") != "compressed-tensors":
             return {}
-        groups = list((self.quantization_config.get("config_groups") or {}).values())
-        ignore = self.quantization_config.get("ignore") or []
+        groups, ignore = self._groups()
         for group in groups:
             # Modules quantized on their inputs or outputs only carry no weight_scale to find them by.
             if group.get("output_activations") or (group.get("input_activations") and not group.get("weights")):
                 raise Unsupported(f"{self.description}: a config group quantizes activations "
                                   f"({', '.join(group.get('targets') or [])}) in a way qtool's evaluator does "
                                   "not replay; evaluate it with --runtime native")
+        stored = {info.name for info in self.inner.tensors()}
         found: dict[str, InputQuantization] = {}
         for weight in self._logical:
             module = weight[: -len(".weight")]
@@ -208,11 +211,11 @@ class QuantizedSource(Source):
                                   "evaluate it with --runtime native")
             scale = zero_point = None
             if not dynamic:
-                if module + ".input_scale" not in self._stored_names:
+                if module + ".input_scale" not in stored:
                     raise CorruptFile(f"{self.description}: {module} has static input quantization but no "
                                       f"{module}.input_scale")
                 scale = self._raw(module + ".input_scale")
-                if module + ".input_zero_point" in self._stored_names:
+                if module + ".input_zero_point" in stored:
                     zero_point = self._raw(module + ".input_zero_point")
             found[module] = InputQuantization(bits=int(args.get("num_bits", 8)), symmetric=bool(args.get("symmetric", True)),
                                               per_token=strategy == "token", scale=scale, zero_point=zero_point)
