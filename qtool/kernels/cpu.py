@@ -40,14 +40,20 @@ _Q6_K_CANDIDATES = np.array([np.float32(32 + float(np.float32(0.2)) * step) for 
                             dtype=np.float32)
 
 
-def _asymmetric_candidates(nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
-    """The constants rmin + rdelta*step + nmax of ggml_kquants._search_scale_min, as it rounds them."""
-    return np.array([np.float32(float(np.float32(rmin)) + float(np.float32(rdelta)) * step + nmax)
-                     for step in range(nstep + 1)], dtype=np.float32)
 
 
-_CANDIDATES = {"Q6_K": _Q6_K_CANDIDATES, "Q4_K": _asymmetric_candidates(15, -1.0, 0.2, 10),
-               "Q5_K": _asymmetric_candidates(31, -0.5, 0.2, 7)}
+@functools.cache
+def _candidates(scheme_name: str) -> np.ndarray | None:
+    """The float32 search constants a K-quant kernel takes (Q4_K/Q5_K: ggml_kquants.K32_CANDIDATES,
+    imported here, not at module level: the schemes import this module)."""
+    from qtool.schemes.ggml_kquants import K32_CANDIDATES
+
+    if scheme_name == "Q6_K":
+        return _Q6_K_CANDIDATES
+    if scheme_name in K32_CANDIDATES:
+        return np.array(K32_CANDIDATES[scheme_name], dtype=np.float32)
+    return None
+
 
 # scheme name -> (C function, bytes per block, elements per block)
 _FUNCTIONS = {"Q8_0": ("quantize_q8_0", 34, 32), "Q4_0": ("quantize_q4_0", 18, 32),
@@ -110,7 +116,8 @@ def cpu_kernel(scheme_name: str, library: ctypes.CDLL | None = None) -> Callable
         return None
     function_name, type_size, block = entry
     function = getattr(library, function_name)
-    extra = (_CANDIDATES[scheme_name].ctypes.data,) if scheme_name in _CANDIDATES else ()
+    candidates = _candidates(scheme_name)
+    extra = () if candidates is None else (candidates.ctypes.data,)
 
     def quantize_blocks(blocks: torch.Tensor) -> torch.Tensor:
         from qtool.schemes._parallel import run_chunks

@@ -349,10 +349,25 @@ static inline float closed_form_error(float scale, float offset, float sum_w, fl
            + offset * offset * sum_w - 2.0f * offset * sum_x + sum_x2;
 }
 
-/* _search_scale_min for one group of 32: x ≈ scale * l - min, l in [0, nmax]. candidates[0..nstep]
- * are the float32 constants rmin + rdelta*step + nmax. */
-static void search_scale_min32(const float *x, const float *w, float nmax, int nstep, const float *candidates,
-                               float *scale_out, float *min_out) {
+/* Σl and Σl² (small integers: exact in any order) and Σx·l (pairwise order) of one group's levels. */
+static inline void level_sums(const float *x, const float *levels, float *sum_l, float *sum_l2, float *sum_xl) {
+    float t_l2[32], t_xl[32];
+    for (int i = 0; i < 32; i++) {
+        t_l2[i] = levels[i] * levels[i];
+        t_xl[i] = x[i] * levels[i];
+    }
+    *sum_l = pairwise32(levels);
+    *sum_l2 = pairwise32(t_l2);
+    *sum_xl = pairwise32(t_xl);
+}
+
+#define K32_CANDIDATES 4   /* len(ggml_kquants.K32_CANDIDATES[...]) */
+#define K32_CODE_ROUNDS 2  /* ggml_kquants.K32_CODE_ROUNDS */
+
+/* _search_k32 for one group of 32: the scale and -offset of the best candidate, and the sums of its
+ * levels (sums[0..2]) and Σx (sums[3]). */
+static void search_k32(const float *x, float nmax, const float *candidates, float *scale_out, float *min_out,
+                       float *sums) {
     float low = x[0], high = x[0];
     for (int i = 1; i < 32; i++) {
         low = fminf(low, x[i]);
@@ -362,62 +377,81 @@ static void search_scale_min32(const float *x, const float *w, float nmax, int n
     float span = high - low;
     int flat = span == 0.0f;
     if (flat) span = 1.0f;
-    float shifted[32], wx[32], t_l[32], t_l2[32], t_xl[32], t[32];
+    float shifted[32], squares[32], levels[32];
     for (int i = 0; i < 32; i++) {
         shifted[i] = x[i] - low;
-        wx[i] = w[i] * x[i];
-        t[i] = wx[i] * x[i];
+        squares[i] = x[i] * x[i];
     }
-    float sum_w = pairwise32(w), sum_x = pairwise32(wx), sum_x2 = pairwise32(t);
+    float sum_x = pairwise32(x), sum_x2 = pairwise32(squares);
     float reciprocal = 1.0f / span;
-    float best_scale = 0.0f, best_min = low, best_error = 0.0f;
-    for (int k = -1; k <= nstep; k++) {
-        float inverse = reciprocal * (k < 0 ? nmax : candidates[k]);
+    float best_scale = 0.0f, best_offset = 0.0f, best_error = 0.0f, best_l = 0.0f, best_l2 = 0.0f, best_xl = 0.0f;
+    for (int k = 0; k < K32_CANDIDATES; k++) {
+        float inverse = reciprocal * candidates[k];
         for (int i = 0; i < 32; i++) {
             /* shifted >= 0, but a subnormal span can make inverse infinite: cap first, as torch's
              * clamp would turn that infinity into nmax. */
             float scaled = inverse * shifted[i];
-            float level = clampf(rint_small(scaled > 64.0f ? 64.0f : scaled), 0.0f, nmax);
-            t_l[i] = w[i] * level;
-            t_l2[i] = w[i] * level * level;
-            t_xl[i] = wx[i] * level;
+            levels[i] = clampf(rint_small(scaled > 64.0f ? 64.0f : scaled), 0.0f, nmax);
         }
-        float sum_l = pairwise32(t_l), sum_l2 = pairwise32(t_l2), sum_xl = pairwise32(t_xl);
-        if (k < 0) {   /* the plain min/max grid */
-            best_scale = 1.0f / inverse;
-            best_error = closed_form_error(best_scale, best_min, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl);
-            continue;
-        }
-        float det = sum_w * sum_l2 - sum_l * sum_l;
-        float scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+        float sum_l, sum_l2, sum_xl;
+        level_sums(x, levels, &sum_l, &sum_l2, &sum_xl);
+        float det = 32.0f * sum_l2 - sum_l * sum_l;
+        float scale = (32.0f * sum_xl - sum_x * sum_l) / det;
         float offset = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-        if (offset > 0.0f) {
+        if (offset > 0.0f || !(det > 0.0f)) {   /* through zero; det 0: levels all equal */
             scale = sum_xl / sum_l2;
             offset = 0.0f;
         }
-        float error = closed_form_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl);
-        if (det > 0.0f && error < best_error) {
+        float error = closed_form_error(scale, offset, 32.0f, sum_x, sum_x2, sum_l, sum_l2, sum_xl);
+        if (k == 0 || error < best_error) {
             best_error = error;
             best_scale = scale;
-            best_min = offset;
+            best_offset = offset;
+            best_l = sum_l;
+            best_l2 = sum_l2;
+            best_xl = sum_xl;
         }
     }
     *scale_out = flat ? 0.0f : best_scale;
-    *min_out = flat ? -low : -best_min;
+    *min_out = flat ? -low : -best_offset;
+    sums[0] = best_l;
+    sums[1] = best_l2;
+    sums[2] = best_xl;
+    sums[3] = sum_x;
 }
 
-/* _quantize_k_asymmetric + _rms_weights for groups of 32 with 6-bit codes (Q4_K, Q5_K): writes
- * d and dmin (fp16 bytes) to out[0..3], the codes to ls/lm and the levels. */
-static void quantize_k32(const float *x, float nmax, int nstep, const float *candidates, uint8_t *out,
-                         uint8_t *ls_out, uint8_t *lm_out, uint8_t *levels_out) {
-    float scales[8], mins[8], w[32], squares[32];
-    for (int g = 0; g < 8; g++) {
-        const float *xg = x + 32 * g;
-        for (int i = 0; i < 32; i++) squares[i] = xg[i] * xg[i];
-        float rms = sqrtf(pairwise32(squares) / 32.0f);
-        for (int i = 0; i < 32; i++) w[i] = rms + fabsf(xg[i]);
-        search_scale_min32(xg, w, nmax, nstep, candidates, &scales[g], &mins[g]);
+/* _code_error: Σ (scale*l - offset - x)^2 less Σx², from the level sums. */
+static inline float code_error(float scale, float offset, const float *sums) {
+    return scale * scale * sums[1] - 2.0f * scale * offset * sums[0] - 2.0f * scale * sums[2]
+           + 32.0f * offset * offset + 2.0f * offset * sums[3];
+}
+
+/* _fit_codes: of the codes (ls, lm) and their neighbours one step away, the pair that fits best. */
+static inline void fit_codes(float d, float dmin, const float *sums, float *ls, float *lm) {
+    float best_error = 0.0f, best_ls = *ls, best_lm = *lm;
+    static const float steps[3] = {0.0f, -1.0f, 1.0f};
+    for (int a = 0; a < 3; a++) {
+        for (int b = 0; b < 3; b++) {
+            float trial_ls = clampf(*ls + steps[a], 0.0f, 63.0f);
+            float trial_lm = clampf(*lm + steps[b], 0.0f, 63.0f);
+            float error = code_error(d * trial_ls, dmin * trial_lm, sums);
+            if ((a == 0 && b == 0) || error < best_error) {
+                best_error = error;
+                best_ls = trial_ls;
+                best_lm = trial_lm;
+            }
+        }
     }
+    *ls = best_ls;
+    *lm = best_lm;
+}
+
+/* _quantize_k32 for Q4_K / Q5_K: writes d and dmin (fp16 bytes) to out[0..3], the codes to ls/lm
+ * and the levels. */
+static void quantize_k32(const float *x, float nmax, const float *candidates, uint8_t *out,
+                         uint8_t *ls_out, uint8_t *lm_out, uint8_t *levels_out) {
+    float scales[8], mins[8], sums[8][4];
+    for (int g = 0; g < 8; g++) search_k32(x + 32 * g, nmax, candidates, &scales[g], &mins[g], sums[g]);
     /* llama.cpp's running max from +0 with `>`: all-zero blocks (mins of -0) give +0, not -0. */
     float max_scale = 0.0f, max_min = 0.0f;
     for (int g = 0; g < 8; g++) {
@@ -433,10 +467,16 @@ static void quantize_k32(const float *x, float nmax, int nstep, const float *can
         const float *xg = x + 32 * g;
         float ls = clampf(rintf(inv_scale * scales[g]), 0.0f, 63.0f);
         float lm = clampf(rintf(inv_min * mins[g]), 0.0f, 63.0f);
-        float trial_levels[32];
-        float best_ls = refine_code(xg, 32, d, ls, dmin * lm, 0.0f, 63.0f, 0.0f, nmax, trial_levels);
-        for (int i = 0; i < 32; i++) levels_out[32 * g + i] = (uint8_t)trial_levels[i];
-        ls_out[g] = (uint8_t)best_ls;
+        float levels[32];
+        for (int round = 0; round < K32_CODE_ROUNDS; round++) {
+            fit_codes(d, dmin, sums[g], &ls, &lm);
+            float scale = d * ls, offset = dmin * lm;
+            float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+            for (int i = 0; i < 32; i++) levels[i] = clampf(rint_level((xg[i] + offset) * inverse), 0.0f, nmax);
+            level_sums(xg, levels, &sums[g][0], &sums[g][1], &sums[g][2]);
+        }
+        for (int i = 0; i < 32; i++) levels_out[32 * g + i] = (uint8_t)levels[i];
+        ls_out[g] = (uint8_t)ls;
         lm_out[g] = (uint8_t)lm;
     }
 }
@@ -465,7 +505,7 @@ static inline void quantize_k_blocks(const void *src, int dtype, int64_t n_block
     int type_size = five_bit ? 176 : 144;
     for (int64_t b = 0; b < n_blocks; b++, out += type_size) {
         load_block(src, dtype, b, 256, x);
-        quantize_k32(x, five_bit ? 31.0f : 15.0f, five_bit ? 7 : 10, candidates, out, ls, lm, levels);
+        quantize_k32(x, five_bit ? 31.0f : 15.0f, candidates, out, ls, lm, levels);
         store_scale_min_k4(out + 4, ls, lm);
         if (five_bit) {
             /* qh[j] bit k is the fifth bit of level 32k + j. */

@@ -3,10 +3,10 @@
 - 32-element types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): one kernel, the type a compile-time switch.
   Each program takes ROWS consecutive blocks (blocks never straddle rows, so the flat tensor is a
   list of blocks) and writes their bytes in place.
-- Q4_K / Q5_K: the scale-and-min search of ``_search_scale_min`` over all sub-blocks of a
-  program's super-blocks, the 6-bit sub-block scales, then the one-step refinement, all in
-  registers; sums in the fixed pairwise order of ``pairwise_sum`` (sum of neighbours, level by
-  level), which the CPU path uses too. Q6_K: ``_search_scale_symmetric`` per group of 16, the
+- Q4_K / Q5_K: ``_quantize_k32``: the scale-and-min search over all sub-blocks of a program's
+  super-blocks, the 6-bit sub-block scales, then the rounds of the code fit, all in registers;
+  sums in the fixed pairwise order of ``pairwise_sum`` (sum of neighbours, level by level),
+  which the CPU path uses too. Q6_K: ``_search_scale_symmetric`` per group of 16, the
   8-bit group scales, the refinement.
 
   The K-quant kernels give each thread one sub-block (32 elements, Q6_K: 16) held as a tuple of
@@ -32,6 +32,7 @@ import triton.language as tl
 
 from qtool.errors import BadArgument
 from qtool.kernels import launch
+from qtool.schemes import ggml_kquants as kq
 from qtool.schemes.ggml import QK_K
 
 _KIND = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q5_1": 4}
@@ -160,10 +161,17 @@ def _quantize_32_kernel(x_ptr, out_ptr, n_blocks, KIND: tl.constexpr, TYPE_SIZE:
 # Q4_K / Q5_K
 
 @triton.jit
-def _weighted_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl):
-    # ggml_kquants' error(): Σ w (scale*l + offset - x)^2 expanded, evaluated left to right.
+def _closed_form_error(scale, offset, sum_x, sum_x2, sum_l, sum_l2, sum_xl):
+    # ggml_kquants._closed_form_error with sum_w = 32: Σ (scale*l + offset - x)^2 expanded, left to right.
     return (scale * scale * sum_l2 + 2 * scale * offset * sum_l - 2 * scale * sum_xl
-            + offset * offset * sum_w - 2 * offset * sum_x + sum_x2)
+            + offset * offset * 32.0 - 2 * offset * sum_x + sum_x2)
+
+
+@triton.jit
+def _code_error(scale, offset, sum_l, sum_l2, sum_xl, sum_x):
+    # ggml_kquants._code_error: Σ (scale*l - offset - x)^2 less Σx², left to right.
+    return (scale * scale * sum_l2 - 2 * scale * offset * sum_l - 2 * scale * sum_xl
+            + 32 * offset * offset + 2 * offset * sum_x)
 
 
 @triton.jit
@@ -179,25 +187,54 @@ def _tuple_sum(t, N: tl.constexpr):
 
 
 @triton.jit
-def _level_sums(inverse, shifted, w, wx, NMAX: tl.constexpr):
-    """Σ w·l, Σ w·l², Σ w·x·l for the levels l = min(rint(inverse * shifted), nmax) of one
-    candidate (shifted >= 0, so only the upper clamp can bind)."""
-    wl = ()
-    wl2 = ()
-    wxl = ()
+def _level_sums(levels, x):
+    """ggml_kquants._level_sums: Σl, Σl², Σx·l of a sub-block's levels (tuples of 32)."""
+    l2 = ()
+    xl = ()
     for i in tl.static_range(32):
-        level = tl.minimum(_rint(inverse * shifted[i]), NMAX * 1.0)
-        wl = wl + (w[i] * level,)
-        wl2 = wl2 + (wl[i] * level,)
-        wxl = wxl + (wx[i] * level,)
-    return _tuple_sum(wl, 32), _tuple_sum(wl2, 32), _tuple_sum(wxl, 32)
+        l2 = l2 + (levels[i] * levels[i],)
+        xl = xl + (x[i] * levels[i],)
+    return _tuple_sum(levels, 32), _tuple_sum(l2, 32), _tuple_sum(xl, 32)
+
+
+@triton.jit
+def _fit_codes(d, dmin, ls, lm, sum_l, sum_l2, sum_xl, sum_x):
+    """ggml_kquants._fit_codes: the codes or a neighbour pair (the given pair first, then ls by
+    0, -1, +1 and within each lm by 0, -1, +1), the first strictly best fit."""
+    best_ls = ls
+    best_lm = lm
+    best_error = _code_error(d * ls, dmin * lm, sum_l, sum_l2, sum_xl, sum_x)
+    for a in tl.static_range(3):
+        for b in tl.static_range(3):
+            if a * 3 + b > 0:
+                trial_ls = _clamp(ls + (a == 2) * 1.0 - (a == 1) * 1.0, 0.0, 63.0)
+                trial_lm = _clamp(lm + (b == 2) * 1.0 - (b == 1) * 1.0, 0.0, 63.0)
+                error = _code_error(d * trial_ls, dmin * trial_lm, sum_l, sum_l2, sum_xl, sum_x)
+                better = error < best_error
+                best_error = tl.where(better, error, best_error)
+                best_ls = tl.where(better, trial_ls, best_ls)
+                best_lm = tl.where(better, trial_lm, best_lm)
+    return best_ls, best_lm
+
+
+@triton.jit
+def _levels_for(x, scale, offset, NMAX: tl.constexpr):
+    """ggml_kquants._levels_for: rint((x + offset) * (1 / scale)) in [0, nmax]; zero scale: zeros."""
+    positive = scale > 0
+    inverse = tl.where(positive, _recip(tl.where(positive, scale, 1.0)), 0.0)
+    levels = ()
+    for i in tl.static_range(32):
+        # max/min differ from the CPU's clamp only for NaN, whose bytes are undefined on the CPU too
+        levels = levels + (tl.minimum(tl.maximum(_rint((x[i] + offset) * inverse), 0.0), NMAX * 1.0),)
+    return levels
 
 
 @triton.jit(do_not_specialize=["n_super"])
-def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NMAX: tl.constexpr,
-                        NSTEP: tl.constexpr, Q5: tl.constexpr):
-    """One thread per sub-block of 32: its elements are a tuple of 32 [G] tensors, so every sum
-    of pairwise_sum's order is plain register additions (no shuffles, no layout conversions)."""
+def _kquant_asym_kernel(x_ptr, out_ptr, candidates_ptr, n_super, SB: tl.constexpr, NMAX: tl.constexpr,
+                        CANDIDATES: tl.constexpr, ROUNDS: tl.constexpr, Q5: tl.constexpr):
+    """ggml_kquants._quantize_k32. One thread per sub-block of 32: its elements are a tuple of 32
+    [G] tensors, so every sum of pairwise_sum's order is plain register additions (no shuffles,
+    no layout conversions)."""
     G: tl.constexpr = SB * 8
     TYPE_SIZE: tl.constexpr = 176 if Q5 else 144
     pid = tl.program_id(0).to(tl.int64)
@@ -207,26 +244,15 @@ def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NM
     for i in tl.static_range(32):
         x = x + (tl.load(x_ptr + groups * 32 + i, mask=valid, other=0.0).to(tl.float32),)
 
-    # _rms_weights: sqrt(mean(x^2)) + |x|
+    # _search_k32
     squares = ()
-    for i in tl.static_range(32):
-        squares = squares + (x[i] * x[i],)
-    rms = tl.sqrt_rn(_tuple_sum(squares, 32) * 0.03125)
-    w = ()
-    wx = ()
-    wx2 = ()
     low = x[0]
     high = x[0]
     for i in tl.static_range(32):
-        weight = rms + tl.abs(x[i])
-        w = w + (weight,)
-        wx = wx + (weight * x[i],)
-        wx2 = wx2 + (wx[i] * x[i],)
+        squares = squares + (x[i] * x[i],)
         if i > 0:
             low = tl.minimum(low, x[i])
             high = tl.maximum(high, x[i])
-
-    # _search_scale_min
     low = tl.where(low > 0, 0.0, low)
     span = high - low
     flat = span == 0
@@ -234,85 +260,62 @@ def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NM
     shifted = ()
     for i in tl.static_range(32):
         shifted = shifted + (x[i] - low,)
-    sum_w = _tuple_sum(w, 32)
-    sum_x = _tuple_sum(wx, 32)
-    sum_x2 = _tuple_sum(wx2, 32)
-    # Candidate 0 is the plain min/max grid (nmax / span, the fit not solved); candidates 1.. are
-    # least-squares fits, each kept only when strictly better and det > 0 (a NaN error never wins,
-    # a NaN best error is never replaced, as the CPU loop's comparisons do). ``scalar / span`` is
-    # torch's __rtruediv__: span's reciprocal times the scalar, two roundings. shifted >= 0, so the
-    # rounded levels need only the upper clamp.
-    reciprocal_span = _recip(span)
+    sum_x = _tuple_sum(x, 32)
+    sum_x2 = _tuple_sum(squares, 32)
+    reciprocal = _recip(span)
     best_scale = span
-    best_min = low
+    best_offset = low
     best_error = span
-    # A loop, not unrolled: the candidates share nothing but the running best, and an unrolled
-    # search is a very long kernel to compile. Candidate 0 always takes the place of the initial
-    # values above.
-    for step in range(0, NSTEP + 2):
-        inverse = reciprocal_span * tl.load(steps_ptr + step)
-        sum_l, sum_l2, sum_xl = _level_sums(inverse, shifted, w, wx, NMAX)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        scale = tl.math.div_rn(sum_w * sum_xl - sum_x * sum_l, det)
+    best_l = span
+    best_l2 = span
+    best_xl = span
+    # A runtime loop: the candidates share nothing but the running best, and unrolled they make a
+    # long kernel to compile. Candidate 0 always replaces the initial values above. shifted >= 0,
+    # so the rounded levels need only the upper clamp.
+    for k in range(0, CANDIDATES):
+        inverse = reciprocal * tl.load(candidates_ptr + k)
+        levels = ()
+        for i in tl.static_range(32):
+            levels = levels + (tl.minimum(_rint(inverse * shifted[i]), NMAX * 1.0),)
+        sum_l, sum_l2, sum_xl = _level_sums(levels, x)
+        det = sum_l2 * 32.0 - sum_l * sum_l
+        scale = tl.math.div_rn(sum_xl * 32.0 - sum_x * sum_l, det)
         offset = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, det)
-        positive = offset > 0
-        scale = tl.where(positive, tl.math.div_rn(sum_xl, sum_l2), scale)
-        offset = tl.where(positive, 0.0, offset)
-        first = step == 0
-        scale = tl.where(first, _recip(inverse), scale)
-        offset = tl.where(first, low, offset)
-        candidate = _weighted_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
-        better = first | ((det > 0) & (candidate < best_error))
-        best_error = tl.where(better, candidate, best_error)
+        through_zero = (offset > 0) | (det <= 0) | (det != det)
+        scale = tl.where(through_zero, tl.math.div_rn(sum_xl, sum_l2), scale)
+        offset = tl.where(through_zero, 0.0, offset)
+        error = _closed_form_error(scale, offset, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
+        better = (k == 0) | (error < best_error)
+        best_error = tl.where(better, error, best_error)
         best_scale = tl.where(better, scale, best_scale)
-        best_min = tl.where(better, offset, best_min)
+        best_offset = tl.where(better, offset, best_offset)
+        best_l = tl.where(better, sum_l, best_l)
+        best_l2 = tl.where(better, sum_l2, best_l2)
+        best_xl = tl.where(better, sum_xl, best_xl)
     scales = tl.reshape(tl.where(flat, 0.0, best_scale), [SB, 8])
     # Negation as a product: Triton's unary minus is 0 - v, which turns -(+0.0) into +0.0.
-    mins = tl.reshape(tl.where(flat, low * -1.0, best_min * -1.0), [SB, 8])
+    mins = tl.reshape(tl.where(flat, low * -1.0, best_offset * -1.0), [SB, 8])
 
-    # _quantize_k_asymmetric: 6-bit sub-block scales against the super-block's largest
-    # llama.cpp's running max from +0 with `>`: +0 for all-zero blocks (mins of -0.0), NaN never wins.
+    # 6-bit sub-block scales against the super-block's largest: llama.cpp's running max from +0
+    # with `>`: +0 for all-zero blocks (mins of -0.0), NaN never wins.
     max_scale = tl.max(tl.where(scales > 0, scales, 0.0), axis=1)
     max_min = tl.max(tl.where(mins > 0, mins, 0.0), axis=1)
     inv_scale = tl.where(max_scale > 0, _recip(tl.where(max_scale > 0, max_scale, 1.0)) * 63, 0.0)
     inv_min = tl.where(max_min > 0, _recip(tl.where(max_min > 0, max_min, 1.0)) * 63, 0.0)
-    ls = _clamp(_rint(inv_scale[:, None] * scales), 0.0, 63.0)
-    lm = _clamp(_rint(inv_min[:, None] * mins), 0.0, 63.0)
+    ls = tl.reshape(_clamp(_rint(inv_scale[:, None] * scales), 0.0, 63.0), [G])
+    lm = tl.reshape(_clamp(_rint(inv_min[:, None] * mins), 0.0, 63.0), [G])
     d_store = tl.math.div_rn(max_scale, tl.full([SB], 63.0, tl.float32))
     dmin_store = tl.math.div_rn(max_min, tl.full([SB], 63.0, tl.float32))
     d = tl.reshape(tl.broadcast_to(_fp16_round(d_store)[:, None], [SB, 8]), [G])
     dmin = tl.reshape(tl.broadcast_to(_fp16_round(dmin_store)[:, None], [SB, 8]), [G])
 
-    # _refine_asymmetric: the scale code as rounded, one below, one above; lowest error wins
-    ls_g = tl.reshape(ls, [G])
-    offset = dmin * tl.reshape(lm, [G])
-    moved = ()
-    for i in tl.static_range(32):
-        moved = moved + (x[i] + offset,)
-    best_ls = ls_g
-    best_levels = x
-    best_err = sum_w
-    for trial in range(3):
-        # trial 0 keeps the code (and always replaces the initial values), 1 tries one below, 2 one above
-        codes = _clamp(ls_g + tl.where(trial == 0, 0.0, tl.where(trial == 1, -1.0, 1.0)), 0.0, 63.0)
-        scale = d * codes
-        safe = tl.where(scale == 0, 1.0, scale)
-        levels = ()
-        squares = ()
-        for i in tl.static_range(32):
-            level = _clamp(_rint(tl.math.div_rn(moved[i], safe)), 0.0, NMAX)
-            level = tl.where(scale == 0, 0.0, level)
-            diff = scale * level - offset - x[i]
-            levels = levels + (level,)
-            squares = squares + (diff * diff,)
-        err = _tuple_sum(squares, 32)
-        better = (trial == 0) | (err < best_err)
-        best_err = tl.where(better, err, best_err)
-        best_ls = tl.where(better, codes, best_ls)
-        chosen = ()
-        for i in tl.static_range(32):
-            chosen = chosen + (tl.where(better, levels[i], best_levels[i]),)
-        best_levels = chosen
+    # rounds of the code fit, then the levels for the chosen codes
+    sum_l, sum_l2, sum_xl = best_l, best_l2, best_xl
+    for _ in tl.static_range(ROUNDS):
+        ls, lm = _fit_codes(d, dmin, ls, lm, sum_l, sum_l2, sum_xl, sum_x)
+        best_levels = _levels_for(x, d * ls, dmin * lm, NMAX)
+        sum_l, sum_l2, sum_xl = _level_sums(best_levels, x)
+    best_ls = ls
 
     # bytes: d, dmin, 12 bytes of scales, (qh,) qs
     sb_ids = pid * SB + tl.arange(0, SB)
@@ -321,7 +324,7 @@ def _kquant_asym_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, NM
     _store_fp16(base, d_store, sb_valid)
     _store_fp16(base + 2, dmin_store, sb_valid)
     ls_i = tl.reshape(best_ls, [SB, 8]).to(tl.int32)
-    lm_i = lm.to(tl.int32)
+    lm_i = tl.reshape(lm, [SB, 8]).to(tl.int32)
     ls_lo, ls_hi = tl.split(tl.permute(tl.reshape(ls_i, [SB, 2, 4]), (0, 2, 1)))
     lm_lo, lm_hi = tl.split(tl.permute(tl.reshape(lm_i, [SB, 2, 4]), (0, 2, 1)))
     k4 = tl.arange(0, 4)[None, :]
@@ -488,18 +491,15 @@ def _f32(value: float) -> float:
     return float(np.float32(value))
 
 
-_STEP_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-# (nmax, rmin, rdelta, nstep) of make_qkx2_quants as ggml_kquants calls it
-_K_PARAMS = {"Q4_K": (15, -1.0, 0.2, 10), "Q5_K": (31, -0.5, 0.2, 7)}
+_CANDIDATE_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _steps(name: str, device: torch.device) -> torch.Tensor:
+def _candidates(name: str, device: torch.device) -> torch.Tensor:
+    """ggml_kquants.K32_CANDIDATES[name] as a float32 tensor on ``device``."""
     key = (name, device)
-    if key not in _STEP_TABLES:
-        nmax, rmin, rdelta, nstep = _K_PARAMS[name]
-        values = [float(nmax)] + [_f32(_f32(rmin) + _f32(rdelta) * step + nmax) for step in range(nstep + 1)]
-        _STEP_TABLES[key] = torch.tensor(values, dtype=torch.float32, device=device)
-    return _STEP_TABLES[key]
+    if key not in _CANDIDATE_TABLES:
+        _CANDIDATE_TABLES[key] = torch.tensor(kq.K32_CANDIDATES[name], dtype=torch.float32, device=device)
+    return _CANDIDATE_TABLES[key]
 
 
 _Q6K_STEPS: dict[torch.device, torch.Tensor] = {}
@@ -526,7 +526,7 @@ def _check(name: str, weight: torch.Tensor, block_size: int) -> None:
 def quantize_ggml(weight: torch.Tensor, name: str):
     from qtool.schemes.ggml import GGMLTensor
 
-    k_quant = name in _K_PARAMS or name == "Q6_K"
+    k_quant = name in kq.K32_CANDIDATES or name == "Q6_K"
     block_size = QK_K if k_quant else 32
     _check(name, weight, block_size)
     shape = tuple(weight.shape)
@@ -540,11 +540,11 @@ def quantize_ggml(weight: torch.Tensor, name: str):
             launch(_q6k_kernel, grid, flat, out, _q6k_steps(weight.device), n_blocks, SB=_SUPER_BLOCKS_Q6,
                    num_warps=_NUM_WARPS_Q6, enable_fp_fusion=False)
         elif k_quant:
-            nmax, _, _, nstep = _K_PARAMS[name]
             grid = (-(-n_blocks // _SUPER_BLOCKS),)
-            launch(_kquant_asym_kernel, grid, flat, out, _steps(name, weight.device), n_blocks, SB=_SUPER_BLOCKS,
-                   NMAX=nmax, NSTEP=nstep, Q5=name == "Q5_K", num_warps=_NUM_WARPS_K, maxnreg=_MAX_REGISTERS_K,
-                   enable_fp_fusion=False)
+            launch(_kquant_asym_kernel, grid, flat, out, _candidates(name, weight.device), n_blocks,
+                   SB=_SUPER_BLOCKS, NMAX=kq.K32_NMAX[name], CANDIDATES=len(kq.K32_CANDIDATES[name]),
+                   ROUNDS=kq.K32_CODE_ROUNDS, Q5=name == "Q5_K", num_warps=_NUM_WARPS_K,
+                   maxnreg=_MAX_REGISTERS_K, enable_fp_fusion=False)
         else:
             grid = (-(-n_blocks // _ROWS_32),)
             launch(_quantize_32_kernel, grid, flat, out, n_blocks, KIND=_KIND[name], TYPE_SIZE=type_size,

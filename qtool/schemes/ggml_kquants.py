@@ -4,17 +4,20 @@ Layouts are llama.cpp's (block_q2_K ... block_q6_K in ggml-common.h) and round-t
 ``gguf.quants.dequantize``. The quantizers follow the structure of llama.cpp's reference
 quantizers (quantize_row_qX_K_ref in ggml-quants.c): a per-sub-block scale (and min) search,
 then the sub-block scales quantized against the super-block's largest, then every element
-rounded again with the scales as they will be decoded. The search differs in two ways, both
-so that it runs over all sub-blocks at once:
+rounded again with the scales as they will be decoded. The searches differ so that they run
+over all sub-blocks at once, and so that a GPU runs them at memory speed:
 
-- the candidate scales are evaluated in closed form (the weighted squared error of a least
-  squares fit follows from the sums Σw·l, Σw·l², Σw·l·x), so one pass per candidate suffices;
+- candidate scales are evaluated in closed form (the squared error of a least-squares fit
+  follows from the sums Σw·l, Σw·l², Σw·l·x), so one pass per candidate suffices;
+- Q4_K / Q5_K search 4 candidates without weights, then fit the quantized codes to the levels
+  (``_quantize_k32``); llama.cpp searches 21 with weights rms + |x|;
 - Q3_K uses the candidate search of make_qx_quants instead of make_q3_quants' element-by-element
   coordinate descent, which is sequential by nature.
 
-After the sub-block scales are quantized, each one is also tried one step up and down and the
-choice with the lower error kept (llama.cpp only takes the nearest), which more than pays for
-the differences above: tests check the error against llama.cpp's own quantizer.
+After the sub-block scales are quantized they are refined (Q4_K/Q5_K: the code fit; the others:
+each scale code also tried one step up and down, the lower error kept), where llama.cpp only takes
+the nearest code. This more than pays for the shorter searches: tests check the error against
+llama.cpp's own quantizer.
 """
 from __future__ import annotations
 
@@ -262,13 +265,132 @@ def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: in
     return d_raw, dmin_raw, ls.squeeze(-1), lm, levels.reshape(n_blocks, QK_K)
 
 
-def _rms_weights(blocks: torch.Tensor, group: int) -> torch.Tensor:
-    """llama.cpp's weights for Q4_K/Q5_K: rms of the group plus |x|."""
-    groups = blocks.reshape(-1, group)
-    # sqrt in float64, rounded once to float32: the correctly rounded float32 square root. torch's
-    # own float32 sqrt is not correctly rounded on every CPU (1 ulp off with some vector units).
-    rms = (pairwise_sum(groups.square()) / group).to(torch.float64).sqrt().to(torch.float32)
-    return rms + groups.abs()
+# Q4_K / Q5_K: the inverse-scale candidates c (levels rint(c * (x - min) / span)) of the sub-block
+# search, float32. Four candidates half a level apart, around nmax, do as well as llama.cpp's 21
+# (see _quantize_k32), at a fifth of the work; the GPU kernel and the C kernel read them from here.
+K32_CANDIDATES: dict[str, tuple[float, ...]] = {
+    "Q4_K": (14.1, 14.6, 15.1, 15.6),
+    "Q5_K": (30.25, 30.75, 31.25, 31.75),
+}
+K32_NMAX = {"Q4_K": 15, "Q5_K": 31}
+K32_CODE_ROUNDS = 2     # rounds of the code fit (_fit_codes) after the search
+
+
+def _level_sums(levels: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σl, Σl² (small integers: exact in any order) and Σx·l (pairwise order) per group."""
+    return pairwise_sum(levels), pairwise_sum(levels * levels), pairwise_sum(x * levels)
+
+
+def _search_k32(x: torch.Tensor, nmax: int, candidates: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """Unweighted least-squares scale and min of each group of 32 (rows of x): for each candidate c
+    the levels min(rint(c / span * (x - low)), nmax), then the scale and offset <= 0 that fit them
+    best, in closed form; the first candidate, then any strictly better one, wins.
+    Returns (scale, -offset, Σl, Σl², Σx·l of the winner's levels, Σx), each (groups, 1)."""
+    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = x.amax(dim=-1, keepdim=True)
+    span = high - low
+    flat = span == 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    shifted = x - low
+    reciprocal = 1 / span
+    sum_w = torch.full_like(span, 32.0)
+    sum_x = pairwise_sum(x)
+    sum_x2 = pairwise_sum(x * x)
+    best = None
+    for index, candidate in enumerate(candidates):
+        levels = nearest_int(reciprocal * _f32(candidate) * shifted).clamp_(0, nmax)
+        sum_l, sum_l2, sum_xl = _level_sums(levels, x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        offset = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        # A positive offset, or levels all equal (det 0: x all positive and close together): the
+        # best fit through zero instead.
+        through_zero = (offset > 0) | ~(det > 0)
+        scale = torch.where(through_zero, sum_xl / sum_l2, scale)
+        offset = torch.where(through_zero, torch.zeros_like(offset), offset)
+        error = _closed_form_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
+        found = (scale, offset, sum_l, sum_l2, sum_xl, error)
+        if index == 0:
+            best = found
+            continue
+        better = error < best[-1]
+        best = tuple(torch.where(better, new, old) for new, old in zip(found, best))
+    scale, offset, sum_l, sum_l2, sum_xl, _ = best
+    return (torch.where(flat, torch.zeros_like(scale), scale), torch.where(flat, -low, offset * -1.0),
+            sum_l, sum_l2, sum_xl, sum_x)
+
+
+def _code_error(scale, offset, sum_l, sum_l2, sum_xl, sum_x):
+    """Σ (scale*l - offset - x)^2 of a group of 32 less Σx², from the sums of its levels."""
+    return (scale * scale * sum_l2 - 2 * scale * offset * sum_l - 2 * scale * sum_xl
+            + 32 * offset * offset + 2 * offset * sum_x)
+
+
+def _fit_codes(d, dmin, ls, lm, sums, smax: int):
+    """The 6-bit scale and min codes, each as given or one step away (nine pairs, the given pair
+    first), whose scale d*ls and min dmin*lm fit the levels behind ``sums`` best; a pair must be
+    strictly better to replace an earlier one."""
+    best_error = best_ls = best_lm = None
+    for step_ls in (0, -1, 1):
+        for step_lm in (0, -1, 1):
+            trial_ls = (ls + step_ls).clamp(0, smax)
+            trial_lm = (lm + step_lm).clamp(0, smax)
+            error = _code_error(d * trial_ls, dmin * trial_lm, *sums)
+            if best_error is None:
+                best_error, best_ls, best_lm = error, trial_ls, trial_lm
+                continue
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_ls = torch.where(better, trial_ls, best_ls)
+            best_lm = torch.where(better, trial_lm, best_lm)
+    return best_ls, best_lm
+
+
+def _levels_for(x, scale, offset, nmax: int) -> torch.Tensor:
+    """rint((x + offset) / scale) clamped to [0, nmax], the division as a product with the
+    reciprocal (0 for a zero scale: all levels 0)."""
+    positive = scale > 0
+    inverse = torch.where(positive, 1 / torch.where(positive, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    return nearest_int((x + offset) * inverse).clamp_(0, nmax)
+
+
+def _quantize_k32(blocks: torch.Tensor, name: str) -> torch.Tensor:
+    """Q4_K / Q5_K block bytes.
+
+    1. Each sub-block of 32: the unweighted least-squares scale and min over K32_CANDIDATES
+       (_search_k32).
+    2. The scales and mins as 6-bit codes against the super-block's largest (llama.cpp's layout
+       and rounding).
+    3. K32_CODE_ROUNDS rounds of: the codes one step up or down where that fits the current levels
+       better (_fit_codes, a closed form per sub-block), then the levels again for those codes.
+
+    llama.cpp's reference instead searches 21 candidates with weights rms + |x| and takes the
+    nearest codes; the code fit more than makes up for the shorter search (tests/test_ggml.py
+    checks the error against llama.cpp's), and costs about a fifth of its arithmetic."""
+    nmax, smax = K32_NMAX[name], 63
+    n_blocks = blocks.shape[0]
+    x = blocks.reshape(n_blocks, 8, 32)
+    scales, mins, *sums = _search_k32(x.reshape(-1, 32), nmax, K32_CANDIDATES[name])
+    scales, mins = scales.reshape(n_blocks, 8, 1), mins.reshape(n_blocks, 8, 1)
+    sums = [total.reshape(n_blocks, 8, 1) for total in sums]
+    # llama.cpp keeps a running max from +0 with `>`: all-zero blocks (whose mins are -0.0) give +0,
+    # never the -0.0 that amax may return (fp16 bytes 0x8000), and NaN never wins.
+    max_scale = torch.where(scales > 0, scales, 0.0).amax(dim=1, keepdim=True)
+    max_min = torch.where(mins > 0, mins, 0.0).amax(dim=1, keepdim=True)
+    zero = torch.zeros_like(max_scale)
+    inv_scale = torch.where(max_scale > 0, smax / torch.where(max_scale > 0, max_scale, 1), zero)
+    inv_min = torch.where(max_min > 0, smax / torch.where(max_min > 0, max_min, 1), zero)
+    ls = nearest_int(inv_scale * scales).clamp_(0, smax)
+    lm = nearest_int(inv_min * mins).clamp_(0, smax)
+    d_raw = fp16_bytes(divide(max_scale, smax))
+    dmin_raw = fp16_bytes(divide(max_min, smax))
+    d, dmin = fp16_from_bytes(d_raw), fp16_from_bytes(dmin_raw)
+    for _ in range(K32_CODE_ROUNDS):
+        ls, lm = _fit_codes(d, dmin, ls, lm, sums, smax)
+        levels = _levels_for(x, d * ls, dmin * lm, nmax)
+        sums[:3] = _level_sums(levels, x)
+    return pack_k_blocks(d_raw.reshape(n_blocks, 2), dmin_raw.reshape(n_blocks, 2), ls.reshape(n_blocks, 8),
+                         lm.reshape(n_blocks, 8), levels.reshape(n_blocks, QK_K), five_bit=name == "Q5_K")
 
 
 @register
@@ -299,10 +421,7 @@ class Q4_K(_KQuant):
     type_size = 144  # d, dmin, scales[12], qs[128]
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        blocks = blocks.to(torch.float32)
-        d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
-            blocks, group=32, nmax=15, smax=63, rmin=-1.0, rdelta=0.2, nstep=10, weights=_rms_weights(blocks, 32))
-        return pack_k_blocks(d_raw, dmin_raw, ls, lm, levels, five_bit=False)
+        return _quantize_k32(blocks.to(torch.float32), self.name)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = fp16_from_bytes(blocks[:, 0:2]).unsqueeze(-1)
@@ -319,10 +438,7 @@ class Q5_K(_KQuant):
     type_size = 176  # d, dmin, scales[12], qh[32], qs[128]
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        blocks = blocks.to(torch.float32)
-        d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
-            blocks, group=32, nmax=31, smax=63, rmin=-0.5, rdelta=0.2, nstep=7, weights=_rms_weights(blocks, 32))
-        return pack_k_blocks(d_raw, dmin_raw, ls, lm, levels, five_bit=True)
+        return _quantize_k32(blocks.to(torch.float32), self.name)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = fp16_from_bytes(blocks[:, 0:2]).unsqueeze(-1)
