@@ -41,10 +41,11 @@ _ROWS_32 = 128            # 32-element blocks per program
 _NUM_WARPS_32 = 4
 _SUPER_BLOCKS = 16        # K-quant super-blocks per program: 128 sub-blocks, one per thread
 _NUM_WARPS_K = 4
-# Register cap for Q4_K/Q5_K: uncapped the compiler takes 212 per thread (two programs per SM);
-# at 128 twice as many threads hide each other's latency: 1.2x (Q4_K) and 1.25x (Q5_K) on an H100.
-_MAX_REGISTERS_K = 128
+# Register cap for Q4_K/Q5_K: uncapped the compiler takes about 130 per thread; at 96 (no spills)
+# more threads hide each other's latency: 1.15x on an H100 (88 spills and is slower again).
+_MAX_REGISTERS_K = 96
 _SUPER_BLOCKS_Q6 = 8      # Q6_K super-blocks per program: 128 groups of 16, one per thread
+_MAX_REGISTERS_Q6 = None
 _NUM_WARPS_Q6 = 4
 
 
@@ -215,13 +216,16 @@ def _tuple_sum(t, N: tl.constexpr):
 
 @triton.jit
 def _level_sums(levels, x):
-    """ggml_kquants._level_sums: Σl, Σl², Σx·l of a sub-block's levels (tuples of 32)."""
-    l2 = ()
+    """ggml_kquants._level_sums: Σl, Σl², Σx·l of a sub-block's levels (tuples of 32). Σl² as a
+    chain of fused multiply-adds: every partial sum is an integer below 2**24, exact in any order
+    and with or without the product's rounding, so it equals the pairwise sum at half the cost."""
     xl = ()
+    sum_l2 = levels[0] * levels[0]
     for i in tl.static_range(32):
-        l2 = l2 + (levels[i] * levels[i],)
         xl = xl + (x[i] * levels[i],)
-    return _tuple_sum(levels, 32), _tuple_sum(l2, 32), _tuple_sum(xl, 32)
+        if i > 0:
+            sum_l2 = tl.fma(levels[i], levels[i], sum_l2)
+    return _tuple_sum(levels, 32), sum_l2, _tuple_sum(xl, 32)
 
 
 @triton.jit
@@ -305,10 +309,11 @@ def _kquant_asym_kernel(x_ptr, out_ptr, candidates_ptr, n_super, SB: tl.constexp
             levels = levels + (tl.minimum(_rint(inverse * shifted[i]), NMAX * 1.0),)
         sum_l, sum_l2, sum_xl = _level_sums(levels, x)
         det = sum_l2 * 32.0 - sum_l * sum_l
-        scale = tl.math.div_rn(sum_xl * 32.0 - sum_x * sum_l, det)
         offset = tl.math.div_rn(sum_l2 * sum_x - sum_l * sum_xl, det)
         through_zero = (offset > 0) | (det <= 0) | (det != det)
-        scale = tl.where(through_zero, tl.math.div_rn(sum_xl, sum_l2), scale)
+        # one division for either scale (a division costs ten instructions here)
+        scale = tl.math.div_rn(tl.where(through_zero, sum_xl, sum_xl * 32.0 - sum_x * sum_l),
+                               tl.where(through_zero, sum_l2, det))
         offset = tl.where(through_zero, 0.0, offset)
         error = _closed_form_error(scale, offset, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
         better = (k == 0) | (error < best_error)
@@ -567,7 +572,8 @@ def quantize_ggml(weight: torch.Tensor, name: str):
         if name == "Q6_K":
             grid = (-(-n_blocks // _SUPER_BLOCKS_Q6),)
             launch(_q6k_kernel, grid, flat, out, _q6k_steps(weight.device), n_blocks, SB=_SUPER_BLOCKS_Q6,
-                   BF16_WORDS=_bf16_words(flat), num_warps=_NUM_WARPS_Q6, enable_fp_fusion=False)
+                   BF16_WORDS=_bf16_words(flat), num_warps=_NUM_WARPS_Q6, maxnreg=_MAX_REGISTERS_Q6,
+                   enable_fp_fusion=False)
         elif k_quant:
             grid = (-(-n_blocks // _SUPER_BLOCKS),)
             launch(_kquant_asym_kernel, grid, flat, out, _candidates(name, weight.device), n_blocks,
