@@ -342,13 +342,6 @@ KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const fl
 }
 
 
-/* Σ w (scale*l + offset - x)^2 from the group sums, in the torch code's order of operations. */
-static inline float closed_form_error(float scale, float offset, float sum_w, float sum_x, float sum_x2,
-                                      float sum_l, float sum_l2, float sum_xl) {
-    return scale * scale * sum_l2 + 2.0f * scale * offset * sum_l - 2.0f * scale * sum_xl
-           + offset * offset * sum_w - 2.0f * offset * sum_x + sum_x2;
-}
-
 /* Σl and Σl² (small integers: exact in any order) and Σx·l (pairwise order) of one group's levels. */
 static inline void level_sums(const float *x, const float *levels, float *sum_l, float *sum_l2, float *sum_xl) {
     float t_l2[32], t_xl[32];
@@ -377,12 +370,9 @@ static void search_k32(const float *x, float nmax, const float *candidates, floa
     float span = high - low;
     int flat = span == 0.0f;
     if (flat) span = 1.0f;
-    float shifted[32], squares[32], levels[32];
-    for (int i = 0; i < 32; i++) {
-        shifted[i] = x[i] - low;
-        squares[i] = x[i] * x[i];
-    }
-    float sum_x = pairwise32(x), sum_x2 = pairwise32(squares);
+    float shifted[32], levels[32];
+    for (int i = 0; i < 32; i++) shifted[i] = x[i] - low;
+    float sum_x = pairwise32(x);
     float reciprocal = 1.0f / span;
     float best_scale = 0.0f, best_offset = 0.0f, best_error = 0.0f, best_l = 0.0f, best_l2 = 0.0f, best_xl = 0.0f;
     for (int k = 0; k < K32_CANDIDATES; k++) {
@@ -402,7 +392,7 @@ static void search_k32(const float *x, float nmax, const float *candidates, floa
             scale = sum_xl / sum_l2;
             offset = 0.0f;
         }
-        float error = closed_form_error(scale, offset, 32.0f, sum_x, sum_x2, sum_l, sum_l2, sum_xl);
+        float error = -(scale * sum_xl + offset * sum_x);   /* the fit's error less Σx² */
         if (k == 0 || error < best_error) {
             best_error = error;
             best_scale = scale;

@@ -74,9 +74,21 @@ def _recip(v):
 
 @triton.jit
 def _level_bits(level):
-    """An integer-valued float in [0, 255] as int64, without a float-to-int conversion (those run
+    """An integer-valued float in [0, 255] as int32, without a float-to-int conversion (those run
     at a fraction of the arithmetic rate): after adding 1.5 * 2**23 the value is the low bits."""
-    return ((level + 12582912.0).to(tl.int32, bitcast=True) & 255).to(tl.int64)
+    return (level + 12582912.0).to(tl.int32, bitcast=True) & 255
+
+
+@triton.jit
+def _byte_word(levels, first: tl.constexpr, MASK: tl.constexpr, SHIFT: tl.constexpr):
+    """Eight levels from ``first`` on as the bytes of a little-endian 64-bit word, each byte
+    (level >> SHIFT) & MASK; built as two 32-bit halves (64-bit shifts cost twice as much)."""
+    low = (_level_bits(levels[first]) >> SHIFT) & MASK
+    high = (_level_bits(levels[first + 4]) >> SHIFT) & MASK
+    for j in tl.static_range(1, 4):
+        low = low | (((_level_bits(levels[first + j]) >> SHIFT) & MASK) << (8 * j))
+        high = high | (((_level_bits(levels[first + 4 + j]) >> SHIFT) & MASK) << (8 * j))
+    return low.to(tl.int64) | (high.to(tl.int64) << 32)
 
 
 @triton.jit
@@ -189,13 +201,6 @@ def _load_row(x_ptr, rows, valid, N: tl.constexpr, BF16_WORDS: tl.constexpr):
 
 
 @triton.jit
-def _closed_form_error(scale, offset, sum_x, sum_x2, sum_l, sum_l2, sum_xl):
-    # ggml_kquants._closed_form_error with sum_w = 32: Σ (scale*l + offset - x)^2 expanded, left to right.
-    return (scale * scale * sum_l2 + 2 * scale * offset * sum_l - 2 * scale * sum_xl
-            + offset * offset * 32.0 - 2 * offset * sum_x + sum_x2)
-
-
-@triton.jit
 def _code_error(scale, offset, sum_l, sum_l2, sum_xl, sum_x):
     # ggml_kquants._code_error: Σ (scale*l - offset - x)^2 less Σx², left to right.
     return (scale * scale * sum_l2 - 2 * scale * offset * sum_l - 2 * scale * sum_xl
@@ -275,14 +280,11 @@ def _kquant_asym_kernel(x_ptr, out_ptr, candidates_ptr, n_super, SB: tl.constexp
     x = _load_row(x_ptr, groups, valid, 32, BF16_WORDS)
 
     # _search_k32
-    squares = ()
     low = x[0]
     high = x[0]
-    for i in tl.static_range(32):
-        squares = squares + (x[i] * x[i],)
-        if i > 0:
-            low = tl.minimum(low, x[i])
-            high = tl.maximum(high, x[i])
+    for i in tl.static_range(1, 32):
+        low = tl.minimum(low, x[i])
+        high = tl.maximum(high, x[i])
     low = tl.where(low > 0, 0.0, low)
     span = high - low
     flat = span == 0
@@ -291,7 +293,6 @@ def _kquant_asym_kernel(x_ptr, out_ptr, candidates_ptr, n_super, SB: tl.constexp
     for i in tl.static_range(32):
         shifted = shifted + (x[i] - low,)
     sum_x = _tuple_sum(x, 32)
-    sum_x2 = _tuple_sum(squares, 32)
     reciprocal = _recip(span)
     best_scale = span
     best_offset = low
@@ -315,7 +316,7 @@ def _kquant_asym_kernel(x_ptr, out_ptr, candidates_ptr, n_super, SB: tl.constexp
         scale = tl.math.div_rn(tl.where(through_zero, sum_xl, sum_xl * 32.0 - sum_x * sum_l),
                                tl.where(through_zero, sum_l2, det))
         offset = tl.where(through_zero, 0.0, offset)
-        error = _closed_form_error(scale, offset, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
+        error = -(scale * sum_xl + offset * sum_x)
         better = (k == 0) | (error < best_error)
         best_error = tl.where(better, error, best_error)
         best_scale = tl.where(better, scale, best_scale)
@@ -371,14 +372,9 @@ def _kquant_asym_kernel(x_ptr, out_ptr, candidates_ptr, n_super, SB: tl.constexp
     group_base = out_ptr + (groups // 8) * TYPE_SIZE
     pair_valid, _ = tl.split(tl.reshape(valid.to(tl.int32), [G // 2, 2]))
     for c in tl.static_range(4):
-        nibbles = tl.zeros([G], tl.int64)
-        fifth = tl.zeros([G], tl.int64)
-        for j in tl.static_range(8):
-            level = _level_bits(best_levels[8 * c + j])
-            nibbles = nibbles | ((level & 15) << (8 * j))
-            if Q5:
-                fifth = fifth | ((level >> 4) << (8 * j))
+        nibbles = _byte_word(best_levels, 8 * c, 15, 0)
         if Q5:
+            fifth = _byte_word(best_levels, 8 * c, 1, 4)
             qh = tl.sum(tl.reshape(fifth << sub_block, [SB, 8]), axis=1)
             qh_ptr = (out_ptr + sb_ids * TYPE_SIZE + 16 + 8 * c).to(tl.pointer_type(tl.int64))
             tl.store(qh_ptr, qh, mask=sb_valid)
@@ -499,7 +495,7 @@ def _q6k_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, BF16_WORDS
         nibbles = tl.zeros([G], tl.int64)
         tops = tl.zeros([G], tl.int64)
         for k in tl.static_range(8):
-            level = _level_bits(best_levels[8 * c + k] + 32.0)
+            level = _level_bits(best_levels[8 * c + k] + 32.0).to(tl.int64)
             nibbles = nibbles | ((level & 15) << (8 * k))
             tops = tops | ((level >> 4) << (8 * k))
         # ql: [SB, h, q // 2, q % 2, half], summed over q // 2 (nibble position)

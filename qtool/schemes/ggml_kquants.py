@@ -284,7 +284,7 @@ def _level_sums(levels: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, to
 def _search_k32(x: torch.Tensor, nmax: int, candidates: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
     """Unweighted least-squares scale and min of each group of 32 (rows of x): for each candidate c
     the levels min(rint(c / span * (x - low)), nmax), then the scale and offset <= 0 that fit them
-    best, in closed form; the first candidate, then any strictly better one, wins.
+    best, in closed form; the first candidate, then any strictly better fit, wins.
     Returns (scale, -offset, Σl, Σl², Σx·l of the winner's levels, Σx), each (groups, 1)."""
     low = x.amin(dim=-1, keepdim=True).clamp(max=0)
     high = x.amax(dim=-1, keepdim=True)
@@ -295,7 +295,6 @@ def _search_k32(x: torch.Tensor, nmax: int, candidates: tuple[float, ...]) -> tu
     reciprocal = 1 / span
     sum_w = torch.full_like(span, 32.0)
     sum_x = pairwise_sum(x)
-    sum_x2 = pairwise_sum(x * x)
     best = None
     for index, candidate in enumerate(candidates):
         levels = nearest_int(reciprocal * _f32(candidate) * shifted).clamp_(0, nmax)
@@ -308,7 +307,9 @@ def _search_k32(x: torch.Tensor, nmax: int, candidates: tuple[float, ...]) -> tu
         through_zero = (offset > 0) | ~(det > 0)
         scale = torch.where(through_zero, sum_xl / sum_l2, scale)
         offset = torch.where(through_zero, torch.zeros_like(offset), offset)
-        error = _closed_form_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl)
+        # The fit's squared error is Σx² - scale·Σx·l - offset·Σx (normal equations); Σx² is the
+        # same for every candidate, so the best has the largest gain.
+        error = -(scale * sum_xl + offset * sum_x)
         found = (scale, offset, sum_l, sum_l2, sum_xl, error)
         if index == 0:
             best = found
