@@ -7,14 +7,14 @@ it times, with CUDA events after a warm-up, the median of ``--repeat`` calls (*p
 before the call's host work to the end of its GPU work) of:
 
 - qtool's fused kernels: NF4 + double quant, NF4, int8-sym, int4-sym (groups of 128), Q8_0,
-  Q4_0, Q4_K, Q5_K, Q6_K (NF4's and int4's results stay on the GPU as bitsandbytes' do, and a
-  second row adds the host sync that reads back NF4's offset or the inf/NaN flags; int8-sym
-  reads its flags back before its result is final);
+  Q4_0, Q4_K, Q5_K, Q6_K (NF4's, int8's and int4's results stay on the GPU as bitsandbytes' do,
+  and a second row adds the host sync that reads back NF4's offset or the inf/NaN flags; the GGML
+  types need no sync);
 - the same schemes' torch code on the GPU (``QTOOL_FUSED``-free path, for reference);
 - bitsandbytes' ``quantize_4bit`` (NF4, blocks of 64) with and without ``compress_statistics``;
 - a device-to-device copy of the same bytes (counting bytes read plus written).
 
-Two more columns for bitsandbytes and the results-on-the-GPU rows:
+Two more columns for bitsandbytes and the rows without a host sync:
 *pipelined*, calls issued back to back with one sync at the end (throughput when the host keeps
 the GPU fed: the slower of host work and GPU work per call), and *GPU*, with the stream held by a
 sleep kernel while the host queues the call (GPU work alone). Per-call figures depend on the
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "qtool nf4 + dq": lambda x: nf4_kernels.quantize_4bit_async(x, "nf4", 64, True),
         "qtool nf4": lambda x: nf4_kernels.quantize_4bit_async(x, "nf4", 64, False),
         "qtool int4-sym g128": lambda x: int_kernels.quantize_int_async(x, 4, True, 128),
+        "qtool int8-sym": int_kernels.quantize_int8_rows_async,
     }
     for label, name, params in fused_cases:
         kernel = kernel_for(name)
@@ -194,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
             add(label + ", read back", ms, "fused Triton kernels, then one host sync")
             continue
-        ms = time_call(lambda x, k=kernel, p=params: k(x, **p), inputs, args.repeat)
-        add(label, ms, "fused Triton kernel")
+        call = lambda x, k=kernel, p=params: k(x, **p)  # noqa: E731
+        ms = time_call(call, inputs, args.repeat)
+        # The GGML kernels need no host sync: pipelined and GPU too.
+        add(label, ms, "fused Triton kernel", fn=call)
 
     if args.sweep:
         from qtool.kernels import ggml as ggml_kernels

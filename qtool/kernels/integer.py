@@ -11,7 +11,8 @@ Modes:
 - ``SYM`` / ``ASYM``: compressed-tensors' qparams: scale = absmax / (range / 2) or
   (max - min) / range, rounded *up* to the scale dtype, integer zero point for ASYM.
 
-``quantize_int_async`` only enqueues; ``finish`` reads the inf/NaN flag back (one host sync).
+``quantize_int_async`` and ``quantize_int8_rows_async`` only enqueue; ``finish`` reads the inf/NaN
+flag back (one host sync).
 """
 from __future__ import annotations
 
@@ -99,12 +100,18 @@ def _quantize_values(x, factor, zero, MODE: tl.constexpr, BITS: tl.constexpr, F1
 
 
 @triton.jit
-def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, flags_ptr, cols, n_groups, segment, n_segments,
+def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, flags_ptr, wide_ptr, cols, n_groups, segment, n_segments,
                 MODE: tl.constexpr, BITS: tl.constexpr, F16: tl.constexpr, BLOCK: tl.constexpr,
-                SEGMENTS: tl.constexpr, TWO_PASS: tl.constexpr):
+                SEGMENTS: tl.constexpr, TWO_PASS: tl.constexpr, WIDE: tl.constexpr):
+    """WIDE (bitsandbytes rows): 1 = the float16 pass, which also sets *wide_ptr (zeroed before) when
+    some value is beyond float16's range; 2 = the float32 pass, which does its work only when
+    *wide_ptr is set (so no host sync decides between them); 0 = neither."""
     pid = tl.program_id(0).to(tl.int64)
     segment_ids = pid * SEGMENTS + tl.arange(0, SEGMENTS)
     seg_valid = segment_ids < n_segments
+    if WIDE == 2:
+        # Everything masked off when not needed: no memory traffic, a few microseconds of issue.
+        seg_valid = seg_valid & (tl.load(wide_ptr) != 0)
     row = segment_ids // n_groups
     column0 = (segment_ids % n_groups) * segment
     # Zero stands in for masked elements: it never changes an absmax, and min/max are clamped
@@ -144,23 +151,33 @@ def _int_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, flags_ptr, cols, n_groups, se
     flags = (absmax == float("inf")).to(tl.int32)
     if MODE == 0:
         flags = flags | ((absmax > _FP16_MAX_CONSTEXPR).to(tl.int32) << 1)
-    tl.store(flags_ptr + pid, tl.max(flags, axis=0))
+    if WIDE != 2:
+        flags = tl.max(flags, axis=0)
+        tl.store(flags_ptr + pid, flags)
+        if WIDE == 1:
+            tl.atomic_or(wide_ptr, 1, mask=(flags & 2) != 0)
     if MODE == 2:
         tl.store(zero_ptr + segment_ids, zero.to(tl.int32).to(tl.int8), mask=seg_valid)
 
 
 def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtype: torch.dtype,
-            f16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            f16: bool = False, wide: torch.Tensor | None = None, wide_mode: int = 0,
+            out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Enqueue the kernel: (q, scale, zero point, flags), nothing read back. flags (int32, on the
     device, one per program, OR-ed by read_flags): bit 0 = some value is inf/NaN, bit 1 = some
-    value is beyond float16's range."""
+    value is beyond float16's range. ``wide``/``wide_mode``: see _int_kernel's WIDE; ``out``: the
+    (q, scale, zero) to write instead of new tensors."""
     rows, cols = matrix.shape
     n_groups = -(-cols // segment)
     n_segments = rows * n_groups
     device = matrix.device
-    q = torch.empty((rows, cols), dtype=torch.int8, device=device)
-    scale = torch.empty((rows, n_groups), dtype=scale_dtype, device=device)
-    zero = torch.empty((rows, n_groups), dtype=torch.int8, device=device) if mode == _ASYM else q
+    if out is not None:
+        q, scale, zero = out
+    else:
+        q = torch.empty((rows, cols), dtype=torch.int8, device=device)
+        scale = torch.empty((rows, n_groups), dtype=scale_dtype, device=device)
+        zero = torch.empty((rows, n_groups), dtype=torch.int8, device=device) if mode == _ASYM else q
     if not n_segments:
         return q, scale, zero, torch.zeros(1, dtype=torch.int32, device=device)
     block = 1 << (segment - 1).bit_length()   # the next power of two
@@ -172,9 +189,9 @@ def _launch(matrix: torch.Tensor, segment: int, mode: int, bits: int, scale_dtyp
         num_warps = min(16, max(4, per_program * block // 512))
     grid = (-(-n_segments // per_program),)
     flags = torch.empty(grid[0], dtype=torch.int32, device=device)
-    launch(_int_kernel, grid, matrix, q, scale, zero, flags, cols, n_groups, segment, n_segments, MODE=mode,
-           BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program, TWO_PASS=two_pass, num_warps=num_warps,
-           enable_fp_fusion=False)
+    launch(_int_kernel, grid, matrix, q, scale, zero, flags, flags if wide is None else wide, cols, n_groups,
+           segment, n_segments, MODE=mode, BITS=bits, F16=f16, BLOCK=block, SEGMENTS=per_program,
+           TWO_PASS=two_pass, WIDE=wide_mode, num_warps=num_warps, enable_fp_fusion=False)
     return q, scale, zero, flags
 
 
@@ -185,19 +202,27 @@ def finish(packed, flags: torch.Tensor):
     return packed
 
 
-def quantize_int8_rows(weight: torch.Tensor) -> cpu_int8.PackedInt8Rows:
-    """bitsandbytes' int8 rows. Whether the values are rounded to float16 first depends on the whole
-    matrix (not when some value is beyond float16's range), so the flags are read back before the
-    result is final: one kernel and one host sync, a second kernel in the rare float32 case. (A
-    device-side rerun that skips itself costs the host a Triton launch, more than the sync.)"""
+def quantize_int8_rows_async(weight: torch.Tensor) -> tuple[cpu_int8.PackedInt8Rows, torch.Tensor]:
+    """bitsandbytes' int8 rows, enqueued: (packed, flags on the device; ``finish`` reads them).
+    Whether the values are rounded to float16 first depends on the whole matrix (not when some
+    value is beyond float16's range), which the device decides: a float16 pass that notes any such
+    value in a zeroed word, then a float32 pass over the same outputs that runs only if it did."""
     if weight.dim() < 2:
         raise ValueError(f"int8-sym quantizes matrices, got shape {tuple(weight.shape)}")
     matrix = weight.reshape(weight.shape[0], -1).contiguous()
-    q, scb, _, flags = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=True)
-    beyond_float16 = read_flags(flags) & 2
-    if matrix.dtype != torch.float16 and beyond_float16:
-        q, scb, _, _ = _launch(matrix, matrix.shape[1], _BNB, 8, torch.float32, f16=False)
-    return cpu_int8.PackedInt8Rows(weight=q, scb=scb.reshape(-1), shape=tuple(weight.shape), dtype=weight.dtype)
+    cols = matrix.shape[1]
+    if matrix.dtype == torch.float16:     # nothing is beyond float16's range
+        q, scb, _, flags = _launch(matrix, cols, _BNB, 8, torch.float32, f16=True)
+    else:
+        wide = torch.zeros(1, dtype=torch.int32, device=matrix.device)
+        q, scb, zero, flags = _launch(matrix, cols, _BNB, 8, torch.float32, f16=True, wide=wide, wide_mode=1)
+        _launch(matrix, cols, _BNB, 8, torch.float32, f16=False, wide=wide, wide_mode=2, out=(q, scb, zero))
+    packed = cpu_int8.PackedInt8Rows(weight=q, scb=scb.reshape(-1), shape=tuple(weight.shape), dtype=weight.dtype)
+    return packed, flags
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> cpu_int8.PackedInt8Rows:
+    return finish(*quantize_int8_rows_async(weight))
 
 
 def quantize_int_async(weight: torch.Tensor, bits: int, symmetric: bool, group_size: int | None,
