@@ -45,7 +45,6 @@ _NUM_WARPS_K = 4
 # more threads hide each other's latency: 1.15x on an H100 (88 spills and is slower again).
 _MAX_REGISTERS_K = 96
 _SUPER_BLOCKS_Q6 = 8      # Q6_K super-blocks per program: 128 groups of 16, one per thread
-_MAX_REGISTERS_Q6 = None
 _NUM_WARPS_Q6 = 4
 
 
@@ -554,13 +553,11 @@ def _check(name: str, weight: torch.Tensor, block_size: int) -> None:
 
 
 def quantize_ggml(weight: torch.Tensor, name: str):
-    from qtool.schemes.ggml import GGMLTensor
-
     k_quant = name in kq.K32_CANDIDATES or name == "Q6_K"
     block_size = QK_K if k_quant else 32
     _check(name, weight, block_size)
     shape = tuple(weight.shape)
-    flat = weight.reshape(-1).contiguous()
+    flat = weight if weight.is_contiguous() else weight.contiguous()   # the kernels index it flat
     n_blocks = flat.numel() // block_size
     type_size = _TYPE_SIZE[name]
     out = torch.empty(n_blocks * type_size, dtype=torch.uint8, device=weight.device)
@@ -568,8 +565,7 @@ def quantize_ggml(weight: torch.Tensor, name: str):
         if name == "Q6_K":
             grid = (-(-n_blocks // _SUPER_BLOCKS_Q6),)
             launch(_q6k_kernel, grid, flat, out, _q6k_steps(weight.device), n_blocks, SB=_SUPER_BLOCKS_Q6,
-                   BF16_WORDS=_bf16_words(flat), num_warps=_NUM_WARPS_Q6, maxnreg=_MAX_REGISTERS_Q6,
-                   enable_fp_fusion=False)
+                   BF16_WORDS=_bf16_words(flat), num_warps=_NUM_WARPS_Q6, enable_fp_fusion=False)
         elif k_quant:
             grid = (-(-n_blocks // _SUPER_BLOCKS),)
             launch(_kquant_asym_kernel, grid, flat, out, _candidates(name, weight.device), n_blocks,
@@ -580,6 +576,8 @@ def quantize_ggml(weight: torch.Tensor, name: str):
             grid = (-(-n_blocks // _ROWS_32),)
             launch(_quantize_32_kernel, grid, flat, out, n_blocks, KIND=_KIND[name], TYPE_SIZE=type_size,
                    ROWS=_ROWS_32, num_warps=_NUM_WARPS_32, enable_fp_fusion=False)
+    from qtool.schemes.ggml import GGMLTensor   # after the launch: the schemes import this module
+
     row_bytes = shape[-1] // block_size * type_size
     return GGMLTensor(name, shape, out.reshape(-1, row_bytes))
 

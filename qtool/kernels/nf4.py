@@ -463,7 +463,7 @@ def quantize_4bit_async(weight: torch.Tensor, quant_type: str = "nf4", block_siz
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"4-bit quantization takes float32/float16/bfloat16, got {weight.dtype}")
     device = weight.device
-    flat = weight.reshape(-1).contiguous()
+    flat = weight if weight.is_contiguous() else weight.contiguous()   # the kernels index it flat
     n = flat.numel()
     n_blocks = -(-n // block_size)
     data = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
