@@ -54,6 +54,15 @@ def _closed_form_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_x
             + offset * offset * sum_w - 2 * offset * sum_x + sum_x2)
 
 
+def _group_range(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per group (row of x): the min clamped to <= 0, the span max - min (1 where 0), whether it was
+    0 (a flat group), and x - min."""
+    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    span = x.amax(dim=-1, keepdim=True) - low
+    flat = span == 0
+    return low, torch.where(flat, torch.ones_like(span), span), flat, x - low
+
+
 def _search_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
                       nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qkx2_quants: x ≈ scale * l + min with l in [0, nmax] and min <= 0, weighted least squares
@@ -62,12 +71,7 @@ def _search_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
 
     The candidates are a short Python loop over whole tensors (a (groups, candidates, n) tensor
     would be the same arithmetic with a larger temporary)."""
-    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    high = x.amax(dim=-1, keepdim=True)
-    span = high - low
-    flat = span == 0
-    span = torch.where(flat, torch.ones_like(span), span)
-    shifted = x - low
+    low, span, flat, shifted = _group_range(x)
     sum_w = pairwise_sum(weights)
     weighted_x = weights * x
     sum_x = pairwise_sum(weighted_x)
@@ -238,15 +242,9 @@ class _KQuant(GGMLType):
     block_size = QK_K
 
 
-def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: int, rmin: float, rdelta: float,
-                           nstep: int, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Shared by Q2_K (group 16, 4-bit scales), Q4_K and Q5_K (group 32, 6-bit scales).
-    Returns fp16 bytes of d and dmin, scale codes, min codes (n, s) and levels (n, 256)."""
-    n_blocks = blocks.shape[0]
-    groups = blocks.reshape(-1, group)
-    scales, mins = _search_scale_min(groups, weights.reshape(-1, group), nmax, rmin, rdelta, nstep)
-    scales = scales.reshape(n_blocks, -1)
-    mins = mins.reshape(n_blocks, -1)
+def _super_block_codes(scales: torch.Tensor, mins: torch.Tensor, smax: int) -> tuple[torch.Tensor, ...]:
+    """Sub-block scales and mins (n, s) as codes in [0, smax] against the super-block's largest:
+    (scale codes, min codes, fp16 bytes of d, fp16 bytes of dmin (n, 2))."""
     # llama.cpp keeps a running max from +0 with `>`: all-zero blocks (whose mins are -0.0) give +0,
     # never the -0.0 that amax may return (fp16 bytes 0x8000), and NaN never wins.
     max_scale = torch.where(scales > 0, scales, 0.0).amax(dim=-1, keepdim=True)
@@ -256,8 +254,17 @@ def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: in
     inv_min = torch.where(max_min > 0, smax / torch.where(max_min > 0, max_min, 1), zero)
     ls = nearest_int(inv_scale * scales).clamp_(0, smax)
     lm = nearest_int(inv_min * mins).clamp_(0, smax)
-    d_raw = fp16_bytes(divide(max_scale, smax))
-    dmin_raw = fp16_bytes(divide(max_min, smax))
+    return ls, lm, fp16_bytes(divide(max_scale, smax)), fp16_bytes(divide(max_min, smax))
+
+
+def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: int, rmin: float, rdelta: float,
+                           nstep: int, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Shared by Q2_K (group 16, 4-bit scales), Q4_K and Q5_K (group 32, 6-bit scales).
+    Returns fp16 bytes of d and dmin, scale codes, min codes (n, s) and levels (n, 256)."""
+    n_blocks = blocks.shape[0]
+    groups = blocks.reshape(-1, group)
+    scales, mins = _search_scale_min(groups, weights.reshape(-1, group), nmax, rmin, rdelta, nstep)
+    ls, lm, d_raw, dmin_raw = _super_block_codes(scales.reshape(n_blocks, -1), mins.reshape(n_blocks, -1), smax)
     d = fp16_from_bytes(d_raw).unsqueeze(-1)
     dmin = fp16_from_bytes(dmin_raw).unsqueeze(-1)
     ls, levels = _refine_asymmetric(blocks.reshape(n_blocks, -1, group), d, dmin, ls.unsqueeze(-1),
@@ -286,12 +293,7 @@ def _search_k32(x: torch.Tensor, nmax: int, candidates: tuple[float, ...]) -> tu
     the levels min(rint(c / span * (x - low)), nmax), then the scale and offset <= 0 that fit them
     best, in closed form; the first candidate, then any strictly better fit, wins.
     Returns (scale, -offset, Σl, Σl², Σx·l of the winner's levels, Σx), each (groups, 1)."""
-    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    high = x.amax(dim=-1, keepdim=True)
-    span = high - low
-    flat = span == 0
-    span = torch.where(flat, torch.ones_like(span), span)
-    shifted = x - low
+    low, span, flat, shifted = _group_range(x)
     reciprocal = 1 / span
     sum_w = torch.full_like(span, 32.0)
     sum_x = pairwise_sum(x)
@@ -372,26 +374,16 @@ def _quantize_k32(blocks: torch.Tensor, name: str) -> torch.Tensor:
     n_blocks = blocks.shape[0]
     x = blocks.reshape(n_blocks, 8, 32)
     scales, mins, *sums = _search_k32(x.reshape(-1, 32), nmax, K32_CANDIDATES[name])
-    scales, mins = scales.reshape(n_blocks, 8, 1), mins.reshape(n_blocks, 8, 1)
     sums = [total.reshape(n_blocks, 8, 1) for total in sums]
-    # llama.cpp keeps a running max from +0 with `>`: all-zero blocks (whose mins are -0.0) give +0,
-    # never the -0.0 that amax may return (fp16 bytes 0x8000), and NaN never wins.
-    max_scale = torch.where(scales > 0, scales, 0.0).amax(dim=1, keepdim=True)
-    max_min = torch.where(mins > 0, mins, 0.0).amax(dim=1, keepdim=True)
-    zero = torch.zeros_like(max_scale)
-    inv_scale = torch.where(max_scale > 0, smax / torch.where(max_scale > 0, max_scale, 1), zero)
-    inv_min = torch.where(max_min > 0, smax / torch.where(max_min > 0, max_min, 1), zero)
-    ls = nearest_int(inv_scale * scales).clamp_(0, smax)
-    lm = nearest_int(inv_min * mins).clamp_(0, smax)
-    d_raw = fp16_bytes(divide(max_scale, smax))
-    dmin_raw = fp16_bytes(divide(max_min, smax))
-    d, dmin = fp16_from_bytes(d_raw), fp16_from_bytes(dmin_raw)
+    ls, lm, d_raw, dmin_raw = _super_block_codes(scales.reshape(n_blocks, 8), mins.reshape(n_blocks, 8), smax)
+    ls, lm = ls.unsqueeze(-1), lm.unsqueeze(-1)
+    d, dmin = fp16_from_bytes(d_raw).unsqueeze(-1), fp16_from_bytes(dmin_raw).unsqueeze(-1)
     for _ in range(K32_CODE_ROUNDS):
         ls, lm = _fit_codes(d, dmin, ls, lm, sums, smax)
         levels = _levels_for(x, d * ls, dmin * lm, nmax)
         sums[:3] = _level_sums(levels, x)
-    return pack_k_blocks(d_raw.reshape(n_blocks, 2), dmin_raw.reshape(n_blocks, 2), ls.reshape(n_blocks, 8),
-                         lm.reshape(n_blocks, 8), levels.reshape(n_blocks, QK_K), five_bit=name == "Q5_K")
+    return pack_k_blocks(d_raw, dmin_raw, ls.reshape(n_blocks, 8), lm.reshape(n_blocks, 8),
+                         levels.reshape(n_blocks, QK_K), five_bit=name == "Q5_K")
 
 
 @register
