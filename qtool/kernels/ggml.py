@@ -103,21 +103,6 @@ def _fp16_round(value):
 
 
 @triton.jit
-def _sum32(t, R: tl.constexpr):
-    """[R, 32] -> [R]: pairwise_sum's order, (t0 + t1) + (t2 + t3) ... level by level."""
-    a, b = tl.split(tl.reshape(t, [R, 16, 2]))
-    t = a + b
-    a, b = tl.split(tl.reshape(t, [R, 8, 2]))
-    t = a + b
-    a, b = tl.split(tl.reshape(t, [R, 4, 2]))
-    t = a + b
-    a, b = tl.split(tl.reshape(t, [R, 2, 2]))
-    t = a + b
-    a, b = tl.split(t)
-    return a + b
-
-
-@triton.jit
 def _halves(t, R: tl.constexpr):
     """[R, 32] -> ([R, 16], [R, 16]): first and second half of each row."""
     return tl.split(tl.permute(tl.reshape(t, [R, 2, 16]), (0, 2, 1)))
