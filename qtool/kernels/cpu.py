@@ -40,8 +40,6 @@ _Q6_K_CANDIDATES = np.array([np.float32(32 + float(np.float32(0.2)) * step) for 
                             dtype=np.float32)
 
 
-
-
 @functools.cache
 def _candidates(scheme_name: str) -> np.ndarray | None:
     """The float32 search constants a K-quant kernel takes (Q4_K/Q5_K: ggml_kquants.K32_CANDIDATES,
