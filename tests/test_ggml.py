@@ -9,6 +9,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from qtool.errors import BadArgument
+from qtool.kernels.cpu import _FUNCTIONS as CPU_KERNELS
 from qtool.kernels.cpu import cpu_kernel
 from qtool.schemes.base import all_schemes, get_scheme
 from qtool.schemes.ggml import GGML_TYPE_NAMES, GGMLType, ggml_type
@@ -87,7 +88,7 @@ def test_cpu_kernels_are_built_here():
     assert not missing, f"no C kernel for {missing} (compiler: {shutil.which('cc') or shutil.which('gcc')})"
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("name", list(CPU_KERNELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cpu_kernel_bytes_equal_the_torch_reference(name, dtype):
     """The C kernel against the scheme's torch code, on the edge cases and on model-like weights

@@ -34,10 +34,12 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math
 # share a tensor evenly.
 _CHUNK_ELEMENTS = 1 << 20
 
-# The candidate inverse-scale constants of Q6_K's search (nmax 32, rdelta 0.2, steps -4..4 but 0),
-# each rounded to float32 exactly as ggml_kquants._search_scale_symmetric rounds them.
-_Q6_K_CANDIDATES = np.array([np.float32(32 + float(np.float32(0.2)) * step) for step in (-4, -3, -2, -1, 1, 2, 3, 4)],
-                            dtype=np.float32)
+def _symmetric_candidates(nmax: int) -> np.ndarray:
+    """The candidate inverse-scale constants of Q6_K's (nmax 32) and Q3_K's (nmax 4) searches
+    (rdelta 0.2, steps -4..4 but 0), each rounded to float32 exactly as
+    ggml_kquants._search_scale_symmetric rounds them."""
+    return np.array([np.float32(nmax + float(np.float32(0.2)) * step) for step in (-4, -3, -2, -1, 1, 2, 3, 4)],
+                    dtype=np.float32)
 
 
 @functools.cache
@@ -46,8 +48,8 @@ def _candidates(scheme_name: str) -> np.ndarray | None:
     imported here, not at module level: the schemes import this module)."""
     from qtool.schemes.ggml_kquants import K32_CANDIDATES
 
-    if scheme_name == "Q6_K":
-        return _Q6_K_CANDIDATES
+    if scheme_name in ("Q6_K", "Q3_K"):
+        return _symmetric_candidates(32 if scheme_name == "Q6_K" else 4)
     if scheme_name in K32_CANDIDATES:
         return np.array(K32_CANDIDATES[scheme_name], dtype=np.float32)
     return None
@@ -56,7 +58,8 @@ def _candidates(scheme_name: str) -> np.ndarray | None:
 # scheme name -> (C function, bytes per block, elements per block)
 _FUNCTIONS = {"Q8_0": ("quantize_q8_0", 34, 32), "Q4_0": ("quantize_q4_0", 18, 32),
               "Q4_1": ("quantize_q4_1", 20, 32), "Q5_0": ("quantize_q5_0", 22, 32),
-              "Q5_1": ("quantize_q5_1", 24, 32), "IQ4_NL": ("quantize_iq4_nl", 18, 32), "Q4_K": ("quantize_q4_k", 144, 256),
+              "Q5_1": ("quantize_q5_1", 24, 32), "IQ4_NL": ("quantize_iq4_nl", 18, 32),
+              "Q3_K": ("quantize_q3_k", 110, 256), "Q4_K": ("quantize_q4_k", 144, 256),
               "Q5_K": ("quantize_q5_k", 176, 256), "Q6_K": ("quantize_q6_k", 210, 256)}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 

@@ -1,5 +1,5 @@
 /* CPU kernels for the GGML block types that dominate GGUF conversion time: Q8_0, Q4_0, Q4_1,
- * Q5_0, Q5_1, IQ4_NL and the K-quants (Q6_K: the output matrix of every plain-type recipe).
+ * Q5_0, Q5_1, IQ4_NL and the K-quants but Q2_K (Q6_K: the output matrix of every plain-type recipe).
  *
  * Each function is the torch code of qtool/schemes/ggml.py / ggml_kquants.py for one block,
  * operation by operation in float32: the same divisions (torch's `scalar / tensor` is a
@@ -277,9 +277,10 @@ static inline float refine_code(const float *x, int n, float d, float code, floa
     return best_code;
 }
 
-/* _search_scale_symmetric for one group of 16, nmax 32, nstep 4, rdelta 0.2 (Q6_K).
- * candidates[k] are the float32 constants nmax + rdelta*step, step = -4..4 without 0. */
-static float q6_group_scale(const float *x, const float *candidates) {
+/* _search_scale_symmetric for one group of 16 with nstep 4 (Q6_K: nmax 32, Q3_K: nmax 4; rdelta 0.2):
+ * levels in [-nmax, nmax - 1]. candidates[k] are the float32 constants nmax + rdelta*step,
+ * step = -4..4 without 0. */
+static float symmetric_group_scale(const float *x, float nmax, const float *candidates) {
     float peak = signed_absmax(x, 16);
     int zero_group = fabsf(peak) < 1e-15f;
     if (zero_group) peak = 1.0f;
@@ -291,9 +292,9 @@ static float q6_group_scale(const float *x, const float *candidates) {
     float reciprocal = 1.0f / peak;
     float best_scale = 0.0f, best = 0.0f;
     for (int k = -1; k < 8; k++) {
-        float inverse = reciprocal * (k < 0 ? -32.0f : -candidates[k]);
+        float inverse = reciprocal * (k < 0 ? -nmax : -candidates[k]);
         for (int i = 0; i < 16; i++) {
-            float level = clampf(rint_small(inverse * x[i]), -32.0f, 31.0f);
+            float level = clampf(rint_small(inverse * x[i]), -nmax, nmax - 1.0f);
             terms_lx[i] = weighted_x[i] * level;
             terms_l2[i] = weights[i] * level * level;
         }
@@ -314,7 +315,7 @@ KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const fl
     float levels[256];
     for (int64_t b = 0; b < n_blocks; b++, out += 210) {
         load_block(src, dtype, b, 256, x);
-        for (int g = 0; g < 16; g++) scales[g] = q6_group_scale(x + 16 * g, candidates);
+        for (int g = 0; g < 16; g++) scales[g] = symmetric_group_scale(x + 16 * g, 32.0f, candidates);
         float peak = signed_absmax(scales, 16);
         int nonzero = fabsf(peak) >= 1e-15f;
         float inverse = nonzero ? (1.0f / peak) * -128.0f : 0.0f;
@@ -337,6 +338,49 @@ KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const fl
                 out[64 * h + 32 + l] = (uint8_t)((q[1] & 0x0F) | ((q[3] & 0x0F) << 4));
                 out[128 + 32 * h + l] = (uint8_t)((q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6));
             }
+        }
+    }
+}
+
+
+/* Q3_K: [hmask 32][qs 64][scales 12][d]. Group scales as Q6_K's with nmax 4, 6-bit codes against
+ * -32 / the largest, refined one step up or down; levels in [-4, 3] stored + 4. */
+KERNEL void quantize_q3_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    float x[256], scales[16], levels[256];
+    uint8_t codes[16];
+    for (int64_t b = 0; b < n_blocks; b++, out += 110) {
+        load_block(src, dtype, b, 256, x);
+        for (int g = 0; g < 16; g++) scales[g] = symmetric_group_scale(x + 16 * g, 4.0f, candidates);
+        float peak = signed_absmax(scales, 16);
+        int nonzero = peak != 0.0f;
+        float inverse = nonzero ? (1.0f / peak) * -32.0f : 0.0f;
+        store_half(out + 108, nonzero ? 1.0f / inverse : 0.0f);
+        float d = half_value(out + 108);
+        for (int g = 0; g < 16; g++) {
+            float code = clampf(rintf(inverse * scales[g]), -32.0f, 31.0f);
+            codes[g] = (uint8_t)(refine_code(x + 16 * g, 16, d, code, 0.0f, -32.0f, 31.0f, -4.0f, 3.0f,
+                                             levels + 16 * g) + 32.0f);
+        }
+        /* hmask[j] bit k: the third bit of level 32k + j; qs[32h + l] bits 2k: the low two bits of
+         * level 128h + 32k + l; scales: low nibbles of codes g and g + 8 in byte g < 8, the top two
+         * bits of codes 4k + j at bits 2k of byte 8 + j. */
+        for (int j = 0; j < 32; j++) {
+            uint8_t bits = 0;
+            for (int k = 0; k < 8; k++) bits |= (uint8_t)((((uint8_t)(levels[32 * k + j] + 4.0f) >> 2) & 1) << k);
+            out[j] = bits;
+        }
+        for (int h = 0; h < 2; h++) {
+            for (int l = 0; l < 32; l++) {
+                uint8_t crumbs = 0;
+                for (int k = 0; k < 4; k++) crumbs |= (uint8_t)(((uint8_t)(levels[128 * h + 32 * k + l] + 4.0f) & 3) << (2 * k));
+                out[32 + 32 * h + l] = crumbs;
+            }
+        }
+        for (int g = 0; g < 8; g++) out[96 + g] = (uint8_t)((codes[g] & 0x0F) | ((codes[g + 8] & 0x0F) << 4));
+        for (int j = 0; j < 4; j++) {
+            uint8_t top = 0;
+            for (int k = 0; k < 4; k++) top |= (uint8_t)((codes[4 * k + j] >> 4) << (2 * k));
+            out[104 + j] = top;
         }
     }
 }
