@@ -44,12 +44,17 @@ def _symmetric_candidates(nmax: int) -> np.ndarray:
 
 @functools.cache
 def _candidates(scheme_name: str) -> np.ndarray | None:
-    """The float32 search constants a K-quant kernel takes (Q4_K/Q5_K: ggml_kquants.K32_CANDIDATES,
-    imported here, not at module level: the schemes import this module)."""
+    """The float32 search constants a K-quant kernel takes, rounded as the torch code rounds them
+    (Q4_K/Q5_K: ggml_kquants.K32_CANDIDATES, imported here, not at module level: the schemes import
+    this module)."""
     from qtool.schemes.ggml_kquants import K32_CANDIDATES
 
     if scheme_name in ("Q6_K", "Q3_K"):
         return _symmetric_candidates(32 if scheme_name == "Q6_K" else 4)
+    if scheme_name == "Q2_K":
+        # ggml_kquants.Q2_K's search: rmin + rdelta*step + nmax for nmax 3, rmin -0.5, rdelta 0.2, steps 0..7
+        return np.array([np.float32(float(np.float32(-0.5)) + float(np.float32(0.2)) * step + 3) for step in range(8)],
+                        dtype=np.float32)
     if scheme_name in K32_CANDIDATES:
         return np.array(K32_CANDIDATES[scheme_name], dtype=np.float32)
     return None
@@ -59,7 +64,8 @@ def _candidates(scheme_name: str) -> np.ndarray | None:
 _FUNCTIONS = {"Q8_0": ("quantize_q8_0", 34, 32), "Q4_0": ("quantize_q4_0", 18, 32),
               "Q4_1": ("quantize_q4_1", 20, 32), "Q5_0": ("quantize_q5_0", 22, 32),
               "Q5_1": ("quantize_q5_1", 24, 32), "IQ4_NL": ("quantize_iq4_nl", 18, 32),
-              "Q3_K": ("quantize_q3_k", 110, 256), "Q4_K": ("quantize_q4_k", 144, 256),
+              "Q2_K": ("quantize_q2_k", 84, 256), "Q3_K": ("quantize_q3_k", 110, 256),
+              "Q4_K": ("quantize_q4_k", 144, 256),
               "Q5_K": ("quantize_q5_k", 176, 256), "Q6_K": ("quantize_q6_k", 210, 256)}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 

@@ -1,5 +1,5 @@
 /* CPU kernels for the GGML block types that dominate GGUF conversion time: Q8_0, Q4_0, Q4_1,
- * Q5_0, Q5_1, IQ4_NL and the K-quants but Q2_K (Q6_K: the output matrix of every plain-type recipe).
+ * Q5_0, Q5_1, IQ4_NL and the K-quants (Q6_K: the output matrix of every plain-type recipe).
  *
  * Each function is the torch code of qtool/schemes/ggml.py / ggml_kquants.py for one block,
  * operation by operation in float32: the same divisions (torch's `scalar / tensor` is a
@@ -342,6 +342,108 @@ KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const fl
     }
 }
 
+
+/* Σ w (scale*l + offset - x)^2 from the group sums, in the torch code's order of operations. */
+static inline float closed_form_error(float scale, float offset, float sum_w, float sum_x, float sum_x2,
+                                      float sum_l, float sum_l2, float sum_xl) {
+    return scale * scale * sum_l2 + 2.0f * scale * offset * sum_l - 2.0f * scale * sum_xl
+           + offset * offset * sum_w - 2.0f * offset * sum_x + sum_x2;
+}
+
+/* _search_scale_min for one group of 16 (Q2_K: nmax 3, weights |x|): x ≈ scale * l - min with l in
+ * [0, nmax], weighted least squares over the plain min/max grid, then candidates[0..nstep] (the
+ * float32 constants rmin + rdelta*step + nmax), each kept only when strictly better. */
+static void search_scale_min16(const float *x, const float *w, float nmax, int nstep, const float *candidates,
+                               float *scale_out, float *min_out) {
+    float low = x[0], high = x[0];
+    for (int i = 1; i < 16; i++) {
+        low = fminf(low, x[i]);
+        high = fmaxf(high, x[i]);
+    }
+    low = low > 0.0f ? 0.0f : low;   /* clamp(max=0), which keeps a -0 */
+    float span = high - low;
+    int flat = span == 0.0f;
+    if (flat) span = 1.0f;
+    float shifted[16], wx[16], t_l[16], t_l2[16], t_xl[16], t[16];
+    for (int i = 0; i < 16; i++) {
+        shifted[i] = x[i] - low;
+        wx[i] = w[i] * x[i];
+        t[i] = wx[i] * x[i];
+    }
+    float sum_w = pairwise16(w), sum_x = pairwise16(wx), sum_x2 = pairwise16(t);
+    float reciprocal = 1.0f / span;
+    float best_scale = 0.0f, best_min = low, best_error = 0.0f;
+    for (int k = -1; k <= nstep; k++) {
+        float inverse = reciprocal * (k < 0 ? nmax : candidates[k]);
+        for (int i = 0; i < 16; i++) {
+            /* a subnormal span can make inverse infinite: cap first, as torch's clamp would */
+            float scaled = inverse * shifted[i];
+            float level = clampf(rint_small(scaled > 64.0f ? 64.0f : scaled), 0.0f, nmax);
+            t_l[i] = w[i] * level;
+            t_l2[i] = w[i] * level * level;
+            t_xl[i] = wx[i] * level;
+        }
+        float sum_l = pairwise16(t_l), sum_l2 = pairwise16(t_l2), sum_xl = pairwise16(t_xl);
+        if (k < 0) {   /* the plain min/max grid */
+            best_scale = 1.0f / inverse;
+            best_error = closed_form_error(best_scale, best_min, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl);
+            continue;
+        }
+        float det = sum_w * sum_l2 - sum_l * sum_l;
+        float scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+        float offset = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+        if (offset > 0.0f) {
+            scale = sum_xl / sum_l2;
+            offset = 0.0f;
+        }
+        float error = closed_form_error(scale, offset, sum_w, sum_x, sum_x2, sum_l, sum_l2, sum_xl);
+        if (det > 0.0f && error < best_error) {
+            best_error = error;
+            best_scale = scale;
+            best_min = offset;
+        }
+    }
+    *scale_out = flat ? 0.0f : best_scale;
+    *min_out = flat ? -low : -best_min;
+}
+
+/* Q2_K: [scales 16][qs 64][d][dmin]; 4-bit scale and min codes (low and high nibble) against the
+ * super-block's largest, the scale code refined one step up or down; levels in [0, 3]. */
+KERNEL void quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    float x[256], w[16], scales[16], mins[16], levels[256];
+    for (int64_t b = 0; b < n_blocks; b++, out += 84) {
+        load_block(src, dtype, b, 256, x);
+        for (int g = 0; g < 16; g++) {
+            for (int i = 0; i < 16; i++) w[i] = fabsf(x[16 * g + i]);
+            search_scale_min16(x + 16 * g, w, 3.0f, 7, candidates, &scales[g], &mins[g]);
+        }
+        /* llama.cpp's running max from +0 with `>`: all-zero blocks (mins of -0) give +0, not -0. */
+        float max_scale = 0.0f, max_min = 0.0f;
+        for (int g = 0; g < 16; g++) {
+            if (scales[g] > max_scale) max_scale = scales[g];
+            if (mins[g] > max_min) max_min = mins[g];
+        }
+        float inv_scale = max_scale > 0.0f ? (1.0f / max_scale) * 15.0f : 0.0f;
+        float inv_min = max_min > 0.0f ? (1.0f / max_min) * 15.0f : 0.0f;
+        store_half(out + 80, max_scale / 15.0f);
+        store_half(out + 82, max_min / 15.0f);
+        float d = half_value(out + 80), dmin = half_value(out + 82);
+        for (int g = 0; g < 16; g++) {
+            float ls = clampf(rintf(inv_scale * scales[g]), 0.0f, 15.0f);
+            float lm = clampf(rintf(inv_min * mins[g]), 0.0f, 15.0f);
+            ls = refine_code(x + 16 * g, 16, d, ls, dmin * lm, 0.0f, 15.0f, 0.0f, 3.0f, levels + 16 * g);
+            out[g] = (uint8_t)((uint8_t)ls | ((uint8_t)lm << 4));
+        }
+        /* qs[32h + l] bits 2k: level 128h + 32k + l */
+        for (int h = 0; h < 2; h++) {
+            for (int l = 0; l < 32; l++) {
+                uint8_t crumbs = 0;
+                for (int k = 0; k < 4; k++) crumbs |= (uint8_t)(((uint8_t)levels[128 * h + 32 * k + l] & 3) << (2 * k));
+                out[16 + 32 * h + l] = crumbs;
+            }
+        }
+    }
+}
 
 /* Q3_K: [hmask 32][qs 64][scales 12][d]. Group scales as Q6_K's with nmax 4, 6-bit codes against
  * -32 / the largest, refined one step up or down; levels in [-4, 3] stored + 4. */
