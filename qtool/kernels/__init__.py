@@ -1,11 +1,10 @@
 """Fused Triton kernels for the hot schemes: the bytes of :mod:`qtool.schemes`, at GPU speed.
 
 Each kernel module reproduces its scheme's torch code operation by operation in float32
-(correctly rounded division and square root, no fused multiply-add where it could change a
-value, the same reciprocal-then-multiply wherever the torch code writes ``scalar / tensor``), so a
-weight quantized on a CUDA
-device gives the bytes the CPU path gives. Sums that decide a result are taken in an order both
-paths compute: the K-quants' fixed pairwise order (``qtool.schemes.ggml_kquants.pairwise_sum``), and
+(correctly rounded division and square root, no fused multiply-add where it could change a value,
+the same reciprocal-then-multiply wherever the torch code writes ``scalar / tensor``), so a weight
+quantized on a CUDA device gives the bytes the CPU path gives. Sums that decide a result are taken
+in an order both paths compute: the K-quants' fixed pairwise order (``qtool.schemes.ggml_kquants.pairwise_sum``), and
 for NF4's double-quant offset torch's own CPU summation order, replayed (nf4.py), never a reduction
 order left to a library.
 
