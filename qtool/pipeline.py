@@ -1,11 +1,15 @@
 """The quantization pipe: Source -> Plan -> Scheme (inside the Sink) -> Sink.finish -> report.
 
-Streaming: one tensor is read, quantized and written at a time, so peak memory is about the
-largest tensor plus the sink's buffers, whatever the model's size.
+Streaming: one tensor is read, quantized and written at a time (on a GPU the next one is read
+meanwhile), so peak memory is about the largest tensor or two plus the sink's buffers, whatever
+the model's size.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +108,10 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
                                   "gguf_type": recipe.name or recipe.scheme, **options.extra})
         sizes: dict[str, int] = {}
         try:
-            with ui.task(f"quantizing {source.description}", total=len(plans)) as progress:
-                for plan in plans:
-                    tensor = source.load(plan.name)
-                    if device != "cpu":
-                        tensor = tensor.to(device, non_blocking=True)
+            # closing(): on an error the reader thread's last read ends before the source closes
+            with (ui.task(f"quantizing {source.description}", total=len(plans)) as progress,
+                  contextlib.closing(loaded(source, plans, device)) as tensors):
+                for plan, tensor in tensors:
                     sizes[plan.name] = sink.add(plan, tensor, packed=calibrated.pop(plan.name, None))
                     del tensor
                     progress.advance(1, status=plan.name)
@@ -121,6 +124,23 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
             raise
         report.output = str(final)
         return report
+
+
+def loaded(source: Source, plans: list[TensorPlan], device: str) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Each plan with its tensor on ``device``, in order. On a GPU the next tensor is read on a
+    helper thread (disk, and for GGUF sources dequantization, on the host) while the current one
+    is quantized and written; on the CPU, where the quantizers use every core, one at a time."""
+    if device == "cpu":
+        for plan in plans:
+            yield plan, source.load(plan.name)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qtool-read") as reader:
+        upcoming = reader.submit(source.load, plans[0].name) if plans else None
+        for index, plan in enumerate(plans):
+            tensor = upcoming.result()
+            upcoming = reader.submit(source.load, plans[index + 1].name) if index + 1 < len(plans) else None
+            yield plan, tensor.to(device, non_blocking=True)
+            del tensor
 
 
 def stored_plans(plans: list[TensorPlan], sink_type: Any) -> list[TensorPlan]:

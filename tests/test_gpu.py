@@ -238,3 +238,26 @@ def test_model_spread_over_gpus_gives_one_gpu_logits(tmp_path) -> None:
         expected = one(ids.to("cuda:0")).logits
         got = spread(ids.to("cuda:0")).logits
     torch.testing.assert_close(got.to(expected.device), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("fmt", "type_name"), [("safetensors", None), ("gguf", "Q4_K_M")])
+def test_quantize_on_cuda_writes_the_files_the_cpu_writes(tmp_path, fmt: str, type_name: str | None) -> None:
+    """The whole pipe with --device cuda (the next tensor read on a helper thread, the fused kernels,
+    the results copied back) writes the bytes --device cpu writes."""
+    from qtool.pipeline import QuantizeOptions, quantize
+    from qtool.recipes import recipe_from_options
+    from qtool.synthetic import write_synthetic_llama
+
+    folder = write_synthetic_llama(tmp_path / "model", hidden_size=256, intermediate_size=768, num_layers=2,
+                                   num_heads=4, num_kv_heads=2, vocab_size=1024)
+    recipe = recipe_from_options(fmt=fmt, bits=4 if type_name is None else None, scheme=None, gguf_type=type_name,
+                                 config=None, block_size=None, group_size=None, double_quant=None, include=[], skip=[])
+    written = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / (f"{device}.gguf" if fmt == "gguf" else device)
+        quantize(str(folder), out, recipe, QuantizeOptions(format=fmt, device=device))
+        files = [out] if fmt == "gguf" else sorted(out.glob("*.safetensors"))
+        written[device] = {path.name: path.read_bytes() for path in files}
+    assert written["cpu"] and written["cuda"].keys() == written["cpu"].keys()
+    for name, data in written["cpu"].items():
+        assert written["cuda"][name] == data, f"{fmt}: {name} differs between --device cpu and cuda"
