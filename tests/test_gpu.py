@@ -256,8 +256,8 @@ def test_quantize_on_cuda_writes_the_files_the_cpu_writes(tmp_path, fmt: str, ty
     for device in ("cpu", "cuda"):
         out = tmp_path / (f"{device}.gguf" if fmt == "gguf" else device)
         quantize(str(folder), out, recipe, QuantizeOptions(format=fmt, device=device))
-        files = [out] if fmt == "gguf" else sorted(out.glob("*.safetensors"))
-        written[device] = {path.name: path.read_bytes() for path in files}
+        files = {"model.gguf": out} if fmt == "gguf" else {path.name: path for path in out.glob("*.safetensors")}
+        written[device] = {name: path.read_bytes() for name, path in files.items()}
     assert written["cpu"] and written["cuda"].keys() == written["cpu"].keys()
     for name, data in written["cpu"].items():
         assert written["cuda"][name] == data, f"{fmt}: {name} differs between --device cpu and cuda"
