@@ -343,6 +343,40 @@ KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const fl
 }
 
 
+/* _super_block_codes' scales: the largest sub-block scale and min (llama.cpp's running max from +0
+ * with `>`: all-zero blocks, whose mins are -0, give +0, and NaN never wins) stored as fp16 d and
+ * dmin (largest / smax); returns the factors that turn a scale / min into its code (smax / largest,
+ * 0 for 0) and the decoded d and dmin. */
+static inline void super_block_scales(const float *scales, const float *mins, int n, float smax, uint8_t *d_out,
+                                      uint8_t *dmin_out, float *inv_scale, float *inv_min, float *d, float *dmin) {
+    float max_scale = 0.0f, max_min = 0.0f;
+    for (int g = 0; g < n; g++) {
+        if (scales[g] > max_scale) max_scale = scales[g];
+        if (mins[g] > max_min) max_min = mins[g];
+    }
+    *inv_scale = max_scale > 0.0f ? (1.0f / max_scale) * smax : 0.0f;
+    *inv_min = max_min > 0.0f ? (1.0f / max_min) * smax : 0.0f;
+    store_half(d_out, max_scale / smax);
+    store_half(dmin_out, max_min / smax);
+    *d = half_value(d_out);
+    *dmin = half_value(dmin_out);
+}
+
+/* _group_range: the group's min clamped to <= 0 (a -0 kept, as clamp(max=0) keeps it) and its span
+ * max - min, 1 when 0 (*flat set then). */
+static inline float group_range(const float *x, int n, float *low_out, int *flat) {
+    float low = x[0], high = x[0];
+    for (int i = 1; i < n; i++) {
+        low = fminf(low, x[i]);
+        high = fmaxf(high, x[i]);
+    }
+    low = low > 0.0f ? 0.0f : low;
+    float span = high - low;
+    *flat = span == 0.0f;
+    *low_out = low;
+    return *flat ? 1.0f : span;
+}
+
 /* Σ w (scale*l + offset - x)^2 from the group sums, in the torch code's order of operations. */
 static inline float closed_form_error(float scale, float offset, float sum_w, float sum_x, float sum_x2,
                                       float sum_l, float sum_l2, float sum_xl) {
@@ -355,15 +389,9 @@ static inline float closed_form_error(float scale, float offset, float sum_w, fl
  * float32 constants rmin + rdelta*step + nmax), each kept only when strictly better. */
 static void search_scale_min16(const float *x, const float *w, float nmax, int nstep, const float *candidates,
                                float *scale_out, float *min_out) {
-    float low = x[0], high = x[0];
-    for (int i = 1; i < 16; i++) {
-        low = fminf(low, x[i]);
-        high = fmaxf(high, x[i]);
-    }
-    low = low > 0.0f ? 0.0f : low;   /* clamp(max=0), which keeps a -0 */
-    float span = high - low;
-    int flat = span == 0.0f;
-    if (flat) span = 1.0f;
+    float low;
+    int flat;
+    float span = group_range(x, 16, &low, &flat);
     float shifted[16], wx[16], t_l[16], t_l2[16], t_xl[16], t[16];
     for (int i = 0; i < 16; i++) {
         shifted[i] = x[i] - low;
@@ -417,17 +445,8 @@ KERNEL void quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const fl
             for (int i = 0; i < 16; i++) w[i] = fabsf(x[16 * g + i]);
             search_scale_min16(x + 16 * g, w, 3.0f, 7, candidates, &scales[g], &mins[g]);
         }
-        /* llama.cpp's running max from +0 with `>`: all-zero blocks (mins of -0) give +0, not -0. */
-        float max_scale = 0.0f, max_min = 0.0f;
-        for (int g = 0; g < 16; g++) {
-            if (scales[g] > max_scale) max_scale = scales[g];
-            if (mins[g] > max_min) max_min = mins[g];
-        }
-        float inv_scale = max_scale > 0.0f ? (1.0f / max_scale) * 15.0f : 0.0f;
-        float inv_min = max_min > 0.0f ? (1.0f / max_min) * 15.0f : 0.0f;
-        store_half(out + 80, max_scale / 15.0f);
-        store_half(out + 82, max_min / 15.0f);
-        float d = half_value(out + 80), dmin = half_value(out + 82);
+        float inv_scale, inv_min, d, dmin;
+        super_block_scales(scales, mins, 16, 15.0f, out + 80, out + 82, &inv_scale, &inv_min, &d, &dmin);
         for (int g = 0; g < 16; g++) {
             float ls = clampf(rintf(inv_scale * scales[g]), 0.0f, 15.0f);
             float lm = clampf(rintf(inv_min * mins[g]), 0.0f, 15.0f);
@@ -507,15 +526,9 @@ static inline void level_sums(const float *x, const float *levels, float *sum_l,
  * levels (sums[0..2]) and Σx (sums[3]). */
 static void search_k32(const float *x, float nmax, const float *candidates, float *scale_out, float *min_out,
                        float *sums) {
-    float low = x[0], high = x[0];
-    for (int i = 1; i < 32; i++) {
-        low = fminf(low, x[i]);
-        high = fmaxf(high, x[i]);
-    }
-    low = low > 0.0f ? 0.0f : low;   /* clamp(max=0), which keeps a -0 */
-    float span = high - low;
-    int flat = span == 0.0f;
-    if (flat) span = 1.0f;
+    float low;
+    int flat;
+    float span = group_range(x, 32, &low, &flat);
     float shifted[32], levels[32];
     for (int i = 0; i < 32; i++) shifted[i] = x[i] - low;
     float sum_x = pairwise32(x);
@@ -588,17 +601,8 @@ static void quantize_k32(const float *x, float nmax, const float *candidates, ui
                          uint8_t *ls_out, uint8_t *lm_out, uint8_t *levels_out) {
     float scales[8], mins[8], sums[8][4];
     for (int g = 0; g < 8; g++) search_k32(x + 32 * g, nmax, candidates, &scales[g], &mins[g], sums[g]);
-    /* llama.cpp's running max from +0 with `>`: all-zero blocks (mins of -0) give +0, not -0. */
-    float max_scale = 0.0f, max_min = 0.0f;
-    for (int g = 0; g < 8; g++) {
-        if (scales[g] > max_scale) max_scale = scales[g];
-        if (mins[g] > max_min) max_min = mins[g];
-    }
-    float inv_scale = max_scale > 0.0f ? (1.0f / max_scale) * 63.0f : 0.0f;
-    float inv_min = max_min > 0.0f ? (1.0f / max_min) * 63.0f : 0.0f;
-    store_half(out, max_scale / 63.0f);
-    store_half(out + 2, max_min / 63.0f);
-    float d = half_value(out), dmin = half_value(out + 2);
+    float inv_scale, inv_min, d, dmin;
+    super_block_scales(scales, mins, 8, 63.0f, out, out + 2, &inv_scale, &inv_min, &d, &dmin);
     for (int g = 0; g < 8; g++) {
         const float *xg = x + 32 * g;
         float ls = clampf(rintf(inv_scale * scales[g]), 0.0f, 63.0f);
