@@ -34,30 +34,15 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math
 # share a tensor evenly.
 _CHUNK_ELEMENTS = 1 << 20
 
-def _symmetric_candidates(nmax: int) -> np.ndarray:
-    """The candidate inverse-scale constants of Q6_K's (nmax 32) and Q3_K's (nmax 4) searches
-    (rdelta 0.2, steps -4..4 but 0), each rounded to float32 exactly as
-    ggml_kquants._search_scale_symmetric rounds them."""
-    return np.array([np.float32(nmax + float(np.float32(0.2)) * step) for step in (-4, -3, -2, -1, 1, 2, 3, 4)],
-                    dtype=np.float32)
-
 
 @functools.cache
 def _candidates(scheme_name: str) -> np.ndarray | None:
-    """The float32 search constants a K-quant kernel takes, rounded as the torch code rounds them
-    (Q4_K/Q5_K: ggml_kquants.K32_CANDIDATES, imported here, not at module level: the schemes import
-    this module)."""
-    from qtool.schemes.ggml_kquants import K32_CANDIDATES
+    """The float32 search constants a K-quant kernel takes (ggml_kquants.SEARCH_CANDIDATES, imported
+    here, not at module level: the schemes import this module)."""
+    from qtool.schemes.ggml_kquants import SEARCH_CANDIDATES
 
-    if scheme_name in ("Q6_K", "Q3_K"):
-        return _symmetric_candidates(32 if scheme_name == "Q6_K" else 4)
-    if scheme_name == "Q2_K":
-        # ggml_kquants.Q2_K's search: rmin + rdelta*step + nmax for nmax 3, rmin -0.5, rdelta 0.2, steps 0..7
-        return np.array([np.float32(float(np.float32(-0.5)) + float(np.float32(0.2)) * step + 3) for step in range(8)],
-                        dtype=np.float32)
-    if scheme_name in K32_CANDIDATES:
-        return np.array(K32_CANDIDATES[scheme_name], dtype=np.float32)
-    return None
+    values = SEARCH_CANDIDATES.get(scheme_name)
+    return None if values is None else np.array(values, dtype=np.float32)
 
 
 # scheme name -> (C function, bytes per block, elements per block)

@@ -63,11 +63,11 @@ def _group_range(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return low, torch.where(flat, torch.ones_like(span), span), flat, x - low
 
 
-def _search_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
-                      nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax: int,
+                      candidates: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qkx2_quants: x ≈ scale * l + min with l in [0, nmax] and min <= 0, weighted least squares
-    over candidate inverse scales (nmax + rmin + rdelta*i) / (max - min), every group at once.
-    Returns (scale, -min), each (n_groups, 1).
+    over the plain grid nmax / (max - min), then the inverse scales candidate / (max - min) (see
+    SEARCH_CANDIDATES), every group at once. Returns (scale, -min), each (n_groups, 1).
 
     The candidates are a short Python loop over whole tensors (a (groups, candidates, n) tensor
     would be the same arithmetic with a larger temporary)."""
@@ -90,8 +90,8 @@ def _search_scale_min(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
     best_min = low
     best_error = _closed_form_error(best_scale, best_min, *group_sums,
                                     *fit(nearest_int(inverse * shifted).clamp_(0, nmax)))
-    for step in range(nstep + 1):
-        inverse = _f32(_f32(rmin) + _f32(rdelta) * step + nmax) / span
+    for candidate in candidates:
+        inverse = candidate / span
         sum_l, sum_l2, sum_xl = fit(nearest_int(inverse * shifted).clamp_(0, nmax))
         det = sum_w * sum_l2 - sum_l * sum_l
         scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -112,9 +112,9 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, x.abs().argmax(dim=-1, keepdim=True))
 
 
-def _search_scale_symmetric(x: torch.Tensor, nmax: int, nstep: int = 9, rdelta: float = 0.1) -> torch.Tensor:
-    """make_qx_quants with rmse_type 1: x ≈ scale * l, l in [-nmax, nmax-1], weights x², over
-    candidate inverse scales -(nmax + rdelta*i) / max for i in [-nstep, nstep]."""
+def _search_scale_symmetric(x: torch.Tensor, nmax: int, candidates: tuple[float, ...]) -> torch.Tensor:
+    """make_qx_quants with rmse_type 1: x ≈ scale * l, l in [-nmax, nmax-1], weights x², over the
+    inverse scales -nmax / max, then -candidate / max (see SEARCH_CANDIDATES)."""
     peak = _signed_absmax(x)
     zero_group = peak.abs() < GROUP_MAX_EPS
     peak = torch.where(zero_group, torch.ones_like(peak), peak)
@@ -131,10 +131,8 @@ def _search_scale_symmetric(x: torch.Tensor, nmax: int, nstep: int = 9, rdelta: 
     best_scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
     best = best_scale * sum_lx
     # The best least-squares scale maximizes sum_lx^2 / sum_l2; a candidate must be strictly better.
-    for step in range(-nstep, nstep + 1):
-        if step == 0:
-            continue
-        sum_lx, sum_l2 = fit(-_f32(nmax + _f32(rdelta) * step) / peak)
+    for candidate in candidates:
+        sum_lx, sum_l2 = fit(-candidate / peak)
         better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
         scale = sum_lx / sum_l2
         best_scale = torch.where(better, scale, best_scale)
@@ -257,13 +255,14 @@ def _super_block_codes(scales: torch.Tensor, mins: torch.Tensor, smax: int) -> t
     return ls, lm, fp16_bytes(divide(max_scale, smax)), fp16_bytes(divide(max_min, smax))
 
 
-def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: int, rmin: float, rdelta: float,
-                           nstep: int, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Shared by Q2_K (group 16, 4-bit scales), Q4_K and Q5_K (group 32, 6-bit scales).
-    Returns fp16 bytes of d and dmin, scale codes, min codes (n, s) and levels (n, 256)."""
+def _quantize_k_asymmetric(blocks: torch.Tensor, group: int, nmax: int, smax: int, candidates: tuple[float, ...],
+                           weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Q2_K's sub-blocks (groups of 16, 4-bit scales): the weighted search, the codes, the one-step
+    refinement of the scale codes. Returns fp16 bytes of d and dmin, scale codes, min codes (n, s)
+    and levels (n, 256)."""
     n_blocks = blocks.shape[0]
     groups = blocks.reshape(-1, group)
-    scales, mins = _search_scale_min(groups, weights.reshape(-1, group), nmax, rmin, rdelta, nstep)
+    scales, mins = _search_scale_min(groups, weights.reshape(-1, group), nmax, candidates)
     ls, lm, d_raw, dmin_raw = _super_block_codes(scales.reshape(n_blocks, -1), mins.reshape(n_blocks, -1), smax)
     d = fp16_from_bytes(d_raw).unsqueeze(-1)
     dmin = fp16_from_bytes(dmin_raw).unsqueeze(-1)
@@ -280,6 +279,23 @@ K32_CANDIDATES: dict[str, tuple[float, ...]] = {
     "Q5_K": (30.25, 30.75, 31.25, 31.75),
 }
 K32_NMAX = {"Q4_K": 15, "Q5_K": 31}
+
+
+def _candidates(nmax: int, rdelta: float, steps, rmin: float = 0.0) -> tuple[float, ...]:
+    """rmin + rdelta*step + nmax for each step, the float32 constants summed in double and rounded
+    once (as llama.cpp's float arithmetic on them comes out)."""
+    return tuple(_f32(_f32(rmin) + _f32(rdelta) * step + nmax) for step in steps)
+
+
+# The candidates of every K-quant's sub-block search, by type; the C and Triton kernels take theirs
+# from here. The symmetric searches (Q3_K, Q6_K) try -nmax / max first, so step 0 is not listed.
+_SYMMETRIC_STEPS = (-4, -3, -2, -1, 1, 2, 3, 4)
+SEARCH_CANDIDATES: dict[str, tuple[float, ...]] = {
+    "Q2_K": _candidates(3, 0.2, range(8), rmin=-0.5),
+    "Q3_K": _candidates(4, 0.2, _SYMMETRIC_STEPS),
+    "Q6_K": _candidates(32, 0.2, _SYMMETRIC_STEPS),
+    **K32_CANDIDATES,
+}
 K32_CODE_ROUNDS = 2     # rounds of the code fit (_fit_codes) after the search
 
 
@@ -394,7 +410,7 @@ class Q2_K(_KQuant):
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
         d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
-            blocks, group=16, nmax=3, smax=15, rmin=-0.5, rdelta=0.2, nstep=7, weights=blocks.abs())
+            blocks, group=16, nmax=3, smax=15, candidates=SEARCH_CANDIDATES["Q2_K"], weights=blocks.abs())
         scales = (ls.to(torch.uint8) | (lm.to(torch.uint8) << 4))
         return torch.cat([scales, _pack_crumbs(levels), d_raw, dmin_raw], dim=-1)
 
@@ -453,7 +469,8 @@ class Q3_K(_KQuant):
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
         n_blocks = blocks.shape[0]
-        scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=4, nstep=4, rdelta=0.2).reshape(n_blocks, 16)
+        scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=4, candidates=SEARCH_CANDIDATES["Q3_K"])
+        scales = scales.reshape(n_blocks, 16)
         peak = _signed_absmax(scales)
         nonzero = peak != 0
         inverse = torch.where(nonzero, -32 / torch.where(nonzero, peak, 1), torch.zeros_like(peak))
@@ -494,7 +511,8 @@ class Q6_K(_KQuant):
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
         n_blocks = blocks.shape[0]
-        scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=32, nstep=4, rdelta=0.2).reshape(n_blocks, 16)
+        scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=32, candidates=SEARCH_CANDIDATES["Q6_K"])
+        scales = scales.reshape(n_blocks, 16)
         peak = _signed_absmax(scales)
         nonzero = peak.abs() >= GROUP_MAX_EPS
         inverse = torch.where(nonzero, -128 / torch.where(nonzero, peak, 1), torch.zeros_like(peak))
