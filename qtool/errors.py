@@ -58,8 +58,25 @@ class QualityGateFailed(QtoolError):
     exit_code = 8
 
 
+class OutputFailed(QtoolError):
+    """Writing the output failed: disk full, read-only filesystem, a parent that is a file, no permission.
+
+    Nothing is left half-written: the staged output is removed before this is reported.
+    """
+
+    exit_code = 9
+
+
+# Exit codes that do not come from an exception class (see README.md's table).
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT) before the output was complete: nothing was written."""
+EXIT_TERMINATED = 143
+"""SIGTERM before the output was complete: nothing was written."""
+EXIT_INTERRUPTED_COMPLETE = 10
+"""A signal arrived after the output was renamed into place: the output is complete."""
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (QtoolError, BadArgument, NotFound, Unsupported, CorruptFile, NetworkError,
-                OutputExists, QualityGateFailed)
+                OutputExists, QualityGateFailed, OutputFailed)
 }
