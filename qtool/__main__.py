@@ -1,3 +1,3 @@
-from qtool.cli import run
+from qtool.entry import main
 
-run()
+main()

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from qtool.errors import OutputExists
 
+committed_outputs: list[Path] = []
+"""Outputs renamed into place by this process: a signal after that finds the output complete."""
+
 
 class StagedOutput:
     """A temporary file or folder next to ``final`` that becomes ``final`` on ``commit()``.
@@ -34,6 +37,7 @@ class StagedOutput:
             _remove(old)
         else:
             os.replace(self.path, self.final)
+        committed_outputs.append(self.final)
         return self.final
 
     def abort(self) -> None:

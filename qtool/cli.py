@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
+import math
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
-from rich.console import Console
 
-from qtool import __version__, ui
-from qtool.errors import BadArgument, QtoolError
+from qtool import __version__, signals, ui
+from qtool.errors import (EXIT_INTERRUPTED, EXIT_INTERRUPTED_COMPLETE, EXIT_TERMINATED, BadArgument,
+                          QtoolError, QualityGateFailed, Terminated)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Post-training quantization of language models: quantize, inspect, eval.")
 # Piped output (CI logs, `make demo | tee`) gets wide tables instead of rich's 80-column default.
-stdout = Console() if sys.stdout.isatty() else Console(width=160)
+stdout = ui.SafeConsole() if sys.stdout.isatty() else ui.SafeConsole(width=160)
 
 # Options every command takes.
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
@@ -30,42 +30,76 @@ DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when available).")
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    # SIGTERM unwinds like Ctrl-C, so staged outputs are removed on the way out.
-    raise KeyboardInterrupt
+def _fail(as_json: bool, exit_code: int, kind: str, message: str) -> typer.Exit:
+    """Say what went wrong (one line on stderr; with --json also the one document on stdout)."""
+    message = ui.printable(message, one_line=True)
+    ui.stderr.print(f"error: {message}", style="red", soft_wrap=True)
+    if as_json:
+        _emit_json({"error": {"exit_code": exit_code, "type": kind, "message": message}})
+    return typer.Exit(exit_code)
 
 
-def _run(debug: bool, quiet: bool, work: Callable[[], Any]) -> Any:
+def _run(debug: bool, quiet: bool, work: Callable[[], Any], as_json: bool = False) -> Any:
     ui.configure(quiet=quiet)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signals.install()
     try:
         return work()
     except QtoolError as exc:
         if debug:
             traceback.print_exc()
-        ui.stderr.print(f"error: {exc.message}", style="red", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        ui.stderr.print("error: interrupted; nothing was written", style="red", highlight=False, markup=False)
-        raise typer.Exit(130) from None
+        raise _fail(as_json, exc.exit_code, type(exc).__name__, exc.message) from None
+    except KeyboardInterrupt as exc:
+        raise _interrupted(as_json, exc) from None
     except MemoryError:
         if debug:
             traceback.print_exc()
-        ui.stderr.print("error: out of memory; try a smaller --max-shard-size or --device cuda", style="red",
-                        highlight=False, markup=False)
-        raise typer.Exit(1) from None
+        raise _fail(as_json, 1, "OutOfMemory",
+                    "out of memory; try a smaller --max-shard-size or --device cuda") from None
     except Exception as exc:  # a bug of ours: say so in one line, traceback only with --debug
         if debug:
             traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else ""
-        ui.stderr.print(f"error: internal error ({type(exc).__name__}: {first}); rerun with --debug and report it",
-                        style="red", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise _fail(as_json, 1, "InternalError", f"internal error ({type(exc).__name__}: {first}); "
+                                                 "rerun with --debug and report it") from None
+
+
+def _interrupted(as_json: bool, exc: BaseException) -> typer.Exit:
+    """Ctrl-C or SIGTERM: whether the output is already whole decides the code and the message."""
+    from qtool import atomic
+
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    if atomic.committed_outputs:
+        done = ", ".join(str(path) for path in atomic.committed_outputs)
+        return _fail(as_json, EXIT_INTERRUPTED_COMPLETE, "InterruptedComplete",
+                     f"{what} after the output was complete: {done} is whole; the report was not printed")
+    if isinstance(exc, Terminated):
+        return _fail(as_json, EXIT_TERMINATED, "Terminated", f"{what}; nothing was written")
+    return _fail(as_json, EXIT_INTERRUPTED, "Interrupted", f"{what}; nothing was written")
+
+
+def _show(as_json: bool, report: Any, render: Callable[[], Any]) -> None:
+    """The report as the one JSON document, or drawn for people."""
+    if as_json:
+        _emit_json(report)
+    else:
+        render()
+
+
+def _finite(value: Any) -> Any:
+    """The payload with NaN and infinities as null: strict JSON parsers reject those literals."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _emit_json(report: Any) -> None:
     payload = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else report
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 def _parse_size(text: str, option: str = "--max-shard-size") -> int:
@@ -105,11 +139,11 @@ def inspect(
     """Show what is in a model file: metadata, tensors, types, sizes."""
     from qtool.inspect import inspect_model, render_inspect
 
-    report = _run(debug, quiet, lambda: inspect_model(path, tensors=tensors, revision=revision))
-    if as_json:
-        _emit_json(report)
-    else:
-        render_inspect(report, stdout, metadata=not no_metadata)
+    def work() -> None:
+        report = inspect_model(path, tensors=tensors, revision=revision)
+        _show(as_json, report, lambda: render_inspect(report, stdout, metadata=not no_metadata))
+
+    _run(debug, quiet, work, as_json)
 
 
 @app.command()
@@ -168,23 +202,17 @@ def quantize(
                                   calib_seqlen=calib_seqlen, stats=stats)
         report = run_quantize(model, output or Path("."), recipe, options)
         if evaluate_after and not dry_run:
-            from qtool.evaluation import evaluate
+            from qtool.evaluation import evaluate, render_eval
 
             quality = evaluate([report.output], text_file=text, ctx=ctx, chunks=chunks, baseline=model,
                                device=device)
             report.evaluation = dataclasses.asdict(quality)
-            return report, quality
-        return report, None
+            _show(as_json, report, lambda: (render_quantize(report, stdout, show_tensors=show_tensors),
+                                            render_eval(quality, stdout)))
+        else:
+            _show(as_json, report, lambda: render_quantize(report, stdout, show_tensors=show_tensors))
 
-    report, quality = _run(debug, quiet, work)
-    if as_json:
-        _emit_json(report)
-        return
-    render_quantize(report, stdout, show_tensors=show_tensors)
-    if quality is not None:
-        from qtool.evaluation import render_eval
-
-        render_eval(quality, stdout)
+    _run(debug, quiet, work, as_json)
 
 
 @app.command(name="eval")
@@ -215,18 +243,27 @@ def eval_command(
             raise BadArgument("--no-ppl leaves nothing to measure; perplexity is the only measure so far")
         if (max_ppl_increase is not None or max_kld is not None) and baseline is None:
             raise BadArgument("--max-ppl-increase and --max-kld need --baseline MODEL to compare with")
-        return evaluate(list(models), text_file=text, dataset=dataset, ctx=ctx, chunks=chunks, stride=stride,
-                        baseline=baseline, device=device, batch_size=batch_size, dtype=dtype, runtime=runtime,
-                        max_ppl_increase=max_ppl_increase, max_kld=max_kld,
-                        gpu_memory=_parse_size(gpu_memory, "--gpu-memory") if gpu_memory else None)
+        report = evaluate(list(models), text_file=text, dataset=dataset, ctx=ctx, chunks=chunks, stride=stride,
+                          baseline=baseline, device=device, batch_size=batch_size, dtype=dtype, runtime=runtime,
+                          max_ppl_increase=max_ppl_increase, max_kld=max_kld,
+                          gpu_memory=_parse_size(gpu_memory, "--gpu-memory") if gpu_memory else None)
+        # The gate is judged after the numbers are out, so a failing CI run still shows them; with --json
+        # the one document holds both the report and the gate's error.
+        try:
+            check_gates(report)
+        except QualityGateFailed as exc:
+            if not as_json:
+                render_eval(report, stdout)
+                raise
+            payload = dataclasses.asdict(report)
+            payload["error"] = {"exit_code": exc.exit_code, "type": type(exc).__name__,
+                                "message": ui.printable(exc.message, one_line=True)}
+            _emit_json(payload)
+            ui.stderr.print(f"error: {ui.printable(exc.message, one_line=True)}", style="red", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        _show(as_json, report, lambda: render_eval(report, stdout))
 
-    report = _run(debug, quiet, work)
-    if as_json:
-        _emit_json(report)
-    else:
-        render_eval(report, stdout)
-    # The gate is judged after the report is out, so a failing CI run still shows the numbers.
-    _run(debug, quiet, lambda: check_gates(report))
+    _run(debug, quiet, work, as_json)
 
 
 @app.command()
@@ -244,17 +281,34 @@ def calibrate(
     """Collect activation statistics (per-channel ranges, X^T X) for calibration-aware quantization."""
     from qtool.pipeline import calibrate_model
 
-    report = _run(debug, quiet, lambda: calibrate_model(model, output, calib=calib, samples=calib_samples,
-                                                        seqlen=calib_seqlen, seed=seed, device=device,
-                                                        force=force))
-    if as_json:
-        _emit_json(report)
-    else:
-        stdout.print(f"wrote {output}", highlight=False)
+    def work() -> None:
+        report = calibrate_model(model, output, calib=calib, samples=calib_samples, seqlen=calib_seqlen,
+                                 seed=seed, device=device, force=force)
+        _show(as_json, report, lambda: stdout.print(f"wrote {output}"))
+
+    _run(debug, quiet, work, as_json)
 
 
-def run() -> None:
-    app()
+def run(argv: Optional[List[str]] = None) -> None:
+    """The command line: every way out of a run is one of the exit codes in README.md, with one line on
+    stderr, and with --json one JSON document on stdout."""
+    signals.install()
+    args = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in args
+    try:
+        code = app(args=args, prog_name="qtool", standalone_mode=False)
+    except typer.Abort:   # click's name for a Ctrl-C it caught
+        raise SystemExit(_interrupted(as_json, KeyboardInterrupt()).exit_code) from None
+    except KeyboardInterrupt as exc:
+        raise SystemExit(_interrupted(as_json, exc).exit_code) from None
+    except typer.exceptions.TyperException as exc:   # usage errors: unknown option, bad value, missing argument
+        if getattr(exc, "ctx", None) is not None:
+            ui.stderr.print(exc.ctx.get_usage())
+        if not exc.format_message() and not as_json:   # bare `qtool`: the help above says it all
+            raise SystemExit(BadArgument.exit_code) from None
+        raise SystemExit(_fail(as_json, BadArgument.exit_code, BadArgument.__name__, exc.format_message()).exit_code) \
+            from None
+    raise SystemExit(code or 0)
 
 
 if __name__ == "__main__":

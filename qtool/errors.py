@@ -67,6 +67,10 @@ class OutputFailed(QtoolError):
     exit_code = 9
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C so staged outputs are removed on the way out (exit 143)."""
+
+
 # Exit codes that do not come from an exception class (see README.md's table).
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT) before the output was complete: nothing was written."""

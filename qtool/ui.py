@@ -5,15 +5,53 @@ rich bars on a terminal, plain lines when stderr is not a TTY, nothing with ``--
 """
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 _state = {"quiet": False}
-stderr = Console(stderr=True)
+
+# C0 controls but newline and tab, DEL, C1 controls (0x9b is a one-byte CSI on some terminals),
+# lone surrogates, and the bidirectional overrides that reorder what a terminal shows.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, *, one_line: bool = False) -> str:
+    """``text`` with every character that could drive a terminal written as an escape (``\\x1b``).
+
+    Names and metadata come from files anyone can craft; they are printed only through this.
+    """
+    return (_UNSAFE_ONE_LINE if one_line else _UNSAFE).sub(_escape, text)
+
+
+class SafeConsole(Console):
+    """A rich console that never interprets markup or emoji codes in the strings it is given and
+    escapes control characters in them, so text read from a file prints as it is and cannot clear,
+    retitle or reprogram the user's terminal. Every string a table cell, title or print gets passes
+    through ``render_str``; styles are still applied with ``style=``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("markup", False)
+        kwargs.setdefault("emoji", False)
+        kwargs.setdefault("highlight", False)
+        super().__init__(**kwargs)
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(printable(text), **kwargs)
+
+
+stderr = SafeConsole(stderr=True)
 
 # Plain (non-TTY) mode prints at most one line per task every this many seconds.
 _PLAIN_INTERVAL_S = 5.0
