@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,21 +166,33 @@ def recognise_quantization(config: dict, metadata: dict[str, str], tensor_names:
 
 
 def _maybe_json(value: str) -> Any:
+    # Metadata from the file: anything json cannot read (huge ints, deep nesting, NaN) stays a string.
     try:
-        return json.loads(value)
-    except (json.JSONDecodeError, TypeError):
+        parsed = json.loads(value, parse_constant=_not_strict)
+    except (ValueError, TypeError, RecursionError):
         return value
+    return parsed
+
+
+def _not_strict(constant: str) -> Any:
+    raise ValueError(constant)
 
 
 def _inspect_safetensors(files: list[Path], folder: Path | None, spec: str, glob: str | None,
-                         revision: str | None = None) -> InspectReport:
-    from qtool.sources.layout import read_json
+                         revision: str | None = None, weight_map: dict[str, str] | None = None) -> InspectReport:
+    """``weight_map``: the folder's shard index, checked against the headers (None: no index to check)."""
+    from qtool.sources.layout import check_folder_files, check_index, read_json
     from qtool.sources.safetensors_file import read_header
 
     config: dict = {}
-    if folder is not None and (folder / "config.json").is_file():
-        config = read_json(folder / "config.json", "model config")
+    if folder is not None:
+        check_folder_files(folder)
+        if os.path.lexists(folder / "config.json"):
+            config = read_json(folder / "config.json", "model config")
     headers = [read_header(path) for path in files]
+    if folder is not None and weight_map is not None:
+        check_index(folder, weight_map, {header.path.name: [tensor.name for tensor in header.tensors]
+                                         for header in headers})
     rows = []
     for header in headers:
         for tensor in header.tensors:
@@ -201,8 +214,9 @@ def _inspect_safetensors(files: list[Path], folder: Path | None, spec: str, glob
                 metadata[f"config.{key}"] = summarize_value(config[key])
     shown = [row for row in rows if _matches(glob, row.name)]
     architecture = None
-    if config.get("architectures"):
-        architecture = str(config["architectures"][0])
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        architecture = architectures[0]
     return InspectReport(
         spec=spec, format="safetensors", path=str(folder or files[0]), files=[str(path) for path in files],
         file_size=file_size, header_bytes=header_bytes, tensor_bytes=tensor_bytes,
@@ -214,7 +228,8 @@ def _inspect_safetensors(files: list[Path], folder: Path | None, spec: str, glob
 
 def inspect_model(spec: str, *, tensors: str | None = None, revision: str | None = None) -> InspectReport:
     """Read the headers of the model ``spec`` names (anything ``resolve`` accepts) and describe them."""
-    from qtool.sources.layout import PICKLE_SUFFIXES, shard_files
+    from qtool.sources.jsonfile import open_regular, require_regular_file
+    from qtool.sources.layout import PICKLE_SUFFIXES, read_index, shard_files
     from qtool.sources.resolve import SMOLLM2_ALIAS, resolve, smollm2_path
 
     if tensors is not None and not tensors.strip():
@@ -226,13 +241,15 @@ def inspect_model(spec: str, *, tensors: str | None = None, revision: str | None
         if revision is not None:
             raise BadArgument(f"--revision {revision!r} applies to Hub models; {spec} is a local path")
         if path.is_dir():
-            return _inspect_safetensors(shard_files(path), path, spec, tensors)
-        with open(path, "rb") as handle:
+            return _inspect_safetensors(shard_files(path), path, spec, tensors, weight_map=read_index(path))
+        # FIFOs, sockets and devices are refused before anything opens them (a FIFO blocks open()).
+        require_regular_file(path, "MODEL")
+        with open_regular(path, "MODEL") as handle:
             magic = handle.read(4)
         if path.suffix.lower() == ".gguf" or magic == b"GGUF":
             return _inspect_gguf(path, spec, tensors)
         if path.suffix.lower() == ".safetensors":
-            folder = path.parent if (path.parent / "config.json").is_file() else None
+            folder = path.parent if os.path.lexists(path.parent / "config.json") else None
             return _inspect_safetensors([path], folder, spec, tensors)
         # Anything else (pickles, unknown files) gets resolve's errors.
         resolve(spec)
@@ -246,7 +263,8 @@ def inspect_model(spec: str, *, tensors: str | None = None, revision: str | None
     if not is_hub_id(repo_id):
         resolve(spec, revision=revision)  # raises the NotFound with the usual wording
     folder, commit = download_snapshot(repo_id, revision=hub_revision)
-    return _inspect_safetensors(shard_files(folder), folder, spec, tensors, revision=commit)
+    return _inspect_safetensors(shard_files(folder), folder, spec, tensors, revision=commit,
+                                weight_map=read_index(folder))
 
 
 def _format_bytes(count: int) -> str:

@@ -23,11 +23,15 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qtool.errors import CorruptFile, NotFound
+from qtool.sources.jsonfile import clip, open_regular, require_regular_file
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4              # GGML_MAX_DIMS
 MAX_NAME_BYTES = 64       # GGML_MAX_NAME: llama.cpp refuses longer tensor names
+# Longest key or tensor name we read (the GGUF spec caps keys at 65535 bytes). A flipped bit in a
+# length fails here at once instead of turning megabytes of tensor data into a "name".
+MAX_KEY_BYTES = 65535
 MAX_ARRAY_DEPTH = 4       # nested arrays are legal in the spec but never used this deep
 
 # Metadata value types (gguf.GGUFValueType): id -> (name, struct format or None).
@@ -77,13 +81,11 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise NotFound(f"{self.path} does not exist; check the path")
-        self.file_size = self.path.stat().st_size
+        self.file_size = require_regular_file(self.path, "GGUF file").st_size
         if self.file_size < 24:
             raise CorruptFile(f"{self.path}: {self.file_size} bytes is too short for a GGUF header; "
                               "the file is truncated or not GGUF")
-        with open(self.path, "rb") as handle:
+        with open_regular(self.path, "GGUF file") as handle:
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._parse()
@@ -92,8 +94,8 @@ class GGUFFile:
             raise
         except (struct.error, UnicodeDecodeError, ValueError, OverflowError) as exc:
             self.close()
-            raise CorruptFile(f"{self.path}: malformed GGUF header ({exc}); re-download or re-convert the file") \
-                from None
+            raise CorruptFile(f"{self.path}: malformed GGUF header ({str(exc)[:100]}); re-download or re-convert "
+                              "the file") from None
 
     # -- parsing -----------------------------------------------------------------------
     def _fail(self, what: str) -> CorruptFile:
@@ -111,8 +113,10 @@ class GGUFFile:
         self._pos += size
         return value
 
-    def _string(self, what: str) -> str:
+    def _string(self, what: str, max_bytes: int | None = None) -> str:
         length = self._unpack("<Q", f"{what} length")
+        if max_bytes is not None and length > max_bytes:
+            raise self._fail(f"{what} at byte {self._pos - 8} claims {length} bytes (at most {max_bytes} allowed)")
         self._need(length, what)
         raw = self._map[self._pos:self._pos + length]
         self._pos += length
@@ -168,35 +172,35 @@ class GGUFFile:
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, str] = {}
         for index in range(kv_count):
-            key = self._string(f"metadata key #{index}")
-            type_id = self._unpack("<I", f"type of {key!r}")
-            value, type_name = self._value(type_id, f"metadata {key!r}")
+            key = self._string(f"metadata key #{index}", MAX_KEY_BYTES)
+            type_id = self._unpack("<I", f"type of {clip(key)}")
+            value, type_name = self._value(type_id, f"metadata {clip(key)}")
             if key in self.metadata:
-                raise self._fail(f"metadata key {key!r} appears twice")
+                raise self._fail(f"metadata key {clip(key)} appears twice")
             self.metadata[key] = value
             self.metadata_types[key] = type_name
 
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if (not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0
                 or alignment & (alignment - 1)):
-            raise self._fail(f"general.alignment {alignment!r} is not a power of two")
+            raise self._fail(f"general.alignment {clip(alignment, 40)} is not a power of two")
         self.alignment = alignment
 
         infos = []
         names: set[str] = set()
         for index in range(tensor_count):
-            name = self._string(f"tensor #{index} name")
+            name = self._string(f"tensor #{index} name", MAX_KEY_BYTES)
             if name in names:
-                raise self._fail(f"tensor {name!r} appears twice")
+                raise self._fail(f"tensor {clip(name)} appears twice")
             names.add(name)
-            n_dims = self._unpack("<I", f"tensor {name!r} dimension count")
+            n_dims = self._unpack("<I", f"tensor {clip(name)} dimension count")
             if not 1 <= n_dims <= MAX_DIMS:
-                raise self._fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-            self._need(8 * n_dims, f"tensor {name!r} dimensions")
+                raise self._fail(f"tensor {clip(name)} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+            self._need(8 * n_dims, f"tensor {clip(name)} dimensions")
             dims = struct.unpack_from(f"<{n_dims}q", self._map, self._pos)
             self._pos += 8 * n_dims
-            type_id = self._unpack("<I", f"tensor {name!r} type")
-            offset = self._unpack("<Q", f"tensor {name!r} offset")
+            type_id = self._unpack("<I", f"tensor {clip(name)} type")
+            offset = self._unpack("<Q", f"tensor {clip(name)} offset")
             infos.append((name, dims, type_id, offset))
         self.header_bytes = self._pos
         self.data_offset = -(-self._pos // alignment) * alignment
@@ -205,28 +209,28 @@ class GGUFFile:
         data_bytes = self.file_size - self.data_offset
         for name, dims, type_id, offset in infos:
             if any(dim < 0 for dim in dims):
-                raise self._fail(f"tensor {name!r} has a negative dimension {dims}")
+                raise self._fail(f"tensor {clip(name)} has a negative dimension {dims}")
             if type_id not in GGML_QUANT_SIZES:
-                raise self._fail(f"tensor {name!r} has unknown GGML type {type_id}")
+                raise self._fail(f"tensor {clip(name)} has unknown GGML type {type_id}")
             block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
             if dims[0] % block_size:
-                raise self._fail(f"tensor {name!r} row length {dims[0]} is not a multiple of the "
+                raise self._fail(f"tensor {clip(name)} row length {dims[0]} is not a multiple of the "
                                  f"{ggml_type_name(type_id)} block size {block_size}")
             n_elements = 1
             for dim in dims:
                 n_elements *= dim  # Python ints: no overflow; bounded by the size check below
             n_bytes = n_elements // block_size * type_size
             if offset % alignment:
-                raise self._fail(f"tensor {name!r} offset {offset} is not aligned to {alignment}")
+                raise self._fail(f"tensor {clip(name)} offset {offset} is not aligned to {alignment}")
             if offset + n_bytes > data_bytes:
-                raise self._fail(f"tensor {name!r} ({n_bytes} bytes at data offset {offset}) runs past the end "
+                raise self._fail(f"tensor {clip(name)} ({n_bytes} bytes at data offset {offset}) runs past the end "
                                  f"of the file ({data_bytes} data bytes)")
             self.tensors.append(GGUFTensor(name, type_id, ggml_type_name(type_id), tuple(dims),
                                            self.data_offset + offset, n_bytes))
         ordered = sorted(self.tensors, key=lambda tensor: tensor.offset)
         for first, second in itertools.pairwise(ordered):
             if first.offset + first.n_bytes > second.offset:
-                raise self._fail(f"tensors {first.name!r} and {second.name!r} overlap")
+                raise self._fail(f"tensors {clip(first.name)} and {clip(second.name)} overlap")
         self._by_name = {tensor.name: tensor for tensor in self.tensors}
 
     # -- access ------------------------------------------------------------------------
@@ -234,7 +238,7 @@ class GGUFFile:
         try:
             return self._by_name[name]
         except KeyError:
-            raise NotFound(f"{self.path} has no tensor {name!r}") from None
+            raise NotFound(f"{self.path} has no tensor {clip(name)}") from None
 
     def raw(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 view of the memory map (no copy)."""

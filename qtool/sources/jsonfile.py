@@ -39,17 +39,28 @@ _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket
 def clip(value: object, limit: int = QUOTE_LIMIT) -> str:
     """``repr`` of a name or value read from a file, cut to ``limit`` characters with ``...``.
 
-    repr escapes control characters and lone surrogates, so the result is always printable.
+    repr escapes control characters and lone surrogates, so the result is always printable;
+    lists and objects show their first few items only (no cost in proportion to their size).
     """
-    text = repr(value) if isinstance(value, str) else repr(value) if not isinstance(value, (list, dict)) \
-        else _clip_container(value, limit)
+    text = _short_repr(value, depth=2)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _clip_container(value: list | dict, limit: int) -> str:
-    # repr of a huge or deeply nested container costs time and recursion: describe it instead.
-    kind = "list" if isinstance(value, list) else "object"
-    return f"<{kind} of {len(value)} items>"
+def _short_repr(value: object, depth: int) -> str:
+    if isinstance(value, str):
+        return repr(value[:QUOTE_LIMIT + 1])
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"<integer of about {int(value.bit_length() * 0.30103)} digits>"
+    if isinstance(value, (list, dict)):
+        if depth == 0 or not value:
+            return "[...]" if isinstance(value, list) and value else "{...}" if value else repr(value)
+        items = list(value.items())[:8] if isinstance(value, dict) else value[:8]
+        if isinstance(value, dict):
+            inner = ", ".join(f"{_short_repr(k, 0)}: {_short_repr(v, depth - 1)}" for k, v in items)
+            return "{" + inner + (", ..." if len(value) > 8 else "") + "}"
+        inner = ", ".join(_short_repr(item, depth - 1) for item in items)
+        return "[" + inner + (", ..." if len(value) > 8 else "") + "]"
+    return repr(value)[:QUOTE_LIMIT + 1]
 
 
 def require_regular_file(path: Path, what: str) -> os.stat_result:

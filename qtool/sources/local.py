@@ -20,7 +20,9 @@ import torch
 
 from qtool.errors import CorruptFile, NotFound, Unsupported
 from qtool.sources.base import Source, TensorInfo
-from qtool.sources.layout import EXTRA_FILES, INDEX_NAME, PICKLE_SUFFIXES, TOKENIZER_FILES, read_json, shard_files  # noqa: F401
+from qtool.sources.jsonfile import clip
+from qtool.sources.layout import (EXTRA_FILES, INDEX_NAME, PICKLE_SUFFIXES, TOKENIZER_FILES,  # noqa: F401
+                                  check_folder_files, check_index, read_index, read_json, shard_files)
 from qtool.sources.safetensors_file import SafetensorsHeader, SafetensorsTensor, read_header
 
 
@@ -35,13 +37,16 @@ class SafetensorsSource(Source):
     """A folder or single file of safetensors, read lazily."""
 
     def __init__(self, spec: str, files: list[Path], *, folder: Path | None, description: str | None = None,
-                 revision: str | None = None) -> None:
+                 revision: str | None = None, weight_map: dict[str, str] | None = None) -> None:
         config: dict = {}
-        if folder is not None and (folder / "config.json").is_file():
-            config = read_json(folder / "config.json", "model config")
+        if folder is not None:
+            check_folder_files(folder)
+            if os.path.lexists(folder / "config.json"):
+                config = read_json(folder / "config.json", "model config")
         super().__init__(spec=spec, description=description or str(folder or files[0]), config=config,
                          revision=revision)
         self.folder = folder
+        self.reads_folder = False       # a model folder (open_folder), not a file with a config beside it
         self.files = files
         self.headers: list[SafetensorsHeader] = [read_header(path) for path in files]
         self._where: dict[str, tuple[int, SafetensorsTensor]] = {}
@@ -49,9 +54,12 @@ class SafetensorsSource(Source):
             for tensor in header.tensors:
                 if tensor.name in self._where:
                     other = self.files[self._where[tensor.name][0]].name
-                    raise CorruptFile(f"tensor {tensor.name!r} is in both {other} and {header.path.name}; "
+                    raise CorruptFile(f"tensor {clip(tensor.name)} is in both {other} and {header.path.name}; "
                                       "the checkpoint is inconsistent")
                 self._where[tensor.name] = (file_index, tensor)
+        if folder is not None and weight_map is not None:
+            check_index(folder, weight_map, {header.path.name: [tensor.name for tensor in header.tensors]
+                                             for header in self.headers})
         self._handles: dict[int, object] = {}
         self._files: dict[int, int] = {}     # file index -> OS file descriptor for plain reads
 
@@ -82,11 +90,11 @@ class SafetensorsSource(Source):
         try:
             file_index, _ = self._where[name]
         except KeyError:
-            raise NotFound(f"{self.description} has no tensor {name!r}") from None
+            raise NotFound(f"{self.description} has no tensor {clip(name)}") from None
         try:
             return self._handle(file_index).get_tensor(name)
         except (TypeError, ValueError) as exc:
-            raise Unsupported(f"{self.files[file_index]}: tensor {name!r} has a dtype torch cannot load "
+            raise Unsupported(f"{self.files[file_index]}: tensor {clip(name)} has a dtype torch cannot load "
                               f"({str(exc).splitlines()[0][:80]})") from None
 
     def _fd(self, file_index: int) -> int:
@@ -127,7 +135,7 @@ class SafetensorsSource(Source):
         try:
             file_index, entry = self._where[name]
         except KeyError:
-            raise NotFound(f"{self.description} has no tensor {name!r}") from None
+            raise NotFound(f"{self.description} has no tensor {clip(name)}") from None
         dtype = _PLAIN_DTYPES.get(entry.dtype)
         tensor = self._map(file_index, entry, dtype) if dtype is not None else self.load_raw(name)
         if not tensor.is_floating_point():
@@ -144,6 +152,15 @@ class SafetensorsSource(Source):
             return {}
         return {name: self.folder / name for name in EXTRA_FILES if (self.folder / name).is_file()}
 
+    def local_paths(self) -> list[Path]:
+        paths = list(self.files)
+        if self.folder is not None:
+            if self.reads_folder:
+                paths.append(self.folder)
+            names = ("config.json", INDEX_NAME, *TOKENIZER_FILES, *EXTRA_FILES)
+            paths += [self.folder / name for name in names if os.path.lexists(self.folder / name)]
+        return paths
+
     def close(self) -> None:
         self._handles.clear()
         for fd in self._files.values():
@@ -153,11 +170,14 @@ class SafetensorsSource(Source):
 
 def open_folder(folder: Path, spec: str, *, description: str | None = None,
                 revision: str | None = None) -> SafetensorsSource:
-    return SafetensorsSource(spec, shard_files(folder), folder=folder, description=description, revision=revision)
+    source = SafetensorsSource(spec, shard_files(folder), folder=folder, description=description,
+                               revision=revision, weight_map=read_index(folder))
+    source.reads_folder = True      # its listing decides which shards are read
+    return source
 
 
 def open_file(path: Path, spec: str) -> SafetensorsSource:
     """A single .safetensors file; a config.json beside it is used when present."""
-    folder = path.parent if (path.parent / "config.json").is_file() else None
+    folder = path.parent if os.path.lexists(path.parent / "config.json") else None
     source = SafetensorsSource(spec, [path], folder=folder, description=str(path))
     return source

@@ -9,7 +9,6 @@ sources do.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -238,16 +237,18 @@ class QuantizedSource(Source):
     def extra_files(self):
         return self.inner.extra_files()
 
+    def local_paths(self):
+        return self.inner.local_paths()
+
     def close(self) -> None:
         self.inner.close()
 
 
 def _read_state(tensor: torch.Tensor, name: str) -> dict[str, Any]:
-    try:
-        state = json.loads(bytes(tensor.to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CorruptFile(f"{name} is not bitsandbytes quant-state JSON") from None
-    if not isinstance(state, dict) or not {"quant_type", "blocksize", "shape"} <= set(state):
+    from qtool.sources.jsonfile import load_json
+
+    state = load_json(bytes(tensor.to(torch.uint8).tolist()), "bitsandbytes quant-state JSON", origin=name)
+    if not {"quant_type", "blocksize", "shape"} <= set(state):
         raise CorruptFile(f"{name} lacks quant_type/blocksize/shape")
     return state
 

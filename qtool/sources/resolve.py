@@ -67,10 +67,13 @@ def _wrap_quantized(source: Source) -> Source:
 
 def resolve_local(path: Path, spec: str) -> Source:
     """An existing local path as a Source."""
+    from qtool.sources.jsonfile import open_regular, require_regular_file
     from qtool.sources.local import open_file, open_folder
 
     if path.is_dir():
         return _wrap_quantized(open_folder(path, spec))
+    # FIFOs, sockets and devices are refused before anything opens them (a FIFO blocks open()).
+    require_regular_file(path, "MODEL")
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         from qtool.sources.gguf import GGUFSource
@@ -83,7 +86,7 @@ def resolve_local(path: Path, spec: str) -> Source:
     if path.name == "model.safetensors.index.json" or path.name == "config.json":
         return _wrap_quantized(open_folder(path.parent, spec))
     # Decide by content for files with unusual names.
-    with open(path, "rb") as handle:
+    with open_regular(path, "MODEL") as handle:
         head = handle.read(8)
     if head[:4] == b"GGUF":
         from qtool.sources.gguf import GGUFSource
