@@ -12,10 +12,11 @@ output format. Resolution order for one tensor, first hit wins:
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -50,25 +51,9 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
+        """A preset file, every key and value checked: a wrong one is a BadArgument naming the file and key."""
         path = Path(path)
-        if not path.is_file():
-            raise NotFound(f"preset {path} does not exist; see configs/ for examples")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise BadArgument(f"preset {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise BadArgument(f"preset {path} must be a mapping of keys (scheme, params, rules, ...)")
-        unknown = set(raw) - {"scheme", "params", "include", "skip", "rules", "format", "description"}
-        if unknown:
-            raise BadArgument(f"preset {path}: unknown key(s) {', '.join(sorted(unknown))}")
-        try:
-            rules = [Rule(**rule) for rule in raw.get("rules") or []]
-        except TypeError as exc:
-            raise BadArgument(f"preset {path}: bad rule ({exc})") from None
-        return cls(scheme=raw.get("scheme"), params=dict(raw.get("params") or {}),
-                   include=list(raw.get("include") or []), skip=list(raw.get("skip") or []),
-                   rules=rules, format=raw.get("format"), name=path.stem)
+        return _recipe_from_mapping(_read_preset(path), path)
 
 
 @dataclass
@@ -94,6 +79,14 @@ def uses_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
+# A rule's ``layers:`` by name: which layers of ``n_layers`` it selects.
+LAYER_SELECTORS: dict[str, Callable[[int, int], bool]] = {
+    "more_bits": uses_more_bits,
+    "first_eighth": lambda layer, n_layers: layer < n_layers // 8,
+    "first_sixteenth": lambda layer, n_layers: layer < n_layers // 16,   # llama-quantize's Q3_K_M ffn_down
+}
+
+
 def _layers_match(selector: str | list[int] | None, layer: int | None, n_layers: int) -> bool:
     if selector is None:
         return True
@@ -101,13 +94,9 @@ def _layers_match(selector: str | list[int] | None, layer: int | None, n_layers:
         return False
     if isinstance(selector, list):
         return layer in selector
-    if selector == "more_bits":
-        return uses_more_bits(layer, n_layers)
-    if selector == "first_eighth":
-        return layer < n_layers // 8
-    if selector == "first_sixteenth":   # llama-quantize's Q3_K_M ffn_down choice
-        return layer < n_layers // 16
-    raise BadArgument(f"unknown layer selector {selector!r}; use more_bits, first_eighth, first_sixteenth "
+    if isinstance(selector, str) and selector in LAYER_SELECTORS:
+        return LAYER_SELECTORS[selector](layer, n_layers)
+    raise BadArgument(f"unknown layer selector {_shown(selector)}; use {', '.join(LAYER_SELECTORS)} "
                       "or a list of layer numbers")
 
 
@@ -135,3 +124,241 @@ def build_plan(tensors: list[TensorInfo], recipe: Recipe, n_layers: int) -> list
                 plan = TensorPlan(info.name, info.shape, KEEP)
         plans.append(plan)
     return plans
+
+
+# -- presets (YAML) and scheme parameters ----------------------------------------------------
+PRESET_KEYS = ("scheme", "params", "include", "skip", "rules", "format", "description")
+RULE_KEYS = tuple(f.name for f in fields(Rule))
+MAX_PRESET_BYTES = 1 << 20     # presets are a few hundred bytes; this bounds a hostile file's parse
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value from a file, for a message: repr, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_block_size(value: Any) -> str | None:
+    from qtool.schemes.nf4 import BLOCK_SIZES
+
+    if _is_int(value) and value in BLOCK_SIZES:
+        return None
+    return f"{_shown(value)} is not a block size; choose one of {', '.join(map(str, BLOCK_SIZES))}"
+
+
+def _check_group_size(value: Any) -> str | None:
+    # int4 levels are packed 8 to a 32-bit word; a group is a whole number of words.
+    if _is_int(value) and value > 0 and value % 8 == 0:
+        return None
+    return f"{_shown(value)} is not a group size; use a positive multiple of 8 that divides the input columns, e.g. 128"
+
+
+def _check_choice(choices_of: Callable[[], tuple[str, ...]]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        choices = choices_of()
+        return None if isinstance(value, str) and value in choices else \
+            f"{_shown(value)}: choose one of {', '.join(choices)}"
+    return check
+
+
+def _check_bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"{_shown(value)}: use true or false"
+
+
+def _check_alpha(value: Any) -> str | None:
+    return None if _is_number(value) and 0 <= value <= 1 else \
+        f"{_shown(value)}: choose an alpha between 0 (off) and 1, e.g. 0.8"
+
+
+def _check_percentile(value: Any) -> str | None:
+    return None if _is_number(value) and 0 < value <= 100 else \
+        f"{_shown(value)}: choose a percentile above 0 and at most 100, e.g. 99.99"
+
+
+def _act_ranges() -> tuple[str, ...]:
+    from qtool.calibration.activation import ACT_RANGES
+
+    return ACT_RANGES
+
+
+def _act_strategies() -> tuple[str, ...]:
+    from qtool.calibration.activation import ACT_STRATEGIES
+
+    return ACT_STRATEGIES
+
+
+# What a valid value of each scheme parameter is; which schemes read it is each Scheme's ``params``.
+PARAM_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "block_size": _check_block_size,
+    "double_quant": _check_bool,
+    "group_size": _check_group_size,
+    "act_range": _check_choice(_act_ranges),
+    "act_strategy": _check_choice(_act_strategies),
+    "act_percentile": _check_percentile,
+    "act_symmetric": _check_bool,
+    "smooth": _check_alpha,
+    "smooth_down": _check_alpha,
+}
+
+
+def check_param(name: str, value: Any, where: str) -> None:
+    """``where`` names the origin for the message: ``--group-size`` or ``preset p.yaml: params.group_size``."""
+    check = PARAM_CHECKS.get(name)
+    if check is None:
+        raise BadArgument(f"{where}: unknown parameter; known: {', '.join(PARAM_CHECKS)}")
+    problem = check(value)
+    if problem is not None:
+        raise BadArgument(f"{where}: {problem}")
+
+
+def check_scheme_name(name: Any, where: str, *, keep_allowed: bool) -> str:
+    """A registered scheme name (or ``keep`` where a rule may keep a tensor)."""
+    from qtool.schemes.base import all_schemes
+
+    if keep_allowed and name == KEEP:
+        return name
+    schemes = all_schemes()
+    if not isinstance(name, str) or name not in schemes:
+        extra = f"{KEEP}, " if keep_allowed else ""
+        raise BadArgument(f"{where}: unknown scheme {_shown(name)}; choose one of {extra}{', '.join(sorted(schemes))}")
+    return name
+
+
+def check_params_apply(scheme: str, params: dict[str, Any], where_of: Callable[[str], str]) -> None:
+    """Every parameter is one ``scheme`` reads: a parameter it ignores would be silently lost."""
+    from qtool.schemes.base import get_scheme
+
+    if scheme == KEEP:
+        if params:
+            raise BadArgument(f"{where_of(next(iter(params)))}: a tensor kept as it is takes no parameters")
+        return
+    accepted = get_scheme(scheme).params
+    for name in params:
+        if name not in accepted:
+            readers = sorted(s.name for s in _all_schemes() if name in s.params)
+            raise BadArgument(f"{where_of(name)} does not apply to scheme {scheme} "
+                              f"({'it takes ' + ', '.join(accepted) if accepted else 'it takes no parameters'}); "
+                              f"{name} is for {', '.join(readers) or 'no scheme'}")
+
+
+def _all_schemes() -> list[Any]:
+    from qtool.schemes.base import all_schemes
+
+    return list(all_schemes().values())
+
+
+def _read_preset(path: Path) -> Any:
+    """The parsed YAML of a preset file (safe_load: tags that build objects are refused)."""
+    if not path.exists():
+        raise NotFound(f"preset {path} does not exist; see configs/ for examples")
+    if not path.is_file():   # a folder, a FIFO (whose read would block), a device
+        raise BadArgument(f"preset {path} is not a regular file; pass a YAML file (see configs/)")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PRESET_BYTES + 1)
+    except OSError as exc:
+        raise BadArgument(f"preset {path} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if len(data) > MAX_PRESET_BYTES:
+        raise BadArgument(f"preset {path} is larger than {MAX_PRESET_BYTES // 1024} KiB; a preset is a short YAML file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadArgument(f"preset {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BadArgument(f"preset {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except (ValueError, RecursionError, OverflowError) as exc:   # 5000-digit integers, deep nesting
+        raise BadArgument(f"preset {path} is not a usable YAML file ({type(exc).__name__}); "
+                          "see configs/ for examples") from None
+
+
+def _recipe_from_mapping(raw: Any, path: Path) -> Recipe:
+    def bad(key: str, problem: str) -> BadArgument:
+        return BadArgument(f"preset {path}: {key}: {problem}")
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BadArgument(f"preset {path} must be a mapping of keys (scheme, params, rules, ...)")
+    unknown = [key for key in raw if key not in PRESET_KEYS]
+    if unknown:
+        raise BadArgument(f"preset {path}: unknown key(s) {', '.join(_shown(k) if not isinstance(k, str) else k for k in unknown)}; "
+                          f"a preset has {', '.join(PRESET_KEYS)}")
+    description = raw.get("description")
+    if description is not None and not isinstance(description, str):
+        raise bad("description", "must be text")
+    fmt = raw.get("format")
+    if fmt is not None:
+        from qtool.pipeline import FORMATS
+
+        if not isinstance(fmt, str) or fmt not in FORMATS:
+            raise bad("format", f"{_shown(fmt)}: choose one of {', '.join(FORMATS)}")
+    scheme = raw.get("scheme")
+    if scheme is not None:
+        check_scheme_name(scheme, f"preset {path}: scheme", keep_allowed=False)
+    params = _preset_params(raw.get("params"), "params", bad)
+    globs = {key: _preset_globs(raw.get(key), key, bad) for key in ("include", "skip")}
+    rules_raw = raw.get("rules")
+    if rules_raw is None:
+        rules_raw = []
+    if not isinstance(rules_raw, list):
+        raise bad("rules", "must be a list of {match: GLOB, scheme: NAME, layers: ..., params: {...}}")
+    rules = [_preset_rule(rule, f"rules[{index}]", path, bad) for index, rule in enumerate(rules_raw)]
+    return Recipe(scheme=scheme, params=params, include=globs["include"], skip=globs["skip"], rules=rules,
+                  format=fmt, name=path.stem)
+
+
+def _preset_params(raw: Any, key: str, bad: Callable[[str, str], BadArgument]) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad(key, f"must be a mapping of parameter: value (known: {', '.join(PARAM_CHECKS)})")
+    for name, value in raw.items():
+        if not isinstance(name, str) or name not in PARAM_CHECKS:
+            raise bad(f"{key}.{name}", f"unknown parameter; known: {', '.join(PARAM_CHECKS)}")
+        problem = PARAM_CHECKS[name](value)
+        if problem is not None:
+            raise bad(f"{key}.{name}", problem)
+    return dict(raw)
+
+
+def _preset_globs(raw: Any, key: str, bad: Callable[[str, str], BadArgument]) -> list[str]:
+    if raw is None:
+        return []
+    if isinstance(raw, str):   # list("model.*") would be its characters
+        raise bad(key, f"must be a list of globs; write {key}: [{_shown(raw)}]")
+    if not isinstance(raw, list) or not all(isinstance(glob, str) and glob for glob in raw):
+        raise bad(key, "must be a list of non-empty globs (text), e.g. ['model.layers.*.weight']")
+    return list(raw)
+
+
+def _preset_rule(raw: Any, key: str, path: Path, bad: Callable[[str, str], BadArgument]) -> Rule:
+    if not isinstance(raw, dict):
+        raise bad(key, "must be a mapping {match: GLOB, scheme: NAME, layers: ..., params: {...}}")
+    unknown = [name for name in raw if name not in RULE_KEYS]
+    if unknown:
+        raise bad(key, f"bad rule: unknown key(s) {', '.join(map(str, unknown))}; a rule has {', '.join(RULE_KEYS)}")
+    match = raw.get("match")
+    if not isinstance(match, str) or not match:
+        raise bad(f"{key}.match", "bad rule: needs a glob of tensor names (text)")
+    if raw.get("scheme") is None:
+        raise bad(f"{key}.scheme", f"bad rule: needs a scheme (or {KEEP})")
+    scheme = check_scheme_name(raw["scheme"], f"preset {path}: {key}.scheme", keep_allowed=True)
+    layers = raw.get("layers")
+    if isinstance(layers, list):
+        if not all(_is_int(layer) and layer >= 0 for layer in layers):
+            raise bad(f"{key}.layers", "a list of layers holds layer numbers (0, 1, ...)")
+    elif layers is not None and not (isinstance(layers, str) and layers in LAYER_SELECTORS):
+        raise bad(f"{key}.layers", f"{_shown(layers)}: use {', '.join(LAYER_SELECTORS)} or a list of layer numbers")
+    params = _preset_params(raw.get("params"), f"{key}.params", bad)
+    check_params_apply(scheme, params, lambda name: f"preset {path}: {key}.params.{name}")
+    return Rule(match=match, scheme=scheme, layers=layers, params=params)

@@ -16,9 +16,9 @@ from rich.table import Table
 
 from qtool import ui
 from qtool.errors import BadArgument, QualityGateFailed
-from qtool.evaluation.datasets import EvalText, load_text
+from qtool.evaluation.datasets import DATASETS, EvalText, check_text_file, load_text
 from qtool.evaluation.model import LoadedModel, check_runtime, load_causal_lm, resolve_device, torch_dtype
-from qtool.evaluation.perplexity import PassResult, compare, plan_windows, run_windows, tokenize
+from qtool.evaluation.perplexity import PassResult, check_windows, compare, plan_windows, run_windows, tokenize
 
 
 @dataclass
@@ -149,6 +149,31 @@ def _free(model: LoadedModel | None) -> None:
         torch.cuda.empty_cache()
 
 
+def check_options(*, text_file: Path | None = None, dataset: str = "wikitext2", ctx: int = 512,
+                  chunks: int | None = None, stride: int | None = None, baseline: str | None = None,
+                  batch_size: int = 1, dtype: str = "fp32", runtime: str = "dequantized",
+                  max_ppl_increase: float | None = None, max_kld: float | None = None) -> None:
+    """The evaluation options that need no model: checked before any download, quantization or load
+    (``quantize --eval`` calls this before quantizing)."""
+    for gate, limit, unit in (("--max-ppl-increase", max_ppl_increase, "percent, e.g. 2"),
+                              ("--max-kld", max_kld, "nats, e.g. 0.01")):
+        if limit is None:
+            continue
+        if baseline is None:
+            raise BadArgument(f"{gate} compares against a reference: pass --baseline MODEL")
+        if not math.isfinite(limit) or limit < 0:
+            raise BadArgument(f"{gate} {limit}: give the largest acceptable damage, a number of at least 0 ({unit})")
+    if batch_size < 1:
+        raise BadArgument(f"--batch-size {batch_size}: must be at least 1")
+    check_runtime(runtime)
+    torch_dtype(dtype)
+    check_windows(ctx, chunks, stride)
+    if text_file is not None:
+        check_text_file(text_file)
+    elif dataset not in DATASETS:
+        raise BadArgument(f"--dataset {dataset}: choose one of {', '.join(DATASETS)}, or pass --text FILE")
+
+
 def evaluate(models: list[str], *, text_file: Path | None = None, dataset: str = "wikitext2", ctx: int = 512,
              chunks: int | None = None, stride: int | None = None, baseline: str | None = None,
              device: str = "auto", batch_size: int = 1, dtype: str = "fp32",
@@ -163,13 +188,9 @@ def evaluate(models: list[str], *, text_file: Path | None = None, dataset: str =
     """
     if not models:
         raise BadArgument("give at least one MODEL to evaluate")
-    if (max_ppl_increase is not None or max_kld is not None) and baseline is None:
-        gate = "--max-ppl-increase" if max_ppl_increase is not None else "--max-kld"
-        raise BadArgument(f"{gate} compares against a reference: pass --baseline MODEL")
-    if batch_size < 1:
-        raise BadArgument(f"--batch-size {batch_size}: must be at least 1")
-    check_runtime(runtime)
-    torch_dtype(dtype)
+    check_options(text_file=None if text is not None else text_file, dataset=dataset, ctx=ctx, chunks=chunks,
+                  stride=stride, baseline=baseline, batch_size=batch_size, dtype=dtype, runtime=runtime,
+                  max_ppl_increase=max_ppl_increase, max_kld=max_kld)
     compute_device = resolve_device(device)
     eval_text = text or load_text(text_file, dataset)
 
@@ -264,4 +285,4 @@ def render_eval(report: EvalReport, console: Console) -> None:
         console.print(f"gate failed: {failure}", style="red", highlight=False, markup=False)
 
 
-__all__ = ["evaluate", "render_eval", "check_gates", "EvalReport", "ModelResult", "gate_failures"]
+__all__ = ["check_options", "evaluate", "render_eval", "check_gates", "EvalReport", "ModelResult", "gate_failures"]

@@ -31,11 +31,21 @@ def _eval_text(text: str, label: str) -> EvalText:
     return EvalText(text=text, label=label, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
 
 
+def check_text_file(path: str | Path) -> None:
+    """--text names a regular, non-empty file (a FIFO or /dev/zero would block or never end)."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"--text {path}: no such file; pass a UTF-8 text file")
+    if not path.is_file():
+        raise BadArgument(f"--text {path}: not a regular file; pass a UTF-8 text file")
+    if path.stat().st_size == 0:
+        raise BadArgument(f"--text {path}: the file is empty")
+
+
 def read_text_file(path: str | Path) -> EvalText:
     """The file's text exactly as stored (line ends kept, as llama-perplexity reads it)."""
     path = Path(path)
-    if not path.is_file():
-        raise NotFound(f"--text {path}: no such file; pass a UTF-8 text file")
+    check_text_file(path)
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -50,13 +50,20 @@ class WindowPlan:
         return self.ctx - 1 - self.first
 
 
-def plan_windows(n_tokens: int, *, ctx: int = 512, chunks: int | None = None, stride: int | None = None,
-                 bos_token_id: int | None = None) -> WindowPlan:
-    """Window offsets for ``n_tokens`` tokens, as llama-perplexity picks them."""
+def check_windows(ctx: int, chunks: int | None, stride: int | None) -> None:
+    """--ctx / --chunks / --stride on their own (before any text or model is read)."""
     if ctx < 4:
         raise BadArgument(f"--ctx {ctx}: the window must hold at least 4 tokens")
     if chunks is not None and chunks < 1:
         raise BadArgument(f"--chunks {chunks}: must be at least 1")
+    if stride is not None and not 0 < stride < ctx:
+        raise BadArgument(f"--stride {stride}: must be between 1 and --ctx - 1 ({ctx - 1})")
+
+
+def plan_windows(n_tokens: int, *, ctx: int = 512, chunks: int | None = None, stride: int | None = None,
+                 bos_token_id: int | None = None) -> WindowPlan:
+    """Window offsets for ``n_tokens`` tokens, as llama-perplexity picks them."""
+    check_windows(ctx, chunks, stride)
     if stride is None:
         if n_tokens < 2 * ctx:
             raise BadArgument(f"the text has {n_tokens} tokens; --ctx {ctx} needs at least {2 * ctx}: "
@@ -65,8 +72,6 @@ def plan_windows(n_tokens: int, *, ctx: int = 512, chunks: int | None = None, st
         if chunks is not None:
             n_windows = min(n_windows, chunks)
         return WindowPlan(ctx, [i * ctx for i in range(n_windows)], ctx // 2, bos_token_id)
-    if not 0 < stride < ctx:
-        raise BadArgument(f"--stride {stride}: must be between 1 and --ctx - 1 ({ctx - 1})")
     if n_tokens <= ctx:
         raise BadArgument(f"the text has {n_tokens} tokens; --ctx {ctx} needs more: "
                           "pass a longer --text or a smaller --ctx")

@@ -18,6 +18,8 @@ class Scheme(ABC):
     name: ClassVar[str]           # "nf4", "int8-sym", "Q4_K", ...
     family: ClassVar[str]         # which sink writes it: "bnb", "compressed" or "gguf"
     bits: ClassVar[float]         # nominal bits per weight, for plans and reports
+    # The recipe params quantize() reads (their checks: qtool.plan.PARAM_CHECKS); others are refused.
+    params: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, **params: Any) -> Any:

@@ -186,6 +186,7 @@ class _IntScheme(Scheme):
     bits = 4.0
     symmetric = True
     default_group_size: int | None = 128
+    params = ("group_size",)
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
         if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:

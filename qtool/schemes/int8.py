@@ -164,3 +164,5 @@ class W8A8(_Int8Compressed):
 
     name = "w8a8"
     symmetric = True
+    # How the inputs are quantized (qtool.calibration.activation) and smoothed first.
+    params = ("act_range", "act_strategy", "act_percentile", "act_symmetric", "smooth", "smooth_down")

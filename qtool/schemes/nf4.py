@@ -415,6 +415,7 @@ def _params(params: dict[str, Any]) -> tuple[int, bool]:
 
 class _Bnb4bit(Scheme):
     family = "bnb"
+    params = ("block_size", "double_quant")
     checks_finite = True        # quantize raises NonFiniteWeight itself
     bits = 4.0
     quant_type = "nf4"
