@@ -80,7 +80,7 @@ def build_library(directory: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name, _, _ in _FUNCTIONS.values():
         function = getattr(library, name)
-        function.restype = None
+        function.restype = ctypes.c_int     # 1: the blocks held inf or NaN
         with_candidates = name.endswith("_k")
         function.argtypes = [pointer, ctypes.c_int, size, *([pointer] if with_candidates else []), pointer]
     return library
@@ -124,12 +124,19 @@ def cpu_kernel(scheme_name: str, library: ctypes.CDLL | None = None) -> Callable
         base_in, base_out = blocks.data_ptr(), out.data_ptr()
         in_stride = block * blocks.element_size()
 
+        nonfinite_chunks = []
+
         def work(starts):
             for start in starts:
                 count = min(step, n_blocks - start)
-                function(base_in + start * in_stride, dtype_code, count, *extra, base_out + start * type_size)
+                if function(base_in + start * in_stride, dtype_code, count, *extra, base_out + start * type_size):
+                    nonfinite_chunks.append(start)
 
         run_chunks(range(0, n_blocks, step), work)
+        if nonfinite_chunks:
+            from qtool.schemes.int4 import NonFiniteWeight
+
+            raise NonFiniteWeight("the weight contains inf or nan values")
         return out
 
     return quantize_blocks

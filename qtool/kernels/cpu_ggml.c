@@ -53,8 +53,20 @@ static inline float signed_absmax(const float *x, int n) {
     return best;
 }
 
-static inline void load_block(const void *src, int dtype, int64_t block, int n, float *x) {
-    for (int i = 0; i < n; i++) x[i] = load(src, dtype, block * n + i);
+/* Loads one block and returns 1 when it holds inf, NaN or a magnitude of 2^30 or more (exponent
+ * field >= 157; ggml.LARGEST_INPUT): the kernels report it instead of writing a block whose scale
+ * is inf, whose NaN vanished in a max, or whose float32 sums overflowed (no GGML type stores such
+ * values: the largest, Q6_K's, is below 2^28). An integer test on the bits, in the load's own loop,
+ * costs no pass over the weight. */
+static inline int load_block(const void *src, int dtype, int64_t block, int n, float *x) {
+    uint32_t special = 0;
+    for (int i = 0; i < n; i++) {
+        x[i] = load(src, dtype, block * n + i);
+        uint32_t bits;
+        memcpy(&bits, &x[i], 4);
+        special |= (bits & 0x7F800000u) >= (157u << 23);
+    }
+    return (int)special;
 }
 
 static inline float clampf(float v, float lo, float hi) {
@@ -83,10 +95,11 @@ static inline float rint_level(float v) {
 #define KERNEL
 #endif
 
-KERNEL void quantize_q8_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+KERNEL int quantize_q8_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    int nonfinite = 0;
     float x[32];
     for (int64_t b = 0; b < n_blocks; b++, out += 34) {
-        load_block(src, dtype, b, 32, x);
+        nonfinite |= load_block(src, dtype, b, 32, x);
         float amax = 0.0f;
         for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[i]));
         float scale = amax / 127.0f;
@@ -100,6 +113,7 @@ KERNEL void quantize_q8_0(const void *src, int dtype, int64_t n_blocks, uint8_t 
             out[2 + i] = (uint8_t)(int8_t)(whole + (fraction >= 0.5f) - (fraction <= -0.5f));
         }
     }
+    return nonfinite;
 }
 
 /* Q4_0 / Q5_0: scale = signed absmax / -half_range, q = trunc(x / scale + half_range + 0.5). */
@@ -140,13 +154,14 @@ static inline void store_high_bits(uint8_t *dst, const uint8_t *q) {
 
 /* The four 4/5-bit 32-blocks: [fp16 scale][fp16 low, affine types][high bits, 5-bit types][nibbles].
  * `range` is half the level range (symmetric types) or the top level (affine types). */
-static inline void quantize_32(const void *src, int dtype, int64_t n_blocks, uint8_t *out, int affine, float range,
+static inline int quantize_32(const void *src, int dtype, int64_t n_blocks, uint8_t *out, int affine, float range,
                                int five_bit) {
+    int nonfinite = 0;
     float x[32], scale, low;
     uint8_t q[32];
     int type_size = 2 + (affine ? 2 : 0) + (five_bit ? 4 : 0) + 16;
     for (int64_t b = 0; b < n_blocks; b++, out += type_size) {
-        load_block(src, dtype, b, 32, x);
+        nonfinite |= load_block(src, dtype, b, 32, x);
         uint8_t *next = out + 2;
         if (affine) {
             affine_levels(x, range, &scale, &low, q);
@@ -162,22 +177,23 @@ static inline void quantize_32(const void *src, int dtype, int64_t n_blocks, uin
         }
         store_nibbles(next, q);
     }
+    return nonfinite;
 }
 
-KERNEL void quantize_q4_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    quantize_32(src, dtype, n_blocks, out, 0, 8.0f, 0);
+KERNEL int quantize_q4_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    return quantize_32(src, dtype, n_blocks, out, 0, 8.0f, 0);
 }
 
-KERNEL void quantize_q5_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    quantize_32(src, dtype, n_blocks, out, 0, 16.0f, 1);
+KERNEL int quantize_q5_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    return quantize_32(src, dtype, n_blocks, out, 0, 16.0f, 1);
 }
 
-KERNEL void quantize_q4_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    quantize_32(src, dtype, n_blocks, out, 1, 15.0f, 0);
+KERNEL int quantize_q4_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    return quantize_32(src, dtype, n_blocks, out, 1, 15.0f, 0);
 }
 
-KERNEL void quantize_q5_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    quantize_32(src, dtype, n_blocks, out, 1, 31.0f, 1);
+KERNEL int quantize_q5_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    return quantize_32(src, dtype, n_blocks, out, 1, 31.0f, 1);
 }
 
 /* IQ4_NL: indices into a fixed table; ggml.py's IQ4_NL.quantize_blocks, whose sums run left to
@@ -207,11 +223,12 @@ static inline void iq4_nl_sums(const float *x, const float *w, float inverse, fl
     *sum_q2 = q2;
 }
 
-KERNEL void quantize_iq4_nl(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+KERNEL int quantize_iq4_nl(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+    int nonfinite = 0;
     float x[32], w[32];
     uint8_t q[32];
     for (int64_t b = 0; b < n_blocks; b++, out += 18) {
-        load_block(src, dtype, b, 32, x);
+        nonfinite |= load_block(src, dtype, b, 32, x);
         for (int i = 0; i < 32; i++) w[i] = x[i] * x[i];
         float peak = signed_absmax(x, 32);
         float scale = 0.0f;
@@ -233,6 +250,7 @@ KERNEL void quantize_iq4_nl(const void *src, int dtype, int64_t n_blocks, uint8_
         store_half(out, scale);
         store_nibbles(out + 2, q);
     }
+    return nonfinite;
 }
 
 /* pairwise_sum of 16 values: neighbours first, level by level. */
@@ -310,11 +328,12 @@ static float symmetric_group_scale(const float *x, float nmax, const float *cand
     return zero_group ? 0.0f : best_scale;
 }
 
-KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+KERNEL int quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    int nonfinite = 0;
     float x[256], scales[16];
     float levels[256];
     for (int64_t b = 0; b < n_blocks; b++, out += 210) {
-        load_block(src, dtype, b, 256, x);
+        nonfinite |= load_block(src, dtype, b, 256, x);
         for (int g = 0; g < 16; g++) scales[g] = symmetric_group_scale(x + 16 * g, 32.0f, candidates);
         float peak = signed_absmax(scales, 16);
         int nonzero = fabsf(peak) >= 1e-15f;
@@ -340,6 +359,7 @@ KERNEL void quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const fl
             }
         }
     }
+    return nonfinite;
 }
 
 
@@ -437,10 +457,11 @@ static void search_scale_min16(const float *x, const float *w, float nmax, int n
 
 /* Q2_K: [scales 16][qs 64][d][dmin]; 4-bit scale and min codes (low and high nibble) against the
  * super-block's largest, the scale code refined one step up or down; levels in [0, 3]. */
-KERNEL void quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+KERNEL int quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    int nonfinite = 0;
     float x[256], w[16], scales[16], mins[16], levels[256];
     for (int64_t b = 0; b < n_blocks; b++, out += 84) {
-        load_block(src, dtype, b, 256, x);
+        nonfinite |= load_block(src, dtype, b, 256, x);
         for (int g = 0; g < 16; g++) {
             for (int i = 0; i < 16; i++) w[i] = fabsf(x[16 * g + i]);
             search_scale_min16(x + 16 * g, w, 3.0f, 7, candidates, &scales[g], &mins[g]);
@@ -462,15 +483,17 @@ KERNEL void quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const fl
             }
         }
     }
+    return nonfinite;
 }
 
 /* Q3_K: [hmask 32][qs 64][scales 12][d]. Group scales as Q6_K's with nmax 4, 6-bit codes against
  * -32 / the largest, refined one step up or down; levels in [-4, 3] stored + 4. */
-KERNEL void quantize_q3_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+KERNEL int quantize_q3_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    int nonfinite = 0;
     float x[256], scales[16], levels[256];
     uint8_t codes[16];
     for (int64_t b = 0; b < n_blocks; b++, out += 110) {
-        load_block(src, dtype, b, 256, x);
+        nonfinite |= load_block(src, dtype, b, 256, x);
         for (int g = 0; g < 16; g++) scales[g] = symmetric_group_scale(x + 16 * g, 4.0f, candidates);
         float peak = signed_absmax(scales, 16);
         int nonzero = peak != 0.0f;
@@ -504,6 +527,7 @@ KERNEL void quantize_q3_k(const void *src, int dtype, int64_t n_blocks, const fl
             out[104 + j] = top;
         }
     }
+    return nonfinite;
 }
 
 
@@ -638,13 +662,14 @@ static inline void store_k_nibbles(uint8_t *dst, const uint8_t *levels) {
 }
 
 /* Q4_K: [d][dmin][scales 12][qs 128]; Q5_K: [d][dmin][scales 12][qh 32][qs 128]. */
-static inline void quantize_k_blocks(const void *src, int dtype, int64_t n_blocks, const float *candidates,
+static inline int quantize_k_blocks(const void *src, int dtype, int64_t n_blocks, const float *candidates,
                                      uint8_t *out, int five_bit) {
+    int nonfinite = 0;
     float x[256];
     uint8_t ls[8], lm[8], levels[256];
     int type_size = five_bit ? 176 : 144;
     for (int64_t b = 0; b < n_blocks; b++, out += type_size) {
-        load_block(src, dtype, b, 256, x);
+        nonfinite |= load_block(src, dtype, b, 256, x);
         quantize_k32(x, five_bit ? 31.0f : 15.0f, candidates, out, ls, lm, levels);
         store_scale_min_k4(out + 4, ls, lm);
         if (five_bit) {
@@ -657,12 +682,13 @@ static inline void quantize_k_blocks(const void *src, int dtype, int64_t n_block
         }
         store_k_nibbles(out + (five_bit ? 48 : 16), levels);
     }
+    return nonfinite;
 }
 
-KERNEL void quantize_q4_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
-    quantize_k_blocks(src, dtype, n_blocks, candidates, out, 0);
+KERNEL int quantize_q4_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    return quantize_k_blocks(src, dtype, n_blocks, candidates, out, 0);
 }
 
-KERNEL void quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
-    quantize_k_blocks(src, dtype, n_blocks, candidates, out, 1);
+KERNEL int quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+    return quantize_k_blocks(src, dtype, n_blocks, candidates, out, 1);
 }

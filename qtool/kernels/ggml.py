@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from qtool.errors import BadArgument
-from qtool.kernels import launch
+from qtool.kernels import launch, read_flags
 from qtool.schemes import ggml_kquants as kq
 from qtool.schemes.ggml import QK_K
 
@@ -107,17 +107,35 @@ def _halves(t, R: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(t, [R, 2, 16]), (0, 2, 1)))
 
 
+@triton.jit
+def _special_bits(x):
+    """1 where x is inf, NaN or of magnitude 2^30 or more (exponent field >= 157, as cpu_ggml.c's
+    load_block; qtool.schemes.ggml.LARGEST_INPUT), else 0: a bit test the compiler cannot fold."""
+    return ((x.to(tl.int32, bitcast=True) & 0x7F800000) >= (157 << 23)).to(tl.int32)
+
+
+@triton.jit
+def _row_nonfinite(x, N: tl.constexpr):
+    """1 when any thread's row (a tuple of N [G] tensors) holds a _special_bits value, else 0."""
+    special = _special_bits(x[0])
+    for i in tl.static_range(1, N):
+        special = special | _special_bits(x[i])
+    return tl.max(special, axis=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 32-element types
 
 @triton.jit
-def _quantize_32_kernel(x_ptr, out_ptr, n_blocks, KIND: tl.constexpr, TYPE_SIZE: tl.constexpr,
+def _quantize_32_kernel(x_ptr, out_ptr, flags_ptr, n_blocks, KIND: tl.constexpr, TYPE_SIZE: tl.constexpr,
                         ROWS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     block_ids = pid * ROWS + tl.arange(0, ROWS)
     valid = block_ids < n_blocks
     cols = tl.arange(0, 32)
     x = tl.load(x_ptr + block_ids[:, None] * 32 + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    # read_flags bit 0: inf, NaN or a value no GGML type stores (NaN would vanish in tl.max)
+    tl.store(flags_ptr + pid, tl.max(tl.max(_special_bits(x), axis=1), axis=0))
     base = out_ptr + block_ids * TYPE_SIZE
     if KIND == 0:   # Q8_0: d = absmax / 127, q = roundf(x / d)
         scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full([ROWS], 127.0, tl.float32))
@@ -250,7 +268,7 @@ def _levels_for(x, scale, offset, NMAX: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["n_super"])
-def _kquant_asym_kernel(x_ptr, out_ptr, candidates_ptr, n_super, SB: tl.constexpr, NMAX: tl.constexpr,
+def _kquant_asym_kernel(x_ptr, out_ptr, flags_ptr, candidates_ptr, n_super, SB: tl.constexpr, NMAX: tl.constexpr,
                         CANDIDATES: tl.constexpr, ROUNDS: tl.constexpr, Q5: tl.constexpr,
                         BF16_WORDS: tl.constexpr):
     """ggml_kquants._quantize_k32. One thread per sub-block of 32: its elements are a tuple of 32
@@ -262,6 +280,7 @@ def _kquant_asym_kernel(x_ptr, out_ptr, candidates_ptr, n_super, SB: tl.constexp
     groups = pid * G + tl.arange(0, G)
     valid = groups < n_super * 8
     x = _load_row(x_ptr, groups, valid, 32, BF16_WORDS)
+    tl.store(flags_ptr + pid, _row_nonfinite(x, 32))
 
     # _search_k32
     low = x[0]
@@ -382,13 +401,14 @@ def _q6k_fit(inverse, x, weights, weighted_x):
 
 
 @triton.jit(do_not_specialize=["n_super"])
-def _q6k_kernel(x_ptr, out_ptr, steps_ptr, n_super, SB: tl.constexpr, BF16_WORDS: tl.constexpr):
+def _q6k_kernel(x_ptr, out_ptr, flags_ptr, steps_ptr, n_super, SB: tl.constexpr, BF16_WORDS: tl.constexpr):
     """Q6_K (ggml_kquants.Q6_K): one thread per group of 16 elements, as a tuple of 16 [G] tensors."""
     G: tl.constexpr = SB * 16
     pid = tl.program_id(0).to(tl.int64)
     groups = pid * G + tl.arange(0, G)
     valid = groups < n_super * 16
     x = _load_row(x_ptr, groups, valid, 16, BF16_WORDS)
+    tl.store(flags_ptr + pid, _row_nonfinite(x, 16))
 
     # _search_scale_symmetric(nmax=32, nstep=4, rdelta=0.2): the signed absmax (first of equals)
     peak = x[0]
@@ -538,18 +558,22 @@ def quantize_ggml(weight: torch.Tensor, name: str):
     if n_blocks:
         if name == "Q6_K":
             grid = (-(-n_blocks // _SUPER_BLOCKS_Q6),)
-            launch(_q6k_kernel, grid, flat, out, _candidates("Q6_K", weight.device), n_blocks, SB=_SUPER_BLOCKS_Q6,
-                   BF16_WORDS=_bf16_words(flat), num_warps=_NUM_WARPS_Q6, enable_fp_fusion=False)
+            flags = torch.empty(grid, dtype=torch.int32, device=weight.device)   # one word per program
+            launch(_q6k_kernel, grid, flat, out, flags, _candidates("Q6_K", weight.device), n_blocks,
+                   SB=_SUPER_BLOCKS_Q6, BF16_WORDS=_bf16_words(flat), num_warps=_NUM_WARPS_Q6, enable_fp_fusion=False)
         elif k_quant:
             grid = (-(-n_blocks // _SUPER_BLOCKS),)
-            launch(_kquant_asym_kernel, grid, flat, out, _candidates(name, weight.device), n_blocks,
+            flags = torch.empty(grid, dtype=torch.int32, device=weight.device)
+            launch(_kquant_asym_kernel, grid, flat, out, flags, _candidates(name, weight.device), n_blocks,
                    SB=_SUPER_BLOCKS, NMAX=kq.K32_NMAX[name], CANDIDATES=len(kq.K32_CANDIDATES[name]),
                    ROUNDS=kq.K32_CODE_ROUNDS, Q5=name == "Q5_K", BF16_WORDS=_bf16_words(flat),
                    num_warps=_NUM_WARPS_K, maxnreg=_MAX_REGISTERS_K, enable_fp_fusion=False)
         else:
             grid = (-(-n_blocks // _ROWS_32),)
-            launch(_quantize_32_kernel, grid, flat, out, n_blocks, KIND=_KIND[name], TYPE_SIZE=type_size,
+            flags = torch.empty(grid, dtype=torch.int32, device=weight.device)
+            launch(_quantize_32_kernel, grid, flat, out, flags, n_blocks, KIND=_KIND[name], TYPE_SIZE=type_size,
                    ROWS=_ROWS_32, num_warps=_NUM_WARPS_32, enable_fp_fusion=False)
+        read_flags(flags)   # NonFiniteWeight on inf/NaN/huge input, as the CPU paths
     from qtool.schemes.ggml import GGMLTensor   # after the launch: the schemes import this module
 
     row_bytes = shape[-1] // block_size * type_size

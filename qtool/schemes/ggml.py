@@ -26,12 +26,25 @@ from qtool.kernels import fused
 from qtool.kernels.cpu import cpu_kernel
 from qtool.schemes._parallel import run_chunks
 from qtool.schemes.base import Scheme, register
+from qtool.schemes.int4 import NonFiniteWeight
+
+FLOAT16_MAX = 65504.0
+# Inputs of this magnitude or more are refused by every block type's kernels as they load a block
+# (with inf and NaN): no GGML type stores them (Q6_K's largest value is 65504 * 127 * 32 < 2^28),
+# and past it the float32 sums of the K-quant searches overflow into scales that look finite.
+# Smaller values too large for a type show as an inf fp16 scale (GGMLType.check_scales).
+LARGEST_INPUT = 2.0 ** 30
 
 QK_K = 256
 
 # Elements per chunk handed to quantize_blocks: small enough that the temporaries of the K-quant
 # scale search stay in the tens of MB, large enough that per-op overhead is negligible.
 _CHUNK_ELEMENTS = 1 << 20
+
+
+class ScaleOverflow(ValueError):
+    """A finite weight whose block scale (an fp16 field of the block) would be inf: the block
+    cannot hold it. Raised instead of writing a block that dequantizes to inf or NaN."""
 
 
 @dataclass
@@ -97,6 +110,9 @@ class GGMLType(Scheme):
     family: ClassVar[str] = "gguf"
     block_size: ClassVar[int]
     type_size: ClassVar[int]     # bytes per block
+    checks_finite = True         # quantize raises NonFiniteWeight / ScaleOverflow itself
+    # Byte offsets of the block's fp16 fields (scales, mins): where an out-of-range weight shows.
+    fp16_offsets: ClassVar[tuple[int, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -133,29 +149,71 @@ class GGMLType(Scheme):
                               f"elements; got a tensor of shape {list(shape)}")
         if not weight.is_floating_point():
             raise BadArgument(f"{self.name} quantizes floating-point tensors; got {weight.dtype}")
-        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
-            return fused_kernel(weight, **params)
-        blocks = weight.reshape(-1, self.block_size)
-        if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self.name)) is not None:
-            out = c_kernel(blocks)
-        else:
-            out = self._quantize_chunks(blocks)
-        return GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(shape[-1])))
+        try:
+            # Every path raises NonFiniteWeight for inf, NaN or |x| >= LARGEST_INPUT as it reads the
+            # weight (no separate pass); what it was is told apart only on that error.
+            if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+                packed = fused_kernel(weight, **params)
+            else:
+                blocks = weight.reshape(-1, self.block_size)
+                if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self.name)) is not None:
+                    out = c_kernel(blocks)
+                else:
+                    out = self._quantize_chunks(blocks)
+                packed = GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(shape[-1])))
+        except NonFiniteWeight:
+            raise self._unstorable(weight) from None
+        self.check_scales(packed, weight)
+        return packed
+
+    def _unstorable(self, weight: torch.Tensor) -> ValueError:
+        """The error for a weight this type cannot hold: inf/NaN, or values too large."""
+        if not bool(torch.isfinite(weight).all()):
+            return NonFiniteWeight("the weight contains inf or nan values")
+        return ScaleOverflow(f"values up to {float(weight.abs().amax()):.3g} need a {self.name} block scale "
+                             f"beyond float16's range (+-{FLOAT16_MAX:g}); scale the weights down or keep "
+                             "the tensor unquantized")
+
+    def check_scales(self, packed: GGMLTensor, weight: torch.Tensor | None = None) -> None:
+        """Raise ScaleOverflow when a block's fp16 scale or min is inf or NaN, whichever path made
+        the bytes (torch, C, Triton, a calibration method): one test on a few bytes per block, not on
+        the weight. Inf and NaN inputs are caught where the weight is read (NonFiniteWeight); what is
+        left here is a finite weight too large for the block's scale."""
+        if not self.fp16_offsets or packed.data.numel() == 0:
+            return
+        blocks = packed.data.reshape(-1, self.type_size)
+        # The high byte of a little-endian fp16: exponent bits 0x7C all set means inf or NaN.
+        high_bytes = blocks[:, [offset + 1 for offset in self.fp16_offsets]]
+        if not bool(((high_bytes & 0x7C) == 0x7C).any()):
+            return
+        if weight is not None:
+            raise self._unstorable(weight)
+        raise ScaleOverflow(f"a {self.name} block scale is inf or nan (the weight is too large for the type)")
 
     def _quantize_chunks(self, blocks: torch.Tensor) -> torch.Tensor:
         """quantize_blocks over bounded chunks; on the CPU on several threads (see _parallel)."""
         out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=blocks.device)
         step = max(1, _CHUNK_ELEMENTS // self.block_size)
 
+        nonfinite_chunks = []
+
         def work(starts: Sequence[int]) -> None:
             for start in starts:
-                out[start:start + step] = self.quantize_blocks(blocks[start:start + step].to(torch.float32))
+                chunk = blocks[start:start + step].to(torch.float32)
+                # Per chunk, while it is in cache: the C and Triton kernels test the same as they load
+                # (NaN fails the comparison too).
+                if not bool((chunk.abs() < LARGEST_INPUT).all()):
+                    nonfinite_chunks.append(start)
+                    return
+                out[start:start + step] = self.quantize_blocks(chunk)
 
         starts = range(0, blocks.shape[0], step)
         if blocks.device.type == "cpu":
             run_chunks(starts, work)
         else:
             work(starts)
+        if nonfinite_chunks:
+            raise NonFiniteWeight("the weight contains inf or nan values")
         return out
 
     def dequantize(self, packed: GGMLTensor) -> torch.Tensor:
@@ -187,6 +245,12 @@ class _FloatType(GGMLType):
         # No chunking needed, and keep a tensor that already has the right dtype as it is.
         shape = tuple(weight.shape)
         values = weight.reshape(-1, shape[-1] if shape else 1).to(self.dtype).contiguous()
+        if self.dtype == torch.float16 and values.numel() and not bool(torch.isfinite(values).all()):
+            # F16 is the one float type narrower than the weights: refuse what it cannot hold.
+            if not bool(torch.isfinite(weight).all()):
+                raise NonFiniteWeight("the weight contains inf or nan values")
+            raise ScaleOverflow(f"values up to {float(weight.abs().amax()):.3g} overflow float16 "
+                                f"(+-{FLOAT16_MAX:g}); keep the tensor as F32 or BF16")
         return GGMLTensor(self.name, shape, values.view(torch.uint8))
 
 
@@ -230,6 +294,7 @@ def _inverse(scale: torch.Tensor) -> torch.Tensor:
 class Q8_0(GGMLType):
     name = "Q8_0"
     block_size = 32
+    fp16_offsets = (0,)
     type_size = 34
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -247,6 +312,7 @@ class Q8_0(GGMLType):
 class Q4_0(GGMLType):
     name = "Q4_0"
     block_size = 32
+    fp16_offsets = (0,)
     type_size = 18
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -266,6 +332,7 @@ class Q4_0(GGMLType):
 class Q4_1(GGMLType):
     name = "Q4_1"
     block_size = 32
+    fp16_offsets = (0, 2)
     type_size = 20
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -287,6 +354,7 @@ class Q4_1(GGMLType):
 class Q5_0(GGMLType):
     name = "Q5_0"
     block_size = 32
+    fp16_offsets = (0,)
     type_size = 22
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -308,6 +376,7 @@ class Q5_0(GGMLType):
 class Q5_1(GGMLType):
     name = "Q5_1"
     block_size = 32
+    fp16_offsets = (0, 2)
     type_size = 24
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -362,6 +431,7 @@ def _sequential_sums(weight: torch.Tensor, value: torch.Tensor, blocks: torch.Te
 class IQ4_NL(GGMLType):
     name = "IQ4_NL"
     block_size = 32
+    fp16_offsets = (0,)
     type_size = 18
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:

@@ -406,6 +406,7 @@ def _quantize_k32(blocks: torch.Tensor, name: str) -> torch.Tensor:
 class Q2_K(_KQuant):
     name = "Q2_K"
     type_size = 84   # scales[16], qs[64], d, dmin
+    fp16_offsets = (80, 82)
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
@@ -428,6 +429,7 @@ class Q2_K(_KQuant):
 class Q4_K(_KQuant):
     name = "Q4_K"
     type_size = 144  # d, dmin, scales[12], qs[128]
+    fp16_offsets = (0, 2)
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return _quantize_k32(blocks.to(torch.float32), self.name)
@@ -445,6 +447,7 @@ class Q4_K(_KQuant):
 class Q5_K(_KQuant):
     name = "Q5_K"
     type_size = 176  # d, dmin, scales[12], qh[32], qs[128]
+    fp16_offsets = (0, 2)
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return _quantize_k32(blocks.to(torch.float32), self.name)
@@ -465,6 +468,7 @@ class Q5_K(_KQuant):
 class Q3_K(_KQuant):
     name = "Q3_K"
     type_size = 110  # hmask[32], qs[64], scales[12], d
+    fp16_offsets = (108,)
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
@@ -507,6 +511,7 @@ class Q3_K(_KQuant):
 class Q6_K(_KQuant):
     name = "Q6_K"
     type_size = 210  # ql[128], qh[64], scales[16] (int8), d
+    fp16_offsets = (208,)
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)

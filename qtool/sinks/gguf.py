@@ -26,7 +26,8 @@ from qtool.atomic import StagedOutput
 from qtool.errors import BadArgument
 from qtool.gguf_tokenizer import tokenizer_metadata
 from qtool.plan import KEEP, Recipe, Rule, TensorPlan, build_plan
-from qtool.schemes.ggml import GGMLTensor, ggml_type
+from qtool.schemes.ggml import GGMLTensor, ScaleOverflow, ggml_type
+from qtool.schemes.int4 import NonFiniteWeight
 from qtool.sinks.base import Sink
 from qtool.sources.base import Source, TensorInfo
 
@@ -167,17 +168,26 @@ class GGUFSink(Sink):
             expected = self._pending[0] if self._pending else "nothing"
             raise BadArgument(f"GGUF tensors must arrive in plan order: got {plan.name}, expected {expected}")
         heads = gguf_arch.qk_heads(plan.name, self.source.config)
-        if packed is None:
-            if heads is not None:
-                tensor = gguf_arch.permute_qk(tensor, heads)
-            data = ggml_type(self._types[plan.name]).quantize(tensor, **plan.params).data
-        else:
-            # Calibrated blocks arrive packed; the q/k permutation moves whole rows, so it applies
-            # to packed rows as well.
-            if packed.type_name != self._types[plan.name]:
-                raise BadArgument(f"tensor {plan.name}: calibrated as {packed.type_name}, but the file stores "
-                                  f"{self._types[plan.name]}")
-            data = packed.data if heads is None else gguf_arch.permute_qk(packed.data, heads)
+        stored = ggml_type(self._types[plan.name])
+        try:
+            if packed is None:
+                if heads is not None:
+                    tensor = gguf_arch.permute_qk(tensor, heads)
+                data = stored.quantize(tensor, **plan.params).data
+            else:
+                # Calibrated blocks arrive packed; the q/k permutation moves whole rows, so it applies
+                # to packed rows as well.
+                if packed.type_name != stored.name:
+                    raise BadArgument(f"tensor {plan.name}: calibrated as {packed.type_name}, but the file stores "
+                                      f"{stored.name}")
+                stored.check_scales(packed, tensor)
+                data = packed.data if heads is None else gguf_arch.permute_qk(packed.data, heads)
+        except NonFiniteWeight:
+            raise BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "
+                              f"the tensor unquantized (--skip '{plan.name}')") from None
+        except ScaleOverflow as exc:
+            raise BadArgument(f"tensor {plan.name} cannot be stored as {stored.name}: {exc} "
+                              f"(--skip '{plan.name}')") from None
         data = data.cpu().contiguous().numpy()
         self._writer.write_tensor_data(data)
         self._pending.pop(0)

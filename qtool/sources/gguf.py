@@ -26,24 +26,46 @@ _FLOAT_TYPES = {
     GGMLQuantizationType.BF16: torch.bfloat16,
 }
 _TORCH_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+# general.file_type values that say the model's float type (LlamaFileType ALL_F32, MOSTLY_F16, MOSTLY_BF16).
+_FILE_TYPE_DTYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}
 
 
-def dequantize_raw(raw: np.ndarray, tensor: GGUFTensor) -> torch.Tensor:
+def model_dtype(gguf_file: GGUFFile) -> torch.dtype:
+    """The float dtype of the model a GGUF was made from: the type of its F16/BF16 tensors (the one
+    with more elements), else what general.file_type says, else float16 (llama.cpp's converter's
+    default; a quantized file's F32 tensors are its norms, which llama.cpp always writes as F32)."""
+    elements: dict[torch.dtype, int] = {}
+    for tensor in gguf_file.tensors:
+        dtype = _FLOAT_TYPES.get(GGMLQuantizationType(tensor.type_id))
+        if dtype in (torch.float16, torch.bfloat16):
+            elements[dtype] = elements.get(dtype, 0) + tensor.n_elements
+    if elements:
+        return max(elements, key=elements.__getitem__)
+    file_type = gguf_file.metadata.get("general.file_type")
+    if isinstance(file_type, int) and not isinstance(file_type, bool):
+        return _FILE_TYPE_DTYPES.get(file_type, torch.float16)
+    return torch.float16
+
+
+def dequantize_raw(raw: np.ndarray, tensor: GGUFTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One GGUF tensor's bytes -> a torch tensor in GGUF/numpy shape (rows first), not yet HF layout.
 
-    Float types keep their dtype; block-quantized types come out as float32.
+    F16 and BF16 tensors keep their dtype; F32 and block-quantized tensors come out as ``dtype``
+    (the model's, see model_dtype: a kept tensor is never written wider than the model was),
+    or as float32 where a value would overflow ``dtype``.
     """
     type_id = GGMLQuantizationType(tensor.type_id)
     if type_id in _FLOAT_TYPES:
-        dtype = _FLOAT_TYPES[type_id]
-        values = torch.from_numpy(raw.view(_TORCH_VIEW[dtype]).copy())
-        if dtype == torch.bfloat16:
+        stored = _FLOAT_TYPES[type_id]
+        values = torch.from_numpy(raw.view(_TORCH_VIEW[stored]).copy())
+        if stored == torch.bfloat16:
             values = values.view(torch.bfloat16)
-        return values.reshape(tensor.shape)
+        values = values.reshape(tensor.shape)
+        return _narrowed(values, dtype) if stored == torch.float32 else values
     from gguf import quants
 
     if tensor.n_elements == 0:
-        return torch.empty(tensor.shape, dtype=torch.float32)
+        return torch.empty(tensor.shape, dtype=dtype)
     block_size, type_size = GGML_QUANT_SIZES[type_id]
     rows = raw.reshape(tensor.n_elements // tensor.dims[0], tensor.dims[0] // block_size * type_size)
     try:
@@ -51,7 +73,19 @@ def dequantize_raw(raw: np.ndarray, tensor: GGUFTensor) -> torch.Tensor:
     except NotImplementedError:
         raise Unsupported(f"GGUF tensor {tensor.name!r} has type {tensor.type_name}, which qtool cannot "
                           "dequantize yet") from None
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(tensor.shape)
+    values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(tensor.shape)
+    return _narrowed(values, dtype)
+
+
+def _narrowed(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``values`` as ``dtype``, unless that turns a finite value into inf (a scale times a
+    level can pass float16's 65504): then float32, rather than a weight that is not the file's."""
+    if dtype == values.dtype:
+        return values
+    narrowed = values.to(dtype)
+    if bool((torch.isinf(narrowed) & torch.isfinite(values)).any()):
+        return values
+    return narrowed
 
 
 class GGUFSource(Source):
@@ -80,6 +114,7 @@ class GGUFSource(Source):
                          is_quantized=any(GGMLQuantizationType(t.type_id) not in _FLOAT_TYPES
                                           for t in self.gguf.tensors))
         self.path = path
+        self.dtype = model_dtype(self.gguf)   # what dequantized and F32 tensors are handed out as
         self._tokenizer_tmp: Path | None = None
 
     @property
@@ -123,7 +158,7 @@ class GGUFSource(Source):
 
     def load(self, name: str) -> torch.Tensor:
         tensor = self.gguf_tensor(name)
-        values = dequantize_raw(self.gguf.raw(tensor), tensor)
+        values = dequantize_raw(self.gguf.raw(tensor), tensor, self.dtype)
         heads = gguf_arch.qk_heads(name, self.config)
         if heads is not None:
             values = gguf_arch.unpermute_qk(values, heads)
