@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 from qtool import __version__, ui
+from qtool.atomic import OutputClaim, StagedOutput, output_errors
 from qtool.errors import BadArgument
 from qtool.plan import KEEP, Recipe, TensorPlan, build_plan
 from qtool.report import ActivationReport, ActivationRow, QuantizeReport, size_report
 from qtool.schemes.base import get_scheme
 from qtool.sinks import sink_class
 from qtool.sources.base import Source
+from qtool.sources.config_check import check_source_config
 from qtool.sources.resolve import resolve
 
 FORMATS = ("safetensors", "gguf")
@@ -56,6 +58,8 @@ def resolve_device(device: str) -> str:
 
 
 def plan_model(source: Source, recipe: Recipe, fmt: str = "safetensors") -> list[TensorPlan]:
+    # The layer count (plans, GGUF metadata) and calibration read the config: check it against the tensors first.
+    check_source_config(source, require_architecture=False)
     if fmt == "gguf":
         from qtool.sinks.gguf import gguf_plans
 
@@ -93,37 +97,59 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
             from qtool.calibration.packing import check_packable
 
             check_packable(calib_plans, options.method)    # before any calibration work
-        # W8A8 may smooth the model first: from here on (GPTQ included), tensors are read through the smoothing.
-        source, scales, activations = activation_scales(source, plans, options, device)
-        calibrated, folds = calibrate_plans(source, calib_plans, options, device)
-        if folds:   # AWQ: the packed weights belong to the scaled model; its norms are written too
-            from qtool.calibration.smoothing import SmoothedSource
+        # Before any long work: the output must spare the source's files, be free (or --force-able)
+        # and not be written by another run; held until the rename (see qtool.atomic).
+        claim = OutputClaim(out, force=options.force, reads=source.local_paths())
+        try:
+            report = _quantize_into(claim, source, recipe, options, device, plans, sink_type, infos, labels, started)
+        finally:
+            claim.release()
+        return report
 
-            if scales:
-                raise BadArgument(f"--method {options.method} rescales the Linear inputs after w8a8's static input "
-                                  "scales were chosen; use --method gptq or rtn with w8a8 (it smooths with --smooth)")
-            source = SmoothedSource(source, folds)
+
+def _quantize_into(claim: OutputClaim, source: Source, recipe: Recipe, options: QuantizeOptions, device: str,
+                   plans: list[TensorPlan], sink_type: Any, infos: dict, labels: dict[str, str],
+                   started: float) -> QuantizeReport:
+    """Calibrate (if the method asks), quantize and write into the claimed output."""
+    out = claim.final
+    calib_plans = stored_plans(plans, sink_type)
+    # W8A8 may smooth the model first: from here on (GPTQ included), tensors are read through the smoothing.
+    source, scales, activations = activation_scales(source, plans, options, device)
+    calibrated, folds = calibrate_plans(source, calib_plans, options, device)
+    if folds:   # AWQ: the packed weights belong to the scaled model; its norms are written too
+        from qtool.calibration.smoothing import SmoothedSource
+
+        if scales:
+            raise BadArgument(f"--method {options.method} rescales the Linear inputs after w8a8's static input "
+                              "scales were chosen; use --method gptq or rtn with w8a8 (it smooths with --smooth)")
+        source = SmoothedSource(source, folds)
+    # Output-side OSErrors (disk full, read-only, no permission) become OutputFailed; reading the
+    # source (the loop's iterator) stays outside, so its errors keep their own meaning.
+    with output_errors(out):
         sink = sink_type(Path(out), source, plans, force=options.force,
                          options={"max_shard_size": options.max_shard_size, "input_scales": scales,
-                                  "gguf_type": recipe.name or recipe.scheme, **options.extra})
-        sizes: dict[str, int] = {}
-        try:
-            # closing(): on an error the reader thread's last read ends before the source closes
-            with (ui.task(f"quantizing {source.description}", total=len(plans)) as progress,
-                  contextlib.closing(loaded(source, plans, device)) as tensors):
-                for plan, tensor in tensors:
+                                  "gguf_type": recipe.name or recipe.scheme, "output_claim": claim,
+                                  **options.extra})
+    sizes: dict[str, int] = {}
+    try:
+        # closing(): on an error the reader thread's last read ends before the source closes
+        with (ui.task(f"quantizing {source.description}", total=len(plans)) as progress,
+              contextlib.closing(loaded(source, plans, device)) as tensors):
+            for plan, tensor in tensors:
+                with output_errors(out):
                     sizes[plan.name] = sink.add(plan, tensor, packed=calibrated.pop(plan.name, None))
-                    del tensor
-                    progress.advance(1, status=plan.name)
-            report = size_report(source, infos, plans, sizes, output=str(out), fmt=options.format,
-                                 seconds=time.perf_counter() - started, dry_run=False, labels=labels)
-            report.activations = activations
+                del tensor
+                progress.advance(1, status=plan.name)
+        report = size_report(source, infos, plans, sizes, output=str(out), fmt=options.format,
+                             seconds=time.perf_counter() - started, dry_run=False, labels=labels)
+        report.activations = activations
+        with output_errors(out):
             final = sink.finish(model_card(source, recipe, report))
-        except BaseException:
-            sink.abort()
-            raise
-        report.output = str(final)
-        return report
+    except BaseException:
+        sink.abort()        # the staged output is gone before the error reaches the user
+        raise
+    report.output = str(final)
+    return report
 
 
 def loaded(source: Source, plans: list[TensorPlan], device: str) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
@@ -260,15 +286,26 @@ def activation_scales(source: Source, plans: list[TensorPlan], options: Quantize
 def calibrate_model(spec: str, output: Path, *, calib: str | None, samples: int, seqlen: int, seed: int,
                     device: str, force: bool, revision: str | None = None) -> dict[str, Any]:
     """`qtool calibrate`: activation statistics of every decoder-block Linear, saved as safetensors."""
-    from qtool.atomic import StagedOutput
-    from qtool.calibration import calibrate
+    from qtool.calibration import calibrate, calibration_set
     from qtool.calibration.data import DEFAULT_CALIB
+    from qtool.tokenizer import load_tokenizer
 
-    staged = StagedOutput(Path(output), force=force, is_dir=False)   # refuses an existing file early
-    staged.abort()
+    device = resolve_device(device)
     with resolve(spec, revision=revision) as source:
-        stats = calibrate(source, calib=calib or DEFAULT_CALIB, samples=samples, seqlen=seqlen, seed=seed,
-                          device=resolve_device(device), output=output)
+        # Claimed before any work (spares the source's files, --force's limits, other runs), and
+        # written as a staged file that is renamed into place when the statistics are complete.
+        staged = StagedOutput(output, force=force, is_dir=False, reads=source.local_paths())
+        try:
+            # Read the tokenizer and the text first: output_errors below is about writing only.
+            calib_set = calibration_set(calib or DEFAULT_CALIB, load_tokenizer(source, "calibration"),
+                                        samples=samples, seqlen=seqlen, seed=seed)
+            with output_errors(output):
+                stats = calibrate(source, calib=calib or DEFAULT_CALIB, samples=samples, seqlen=seqlen, seed=seed,
+                                  device=device, calib_set=calib_set, output=staged.path)
+            staged.commit()
+        except BaseException:
+            staged.abort()
+            raise
     return {"output": str(output), **stats.summary()}
 
 

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from qtool import ui
-from qtool.evaluation.model import hf_config
+from qtool.evaluation.model import build_on_meta, checked_hf_config
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
 from qtool.tokenizer import load_tokenizer
 from qtool.calibration.observers import InputObserver, InputStats
 from qtool.errors import BadArgument, CorruptFile, NotFound, QtoolError, Unsupported
 from qtool.sources.base import Source
+from qtool.sources.config_check import check_source_config
 
 STATS_FORMAT = "qtool-calibration-stats/1"
 _BATCH_TOKENS = 4096
@@ -84,11 +85,8 @@ class _Skeleton:
     """The architecture on the meta device: block modules are materialized one at a time."""
 
     def __init__(self, source: Source, device: torch.device) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.config = hf_config(source.config)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.config, attn_implementation="sdpa", dtype=torch.float32)
+        self.config = checked_hf_config(source)
+        model = build_on_meta(source, self.config, dtype=torch.float32, keep_buffers=False)
         base = getattr(model, "model", None)
         layers = getattr(base, "layers", None)
         if layers is None or not hasattr(base, "embed_tokens"):
@@ -193,9 +191,17 @@ def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.de
     ``per_group``: yield each block once per group of Linears sharing an input, in forward order
     (q/k/v, then o, then gate/up, then down), each with statistics taken after the consumer changed
     the earlier groups: o_proj's inputs come from the quantized q/k/v, down_proj's from the
-    quantized gate/up (GPTQ's "true sequential" order). Costs one more forward pass per group."""
+    quantized gate/up (GPTQ's "true sequential" order). Costs one more forward pass per group.
+
+    The architecture is built (and its config checked) when this is called, not at the first step,
+    so a config that cannot be used is refused before any progress is shown."""
     device = torch.device(device)
     skeleton = _Skeleton(source, device)
+    return _walk(skeleton, source, calib, device=device, want_hessian=want_hessian, seed=seed, per_group=per_group)
+
+
+def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device: torch.device, want_hessian: bool,
+          seed: int, per_group: bool) -> Iterator[BlockStep]:
     names = [info.name for info in source.tensors()]
     n_layers = len(skeleton.layers)
     tokens = calib.tokens.to(device)
@@ -247,16 +253,18 @@ def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int
     ``output``: also save them there, block by block (``StatsFile``): each block's tensors go to
     disk when the block is done, and the returned statistics keep only the per-channel vectors, so
     memory holds one block's X^T X instead of the whole model's (3.9 GB for a 1.1B Llama)."""
+    check_source_config(source)   # before the layer count below is read from it
     if calib_set is None:
         calib_set = calibration_set(calib, load_tokenizer(source, "calibration"), samples=samples,
                                     seqlen=seqlen, seed=seed)
     linears: dict[str, InputStats] = {}
     records: list[LayerRecord] = []
     n_layers = int(source.config.get("num_hidden_layers") or 0)
+    steps = walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, seed=seed)
     with (StatsFile(output) if output is not None else contextlib.nullcontext()) as writer:
         with ui.task(f"calibrating {source.description}", total=n_layers or None) as progress:
             started = time.perf_counter()
-            for step in walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, seed=seed):
+            for step in steps:
                 if writer is None:
                     linears.update(step.stats)
                 else:

@@ -13,7 +13,6 @@ with its bitsandbytes / compressed-tensors integration, i.e. what a user of the 
 """
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from torch import nn
 from qtool import ui
 from qtool.errors import BadArgument, CorruptFile, Unsupported
 from qtool.sources.base import Source
+from qtool.sources.config_check import check_source_config, config_origin
+from qtool.sources.jsonfile import clip, load_json
 from qtool.tokenizer import bos_policy, load_tokenizer
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,19 +87,69 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def hf_config(config: dict) -> Any:
-    """A transformers config object from a config.json dict (no remote code)."""
+def hf_config(config: dict, origin: str = "the model's config") -> Any:
+    """A transformers config object from a config.json dict (no remote code).
+
+    Call it on a config :func:`qtool.sources.config_check.check_config` passed (see
+    :func:`checked_hf_config`): transformers' own validation errors are then what is left, and are
+    reported as a corrupt config (exit 5) naming ``origin``."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config.get("model_type")
     if not model_type:
-        raise Unsupported("the model's config has no model_type; qtool cannot pick a transformers architecture")
+        raise Unsupported(f"{origin} has no model_type; qtool cannot pick a transformers architecture")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise Unsupported(f"{origin}: architecture {clip(model_type, 60)} is not known to transformers "
+                          f"{_transformers_version()}; qtool runs no code from a checkpoint")
     fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "transformers_version")}
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except ValueError as exc:
-        raise Unsupported(f"architecture {model_type!r} is not known to transformers "
-                          f"{_transformers_version()}: {exc}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as exc:
+        # transformers' strict config classes reject field types and combinations it cannot build.
+        raise CorruptFile(f"{origin}: transformers rejects this {model_type} config "
+                          f"({type(exc).__name__}: {_first_line(exc)}); fix the config or re-download the model") \
+            from None
+
+
+def checked_hf_config(source: Source) -> Any:
+    """The transformers config object for ``source``, after the config was checked against its
+    tensors (bounded work: no layer count or size beyond what the checkpoint holds)."""
+    check_source_config(source)
+    return hf_config(source.config, config_origin(source))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return repr(text.splitlines()[0][:160])[1:-1] if text else ""
+
+
+def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, keep_buffers: bool) -> Any:
+    """``AutoModelForCausalLM.from_config`` with the parameters on the meta device, every parameter
+    shape checked against the checkpoint before anything is loaded (``keep_buffers``: buffers such as
+    rotary tables are real, else they are on meta too). transformers' errors while building from a
+    checked config come from the config: a corrupt config, naming it."""
+    from transformers import AutoModelForCausalLM
+
+    origin = config_origin(source)
+    try:
+        if keep_buffers:
+            with _parameters_on_meta():
+                model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation="sdpa")
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation="sdpa")
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, IndexError) as exc:
+        raise CorruptFile(f"{origin}: transformers cannot build a model from this config "
+                          f"({type(exc).__name__}: {_first_line(exc)}); fix the config or re-download the model") \
+            from None
+    shapes = {name: tuple(param.shape) for name, param in model.named_parameters(remove_duplicate=False)}
+    for info in source.tensors():
+        want = shapes.get(info.name)
+        if want is not None and tuple(info.shape) != want:
+            raise CorruptFile(f"{origin} does not fit the checkpoint: tensor {clip(info.name, 80)} has shape "
+                              f"{tuple(info.shape)}, the config makes it {want}")
+    return model
 
 
 def _transformers_version() -> str:
@@ -114,12 +165,8 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
     On ``cuda`` (no index) with several GPUs visible, a model larger than one GPU's share
     (``gpu_memory`` bytes each, default 90% of what is free) is spread over them by accelerate's
     device map, block by block, and dispatched with its hooks (activations move between GPUs)."""
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device)
-    hf_config_object = hf_config(source.config)
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(hf_config_object, dtype=dtype, attn_implementation="sdpa")
+    model = build_on_meta(source, checked_hf_config(source), dtype=dtype, keep_buffers=True)
     model.eval()
     device_map = gpu_device_map(model, dtype, gpu_memory) if device == torch.device("cuda") else None
 
@@ -211,7 +258,8 @@ def _native_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     if folder is None:
         raise BadArgument(f"{source.spec}: --runtime native needs a local transformers folder (config.json + "
                           "safetensors); use the default dequantized runtime for this model")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    check_source_config(source)
+    config = load_json(folder / "config.json", "model config")
     if "quantization_config" not in config:
         ui.warn(f"{source.spec} has no quantization_config; the native runtime loads it as a plain model")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device),
