@@ -307,3 +307,123 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
     path.write_bytes(GGUF_CASES["huge tensor count"])
     result = CliRunner().invoke(app, ["inspect", str(path), "--debug"])
     assert result.exit_code == CORRUPT and "Traceback" in result.stderr
+
+
+# ---------------------------------------------------------------- issue 16: hostile model files
+BAD_ARGUMENT = 2
+
+
+class _FifoWatchdog:
+    """Opens the write end of each FIFO after ``after`` seconds, so that a reader blocked on one gets
+    EOF: a regression fails the timing assertion instead of hanging the test run."""
+
+    def __init__(self, fifos: list[Path], after: float = 5.0) -> None:
+        import threading
+
+        self.fifos, self.after, self.stop = fifos, after, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        if self.stop.wait(self.after):
+            return
+        while not self.stop.wait(0.1):
+            for fifo in self.fifos:
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass  # no reader blocked on it (ENXIO), or it is gone
+
+    def __enter__(self) -> _FifoWatchdog:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _copy_folder(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def _commands_for(model: Path, tmp_path: Path) -> list[list[str]]:
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return [["inspect", str(model)],
+            ["quantize", str(model), "--type", "Q8_0", "-o", str(tmp_path / "out.gguf")],
+            ["eval", str(model), "--text", str(text), "--ctx", "32", "--chunks", "1"]]
+
+
+def test_fifos_and_devices_are_refused_at_once(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    import qtool.pipeline  # noqa: F401 - imported here so the timings below measure the checks, not imports
+    import qtool.sources.local  # noqa: F401
+
+    cases: list[tuple[Path, Path]] = []  # (MODEL argument, the FIFO it reaches)
+    for name in ("x.gguf", "x.safetensors", "no_suffix"):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        cases.append((fifo, fifo))
+    for inner in ("model.safetensors", "config.json", "tokenizer.json", "model.safetensors.index.json",
+                  "generation_config.json"):
+        folder = _copy_folder(tiny_llama_dir, tmp_path / f"folder-{inner}")
+        if (folder / inner).exists():
+            (folder / inner).unlink()
+        os.mkfifo(folder / inner)
+        cases.append((folder, folder / inner))
+    with _FifoWatchdog([fifo for _, fifo in cases]):
+        for model, fifo in cases:
+            for args in _commands_for(model, tmp_path):
+                start = time.perf_counter()
+                result = CliRunner().invoke(app, args)
+                elapsed = time.perf_counter() - start
+                _assert_one_line_error(result, BAD_ARGUMENT, must_mention=str(fifo))
+                assert "FIFO" in result.stderr and elapsed < 2.0, (args, elapsed)
+    # A character device: /dev/null named as the model.
+    result = CliRunner().invoke(app, ["inspect", "/dev/null"])
+    _assert_one_line_error(result, BAD_ARGUMENT, must_mention="/dev/null")
+    assert "character device" in result.stderr
+
+
+def _small_real_gguf(path: Path) -> bytes:
+    """A small but real GGUF written by gguf-py: string metadata, a token array, two tensors."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny test model")
+    writer.add_string("general.description", "a small model written for the flip tests")
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{index}" for index in range(64)])
+    writer.add_uint32("llama.context_length", 128)
+    writer.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32))
+    writer.add_tensor("output_norm.weight", np.zeros(256, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+# Every key, string value, array element and tensor name length field of the file above.
+_GGUF_LENGTH_FIELDS = (b"general.architecture", b"llama", b"general.name", b"tiny test model",
+                       b"general.description", b"tokenizer.ggml.tokens", b"tok5", b"tok63",
+                       b"llama.context_length", b"token_embd.weight", b"output_norm.weight")
+
+
+def test_flipped_gguf_lengths_fail_fast_with_short_messages(tmp_path: Path) -> None:
+    good = _small_real_gguf(tmp_path / "good.gguf")
+    assert CliRunner().invoke(app, ["inspect", str(tmp_path / "good.gguf")]).exit_code == 0
+    path = tmp_path / "flipped.gguf"
+    for text in _GGUF_LENGTH_FIELDS:
+        position = good.index(struct.pack("<Q", len(text)) + text)
+        for byte in range(8):
+            for flip in (0x80, 0xFF, 0x01):
+                damaged = bytearray(good)
+                damaged[position + byte] ^= flip
+                path.write_bytes(damaged)
+                result, elapsed, peak = _invoke_timed(["inspect", str(path)])
+                case = (text, byte, flip, elapsed, peak)
+                _assert_one_line_error(result, CORRUPT, must_mention=str(path))
+                assert len(result.stderr) < 300 and elapsed < 1.0 and peak < 20 * 2**20, case

@@ -122,6 +122,28 @@ class GGUFFile:
         self._pos += length
         return raw.decode("utf-8", errors="replace")
 
+    def _strings(self, count: int, what: str) -> list[str]:
+        """``count`` strings in a row (token lists, merges): one tight loop, as these arrays are the
+        bulk of a header (and a flipped count can claim millions of strings in the tensor data)."""
+        mapping, position, end = self._map, self._pos, self.file_size
+        unpack = struct.unpack_from
+        values: list[str] = []
+        append = values.append
+        for index in range(count):
+            if position + 8 > end:
+                self._pos = position
+                raise self._fail(f"{what} element {index} at byte {position} runs past the end of the file")
+            (length,) = unpack("<Q", mapping, position)
+            position += 8
+            if length > end - position:
+                self._pos = position - 8
+                raise self._fail(f"{what} element {index} at byte {position - 8} claims {length} bytes but the "
+                                 f"file has {end - position} left")
+            append(mapping[position:position + length].decode("utf-8", errors="replace"))
+            position += length
+        self._pos = position
+        return values
+
     def _value(self, type_id: int, what: str, depth: int = 0) -> tuple[Any, str]:
         if type_id not in VALUE_TYPES:
             raise self._fail(f"{what} has unknown value type {type_id}")
@@ -145,6 +167,8 @@ class GGUFFile:
             array = np.frombuffer(self._map, dtype=_NUMPY_DTYPES[elem_type], count=count, offset=self._pos)
             self._pos += count * min_bytes
             values = array.astype(bool).tolist() if elem_type == 7 else array.tolist()
+        elif elem_type == 8:
+            values = self._strings(count, what)
         else:
             values = [self._value(elem_type, what, depth + 1)[0] for _ in range(count)]
             if elem_type == 9:
