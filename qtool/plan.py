@@ -130,6 +130,7 @@ def build_plan(tensors: list[TensorInfo], recipe: Recipe, n_layers: int) -> list
 PRESET_KEYS = ("scheme", "params", "include", "skip", "rules", "format", "description")
 RULE_KEYS = tuple(f.name for f in fields(Rule))
 MAX_PRESET_BYTES = 1 << 20     # presets are a few hundred bytes; this bounds a hostile file's parse
+MAX_PRESET_NESTING = 64
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -255,6 +256,18 @@ def _all_schemes() -> list[Any]:
     return list(all_schemes().values())
 
 
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of [ ] and { } (brackets inside quotes count too: an upper bound)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def _read_preset(path: Path) -> Any:
     """The parsed YAML of a preset file (safe_load: tags that build objects are refused)."""
     if not path.exists():
@@ -272,6 +285,9 @@ def _read_preset(path: Path) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadArgument(f"preset {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    if _flow_depth(text) > MAX_PRESET_NESTING:   # PyYAML recurses per level: slow, then RecursionError
+        raise BadArgument(f"preset {path} nests lists or mappings more than {MAX_PRESET_NESTING} levels deep; "
+                          "a preset is a short, flat YAML file")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -10,7 +10,8 @@ It answers the endpoints huggingface_hub 2.x calls for ``snapshot_download`` / `
 Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound) as the Hub's do,
 so huggingface_hub raises its usual exception types. Every request is recorded with its
 Authorization header, so tests can check that a token was sent. A repo can be made private:
-then requests without the right bearer token get 401.
+then requests without the right bearer token get 401. ``fail_with = (status, reason)`` makes every
+request fail with that answer (a Hub that is down or broken).
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
+        # Set to e.g. (500, "Internal Server Error"): every request gets that answer (a failing Hub).
+        self.fail_with: tuple[int, str] | None = None
         self._lock = threading.Lock()
         hub = self
 
@@ -134,6 +137,12 @@ class FakeHub:
         raw_path = urlsplit(handler.path).path
         with self._lock:
             self.requests.append(Request(handler.command, raw_path, handler.headers.get("Authorization")))
+        if self.fail_with is not None:
+            status, reason = self.fail_with
+            handler.send_response(status, reason)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return None
         parts = raw_path.strip("/").split("/")
         api = parts[:2] == ["api", "models"]
         if api:

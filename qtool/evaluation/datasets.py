@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtool.errors import BadArgument, NetworkError, NotFound
+from qtool.errors import BadArgument, NotFound
 
 WIKITEXT2_REPO = "Salesforce/wikitext"
 WIKITEXT2_FILE = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
@@ -70,14 +70,18 @@ def _download(repo_id: str, filename: str, revision: str | None) -> Path:
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision))
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise NotFound(f"dataset {where} not found on the Hub; pass --text FILE with the evaluation text") from exc
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise NetworkError(f"cannot download dataset {where} (offline and not in the Hugging Face cache); "
-                           "pass --text FILE with the evaluation text") from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:   # before EntryNotFoundError, its base
+        raise _network_error(exc, where) from None
     except EntryNotFoundError as exc:
         raise NotFound(f"dataset file {where} not found on the Hub; pass --text FILE with the evaluation text") from exc
     except (HfHubHTTPError, ConnectionError, TimeoutError, OSError) as exc:
-        raise NetworkError(f"cannot download dataset {where} ({type(exc).__name__}); "
-                           "pass --text FILE with the evaluation text") from exc
+        raise _network_error(exc, where) from None
+
+
+def _network_error(exc: BaseException, where: str) -> Exception:
+    from qtool.sources.hf import network_error
+
+    return network_error(exc, f"dataset {where}", "pass --text FILE with the evaluation text")
 
 
 def read_parquet_text(path: Path, column: str = "text") -> str:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from qtool import ui
 from qtool.errors import NetworkError, NotFound, Unsupported
+from qtool.redact import redact_url
 
 if TYPE_CHECKING:
     from qtool.sources.local import SafetensorsSource
@@ -35,9 +36,10 @@ def _where(repo_id: str, revision: str | None) -> str:
 
 
 def _endpoint() -> str:
+    """HF_ENDPOINT as printed: without the credentials a user may have put in it."""
     from huggingface_hub import constants
 
-    return constants.ENDPOINT
+    return redact_url(constants.ENDPOINT)
 
 
 def _offline() -> bool:
@@ -46,45 +48,83 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (huggingface_hub wraps HTTP errors)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def server_answer(exc: BaseException) -> tuple[int, str] | None:
+    """(status, reason) of the HTTP answer behind ``exc``, if a server answered at all."""
+    for link in _chain(exc):
+        response = getattr(link, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            reason = str(getattr(response, "reason_phrase", "") or "")
+            return status, reason[:60]
+    return None
+
+
+def describe_answer(status: int, reason: str) -> tuple[str, str]:
+    """(``HTTP 500 Internal Server Error``, what the user can do about it)."""
+    answer = f"HTTP {status} {reason}".strip()
+    if status >= 500:
+        return answer, "the server failed; try again later, or set HF_HUB_OFFLINE=1 to use the cache"
+    if status == 429:
+        return answer, "too many requests; wait a while and try again"
+    return answer, "check the name, the revision and HF_ENDPOINT"
 
 
 def _translate(exc: BaseException, repo_id: str, revision: str | None) -> Exception:
     """A huggingface_hub / httpx exception as a qtool error (never echoing a token)."""
-    import httpx2
     from huggingface_hub import errors
 
     where = _where(repo_id, revision)
     token_set = bool(os.environ.get("HF_TOKEN"))
-    if isinstance(exc, errors.GatedRepoError):
+    typed = next((link for link in _chain(exc) if isinstance(link, (errors.GatedRepoError, errors.RevisionNotFoundError,
+                                                                    errors.RepositoryNotFoundError))), None)
+    if isinstance(typed, errors.GatedRepoError):
         return NotFound(f"Hub repo {repo_id} is gated: accept its terms on the Hub and set HF_TOKEN to a token "
                         "of that account")
-    if isinstance(exc, errors.RevisionNotFoundError):
+    if isinstance(typed, errors.RevisionNotFoundError):
         return NotFound(f"revision {revision!r} does not exist in Hub repo {repo_id}; check the branch, tag "
                         "or commit")
-    if isinstance(exc, errors.RepositoryNotFoundError):
+    if isinstance(typed, errors.RepositoryNotFoundError):
         hint = ("check the name, and that HF_TOKEN can read it" if token_set
                 else "check the name; if it is private, set HF_TOKEN")
         return NotFound(f"Hub repo {repo_id} not found; {hint}")
-    if isinstance(exc, errors.HfHubHTTPError) and _status(exc) in (401, 403):
+    answer = server_answer(exc)
+    if answer is not None and answer[0] in (401, 403) and not _offline():
         if token_set:
-            return NotFound(f"Hub refused access to {where} (HTTP {_status(exc)}): HF_TOKEN is invalid or lacks "
+            return NotFound(f"Hub refused access to {where} (HTTP {answer[0]}): HF_TOKEN is invalid or lacks "
                             "read access; set a valid token")
-        return NotFound(f"Hub refused access to {where} (HTTP {_status(exc)}): set HF_TOKEN to a token with "
+        return NotFound(f"Hub refused access to {where} (HTTP {answer[0]}): set HF_TOKEN to a token with "
                         "read access")
+    return network_error(exc, where, "set HF_HUB_OFFLINE=1 to use the cache")
+
+
+def network_error(exc: BaseException, where: str, fallback: str) -> NetworkError:
+    """Offline, an HTTP error answer (said as the server said it), or no answer at all, for ``where``
+    (a repo or a file); ``fallback`` is what the user can do instead of downloading."""
+    import httpx2
+    from huggingface_hub import errors
+
     if isinstance(exc, (errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError)) and _offline():
         return NetworkError(f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; run once "
-                            "online (unset HF_HUB_OFFLINE) to download it")
+                            f"online (unset HF_HUB_OFFLINE) to download it, or {fallback}")
+    answer = server_answer(exc)
+    if answer is not None and answer[0] >= 400:
+        # The server is reachable: say what it answered, not that it cannot be reached.
+        answer_text, hint = describe_answer(*answer)
+        return NetworkError(f"the Hub at {_endpoint()} answered {answer_text} for {where}; {hint}")
     if isinstance(exc, (errors.LocalEntryNotFoundError, httpx2.TransportError, ConnectionError, TimeoutError)):
         return NetworkError(f"cannot reach the Hub at {_endpoint()} for {where} and it is not fully cached; "
-                            "check your network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache")
-    if isinstance(exc, errors.HfHubHTTPError):
-        return NetworkError(f"the Hub at {_endpoint()} answered HTTP {_status(exc)} for {where}; try again "
-                            "later")
-    return NetworkError(f"downloading {where} failed ({type(exc).__name__}); check your network or "
-                        "HF_ENDPOINT and try again")
+                            f"check your network (or HF_ENDPOINT), or {fallback}")
+    return NetworkError(f"downloading {where} from {_endpoint()} failed ({type(exc).__name__}); check your "
+                        f"network or HF_ENDPOINT and try again, or {fallback}")
 
 
 def download_snapshot(repo_id: str, *, revision: str | None = None) -> tuple[Path, str]:
