@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qtool import ui
-from qtool.evaluation.model import build_on_meta, checked_hf_config
+from qtool.evaluation.model import build_on_meta, checked_hf_config, hf_config  # noqa: F401 - hf_config re-exported
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
 from qtool.tokenizer import load_tokenizer
 from qtool.calibration.observers import InputObserver, InputStats
