@@ -413,6 +413,8 @@ _GGUF_LENGTH_FIELDS = (b"general.architecture", b"llama", b"general.name", b"tin
 
 
 def test_flipped_gguf_lengths_fail_fast_with_short_messages(tmp_path: Path) -> None:
+    from qtool.sources.gguf_file import GGUFFile
+
     good = _small_real_gguf(tmp_path / "good.gguf")
     assert CliRunner().invoke(app, ["inspect", str(tmp_path / "good.gguf")]).exit_code == 0
     path = tmp_path / "flipped.gguf"
@@ -423,7 +425,140 @@ def test_flipped_gguf_lengths_fail_fast_with_short_messages(tmp_path: Path) -> N
                 damaged = bytearray(good)
                 damaged[position + byte] ^= flip
                 path.write_bytes(damaged)
-                result, elapsed, peak = _invoke_timed(["inspect", str(path)])
-                case = (text, byte, flip, elapsed, peak)
-                _assert_one_line_error(result, CORRUPT, must_mention=str(path))
-                assert len(result.stderr) < 300 and elapsed < 1.0 and peak < 20 * 2**20, case
+                # The reader directly (the CLI adds only "error: "); the CLI for a sample below.
+                tracemalloc.start()
+                start = time.perf_counter()
+                with pytest.raises(CorruptFile) as caught:
+                    GGUFFile(path).close()
+                elapsed = time.perf_counter() - start
+                _, peak = tracemalloc.get_traced_memory()
+                tracemalloc.stop()
+                case = (text, byte, flip, elapsed, peak, caught.value.message[:300])
+                assert str(path) in caught.value.message and len(caught.value.message) < 290, case
+                assert elapsed < 1.0 and peak < 20 * 2**20, case
+        if text in (b"general.name", b"tokenizer.ggml.tokens", b"token_embd.weight"):
+            damaged = bytearray(good)
+            damaged[position + 2] ^= 0x80
+            path.write_bytes(damaged)
+            result, elapsed, peak = _invoke_timed(["inspect", str(path)])
+            _assert_one_line_error(result, CORRUPT, must_mention=str(path))
+            assert len(result.stderr) < 300 and elapsed < 1.0 and peak < 20 * 2**20, (text, elapsed, peak)
+
+
+def _sharded_folder(target: Path) -> Path:
+    """A small random Llama in two shards with model.safetensors.index.json (no tokenizer)."""
+    from qtool.synthetic import write_synthetic_llama
+
+    return write_synthetic_llama(target, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                                 num_kv_heads=2, vocab_size=256, shards=2)
+
+
+_HUGE_INT = "1" * 5000          # past Python's 4300-digit int-string limit
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_huge_integers_and_deep_nesting_in_model_json_are_corrupt(tmp_path: Path) -> None:
+    single = tmp_path / "huge.safetensors"
+    single.write_bytes(safetensors_bytes(
+        ('{"t": {"dtype": "F32", "shape": [' + _HUGE_INT + '], "data_offsets": [0, 128]}}').encode(), F32_128))
+    deep = tmp_path / "deep.safetensors"
+    deep.write_bytes(safetensors_bytes(('{"__metadata__": ' + _DEEP + '}').encode(), F32_128))
+    for path in (single, deep):
+        result, elapsed, _ = _invoke_timed(["inspect", str(path)], trace_memory=False)
+        _assert_one_line_error(result, CORRUPT, must_mention=str(path))
+        assert elapsed < 2.0
+
+    good = _sharded_folder(tmp_path / "good")
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+    hostile = {
+        "model.safetensors.index.json": [
+            json.dumps(index)[:-1] + ', "extra": ' + _HUGE_INT + "}",
+            '{"weight_map": ' + _DEEP + "}"],
+        "config.json": [
+            (good / "config.json").read_text().rstrip()[:-1] + ', "hidden_size_x": ' + _HUGE_INT + "}",
+            '{"hidden_size": ' + _DEEP + "}"],
+    }
+    for file_name, texts in hostile.items():
+        for number, text in enumerate(texts):
+            folder = _copy_folder(good, tmp_path / f"{file_name}-{number}")
+            (folder / file_name).write_text(text)
+            for args in (["inspect", str(folder)],
+                         ["quantize", str(folder), "--type", "Q8_0", "-o", str(tmp_path / "out.gguf")]):
+                result, elapsed, _ = _invoke_timed(args, trace_memory=False)
+                _assert_one_line_error(result, CORRUPT, must_mention=str(folder / file_name))
+                assert len(result.stderr) < 300 and elapsed < 2.0, (args, elapsed)
+
+
+def test_tensor_names_that_are_not_unicode_are_corrupt_before_anything_prints(tmp_path: Path) -> None:
+    path = tmp_path / "surrogate.safetensors"
+    # A valid tensor first: the old reader printed its row, then crashed on the second name.
+    path.write_bytes(safetensors_bytes(
+        b'{"a": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]}, '
+        b'"b\\ud800": {"dtype": "F32", "shape": [16], "data_offsets": [64, 128]}}', F32_128))
+    for args in (["inspect", str(path)], ["inspect", str(path), "--json"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == CORRUPT, result.output
+        assert "Traceback" not in result.stderr and "\\ud800" in result.stderr and str(path) in result.stderr
+    result = CliRunner().invoke(app, ["inspect", str(path)])
+    _assert_one_line_error(result, CORRUPT, must_mention="not valid Unicode")
+
+    # NUL and control characters are valid Unicode: kept, and inspect does not crash on them.
+    odd = tmp_path / "control.safetensors"
+    names = ["nul\u0000name", "clear\u001b[2Jscreen", "bell\u0007"]
+    odd.write_bytes(safetensors_bytes({name: {"dtype": "F32", "shape": [8], "data_offsets": [32 * i, 32 * i + 32]}
+                                       for i, name in enumerate(names)}, b"\0" * 96))
+    from qtool.sources.safetensors_file import read_header
+
+    assert [tensor.name for tensor in read_header(odd).tensors] == names
+    result = CliRunner().invoke(app, ["inspect", str(odd), "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(row["name"] for row in json.loads(result.stdout)["tensors"]) == sorted(names)
+    assert CliRunner().invoke(app, ["inspect", str(odd)]).exit_code == 0
+
+
+def test_safetensors_data_must_fill_the_data_area_exactly(tmp_path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    eight = {"dtype": "F32", "shape": [8]}
+    cases = {
+        "gap between tensors": ({"a": {**eight, "data_offsets": [0, 32]}, "b": {**eight, "data_offsets": [64, 96]}},
+                                b"\0" * 96, "between tensors 'a' and 'b'"),
+        "gap before the first": ({"a": {**eight, "data_offsets": [32, 64]}}, b"\0" * 64, "before the first tensor 'a'"),
+        "bytes after the last": ({"a": {**eight, "data_offsets": [0, 32]}}, b"\0" * 40, "after the last tensor"),
+        "overlap": ({"a": {**eight, "data_offsets": [0, 32]}, "b": {**eight, "data_offsets": [16, 48]}},
+                    b"\0" * 48, "'a' and 'b' overlap"),
+    }
+    for case, (header, data, expected) in cases.items():
+        path = tmp_path / f"{case.replace(' ', '_')}.safetensors"
+        path.write_bytes(safetensors_bytes(header, data))
+        # The reference refuses these files too.
+        with pytest.raises(SafetensorError):
+            safe_open(str(path), framework="pt")
+        result, _, _ = _invoke_timed(["inspect", str(path)], trace_memory=False)
+        _assert_one_line_error(result, CORRUPT, must_mention=str(path))
+        assert expected in result.stderr, (case, result.stderr)
+
+
+def test_index_and_shards_must_list_the_same_tensors(tmp_path: Path) -> None:
+    good = _sharded_folder(tmp_path / "good")
+    index = json.loads((good / "model.safetensors.index.json").read_text())
+    weight_map: dict[str, str] = index["weight_map"]
+    first_name, first_shard = next(iter(weight_map.items()))
+    other_shard = next(shard for shard in weight_map.values() if shard != first_shard)
+    assert CliRunner().invoke(app, ["inspect", str(good)]).exit_code == 0
+    cases = {
+        "names a missing tensor": ({**weight_map, "model.layers.7.mlp.up_proj.weight": first_shard},
+                                   "model.layers.7.mlp.up_proj.weight"),
+        "omits a tensor": ({name: shard for name, shard in weight_map.items() if name != first_name}, first_name),
+        "wrong shard": ({**weight_map, first_name: other_shard}, first_name),
+    }
+    from qtool.sources.resolve import resolve
+
+    for case, (bad_map, tensor_name) in cases.items():
+        folder = _copy_folder(good, tmp_path / case.replace(" ", "_"))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": bad_map}))
+        result, _, _ = _invoke_timed(["inspect", str(folder)], trace_memory=False)
+        _assert_one_line_error(result, CORRUPT, must_mention="model.safetensors.index.json")
+        assert tensor_name in result.stderr, (case, result.stderr)
+        with pytest.raises(CorruptFile, match=tensor_name.replace(".", r"\.")):
+            resolve(str(folder))
