@@ -91,9 +91,12 @@ def _byte_word(levels, first: tl.constexpr, MASK: tl.constexpr, SHIFT: tl.conste
 
 @triton.jit
 def _store_fp16(ptr, value, mask):
+    """Stores value as fp16 bytes; returns 2 (read_flags bit 1) when a stored value is inf or NaN
+    (a finite weight too large for the block's scale), else 0."""
     bits = value.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32)
     tl.store(ptr, (bits & 255).to(tl.uint8), mask=mask)
     tl.store(ptr + 1, (bits >> 8).to(tl.uint8), mask=mask)
+    return tl.max((((bits & 0x7C00) == 0x7C00) & mask).to(tl.int32), axis=0) * 2
 
 
 @triton.jit
@@ -135,7 +138,7 @@ def _quantize_32_kernel(x_ptr, out_ptr, flags_ptr, n_blocks, KIND: tl.constexpr,
     cols = tl.arange(0, 32)
     x = tl.load(x_ptr + block_ids[:, None] * 32 + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     # read_flags bit 0: inf, NaN or a value no GGML type stores (NaN would vanish in tl.max)
-    tl.store(flags_ptr + pid, tl.max(tl.max(_special_bits(x), axis=1), axis=0))
+    flag = tl.max(tl.max(_special_bits(x), axis=1), axis=0)
     base = out_ptr + block_ids * TYPE_SIZE
     if KIND == 0:   # Q8_0: d = absmax / 127, q = roundf(x / d)
         scale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full([ROWS], 127.0, tl.float32))
@@ -145,7 +148,7 @@ def _quantize_32_kernel(x_ptr, out_ptr, flags_ptr, n_blocks, KIND: tl.constexpr,
         whole = magnitude.to(tl.int32).to(tl.float32)
         rounded = whole + (magnitude - whole >= 0.5).to(tl.float32)
         q = tl.where(v < 0, -rounded, rounded).to(tl.int32).to(tl.int8).to(tl.uint8, bitcast=True)
-        _store_fp16(base, scale, valid)
+        flag = flag | _store_fp16(base, scale, valid)
         tl.store(base[:, None] + 2 + cols[None, :], q, mask=valid[:, None])
     else:
         if KIND == 1 or KIND == 3:   # Q4_0 / Q5_0: d = signed absmax / -8 (-16)
@@ -164,10 +167,10 @@ def _quantize_32_kernel(x_ptr, out_ptr, flags_ptr, n_blocks, KIND: tl.constexpr,
             inverse = tl.where(scale == 0, 0.0, _recip(scale))
             v = (x - low[:, None]) * inverse[:, None] + 0.5
             header = 4
-            _store_fp16(base + 2, low, valid)
+            flag = flag | _store_fp16(base + 2, low, valid)
         top = 15 if KIND <= 2 else 31
         q = _clamp(v.to(tl.int32), 0, top)    # .to(int32) truncates toward zero
-        _store_fp16(base, scale, valid)
+        flag = flag | _store_fp16(base, scale, valid)
         if KIND >= 3:   # fifth bits: element i -> bit i % 8 of byte i // 8
             high_bits = tl.sum((q >> 4).to(tl.int64) << cols[None, :].to(tl.int64), axis=1)
             for k in tl.static_range(4):
@@ -176,6 +179,7 @@ def _quantize_32_kernel(x_ptr, out_ptr, flags_ptr, n_blocks, KIND: tl.constexpr,
         first, second = _halves(q, ROWS)
         packed = ((first & 15) | ((second & 15) << 4)).to(tl.uint8)
         tl.store(base[:, None] + header + tl.arange(0, 16)[None, :], packed, mask=valid[:, None])
+    tl.store(flags_ptr + pid, flag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def _kquant_asym_kernel(x_ptr, out_ptr, flags_ptr, candidates_ptr, n_super, SB: 
     groups = pid * G + tl.arange(0, G)
     valid = groups < n_super * 8
     x = _load_row(x_ptr, groups, valid, 32, BF16_WORDS)
-    tl.store(flags_ptr + pid, _row_nonfinite(x, 32))
+    flag = _row_nonfinite(x, 32)
 
     # _search_k32
     low = x[0]
@@ -356,8 +360,8 @@ def _kquant_asym_kernel(x_ptr, out_ptr, flags_ptr, candidates_ptr, n_super, SB: 
     sb_ids = pid * SB + tl.arange(0, SB)
     sb_valid = sb_ids < n_super
     base = out_ptr + sb_ids * TYPE_SIZE
-    _store_fp16(base, d_store, sb_valid)
-    _store_fp16(base + 2, dmin_store, sb_valid)
+    flag = flag | _store_fp16(base, d_store, sb_valid) | _store_fp16(base + 2, dmin_store, sb_valid)
+    tl.store(flags_ptr + pid, flag)
     ls_i = tl.reshape(best_ls, [SB, 8]).to(tl.int32)
     lm_i = tl.reshape(lm, [SB, 8]).to(tl.int32)
     ls_lo, ls_hi = tl.split(tl.permute(tl.reshape(ls_i, [SB, 2, 4]), (0, 2, 1)))
@@ -408,7 +412,7 @@ def _q6k_kernel(x_ptr, out_ptr, flags_ptr, steps_ptr, n_super, SB: tl.constexpr,
     groups = pid * G + tl.arange(0, G)
     valid = groups < n_super * 16
     x = _load_row(x_ptr, groups, valid, 16, BF16_WORDS)
-    tl.store(flags_ptr + pid, _row_nonfinite(x, 16))
+    flag = _row_nonfinite(x, 16)
 
     # _search_scale_symmetric(nmax=32, nstep=4, rdelta=0.2): the signed absmax (first of equals)
     peak = x[0]
@@ -484,7 +488,7 @@ def _q6k_kernel(x_ptr, out_ptr, flags_ptr, steps_ptr, n_super, SB: tl.constexpr,
     sb_valid = sb_ids < n_super
     tl.store(out_ptr + groups // 16 * 210 + 192 + groups % 16, best_codes.to(tl.int32).to(tl.int8).to(tl.uint8, bitcast=True),
              mask=valid)
-    _store_fp16(out_ptr + sb_ids * 210 + 208, d_store, sb_valid)
+    tl.store(flags_ptr + pid, flag | _store_fp16(out_ptr + sb_ids * 210 + 208, d_store, sb_valid))
     q = ((groups % 8) // 2).to(tl.int64)
     sb4 = (pid * SB + tl.arange(0, SB)).to(tl.int64)[:, None, None, None]
     part4 = tl.arange(0, 2)[None, :, None, None]
@@ -573,7 +577,12 @@ def quantize_ggml(weight: torch.Tensor, name: str):
             flags = torch.empty(grid, dtype=torch.int32, device=weight.device)
             launch(_quantize_32_kernel, grid, flat, out, flags, n_blocks, KIND=_KIND[name], TYPE_SIZE=type_size,
                    ROWS=_ROWS_32, num_warps=_NUM_WARPS_32, enable_fp_fusion=False)
-        read_flags(flags)   # NonFiniteWeight on inf/NaN/huge input, as the CPU paths
+        # Bit 0 (inf, NaN or huge input) raises NonFiniteWeight in read_flags; bit 1 (an fp16 scale
+        # overflowed) the same here: GGMLType.quantize tells the two apart.
+        if read_flags(flags) & 2:
+            from qtool.schemes.int4 import NonFiniteWeight
+
+            raise NonFiniteWeight("a block scale overflowed float16")
     from qtool.schemes.ggml import GGMLTensor   # after the launch: the schemes import this module
 
     row_bytes = shape[-1] // block_size * type_size

@@ -153,16 +153,15 @@ class GGMLType(Scheme):
             # Every path raises NonFiniteWeight for inf, NaN or |x| >= LARGEST_INPUT as it reads the
             # weight (no separate pass); what it was is told apart only on that error.
             if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
-                packed = fused_kernel(weight, **params)
+                return fused_kernel(weight, **params)   # its kernels test the fp16 scales as they store them
+            blocks = weight.reshape(-1, self.block_size)
+            if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self.name)) is not None:
+                out = c_kernel(blocks)
             else:
-                blocks = weight.reshape(-1, self.block_size)
-                if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self.name)) is not None:
-                    out = c_kernel(blocks)
-                else:
-                    out = self._quantize_chunks(blocks)
-                packed = GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(shape[-1])))
+                out = self._quantize_chunks(blocks)
         except NonFiniteWeight:
             raise self._unstorable(weight) from None
+        packed = GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(shape[-1])))
         self.check_scales(packed, weight)
         return packed
 
@@ -175,8 +174,9 @@ class GGMLType(Scheme):
                              "the tensor unquantized")
 
     def check_scales(self, packed: GGMLTensor, weight: torch.Tensor | None = None) -> None:
-        """Raise ScaleOverflow when a block's fp16 scale or min is inf or NaN, whichever path made
-        the bytes (torch, C, Triton, a calibration method): one test on a few bytes per block, not on
+        """Raise ScaleOverflow when a block's fp16 scale or min is inf or NaN (the bytes of the torch
+        and C paths, or of a calibration method; the Triton kernels test the same as they store the
+        scales, read_flags bit 1): one test on a few bytes per block, not on
         the weight. Inf and NaN inputs are caught where the weight is read (NonFiniteWeight); what is
         left here is a finite weight too large for the block's scale."""
         if not self.fp16_offsets or packed.data.numel() == 0:
