@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from qtool.atomic import StagedOutput
 from qtool.plan import TensorPlan
 from qtool.sources.base import Source
 
@@ -28,6 +29,13 @@ class Sink(ABC):
         self.plans = plans
         self.force = force
         self.options = options or {}
+
+    def stage(self, *, is_dir: bool) -> StagedOutput:
+        """The staged (temporary) output beside ``self.out``, under the claim the pipeline made
+        (``options["output_claim"]``) or a claim made here, which checks the source's files,
+        ``--force`` and other runs (see qtool.atomic)."""
+        return StagedOutput(self.out, force=self.force, is_dir=is_dir, reads=self.source.local_paths(),
+                            claim=self.options.get("output_claim"))
 
     @classmethod
     def packed_nbytes(cls, plan: TensorPlan) -> int:

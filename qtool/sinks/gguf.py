@@ -22,7 +22,6 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from qtool import gguf_arch, ui
-from qtool.atomic import StagedOutput
 from qtool.errors import BadArgument
 from qtool.gguf_tokenizer import tokenizer_metadata
 from qtool.plan import KEEP, Recipe, Rule, TensorPlan, build_plan
@@ -99,7 +98,7 @@ class GGUFSink(Sink):
             summary = ", ".join(f"{count} x {wanted} -> {used}" for (wanted, used), count in sorted(fallbacks.items()))
             ui.warn(f"rows not a multiple of the block size; written as the fallback type llama-quantize uses: {summary}")
         metadata = self._metadata(config)
-        self._staged = StagedOutput(self.out, force=force, is_dir=False)
+        self._staged = self.stage(is_dir=False)
         self._pending = [plan.name for plan in plans]
         self._writer: GGUFWriter | None = None
         try:

@@ -30,7 +30,7 @@ import numpy
 import torch
 
 from qtool import ui
-from qtool.atomic import StagedOutput
+from qtool.atomic import PRODUCER
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
 from qtool.schemes.base import get_scheme
@@ -334,9 +334,12 @@ class SafetensorsSink(Sink):
         if max_shard_size <= 0:
             raise BadArgument(f"--max-shard-size must be positive, got {max_shard_size}")
         groups = [self.outputs(plan, source_dtype(self.infos.get(plan.name))) for plan in plans]
-        self.staged = StagedOutput(self.out, force=force, is_dir=True)
-        self.writer = ShardedWriter(self.staged.path, groups, max_shard_size,
-                                    metadata={"producer": "qtool"})
+        self.staged = self.stage(is_dir=True)
+        try:
+            self.writer = ShardedWriter(self.staged.path, groups, max_shard_size, metadata={"producer": PRODUCER})
+        except BaseException:
+            self.staged.abort()
+            raise
         self.kept_dtypes: dict[torch.dtype, int] = {}
         self.quantized_dtypes: dict[torch.dtype, int] = {}
 

@@ -51,6 +51,11 @@ class Source(ABC):
         checkpoints (see qtool.sources.quantized.InputQuantization)."""
         return {}
 
+    def local_paths(self) -> list[Path]:
+        """The files and folders on this machine the source reads (a Hub repo: its cache files), so
+        that no output is written over them. Sources that wrap another return the inner one's."""
+        return []
+
     def close(self) -> None:
         """Release memory maps and temporary folders."""
 

@@ -180,6 +180,9 @@ class GGUFSource(Source):
     def extra_files(self) -> dict[str, Path]:
         return {}
 
+    def local_paths(self) -> list[Path]:
+        return [self.path]
+
     def close(self) -> None:
         self.gguf.close()
         if self._tokenizer_tmp is not None:
