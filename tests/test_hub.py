@@ -147,3 +147,79 @@ def test_hub_source_loads_tensors(hub: FakeHub, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script, hub.first_commit, str(hub.v1)], check=False, capture_output=True,
                           text=True, timeout=120, env=environ)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# ---------------------------------------------------------------- in this process (CliRunner)
+@pytest.fixture()
+def local_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """huggingface_hub in this process pointed at a FakeHub (its constants are read at import time)."""
+    from huggingface_hub import constants
+
+    def point_at(endpoint: str) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+    with FakeHub() as server:
+        point_at(server.url)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+        server.point_at = point_at
+        yield server
+
+
+def _cli_error(args: list[str], code: int) -> str:
+    from typer.testing import CliRunner
+
+    from qtool.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == code, (result.stderr, result.stdout)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_hub_http_500_says_what_the_server_answered(local_hub: FakeHub) -> None:
+    local_hub.fail_with = (500, "Internal Server Error")
+    line = _cli_error(["inspect", "org/name"], NetworkError.exit_code)
+    assert "HTTP 500 Internal Server Error" in line and "cannot reach" not in line
+    assert local_hub.requests, "the server was asked"
+
+
+@pytest.mark.slow   # huggingface_hub retries a file's HEAD on a 500 with back-off (about 25 s)
+def test_dataset_download_http_500_says_what_the_server_answered(local_hub: FakeHub) -> None:
+    local_hub.fail_with = (500, "Broken")
+    line = _cli_error(["eval", "org/name", "--dataset", "wikitext2"], NetworkError.exit_code)
+    assert "HTTP 500 Broken" in line and "Salesforce/wikitext" in line and "--text" in line
+
+
+@pytest.mark.parametrize("secret_in", ["userinfo", "query"])
+def test_credentials_in_hf_endpoint_are_never_printed(local_hub: FakeHub, secret_in: str) -> None:
+    host = local_hub.url.split("://", 1)[1]
+    endpoint = (f"http://user:{TOKEN}@{host}" if secret_in == "userinfo" else f"{local_hub.url}/?token={TOKEN}")
+    local_hub.point_at(endpoint.rstrip("/") if secret_in == "userinfo" else local_hub.url + f"?token={TOKEN}")
+    local_hub.fail_with = (500, "Internal Server Error")
+    line = _cli_error(["inspect", "org/name"], NetworkError.exit_code)
+    assert TOKEN not in line and "***" in line and host.split(":")[0] in line
+    # Unreachable (the connection is refused): the other message, just as clean.
+    with FakeHub() as gone:
+        dead_host = gone.url.split("://", 1)[1]
+    local_hub.point_at(f"http://user:{TOKEN}@{dead_host}")
+    line = _cli_error(["inspect", "org/name"], NetworkError.exit_code)
+    assert "cannot reach" in line and TOKEN not in line and dead_host in line
+
+
+def test_redact_url_and_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qtool.redact import redact_text, redact_url
+
+    assert redact_url("http://user:pw@hub.local:8080/api?a=1&token=s3cret#access_token=x") == \
+        "http://***@hub.local:8080/api?a=1&token=***#access_token=***"
+    assert redact_url("https://huggingface.co/api/models/org/name") == "https://huggingface.co/api/models/org/name"
+    assert redact_url("http://hub/x?api_key=k&sig=abc&page=2") == "http://hub/x?api_key=***&sig=***&page=2"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    text = redact_text(f"failed for url 'http://u:p@h/r?x_token=1' with {TOKEN}")
+    assert text == "failed for url 'http://***@h/r?x_token=***' with ***"

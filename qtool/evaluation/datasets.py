@@ -65,6 +65,9 @@ def _download(repo_id: str, filename: str, revision: str | None) -> Path:
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
+    from qtool.sources.hf import quiet_hub_logs
+
+    quiet_hub_logs()
     where = f"{repo_id}/{filename}" + (f"@{revision}" if revision else "")
     try:
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", revision=revision))

@@ -68,14 +68,14 @@ def server_answer(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def describe_answer(status: int, reason: str) -> tuple[str, str]:
+def describe_answer(status: int, reason: str, fallback: str) -> tuple[str, str]:
     """(``HTTP 500 Internal Server Error``, what the user can do about it)."""
     answer = f"HTTP {status} {reason}".strip()
     if status >= 500:
-        return answer, "the server failed; try again later, or set HF_HUB_OFFLINE=1 to use the cache"
+        return answer, f"the server failed; try again later, or {fallback}"
     if status == 429:
-        return answer, "too many requests; wait a while and try again"
-    return answer, "check the name, the revision and HF_ENDPOINT"
+        return answer, f"too many requests; wait a while and try again, or {fallback}"
+    return answer, f"check the name, the revision and HF_ENDPOINT, or {fallback}"
 
 
 def _translate(exc: BaseException, repo_id: str, revision: str | None) -> Exception:
@@ -118,13 +118,21 @@ def network_error(exc: BaseException, where: str, fallback: str) -> NetworkError
     answer = server_answer(exc)
     if answer is not None and answer[0] >= 400:
         # The server is reachable: say what it answered, not that it cannot be reached.
-        answer_text, hint = describe_answer(*answer)
+        answer_text, hint = describe_answer(*answer, fallback)
         return NetworkError(f"the Hub at {_endpoint()} answered {answer_text} for {where}; {hint}")
     if isinstance(exc, (errors.LocalEntryNotFoundError, httpx2.TransportError, ConnectionError, TimeoutError)):
         return NetworkError(f"cannot reach the Hub at {_endpoint()} for {where} and it is not fully cached; "
                             f"check your network (or HF_ENDPOINT), or {fallback}")
     return NetworkError(f"downloading {where} from {_endpoint()} failed ({type(exc).__name__}); check your "
                         f"network or HF_ENDPOINT and try again, or {fallback}")
+
+
+def quiet_hub_logs() -> None:
+    """huggingface_hub's own warnings (``HTTP Error 500 thrown while requesting HEAD <url>``, retries)
+    print request URLs with any credentials in them, on lines of their own; qtool says what failed."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
 
 
 def download_snapshot(repo_id: str, *, revision: str | None = None) -> tuple[Path, str]:
@@ -136,6 +144,7 @@ def download_snapshot(repo_id: str, *, revision: str | None = None) -> tuple[Pat
     # huggingface_hub's tqdm bars only on a terminal; plain stderr gets one line after the fact.
     if ui._state.get("quiet") or not ui.stderr.is_terminal:
         disable_progress_bars()
+    quiet_hub_logs()
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, errors.LocalEntryNotFoundError,
