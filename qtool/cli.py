@@ -108,9 +108,12 @@ def _parse_size(text: str, option: str = "--max-shard-size") -> int:
     value = text.strip().upper()
     number = value.rstrip("KMGTIB")
     try:
-        size = int(float(number) * units[value[len(number):]])
+        amount = float(number) * units[value[len(number):]]
     except (KeyError, ValueError):
         raise BadArgument(f"{option} {text!r}: use a size such as 5GB, 500MB or 2GiB") from None
+    if not math.isfinite(amount):   # inf, nan, 1e400: int() of them fails
+        raise BadArgument(f"{option} {text!r}: use a finite size such as 5GB, 500MB or 2GiB")
+    size = int(amount)
     if size <= 0:
         raise BadArgument(f"{option} {text!r} must be positive")
     return size
@@ -190,6 +193,16 @@ def quantize(
     def work() -> Any:
         if output is None and not dry_run:
             raise BadArgument("missing -o/--output: where to write the quantized model")
+        # Every option is checked before any download, read or write.
+        from qtool.recipes import check_quantize_options
+
+        check_quantize_options(output=output, method=method, calib_samples=calib_samples, calib_seqlen=calib_seqlen)
+        if evaluate_after:
+            from qtool.evaluation import check_options as check_eval_options
+
+            check_eval_options(text_file=text, ctx=ctx, chunks=chunks, baseline=model)
+        elif text is not None or chunks is not None:
+            raise BadArgument("--text and --chunks set what --eval scores; add --eval")
         out_format = choose_format(fmt, gguf_type, output, config)
         recipe = recipe_from_options(fmt=out_format, bits=bits, scheme=scheme, gguf_type=gguf_type, config=config,
                                      block_size=block_size, group_size=group_size,
