@@ -44,6 +44,8 @@ def _run(debug: bool, quiet: bool, work: Callable[[], Any], as_json: bool = Fals
     signals.install()
     try:
         return work()
+    except typer.Exit:   # a command's own way out, already reported
+        raise
     except QtoolError as exc:
         if debug:
             traceback.print_exc()
