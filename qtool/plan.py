@@ -101,7 +101,9 @@ def _layers_match(selector: str | list[int] | None, layer: int | None, n_layers:
 
 
 def _is_default_quantized(info: TensorInfo) -> bool:
-    return len(info.shape) == 2 and any(fnmatch.fnmatchcase(info.name, g) for g in DEFAULT_QUANTIZED)
+    # An empty tensor ([0, 64]) has nothing to quantize, and no format stores it as blocks: keep it.
+    return (len(info.shape) == 2 and all(dim > 0 for dim in info.shape)
+            and any(fnmatch.fnmatchcase(info.name, g) for g in DEFAULT_QUANTIZED))
 
 
 def build_plan(tensors: list[TensorInfo], recipe: Recipe, n_layers: int) -> list[TensorPlan]:

@@ -15,6 +15,7 @@ same bytes several times faster for the common types; on CUDA, Triton kernels (:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -131,7 +132,9 @@ class GGMLType(Scheme):
 
     # -- shared machinery ----------------------------------------------------------------------
     def supports(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) >= 1 and shape[-1] % self.block_size == 0
+        """Whether a tensor of this shape can be stored as this type: whole blocks per row, and no
+        empty dimension (a zero-element block tensor is not something llama.cpp loads)."""
+        return len(shape) >= 1 and all(dim > 0 for dim in shape) and shape[-1] % self.block_size == 0
 
     def row_bytes(self, n_per_row: int) -> int:
         return n_per_row // self.block_size * self.type_size
@@ -145,7 +148,7 @@ class GGMLType(Scheme):
     def quantize(self, weight: torch.Tensor, **params: Any) -> GGMLTensor:
         shape = tuple(weight.shape)
         if not self.supports(shape):
-            raise BadArgument(f"{self.name} needs rows that are a multiple of {self.block_size} "
+            raise BadArgument(f"{self.name} needs non-empty rows that are a multiple of {self.block_size} "
                               f"elements; got a tensor of shape {list(shape)}")
         if not weight.is_floating_point():
             raise BadArgument(f"{self.name} quantizes floating-point tensors; got {weight.dtype}")
@@ -241,10 +244,15 @@ class _FloatType(GGMLType):
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         return blocks.contiguous().view(self.dtype).to(torch.float32)
 
+    def supports(self, shape: tuple[int, ...]) -> bool:
+        return True     # any shape, empty ones included
+
     def quantize(self, weight: torch.Tensor, **params: Any) -> GGMLTensor:
         # No chunking needed, and keep a tensor that already has the right dtype as it is.
         shape = tuple(weight.shape)
-        values = weight.reshape(-1, shape[-1] if shape else 1).to(self.dtype).contiguous()
+        columns = shape[-1] if shape else 1
+        rows = math.prod(shape[:-1]) if shape else 1    # explicit: reshape(-1, 0) is ambiguous
+        values = weight.reshape(rows, columns).to(self.dtype).contiguous()
         if self.dtype == torch.float16 and values.numel() and not bool(torch.isfinite(values).all()):
             # F16 is the one float type narrower than the weights: refuse what it cannot hold.
             if not bool(torch.isfinite(weight).all()):

@@ -55,11 +55,11 @@ def stored_type(plan: TensorPlan) -> str:
     if plan.keep:
         return "F16"
     name = plan.scheme
-    columns = plan.shape[-1]
-    if columns % ggml_type(name).block_size:
+    shape = tuple(plan.shape)
+    if not ggml_type(name).supports(shape):
         name = _FALLBACK.get(name, name)
-        if columns % ggml_type(name).block_size:
-            name = "F16"
+        if not ggml_type(name).supports(shape):
+            name = "F16"    # rows not a multiple of 32, or an empty tensor: unquantized, as llama-quantize
     return name
 
 
@@ -96,7 +96,8 @@ class GGUFSink(Sink):
                             if not plan.keep and len(plan.shape) >= 2 and self._types[plan.name] != plan.scheme)
         if fallbacks:
             summary = ", ".join(f"{count} x {wanted} -> {used}" for (wanted, used), count in sorted(fallbacks.items()))
-            ui.warn(f"rows not a multiple of the block size; written as the fallback type llama-quantize uses: {summary}")
+            ui.warn(f"rows not a multiple of the block size (or empty tensors); written as the fallback type "
+                    f"llama-quantize uses: {summary}")
         metadata = self._metadata(config)
         self._staged = self.stage(is_dir=False)
         self._pending = [plan.name for plan in plans]
@@ -166,6 +167,9 @@ class GGUFSink(Sink):
         if not self._pending or self._pending[0] != plan.name:
             expected = self._pending[0] if self._pending else "nothing"
             raise BadArgument(f"GGUF tensors must arrive in plan order: got {plan.name}, expected {expected}")
+        if packed is None and tuple(tensor.shape) != tuple(plan.shape):
+            # The header already promised the plan's shape; other bytes would make a file no reader takes.
+            raise BadArgument(f"tensor {plan.name} has shape {tuple(tensor.shape)}, the plan says {tuple(plan.shape)}")
         heads = gguf_arch.qk_heads(plan.name, self.source.config)
         stored = ggml_type(self._types[plan.name])
         try:
@@ -188,6 +192,9 @@ class GGUFSink(Sink):
             raise BadArgument(f"tensor {plan.name} cannot be stored as {stored.name}: {exc} "
                               f"(--skip '{plan.name}')") from None
         data = data.cpu().contiguous().numpy()
+        if data.nbytes != packed_nbytes(plan):
+            raise BadArgument(f"tensor {plan.name}: {data.nbytes} bytes of {stored.name} data where the file's header "
+                              f"says {packed_nbytes(plan)}; nothing written")
         self._writer.write_tensor_data(data)
         self._pending.pop(0)
         return data.nbytes
