@@ -254,3 +254,34 @@ def test_billion_layers_bounded_in_a_fresh_process(tiny_llama_dir: Path, small_t
     assert float(cpu_seconds) < 5, f"{cpu_seconds} s of CPU"
     assert float(wall_seconds) < 60, f"{wall_seconds} s"
     assert int(peak_kib) * 1024 < 500 * 1024 * 1024, f"peak RSS {int(peak_kib) // 1024} MiB"
+
+
+# ------------------------------------------------------------------------------------ other entry points
+def test_config_checked_under_the_architectures_own_keys() -> None:
+    """GPT-2 names its layer count n_layer (transformers' attribute_map): a billion there is refused too."""
+    from qtool.sources.base import TensorInfo
+    from qtool.sources.config_check import check_config
+
+    tensors = [TensorInfo("transformer.wte.weight", (100, 8), "F32", 3200)] + [
+        TensorInfo(f"transformer.h.{layer}.attn.c_attn.weight", (8, 24), "F32", 768) for layer in range(2)]
+    good = {"model_type": "gpt2", "n_layer": 2, "n_embd": 8, "n_head": 2, "vocab_size": 100}
+    check_config(good, tensors, "gpt2/config.json")
+    with pytest.raises(CorruptFile, match=r"gpt2/config\.json: n_layer is 1000000000"):
+        check_config(dict(good, n_layer=1_000_000_000), tensors, "gpt2/config.json")
+    with pytest.raises(CorruptFile, match=r"n_embd is an integer of about 1001 digits"):
+        check_config(dict(good, n_embd=10**1000), tensors, "gpt2/config.json")
+
+
+def test_plain_quantize_checks_the_config_but_not_the_architecture(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Quantizing builds no model: a model_type transformers does not know is fine there, a layer count
+    the tensors do not have is not (the plan's layer ranges would be wrong)."""
+    model = _model_copy(tiny_llama_dir, tmp_path / "model")
+    _edit_json(model / "config.json", {"num_hidden_layers": [2]})
+    args = ["quantize", str(model), "--scheme", "int8-sym", "--device", "cpu"]
+    refused = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "refused")])
+    _assert_refused(refused, CORRUPT, "config.json", "num_hidden_layers")
+    assert not (tmp_path / "refused").exists()
+    _edit_json(model / "config.json", {"num_hidden_layers": 2, "model_type": "brand-new-architecture"})
+    written = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "written")])
+    assert written.exit_code == 0, written.stderr
+    assert (tmp_path / "written" / "config.json").is_file()

@@ -69,8 +69,10 @@ def config_origin(source: Source) -> str:
 def _shown(value: Any) -> str:
     """A config value quoted in a message: huge integers cut, strings and containers via clip()."""
     if isinstance(value, int) and not isinstance(value, bool):
-        text = str(value) if abs(value) < 10 ** _DIGITS_SHOWN else f"an integer of {len(str(abs(value)))} digits"
-        return text
+        if abs(value) < 10 ** _DIGITS_SHOWN:
+            return str(value)
+        # str() of an integer past Python's int-string limit raises: count the digits from the bits.
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     return clip(value, 40)
 
 
