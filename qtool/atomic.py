@@ -76,6 +76,8 @@ class OutputClaim:
         self.target = _absolute(self.final)
         self.force = force
         check_not_source(self.final, self.target, reads)
+        # Checked once before anything is created (no lock file beside /dev/null), again under the lock.
+        check_replaceable(self.final, self.target, force=force)
         self._lock_fd: int | None = None
         self._created_dirs: list[Path] = []
         self.lock_path = self.target.parent / f".{self.target.name}{_LOCK_SUFFIX}"
@@ -88,10 +90,6 @@ class OutputClaim:
         except BaseException:
             self.release(committed=False)
             raise
-
-    @property
-    def held(self) -> bool:
-        return self._lock_fd is not None
 
     def release(self, *, committed: bool = False) -> None:
         """Remove the lock file and drop the lock (idempotent); without a commit, also the folders
@@ -210,7 +208,7 @@ def check_replaceable(final: Path, target: Path, *, force: bool) -> None:
     """``OutputExists`` unless ``target`` is free, or holds what ``--force`` may replace and ``force``."""
     try:
         info = os.lstat(target)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):     # a parent that is a file: reported when made
         return
     except OSError as exc:
         raise OutputFailed(describe_os_error(final, exc)) from exc
@@ -253,8 +251,6 @@ def not_replaceable(path: Path, info: os.stat_result) -> str | None:
 def qtool_file(path: Path) -> bool:
     """A GGUF file, or a safetensors file whose metadata says qtool wrote it (a quantized model's
     shard or calibration statistics)."""
-    from qtool.calibration.runner import STATS_FORMAT
-
     try:
         with open(path, "rb") as handle:
             head = handle.read(8)
@@ -271,7 +267,14 @@ def qtool_file(path: Path) -> bool:
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         return False
-    return metadata.get("producer") == PRODUCER or metadata.get("format") == STATS_FORMAT
+    if metadata.get("producer") == PRODUCER:
+        return True
+    format_name = metadata.get("format")
+    if not isinstance(format_name, str) or not format_name.startswith("qtool-"):
+        return False        # ("pt" and the like) without importing the calibration code for its name
+    from qtool.calibration.runner import STATS_FORMAT
+
+    return format_name == STATS_FORMAT
 
 
 # -- files and folders -----------------------------------------------------------------------------

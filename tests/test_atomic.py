@@ -142,7 +142,7 @@ def test_force_refuses_what_qtool_did_not_write(tmp_path, make, reason):
     for force in (True, False):     # the reason is given first, so --force is not suggested in vain
         with pytest.raises(OutputExists, match=reason):
             StagedOutput(out, force=force, is_dir=False)
-    after = {p.name: os.lstat(p) for p in tmp_path.iterdir()}
+    after = {p.name: os.lstat(p) for p in tmp_path.iterdir()}      # no lock file was made either
     assert {name: (s.st_ino, s.st_mode) for name, s in after.items()} == \
         {name: (s.st_ino, s.st_mode) for name, s in before.items()}
 

@@ -48,9 +48,13 @@ def src_folder(tiny_llama_dir, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_gguf_bytes(tiny_llama_dir, tmp_path_factory) -> bytes:
-    """A GGUF (Q8_0) of the tiny Llama, as bytes, written once for the module."""
+    """A GGUF (Q8_0) of the tiny Llama, as bytes, written once for the module; without its
+    tokenizer, whose vocabulary takes seconds to convert into GGUF metadata."""
+    weights_only = tmp_path_factory.mktemp("tiny-weights")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / name, weights_only / name)
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
-    result = run_cli("quantize", tiny_llama_dir, "--type", "Q8_0", "-o", out, "-q")
+    result = run_cli("quantize", weights_only, "--type", "Q8_0", "-o", out, "-q")
     assert result.exit_code == 0, result.stderr
     return out.read_bytes()
 
@@ -107,18 +111,27 @@ def test_calibrate_refuses_to_write_over_its_input(src_folder, src_gguf, calib_t
 
 
 # -- 2. --force replaces only what qtool wrote ----------------------------------------------------
-def test_force_replaces_a_qtool_output_and_nothing_else(src_folder, tmp_path, calib_text):
+def test_force_replaces_a_qtool_output(src_folder, tmp_path):
     out = tmp_path / "out"
     assert run_cli("quantize", src_folder, "--scheme", "int8-sym", "-o", out, "-q").exit_code == 0
-    result = run_cli("quantize", src_folder, "--type", "Q8_0", "-o", out, "--force", "-q")
-    assert result.exit_code == 0, result.stderr                       # a qtool folder becomes a GGUF
-    assert out.read_bytes()[:4] == b"GGUF"
+    result = run_cli("quantize", src_folder, "--scheme", "nf4", "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "bnb_4bit_quant_type" in (out / "config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.slow
+def test_force_replaces_a_statistics_file(src_folder, tmp_path, calib_text):
     stats = tmp_path / "stats.safetensors"
-    for _ in range(2):                                                 # a statistics file replaced
+    for _ in range(2):
         result = run_cli(*calibrate_args(src_folder, stats, calib_text), "--force", "-q")
         assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out", "src", "stats.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "src", "stats.safetensors"]
 
+
+def test_force_refuses_what_qtool_did_not_write(src_folder, tmp_path, calib_text):
+    out = tmp_path / "out.gguf"
+    out.write_bytes(b"GGUF")
     fifo = tmp_path / "fifo.gguf"
     os.mkfifo(fifo)
     foreign = tmp_path / "foreign"
@@ -145,19 +158,18 @@ def test_force_replaces_a_qtool_output_and_nothing_else(src_folder, tmp_path, ca
 
 # -- 3. one run per output ------------------------------------------------------------------------
 def test_second_run_on_the_same_output_fails_at_once(src_folder, tmp_path):
-    out = tmp_path / "out.gguf"
+    out = tmp_path / "out"
     holder = start_holder(out)          # a run in another process, still writing
     try:
-        for force in ([], ["--force"]):
-            assert_error(run_cli("quantize", src_folder, "--type", "Q8_0", "-o", out, *force), 7,
-                         "another qtool run is writing it")
+        for args in (["--scheme", "int8-sym"], ["--type", "Q8_0", "--force"]):
+            assert_error(run_cli("quantize", src_folder, *args, "-o", out), 7, "another qtool run is writing it")
         assert not out.exists()
     finally:
         holder.stdin.close()
         assert holder.wait(timeout=30) == 0
-    result = run_cli("quantize", src_folder, "--type", "Q8_0", "-o", out, "-q")
+    result = run_cli("quantize", src_folder, "--scheme", "int8-sym", "-o", out, "-q")
     assert result.exit_code == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf", "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 # -- 4. output-side I/O failures ------------------------------------------------------------------
@@ -199,14 +211,21 @@ def mounts(tmp_path):
 
 def test_disk_full_is_exit_9_and_leaves_nothing(src_folder, mounts, calib_text):
     small = mounts("small", "size=256k")          # the tiny model's outputs are a few MB
-    for args, out in ((["--type", "Q8_0"], small / "out.gguf"), (["--scheme", "int8-sym"], small / "out"),
-                      (["--scheme", "nf4"], small / "deep" / "out")):
+    for args, out in ((["--scheme", "int8-sym"], small / "out"), (["--scheme", "nf4"], small / "deep" / "out")):
         assert_error(run_cli("quantize", src_folder, *args, "-o", out), 9, str(out), "No space left on device")
         assert list(small.iterdir()) == []        # no staged output, lock file or folder left
     tiny = mounts("tiny", "size=8k")
     out = tiny / "stats.safetensors"
     assert_error(run_cli(*calibrate_args(src_folder, out, calib_text)), 9, str(out), "No space left on device")
     assert list(tiny.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_a_gguf_is_exit_9(src_folder, mounts):
+    small = mounts("small", "size=256k")
+    out = small / "out.gguf"
+    assert_error(run_cli("quantize", src_folder, "--type", "Q8_0", "-o", out), 9, str(out), "No space left on device")
+    assert list(small.iterdir()) == []
 
 
 def test_read_only_filesystem_is_exit_9(src_folder, mounts, calib_text):
