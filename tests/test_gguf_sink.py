@@ -139,7 +139,7 @@ def test_unsupported_architecture_is_refused_before_writing(tiny_llama_dir, tmp_
 
 def test_existing_output_needs_force_and_abort_leaves_nothing(tiny_llama_dir, tmp_path):
     out = tmp_path / "model.gguf"
-    out.write_bytes(b"old")
+    out.write_bytes(b"GGUF old")      # a GGUF: what --force may replace
     with resolve(str(tiny_llama_dir)) as source:
         plans = gguf_plans(source.tensors(), Recipe(scheme="Q8_0"), source.config)
         with pytest.raises(OutputExists):
@@ -147,7 +147,7 @@ def test_existing_output_needs_force_and_abort_leaves_nothing(tiny_llama_dir, tm
         sink = GGUFSink(out, source, plans, force=True)
         sink.add(plans[0], source.load(plans[0].name))
         sink.abort()
-    assert out.read_bytes() == b"old"
+    assert out.read_bytes() == b"GGUF old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
