@@ -163,6 +163,7 @@ def test_quantized_gguf_source_hands_out_16_bit_tensors(tiny_q8_gguf: Path, tiny
         assert source.load("model.embed_tokens.weight").dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_nf4_and_int8_from_a_quantized_gguf_keep_16_bit_tensors(tiny_q8_gguf: Path, tmp_path: Path) -> None:
     for bits in ("4", "8"):
         out = tmp_path / f"out-{bits}"
@@ -175,6 +176,7 @@ def test_nf4_and_int8_from_a_quantized_gguf_keep_16_bit_tensors(tiny_q8_gguf: Pa
         assert kept and set(kept.values()) == {"F16"}, kept
 
 
+@pytest.mark.slow
 def test_gguf_from_a_quantized_gguf_has_no_float32_matrices(tiny_q8_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.gguf"
     result = CliRunner().invoke(app, ["quantize", str(tiny_q8_gguf), "--type", "Q4_0", "-o", str(out)])
