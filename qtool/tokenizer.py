@@ -13,8 +13,8 @@ The files are checked before transformers sees them, each failure one line namin
 - a file that is not JSON, not an object, has a tokenizer.json without its ``model`` section, or
   that transformers / tokenizers cannot build a tokenizer from: CorruptFile (5).
 
-The model's config is checked against its tensors first (:mod:`qtool.sources.config_check`):
-AutoTokenizer reads config.json when tokenizer_config.json names no tokenizer class.
+The model's config is checked first (:mod:`qtool.sources.config_check`: against its tensors, then by
+transformers): AutoTokenizer reads config.json too, and its refusal would otherwise name the tokenizer.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from qtool.errors import CorruptFile, NotFound, QtoolError, Unsupported
 from qtool.sources.base import Source
-from qtool.sources.config_check import check_source_config
+from qtool.sources.config_check import check_source_config, config_origin, first_line, hf_config
 from qtool.sources.jsonfile import clip, load_json
 
 # Files a tokenizer can be built from (the others only configure one).
@@ -71,6 +71,9 @@ def load_tokenizer(source: Source, purpose: str = "this command") -> Any:
         raise NotFound(f"{source.description}: no tokenizer files found; {purpose} needs the model's tokenizer "
                        "(tokenizer.json) next to the weights")
     check_source_config(source)
+    if source.config.get("model_type"):
+        # AutoTokenizer builds the transformers config too: its refusal is about config.json, say so.
+        hf_config(source.config, config_origin(source))
     vocabulary = check_tokenizer_files(folder)
     from transformers import AutoTokenizer
 
@@ -80,19 +83,14 @@ def load_tokenizer(source: Source, purpose: str = "this command") -> Any:
         raise
     except ImportError as exc:
         raise Unsupported(f"{vocabulary}: loading this tokenizer needs a package that is not installed "
-                          f"({_first_line(exc)})") from None
+                          f"({first_line(exc)})") from None
     except (MemoryError, RecursionError):
         raise CorruptFile(f"{vocabulary}: the tokenizer is too large or too deeply nested to be a real one; "
                           "fix or re-download it") from None
     except Exception as exc:  # noqa: BLE001 - transformers and the tokenizers Rust parser raise bare Exception types
         raise CorruptFile(f"{vocabulary}: transformers cannot build a tokenizer from {folder} "
-                          f"({type(exc).__name__}: {_first_line(exc)}); fix or re-download the tokenizer files") \
+                          f"({type(exc).__name__}: {first_line(exc)}); fix or re-download the tokenizer files") \
             from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return repr(text.splitlines()[0][:160])[1:-1] if text else ""
 
 
 def bos_policy(tokenizer: Any) -> tuple[bool, int | None]:

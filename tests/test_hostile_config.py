@@ -106,6 +106,9 @@ CONFIG_CASES: dict[str, tuple[dict[str, Any], int, str]] = {
     "model-type-unknown": ({"model_type": "evil"}, UNSUPPORTED, "evil"),
     "model-type-list": ({"model_type": ["llama"]}, CORRUPT, "model_type"),
     "act-unknown": ({"hidden_act": "bogus"}, CORRUPT, "bogus"),
+    "tie-embeddings-string": ({"tie_word_embeddings": "yes"}, CORRUPT, "tie_word_embeddings"),
+    "rope-scaling-string": ({"rope_scaling": "linear"}, CORRUPT, "rope_parameters"),
+    "quantization-config-string": ({"quantization_config": "x"}, CORRUPT, "quantization_config"),
 }
 
 

@@ -25,7 +25,8 @@ from torch import nn
 from qtool import ui
 from qtool.errors import BadArgument, CorruptFile, Unsupported
 from qtool.sources.base import Source
-from qtool.sources.config_check import check_source_config, config_origin
+from qtool.sources.config_check import (check_source_config, checked_hf_config, config_origin, first_line,  # noqa: F401
+                                        hf_config)   # hf_config: re-exported for callers that import it from here
 from qtool.sources.jsonfile import clip, load_json
 from qtool.tokenizer import bos_policy, load_tokenizer
 
@@ -87,43 +88,6 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def hf_config(config: dict, origin: str = "the model's config") -> Any:
-    """A transformers config object from a config.json dict (no remote code).
-
-    Call it on a config :func:`qtool.sources.config_check.check_config` passed (see
-    :func:`checked_hf_config`): transformers' own validation errors are then what is left, and are
-    reported as a corrupt config (exit 5) naming ``origin``."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    if not model_type:
-        raise Unsupported(f"{origin} has no model_type; qtool cannot pick a transformers architecture")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise Unsupported(f"{origin}: architecture {clip(model_type, 60)} is not known to transformers "
-                          f"{_transformers_version()}; qtool runs no code from a checkpoint")
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "transformers_version")}
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as exc:
-        # transformers' strict config classes reject field types and combinations it cannot build.
-        raise CorruptFile(f"{origin}: transformers rejects this {model_type} config "
-                          f"({type(exc).__name__}: {_first_line(exc)}); fix the config or re-download the model") \
-            from None
-
-
-def checked_hf_config(source: Source) -> Any:
-    """The transformers config object for ``source``, after the config was checked against its
-    tensors (bounded work: no layer count or size beyond what the checkpoint holds)."""
-    check_source_config(source)
-    return hf_config(source.config, config_origin(source))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return repr(text.splitlines()[0][:160])[1:-1] if text else ""
-
-
 def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, keep_buffers: bool) -> Any:
     """``AutoModelForCausalLM.from_config`` with the parameters on the meta device, every parameter
     shape checked against the checkpoint before anything is loaded (``keep_buffers``: buffers such as
@@ -141,7 +105,7 @@ def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, kee
                 model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation="sdpa")
     except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, IndexError) as exc:
         raise CorruptFile(f"{origin}: transformers cannot build a model from this config "
-                          f"({type(exc).__name__}: {_first_line(exc)}); fix the config or re-download the model") \
+                          f"({type(exc).__name__}: {first_line(exc)}); fix the config or re-download the model") \
             from None
     shapes = {name: tuple(param.shape) for name, param in model.named_parameters(remove_duplicate=False)}
     for info in source.tensors():
@@ -150,12 +114,6 @@ def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, kee
             raise CorruptFile(f"{origin} does not fit the checkpoint: tensor {clip(info.name, 80)} has shape "
                               f"{tuple(info.shape)}, the config makes it {want}")
     return model
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,

@@ -276,3 +276,49 @@ def check_config(config: dict, tensors: list[TensorInfo], origin: str, *, requir
 def check_source_config(source: Source, *, require_architecture: bool = True) -> None:
     """:func:`check_config` for a source's own config and tensors."""
     check_config(source.config, source.tensors(), config_origin(source), require_architecture=require_architecture)
+
+
+def hf_config(config: dict, origin: str = "the model's config") -> Any:
+    """A transformers config object from a config.json dict (no remote code).
+
+    Call it on a config :func:`check_config` passed (see :func:`checked_hf_config`): transformers'
+    own validation errors are then what is left, and are reported as a corrupt config (exit 5)
+    naming ``origin``."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise Unsupported(f"{origin} has no model_type; qtool cannot pick a transformers architecture")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise Unsupported(f"{origin}: architecture {clip(model_type, 60)} is not known to transformers "
+                          f"{_transformers_version()}; qtool runs no code from a checkpoint")
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config", "transformers_version")}
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (StrictDataclassError, ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as exc:
+        # transformers' strict config classes (huggingface_hub's strict dataclasses) reject field types
+        # and combinations it cannot build.
+        raise CorruptFile(f"{origin}: transformers rejects this {model_type} config "
+                          f"({type(exc).__name__}: {first_line(exc)}); fix the config or re-download the model") \
+            from None
+
+
+def checked_hf_config(source: Source) -> Any:
+    """The transformers config object for ``source``, after the config was checked against its
+    tensors (bounded work: no layer count or size beyond what the checkpoint holds)."""
+    check_source_config(source)
+    return hf_config(source.config, config_origin(source))
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, cut and with control characters escaped, for a one-line message."""
+    text = str(exc).strip()
+    return repr(text.splitlines()[0][:160])[1:-1] if text else ""

@@ -20,6 +20,7 @@ from qtool.schemes.int4 import PackedInt, dequantize_int, unpack_int32
 from qtool.schemes.int8 import PackedInt8Rows, dequantize_int8_rows
 from qtool.schemes.nf4 import Packed4bit, dequantize_4bit
 from qtool.sources.base import Source, TensorInfo
+from qtool.sources.jsonfile import clip
 
 _BNB_STATE = ".quant_state.bitsandbytes__"
 _BNB_4BIT_AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
@@ -51,6 +52,9 @@ class QuantizedSource(Source):
     def __init__(self, inner: Source) -> None:
         config = dict(inner.config)
         self.quantization_config = config.pop("quantization_config", None) or {}
+        if not isinstance(self.quantization_config, dict):
+            raise CorruptFile(f"{inner.description}: config.json's quantization_config is a "
+                              f"{type(self.quantization_config).__name__}, not an object; fix or re-download it")
         super().__init__(spec=inner.spec, description=inner.description, config=config,
                          revision=inner.revision, is_quantized=True)
         if not hasattr(inner, "load_raw"):
@@ -65,7 +69,7 @@ class QuantizedSource(Source):
         elif method == "compressed-tensors":
             logical = self._compressed(stored)
         else:
-            raise Unsupported(f"{inner.description}: quantization method {method!r} is not one qtool reads "
+            raise Unsupported(f"{inner.description}: quantization method {clip(method, 40)} is not one qtool reads "
                               "(bitsandbytes, compressed-tensors)")
         hidden = {part for item in logical.values() for part in item.parts}
         # W8A8 input scales belong to the runtime's input quantization (see input_quantization), not
