@@ -99,7 +99,8 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
             check_packable(calib_plans, options.method)    # before any calibration work
         # Before any long work: the output must spare the source's files, be free (or --force-able)
         # and not be written by another run; held until the rename (see qtool.atomic).
-        claim = OutputClaim(out, force=options.force, reads=source.local_paths())
+        run_inputs = [Path(path) for path in (options.stats, options.calib) if path]     # read too: spared alike
+        claim = OutputClaim(out, force=options.force, reads=[*source.local_paths(), *run_inputs])
         try:
             report = _quantize_into(claim, source, recipe, options, device, plans, sink_type, infos, labels, started)
         finally:
@@ -294,7 +295,8 @@ def calibrate_model(spec: str, output: Path, *, calib: str | None, samples: int,
     with resolve(spec, revision=revision) as source:
         # Claimed before any work (spares the source's files, --force's limits, other runs), and
         # written as a staged file that is renamed into place when the statistics are complete.
-        staged = StagedOutput(output, force=force, is_dir=False, reads=source.local_paths())
+        staged = StagedOutput(output, force=force, is_dir=False,
+                              reads=[*source.local_paths(), *([Path(calib)] if calib else [])])
         try:
             # Read the tokenizer and the text first: output_errors below is about writing only.
             calib_set = calibration_set(calib or DEFAULT_CALIB, load_tokenizer(source, "calibration"),

@@ -110,6 +110,18 @@ def test_calibrate_refuses_to_write_over_its_input(src_folder, src_gguf, calib_t
     assert (snapshot(src_folder), snapshot(src_gguf)) == before
 
 
+def test_the_run_s_other_inputs_are_spared_too(src_folder, tmp_path, calib_text):
+    """--stats and --calib files are read by the run: an output over them is refused like the model's."""
+    from tests.test_atomic import write_safetensors
+
+    stats = write_safetensors(tmp_path / "stats.safetensors", {"format": "qtool-calibration-stats/1", "stats": "{}"})
+    before = snapshot(stats), snapshot(calib_text)
+    assert_error(run_cli("quantize", src_folder, "--type", "Q4_0", "--method", "gptq", "--stats", stats,
+                         "-o", stats, "--force"), 2, "is the input")
+    assert_error(run_cli(*calibrate_args(src_folder, calib_text, calib_text), "--force"), 2, "is the input")
+    assert (snapshot(stats), snapshot(calib_text)) == before
+
+
 # -- 2. --force replaces only what qtool wrote ----------------------------------------------------
 def test_force_replaces_a_qtool_output(src_folder, tmp_path):
     out = tmp_path / "out"
