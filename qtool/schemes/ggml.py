@@ -148,8 +148,8 @@ class GGMLType(Scheme):
     def quantize(self, weight: torch.Tensor, **params: Any) -> GGMLTensor:
         shape = tuple(weight.shape)
         if not self.supports(shape):
-            raise BadArgument(f"{self.name} needs non-empty rows that are a multiple of {self.block_size} "
-                              f"elements; got a tensor of shape {list(shape)}")
+            raise BadArgument(f"{self.name} needs rows that are a multiple of {self.block_size} elements and no "
+                              f"empty dimension; got a tensor of shape {list(shape)}")
         if not weight.is_floating_point():
             raise BadArgument(f"{self.name} quantizes floating-point tensors; got {weight.dtype}")
         try:
