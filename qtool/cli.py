@@ -15,6 +15,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from qtool import __version__, signals, ui
+from qtool.redact import redact_text
 from qtool.errors import (EXIT_INTERRUPTED, EXIT_INTERRUPTED_COMPLETE, EXIT_TERMINATED, BadArgument,
                           QtoolError, QualityGateFailed, Terminated)
 
@@ -32,7 +33,7 @@ DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when a
 
 def _fail(as_json: bool, exit_code: int, kind: str, message: str) -> typer.Exit:
     """Say what went wrong (one line on stderr; with --json also the one document on stdout)."""
-    message = ui.printable(message, one_line=True)
+    message = ui.printable(redact_text(message), one_line=True)
     ui.stderr.print(f"error: {message}", style="red", soft_wrap=True)
     if as_json:
         _emit_json({"error": {"exit_code": exit_code, "type": kind, "message": message}})
@@ -296,7 +297,10 @@ def calibrate(
     """Collect activation statistics (per-channel ranges, X^T X) for calibration-aware quantization."""
     from qtool.pipeline import calibrate_model
 
+    from qtool.recipes import check_calibration_counts
+
     def work() -> None:
+        check_calibration_counts(calib_samples, calib_seqlen)
         report = calibrate_model(model, output, calib=calib, samples=calib_samples, seqlen=calib_seqlen,
                                  seed=seed, device=device, force=force)
         _show(as_json, report, lambda: stdout.print(f"wrote {output}"))
