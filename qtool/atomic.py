@@ -25,6 +25,8 @@ from qtool.errors import BadArgument, OutputExists, OutputFailed
 
 PRODUCER = "qtool"
 """``__metadata__["producer"]`` of the safetensors files qtool writes: what ``--force`` may replace."""
+STATS_FORMAT = "qtool-calibration-stats/1"
+"""``__metadata__["format"]`` of the statistics `qtool calibrate` writes (also what ``--force`` may replace)."""
 
 committed_outputs: list[Path] = []
 """Outputs renamed into place by this process, in order (the CLI tells a late Ctrl-C they are whole)."""
@@ -269,12 +271,7 @@ def qtool_file(path: Path) -> bool:
         return False
     if metadata.get("producer") == PRODUCER:
         return True
-    format_name = metadata.get("format")
-    if not isinstance(format_name, str) or not format_name.startswith("qtool-"):
-        return False        # ("pt" and the like) without importing the calibration code for its name
-    from qtool.calibration.runner import STATS_FORMAT
-
-    return format_name == STATS_FORMAT
+    return metadata.get("format") == STATS_FORMAT
 
 
 # -- files and folders -----------------------------------------------------------------------------
