@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qtool import ui
+from qtool.atomic import STATS_FORMAT
 from qtool.evaluation.model import build_on_meta, checked_hf_config, hf_config  # noqa: F401 - hf_config re-exported
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
 from qtool.tokenizer import load_tokenizer
@@ -32,7 +33,6 @@ from qtool.errors import BadArgument, CorruptFile, NotFound, QtoolError, Unsuppo
 from qtool.sources.base import Source
 from qtool.sources.config_check import check_source_config
 
-STATS_FORMAT = "qtool-calibration-stats/1"
 _BATCH_TOKENS = 4096
 
 
