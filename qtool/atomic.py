@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from qtool import signals
 from qtool.errors import BadArgument, OutputExists, OutputFailed
 
 PRODUCER = "qtool"
@@ -140,14 +141,22 @@ class StagedOutput:
                 # Something may have appeared at the target during the run (not a qtool run: those
                 # wait for the lock): the same rules as at the start.
                 check_replaceable(self.final, target, force=self.claim.force)
-                _rename_into_place(self.path, target)
         except BaseException:
             self.abort()
             raise
-        committed_outputs.append(self.final)
-        with contextlib.suppress(OSError):
-            _fsync_dir(target.parent)
-        self.claim.release(committed=True)
+        # A signal during the rename waits until the output is recorded as complete, so the CLI
+        # never says "nothing was written" about an output that is in place.
+        with signals.held():
+            try:
+                with output_errors(self.final):
+                    _rename_into_place(self.path, target)
+            except BaseException:
+                self.abort()
+                raise
+            committed_outputs.append(self.final)
+            with contextlib.suppress(OSError):
+                _fsync_dir(target.parent)
+            self.claim.release(committed=True)
         return self.final
 
     def abort(self) -> None:

@@ -8,12 +8,15 @@ extension module's initialisation can abort the process (``terminate called ...`
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 from qtool.errors import Terminated
 
 _RETRY_S = 0.05
-_pending: list[int] = []   # a signal held back until the import under way is done
+_pending: list[int] = []   # a signal held back until the import under way, or a held block, is done
+_holding = [0]             # depth of held() blocks
 
 
 def _in_import(frame: FrameType | None) -> bool:
@@ -31,7 +34,24 @@ def _raise(signum: int) -> None:
     raise KeyboardInterrupt
 
 
+@contextmanager
+def held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then unwind as usual: for steps that must happen
+    together (an output's rename and the record that it is complete)."""
+    _holding[0] += 1
+    try:
+        yield
+    finally:
+        _holding[0] -= 1
+        if not _holding[0] and _pending:
+            _raise(_pending[0])
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _holding[0]:
+        if not _pending:
+            _pending.append(signum)
+        return
     if _in_import(frame):
         if not _pending:
             _pending.append(signum)

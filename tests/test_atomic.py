@@ -283,3 +283,33 @@ def test_no_permission_is_an_output_failure(tmp_path):
         assert list(locked.iterdir()) == []
     finally:
         shutil.rmtree(base)
+
+
+def test_a_signal_during_the_rename_waits_until_the_output_is_recorded(tmp_path):
+    """SIGINT arriving between the rename and its record would report a whole output as not written."""
+    import os
+    import signal
+
+    from qtool import atomic, signals
+
+    signals.install()
+    out = tmp_path / "out.gguf"
+    staged = StagedOutput(out, force=False, is_dir=False)
+    staged.path.write_bytes(b"GGUF")
+    real_replace = os.replace
+
+    def replace_then_signal(src, dst):   # the signal lands right after the rename itself
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    os.replace = replace_then_signal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            staged.commit()
+    finally:
+        os.replace = real_replace
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    assert out.read_bytes() == b"GGUF"
+    assert atomic.committed_outputs[-1] == out
