@@ -47,24 +47,25 @@ lint: install
 	$(PY) -m ruff check qtool tests benchmarks
 
 # What qtool is for: a 16-bit model shrinking, and what that costs. The packaged SmolLM2-135M is a
-# Q4_1 GGUF, so it is first written out as a BF16 model (the kind of checkpoint one downloads), then
-# quantized to NF4 (transformers + bitsandbytes) and to GGUF Q4_K_M (llama.cpp), and both are scored
-# against the BF16 model on a few windows of WikiText-2 test. A few minutes on 2 cores.
+# Q4_1 GGUF, so it is first written out as an F16 model (the dtype it was made from, so no value
+# changes: the kind of checkpoint one downloads), then quantized to NF4 (transformers + bitsandbytes)
+# and to GGUF Q4_K_M (llama.cpp), and both are scored against the F16 model on a few windows of
+# WikiText-2 test. A few minutes on 2 idle cores.
 DEMO_TEXT ?= ../shared/data/wikitext-2-raw/wiki.test.raw
 DEMO_CHUNKS ?= 4
 demo: install
-	@echo "== 1/4  the packaged SmolLM2-135M (a Q4_1 GGUF, hence the warning) written as a 16-bit BF16 model"
-	$(QTOOL) quantize smollm2-135m --type BF16 -o out/smollm2-135m-bf16.gguf --force --quiet >/dev/null
-	@du -h out/smollm2-135m-bf16.gguf
-	@echo "== 2/4  BF16 -> NF4 + double quant (bitsandbytes layout, for transformers)"
-	$(QTOOL) quantize out/smollm2-135m-bf16.gguf --bits 4 -o out/smollm2-135m-nf4 --force --quiet
-	@echo "== 3/4  BF16 -> GGUF Q4_K_M (for llama.cpp)"
-	$(QTOOL) quantize out/smollm2-135m-bf16.gguf --type Q4_K_M -o out/smollm2-135m-Q4_K_M.gguf --force --quiet
-	@echo "== 4/4  what the shrinking cost: perplexity, KL divergence and top-1 agreement against BF16"
-	$(QTOOL) eval out/smollm2-135m-nf4 out/smollm2-135m-Q4_K_M.gguf --baseline out/smollm2-135m-bf16.gguf \
+	@echo "== 1/4  the packaged SmolLM2-135M (a Q4_1 GGUF, hence the warning) written as a 16-bit F16 model"
+	$(QTOOL) quantize smollm2-135m --type F16 -o out/smollm2-135m-f16.gguf --force --quiet >/dev/null
+	@du -h out/smollm2-135m-f16.gguf
+	@echo "== 2/4  F16 -> NF4 + double quant (bitsandbytes layout, for transformers)"
+	$(QTOOL) quantize out/smollm2-135m-f16.gguf --bits 4 -o out/smollm2-135m-nf4 --force --quiet
+	@echo "== 3/4  F16 -> GGUF Q4_K_M (for llama.cpp)"
+	$(QTOOL) quantize out/smollm2-135m-f16.gguf --type Q4_K_M -o out/smollm2-135m-Q4_K_M.gguf --force --quiet
+	@echo "== 4/4  what the shrinking cost: perplexity, KL divergence and top-1 agreement against F16"
+	$(QTOOL) eval out/smollm2-135m-nf4 out/smollm2-135m-Q4_K_M.gguf --baseline out/smollm2-135m-f16.gguf \
 		--text $(DEMO_TEXT) --chunks $(DEMO_CHUNKS) --quiet
 	@echo "== on disk"
-	@du -sh out/smollm2-135m-bf16.gguf out/smollm2-135m-nf4 out/smollm2-135m-Q4_K_M.gguf
+	@du -sh out/smollm2-135m-f16.gguf out/smollm2-135m-nf4 out/smollm2-135m-Q4_K_M.gguf
 
 clean:
 	rm -rf $(VENV) out .bench .pytest_cache
