@@ -12,13 +12,13 @@ the same reader the converter uses.
 """
 from __future__ import annotations
 
-import json
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 from qtool import ui
-from qtool.errors import CorruptFile, Unsupported
+from qtool.errors import CorruptFile, QtoolError, Unsupported
+from qtool.sources.jsonfile import clip, load_json
 
 # llama.cpp's token types (llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -51,23 +51,27 @@ def tokenizer_metadata(tokenizer_dir: Path | None, config: dict) -> dict[str, An
     if tokenizer_dir is None:
         return {}
     tokenizer_dir = Path(tokenizer_dir)
-    vocab_size = int(config.get("vocab_size") or 0) or None
-    if (tokenizer_dir / "tokenizer.model").is_file():
-        metadata = _sentencepiece_vocab(tokenizer_dir, vocab_size)
-    elif (tokenizer_dir / "tokenizer.json").is_file():
-        metadata = _bpe_vocab(tokenizer_dir, vocab_size)
-    else:
-        return {}
-    metadata.update(_special_tokens(tokenizer_dir, len(metadata["tokenizer.ggml.tokens"]),
-                                    load_merges=metadata["tokenizer.ggml.model"] == "gpt2"))
+    vocab_size = config.get("vocab_size")
+    vocab_size = vocab_size if isinstance(vocab_size, int) and vocab_size > 0 else None
+    try:
+        if (tokenizer_dir / "tokenizer.model").is_file():
+            metadata = _sentencepiece_vocab(tokenizer_dir, vocab_size)
+        elif (tokenizer_dir / "tokenizer.json").is_file():
+            metadata = _bpe_vocab(tokenizer_dir, vocab_size)
+        else:
+            return {}
+        metadata.update(_special_tokens(tokenizer_dir, len(metadata["tokenizer.ggml.tokens"]),
+                                        load_merges=metadata["tokenizer.ggml.model"] == "gpt2"))
+    except QtoolError:
+        raise
+    except Exception as exc:   # noqa: BLE001 - any file anyone wrote: a value of the wrong shape or type
+        raise CorruptFile(f"{tokenizer_dir}: the tokenizer files do not make sense "
+                          f"({type(exc).__name__}: {clip(str(exc))}); re-download them") from None
     return metadata
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CorruptFile(f"{path} is not readable JSON ({exc}); re-download the tokenizer files") from None
+    return load_json(path, "tokenizer file")
 
 
 def _looks_special(text: str) -> bool:
