@@ -37,12 +37,13 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
     return stop.value.code, out, err
 
 
-def write_hostile_gguf(path: Path) -> Path:
-    """A valid GGUF whose names and values carry terminal escapes, NUL bytes and a NaN float."""
+def write_gguf(path: Path, *, name: str, tensor: str = "w", rope_base: float | None = None) -> Path:
+    """A valid llama GGUF with one small tensor and the given (possibly hostile) name and values."""
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_float32("llama.rope.freq_base", float("nan"))
-    writer.add_string("general.name", "evil\x1b[2J\x1b]0;pwned\x07name\x00end")
-    writer.add_tensor("blk.0.\x1b[2Jattn_q.weight", np.zeros((4, 32), dtype=np.float32))
+    if rope_base is not None:
+        writer.add_float32("llama.rope.freq_base", rope_base)
+    writer.add_string("general.name", name)
+    writer.add_tensor(tensor, np.zeros((4, 32), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -52,7 +53,9 @@ def write_hostile_gguf(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def hostile_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_hostile_gguf(tmp_path_factory.mktemp("hostile") / "evil.gguf")
+    """Names and values carrying terminal escapes, NUL bytes and a NaN float."""
+    return write_gguf(tmp_path_factory.mktemp("hostile") / "evil.gguf", rope_base=float("nan"),
+                      name="evil\x1b[2J\x1b]0;pwned\x07name\x00end", tensor="blk.0.\x1b[2Jattn_q.weight")
 
 
 # ---------------------------------------------------------------- --json in every case
@@ -106,14 +109,7 @@ def test_control_characters_from_files_are_escaped(hostile_gguf, capsys):
 
 
 def test_markup_in_names_is_printed_as_written(tmp_path, capsys):
-    path = tmp_path / "markup.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_string("general.name", "[red]not red[/red] :smile:")
-    writer.add_tensor("w", np.zeros((2, 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(tmp_path / "markup.gguf", name="[red]not red[/red] :smile:")
     rc, out, _ = run_cli(["inspect", str(path)], capsys)
     assert rc == 0 and "[red]not red[/red] :smile:" in out
 
