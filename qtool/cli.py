@@ -9,6 +9,7 @@ import json
 import math
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -312,6 +313,8 @@ def run(argv: Optional[List[str]] = None) -> None:
     """The command line: every way out of a run is one of the exit codes in README.md, with one line on
     stderr, and with --json one JSON document on stdout."""
     signals.install()
+    # Libraries' warnings can quote names read from a file: they go out escaped, as ours do.
+    warnings.showwarning = lambda message, category, *_, **__: ui.warn(f"{category.__name__}: {message}")
     args = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in args
     try:
