@@ -32,6 +32,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1", "COLUMNS": "160"}
 REPLY_FD_ENV = "QTOOL_FUZZ_REPLY_FD"
 POLL_S = 0.01
+TERM_GRACE_S = 10
 
 
 @dataclass
@@ -74,9 +75,12 @@ def _child(request: dict) -> None:
     code = 1
     try:
         os.setpgid(0, 0)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Signal handlers are left as importing qtool set them: the same as in a fresh `qtool` process.
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        cpu_limit = request.get("cpu_limit_s")
+        if cpu_limit:
+            # A load-independent bound on work: SIGXCPU after this much CPU time, whatever the wall clock.
+            resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_limit), int(cpu_limit) + 5))
         extra = request.get("address_space_extra_bytes")
         if extra:
             # Relative to what the worker has mapped already (torch reserves a lot of address space).
@@ -118,6 +122,8 @@ def _child(request: dict) -> None:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            if request.get("dump_modules"):
+                Path(request["dump_modules"]).write_text("\n".join(sorted(sys.modules)))
         except BaseException:
             pass
         os._exit(code & 0xFF)
@@ -136,8 +142,15 @@ def _run_one(request: dict) -> dict:
         waited, status, usage = os.wait4(pid, os.WNOHANG)
         if waited:
             break
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline and not timed_out:
+            # SIGTERM first, as a user's `timeout` would: qtool must clean up its staged output.
             timed_out = True
+            deadline += TERM_GRACE_S
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        elif time.monotonic() > deadline:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -163,7 +176,28 @@ def serve() -> None:
     for line in sys.stdin:
         if not line.strip():
             continue
-        replies.write(json.dumps(_run_one(json.loads(line))) + "\n")
+        request = json.loads(line)
+        if "import_modules" in request:
+            replies.write(json.dumps({"imported": _import_listed(Path(request["import_modules"]))}) + "\n")
+        else:
+            replies.write(json.dumps(_run_one(request)) + "\n")
+
+
+def _import_listed(listing: Path) -> int:
+    """Import, in the worker, the modules a child's run ended up with (written by dump_modules), so
+    later children start with them loaded; a fresh `qtool` process would import them all the same."""
+    import importlib
+
+    count = 0
+    for name in listing.read_text().split():
+        if name in sys.modules or name.startswith(("__main__", "tests")):
+            continue
+        try:
+            importlib.import_module(name)
+            count += 1
+        except BaseException:
+            pass  # private or platform-specific submodules: the child imports them itself if needed
+    return count
 
 
 # ------------------------------------------------------------------ pytest side
@@ -195,12 +229,35 @@ class ForkServer:
         line = self._replies.readline()
         return json.loads(line) if line else None
 
-    def run(self, args: list[str], *, cwd: Path, stdout_path: Path, stderr_path: Path, timeout_s: float,
-            address_space_extra_bytes: int | None) -> RunResult:
-        request = {"args": args, "cwd": str(cwd), "stdout": str(stdout_path), "stderr": str(stderr_path),
-                   "timeout_s": timeout_s, "address_space_extra_bytes": address_space_extra_bytes}
+    def _send(self, request: dict) -> None:
         self._process.stdin.write(json.dumps(request) + "\n")
         self._process.stdin.flush()
+
+    def warm(self, commands: list[list[str]], cwd: Path) -> list[Path]:
+        """Run each command once and import, in the worker, every module those runs imported; returns
+        the module listings, for :meth:`import_modules` of other servers."""
+        listings = []
+        for index, args in enumerate(commands):
+            listing = cwd / f"modules-{index}.txt"
+            self.run(args, cwd=cwd, stdout_path=cwd / f"warm-{index}.out", stderr_path=cwd / f"warm-{index}.err",
+                     timeout_s=600, dump_modules=listing)
+            if listing.exists():
+                self.import_modules(listing)
+                listings.append(listing)
+        return listings
+
+    def import_modules(self, listing: Path) -> None:
+        self._send({"import_modules": str(listing)})
+        if self._read_reply(600) is None:
+            raise RuntimeError(f"fuzz worker stopped answering: {self._stderr_tail()}")
+
+    def run(self, args: list[str], *, cwd: Path, stdout_path: Path, stderr_path: Path, timeout_s: float,
+            cpu_limit_s: float | None = None, address_space_extra_bytes: int | None = None,
+            dump_modules: Path | None = None) -> RunResult:
+        self._send({"args": args, "cwd": str(cwd), "stdout": str(stdout_path), "stderr": str(stderr_path),
+                    "timeout_s": timeout_s, "cpu_limit_s": cpu_limit_s,
+                    "address_space_extra_bytes": address_space_extra_bytes,
+                    "dump_modules": str(dump_modules) if dump_modules else None})
         # The worker kills the child at timeout_s; the margin covers the kill and the reply.
         reply = self._read_reply(timeout_s + 60)
         if reply is None:
@@ -214,7 +271,7 @@ class ForkServer:
         if self._process.poll() is None:
             self._process.stdin.close()
             try:
-                self._process.wait(timeout=10)
+                self._process.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()

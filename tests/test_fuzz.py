@@ -25,6 +25,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,18 +35,22 @@ import pytest
 
 from tests._fuzz_mutators import (GGUFLayout, mutate_config, mutate_gguf, mutate_index, mutate_safetensors,
                                   mutate_yaml)
+from tests._fuzz_seeds import write_small_llama
 from tests._fuzz_server import ForkServer, RunResult
 
-# The lead is making every --json failure print one {"error": {...}} document. Until that lands a
-# failed --json run may print nothing; switch this on when it has.
-STRICT_JSON_ERRORS = False
+# Every --json run, failed or not, prints exactly one document; a failure's has an "error" object.
+# (False accepts an empty stdout on failure, as before qtool.cli printed error documents.)
+STRICT_JSON_ERRORS = True
 
 DOCUMENTED_EXIT_CODES = {0, 2, 3, 4, 5, 6, 7, 8, 9}
 # Cases per target; the defaults keep the file at about 3-4 minutes on two cores.
 DEFAULT_CASES = {"gguf": 70, "safetensors": 60, "config": 60, "index": 40, "yaml": 60}
 CASES_OVERRIDE = int(os.environ["QTOOL_FUZZ_CASES"]) if os.environ.get("QTOOL_FUZZ_CASES") else None
 BASE_SEED = int(os.environ.get("QTOOL_FUZZ_SEED", "0"))
-TIMEOUT_S = float(os.environ.get("QTOOL_FUZZ_TIMEOUT", "30"))
+# A run that spins is stopped by its CPU time (SIGXCPU), which the machine's load does not stretch;
+# the wall-clock timeout catches runs that block.
+CPU_LIMIT_S = float(os.environ.get("QTOOL_FUZZ_CPU_LIMIT", "20"))
+TIMEOUT_S = float(os.environ.get("QTOOL_FUZZ_TIMEOUT", "120"))
 # Peak RSS of the child, which starts from the worker's ~300 MB of imports (torch, transformers).
 MAX_RSS_MB = float(os.environ.get("QTOOL_FUZZ_MAX_RSS_MB", "1500"))
 # A hard stop above the RSS bound, so a runaway allocation fails fast instead of taking the machine.
@@ -85,7 +90,7 @@ def _only_cases() -> dict[str, set[int]] | None:
 class Seeds:
     tiny_dir: Path         # tiny Llama folder, one shard (read-only)
     sharded_dir: Path      # the same shapes in two shards with an index
-    gguf: Path             # the tiny Llama as Q8_0 GGUF
+    gguf: Path             # a small-vocabulary Llama as Q8_0 GGUF
     presets: list[Path]    # YAML presets from configs/
     text: Path             # text for eval
 
@@ -100,10 +105,12 @@ def seeds(tiny_llama_dir: Path, smollm2_tokenizer_dir: Path, repo_root: Path,
     folder = tmp_path_factory.mktemp("fuzz-seeds")
     sharded = write_synthetic_llama(folder / "sharded", **SHAPES["tiny"], shards=2,
                                     tokenizer_from=smollm2_tokenizer_dir)
-    gguf = folder / "tiny-q8_0.gguf"
+    # The GGUF seed has a 384-token vocabulary: see tests/_fuzz_seeds.py for why.
+    gguf = folder / "small-q8_0.gguf"
     recipe = recipe_from_options(fmt="gguf", bits=None, scheme=None, gguf_type="Q8_0", config=None,
                                  block_size=None, group_size=None, double_quant=None, include=[], skip=[])
-    quantize(str(tiny_llama_dir), gguf, recipe, QuantizeOptions(format="gguf", force=True))
+    quantize(str(write_small_llama(folder / "small", EVAL_TEXT)), gguf, recipe,
+             QuantizeOptions(format="gguf", force=True))
     # Presets that run without calibration text (w8a8 needs --calib; a mutant may still ask for it).
     presets = [repo_root / "configs" / name for name in
                ("nf4.yaml", "int4.yaml", "int8-asym.yaml", "fp4.yaml", "gguf-q4_k_m.yaml", "gguf-q3_k_m.yaml")]
@@ -113,10 +120,24 @@ def seeds(tiny_llama_dir: Path, smollm2_tokenizer_dir: Path, repo_root: Path,
 
 
 @pytest.fixture(scope="module")
-def fork_servers(repo_root: Path):
-    """WORKERS fork servers, started side by side (each pays the imports once)."""
+def fork_servers(repo_root: Path, seeds: Seeds, tmp_path_factory: pytest.TempPathFactory):
+    """WORKERS fork servers, started side by side, each holding every module a good run of each command
+    imports (transformers loads its model and tokenizer code lazily, seconds per child otherwise)."""
     with ThreadPoolExecutor(WORKERS) as pool:
         servers = list(pool.map(lambda _: ForkServer(repo_root), range(WORKERS)))
+    warm_dir = tmp_path_factory.mktemp("fuzz-warm")
+    text = ["--text", str(seeds.text), "--chunks", "1", "--ctx", "32", "--device", "cpu"]
+    listings = servers[0].warm([
+        ["inspect", str(seeds.gguf), "--json"],
+        ["quantize", str(seeds.gguf), "-o", str(warm_dir / "a.gguf"), "--type", "Q8_0"],
+        ["quantize", str(seeds.gguf), "-o", str(warm_dir / "b"), "--bits", "4"],
+        ["eval", str(seeds.gguf), *text],
+        ["eval", str(seeds.tiny_dir), *text],
+        ["quantize", str(seeds.sharded_dir), "-o", str(warm_dir / "c"), "--config", str(seeds.presets[0])],
+    ], warm_dir)
+    for server in servers[1:]:
+        for listing in listings:
+            server.import_modules(listing)
     yield servers
     for server in servers:
         server.close()
@@ -224,7 +245,9 @@ def check_run(case: Case, result: RunResult, input_before: dict, cwd: Path) -> l
     """Every way this run broke the contract, as short labels (grouped in the report by label)."""
     problems = []
     if result.timed_out:
-        problems.append(f"hang (killed after {TIMEOUT_S:.0f} s)")
+        problems.append(f"hang (no exit after {TIMEOUT_S:.0f} s)")
+    elif result.signal in (signal.SIGXCPU, signal.SIGKILL) and result.cpu_s >= CPU_LIMIT_S:
+        problems.append(f"hang (stopped after {CPU_LIMIT_S:.0f} s of CPU)")
     elif result.signal is not None:
         problems.append(f"killed by signal {result.signal}")
     elif result.rc not in DOCUMENTED_EXIT_CODES:
@@ -253,9 +276,10 @@ def check_run(case: Case, result: RunResult, input_before: dict, cwd: Path) -> l
                     if result.rc and STRICT_JSON_ERRORS and not (isinstance(document, dict) and "error" in document):
                         problems.append("--json failure without an error document")
     staged = [str(path) for path in case.output.parent.rglob("*") if ".qtool-tmp-" in path.name]
-    if staged:
+    # Nothing can clean up after SIGKILL or SIGXCPU: leftovers count only after an exit or SIGTERM.
+    if staged and result.signal not in (signal.SIGKILL, signal.SIGXCPU):
         problems.append(f"staged output left behind ({Path(staged[0]).name})")
-    if result.rc and not result.timed_out and case.output.exists():
+    if result.rc and result.rc != 10 and case.output.exists():  # 10: a signal after the output was complete
         problems.append("failed run left an output")
     if _snapshot(case.input_root) != input_before:
         problems.append("input changed")
@@ -326,7 +350,7 @@ def test_fuzz(target: str, seeds: Seeds, fork_servers: list[ForkServer], tmp_pat
         server = idle_servers.get()
         try:
             result = server.run(args, cwd=cwd, stdout_path=case_dir / "stdout.txt",
-                                stderr_path=case_dir / "stderr.txt", timeout_s=TIMEOUT_S,
+                                stderr_path=case_dir / "stderr.txt", timeout_s=TIMEOUT_S, cpu_limit_s=CPU_LIMIT_S,
                                 address_space_extra_bytes=ADDRESS_SPACE_EXTRA)
         finally:
             idle_servers.put(server)
