@@ -44,7 +44,7 @@ STRICT_JSON_ERRORS = True
 
 DOCUMENTED_EXIT_CODES = {0, 2, 3, 4, 5, 6, 7, 8, 9}
 # Cases per target; the defaults keep the file at about 3-4 minutes on two cores.
-DEFAULT_CASES = {"gguf": 70, "safetensors": 60, "config": 60, "index": 40, "yaml": 60}
+DEFAULT_CASES = {"gguf": 160, "safetensors": 120, "config": 120, "index": 80, "yaml": 120}
 CASES_OVERRIDE = int(os.environ["QTOOL_FUZZ_CASES"]) if os.environ.get("QTOOL_FUZZ_CASES") else None
 BASE_SEED = int(os.environ.get("QTOOL_FUZZ_SEED", "0"))
 # A run that spins is stopped by its CPU time (SIGXCPU), which the machine's load does not stretch;
