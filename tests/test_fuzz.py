@@ -14,7 +14,7 @@ case number), so a failure reported as `gguf #17` is the same file on every mach
     QTOOL_FUZZ_ONLY=gguf:17,config:3 pytest tests/test_fuzz.py   # rerun just those cases
 
 Failing mutants are kept under the test's tmp dir (a few per kind of failure) with the command in
-repro.sh.
+repro.sh; QTOOL_FUZZ_SAVE_DIR=DIR copies them there too, out of reach of pytest's pruning.
 """
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ MAX_STDERR_BYTES = 64 * 1024
 # Mutants run side by side, one fork server each: the suite is sized for two cores.
 WORKERS = max(1, int(os.environ.get("QTOOL_FUZZ_WORKERS", "2")))
 SAVED_PER_KIND = 3
+SAVE_DIR = Path(os.environ["QTOOL_FUZZ_SAVE_DIR"]) if os.environ.get("QTOOL_FUZZ_SAVE_DIR") else None
 VERBOSE = bool(os.environ.get("QTOOL_FUZZ_VERBOSE"))  # a line per case (with pytest -s)
 # Terminal control characters (ESC, NUL, ...) that must never reach the user's terminal raw.
 CONTROL_CHARS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -383,6 +384,10 @@ def test_fuzz(target: str, seeds: Seeds, fork_servers: list[ForkServer], tmp_pat
                     f"# problems: {', '.join(problems)}\n"
                     f"cd {case_dir / 'cwd'} && qtool {' '.join(shlex.quote(arg) for arg in case.args)}\n")
                 saved = case_dir
+                if SAVE_DIR is not None:  # pytest's tmp dirs are pruned by later runs (three are kept)
+                    saved = SAVE_DIR / case_dir.name
+                    shutil.rmtree(saved, ignore_errors=True)
+                    shutil.copytree(case_dir, saved)
             else:
                 shutil.rmtree(case_dir)
             failures.append(Failure(case, result, problems, saved))
