@@ -298,8 +298,9 @@ def test_cli_subprocess_errors(tmp_path: Path, case: str, make: Callable[[Path],
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr
     assert done.stdout == ""
-    # Includes starting Python; the check itself is milliseconds (see the in-process tests).
-    assert elapsed < 10
+    # Includes starting Python on a possibly busy machine: this only catches a hang. The check itself
+    # is milliseconds (see the in-process tests).
+    assert elapsed < 60
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:

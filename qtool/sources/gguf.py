@@ -1,7 +1,7 @@
-"""A ``.gguf`` file as a Source: Llama-family tensors dequantized on demand, in Hugging Face layout.
+"""A ``.gguf`` file as a Source: tensors dequantized on demand, in Hugging Face layout.
 
-Names and the config are mapped back with :mod:`qtool.gguf_arch`, q/k rows un-permuted, and a
-Hugging Face tokenizer is rebuilt from the ``tokenizer.*`` metadata when asked for.
+Names, the config and tensor transforms are mapped back with :mod:`qtool.gguf_arch` (one record per
+architecture), and a Hugging Face tokenizer is rebuilt from the ``tokenizer.*`` metadata when asked for.
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ _FILE_TYPE_DTYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}
 
 def model_dtype(gguf_file: GGUFFile) -> torch.dtype:
     """The float dtype of the model a GGUF was made from: the type of its F16/BF16 tensors (the one
-    with more elements), else what general.file_type says, else float16 (llama.cpp's converter's
-    default; a quantized file's F32 tensors are its norms, which llama.cpp always writes as F32)."""
+    with more elements), float32 for a file of F32 tensors alone, else what general.file_type says,
+    else float16 (llama.cpp's converter's default; a quantized file's F32 tensors are its norms, which
+    llama.cpp always writes as F32)."""
     elements: dict[torch.dtype, int] = {}
     for tensor in gguf_file.tensors:
         dtype = _FLOAT_TYPES.get(GGMLQuantizationType(tensor.type_id))
@@ -41,6 +42,8 @@ def model_dtype(gguf_file: GGUFFile) -> torch.dtype:
             elements[dtype] = elements.get(dtype, 0) + tensor.n_elements
     if elements:
         return max(elements, key=elements.__getitem__)
+    if all(GGMLQuantizationType(tensor.type_id) == GGMLQuantizationType.F32 for tensor in gguf_file.tensors):
+        return torch.float32    # a float32 model: nothing narrower was ever in it
     file_type = gguf_file.metadata.get("general.file_type")
     if isinstance(file_type, int) and not isinstance(file_type, bool):
         return _FILE_TYPE_DTYPES.get(file_type, torch.float16)
@@ -103,7 +106,7 @@ class GGUFSource(Source):
                 if tensor.name in gguf_arch.GGUF_ONLY_TENSORS:
                     skipped.append(tensor.name)
                     continue
-                self._hf_to_gguf[gguf_arch.gguf_to_hf_name(tensor.name)] = tensor
+                self._hf_to_gguf[gguf_arch.gguf_to_hf_name(tensor.name, self.gguf.architecture)] = tensor
             if skipped:
                 ui.warn(f"{path}: ignoring {', '.join(skipped)} (no Hugging Face counterpart)")
             self._check_shapes(config)
@@ -154,15 +157,12 @@ class GGUFSource(Source):
             return self._hf_to_gguf[name]
         except KeyError:
             raise NotFound(f"{self.gguf.path} has no tensor {name!r} (GGUF name "
-                           f"{_safe_gguf_name(name)!r})") from None
+                           f"{_safe_gguf_name(name, self.config)!r})") from None
 
     def load(self, name: str) -> torch.Tensor:
         tensor = self.gguf_tensor(name)
         values = dequantize_raw(self.gguf.raw(tensor), tensor, self.dtype)
-        heads = gguf_arch.qk_heads(name, self.config)
-        if heads is not None:
-            values = gguf_arch.unpermute_qk(values, heads)
-        return values
+        return gguf_arch.from_gguf(name, values, self.config)
 
     def tokenizer_dir(self) -> Path | None:
         if self._tokenizer_tmp is None:
@@ -190,9 +190,9 @@ class GGUFSource(Source):
             self._tokenizer_tmp = None
 
 
-def _safe_gguf_name(name: str) -> str:
+def _safe_gguf_name(name: str, config: dict) -> str:
     try:
-        return gguf_arch.hf_to_gguf_name(name)
+        return gguf_arch.hf_to_gguf_name(name, gguf_arch.model_type_of(config))
     except Unsupported:
         return "?"
 
