@@ -60,11 +60,15 @@ def _run(debug: bool, quiet: bool, work: Callable[[], Any], as_json: bool = Fals
         raise _fail(as_json, 1, "OutOfMemory",
                     "out of memory; try a smaller --max-shard-size or --device cuda") from None
     except Exception as exc:  # a bug of ours: say so in one line, traceback only with --debug
-        if debug:
-            traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise _fail(as_json, 1, "InternalError", f"internal error ({type(exc).__name__}: {first}); "
-                                                 "rerun with --debug and report it") from None
+        raise _internal_error(as_json, debug, exc) from None
+
+
+def _internal_error(as_json: bool, debug: bool, exc: Exception) -> typer.Exit:
+    if debug:
+        traceback.print_exc()
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return _fail(as_json, 1, "InternalError", f"internal error ({type(exc).__name__}: {first}); "
+                                              "rerun with --debug and report it")
 
 
 def _interrupted(as_json: bool, exc: BaseException) -> typer.Exit:
@@ -330,6 +334,8 @@ def run(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(BadArgument.exit_code) from None
         raise SystemExit(_fail(as_json, BadArgument.exit_code, BadArgument.__name__, exc.format_message()).exit_code) \
             from None
+    except Exception as exc:   # outside a command's _run (its own imports): a bug, still one line
+        raise SystemExit(_internal_error(as_json, "--debug" in args, exc).exit_code) from None
     raise SystemExit(code or 0)
 
 
