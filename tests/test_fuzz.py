@@ -379,10 +379,15 @@ def test_fuzz(target: str, seeds: Seeds, fork_servers: list[ForkServer], tmp_pat
             saved_per_kind[kind] = saved_per_kind.get(kind, 0) + 1
             saved = None
             if saved_per_kind[kind] <= SAVED_PER_KIND:
+                # Paths relative to the script, so a copied case folder still reproduces.
+                shutil.copyfile(seeds.text, case_dir / "eval.txt")
+                shown = [shlex.quote(arg).replace(str(case_dir), "$HERE").replace(str(seeds.text), "$HERE/eval.txt")
+                         for arg in case.args]
                 (case_dir / "repro.sh").write_text(
                     f"# {target} #{case.number} (QTOOL_FUZZ_SEED={BASE_SEED}): {case.mutation}\n"
                     f"# problems: {', '.join(problems)}\n"
-                    f"cd {case_dir / 'cwd'} && qtool {' '.join(shlex.quote(arg) for arg in case.args)}\n")
+                    'HERE="$(cd "$(dirname "$0")" && pwd)"\n'
+                    f'rm -rf "$HERE/out" && mkdir "$HERE/out" && cd "$HERE/cwd" && qtool {" ".join(shown)}\n')
                 saved = case_dir
                 if SAVE_DIR is not None:  # pytest's tmp dirs are pruned by later runs (three are kept)
                     saved = SAVE_DIR / case_dir.name
