@@ -19,7 +19,7 @@ import torch
 from qtool import __version__, ui
 from qtool.atomic import OutputClaim, StagedOutput, output_errors
 from qtool.errors import BadArgument
-from qtool.plan import KEEP, Recipe, TensorPlan, build_plan
+from qtool.plan import KEEP, Recipe, TensorPlan, build_plan, check_coverage
 from qtool.report import ActivationReport, ActivationRow, QuantizeReport, size_report
 from qtool.schemes.base import get_scheme
 from qtool.sinks import sink_class
@@ -69,6 +69,9 @@ def plan_model(source: Source, recipe: Recipe, fmt: str = "safetensors") -> list
     for plan in plans:
         if not plan.keep:
             get_scheme(plan.scheme)   # unknown names fail before any work
+    warning = check_coverage(plans, recipe, source.config)   # never exit 0 with nothing quantized
+    if warning:
+        ui.warn(warning)
     return plans
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import yaml
 
-from qtool.errors import BadArgument, NotFound
+from qtool.errors import BadArgument, NotFound, Unsupported
 from qtool.sources.base import TensorInfo
 
 KEEP = "keep"
@@ -126,6 +126,83 @@ def build_plan(tensors: list[TensorInfo], recipe: Recipe, n_layers: int) -> list
                 plan = TensorPlan(info.name, info.shape, KEEP)
         plans.append(plan)
     return plans
+
+
+# -- coverage: a plan that quantizes nothing, or misses the decoder blocks, is refused -------------
+_BLOCK_RE = re.compile(r"^(.+?)\.(\d+)\.")   # the numbered block a name is in: ("transformer.h", "3")
+_EXAMPLES_SHOWN = 3
+
+
+def _block_of(name: str) -> tuple[str, int] | None:
+    found = _BLOCK_RE.match(name)
+    return (found.group(1), int(found.group(2))) if found else None
+
+
+def _is_matrix(plan: TensorPlan) -> bool:
+    return len(plan.shape) == 2 and all(dim > 0 for dim in plan.shape) and plan.name.endswith(".weight")
+
+
+def _kept_on_purpose(name: str, recipe: Recipe) -> bool:
+    """A --skip glob or a ``scheme: keep`` rule names the tensor: keeping it is the user's choice."""
+    return (any(fnmatch.fnmatchcase(name, glob) for glob in recipe.skip)
+            or any(rule.scheme == KEEP and fnmatch.fnmatchcase(name, rule.match) for rule in recipe.rules))
+
+
+def _include_hint(names: list[str]) -> str:
+    """--include globs that pick the Linear weights ``names`` (and not the norms beside them)."""
+    globs: list[str] = []
+    for name in names:
+        block = _block_of(name)
+        if block is None:
+            glob = name
+        else:
+            prefix, index = block
+            parts = name[len(f"{prefix}.{index}."):].split(".")
+            glob = f"{prefix}.*.{parts[0]}.*.weight" if len(parts) > 2 else f"{prefix}.*.{'.'.join(parts)}"
+        if glob not in globs:
+            globs.append(glob)
+    return " ".join(f"--include '{glob}'" for glob in globs)
+
+
+def check_coverage(plans: list[TensorPlan], recipe: Recipe, config: dict[str, Any]) -> str | None:
+    """Refuse (Unsupported) a plan that would quantize no weight, or none of the decoder blocks' Linear
+    weights, when the tensors are laid out in a way the default rule does not know (falcon's
+    ``transformer.h.N``, gpt_neox's ``gpt_neox.layers.N``): such a run would write the model unchanged
+    and exit 0. Where --skip / --include / rules chose this, returns a warning to show instead."""
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    n_layers = config.get("num_hidden_layers") or text_config.get("num_hidden_layers") or 0
+    model_type = config.get("model_type") or "unknown"
+    blocks: dict[str, set[int]] = {}
+    for plan in plans:
+        block = _block_of(plan.name)
+        if block is not None:
+            blocks.setdefault(block[0], set()).add(block[1])
+    # The decoder: the numbered blocks as many as the config's layers (any numbered blocks if none fit).
+    decoder = {prefix for prefix, indices in blocks.items() if len(indices) == n_layers} or set(blocks)
+    quantized = [plan for plan in plans if not plan.keep]
+    decoder_quantized = any((_block_of(plan.name) or ("",))[0] in decoder for plan in quantized)
+    matrices = [plan for plan in plans if _is_matrix(plan)]
+    missed = [plan.name for plan in matrices if plan.keep and (_block_of(plan.name) or ("",))[0] in decoder
+              and not _kept_on_purpose(plan.name, recipe)]
+    if quantized and (decoder_quantized or not missed):
+        return None
+    found = f"{len(matrices)} 2-D weight(s) (e.g. {', '.join(p.name for p in matrices[:_EXAMPLES_SHOWN])})" \
+        if matrices else "no 2-D weight"
+    if missed:
+        examples = ", ".join(missed[:_EXAMPLES_SHOWN])
+        hint = _include_hint(missed)
+        if quantized and (recipe.include or any(rule.scheme != KEEP for rule in recipe.rules)):
+            return (f"the plan quantizes {len(quantized)} tensor(s) picked by --include / rules but none of the "
+                    f"{len(missed)} Linear weight(s) of the decoder blocks (e.g. {examples}); add {hint} to quantize them")
+        raise Unsupported(f"{model_type}: the plan quantizes {'no weight' if not quantized else 'none of the decoder blocks'}: "
+                          f"{len(missed)} of the model's {len(matrices)} 2-D weights are Linear weights of decoder "
+                          f"blocks laid out as qtool's default rule (model.layers.N.*) does not know (e.g. {examples}); "
+                          f"pass {hint} to quantize them, or --include GLOB to pick tensors")
+    if any(_kept_on_purpose(plan.name, recipe) for plan in matrices):
+        return (f"the plan quantizes no weight: --skip / keep rules keep all {len(matrices)} 2-D weight(s); "
+                "the output holds the model's weights unchanged")
+    raise Unsupported(f"{model_type}: the plan quantizes no weight: the model has {found}, none in numbered "
+                      "decoder blocks; pass --include GLOB to pick tensors to quantize")
 
 
 # -- presets (YAML) and scheme parameters ----------------------------------------------------

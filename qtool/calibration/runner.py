@@ -14,6 +14,7 @@ anything and returns the statistics; :mod:`qtool.calibration.methods` quantizes 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -93,9 +94,39 @@ class _Skeleton:
             raise Unsupported(f"{type(model).__name__}: calibration supports decoder models with model.layers")
         self.layers = layers
         self.embed_name = "model.embed_tokens.weight"
+        # Gemma scales its embeddings by sqrt(hidden_size) inside the embedding module.
+        self.embed_scale = float(getattr(base.embed_tokens, "scalar_embed_scale", 1.0))
         rotary = getattr(base, "rotary_emb", None)
         # Rotary tables are computed at construction: build a real one on the device.
         self.rotary = type(rotary)(config=self.config).to(device) if rotary is not None else None
+        # Gemma 3 keeps one table per layer type (sliding / full attention) and takes the type as an argument.
+        self.rotary_per_layer_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        # sdpa makes a missing mask causal by itself; eager attention (Gemma 2) needs the mask written out.
+        self.needs_mask = model.config._attn_implementation != "sdpa"
+
+    def position_embeddings(self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+                            cache: dict[Any, Any]) -> Any:
+        """Block ``index``'s rotary (cos, sin), each distinct table computed once."""
+        if self.rotary is None:
+            return None
+        layer_type = self.config.layer_types[index] if self.rotary_per_layer_type else None
+        if layer_type not in cache:
+            cache[layer_type] = (self.rotary(hidden[:1], position_ids, layer_type) if self.rotary_per_layer_type
+                                 else self.rotary(hidden[:1], position_ids))
+        return cache[layer_type]
+
+    def attention_mask(self, index: int, seqlen: int, device: torch.device) -> torch.Tensor | None:
+        """None where the attention is sdpa and plainly causal over ``seqlen`` tokens; else the additive
+        causal mask (1, 1, seqlen, seqlen), limited to the block's sliding window if it has one."""
+        window = getattr(getattr(self.layers[index], "self_attn", None), "sliding_window", None)
+        sliding = isinstance(window, int) and window < seqlen
+        if not self.needs_mask and not sliding:
+            return None
+        query = torch.arange(seqlen, device=device).unsqueeze(1)
+        key = torch.arange(seqlen, device=device).unsqueeze(0)
+        allowed = (key <= query) & ((query - key < window) if sliding else True)
+        mask = torch.zeros(seqlen, seqlen, device=device)
+        return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)[None, None]
 
     def block(self, index: int, source: Source, names: list[str], device: torch.device) -> nn.Module:
         block = self.layers[index]
@@ -127,16 +158,17 @@ def _batches(total: int, batch: int) -> list[slice]:
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, position_embeddings: Any,
-               position_ids: torch.Tensor, batch: int) -> None:
+               position_ids: torch.Tensor, batch: int, attention_mask: torch.Tensor | None = None) -> None:
     for part in _batches(hidden.shape[0], batch):
-        result = block(hidden[part], attention_mask=None, position_ids=position_ids,
+        result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
                        position_embeddings=position_embeddings)
         out[part] = result[0] if isinstance(result, tuple) else result
 
 
 def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, outputs: torch.Tensor | None,
              position_embeddings: Any, position_ids: torch.Tensor, batch: int, *, want_hessian: bool,
-             device: torch.device, seed: int) -> tuple[dict[str, InputStats], list[list[str]]]:
+             device: torch.device, seed: int,
+             attention_mask: torch.Tensor | None = None) -> tuple[dict[str, InputStats], list[list[str]]]:
     """Run ``block`` over ``hidden`` with hooks on ``linears``: the statistics of each one's inputs,
     and the Linears grouped by shared input in the order the forward pass calls them (q/k/v, o,
     gate/up, down). ``outputs``: where to write the block's outputs (None: not needed)."""
@@ -171,7 +203,7 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
         with torch.inference_mode():
             for part in _batches(hidden.shape[0], batch):
                 seen_inputs.clear()
-                result = block(hidden[part], attention_mask=None, position_ids=position_ids,
+                result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
                                position_embeddings=position_embeddings)
                 if outputs is not None:
                     outputs[part] = result[0] if isinstance(result, tuple) else result
@@ -211,9 +243,11 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
     with torch.inference_mode():
         embedding = source.load(skeleton.embed_name).to(device=device, dtype=torch.float32)
         hidden = nn.functional.embedding(tokens, embedding)
+        if skeleton.embed_scale != 1.0:
+            hidden *= skeleton.embed_scale
         del embedding
         position_ids = torch.arange(seqlen, device=device).unsqueeze(0)
-        position_embeddings = skeleton.rotary(hidden[:1], position_ids) if skeleton.rotary is not None else None
+        rotary_tables: dict[Any, Any] = {}
         outputs = torch.empty_like(hidden)
 
     for index in range(n_layers):
@@ -221,8 +255,11 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
         block = skeleton.block(index, source, [n for n in names if n.startswith(prefix)], device)
         linears = {f"{prefix}{name}.weight": module for name, module in block.named_modules()
                    if isinstance(module, nn.Linear)}
+        with torch.inference_mode():
+            position_embeddings = skeleton.position_embeddings(index, hidden, position_ids, rotary_tables)
+        attention_mask = skeleton.attention_mask(index, seqlen, device)
         run = dict(position_embeddings=position_embeddings, position_ids=position_ids, batch=batch,
-                   want_hessian=want_hessian, device=device, seed=seed + index)
+                   want_hessian=want_hessian, device=device, seed=seed + index, attention_mask=attention_mask)
         started = time.perf_counter()
         stats, groups = _observe(block, linears, hidden, outputs, **run)
         steps = ([(linears, stats)] if not per_group else
@@ -239,7 +276,7 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
             modified = modified or step.modified
         if modified:
             with torch.inference_mode():
-                _run_block(block, hidden, outputs, position_embeddings, position_ids, batch)
+                _run_block(block, hidden, outputs, position_embeddings, position_ids, batch, attention_mask)
         hidden, outputs = outputs, hidden
         skeleton.release(index)
         del block, linears, stats, step

@@ -88,6 +88,15 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def attention_implementation(config_object: Any) -> str:
+    """torch's fused attention ("sdpa") where the model class supports it, else transformers' "eager"
+    (Gemma 2 and gpt-oss refuse sdpa: their soft-capping / attention sinks are written out by hand)."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config_object), None)
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
 def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, keep_buffers: bool) -> Any:
     """``AutoModelForCausalLM.from_config`` with the parameters on the meta device, every parameter
     shape checked against the checkpoint before anything is loaded (``keep_buffers``: buffers such as
@@ -96,13 +105,14 @@ def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, kee
     from transformers import AutoModelForCausalLM
 
     origin = config_origin(source)
+    attention = attention_implementation(config_object)
     try:
         if keep_buffers:
             with _parameters_on_meta():
-                model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation="sdpa")
+                model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation=attention)
         else:
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation="sdpa")
+                model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation=attention)
     except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, IndexError) as exc:
         raise CorruptFile(f"{origin}: transformers cannot build a model from this config "
                           f"({type(exc).__name__}: {first_line(exc)}); fix the config or re-download the model") \
@@ -221,7 +231,7 @@ def _native_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     if "quantization_config" not in config:
         ui.warn(f"{source.spec} has no quantization_config; the native runtime loads it as a plain model")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device),
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=attention_implementation(hf_config(config)))
     model.eval()
     model.requires_grad_(False)
     return model
