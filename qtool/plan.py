@@ -186,8 +186,6 @@ def check_coverage(plans: list[TensorPlan], recipe: Recipe, config: dict[str, An
               and not _kept_on_purpose(plan.name, recipe)]
     if quantized and (decoder_quantized or not missed):
         return None
-    found = f"{len(matrices)} 2-D weight(s) (e.g. {', '.join(p.name for p in matrices[:_EXAMPLES_SHOWN])})" \
-        if matrices else "no 2-D weight"
     if missed:
         examples = ", ".join(missed[:_EXAMPLES_SHOWN])
         hint = _include_hint(missed)
@@ -198,10 +196,14 @@ def check_coverage(plans: list[TensorPlan], recipe: Recipe, config: dict[str, An
                           f"{len(missed)} of the model's {len(matrices)} 2-D weights are Linear weights of decoder "
                           f"blocks laid out as qtool's default rule (model.layers.N.*) does not know (e.g. {examples}); "
                           f"pass {hint} to quantize them, or --include GLOB to pick tensors")
-    if any(_kept_on_purpose(plan.name, recipe) for plan in matrices):
-        return (f"the plan quantizes no weight: --skip / keep rules keep all {len(matrices)} 2-D weight(s); "
-                "the output holds the model's weights unchanged")
-    raise Unsupported(f"{model_type}: the plan quantizes no weight: the model has {found}, none in numbered "
+    kept_on_purpose = [plan for plan in matrices if _kept_on_purpose(plan.name, recipe)]
+    if kept_on_purpose:
+        return (f"the plan quantizes no weight: --skip / keep rules keep {len(kept_on_purpose)} of the model's "
+                f"{len(matrices)} 2-D weights; the output holds the model's weights unchanged")
+    if not matrices:
+        raise Unsupported(f"{model_type}: the plan quantizes no weight: the model has no 2-D weight to quantize")
+    raise Unsupported(f"{model_type}: the plan quantizes no weight: the model has {len(matrices)} 2-D weight(s) "
+                      f"(e.g. {', '.join(plan.name for plan in matrices[:_EXAMPLES_SHOWN])}), none in numbered "
                       "decoder blocks; pass --include GLOB to pick tensors to quantize")
 
 

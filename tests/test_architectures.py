@@ -105,7 +105,7 @@ def test_skip_that_keeps_everything_warns(unknown_layout_dirs, tmp_path):
     out = tmp_path / "out"
     result = run_cli("quantize", unknown_layout_dirs["falcon"], "--bits", "4", "-o", out, "--skip", "transformer.*")
     assert result.exit_code == 0, result.stderr
-    assert "warning: the plan quantizes no weight: --skip / keep rules keep all" in one_line(result.stderr)
+    assert "warning: the plan quantizes no weight: --skip / keep rules keep 9 of the model's 9 2-D weights" in one_line(result.stderr)
     assert (out / "model.safetensors").is_file()
 
 
@@ -175,3 +175,17 @@ def test_calibration_sees_the_inputs_the_model_computes(model_type, tmp_path):
         model(tokens)
     for name in watched:
         torch.testing.assert_close(stats[name].absmax, seen[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_weights_outside_any_block_are_refused_unless_included():
+    from qtool.errors import Unsupported
+    from qtool.plan import Recipe, build_plan, check_coverage
+    from qtool.sources.base import TensorInfo
+
+    infos = [TensorInfo("encoder.proj.weight", (64, 64), "F32", 64 * 64 * 4), TensorInfo("encoder.norm.weight", (64,), "F32", 256)]
+    config = {"model_type": "custom", "num_hidden_layers": 1}
+    with pytest.raises(Unsupported, match=r"custom: the plan quantizes no weight: the model has 1 2-D weight\(s\) "
+                                          r"\(e\.g\. encoder\.proj\.weight\), none in numbered decoder blocks; pass --include"):
+        check_coverage(build_plan(infos, Recipe(scheme="int8-sym"), 1), Recipe(scheme="int8-sym"), config)
+    included = Recipe(scheme="int8-sym", include=["encoder.proj.weight"])
+    assert check_coverage(build_plan(infos, included, 1), included, config) is None
