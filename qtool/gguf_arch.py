@@ -1,91 +1,270 @@
-"""Llama-family GGUF <-> Hugging Face mapping, in both directions.
+"""Hugging Face <-> GGUF, one record per architecture, in both directions.
 
-The GGUF source reads with it and the GGUF sink writes with it, so the two stay in step:
-tensor names, the q/k row permutation llama.cpp applies, and config.json <-> ``{arch}.*``
-metadata keys (the key names are those of llama.cpp's ``convert_hf_to_gguf.py`` / gguf-py
-``constants.Keys``).
+The GGUF source reads with it and the GGUF sink writes with it, so the two stay in step. A record
+says what gguf-py does not: which Hugging Face ``model_type``\\ s map to which GGUF architecture,
+the Hugging Face module paths of a decoder block, the tensor transforms llama.cpp's converter
+applies (q/k row permutation, Gemma's ``1 + weight`` norms) and the architecture's own
+config.json <-> ``{arch}.*`` metadata. GGUF tensor names come from gguf-py's ``TensorNameMap``
+and metadata key names from gguf-py's ``Keys``, the tables llama.cpp's ``convert_hf_to_gguf.py``
+uses. Adding a dense architecture that gguf-py knows is one :class:`Architecture` in
+``ARCHITECTURES``.
 """
 from __future__ import annotations
 
+import functools
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the permutations only call tensor methods; inspect stays free of torch
+import gguf
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, Keys
+
+if TYPE_CHECKING:  # the transforms only call tensor methods; inspect stays free of torch
     import torch
 
 from qtool.errors import CorruptFile, Unsupported
 
-# Hugging Face model_type -> (GGUF architecture, whether llama.cpp permutes q/k rows).
-# llama.cpp converts Mistral checkpoints with its Llama converter (``general.architecture =
-# llama``, q/k permuted); Qwen2 keeps the Hugging Face row order and has q/k/v biases.
-_HF_TO_ARCH: dict[str, tuple[str, bool]] = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),
-    "qwen2": ("qwen2", False),
-}
-# GGUF architecture -> (Hugging Face model_type, architectures entry, q/k permuted).
-_ARCH_TO_HF: dict[str, tuple[str, str, bool]] = {
-    "llama": ("llama", "LlamaForCausalLM", True),
-    "mistral": ("mistral", "MistralForCausalLM", True),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
-}
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_HF_TO_ARCH)
-SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_ARCH_TO_HF)
+# Tensors outside the decoder blocks, as Hugging Face names them (module paths).
+_GLOBAL_MODULES = ("model.embed_tokens", "model.norm", "lm_head")
+# Module paths under ``model.layers.N`` of a Llama-style block.
+_LLAMA_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_GATED_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+_LLAMA_BLOCK = (*_LLAMA_ATTENTION, *_GATED_MLP, "input_layernorm", "post_attention_layernorm")
+_GEMMA_BLOCK = (*_LLAMA_ATTENTION, *_GATED_MLP, "input_layernorm", "post_attention_layernorm",
+                "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
-# Tensors outside the decoder blocks.
-_GLOBAL_NAMES: dict[str, str] = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-# Per-block tensor stems, GGUF ``blk.N.<stem>`` <-> HF ``model.layers.N.<stem>``.
-_BLOCK_STEMS: dict[str, str] = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_NAMES_REV = {hf: gg for gg, hf in _GLOBAL_NAMES.items()}
-_BLOCK_STEMS_REV = {hf: gg for gg, hf in _BLOCK_STEMS.items()}
-_GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
-_HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.([a-z_]+\.[a-z_]+|[a-z_]+)\.(weight|bias)$")
-
-# GGUF tensors that have no Hugging Face counterpart (llama 3.1 rope frequency factors).
-GGUF_ONLY_TENSORS: frozenset[str] = frozenset({"rope_freqs.weight"})
+Metadata = dict[str, Any]
 
 
-def hf_to_gguf_name(name: str) -> str:
+def _key(template: str, arch: str) -> str:
+    return template.format(arch=arch)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What qtool needs to write one Hugging Face architecture as GGUF and read it back."""
+
+    model_types: tuple[str, ...]     # Hugging Face model_type(s); the first is what a GGUF reads back as
+    gguf_arch: MODEL_ARCH
+    hf_class: str                    # config.json ``architectures`` entry for a GGUF read back
+    block_modules: tuple[str, ...] = _LLAMA_BLOCK
+    permute_qk: bool = False         # llama.cpp's NORM rope: q/k rows of each head interleaved
+    norm_offset: float = 0.0         # llama.cpp stores ``offset + weight`` for every ``*norm.weight``
+    hidden_act: str = "silu"
+    writes_head_dim: bool = True     # key_length / value_length from config.json's head_dim
+    # config.json -> extra ``{arch}.*`` keys, and GGUF metadata -> extra config.json fields.
+    extra_metadata: Callable[[dict, str], Metadata] | None = None
+    extra_config: Callable[[dict, str, dict], dict] | None = None
+    hf_fixed: dict = field(default_factory=dict, hash=False, compare=False)   # config.json fields a GGUF does not carry
+
+    @property
+    def name(self) -> str:
+        """``general.architecture``."""
+        return MODEL_ARCH_NAMES[self.gguf_arch]
+
+
+# -- per-architecture metadata ---------------------------------------------------------------------
+def _granite_metadata(config: dict, arch: str) -> Metadata:
+    # llama.cpp names Granite's *_multiplier fields *_scale and writes each only when set.
+    metadata: Metadata = {}
+    for hf_key, template in (("attention_multiplier", Keys.Attention.SCALE),
+                             ("embedding_multiplier", Keys.LLM.EMBEDDING_SCALE),
+                             ("residual_multiplier", Keys.LLM.RESIDUAL_SCALE),
+                             ("logits_scaling", Keys.LLM.LOGIT_SCALE)):
+        if config.get(hf_key):
+            metadata[_key(template, arch)] = float(config[hf_key])
+    return metadata
+
+
+def _granite_config(metadata: dict, arch: str, config: dict) -> dict:
+    # llama.cpp's defaults for absent keys: attention scale 1/sqrt(head_dim), the others 1.
+    return {"attention_multiplier": float(metadata.get(_key(Keys.Attention.SCALE, arch))
+                                          or 1.0 / math.sqrt(config["head_dim"])),
+            "embedding_multiplier": float(metadata.get(_key(Keys.LLM.EMBEDDING_SCALE, arch)) or 1.0),
+            "residual_multiplier": float(metadata.get(_key(Keys.LLM.RESIDUAL_SCALE, arch)) or 1.0),
+            "logits_scaling": float(metadata.get(_key(Keys.LLM.LOGIT_SCALE, arch)) or 1.0)}
+
+
+def _phi3_metadata(config: dict, arch: str) -> Metadata:
+    # Phi-3 may rotate part of each head; llama.cpp writes the sliding window, 0 when there is none.
+    head_dim = _head_dim(config)
+    factor = float(config.get("partial_rotary_factor") or 1.0)
+    metadata: Metadata = {_key(Keys.Rope.DIMENSION_COUNT, arch): int(factor * head_dim),
+                          _key(Keys.Attention.SLIDING_WINDOW, arch): int(config.get("sliding_window") or 0)}
+    if config.get("original_max_position_embeddings"):
+        metadata[_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = int(config["original_max_position_embeddings"])
+    return metadata
+
+
+def _phi3_config(metadata: dict, arch: str, config: dict) -> dict:
+    rope_dims = metadata.get(_key(Keys.Rope.DIMENSION_COUNT, arch)) or config["head_dim"]
+    window = metadata.get(_key(Keys.Attention.SLIDING_WINDOW, arch)) or None
+    extra = {"partial_rotary_factor": int(rope_dims) / config["head_dim"], "sliding_window": window}
+    original = metadata.get(_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch))
+    extra["original_max_position_embeddings"] = int(original) if original else config["max_position_embeddings"]
+    return extra
+
+
+def _gemma_metadata(config: dict, arch: str) -> Metadata:
+    metadata: Metadata = {_key(Keys.Attention.SLIDING_WINDOW, arch): int(config.get("sliding_window") or 0)}
+    for hf_key, template in (("attn_logit_softcapping", Keys.LLM.ATTN_LOGIT_SOFTCAPPING),
+                             ("final_logit_softcapping", Keys.LLM.FINAL_LOGIT_SOFTCAPPING)):
+        if config.get(hf_key):
+            metadata[_key(template, arch)] = float(config[hf_key])
+    return metadata
+
+
+def _gemma_config(metadata: dict, arch: str, config: dict) -> dict:
+    # llama.cpp scales queries by 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim).
+    extra: dict[str, Any] = {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": config["head_dim"],
+                             "sliding_window": int(metadata.get(_key(Keys.Attention.SLIDING_WINDOW, arch)) or 4096)}
+    for hf_key, template in (("attn_logit_softcapping", Keys.LLM.ATTN_LOGIT_SOFTCAPPING),
+                             ("final_logit_softcapping", Keys.LLM.FINAL_LOGIT_SOFTCAPPING)):
+        value = metadata.get(_key(template, arch))
+        extra[hf_key] = float(value) if value else None
+    if arch == MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA3]:
+        # Gemma 3's sliding layers rotate with base 10000 (llama.cpp's fixed rope_freq_base_train_swa).
+        extra["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": config["rope_theta"]},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    return extra
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    # llama.cpp converts Mistral checkpoints with its Llama converter (general.architecture = llama).
+    Architecture(("llama", "mistral"), MODEL_ARCH.LLAMA, "LlamaForCausalLM", permute_qk=True),
+    Architecture(("qwen2",), MODEL_ARCH.QWEN2, "Qwen2ForCausalLM"),
+    Architecture(("qwen3",), MODEL_ARCH.QWEN3, "Qwen3ForCausalLM", block_modules=(*_LLAMA_BLOCK, *_QK_NORMS)),
+    Architecture(("olmo2",), MODEL_ARCH.OLMO2, "Olmo2ForCausalLM",
+                 block_modules=(*_LLAMA_ATTENTION, *_QK_NORMS, *_GATED_MLP, "post_attention_layernorm",
+                                "post_feedforward_layernorm")),
+    # Granite's converter ignores head_dim (GraniteModel pops it) and keeps Llama's q/k permutation.
+    Architecture(("granite",), MODEL_ARCH.GRANITE, "GraniteForCausalLM", permute_qk=True, writes_head_dim=False,
+                 extra_metadata=_granite_metadata, extra_config=_granite_config),
+    # Phi-3's fused projections stay fused in llama.cpp: attn_qkv and ffn_up (gate rows first).
+    Architecture(("phi3",), MODEL_ARCH.PHI3, "Phi3ForCausalLM",
+                 block_modules=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj",
+                                "input_layernorm", "post_attention_layernorm"),
+                 writes_head_dim=False, extra_metadata=_phi3_metadata, extra_config=_phi3_config),
+    # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's converter stores 1 + weight.
+    Architecture(("gemma2",), MODEL_ARCH.GEMMA2, "Gemma2ForCausalLM", block_modules=_GEMMA_BLOCK, norm_offset=1.0,
+                 hidden_act="gelu_pytorch_tanh", extra_metadata=_gemma_metadata, extra_config=_gemma_config),
+    Architecture(("gemma3_text",), MODEL_ARCH.GEMMA3, "Gemma3ForCausalLM", block_modules=(*_GEMMA_BLOCK, *_QK_NORMS),
+                 norm_offset=1.0, hidden_act="gelu_pytorch_tanh", extra_metadata=_gemma_metadata,
+                 extra_config=_gemma_config),
+)
+
+_BY_MODEL_TYPE: dict[str, Architecture] = {t: record for record in ARCHITECTURES for t in record.model_types}
+# Mistral GGUFs written by older converters say general.architecture = mistral.
+_BY_GGUF_NAME: dict[str, Architecture] = {**{record.name: record for record in ARCHITECTURES},
+                                          "mistral": _BY_MODEL_TYPE["mistral"]}
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
+SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_BY_GGUF_NAME)
+
+# GGUF tensors that have no Hugging Face counterpart (llama 3.1 rope frequency factors, Phi-3's
+# long/short rope factors).
+GGUF_ONLY_TENSORS: frozenset[str] = frozenset({"rope_freqs.weight", "rope_factors_long.weight",
+                                               "rope_factors_short.weight"})
+
+
+def _unsupported_architecture(found: str, *, gguf_file: bool = False) -> Unsupported:
+    known = ", ".join(SUPPORTED_GGUF_ARCHITECTURES if gguf_file else SUPPORTED_ARCHITECTURES)
+    what = "GGUF architecture" if gguf_file else "architecture"
+    return Unsupported(f"{what} {found!r} is not supported; qtool handles {known}")
+
+
+def model_type_of(config: dict) -> str:
+    model_type = config.get("model_type")
+    if not model_type:
+        architectures = config.get("architectures") or []
+        model_type = str(architectures[0]) if architectures else "unknown"
+    return str(model_type)
+
+
+def architecture(config: dict) -> Architecture:
+    """The record for a Hugging Face config; the one place that refuses unknown architectures."""
+    model_type = model_type_of(config)
+    if model_type not in _BY_MODEL_TYPE:
+        raise _unsupported_architecture(model_type)
+    return _BY_MODEL_TYPE[model_type]
+
+
+def gguf_record(arch: Any) -> Architecture:
+    """The record for a GGUF ``general.architecture``; Unsupported for any other."""
+    if not isinstance(arch, str) or arch not in _BY_GGUF_NAME:
+        raise _unsupported_architecture(str(arch), gguf_file=True)
+    return _BY_GGUF_NAME[arch]
+
+
+def check_supported(config: dict) -> None:
+    """Raise Unsupported naming the architecture unless qtool has a record for it."""
+    architecture(config)
+
+
+def gguf_architecture(config: dict) -> str:
+    """The ``general.architecture`` llama.cpp uses for this Hugging Face config."""
+    return architecture(config).name
+
+
+# -- tensor names ----------------------------------------------------------------------------------
+_HF_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+@functools.cache
+def _name_tables(record: Architecture) -> tuple[dict[str, str], dict[str, str]]:
+    """HF -> GGUF and GGUF -> HF names with block number 0, from gguf-py's TensorNameMap."""
+    name_map = gguf.get_tensor_name_map(record.gguf_arch, 1)
+    forward: dict[str, str] = {}
+    for module in (*_GLOBAL_MODULES, *(f"model.layers.0.{m}" for m in record.block_modules)):
+        gguf_name = name_map.get_name(module)
+        if gguf_name is None and module == "lm_head":
+            continue   # always tied in llama.cpp (Gemma 2): an lm_head tensor then has no GGUF name
+        if gguf_name is None:   # a record naming a module gguf-py does not have for the architecture
+            raise AssertionError(f"gguf-py has no {record.name} tensor for {module}")
+        for suffix in (".weight", ".bias"):
+            forward[module + suffix] = gguf_name + suffix
+    return forward, {gguf_name: hf for hf, gguf_name in forward.items()}
+
+
+def _renamed(name: str, table: dict[str, str], block_re: re.Pattern, block_prefix: str) -> str | None:
+    if name in table:
+        return table[name]
+    match = block_re.match(name)
+    if match is None:
+        return None
+    mapped = table.get(f"{block_prefix}0.{match.group(2)}")
+    if mapped is None:
+        return None
+    prefix, _, rest = mapped.partition(".0.")
+    return f"{prefix}.{match.group(1)}.{rest}"
+
+
+def hf_to_gguf_name(name: str, model_type: str = "llama") -> str:
     """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; Unsupported if unknown."""
-    if name in _GLOBAL_NAMES_REV:
-        return _GLOBAL_NAMES_REV[name]
-    match = _HF_BLOCK_RE.match(name)
-    if match and match.group(2) in _BLOCK_STEMS_REV:
-        return f"blk.{match.group(1)}.{_BLOCK_STEMS_REV[match.group(2)]}.{match.group(3)}"
-    raise Unsupported(f"tensor {name!r} has no GGUF name in the Llama layout; only Llama-family checkpoints "
-                      f"({', '.join(SUPPORTED_ARCHITECTURES)}) can be written as GGUF")
+    record = architecture({"model_type": model_type})
+    gguf_name = _renamed(name, _name_tables(record)[0], _HF_BLOCK_RE, "model.layers.")
+    if gguf_name is None:
+        raise Unsupported(f"tensor {name!r} has no GGUF name in the {model_type} layout qtool writes")
+    return gguf_name
 
 
-def gguf_to_hf_name(name: str) -> str:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; Unsupported if unknown."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    match = _GGUF_BLOCK_RE.match(name)
-    if match and match.group(2) in _BLOCK_STEMS:
-        return f"model.layers.{match.group(1)}.{_BLOCK_STEMS[match.group(2)]}.{match.group(3)}"
-    raise Unsupported(f"GGUF tensor {name!r} is not part of the Llama layout qtool reads "
-                      f"({', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
+    record = gguf_record(arch)
+    hf_name = _renamed(name, _name_tables(record)[1], _GGUF_BLOCK_RE, "blk.")
+    if hf_name is None:
+        raise Unsupported(f"GGUF tensor {name!r} is not part of the {arch} layout qtool reads")
+    return hf_name
 
 
+# -- tensor transforms -----------------------------------------------------------------------------
 def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Hugging Face q/k rows -> llama.cpp order (pass n_head_kv for k).
 
-    Hugging Face rotates the two halves of each head (rotate_half); llama.cpp's rope works on
+    Hugging Face rotates the two halves of each head (rotate_half); llama.cpp's NORM rope works on
     adjacent pairs, so its converter interleaves the halves of every head's rows.
     """
     rows = weight.shape[0]
@@ -106,9 +285,7 @@ def unpermute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def qk_heads(hf_name: str, config: dict) -> int | None:
     """Heads to (un)permute this HF tensor with, or None when it is not a permuted q/k tensor."""
-    model_type = config.get("model_type", "llama")
-    permuted = _HF_TO_ARCH.get(model_type, ("", False))[1]
-    if not permuted or not hf_name.endswith(".weight"):
+    if not architecture(config).permute_qk or not hf_name.endswith(".weight"):
         return None
     if ".self_attn.q_proj." in hf_name:
         return int(config["num_attention_heads"])
@@ -117,31 +294,40 @@ def qk_heads(hf_name: str, config: dict) -> int | None:
     return None
 
 
-def model_type_of(config: dict) -> str:
-    model_type = config.get("model_type")
-    if not model_type:
-        architectures = config.get("architectures") or []
-        model_type = str(architectures[0]) if architectures else "unknown"
-    return str(model_type)
+def norm_offset(hf_name: str, config: dict) -> float:
+    """What llama.cpp adds to this tensor (Gemma's norms are stored as ``1 + weight``), else 0."""
+    offset = architecture(config).norm_offset
+    return offset if offset and hf_name.endswith("norm.weight") else 0.0
 
 
-def check_supported(config: dict) -> None:
-    """Raise Unsupported naming the architecture unless it is a Llama-family model qtool maps."""
-    model_type = model_type_of(config)
-    if model_type not in _HF_TO_ARCH:
-        raise Unsupported(f"architecture {model_type!r} is not supported; qtool handles "
-                          f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family) models")
+def to_gguf(hf_name: str, tensor: torch.Tensor, config: dict) -> torch.Tensor:
+    """A Hugging Face tensor as llama.cpp's converter stores it (before quantization)."""
+    heads = qk_heads(hf_name, config)
+    if heads is not None:
+        tensor = permute_qk(tensor, heads)
+    offset = norm_offset(hf_name, config)
+    return tensor + offset if offset else tensor
 
 
-def gguf_architecture(config: dict) -> str:
-    """The ``general.architecture`` llama.cpp uses for this Hugging Face config."""
-    check_supported(config)
-    return _HF_TO_ARCH[model_type_of(config)][0]
+def from_gguf(hf_name: str, tensor: torch.Tensor, config: dict) -> torch.Tensor:
+    """Inverse of :func:`to_gguf`: a (dequantized) GGUF tensor in Hugging Face layout."""
+    heads = qk_heads(hf_name, config)
+    if heads is not None:
+        tensor = unpermute_qk(tensor, heads)
+    offset = norm_offset(hf_name, config)
+    return tensor - offset if offset else tensor
+
+
+# -- metadata --------------------------------------------------------------------------------------
+def _head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
 
 
 def _rope_theta(config: dict) -> float:
     # transformers >= 5 nests it in rope_parameters; older config.json files have it top level.
     params = config.get("rope_parameters") or {}
+    if isinstance(params, dict) and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]   # per layer type (Gemma 3): the full-attention layers' base
     if isinstance(params, dict) and "rope_theta" in params:
         return float(params["rope_theta"])
     return float(config.get("rope_theta", 10000.0))
@@ -155,116 +341,129 @@ def _rope_scaling(config: dict) -> dict:
     return scaling if isinstance(scaling, dict) else {}
 
 
-def gguf_metadata_from_hf(config: dict) -> dict[str, Any]:
+def gguf_metadata_from_hf(config: dict) -> Metadata:
     """The ``general.architecture`` and ``{arch}.*`` keys llama.cpp's converter writes.
 
     Python ints are UINT32 and floats FLOAT32 in GGUF (as llama.cpp writes them).
     """
-    arch = gguf_architecture(config)
+    record = architecture(config)
+    arch = record.name
     hidden = int(config["hidden_size"])
     n_head = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or hidden // n_head)
-    metadata: dict[str, Any] = {
-        "general.architecture": arch,
-        f"{arch}.block_count": int(config["num_hidden_layers"]),
-        f"{arch}.context_length": int(config.get("max_position_embeddings", 2048)),
-        f"{arch}.embedding_length": hidden,
-        f"{arch}.feed_forward_length": int(config["intermediate_size"]),
-        f"{arch}.attention.head_count": n_head,
-        f"{arch}.attention.head_count_kv": int(config.get("num_key_value_heads") or n_head),
-        f"{arch}.rope.freq_base": _rope_theta(config),
-        f"{arch}.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-6)),
-        f"{arch}.vocab_size": int(config["vocab_size"]),
-        f"{arch}.rope.dimension_count": head_dim,
+    head_dim = _head_dim(config)
+    metadata: Metadata = {
+        Keys.General.ARCHITECTURE: arch,
+        _key(Keys.LLM.BLOCK_COUNT, arch): int(config["num_hidden_layers"]),
+        _key(Keys.LLM.CONTEXT_LENGTH, arch): int(config.get("max_position_embeddings", 2048)),
+        _key(Keys.LLM.EMBEDDING_LENGTH, arch): hidden,
+        _key(Keys.LLM.FEED_FORWARD_LENGTH, arch): int(config["intermediate_size"]),
+        _key(Keys.Attention.HEAD_COUNT, arch): n_head,
+        _key(Keys.Attention.HEAD_COUNT_KV, arch): int(config.get("num_key_value_heads") or n_head),
+        _key(Keys.Rope.FREQ_BASE, arch): _rope_theta(config),
+        _key(Keys.Attention.LAYERNORM_RMS_EPS, arch): float(config.get("rms_norm_eps", 1e-6)),
+        _key(Keys.LLM.VOCAB_SIZE, arch): int(config["vocab_size"]),
+        _key(Keys.Rope.DIMENSION_COUNT, arch): head_dim,
     }
-    if head_dim != hidden // n_head:
-        metadata[f"{arch}.attention.key_length"] = head_dim
-        metadata[f"{arch}.attention.value_length"] = head_dim
+    # The converter writes these whenever config.json names head_dim; llama.cpp needs them when it
+    # differs from hidden / heads.
+    if (record.writes_head_dim and config.get("head_dim")) or head_dim != hidden // n_head:
+        metadata[_key(Keys.Attention.KEY_LENGTH, arch)] = head_dim
+        metadata[_key(Keys.Attention.VALUE_LENGTH, arch)] = head_dim
     scaling = _rope_scaling(config)
     rope_type = scaling.get("rope_type") or scaling.get("type")
-    if rope_type == "linear" and scaling.get("factor"):
-        metadata[f"{arch}.rope.scaling.type"] = "linear"
-        metadata[f"{arch}.rope.scaling.factor"] = float(scaling["factor"])
-    elif rope_type == "yarn" and scaling.get("factor"):
-        metadata[f"{arch}.rope.scaling.type"] = "yarn"
-        metadata[f"{arch}.rope.scaling.factor"] = float(scaling["factor"])
-        if scaling.get("original_max_position_embeddings"):
-            metadata[f"{arch}.rope.scaling.original_context_length"] = int(
-                scaling["original_max_position_embeddings"])
+    if rope_type in ("linear", "yarn") and scaling.get("factor"):
+        metadata[_key(Keys.Rope.SCALING_TYPE, arch)] = rope_type
+        metadata[_key(Keys.Rope.SCALING_FACTOR, arch)] = float(scaling["factor"])
+        if rope_type == "yarn" and scaling.get("original_max_position_embeddings"):
+            metadata[_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = int(scaling["original_max_position_embeddings"])
+    if record.extra_metadata is not None:
+        metadata.update(record.extra_metadata(config, arch))
     return metadata
 
 
 def _require(metadata: dict, key: str) -> Any:
     if key not in metadata:
-        raise CorruptFile(f"GGUF metadata lacks {key!r}; the file was not written by a Llama-family converter")
+        raise CorruptFile(f"GGUF metadata lacks {key!r}; the file was not written by a llama.cpp-style converter")
     return metadata[key]
 
 
 def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = None) -> dict[str, Any]:
-    """A Hugging Face config.json dict for a Llama-family GGUF's metadata.
+    """A Hugging Face config.json dict for a GGUF's metadata.
 
-    ``tensor_names`` (GGUF names) decide ``tie_word_embeddings``: tied when there is no
-    ``output.weight`` (llama.cpp then uses ``token_embd.weight`` as the output matrix).
+    ``tensor_names`` (GGUF names) decide ``tie_word_embeddings`` (tied when there is no
+    ``output.weight``: llama.cpp then uses ``token_embd.weight`` as the output matrix) and the
+    attention biases.
     """
-    arch = metadata.get("general.architecture")
-    if arch not in _ARCH_TO_HF:
-        raise Unsupported(f"GGUF architecture {arch!r} is not supported; qtool reads "
-                          f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)} (Llama-family) models")
-    model_type, class_name, _ = _ARCH_TO_HF[arch]
-    hidden = int(_require(metadata, f"{arch}.embedding_length"))
-    n_head = int(_require(metadata, f"{arch}.attention.head_count"))
-    n_head_kv = int(metadata.get(f"{arch}.attention.head_count_kv", n_head))
+    record = gguf_record(metadata.get(Keys.General.ARCHITECTURE))
+    arch = record.name if metadata.get(Keys.General.ARCHITECTURE) != "mistral" else "mistral"
+    model_type = record.model_types[0] if arch != "mistral" else "mistral"
+    class_name = record.hf_class if arch != "mistral" else "MistralForCausalLM"
+
+    def key(template: str) -> str:
+        return _key(template, arch)
+
+    hidden = int(_require(metadata, key(Keys.LLM.EMBEDDING_LENGTH)))
+    n_head = int(_require(metadata, key(Keys.Attention.HEAD_COUNT)))
+    n_head_kv = int(metadata.get(key(Keys.Attention.HEAD_COUNT_KV), n_head))
     if n_head <= 0 or n_head_kv <= 0 or hidden <= 0 or n_head % n_head_kv:
         raise CorruptFile(f"GGUF metadata has inconsistent sizes: {hidden=} {n_head=} {n_head_kv=}")
-    head_dim = int(metadata.get(f"{arch}.attention.key_length") or hidden // n_head)
-    vocab_size = metadata.get(f"{arch}.vocab_size")
+    head_dim = int(metadata.get(key(Keys.Attention.KEY_LENGTH)) or hidden // n_head)
+    vocab_size = metadata.get(key(Keys.LLM.VOCAB_SIZE))
     if vocab_size is None:
         tokens = metadata.get("tokenizer.ggml.tokens")
         vocab_size = len(tokens) if tokens is not None else None
     if vocab_size is None:
         raise CorruptFile("GGUF metadata gives no vocabulary size (no vocab_size key, no tokenizer tokens)")
-    rope_theta = float(metadata.get(f"{arch}.rope.freq_base", 10000.0))
-    names = set(tensor_names) if tensor_names is not None else None
-    tied = names is not None and "output.weight" not in names
+    rope_theta = float(metadata.get(key(Keys.Rope.FREQ_BASE), 10000.0))
+    names = set(tensor_names) if tensor_names is not None else set()
     config: dict[str, Any] = {
         "architectures": [class_name],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(_require(metadata, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_require(metadata, f"{arch}.block_count")),
+        "intermediate_size": int(_require(metadata, key(Keys.LLM.FEED_FORWARD_LENGTH))),
+        "num_hidden_layers": int(_require(metadata, key(Keys.LLM.BLOCK_COUNT))),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_head_kv,
         "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": float(metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "hidden_act": record.hidden_act,
+        "rms_norm_eps": float(metadata.get(key(Keys.Attention.LAYERNORM_RMS_EPS), 1e-6)),
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "max_position_embeddings": int(metadata.get(f"{arch}.context_length", 2048)),
+        "max_position_embeddings": int(metadata.get(key(Keys.LLM.CONTEXT_LENGTH), 2048)),
         "vocab_size": int(vocab_size),
-        "tie_word_embeddings": tied,
-        "attention_bias": model_type == "qwen2",
+        "tie_word_embeddings": tensor_names is not None and "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
         "mlp_bias": False,
         "initializer_range": 0.02,
         "use_cache": True,
         # Dequantized GGUF tensors come out as float32 (see GGUFSource.load).
         "torch_dtype": "float32",
         "dtype": "float32",
+        **record.hf_fixed,
     }
-    scaling_type = metadata.get(f"{arch}.rope.scaling.type")
-    factor = metadata.get(f"{arch}.rope.scaling.factor")
+    scaling_type = metadata.get(key(Keys.Rope.SCALING_TYPE))
+    factor = metadata.get(key(Keys.Rope.SCALING_FACTOR))
     if scaling_type in ("linear", "yarn") and factor:
         scaling = {"rope_type": scaling_type, "factor": float(factor), "rope_theta": rope_theta}
-        original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+        original = metadata.get(key(Keys.Rope.SCALING_ORIG_CTX_LEN))
         if original:
             scaling["original_max_position_embeddings"] = int(original)
         config["rope_scaling"] = dict(scaling, type=scaling_type)
         config["rope_parameters"] = scaling
-    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                        ("padding_token_id", "pad_token_id")):
-        value = metadata.get(f"tokenizer.ggml.{key}")
+    if record.extra_config is not None:
+        config.update(record.extra_config(metadata, arch, config))
+    for gguf_key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                             ("padding_token_id", "pad_token_id")):
+        value = metadata.get(f"tokenizer.ggml.{gguf_key}")
         if value is not None:
             config[hf_key] = int(value)
-    name = metadata.get("general.name")
+    name = metadata.get(Keys.General.NAME)
     if name:
         config["_name_or_path"] = str(name)
     return config
+
+
+def size_label(shapes: Iterable[Iterable[int]]) -> str:
+    """``general.size_label`` as llama.cpp's converter writes it for a dense model (e.g. ``135M``)."""
+    total = sum(math.prod(shape) for shape in shapes)
+    return gguf.size_label(total, total, 0, 0)

@@ -92,6 +92,8 @@ def test_config_from_real_gguf_and_back(smollm2_gguf: Path) -> None:
     # Writing the config back gives exactly the llama.* keys llama.cpp's converter wrote.
     back = gguf_arch.gguf_metadata_from_hf(config)
     for key, value in back.items():
+        if key.endswith((".attention.key_length", ".attention.value_length")):
+            continue   # today's converter writes them whenever config.json has head_dim; this file predates that
         assert key in metadata, key
         assert metadata[key] == pytest.approx(value), key
     written_by_llama_cpp = {k for k in metadata if k.startswith("llama.")}

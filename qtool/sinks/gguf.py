@@ -90,7 +90,8 @@ class GGUFSink(Sink):
         super().__init__(out, source, plans, force=force, options=options)
         config = source.config
         gguf_arch.check_supported(config)   # before any work: names the architecture otherwise
-        self._gguf_names = {plan.name: gguf_arch.hf_to_gguf_name(plan.name) for plan in plans}
+        model_type = gguf_arch.model_type_of(config)
+        self._gguf_names = {plan.name: gguf_arch.hf_to_gguf_name(plan.name, model_type) for plan in plans}
         self._types = {plan.name: stored_type(plan) for plan in plans}
         fallbacks = Counter((plan.scheme, self._types[plan.name]) for plan in plans
                             if not plan.keep and len(plan.shape) >= 2 and self._types[plan.name] != plan.scheme)
@@ -129,6 +130,7 @@ class GGUFSink(Sink):
         metadata["general.quantized_by"] = "qtool"
         metadata["general.file_type"] = int(self._file_type())
         metadata["general.quantization_version"] = QUANTIZATION_VERSION
+        metadata["general.size_label"] = gguf_arch.size_label(plan.shape for plan in self.plans)
         tokenizer = tokenizer_metadata(self.source.tokenizer_dir(), config)
         if not tokenizer:
             ui.warn(f"{self.source.description} has no tokenizer files; the GGUF has no vocabulary and "
@@ -170,13 +172,12 @@ class GGUFSink(Sink):
         if packed is None and tuple(tensor.shape) != tuple(plan.shape):
             # The header already promised the plan's shape; other bytes would make a file no reader takes.
             raise BadArgument(f"tensor {plan.name} has shape {tuple(tensor.shape)}, the plan says {tuple(plan.shape)}")
-        heads = gguf_arch.qk_heads(plan.name, self.source.config)
+        config = self.source.config
+        heads = gguf_arch.qk_heads(plan.name, config)
         stored = ggml_type(self._types[plan.name])
         try:
             if packed is None:
-                if heads is not None:
-                    tensor = gguf_arch.permute_qk(tensor, heads)
-                data = stored.quantize(tensor, **plan.params).data
+                data = stored.quantize(gguf_arch.to_gguf(plan.name, tensor, config), **plan.params).data
             else:
                 # Calibrated blocks arrive packed; the q/k permutation moves whole rows, so it applies
                 # to packed rows as well.
@@ -184,6 +185,9 @@ class GGUFSink(Sink):
                     raise BadArgument(f"tensor {plan.name}: calibrated as {packed.type_name}, but the file stores "
                                       f"{stored.name}")
                 stored.check_scales(packed, tensor)
+                if gguf_arch.norm_offset(plan.name, config):
+                    raise BadArgument(f"tensor {plan.name}: a norm weight arrived packed; llama.cpp stores it "
+                                      "offset, which only an unpacked tensor can be")
                 data = packed.data if heads is None else gguf_arch.permute_qk(packed.data, heads)
         except NonFiniteWeight:
             raise BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "

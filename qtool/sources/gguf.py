@@ -137,10 +137,12 @@ class GGUFSource(Source):
         }
         for hf_name, tensor in self._hf_to_gguf.items():
             want = expected.get(hf_name)
-            if hf_name.endswith("q_proj.weight"):
+            if hf_name.endswith(".q_proj.weight"):
                 want = (heads * head_dim, hidden)
-            elif hf_name.endswith(("k_proj.weight", "v_proj.weight")):
+            elif hf_name.endswith((".k_proj.weight", ".v_proj.weight")):
                 want = (kv_heads * head_dim, hidden)
+            elif hf_name.endswith(".qkv_proj.weight"):   # Phi-3's fused q, k and v rows
+                want = ((heads + 2 * kv_heads) * head_dim, hidden)
             if want is not None and tuple(tensor.shape) != want:
                 raise CorruptFile(f"{self.gguf.path}: tensor {tensor.name!r} has shape {tuple(tensor.shape)} but the "
                                   f"metadata implies {want}; the file is inconsistent")

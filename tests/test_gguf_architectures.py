@@ -1,0 +1,170 @@
+"""Every architecture qtool writes as GGUF, from one record each (qtool/gguf_arch.py).
+
+Each architecture is a tiny random checkpoint built with transformers' own config class (float32,
+SmolLM2's tokenizer). qtool's F16 GGUF must give llama.cpp the logits transformers gives (same
+top-1 at every position, |diff| <= 2e-3 x the largest |logit|), Q8_0 must load and run, and qtool
+must read its own GGUF back to the Hugging Face names, config and weights.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qtool import gguf_arch
+from qtool.errors import Unsupported
+from qtool.sources.resolve import resolve
+
+from tests._gguf_helpers import llamacpp_logits, llamacpp_model, transformers_logits, write_gguf
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# What each architecture needs beyond the shared sizes: values that make its own code paths count.
+EXTRA: dict[str, dict] = {
+    "qwen3": {"head_dim": 32},
+    "olmo2": {},
+    "granite": {"embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
+                "logits_scaling": 2.0},
+    "phi3": {},
+    # llama.cpp scales queries by 1/sqrt(head_dim): query_pre_attn_scalar = head_dim.
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16},
+}
+ARCHS = list(EXTRA)
+PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin. 12345"
+LOGIT_TOLERANCE = 2e-3   # relative to the largest |logit| of the prompt
+
+
+def _build(model_type: str, folder: Path, tokenizer_from: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **SIZES, **EXTRA[model_type])
+    # eager attention: the one transformers implements Gemma 2's attention soft-capping with.
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32).eval()
+    model.save_pretrained(folder)
+    for path in tokenizer_from.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def checkpoint(request, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    model_type = request.param
+    # Not named after the architecture: llama.cpp picks Phi-3 token attributes by general.name
+    # (the folder's name), and SmolLM2's vocabulary lacks the "</s>" those expect.
+    return model_type, _build(model_type, tmp_path_factory.mktemp("checkpoint"), tiny_llama_dir)
+
+
+def _hf_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def test_record_names_cover_the_transformers_model(checkpoint: tuple[str, Path]) -> None:
+    model_type, folder = checkpoint
+    record = gguf_arch.architecture({"model_type": model_type})
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[record.gguf_arch]}
+    for name in _hf_state(folder):
+        gguf_name = gguf_arch.hf_to_gguf_name(name, model_type)
+        # A name gguf-py lists for this architecture (blk.N.x -> blk.{bid}.x), and back to the same HF name.
+        stem = gguf_name.rsplit(".", 1)[0]
+        parts = stem.split(".")
+        template = "blk.{bid}." + ".".join(parts[2:]) if parts[0] == "blk" else stem
+        assert template in allowed, (name, gguf_name)
+        assert gguf_arch.gguf_to_hf_name(gguf_name, record.name) == name
+
+
+def test_unknown_architecture_refused_in_one_message() -> None:
+    with pytest.raises(Unsupported, match="architecture 'falcon' is not supported; qtool handles llama, "):
+        gguf_arch.check_supported({"model_type": "falcon"})
+    with pytest.raises(Unsupported, match="GGUF architecture 'falcon' is not supported"):
+        gguf_arch.hf_config_from_gguf({"general.architecture": "falcon"})
+
+
+def test_metadata_keys_the_converter_writes() -> None:
+    qwen3 = {"model_type": "qwen3", **SIZES, "head_dim": 32}
+    metadata = gguf_arch.gguf_metadata_from_hf(qwen3)
+    assert metadata["qwen3.attention.key_length"] == metadata["qwen3.attention.value_length"] == 32
+    granite = {"model_type": "granite", **SIZES, "head_dim": 16, **EXTRA["granite"]}
+    metadata = gguf_arch.gguf_metadata_from_hf(granite)
+    assert "granite.attention.key_length" not in metadata   # GraniteModel drops head_dim
+    assert (metadata["granite.embedding_scale"], metadata["granite.residual_scale"],
+            metadata["granite.attention.scale"], metadata["granite.logit_scale"]) == (4.0, 0.5, 0.1, 2.0)
+    back = gguf_arch.hf_config_from_gguf(metadata, tensor_names=["token_embd.weight", "output.weight"])
+    assert {k: back[k] for k in EXTRA["granite"]} == pytest.approx(EXTRA["granite"])
+    phi3 = {"model_type": "phi3", **SIZES, "partial_rotary_factor": 0.5, "sliding_window": 64}
+    metadata = gguf_arch.gguf_metadata_from_hf(phi3)
+    assert metadata["phi3.rope.dimension_count"] == 8 and metadata["phi3.attention.sliding_window"] == 64
+    back = gguf_arch.hf_config_from_gguf(metadata, tensor_names=["token_embd.weight"])
+    assert back["partial_rotary_factor"] == 0.5 and back["sliding_window"] == 64 and back["tie_word_embeddings"]
+
+
+def _tokens(folder: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))(PROMPT, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_type, folder = checkpoint
+    tokens = _tokens(folder)
+    reference = transformers_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), tokens)
+
+    original = _hf_state(folder)
+    f16 = write_gguf(folder, "F16", tmp_path / "model-f16.gguf")
+    metadata = {key: field.contents() for key, field in gguf.GGUFReader(f16).fields.items()
+                if not key.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))}
+    # Keys llama.cpp's converter writes: the parameter count label, the BOS choice (SmolLM2 adds none).
+    assert metadata["general.size_label"] == gguf_arch.size_label(w.shape for w in original.values())
+    assert metadata["tokenizer.ggml.add_bos_token"] is False
+    arch = metadata["general.architecture"]
+    if EXTRA[model_type].get("head_dim"):
+        assert metadata[f"{arch}.attention.key_length"] == metadata[f"{arch}.attention.value_length"] \
+            == EXTRA[model_type]["head_dim"]
+    got = llamacpp_logits(llamacpp_model(f16), tokens)
+    assert np.array_equal(got.argmax(-1), reference.argmax(-1)), model_type
+    assert np.abs(got - reference).max() <= LOGIT_TOLERANCE * np.abs(reference).max(), model_type
+
+    q8 = write_gguf(folder, "Q8_0", tmp_path / "model-q8.gguf")
+    got_q8 = llamacpp_logits(llamacpp_model(q8), tokens)
+    assert np.isfinite(got_q8).all()
+    assert np.corrcoef(got_q8.ravel(), reference.ravel())[0, 1] > 0.99
+
+    # GGUF as input: the same HF names, config and (F16-rounded) weights.
+    with resolve(str(f16)) as source:
+        assert source.config["model_type"] == model_type
+        assert {info.name for info in source.tensors()} == set(original)
+        for name, weight in original.items():
+            assert torch.allclose(source.load(name).float(), weight, atol=1e-3, rtol=1e-3), name
+        config = {k: v for k, v in source.config.items() if k not in ("torch_dtype", "dtype", "architectures")}
+        from transformers import AutoConfig
+
+        back = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).to(torch.float32).eval()
+        missing, unexpected = back.load_state_dict({name: source.load(name).float() for name in original},
+                                                   strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)   # tied: no lm_head
+    read_back = transformers_logits(back, tokens)
+    assert np.array_equal(read_back.argmax(-1), reference.argmax(-1))
+
+    from qtool.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(f16), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {row["hf_name"] for row in report["tensors"]} == set(original)
