@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
 import traceback
 import warnings
@@ -32,8 +33,12 @@ DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when available).")
 
 
+_reported: list[int] = []   # exit codes _fail has already told the user about
+
+
 def _fail(as_json: bool, exit_code: int, kind: str, message: str) -> typer.Exit:
     """Say what went wrong (one line on stderr; with --json also the one document on stdout)."""
+    _reported.append(exit_code)
     message = ui.printable(redact_text(message), one_line=True)
     ui.stderr.print(f"error: {message}", style="red", soft_wrap=True)
     if as_json:
@@ -148,9 +153,9 @@ def inspect(
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Show what is in a model file: metadata, tensors, types, sizes."""
-    from qtool.inspect import inspect_model, render_inspect
-
     def work() -> None:
+        from qtool.inspect import inspect_model, render_inspect
+
         report = inspect_model(path, tensors=tensors, revision=revision)
         _show(as_json, report, lambda: render_inspect(report, stdout, metadata=not no_metadata))
 
@@ -194,11 +199,11 @@ def quantize(
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Quantize a checkpoint and write it as safetensors (transformers, vLLM) or GGUF (llama.cpp)."""
-    from qtool.recipes import choose_format, recipe_from_options
-    from qtool.pipeline import QuantizeOptions, quantize as run_quantize
-    from qtool.report import render_quantize
-
     def work() -> Any:
+        from qtool.recipes import choose_format, recipe_from_options
+        from qtool.pipeline import QuantizeOptions, quantize as run_quantize
+        from qtool.report import render_quantize
+
         if output is None and not dry_run:
             raise BadArgument("missing -o/--output: where to write the quantized model")
         # Every option is checked before any download, read or write.
@@ -257,9 +262,9 @@ def eval_command(
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Measure perplexity (and damage against a baseline) on WikiText-2 or your own text."""
-    from qtool.evaluation import check_gates, evaluate, render_eval
-
     def work() -> Any:
+        from qtool.evaluation import check_gates, evaluate, render_eval
+
         if not ppl:
             raise BadArgument("--no-ppl leaves nothing to measure; perplexity is the only measure so far")
         if (max_ppl_increase is not None or max_kld is not None) and baseline is None:
@@ -300,11 +305,10 @@ def calibrate(
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
     """Collect activation statistics (per-channel ranges, X^T X) for calibration-aware quantization."""
-    from qtool.pipeline import calibrate_model
-
-    from qtool.recipes import check_calibration_counts
-
     def work() -> None:
+        from qtool.pipeline import calibrate_model
+        from qtool.recipes import check_calibration_counts
+
         check_calibration_counts(calib_samples, calib_seqlen)
         report = calibrate_model(model, output, calib=calib, samples=calib_samples, seqlen=calib_seqlen,
                                  seed=seed, device=device, force=force)
@@ -323,8 +327,10 @@ def run(argv: Optional[List[str]] = None) -> None:
     as_json = "--json" in args
     try:
         code = app(args=args, prog_name="qtool", standalone_mode=False)
-    except typer.Abort:   # click's name for a Ctrl-C it caught
-        raise SystemExit(_interrupted(as_json, KeyboardInterrupt()).exit_code) from None
+    except typer.Abort as exc:   # click's wrapper of a Ctrl-C or SIGTERM it caught
+        cause = exc.__cause__ or exc.__context__
+        signal_exc = cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt()
+        raise SystemExit(_interrupted(as_json, signal_exc).exit_code) from None
     except KeyboardInterrupt as exc:
         raise SystemExit(_interrupted(as_json, exc).exit_code) from None
     except typer.exceptions.TyperException as exc:   # usage errors: unknown option, bad value, missing argument
@@ -336,6 +342,10 @@ def run(argv: Optional[List[str]] = None) -> None:
             from None
     except Exception as exc:   # outside a command's _run (its own imports): a bug, still one line
         raise SystemExit(_internal_error(as_json, "--debug" in args, exc).exit_code) from None
+    if code == EXIT_INTERRUPTED and signals.raised and not _reported:
+        # typer turns a signal that lands outside a command's _run (while parsing) into a silent 130.
+        signal_exc = Terminated() if signals.raised[-1] == signal.SIGTERM else KeyboardInterrupt()
+        code = _interrupted(as_json, signal_exc).exit_code
     raise SystemExit(code or 0)
 
 

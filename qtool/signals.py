@@ -27,8 +27,13 @@ def _in_import(frame: FrameType | None) -> bool:
     return False
 
 
+raised: list[int] = []
+"""Signals turned into exceptions in this process, oldest first."""
+
+
 def _raise(signum: int) -> None:
     _pending.clear()
+    raised.append(signum)
     if signum == signal.SIGTERM:
         raise Terminated
     raise KeyboardInterrupt
