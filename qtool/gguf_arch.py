@@ -55,6 +55,7 @@ class Architecture:
     norm_offset: float = 0.0         # llama.cpp stores ``offset + weight`` for every ``*norm.weight``
     hidden_act: str = "silu"
     writes_head_dim: bool = True     # key_length / value_length from config.json's head_dim
+    layer_norm: bool = False         # LayerNorm (config norm_epsilon) rather than RMSNorm (rms_norm_eps)
     # config.json -> extra ``{arch}.*`` keys, and GGUF metadata -> extra config.json fields.
     extra_metadata: Callable[[dict, str], Metadata] | None = None
     extra_config: Callable[[dict, str, dict], dict] | None = None
@@ -154,6 +155,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(("gemma3_text",), MODEL_ARCH.GEMMA3, "Gemma3ForCausalLM", block_modules=(*_GEMMA_BLOCK, *_QK_NORMS),
                  norm_offset=1.0, hidden_act="gelu_pytorch_tanh", extra_metadata=_gemma_metadata,
                  extra_config=_gemma_config),
+    # StarCoder2: LayerNorm with biases, biased projections, an ungated c_fc / c_proj MLP.
+    Architecture(("starcoder2",), MODEL_ARCH.STARCODER2, "Starcoder2ForCausalLM",
+                 block_modules=(*_LLAMA_ATTENTION, "mlp.c_fc", "mlp.c_proj", "input_layernorm",
+                                "post_attention_layernorm"),
+                 hidden_act="gelu_pytorch_tanh", layer_norm=True),
 )
 
 _BY_MODEL_TYPE: dict[str, Architecture] = {t: record for record in ARCHITECTURES for t in record.model_types}
@@ -360,7 +366,8 @@ def gguf_metadata_from_hf(config: dict) -> Metadata:
         _key(Keys.Attention.HEAD_COUNT, arch): n_head,
         _key(Keys.Attention.HEAD_COUNT_KV, arch): int(config.get("num_key_value_heads") or n_head),
         _key(Keys.Rope.FREQ_BASE, arch): _rope_theta(config),
-        _key(Keys.Attention.LAYERNORM_RMS_EPS, arch): float(config.get("rms_norm_eps", 1e-6)),
+        **({_key(Keys.Attention.LAYERNORM_EPS, arch): float(config.get("norm_epsilon", 1e-5))} if record.layer_norm
+           else {_key(Keys.Attention.LAYERNORM_RMS_EPS, arch): float(config.get("rms_norm_eps", 1e-6))}),
         _key(Keys.LLM.VOCAB_SIZE, arch): int(config["vocab_size"]),
         _key(Keys.Rope.DIMENSION_COUNT, arch): head_dim,
     }
@@ -450,6 +457,9 @@ def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = 
             scaling["original_max_position_embeddings"] = int(original)
         config["rope_scaling"] = dict(scaling, type=scaling_type)
         config["rope_parameters"] = scaling
+    if record.layer_norm:
+        config["norm_epsilon"] = float(metadata.get(key(Keys.Attention.LAYERNORM_EPS), 1e-5))
+        config["use_bias"] = config["attention_bias"]
     if record.extra_config is not None:
         config.update(record.extra_config(metadata, arch, config))
     for gguf_key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),

@@ -36,6 +36,7 @@ EXTRA: dict[str, dict] = {
     "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0},
     "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16},
+    "starcoder2": {},
 }
 ARCHS = list(EXTRA)
 PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin. 12345"
