@@ -39,7 +39,7 @@ _reported: list[int] = []   # exit codes _fail has already told the user about
 def _fail(as_json: bool, exit_code: int, kind: str, message: str) -> typer.Exit:
     """Say what went wrong (one line on stderr; with --json also the one document on stdout)."""
     _reported.append(exit_code)
-    message = ui.printable(redact_text(message), one_line=True)
+    message = ui.message_line(redact_text(message))
     ui.stderr.print(f"error: {message}", style="red", soft_wrap=True)
     if as_json:
         _emit_json({"error": {"exit_code": exit_code, "type": kind, "message": message}})
@@ -283,9 +283,9 @@ def eval_command(
                 raise
             payload = dataclasses.asdict(report)
             payload["error"] = {"exit_code": exc.exit_code, "type": type(exc).__name__,
-                                "message": ui.printable(exc.message, one_line=True)}
+                                "message": ui.message_line(exc.message)}
             _emit_json(payload)
-            ui.stderr.print(f"error: {ui.printable(exc.message, one_line=True)}", style="red", soft_wrap=True)
+            ui.stderr.print(f"error: {ui.message_line(exc.message)}", style="red", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         _show(as_json, report, lambda: render_eval(report, stdout))
 

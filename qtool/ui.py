@@ -35,6 +35,18 @@ def printable(text: str, *, one_line: bool = False) -> str:
     return (_UNSAFE_ONE_LINE if one_line else _UNSAFE).sub(_escape, text)
 
 
+MESSAGE_LIMIT = 2000
+"""Characters of one error or warning line: names read from files can be any length."""
+
+
+def message_line(text: str) -> str:
+    """One printable line of at most MESSAGE_LIMIT characters (a longer one says how much was cut)."""
+    line = printable(text, one_line=True)
+    if len(line) <= MESSAGE_LIMIT:
+        return line
+    return f"{line[:MESSAGE_LIMIT]}... ({len(line) - MESSAGE_LIMIT:,} more characters)"
+
+
 class SafeConsole(Console):
     """A rich console that never interprets markup or emoji codes in the strings it is given and
     escapes control characters in them, so text read from a file prints as it is and cannot clear,
@@ -68,7 +80,7 @@ def log(message: str) -> None:
 
 def warn(message: str) -> None:
     """Warnings show even with --quiet: they are about the result."""
-    stderr.print(f"warning: {message}", style="yellow", highlight=False, markup=False)
+    stderr.print(f"warning: {message_line(message)}", style="yellow", soft_wrap=True)
 
 
 class Task:

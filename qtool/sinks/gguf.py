@@ -22,13 +22,15 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from qtool import gguf_arch, ui
-from qtool.errors import BadArgument
+from qtool.errors import BadArgument, CorruptFile
 from qtool.gguf_tokenizer import tokenizer_metadata
 from qtool.plan import KEEP, Recipe, Rule, TensorPlan, build_plan
 from qtool.schemes.ggml import GGMLTensor, ScaleOverflow, ggml_type
 from qtool.schemes.int4 import NonFiniteWeight
 from qtool.sinks.base import Sink
 from qtool.sources.base import Source, TensorInfo
+from qtool.sources.config_check import config_origin
+from qtool.sources.jsonfile import clip
 
 QUANTIZATION_VERSION = 2   # GGML_QNT_VERSION
 ALIGNMENT = 32
@@ -123,7 +125,11 @@ class GGUFSink(Sink):
 
     # -- metadata --------------------------------------------------------------------------------
     def _metadata(self, config: dict) -> dict[str, Any]:
-        metadata = dict(gguf_arch.gguf_metadata_from_hf(config))
+        try:
+            metadata = dict(gguf_arch.gguf_metadata_from_hf(config))
+        except KeyError as missing:   # a field the checks leave optional but GGUF needs
+            raise CorruptFile(f"{config_origin(self.source)}: the config has no {clip(missing.args[0])}, which "
+                              "a GGUF file needs; add it from the model's original config.json") from None
         name = self.options.get("name") or config.get("_name_or_path") or Path(self.source.description).name
         metadata["general.type"] = "model"
         metadata["general.name"] = str(name)

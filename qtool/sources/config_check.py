@@ -48,6 +48,7 @@ _DTYPE_FIELDS = ("torch_dtype", "dtype")
 # The first numeric path component of a tensor name is its decoder block (model.layers.3.*, transformer.h.3.*).
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 _DIGITS_SHOWN = 24
+_INT_LIMIT = 2**32 - 1
 
 
 def config_origin(source: Source) -> str:
@@ -141,6 +142,9 @@ class ConfigCheck:
             raise self.corrupt(name, f"is {_shown(value)} ({type(value).__name__}); it must be a JSON integer")
         if value < minimum:
             raise self.corrupt(name, f"is {_shown(value)}; it must be at least {minimum}")
+        if value > _INT_LIMIT:
+            raise self.corrupt(name, f"is {_shown(value)}; no model has a size or count above {_INT_LIMIT} "
+                                     "(GGUF stores them as 32-bit integers)")
         return value
 
     def check_numbers(self) -> None:
