@@ -388,8 +388,8 @@ def _recipe_from_mapping(raw: Any, path: Path) -> Recipe:
         raise BadArgument(f"preset {path} must be a mapping of keys (scheme, params, rules, ...)")
     unknown = [key for key in raw if key not in PRESET_KEYS]
     if unknown:
-        raise BadArgument(f"preset {path}: unknown key(s) {', '.join(_shown(k) if not isinstance(k, str) else k for k in unknown)}; "
-                          f"a preset has {', '.join(PRESET_KEYS)}")
+        names = ", ".join(key if isinstance(key, str) else _shown(key) for key in unknown)
+        raise BadArgument(f"preset {path}: unknown key(s) {names}; a preset has {', '.join(PRESET_KEYS)}")
     description = raw.get("description")
     if description is not None and not isinstance(description, str):
         raise bad("description", "must be text")
