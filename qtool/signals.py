@@ -77,8 +77,8 @@ def _on_retry(signum: int, frame: FrameType | None) -> None:
 def install() -> None:
     """Route SIGINT and SIGTERM through the handlers above (main thread only; idempotent)."""
     try:
+        signal.signal(signal.SIGALRM, _on_retry)   # first: the others may need it at once
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGALRM, _on_retry)
     except ValueError:   # not the main thread (a library caller's worker): leave their handlers be
         pass
