@@ -36,13 +36,16 @@ DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when a
 _reported: list[int] = []   # exit codes _fail has already told the user about
 
 
-def _fail(as_json: bool, exit_code: int, kind: str, message: str) -> typer.Exit:
-    """Say what went wrong (one line on stderr; with --json also the one document on stdout)."""
+def _fail(as_json: bool, exit_code: int, kind: str, message: str, report: Any = None) -> typer.Exit:
+    """Say what went wrong (one line on stderr; with --json also the one document on stdout, which is
+    ``report`` with the error added when there is one)."""
     _reported.append(exit_code)
     message = ui.message_line(redact_text(message))
     ui.stderr.print(f"error: {message}", style="red", soft_wrap=True)
     if as_json:
-        _emit_json({"error": {"exit_code": exit_code, "type": kind, "message": message}})
+        document = dataclasses.asdict(report) if report is not None else {}
+        document["error"] = {"exit_code": exit_code, "type": kind, "message": message}
+        _emit_json(document)
     return typer.Exit(exit_code)
 
 
@@ -281,12 +284,7 @@ def eval_command(
             if not as_json:
                 render_eval(report, stdout)
                 raise
-            payload = dataclasses.asdict(report)
-            payload["error"] = {"exit_code": exc.exit_code, "type": type(exc).__name__,
-                                "message": ui.message_line(exc.message)}
-            _emit_json(payload)
-            ui.stderr.print(f"error: {ui.message_line(exc.message)}", style="red", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            raise _fail(as_json, exc.exit_code, type(exc).__name__, exc.message, report=report) from None
         _show(as_json, report, lambda: render_eval(report, stdout))
 
     _run(debug, quiet, work, as_json)
