@@ -55,3 +55,25 @@ def tiny_llama_dir(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPat
 
     return write_synthetic_llama(tmp_path_factory.mktemp("tiny-llama"), **SHAPES["tiny"],
                                  tokenizer_from=smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def arch_checkpoint(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``arch_checkpoint(variant, vocab_size=256)`` -> a tiny random checkpoint folder of that variant of
+    tests/_architectures.py (float32, SmolLM2's tokenizer when vocab_size is SmolLM2's 49152, none
+    otherwise), built once per run. Read-only: copy it before changing it."""
+    from tests._architectures import build_checkpoint
+
+    built: dict[tuple[str, int], Path] = {}
+
+    def get(variant: str, vocab_size: int = 256) -> Path:
+        key = (variant, vocab_size)
+        if key not in built:
+            # Not named after the architecture: llama.cpp picks Phi-3 token attributes by general.name
+            # (the folder's name), and SmolLM2's vocabulary lacks the "</s>" those expect.
+            folder = tmp_path_factory.mktemp("checkpoint")
+            tokenizer = smollm2_tokenizer_dir if vocab_size == 49152 else None
+            built[key] = build_checkpoint(variant, folder, tokenizer_from=tokenizer, vocab_size=vocab_size)
+        return built[key]
+
+    return get

@@ -1,0 +1,57 @@
+"""The tiny random checkpoints every architecture test shares: one entry per dense architecture qtool
+supports (and the Llama variants that take their own code paths), built with transformers' own config
+classes. Build them through the session fixture ``arch_checkpoint`` (tests/conftest.py), which builds
+each (variant, vocabulary) once per test run."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+# Shared by every variant: 2 blocks, 4 heads over 2 KV heads, hidden 64.
+SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+# variant -> (model_type, config fields beyond SIZES): values that make each architecture's own code paths count.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {"tie_word_embeddings": False}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    # Llama 3.x: llama3 rope scaling (llama.cpp takes it as the rope_freqs.weight factors).
+    "llama3": ("llama", {"tie_word_embeddings": False, "max_position_embeddings": 8192,
+                         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 1024}}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", {"embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
+                            "logits_scaling": 2.0}),
+    "phi3": ("phi3", {}),
+    # llama.cpp scales queries by 1/sqrt(head_dim): query_pre_attn_scalar = head_dim.
+    "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
+                          "final_logit_softcapping": 30.0}),
+    "gemma3_text": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16}),
+    "starcoder2": ("starcoder2", {}),
+}
+ARCH_VARIANTS = list(VARIANTS)
+# One variant per model_type (the Llama variants beyond the first only where their own path matters).
+MODEL_TYPES = [name for name in VARIANTS if name not in ("llama-tied", "llama3")]
+
+
+def build_checkpoint(variant: str, folder: Path, *, tokenizer_from: Path | None, vocab_size: int) -> Path:
+    """A random float32 ``variant`` model saved as transformers saves it, with the tokenizer of
+    ``tokenizer_from`` copied beside it when given."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, extra = VARIANTS[variant]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **SIZES, vocab_size=vocab_size, **extra)
+    # eager attention: the one transformers implements Gemma 2's attention soft-capping with.
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32).eval()
+    model.save_pretrained(folder)
+    if tokenizer_from is not None:
+        for path in tokenizer_from.iterdir():
+            if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(path, folder / path.name)
+    return folder
