@@ -227,7 +227,7 @@ def _cached_ppl(label: str, measure, args) -> tuple[float, float]:
 
 def _write_gguf(source, recipe: Recipe, packed: dict, out: Path) -> Path:
     """The recipe as a GGUF file: GGUFSink with the calibrated blocks written as chosen."""
-    from qtool import gguf_arch
+    from qtool import architectures
     from qtool.sinks.gguf import GGUFSink, gguf_plans
     from qtool.plan import Recipe as PlanRecipe
 
@@ -238,9 +238,9 @@ def _write_gguf(source, recipe: Recipe, packed: dict, out: Path) -> Path:
             if self._pending[0] != plan.name:
                 raise RuntimeError(f"out of order: {plan.name}")
             data = packed[plan.name].data
-            heads = gguf_arch.qk_heads(plan.name, self.source.config)
+            heads = architectures.qk_heads(plan.name, self.source.config)
             if heads is not None:
-                data = gguf_arch.permute_qk(data, heads)   # a row permutation: valid on packed rows
+                data = architectures.permute_qk(data, heads)   # a row permutation: valid on packed rows
             array = data.cpu().contiguous().numpy()
             self._writer.write_tensor_data(array)
             self._pending.pop(0)

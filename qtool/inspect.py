@@ -93,7 +93,7 @@ def _matches(glob: str | None, *names: str | None) -> bool:
 
 
 def _inspect_gguf(path: Path, spec: str, glob: str | None) -> InspectReport:
-    from qtool import gguf_arch
+    from qtool import architectures
     from qtool.errors import Unsupported
     from qtool.sources.gguf_file import GGUFFile
 
@@ -101,7 +101,7 @@ def _inspect_gguf(path: Path, spec: str, glob: str | None) -> InspectReport:
         rows = []
         for tensor in gguf_file.tensors:
             try:
-                hf_name = gguf_arch.gguf_to_hf_name(tensor.name, gguf_file.architecture)
+                hf_name = architectures.gguf_to_hf_name(tensor.name, gguf_file.architecture)
             except Unsupported:
                 hf_name = None
             rows.append(TensorRow(tensor.name, tensor.type_name, list(tensor.shape), tensor.n_elements,

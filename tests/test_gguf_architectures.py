@@ -1,4 +1,4 @@
-"""Every architecture qtool writes as GGUF, from one record each (qtool/gguf_arch.py).
+"""Every architecture qtool writes as GGUF, from one record each (qtool/architectures.py).
 
 Each architecture is a tiny random checkpoint built with transformers' own config class (float32,
 SmolLM2's tokenizer). qtool's F16 GGUF must give llama.cpp the logits transformers gives (same
@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qtool import gguf_arch
+from qtool import architectures
 from qtool.errors import Unsupported
 from qtool.sources.resolve import resolve
 
@@ -76,40 +76,40 @@ def _hf_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_record_names_cover_the_transformers_model(checkpoint: tuple[str, Path]) -> None:
     model_type, folder = checkpoint
-    record = gguf_arch.architecture({"model_type": model_type})
+    record = architectures.architecture({"model_type": model_type})
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[record.gguf_arch]}
     for name in _hf_state(folder):
-        gguf_name = gguf_arch.hf_to_gguf_name(name, model_type)
+        gguf_name = architectures.hf_to_gguf_name(name, model_type)
         # A name gguf-py lists for this architecture (blk.N.x -> blk.{bid}.x), and back to the same HF name.
         stem = gguf_name.rsplit(".", 1)[0]
         parts = stem.split(".")
         template = "blk.{bid}." + ".".join(parts[2:]) if parts[0] == "blk" else stem
         assert template in allowed, (name, gguf_name)
-        assert gguf_arch.gguf_to_hf_name(gguf_name, record.name) == name
+        assert architectures.gguf_to_hf_name(gguf_name, record.name) == name
 
 
 def test_unknown_architecture_refused_in_one_message() -> None:
     with pytest.raises(Unsupported, match="architecture 'falcon' is not supported; qtool handles llama, "):
-        gguf_arch.check_supported({"model_type": "falcon"})
+        architectures.check_supported({"model_type": "falcon"})
     with pytest.raises(Unsupported, match="GGUF architecture 'falcon' is not supported"):
-        gguf_arch.hf_config_from_gguf({"general.architecture": "falcon"})
+        architectures.hf_config_from_gguf({"general.architecture": "falcon"})
 
 
 def test_metadata_keys_the_converter_writes() -> None:
     qwen3 = {"model_type": "qwen3", **SIZES, "head_dim": 32}
-    metadata = gguf_arch.gguf_metadata_from_hf(qwen3)
+    metadata = architectures.gguf_metadata_from_hf(qwen3)
     assert metadata["qwen3.attention.key_length"] == metadata["qwen3.attention.value_length"] == 32
     granite = {"model_type": "granite", **SIZES, "head_dim": 16, **EXTRA["granite"]}
-    metadata = gguf_arch.gguf_metadata_from_hf(granite)
+    metadata = architectures.gguf_metadata_from_hf(granite)
     assert "granite.attention.key_length" not in metadata   # GraniteModel drops head_dim
     assert (metadata["granite.embedding_scale"], metadata["granite.residual_scale"],
             metadata["granite.attention.scale"], metadata["granite.logit_scale"]) == (4.0, 0.5, 0.1, 2.0)
-    back = gguf_arch.hf_config_from_gguf(metadata, tensor_names=["token_embd.weight", "output.weight"])
+    back = architectures.hf_config_from_gguf(metadata, tensor_names=["token_embd.weight", "output.weight"])
     assert {k: back[k] for k in EXTRA["granite"]} == pytest.approx(EXTRA["granite"])
     phi3 = {"model_type": "phi3", **SIZES, "partial_rotary_factor": 0.5, "sliding_window": 64}
-    metadata = gguf_arch.gguf_metadata_from_hf(phi3)
+    metadata = architectures.gguf_metadata_from_hf(phi3)
     assert metadata["phi3.rope.dimension_count"] == 8 and metadata["phi3.attention.sliding_window"] == 64
-    back = gguf_arch.hf_config_from_gguf(metadata, tensor_names=["token_embd.weight"])
+    back = architectures.hf_config_from_gguf(metadata, tensor_names=["token_embd.weight"])
     assert back["partial_rotary_factor"] == 0.5 and back["sliding_window"] == 64 and back["tie_word_embeddings"]
 
 
@@ -132,7 +132,7 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
     metadata = {key: field.contents() for key, field in gguf.GGUFReader(f16).fields.items()
                 if not key.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))}
     # Keys llama.cpp's converter writes: the parameter count label, the BOS choice (SmolLM2 adds none).
-    assert metadata["general.size_label"] == gguf_arch.size_label(w.shape for w in original.values())
+    assert metadata["general.size_label"] == architectures.size_label(w.shape for w in original.values())
     assert metadata["tokenizer.ggml.add_bos_token"] is False
     arch = metadata["general.architecture"]
     if EXTRA[model_type].get("head_dim"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
-from qtool import gguf_arch
+from qtool import architectures
 from qtool.errors import OutputExists, Unsupported
 from qtool.plan import Recipe
 from qtool.schemes.ggml import ggml_type
@@ -44,7 +44,7 @@ def test_q8_0_file_has_llama_metadata_tokenizer_and_exact_tensors(tiny_llama_dir
     assert "im_start" in meta["tokenizer.chat_template"]
 
     tensors = {t.name: t for t in reader.tensors}
-    assert set(tensors) == {gguf_arch.hf_to_gguf_name(n) for n in _hf_names(tiny_llama_dir)}
+    assert set(tensors) == {architectures.hf_to_gguf_name(n) for n in _hf_names(tiny_llama_dir)}
     assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLQuantizationType.F32
     assert tensors["output.weight"].tensor_type == GGMLQuantizationType.Q8_0
     with resolve(str(tiny_llama_dir)) as source:
@@ -52,7 +52,7 @@ def test_q8_0_file_has_llama_metadata_tokenizer_and_exact_tensors(tiny_llama_dir
         k_proj = source.load("model.layers.1.self_attn.k_proj.weight")
     # q/k rows permuted the way llama.cpp's converter does, then quantized byte-exactly.
     for name, weight, heads in (("blk.1.attn_q.weight", q_proj, 4), ("blk.1.attn_k.weight", k_proj, 2)):
-        expected = quants.quantize(gguf_arch.permute_qk(weight.float(), heads).numpy(), GGMLQuantizationType.Q8_0)
+        expected = quants.quantize(architectures.permute_qk(weight.float(), heads).numpy(), GGMLQuantizationType.Q8_0)
         np.testing.assert_array_equal(np.asarray(tensors[name].data), expected)
         assert tuple(int(d) for d in tensors[name].shape) == (64, weight.shape[0])   # GGML ne order
 
@@ -79,7 +79,7 @@ def test_packed_nbytes_matches_the_file_for_every_type(tiny_llama_dir, tmp_path)
     for type_name in ("Q4_0", "Q2_K", "F16", "BF16"):
         out = write_gguf(tiny_llama_dir, type_name, tmp_path / f"{type_name}.gguf")
         with resolve(str(tiny_llama_dir)) as source:
-            plans = {gguf_arch.hf_to_gguf_name(p.name): p
+            plans = {architectures.hf_to_gguf_name(p.name): p
                      for p in gguf_plans(source.tensors(), recipe_for(type_name), source.config)}
         for tensor in GGUFReader(out).tensors:
             assert int(tensor.n_bytes) == packed_nbytes(plans[tensor.name]), (type_name, tensor.name)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from qtool import gguf_arch
+from qtool import architectures
 from qtool.errors import BadArgument, NotFound, Unsupported
 from qtool.sources.resolve import resolve
 from qtool.synthetic import SHAPES, write_synthetic_llama
 
 
-# ---------------------------------------------------------------- gguf_arch
+# ---------------------------------------------------------------- architectures
 @pytest.mark.parametrize("gguf_name, hf_name", [
     ("token_embd.weight", "model.embed_tokens.weight"),
     ("output_norm.weight", "model.norm.weight"),
@@ -33,17 +33,17 @@ from qtool.synthetic import SHAPES, write_synthetic_llama
     ("blk.1.attn_q.bias", "model.layers.1.self_attn.q_proj.bias"),
 ])
 def test_tensor_names_map_both_ways(gguf_name: str, hf_name: str) -> None:
-    assert gguf_arch.gguf_to_hf_name(gguf_name) == hf_name
-    assert gguf_arch.hf_to_gguf_name(hf_name) == gguf_name
+    assert architectures.gguf_to_hf_name(gguf_name) == hf_name
+    assert architectures.hf_to_gguf_name(hf_name) == gguf_name
 
 
 @pytest.mark.parametrize("name", ["model.layers.0.mlp.experts.0.w1.weight", "vision_tower.x.weight",
                                   "model.layers.0.self_attn.rotary_emb.inv_freq"])
 def test_unknown_hf_names_are_unsupported(name: str) -> None:
     with pytest.raises(Unsupported, match="GGUF"):
-        gguf_arch.hf_to_gguf_name(name)
+        architectures.hf_to_gguf_name(name)
     with pytest.raises(Unsupported):
-        gguf_arch.gguf_to_hf_name("blk.0.ssm_conv1d.weight")
+        architectures.gguf_to_hf_name("blk.0.ssm_conv1d.weight")
 
 
 @pytest.mark.parametrize("n_head, rows, cols", [(9, 576, 576), (3, 192, 576), (4, 64, 7), (1, 8, 3)])
@@ -51,28 +51,28 @@ def test_unpermute_matches_transformers_and_inverts_permute(n_head: int, rows: i
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     weight = torch.randn(rows, cols)
-    permuted = gguf_arch.permute_qk(weight, n_head)
+    permuted = architectures.permute_qk(weight, n_head)
     assert not torch.equal(permuted, weight) or rows // n_head == 2
-    assert torch.equal(gguf_arch.unpermute_qk(permuted, n_head), weight)
+    assert torch.equal(architectures.unpermute_qk(permuted, n_head), weight)
     # transformers' own reverse of llama.cpp's convert_hf_to_gguf permute, on the same bytes.
     reference = LlamaTensorProcessor()._reverse_permute_weights(permuted.numpy(), n_head, n_head)
-    assert np.array_equal(gguf_arch.unpermute_qk(permuted, n_head).numpy(), reference)
+    assert np.array_equal(architectures.unpermute_qk(permuted, n_head).numpy(), reference)
 
 
 def test_permute_matches_llama_cpp_layout() -> None:
     # llama.cpp interleaves each head's two halves: row order of one head (head_dim 4) is 0, 2, 1, 3.
     weight = torch.arange(8.0).reshape(8, 1)
-    assert gguf_arch.permute_qk(weight, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert architectures.permute_qk(weight, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
 def test_check_supported() -> None:
-    gguf_arch.check_supported({"model_type": "llama"})
-    gguf_arch.check_supported({"model_type": "mistral"})
-    gguf_arch.check_supported({"model_type": "qwen2"})
+    architectures.check_supported({"model_type": "llama"})
+    architectures.check_supported({"model_type": "mistral"})
+    architectures.check_supported({"model_type": "qwen2"})
     with pytest.raises(Unsupported, match="gpt2"):
-        gguf_arch.check_supported({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+        architectures.check_supported({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
     with pytest.raises(Unsupported, match="GPTNeoXForCausalLM"):
-        gguf_arch.check_supported({"architectures": ["GPTNeoXForCausalLM"]})
+        architectures.check_supported({"architectures": ["GPTNeoXForCausalLM"]})
 
 
 def test_config_from_real_gguf_and_back(smollm2_gguf: Path) -> None:
@@ -80,7 +80,7 @@ def test_config_from_real_gguf_and_back(smollm2_gguf: Path) -> None:
 
     with GGUFFile(smollm2_gguf) as gguf_file:
         metadata = gguf_file.metadata
-        config = gguf_arch.hf_config_from_gguf(metadata, tensor_names=[t.name for t in gguf_file.tensors])
+        config = architectures.hf_config_from_gguf(metadata, tensor_names=[t.name for t in gguf_file.tensors])
     # SmolLM2-135M's published config.json values.
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (576, 1536, 30)
@@ -90,7 +90,7 @@ def test_config_from_real_gguf_and_back(smollm2_gguf: Path) -> None:
     assert config["tie_word_embeddings"] is True  # the file has no output.weight
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
     # Writing the config back gives exactly the llama.* keys llama.cpp's converter wrote.
-    back = gguf_arch.gguf_metadata_from_hf(config)
+    back = architectures.gguf_metadata_from_hf(config)
     for key, value in back.items():
         if key.endswith((".attention.key_length", ".attention.value_length")):
             continue   # today's converter writes them whenever config.json has head_dim; this file predates that
@@ -105,13 +105,13 @@ def test_metadata_from_hf_config_variants() -> None:
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "rms_norm_eps": 1e-5,
               "rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0},
               "max_position_embeddings": 4096}
-    metadata = gguf_arch.gguf_metadata_from_hf(config)
+    metadata = architectures.gguf_metadata_from_hf(config)
     assert metadata["general.architecture"] == "llama"  # llama.cpp converts Mistral with its Llama converter
     assert metadata["llama.rope.freq_base"] == 5e5
     assert metadata["llama.rope.scaling.type"] == "linear" and metadata["llama.rope.scaling.factor"] == 2.0
     assert metadata["llama.attention.head_count_kv"] == 2 and metadata["llama.rope.dimension_count"] == 16
-    assert gguf_arch.qk_heads("model.layers.0.self_attn.k_proj.weight", config) == 2
-    assert gguf_arch.qk_heads("model.layers.0.self_attn.q_proj.weight", {**config, "model_type": "qwen2"}) is None
+    assert architectures.qk_heads("model.layers.0.self_attn.k_proj.weight", config) == 2
+    assert architectures.qk_heads("model.layers.0.self_attn.q_proj.weight", {**config, "model_type": "qwen2"}) is None
 
 
 # ---------------------------------------------------------------- GGUF source
@@ -136,7 +136,7 @@ def test_gguf_source_tensors_and_dequantization(smollm2_gguf: Path) -> None:
         for gguf_name in ("blk.5.ffn_down.weight", "blk.5.attn_v.weight", "blk.5.attn_norm.weight"):
             tensor = raw[gguf_name]
             expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
-            got = source.load(gguf_arch.gguf_to_hf_name(gguf_name))
+            got = source.load(architectures.gguf_to_hf_name(gguf_name))
             # A Q4_1 file made from a 16-bit model: tensors come out in that model's dtype, never wider.
             assert got.dtype == source.dtype == torch.float16
             assert torch.equal(got, expected.reshape(got.shape).to(torch.float16))
@@ -144,7 +144,7 @@ def test_gguf_source_tensors_and_dequantization(smollm2_gguf: Path) -> None:
         tensor = raw["blk.5.attn_q.weight"]
         stored = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).to(torch.float16)
         got = source.load("model.layers.5.self_attn.q_proj.weight")
-        assert torch.equal(gguf_arch.permute_qk(got, 9), stored)
+        assert torch.equal(architectures.permute_qk(got, 9), stored)
         with pytest.raises(NotFound, match="no tensor"):
             source.load("model.layers.99.mlp.up_proj.weight")
     finally:
@@ -285,21 +285,6 @@ def test_resolve_alias_without_package(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve("smollm2-135m")
 
 
-def test_quantization_config_without_wrapper_module(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("qtool.sources.quantized") is not None:
-        pytest.skip("qtool.sources.quantized exists; its own tests cover wrap()")
-    folder = tmp_path / "q"
-    shutil.copytree(tiny_llama_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (folder / "config.json").write_text(json.dumps(config))
-    with resolve(str(folder)) as source:
-        assert type(source).__name__ == "SafetensorsSource"
-        assert source.config["quantization_config"]["quant_method"] == "bitsandbytes"
-
-
 def _write_gguf_with_gguf_py(folder: Path, path: Path, tensor_type: str) -> None:
     """A GGUF written by gguf-py's GGUFWriter the way llama.cpp's converter lays it out."""
     import gguf
@@ -307,7 +292,7 @@ def _write_gguf_with_gguf_py(folder: Path, path: Path, tensor_type: str) -> None
 
     config = json.loads((folder / "config.json").read_text())
     writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in gguf_arch.gguf_metadata_from_hf(config).items():
+    for key, value in architectures.gguf_metadata_from_hf(config).items():
         if key == "general.architecture":
             continue
         if isinstance(value, float):
@@ -319,15 +304,15 @@ def _write_gguf_with_gguf_py(folder: Path, path: Path, tensor_type: str) -> None
     writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
     writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
     for name, tensor in load_file(folder / "model.safetensors").items():
-        heads = gguf_arch.qk_heads(name, config)
+        heads = architectures.qk_heads(name, config)
         if heads is not None:
-            tensor = gguf_arch.permute_qk(tensor, heads)
+            tensor = architectures.permute_qk(tensor, heads)
         if tensor.dim() == 1 or tensor_type == "F32":
-            writer.add_tensor(gguf_arch.hf_to_gguf_name(name), tensor.float().numpy())
+            writer.add_tensor(architectures.hf_to_gguf_name(name), tensor.float().numpy())
         elif tensor_type == "F16":
-            writer.add_tensor(gguf_arch.hf_to_gguf_name(name), tensor.half().numpy())
+            writer.add_tensor(architectures.hf_to_gguf_name(name), tensor.half().numpy())
         else:  # BF16 bytes as gguf-py writes them: uint16 array tagged BF16
-            writer.add_tensor(gguf_arch.hf_to_gguf_name(name), tensor.view(torch.int16).numpy().view(np.uint16),
+            writer.add_tensor(architectures.hf_to_gguf_name(name), tensor.view(torch.int16).numpy().view(np.uint16),
                               raw_dtype=gguf.GGMLQuantizationType.BF16)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
-from qtool import gguf_arch, ui
+from qtool import architectures, ui
 from qtool.errors import BadArgument, CorruptFile
 from qtool.gguf_tokenizer import tokenizer_metadata
 from qtool.plan import KEEP, Recipe, Rule, TensorPlan, build_plan
@@ -91,9 +91,9 @@ class GGUFSink(Sink):
                  options: dict[str, Any] | None = None) -> None:
         super().__init__(out, source, plans, force=force, options=options)
         config = source.config
-        gguf_arch.check_supported(config)   # before any work: names the architecture otherwise
-        model_type = gguf_arch.model_type_of(config)
-        self._gguf_names = {plan.name: gguf_arch.hf_to_gguf_name(plan.name, model_type) for plan in plans}
+        architectures.check_supported(config)   # before any work: names the architecture otherwise
+        model_type = architectures.model_type_of(config)
+        self._gguf_names = {plan.name: architectures.hf_to_gguf_name(plan.name, model_type) for plan in plans}
         self._types = {plan.name: stored_type(plan) for plan in plans}
         fallbacks = Counter((plan.scheme, self._types[plan.name]) for plan in plans
                             if not plan.keep and len(plan.shape) >= 2 and self._types[plan.name] != plan.scheme)
@@ -126,7 +126,7 @@ class GGUFSink(Sink):
     # -- metadata --------------------------------------------------------------------------------
     def _metadata(self, config: dict) -> dict[str, Any]:
         try:
-            metadata = dict(gguf_arch.gguf_metadata_from_hf(config))
+            metadata = dict(architectures.gguf_metadata_from_hf(config))
         except KeyError as missing:   # a field the checks leave optional but GGUF needs
             raise CorruptFile(f"{config_origin(self.source)}: the config has no {clip(missing.args[0])}, which "
                               "a GGUF file needs; add it from the model's original config.json") from None
@@ -136,7 +136,7 @@ class GGUFSink(Sink):
         metadata["general.quantized_by"] = "qtool"
         metadata["general.file_type"] = int(self._file_type())
         metadata["general.quantization_version"] = QUANTIZATION_VERSION
-        metadata["general.size_label"] = gguf_arch.size_label(plan.shape for plan in self.plans)
+        metadata["general.size_label"] = architectures.size_label(plan.shape for plan in self.plans)
         tokenizer = tokenizer_metadata(self.source.tokenizer_dir(), config)
         if not tokenizer:
             ui.warn(f"{self.source.description} has no tokenizer files; the GGUF has no vocabulary and "
@@ -179,11 +179,11 @@ class GGUFSink(Sink):
             # The header already promised the plan's shape; other bytes would make a file no reader takes.
             raise BadArgument(f"tensor {plan.name} has shape {tuple(tensor.shape)}, the plan says {tuple(plan.shape)}")
         config = self.source.config
-        heads = gguf_arch.qk_heads(plan.name, config)
+        heads = architectures.qk_heads(plan.name, config)
         stored = ggml_type(self._types[plan.name])
         try:
             if packed is None:
-                data = stored.quantize(gguf_arch.to_gguf(plan.name, tensor, config), **plan.params).data
+                data = stored.quantize(architectures.to_gguf(plan.name, tensor, config), **plan.params).data
             else:
                 # Calibrated blocks arrive packed; the q/k permutation moves whole rows, so it applies
                 # to packed rows as well.
@@ -191,10 +191,10 @@ class GGUFSink(Sink):
                     raise BadArgument(f"tensor {plan.name}: calibrated as {packed.type_name}, but the file stores "
                                       f"{stored.name}")
                 stored.check_scales(packed, tensor)
-                if gguf_arch.norm_offset(plan.name, config):
+                if architectures.norm_offset(plan.name, config):
                     raise BadArgument(f"tensor {plan.name}: a norm weight arrived packed; llama.cpp stores it "
                                       "offset, which only an unpacked tensor can be")
-                data = packed.data if heads is None else gguf_arch.permute_qk(packed.data, heads)
+                data = packed.data if heads is None else architectures.permute_qk(packed.data, heads)
         except NonFiniteWeight:
             raise BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "
                               f"the tensor unquantized (--skip '{plan.name}')") from None

@@ -233,7 +233,7 @@ class ConfigCheck:
         if heads is not None and head_dim is not None and heads * head_dim > largest:
             raise self.corrupt("num_attention_heads x head_dim", f"is {_shown(heads * head_dim)}, larger than "
                                f"every tensor dimension in the checkpoint (largest: {largest})")
-        from qtool.gguf_arch import SUPPORTED_ARCHITECTURES
+        from qtool.architectures import SUPPORTED_ARCHITECTURES
 
         if self.config.get("model_type") in SUPPORTED_ARCHITECTURES:
             self.check_llama_shapes()

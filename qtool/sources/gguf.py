@@ -1,6 +1,6 @@
 """A ``.gguf`` file as a Source: tensors dequantized on demand, in Hugging Face layout.
 
-Names, the config and tensor transforms are mapped back with :mod:`qtool.gguf_arch` (one record per
+Names, the config and tensor transforms are mapped back with :mod:`qtool.architectures` (one record per
 architecture), and a Hugging Face tokenizer is rebuilt from the ``tokenizer.*`` metadata when asked for.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from qtool import gguf_arch, ui
+from qtool import architectures, ui
 from qtool.errors import CorruptFile, NotFound, Unsupported
 from qtool.sources.base import Source, TensorInfo
 from qtool.sources.gguf_file import GGUFFile, GGUFTensor
@@ -98,15 +98,15 @@ class GGUFSource(Source):
         path = Path(path)
         self.gguf = GGUFFile(path)
         try:
-            config = gguf_arch.hf_config_from_gguf(self.gguf.metadata,
+            config = architectures.hf_config_from_gguf(self.gguf.metadata,
                                                    tensor_names=[t.name for t in self.gguf.tensors])
             self._hf_to_gguf: dict[str, GGUFTensor] = {}
             skipped = []
             for tensor in self.gguf.tensors:
-                if tensor.name in gguf_arch.GGUF_ONLY_TENSORS:
+                if tensor.name in architectures.GGUF_ONLY_TENSORS:
                     skipped.append(tensor.name)
                     continue
-                self._hf_to_gguf[gguf_arch.gguf_to_hf_name(tensor.name, self.gguf.architecture)] = tensor
+                self._hf_to_gguf[architectures.gguf_to_hf_name(tensor.name, self.gguf.architecture)] = tensor
             if skipped:
                 ui.warn(f"{path}: ignoring {', '.join(skipped)} (no Hugging Face counterpart)")
             self._check_shapes(config)
@@ -164,7 +164,7 @@ class GGUFSource(Source):
     def load(self, name: str) -> torch.Tensor:
         tensor = self.gguf_tensor(name)
         values = dequantize_raw(self.gguf.raw(tensor), tensor, self.dtype)
-        return gguf_arch.from_gguf(name, values, self.config)
+        return architectures.from_gguf(name, values, self.config)
 
     def tokenizer_dir(self) -> Path | None:
         if self._tokenizer_tmp is None:
@@ -194,7 +194,7 @@ class GGUFSource(Source):
 
 def _safe_gguf_name(name: str, config: dict) -> str:
     try:
-        return gguf_arch.hf_to_gguf_name(name, gguf_arch.model_type_of(config))
+        return architectures.hf_to_gguf_name(name, architectures.model_type_of(config))
     except Unsupported:
         return "?"
 

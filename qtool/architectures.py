@@ -1,4 +1,4 @@
-"""Hugging Face <-> GGUF, one record per architecture, in both directions.
+"""One record per architecture: Hugging Face <-> GGUF in both directions, and the decoder block.
 
 The GGUF source reads with it and the GGUF sink writes with it, so the two stay in step. A record
 says what gguf-py does not: which Hugging Face ``model_type``\\ s map to which GGUF architecture,
