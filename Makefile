@@ -44,7 +44,8 @@ bench-quality: install
 
 lint: install
 	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install -q ruff
-	$(PY) -m ruff check qtool tests benchmarks
+	$(PY) -m ruff check qtool tests benchmarks scripts
+	$(PY) scripts/import_cycles.py
 
 # What qtool is for: a 16-bit model shrinking, and what that costs. The packaged SmolLM2-135M is a
 # Q4_1 GGUF, so it is first written out as an F16 model (the dtype it was made from, so no value

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "qtool int8-sym": int_kernels.quantize_int8_rows_async,
     }
     for label, name, params in fused_cases:
-        kernel = kernel_for(name)
+        kernel = kernel_for(get_scheme(name))
         if label in results_on_gpu:
             call = results_on_gpu[label]
             ms = time_call(call, inputs, args.repeat)

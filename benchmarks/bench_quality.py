@@ -228,7 +228,8 @@ def _cached_ppl(label: str, measure, args) -> tuple[float, float]:
 def _write_gguf(source, recipe: Recipe, packed: dict, out: Path) -> Path:
     """The recipe as a GGUF file: GGUFSink with the calibrated blocks written as chosen."""
     from qtool import architectures
-    from qtool.sinks.gguf import GGUFSink, gguf_plans
+    from qtool.containers.gguf import gguf_plans
+    from qtool.sinks.gguf import GGUFSink
     from qtool.plan import Recipe as PlanRecipe
 
     class CalibratedGGUFSink(GGUFSink):

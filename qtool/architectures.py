@@ -39,6 +39,27 @@ _GEMMA_BLOCK = (*_LLAMA_ATTENTION, *_GATED_MLP, "input_layernorm", "post_attenti
 Metadata = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ScaleSite:
+    """Where a per-input-channel scale s can move between a producer and the Linears reading its
+    output without changing what the float model computes (SmoothQuant, AWQ): the producer is divided
+    by s, the Linears' weight columns multiplied by it. Names are relative to the decoder block."""
+
+    producer: str               # a norm weight ("vector": the norm's output is linear in it) or a Linear's weight ("rows")
+    how: str                    # "vector" or "rows"
+    linears: tuple[str, ...]    # Linear modules reading the producer's output
+
+
+_UP_TO_DOWN = ScaleSite("mlp.up_proj.weight", "rows", ("mlp.down_proj",))    # down reads act(gate) * up
+# A plain RMSNorm (weight times the normalized input) before q/k/v and before gate/up.
+_LLAMA_SMOOTHING = (ScaleSite("input_layernorm.weight", "vector", ("self_attn.q_proj", "self_attn.k_proj",
+                                                                    "self_attn.v_proj")),
+                    ScaleSite("post_attention_layernorm.weight", "vector", ("mlp.gate_proj", "mlp.up_proj")),
+                    _UP_TO_DOWN)
+# Attention is linear in v: v's output rows are o's input columns (AWQ checks they match one to one).
+_V_TO_O = ScaleSite("self_attn.v_proj.weight", "rows", ("self_attn.o_proj",))
+
+
 def _key(template: str, arch: str) -> str:
     return template.format(arch=arch)
 
@@ -60,6 +81,13 @@ class Architecture:
     extra_metadata: Callable[[dict, str], Metadata] | None = None
     extra_config: Callable[[dict, str, dict], dict] | None = None
     hf_fixed: dict = field(default_factory=dict, hash=False, compare=False)   # config.json fields a GGUF does not carry
+    # Scale sites of one block: SmoothQuant (W8A8) uses smoothing_sites, AWQ those and value_sites.
+    smoothing_sites: tuple[ScaleSite, ...] = _LLAMA_SMOOTHING
+    value_sites: tuple[ScaleSite, ...] = (_V_TO_O,)
+
+    @property
+    def awq_sites(self) -> tuple[ScaleSite, ...]:
+        return (*self.smoothing_sites, *self.value_sites)
 
     @property
     def name(self) -> str:
@@ -140,7 +168,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(("qwen3",), MODEL_ARCH.QWEN3, "Qwen3ForCausalLM", block_modules=(*_LLAMA_BLOCK, *_QK_NORMS)),
     Architecture(("olmo2",), MODEL_ARCH.OLMO2, "Olmo2ForCausalLM",
                  block_modules=(*_LLAMA_ATTENTION, *_QK_NORMS, *_GATED_MLP, "post_attention_layernorm",
-                                "post_feedforward_layernorm")),
+                                "post_feedforward_layernorm"),
+                 # Its norms follow attention and MLP (post-norm): no norm produces a Linear's input.
+                 smoothing_sites=(_UP_TO_DOWN,)),
     # Granite's converter ignores head_dim (GraniteModel pops it) and keeps Llama's q/k permutation.
     Architecture(("granite",), MODEL_ARCH.GRANITE, "GraniteForCausalLM", permute_qk=True, writes_head_dim=False,
                  extra_metadata=_granite_metadata, extra_config=_granite_config),
@@ -148,18 +178,26 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(("phi3",), MODEL_ARCH.PHI3, "Phi3ForCausalLM",
                  block_modules=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj",
                                 "input_layernorm", "post_attention_layernorm"),
-                 writes_head_dim=False, extra_metadata=_phi3_metadata, extra_config=_phi3_config),
+                 writes_head_dim=False, extra_metadata=_phi3_metadata, extra_config=_phi3_config,
+                 # v and up are row slices of the fused projections: only the norm sites apply.
+                 smoothing_sites=(ScaleSite("input_layernorm.weight", "vector", ("self_attn.qkv_proj",)),
+                                  ScaleSite("post_attention_layernorm.weight", "vector", ("mlp.gate_up_proj",))),
+                 value_sites=()),
     # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's converter stores 1 + weight.
+    # Its norms multiply by (1 + weight), which dividing the weight by s does not scale: no norm sites.
     Architecture(("gemma2",), MODEL_ARCH.GEMMA2, "Gemma2ForCausalLM", block_modules=_GEMMA_BLOCK, norm_offset=1.0,
-                 hidden_act="gelu_pytorch_tanh", extra_metadata=_gemma_metadata, extra_config=_gemma_config),
+                 hidden_act="gelu_pytorch_tanh", extra_metadata=_gemma_metadata, extra_config=_gemma_config,
+                 smoothing_sites=(_UP_TO_DOWN,)),
     Architecture(("gemma3_text",), MODEL_ARCH.GEMMA3, "Gemma3ForCausalLM", block_modules=(*_GEMMA_BLOCK, *_QK_NORMS),
                  norm_offset=1.0, hidden_act="gelu_pytorch_tanh", extra_metadata=_gemma_metadata,
-                 extra_config=_gemma_config),
+                 extra_config=_gemma_config, smoothing_sites=(_UP_TO_DOWN,)),
     # StarCoder2: LayerNorm with biases, biased projections, an ungated c_fc / c_proj MLP.
     Architecture(("starcoder2",), MODEL_ARCH.STARCODER2, "Starcoder2ForCausalLM",
                  block_modules=(*_LLAMA_ATTENTION, "mlp.c_fc", "mlp.c_proj", "input_layernorm",
                                 "post_attention_layernorm"),
-                 hidden_act="gelu_pytorch_tanh", layer_norm=True),
+                 hidden_act="gelu_pytorch_tanh", layer_norm=True,
+                 # LayerNorm biases would need the same division, and c_proj reads gelu(c_fc): no sites.
+                 smoothing_sites=()),
 )
 
 _BY_MODEL_TYPE: dict[str, Architecture] = {t: record for record in ARCHITECTURES for t in record.model_types}
@@ -168,6 +206,65 @@ _BY_GGUF_NAME: dict[str, Architecture] = {**{record.name: record for record in A
                                           "mistral": _BY_MODEL_TYPE["mistral"]}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_BY_GGUF_NAME)
+
+# -- vision-language models ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VisionLanguage:
+    """A vision-language model whose language model is a text architecture qtool has a record for.
+
+    The language model is quantized under the module paths transformers 5 gives it; the vision tower
+    and its projector are kept. Checkpoints on the Hub (and transformers' own ``save_pretrained``)
+    store the older names, which transformers renames when it loads them: ``checkpoint_prefixes``
+    is that renaming (checked against transformers' loader in tests/test_vlm.py), applied by the
+    sources so that every stage sees the names the model's modules have.
+    """
+
+    model_types: tuple[str, ...]
+    text_model_type: str                             # the record of the language model (config.text_config)
+    checkpoint_prefixes: tuple[tuple[str, str], ...]  # stored name prefix -> transformers 5 module path prefix
+    block_prefix: str = "model.language_model.layers"
+
+    @property
+    def text_record(self) -> Architecture:
+        return _BY_MODEL_TYPE[self.text_model_type]
+
+    def runtime_name(self, name: str) -> str:
+        """A stored tensor (or module) name as transformers 5 names it; names already in that form pass."""
+        for stored, runtime in self.checkpoint_prefixes:
+            if name.startswith(stored):
+                return runtime + name[len(stored):]
+        return name
+
+
+VISION_LANGUAGE: tuple[VisionLanguage, ...] = (
+    # Qwen2-VL / Qwen2.5-VL: the language model is Qwen2's (with multimodal rotary sections).
+    VisionLanguage(("qwen2_vl", "qwen2_5_vl"), "qwen2",
+                   (("model.layers.", "model.language_model.layers."),
+                    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+                    ("model.norm.", "model.language_model.norm."),
+                    ("visual.", "model.visual."))),
+    # Gemma 3 (4B and up) with its SigLIP vision tower: the language model is gemma3_text.
+    VisionLanguage(("gemma3",), "gemma3_text",
+                   (("language_model.model.", "model.language_model."),
+                    ("language_model.lm_head.", "lm_head."),
+                    ("vision_tower.", "model.vision_tower."),
+                    ("multi_modal_projector.", "model.multi_modal_projector."))),
+)
+_VISION_LANGUAGE_BY_TYPE: dict[str, VisionLanguage] = {t: record for record in VISION_LANGUAGE
+                                                       for t in record.model_types}
+SUPPORTED_VISION_LANGUAGE: tuple[str, ...] = tuple(_VISION_LANGUAGE_BY_TYPE)
+
+
+def vision_language(config: dict) -> VisionLanguage | None:
+    """The record of a vision-language config (None for any other)."""
+    return _VISION_LANGUAGE_BY_TYPE.get(model_type_of(config)) if isinstance(config, dict) else None
+
+
+def text_config(config: dict) -> dict:
+    """The language model's config: ``text_config`` of a vision-language config, else the config itself."""
+    inner = config.get("text_config") if vision_language(config) is not None else None
+    return inner if isinstance(inner, dict) else config
+
 
 # GGUF tensors that have no Hugging Face counterpart (llama 3.1 rope frequency factors, Phi-3's
 # long/short rope factors).
@@ -192,9 +289,23 @@ def model_type_of(config: dict) -> str:
 def architecture(config: dict) -> Architecture:
     """The record for a Hugging Face config; the one place that refuses unknown architectures."""
     model_type = model_type_of(config)
+    if model_type in _VISION_LANGUAGE_BY_TYPE:
+        raise Unsupported(f"{model_type} is a vision-language model: qtool quantizes its language model as "
+                          "safetensors (--format safetensors: NF4, int8, int4, W8A8) and keeps the vision tower; "
+                          "it does not write it as GGUF (llama.cpp's converter splits such a model into a text GGUF "
+                          "and an --mmproj file)")
     if model_type not in _BY_MODEL_TYPE:
         raise _unsupported_architecture(model_type)
     return _BY_MODEL_TYPE[model_type]
+
+
+def block_record(config: dict) -> Architecture | None:
+    """The record of the decoder blocks of ``config`` (a vision-language model's language model), or None
+    for an architecture qtool has no record of (blocks taken in by --include get no record's extras)."""
+    record = vision_language(config)
+    if record is not None:
+        return record.text_record
+    return _BY_MODEL_TYPE.get(model_type_of(config)) if isinstance(config, dict) else None
 
 
 def gguf_record(arch: Any) -> Architecture:

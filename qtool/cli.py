@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from qtool import __version__, signals, ui
+from qtool import __version__, containers, signals, ui
 from qtool.redact import redact_text
 from qtool.errors import (EXIT_INTERRUPTED, EXIT_INTERRUPTED_COMPLETE, EXIT_TERMINATED, BadArgument,
                           QtoolError, QualityGateFailed, Terminated)
@@ -170,9 +170,9 @@ def quantize(
     model: str = typer.Argument(..., help="Hub id[@revision], local folder, .safetensors or .gguf file, or smollm2-135m."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output folder (safetensors) or .gguf file."),
     bits: Optional[int] = typer.Option(None, "--bits", help="4 or 8: picks the default scheme (nf4 / int8-sym, or Q4_K_M / Q8_0 for GGUF)."),
-    scheme: Optional[str] = typer.Option(None, "--scheme", help="nf4, fp4, int8-sym, int8-asym, int4-sym, int4-asym, w8a8."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="safetensors or gguf (default: gguf when --type is given or OUT ends in .gguf)."),
-    gguf_type: Optional[str] = typer.Option(None, "--type", help="GGUF type: F16, Q8_0, Q4_0, Q4_K, ... or a mix: Q4_K_M, Q4_K_S, Q5_K_M, Q3_K_M."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Encoding of a safetensors output, e.g. nf4, int4-sym or w8a8 (an unknown name lists them all)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help=containers.format_help()),
+    gguf_type: Optional[str] = typer.Option(None, "--type", help="GGUF type or llama-quantize mix, e.g. Q8_0, Q4_K or Q4_K_M (an unknown name lists them all)."),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="NF4/FP4 block size (default 64)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="int4 group size (default 128)."),
     no_double_quant: bool = typer.Option(False, "--no-double-quant", help="NF4/FP4: keep absmax in fp32."),

@@ -111,11 +111,7 @@ def _inspect_gguf(path: Path, spec: str, glob: str | None) -> InspectReport:
         tensor_bytes = sum(row.bytes for row in rows)
         elements = sum(row.elements for row in rows)
         shown = [row for row in rows if _matches(glob, row.name, row.hf_name)]
-        file_type = gguf_file.metadata.get("general.file_type")
-        quantization = None
-        if isinstance(file_type, int):
-            quantization = {"method": "gguf", "file_type": _gguf_file_type_name(file_type),
-                            "quantization_version": gguf_file.metadata.get("general.quantization_version")}
+        quantization = _detect_file(gguf_file.metadata)
         return InspectReport(
             spec=spec, format="gguf", path=str(path), files=[str(path)], file_size=gguf_file.file_size,
             header_bytes=gguf_file.header_bytes, tensor_bytes=tensor_bytes,
@@ -126,13 +122,15 @@ def _inspect_gguf(path: Path, spec: str, glob: str | None) -> InspectReport:
             selected=glob)
 
 
-def _gguf_file_type_name(file_type: int) -> str:
-    try:
-        from gguf.constants import LlamaFileType
+def _detect_file(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """What a single-file container's own metadata says of its quantization (the records decide)."""
+    from qtool.containers import all_containers
 
-        return LlamaFileType(file_type).name.removeprefix("MOSTLY_")
-    except (ImportError, ValueError):
-        return str(file_type)
+    for container in all_containers():
+        found = container.detect_metadata(metadata)
+        if found is not None:
+            return found
+    return None
 
 
 def recognise_quantization(config: dict, metadata: dict[str, str], tensor_names: list[str]) -> dict[str, Any] | None:
@@ -140,28 +138,25 @@ def recognise_quantization(config: dict, metadata: dict[str, str], tensor_names:
     found: dict[str, Any] = {}
     qconfig = config.get("quantization_config")
     if isinstance(qconfig, dict):
+        from qtool.containers import by_quant_method
+
         method = str(qconfig.get("quant_method", "unknown"))
         found = {"method": method, "from": "config.json quantization_config"}
-        if method == "bitsandbytes":
-            keys = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-                    "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", "llm_int8_skip_modules")
-        elif method == "compressed-tensors":
-            keys = ("format", "quantization_status", "ignore", "config_groups")
-        else:
-            keys = tuple(qconfig)
-        found["details"] = {key: qconfig[key] for key in keys if key in qconfig and key != "quant_method"}
+        container = by_quant_method(method)
+        details = container.describe(qconfig) if container is not None else dict(qconfig)
+        found["details"] = {key: value for key, value in details.items() if key != "quant_method"}
     qtool_keys = {key: value for key, value in metadata.items() if key.startswith("qtool")}
     if qtool_keys:
         found.setdefault("method", "qtool")
         found["qtool"] = {key: _maybe_json(value) for key, value in qtool_keys.items()}
     if not found:
-        if any(".quant_state.bitsandbytes__" in name for name in tensor_names):
-            kind = "nf4" if any("bitsandbytes__nf4" in name for name in tensor_names) else "fp4"
-            found = {"method": "bitsandbytes", "from": "tensor names", "details": {"quant_type": kind}}
-        elif any(name.endswith(".SCB") for name in tensor_names):
-            found = {"method": "bitsandbytes", "from": "tensor names", "details": {"load_in_8bit": True}}
-        elif any(name.endswith((".weight_packed", ".weight_scale", ".weight_zero_point")) for name in tensor_names):
-            found = {"method": "compressed-tensors", "from": "tensor names"}
+        from qtool.containers import all_containers
+
+        for container in all_containers():
+            details = container.detect_names(tensor_names)
+            if details is not None:
+                found = {"method": container.name, "from": "tensor names", **({"details": details} if details else {})}
+                break
     return found or None
 
 

@@ -19,21 +19,20 @@ import torch
 from qtool import __version__, ui
 from qtool.atomic import OutputClaim, StagedOutput, output_errors
 from qtool.errors import BadArgument
+from qtool import containers
 from qtool.plan import KEEP, Recipe, TensorPlan, build_plan, check_coverage
 from qtool.report import ActivationReport, ActivationRow, QuantizeReport, size_report
 from qtool.schemes.base import get_scheme
-from qtool.sinks import sink_class
 from qtool.sources.base import Source
 from qtool.sources.config_check import check_source_config
 from qtool.sources.resolve import resolve
 
-FORMATS = ("safetensors", "gguf")
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 @dataclass
 class QuantizeOptions:
-    format: str = "safetensors"
+    format: str = field(default_factory=containers.default_format)
     force: bool = False
     dry_run: bool = False
     max_shard_size: int = DEFAULT_SHARD_BYTES
@@ -57,15 +56,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def plan_model(source: Source, recipe: Recipe, fmt: str = "safetensors") -> list[TensorPlan]:
+def plan_model(source: Source, recipe: Recipe, fmt: str | None = None) -> list[TensorPlan]:
     # The layer count (plans, GGUF metadata) and calibration read the config: check it against the tensors first.
     check_source_config(source, require_architecture=False)
-    if fmt == "gguf":
-        from qtool.sinks.gguf import gguf_plans
-
-        plans = gguf_plans(source.tensors(), recipe, source.config)   # tied embeddings as llama.cpp does
-    else:
-        plans = build_plan(source.tensors(), recipe, int(source.config.get("num_hidden_layers") or 0))
+    fmt = fmt or containers.default_format()
+    tensors = source.tensors()
+    # The format's adjustments to the rules (GGUF: tied embeddings get the output matrix's type).
+    recipe = containers.format_option(fmt, "plan_recipe")(tensors, recipe, source.config)
+    plans = build_plan(tensors, recipe, int(source.config.get("num_hidden_layers") or 0))
     for plan in plans:
         if not plan.keep:
             get_scheme(plan.scheme)   # unknown names fail before any work
@@ -77,13 +75,12 @@ def plan_model(source: Source, recipe: Recipe, fmt: str = "safetensors") -> list
 
 def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOptions | None = None) -> QuantizeReport:
     options = options or QuantizeOptions()
-    if options.format not in FORMATS:
-        raise BadArgument(f"--format {options.format}: choose one of {', '.join(FORMATS)}")
+    containers.check_format(options.format)
     device = resolve_device(options.device)
     started = time.perf_counter()
     with resolve(spec, revision=options.revision) as source:
         plans = plan_model(source, recipe, options.format)
-        sink_type = sink_class(options.format, {p.scheme for p in plans if not p.keep})
+        sink_type = containers.sink_class(options.format, {p.scheme for p in plans if not p.keep})
         sink_type.check_layout(plans)     # before reading or calibrating anything, and for --dry-run
         if source.is_quantized:
             ui.warn(f"{spec} is already quantized; its dequantized weights are quantized again, "
@@ -177,16 +174,7 @@ def stored_plans(plans: list[TensorPlan], sink_type: Any) -> list[TensorPlan]:
     """The plans as the sink will store them, which is what calibration must fit: a GGUF block type
     whose blocks do not divide a tensor's rows falls back to another type (Q4_K -> Q5_0 for rows of
     576), or to a float type, which is not calibrated (kept)."""
-    stored = []
-    for plan in plans:
-        scheme = plan.scheme if plan.keep else sink_type.stored_scheme(plan)
-        if scheme == plan.scheme:
-            stored.append(plan)
-        elif scheme in ("F32", "F16", "BF16"):
-            stored.append(TensorPlan(plan.name, plan.shape, KEEP))
-        else:
-            stored.append(TensorPlan(plan.name, plan.shape, scheme))
-    return stored
+    return [sink_type.stored_plan(plan) for plan in plans]
 
 
 def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOptions,
@@ -268,12 +256,15 @@ def activation_scales(source: Source, plans: list[TensorPlan], options: Quantize
         else:
             stats = calibrate(source, calib=calib, samples=samples, seqlen=seqlen, device=device, want_hessian=False)
         if alpha or down_alpha:
+            from qtool.architectures import block_record
             from qtool.calibration.smoothing import SmoothedSource, smoothing_ops
 
             names = {info.name for info in source.tensors()}
             planned = {p.name for p in w8a8}
+            record = block_record(source.config)
             ops = smoothing_ops(names, int(source.config.get("num_hidden_layers") or 0), stats.linears,
-                                source.load, alpha, selected=planned.__contains__, down_alpha=down_alpha)
+                                source.load, alpha, record.smoothing_sites if record is not None else (),
+                                selected=planned.__contains__, down_alpha=down_alpha)
             source = SmoothedSource(source, ops)
             if static:
                 stats = calibrate(source, calib=calib, samples=samples, seqlen=seqlen, device=device,

@@ -20,12 +20,15 @@ from typing import Any, Callable
 
 import yaml
 
+from qtool.architectures import VISION_LANGUAGE, vision_language
 from qtool.errors import BadArgument, NotFound, Unsupported
 from qtool.sources.base import TensorInfo
 
 KEEP = "keep"
-# Linear weights of decoder blocks: the tensors quantized when no rule says otherwise.
-DEFAULT_QUANTIZED = ("model.layers.*.weight",)
+# Linear weights of decoder blocks: the tensors quantized when no rule says otherwise (a
+# vision-language model's language model included; its vision tower is kept).
+DEFAULT_QUANTIZED = ("model.layers.*.weight", *dict.fromkeys(f"{record.block_prefix}.*.weight"
+                                                             for record in VISION_LANGUAGE))
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -179,6 +182,9 @@ def check_coverage(plans: list[TensorPlan], recipe: Recipe, config: dict[str, An
             blocks.setdefault(block[0], set()).add(block[1])
     # The decoder: the numbered blocks as many as the config's layers (any numbered blocks if none fit).
     decoder = {prefix for prefix, indices in blocks.items() if len(indices) == n_layers} or set(blocks)
+    vision_record = vision_language(config)
+    if vision_record is not None and vision_record.block_prefix in blocks:
+        decoder = {vision_record.block_prefix}   # a vision tower as deep as the language model is not it
     quantized = [plan for plan in plans if not plan.keep]
     decoder_quantized = any((_block_of(plan.name) or ("",))[0] in decoder for plan in quantized)
     matrices = [plan for plan in plans if _is_matrix(plan)]
@@ -266,13 +272,13 @@ def _check_percentile(value: Any) -> str | None:
 
 
 def _act_ranges() -> tuple[str, ...]:
-    from qtool.calibration.activation import ACT_RANGES
+    from qtool.schemes.int8 import ACT_RANGES
 
     return ACT_RANGES
 
 
 def _act_strategies() -> tuple[str, ...]:
-    from qtool.calibration.activation import ACT_STRATEGIES
+    from qtool.schemes.int8 import ACT_STRATEGIES
 
     return ACT_STRATEGIES
 
@@ -395,10 +401,10 @@ def _recipe_from_mapping(raw: Any, path: Path) -> Recipe:
         raise bad("description", "must be text")
     fmt = raw.get("format")
     if fmt is not None:
-        from qtool.pipeline import FORMATS
+        from qtool.containers import formats
 
-        if not isinstance(fmt, str) or fmt not in FORMATS:
-            raise bad("format", f"{_shown(fmt)}: choose one of {', '.join(FORMATS)}")
+        if not isinstance(fmt, str) or fmt not in formats():
+            raise bad("format", f"{_shown(fmt)}: choose one of {', '.join(formats())}")
     scheme = raw.get("scheme")
     if scheme is not None:
         check_scheme_name(scheme, f"preset {path}: scheme", keep_allowed=False)

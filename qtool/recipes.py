@@ -6,11 +6,6 @@ from pathlib import Path
 from qtool.errors import BadArgument
 from qtool.plan import KEEP, Recipe, check_param, check_params_apply, check_scheme_name
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-# What --bits means when no scheme or type is named.
-BITS_DEFAULTS = {"safetensors": {4: "nf4", 8: "int8-sym"}, "gguf": {4: "Q4_K_M", 8: "Q8_0"}}
-# GGUF mixes are presets: configs/gguf-<name>.yaml, editable copies of llama-quantize's choices.
-GGUF_MIXES = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M")
 # The flag that sets each scheme parameter on the command line (for messages).
 PARAM_FLAGS = {"block_size": "--block-size", "group_size": "--group-size", "double_quant": "--no-double-quant",
                "act_range": "--act-range", "act_strategy": "--act-strategy", "smooth": "--smooth",
@@ -37,22 +32,20 @@ def check_calibration_counts(samples: int, seqlen: int) -> None:
         raise BadArgument(f"--calib-seqlen {seqlen}: must be at least 2 tokens (default 512)")
 
 
-def mix_preset(name: str) -> Path:
-    return CONFIGS_DIR / f"gguf-{name.lower()}.yaml"
-
-
 def choose_format(fmt: str | None, gguf_type: str | None, output: Path | None, config: Path | None) -> str:
-    if fmt is not None:
-        from qtool.pipeline import FORMATS
+    """--format, else the format --type names, else the one the output's suffix names (out.gguf), else
+    the preset's, else the default (each container record says which applies to it)."""
+    from qtool import containers
 
-        if fmt not in FORMATS:
-            raise BadArgument(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-        return fmt
-    if gguf_type or (output is not None and output.suffix == ".gguf"):
-        return "gguf"
+    if fmt is not None:
+        return containers.check_format(fmt)
+    by_type = containers.format_for_flag("--type") if gguf_type else None
+    by_suffix = containers.format_for_path(output.suffix) if output is not None else None
+    if by_type or by_suffix:
+        return by_type or by_suffix
     if config is not None:
-        return Recipe.from_yaml(config).format or "safetensors"
-    return "safetensors"
+        return Recipe.from_yaml(config).format or containers.default_format()
+    return containers.default_format()
 
 
 def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_type: str | None,
@@ -61,10 +54,16 @@ def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_
                         act_range: str | None = None, act_strategy: str | None = None,
                         smooth: float | None = None, act_asymmetric: bool | None = None,
                         smooth_down: float | None = None) -> Recipe:
-    if fmt == "safetensors" and gguf_type:
-        raise BadArgument(f"--type {gguf_type} is a GGUF type; add --format gguf (or use --scheme for safetensors)")
-    if fmt == "gguf" and scheme:
-        raise BadArgument(f"--scheme {scheme} is for safetensors outputs; GGUF takes --type (e.g. Q4_K_M)")
+    from qtool import containers
+
+    # Each format names its encodings with one flag (GGUF: --type, safetensors: --scheme).
+    flag = containers.format_option(fmt, "scheme_flag")
+    if gguf_type and flag != "--type":
+        typed = containers.format_for_flag("--type")
+        raise BadArgument(f"--type {gguf_type} is a {typed.upper()} type; add --format {typed} (or use {flag} for {fmt})")
+    if scheme and flag != "--scheme":
+        raise BadArgument(f"--scheme {scheme} is for {containers.format_for_flag('--scheme')} outputs; {fmt} takes "
+                          f"{flag} (e.g. {containers.format_option(fmt, 'bits_defaults')[4]})")
     if bits is not None and bits not in (4, 8):
         raise BadArgument(f"--bits {bits}: choose 4 or 8")
     flag_params = {"block_size": block_size, "group_size": group_size, "double_quant": double_quant}
@@ -73,20 +72,18 @@ def recipe_from_options(*, fmt: str, bits: int | None, scheme: str | None, gguf_
             check_param(key, value, f"{PARAM_FLAGS[key]} {value}" if key != "double_quant" else PARAM_FLAGS[key])
     chosen = gguf_type or scheme
     if chosen is None and bits is not None:
-        chosen = BITS_DEFAULTS[fmt][bits]
-    if chosen is not None and fmt == "gguf":
-        chosen = chosen.upper()
+        chosen = containers.format_option(fmt, "bits_defaults")[bits]
+    if chosen is not None and flag == "--type":
+        chosen = chosen.upper()     # GGML type names are upper case; --type q4_k_m is Q4_K_M
 
+    named_recipe = None
+    if config is None and chosen is not None:
+        named_recipe = containers.format_option(fmt, "named_recipe")(chosen)
     if config is not None:
         recipe = Recipe.from_yaml(config)
-    elif chosen in GGUF_MIXES:
-        recipe = Recipe.from_yaml(mix_preset(chosen))
-        recipe.name = chosen
-        chosen = None   # the mix preset names its own default type
-    elif fmt == "gguf" and chosen is not None:
-        from qtool.sinks.gguf import plain_type_recipe
-
-        recipe = plain_type_recipe(chosen)   # llama-quantize's choices for the output matrix
+    elif named_recipe is not None:
+        # A name that stands for a recipe: a GGUF mix preset, or llama-quantize's choices for a plain type.
+        recipe = named_recipe
         recipe.name = chosen
         chosen = None
     else:
@@ -127,16 +124,16 @@ def _check_bits_agree(bits: int, scheme_name: str, named: str) -> None:
 
 def _check_format_holds(fmt: str, recipe: Recipe) -> None:
     """The output format can store every scheme the recipe names (before any model is read)."""
-    from qtool.sinks import sink_class
+    from qtool.containers import container_for
 
-    sink_class(fmt, {recipe.scheme, *(rule.scheme for rule in recipe.rules if rule.scheme != KEEP)})
+    container_for(fmt, {recipe.scheme, *(rule.scheme for rule in recipe.rules if rule.scheme != KEEP)})
 
 
 def _activation_options(recipe: Recipe, act_range: str | None, act_strategy: str | None,
                         smooth: float | None, act_asymmetric: bool | None = None,
                         smooth_down: float | None = None) -> None:
     """--act-range / --act-strategy / --smooth: how the w8a8 scheme quantizes Linear inputs."""
-    from qtool.calibration.activation import ACT_RANGES, ACT_STRATEGIES
+    from qtool.schemes.int8 import ACT_RANGES, ACT_STRATEGIES
 
     for flag, alpha in (("--smooth", smooth), ("--smooth-down", smooth_down)):
         if alpha is not None and not 0 <= alpha <= 1:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from qtool.architectures import architecture
 from qtool.calibration import MethodOptions, OverlaySource, calibrate, calibrated_weights, calibration_set, save_stats
 from qtool.calibration.awq import Choice, alpha_grid, block_sites, channel_scales, effective_weight, fold_ops
 from qtool.tokenizer import load_tokenizer
@@ -30,6 +31,9 @@ from qtool.schemes.gptq import make_grid, quantize_rtn
 from qtool.sources.resolve import resolve
 
 PROMPT_IDS = torch.tensor([[1, 504, 3458, 282, 5248, 314, 2209, 30, 378, 1345]])
+
+
+LLAMA_SITES = architecture({"model_type": "llama"}).awq_sites
 
 
 def _calib(source, shared_data: Path, samples: int, seqlen: int):
@@ -61,15 +65,15 @@ def test_sites_scales_and_grid() -> None:
         mha[f"model.layers.3.self_attn.{name}_proj.weight"] = shape
     for name, shape in (("gate", (128, 64)), ("up", (128, 64)), ("down", (64, 128))):
         mha[f"model.layers.3.mlp.{name}_proj.weight"] = shape
-    sites = block_sites(3, mha, mha)
+    sites = block_sites(3, mha, mha, LLAMA_SITES)
     assert [(s.producer.split("layers.3.")[1], s.how, len(s.linears)) for s in sites] == [
         ("input_layernorm.weight", "vector", 3), ("post_attention_layernorm.weight", "vector", 2),
         ("mlp.up_proj.weight", "rows", 1), ("self_attn.v_proj.weight", "rows", 1)]
     # Grouped-query attention (v has fewer rows than o has columns) or a v bias: no v -> o site.
     gqa = dict(mha, **{"model.layers.3.self_attn.k_proj.weight": (32, 64), "model.layers.3.self_attn.v_proj.weight": (32, 64)})
-    assert len(block_sites(3, gqa, gqa)) == 3
+    assert len(block_sites(3, gqa, gqa, LLAMA_SITES)) == 3
     biased = dict(mha, **{"model.layers.3.self_attn.v_proj.bias": (64,)})
-    assert len(block_sites(3, biased, biased)) == 3
+    assert len(block_sites(3, biased, biased, LLAMA_SITES)) == 3
 
     act = torch.tensor([0.0, 0.5, 2.0, 8.0])
     assert torch.equal(channel_scales(act, 0.0), torch.ones(4))   # alpha 0: exactly the unscaled weights
@@ -94,7 +98,7 @@ def test_folds_keep_the_float_model_without_gqa(smollm2_tokenizer_dir, shared_da
         shapes = {info.name: tuple(info.shape) for info in source.tensors()}
         choices = []
         for layer in range(2):
-            for site in block_sites(layer, shapes, shapes):
+            for site in block_sites(layer, shapes, shapes, LLAMA_SITES):
                 act = stats.linears[site.linears[0]].mean_square.sqrt()
                 choices.append(Choice(site, 0.5, channel_scales(act, 0.5), []))
         assert len(choices) == 8 and sum(c.site.producer.endswith("v_proj.weight") for c in choices) == 2
@@ -107,6 +111,30 @@ def test_folds_keep_the_float_model_without_gqa(smollm2_tokenizer_dir, shared_da
         assert [how for how, _ in folds[name]] == ["cols", "rows"]
         weight = source.load(name)
         torch.testing.assert_close(effective_weight(apply_ops(weight, folds[name]), folds[name]), weight)
+
+
+# Sites per architecture (2 blocks; grouped-query attention, so no v -> o site): Llama's three, the
+# up -> down site only where the norms are not plain RMSNorms before a Linear, none for StarCoder2.
+SITES_PER_BLOCK = {"llama": 3, "qwen3": 3, "granite": 3, "phi3": 2, "olmo2": 1, "gemma2": 1, "gemma3_text": 1,
+                   "starcoder2": 0}
+
+
+@pytest.mark.parametrize("variant", sorted(SITES_PER_BLOCK))
+def test_each_architectures_sites_keep_its_float_model(arch_checkpoint, shared_data, variant) -> None:
+    """The architecture record's scale sites (SmoothQuant's and AWQ's), folded at alpha 0.5 into a
+    tiny random model of each architecture, leave what transformers computes unchanged."""
+    with resolve(str(arch_checkpoint(variant, 49152))) as source:
+        sites = architecture(source.config).awq_sites
+        stats = calibrate(source, calib_set=_calib(source, shared_data, 2, 32), want_hessian=False)
+        shapes = {info.name: tuple(info.shape) for info in source.tensors()}
+        choices = [Choice(site, 0.5, channel_scales(stats.linears[site.linears[0]].mean_square.sqrt(), 0.5), [])
+                   for layer in range(2) for site in block_sites(layer, shapes, shapes, sites)]
+        assert len(choices) == 2 * SITES_PER_BLOCK[variant]
+        if not choices:
+            return
+        assert all(float((c.scales - 1).abs().max()) > 0.1 for c in choices)
+        plain, folded = _logits(source), _logits(SmoothedSource(source, fold_ops(choices)))
+        assert float((plain - folded).abs().max()) <= 1e-4 * float(plain.abs().max())
 
 
 @pytest.mark.slow

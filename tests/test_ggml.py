@@ -9,13 +9,15 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from qtool.errors import BadArgument
-from qtool.kernels.cpu import _FUNCTIONS as CPU_KERNELS
 from qtool.kernels.cpu import cpu_kernel
-from qtool.schemes.base import all_schemes, get_scheme
-from qtool.schemes.ggml import GGML_TYPE_NAMES, GGMLType, ggml_type
+from qtool.schemes.base import all_schemes, get_scheme, scheme_names
+from qtool.schemes.ggml import GGMLType, ggml_type
 
 from tests._ggml_helpers import llamacpp_quantize
 
+GGML_TYPE_NAMES = scheme_names("gguf")
+# The types whose record names a C kernel (qtool/kernels/cpu_ggml.c).
+CPU_KERNELS = [name for name in GGML_TYPE_NAMES if get_scheme(name).c_kernel]
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
@@ -82,9 +84,7 @@ def test_iq4_nl_equals_llamacpp_bytes(dtype):
 
 def test_cpu_kernels_are_built_here():
     """CI has a C compiler: the fast path must really be the one the other tests exercise."""
-    from qtool.kernels.cpu import _FUNCTIONS
-
-    missing = [name for name in _FUNCTIONS if cpu_kernel(name) is None]
+    missing = [name for name in CPU_KERNELS if cpu_kernel(get_scheme(name)) is None]
     assert not missing, f"no C kernel for {missing} (compiler: {shutil.which('cc') or shutil.which('gcc')})"
 
 
@@ -103,7 +103,7 @@ def test_cpu_kernel_bytes_equal_the_torch_reference(name, dtype):
     weight = torch.cat([_edge_case_matrix(1024), subnormal, torch.randn(1100, 1024, generator=generator) * 0.02])
     weight = weight.to(dtype)
     blocks = weight.reshape(-1, scheme.block_size)
-    kernel = cpu_kernel(name)
+    kernel = cpu_kernel(get_scheme(name))
     reference = scheme._quantize_chunks(blocks)
     chunk = cpu._CHUNK_ELEMENTS
     try:
@@ -179,6 +179,7 @@ def test_cpu_kernels_give_the_same_bytes_without_vector_instructions(tmp_path):
     portable = cpu.build_library(tmp_path, ("-DQTOOL_PORTABLE", "-O1", "-fno-tree-vectorize"))
     generator = torch.Generator().manual_seed(5)
     weight = torch.cat([_edge_case_matrix(512), torch.randn(300, 512, generator=generator) * 0.02]).bfloat16()
-    for name in cpu._FUNCTIONS:
+    for name in CPU_KERNELS:
         blocks = weight.reshape(-1, ggml_type(name).block_size)
-        assert torch.equal(cpu_kernel(name)(blocks), cpu_kernel(name, portable)(blocks)), name
+        scheme = get_scheme(name)
+        assert torch.equal(cpu_kernel(scheme)(blocks), cpu_kernel(scheme, portable)(blocks)), name

@@ -18,7 +18,8 @@ from qtool.kernels.cpu import cpu_kernel
 from qtool.plan import build_plan
 from qtool.schemes.ggml import ScaleOverflow, ggml_type
 from qtool.schemes.int4 import NonFiniteWeight
-from qtool.sinks.gguf import GGUFSink, gguf_plans, stored_type
+from qtool.containers.gguf import gguf_plans
+from qtool.sinks.gguf import GGUFSink, stored_type
 from qtool.plan import TensorPlan
 from qtool.sources.base import TensorInfo
 from qtool.sources.gguf_file import GGUFFile
@@ -54,7 +55,7 @@ def test_every_block_type_refuses_inf_and_nan_on_c_and_torch_paths(type_name: st
     scheme = ggml_type(type_name)
     for dtype in (torch.bfloat16, torch.float32):
         weight = _weight(value, dtype)
-        assert cpu_kernel(type_name) is not None          # the C path is the default here
+        assert cpu_kernel(ggml_type(type_name)) is not None          # the C path is the default here
         with pytest.raises(NonFiniteWeight):
             scheme.quantize(weight)
         with pytest.raises(NonFiniteWeight):               # the torch reference (QTOOL_CPU_KERNELS=0)

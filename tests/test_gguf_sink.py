@@ -13,7 +13,8 @@ from qtool import architectures
 from qtool.errors import OutputExists, Unsupported
 from qtool.plan import Recipe
 from qtool.schemes.ggml import ggml_type
-from qtool.sinks.gguf import GGUFSink, gguf_plans, packed_nbytes, plain_type_recipe, stored_type
+from qtool.containers.gguf import gguf_plans, plain_type_recipe
+from qtool.sinks.gguf import GGUFSink, packed_nbytes, stored_type
 from qtool.sources.base import TensorInfo
 from qtool.sources.resolve import resolve
 

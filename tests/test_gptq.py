@@ -14,9 +14,10 @@ import torch
 
 from qtool.calibration.data import calibration_set
 from qtool.tokenizer import load_tokenizer
-from qtool.calibration.packing import pack_ggml, pack_result
+from qtool.calibration.packing import pack_result
 from qtool.calibration.runner import walk_blocks
 from qtool.plan import TensorPlan
+from qtool.schemes.base import get_scheme
 from qtool.schemes.gptq import (gptq_quantize, layer_output_error, make_grid, quantize_rtn, refit_scales,
                                 search_affine, search_symmetric)
 
@@ -129,7 +130,7 @@ def test_ggml_packing_matches_gguf_reference(scheme: str) -> None:
 
     w, x = _problem(rows=24, cols=256)
     result = gptq_quantize(w, x.T @ x, make_grid(scheme), act_order=True)
-    packed = pack_ggml(scheme, result)
+    packed = get_scheme(scheme).pack_calibrated(result, {}, torch.float32, "w")
     reference = dequantize(packed.data.numpy(), GGMLQuantizationType[scheme])
     assert np.array_equal(reference.reshape(w.shape), result.qweight.numpy())
     from qtool.schemes.ggml import ggml_type

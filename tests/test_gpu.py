@@ -13,8 +13,14 @@ import dataclasses
 import pytest
 import torch
 
-from qtool.kernels import fused, fused_names, kernel_for
+from qtool.kernels import fused, kernel_for
 from qtool.schemes.base import all_schemes, get_scheme
+
+
+def fused_names() -> list[str]:
+    """The schemes whose record names a Triton kernel module."""
+    return [name for name, scheme in all_schemes().items() if scheme.triton_module]
+
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(),
@@ -73,8 +79,8 @@ def _assert_identical(gpu, cpu, where: str) -> None:
 
 
 def _require_kernel(name: str):
-    kernel = kernel_for(name)
-    if kernel is None or fused(name) is None:
+    kernel = kernel_for(get_scheme(name))
+    if kernel is None or fused(get_scheme(name)) is None:
         pytest.skip(f"no fused kernel for {name} here (Triton missing?)")
     return kernel
 
@@ -153,8 +159,9 @@ def test_kernels_run_on_the_tensors_gpu_not_the_current_one(name: str) -> None:
         _assert_identical(kernel(weight.to("cuda:1")), get_scheme(name).quantize(weight), f"{name} on cuda:1")
 
 
-def test_fused_is_none_for_unknown_scheme() -> None:
-    assert fused("no-such-scheme") is None
+def test_fused_is_none_for_a_scheme_without_kernel() -> None:
+    assert get_scheme("IQ4_NL").triton_module is None
+    assert fused(get_scheme("IQ4_NL")) is None
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

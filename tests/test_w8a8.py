@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtool.architectures import architecture
 from qtool.calibration.activation import (
     choose_scale,
     input_scales,
@@ -260,7 +261,7 @@ def test_fake_quantize_input_is_compressed_tensors_dynamic_quantization(strategy
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
-    from qtool.calibration.activation import fake_quantize_input
+    from qtool.schemes.int8 import fake_quantize_input
 
     args = QuantizationArgs(num_bits=8, type="int", symmetric=symmetric, strategy=strategy, dynamic=True)
     generator = torch.Generator().manual_seed(4)
@@ -456,7 +457,7 @@ def test_smoothing_keeps_the_float_model(tiny_llama_dir, shared_data) -> None:
     with resolve(str(tiny_llama_dir)) as source:
         stats = calibrate(source, calib=calib, samples=4, seqlen=64, want_hessian=False)
         names = {info.name for info in source.tensors()}
-        ops = smoothing_ops(names, 2, stats.linears, source.load, 0.8)
+        ops = smoothing_ops(names, 2, stats.linears, source.load, 0.8, architecture(source.config).smoothing_sites)
         assert sorted(n for n in ops if "layers.0." in n) == [
             "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.down_proj.weight",
             "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",

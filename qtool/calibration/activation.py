@@ -29,9 +29,8 @@ import torch
 from qtool.calibration.observers import InputStats
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
+from qtool.schemes.int8 import ACT_RANGES, ACT_STRATEGIES
 
-ACT_RANGES = ("minmax", "percentile", "mse")
-ACT_STRATEGIES = ("tensor", "token")
 DEFAULT_ACT_RANGE = "minmax"   # the best static choice measured on smoothed SmolLM2 (see configs/w8a8.yaml)
 DEFAULT_ACT_STRATEGY = "tensor"
 DEFAULT_PERCENTILE = 99.99
@@ -57,46 +56,6 @@ class ActivationScale:
 
 def qmax(bits: int = ACT_BITS) -> int:
     return (1 << (bits - 1)) - 1
-
-
-def fake_quantize_input(x: torch.Tensor, *, bits: int = ACT_BITS, symmetric: bool = True, per_token: bool = True,
-                        scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> torch.Tensor:
-    """A Linear's input quantized and dequantized as compressed-tensors' runtime does it: with a
-    stored per-tensor ``scale`` (and ``zero_point``), or dynamically from the range of each token
-    (the features of a [batch, tokens, features] input; a 2-D input has one range, as there) or of
-    the whole input. The range always includes 0; symmetric steps are absmax / ((qmax - qmin) / 2)
-    (127.5 for int8), asymmetric ones (max - min) / (qmax - qmin) with the zero point rounded; a zero
-    step becomes its dtype's eps. The range bounds are float32 0-dim tensors on x's device, as
-    there: divisions stay divisions on CUDA, and dtype promotion follows the same rules."""
-    if x.numel() == 0:
-        return x
-    q_min = torch.tensor(float(-(1 << (bits - 1))), device=x.device)
-    q_max = torch.tensor(float(qmax(bits)), device=x.device)
-    if scale is None:
-        dims = tuple(range(2, x.dim()))
-        if per_token and dims:
-            low, high = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-        else:
-            low, high = x.amin(), x.amax()
-        low, high = torch.minimum(low, torch.zeros_like(low)), torch.maximum(high, torch.zeros_like(high))
-        steps = q_max - q_min
-        if symmetric:
-            scale = torch.maximum(low.abs(), high.abs()) / (steps.to(low.dtype) / 2)
-        else:
-            scale = (high - low) / steps.to(high.dtype)
-            # 0 / 0 for an all-zero range: its zero point is irrelevant (every value quantizes to it).
-            zero_point = torch.nan_to_num(torch.clamp(q_min - low / scale, q_min, q_max), nan=0.0).round()
-        scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype,
-                                                     device=scale.device), scale)
-    else:
-        scale = scale.to(x.dtype)
-    scaled = x / scale
-    if zero_point is not None:
-        scaled = scaled + zero_point.to(x.dtype)
-    levels = torch.clamp(scaled, q_min, q_max).round().to(scale.dtype)
-    if zero_point is not None:
-        levels = levels - zero_point.to(scale.dtype)
-    return levels * scale
 
 
 def minmax_clip(act_min: float, act_max: float) -> float:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from qtool.calibration.observers import InputStats
-from qtool.calibration.smoothing import SMOOTHING_SITES, SmoothingOps, apply_ops
+from qtool.architectures import ScaleSite
+from qtool.calibration.smoothing import SmoothingOps, apply_ops
 
-# v_proj's output channels are o_proj's input channels only without grouped-query attention.
-_V_TO_O = ("self_attn.v_proj.weight", "rows", ("self_attn.o_proj",))
 _FLOOR = 1e-5
 DEFAULT_GRID = 20
 
@@ -50,13 +49,15 @@ class Choice:
     errors: list[float]        # the group's layer-output error per alpha of the grid (alpha = 0 first)
 
 
-def block_sites(layer: int, names: Iterable[str], shapes: dict[str, tuple[int, ...]]) -> list[Site]:
-    """The scalable sites of decoder block ``layer`` whose producer and Linears all exist;
-    v_proj -> o_proj only when v_proj's outputs are o_proj's inputs one to one, and v has no bias."""
+def block_sites(layer: int, names: Iterable[str], shapes: dict[str, tuple[int, ...]],
+                candidates: Sequence[ScaleSite]) -> list[Site]:
+    """The ``candidates`` (the architecture record's ``awq_sites``) of decoder block ``layer`` whose
+    producer and Linears all exist; a Linear's rows only when they are the Linears' input columns one
+    to one (v_proj -> o_proj without grouped-query attention) and it has no bias."""
     prefix = f"model.layers.{layer}."
     names = set(names)
     sites = []
-    for producer, how, linears in (*SMOOTHING_SITES, _V_TO_O):
+    for producer, how, linears in ((site.producer, site.how, site.linears) for site in candidates):
         weights = tuple(f"{prefix}{linear}.weight" for linear in linears)
         if prefix + producer not in names or not all(w in names for w in weights):
             continue

@@ -19,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from qtool import ui
+from qtool.architectures import ScaleSite, block_record
 from qtool.calibration.data import CalibrationSet
 from qtool.calibration.awq import (Choice, Member, alpha_grid, block_sites, effective_weight, fold_ops, scaled_stats,
                                   search)
@@ -32,8 +33,7 @@ from qtool.calibration.runner import CalibrationStats, LayerRecord, walk_blocks
 from qtool.calibration.smoothing import SmoothingOps, apply_ops
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan, layer_index
-from qtool.schemes.gptq import (Grid, QuantResult, SymmetricGrid, gptq_quantize, layer_output_error, make_grid,
-                               quantize_rtn)
+from qtool.schemes.gptq import Grid, QuantResult, gptq_quantize, layer_output_error, quantize_rtn
 from qtool.sources.base import Source
 
 METHODS = ("rtn", "imatrix", "gptq", "awq", "awq+imatrix", "awq+gptq")
@@ -72,21 +72,17 @@ class MethodReport:
 
 
 def grid_for(plan: TensorPlan) -> Grid:
-    if plan.scheme == "w8a8":
-        # int8 per output channel (one group spanning the row), scales rounded to bfloat16, which the
-        # stored weight_scale (model dtype: float32, bfloat16 or float16) holds exactly.
-        return SymmetricGrid("w8a8", plan.shape[-1], 127, 127, negative_scales=False, scale_dtype=torch.bfloat16)
-    try:
-        # nf4/fp4 name their block "block_size" and double-quantize their scales by default; int8-sym's
-        # group is the whole row (the grid's own default is a size no row reaches, which GPTQ would pad to).
-        group_size = plan.params.get("group_size") or plan.params.get("block_size")
-        if plan.scheme == "int8-sym" and group_size is None:
-            group_size = plan.shape[-1]
-        return make_grid(plan.scheme, group_size=group_size,
-                         double_quant=bool(plan.params.get("double_quant", True)))
-    except ValueError:
+    """The grid calibration fits for a planned weight: its encoding record's ``calibration_grid``
+    (nf4/fp4 name their block "block_size" and double-quantize their scales by default)."""
+    from qtool.schemes.base import get_scheme
+
+    grid = get_scheme(plan.scheme).calibration_grid(
+        group_size=plan.params.get("group_size") or plan.params.get("block_size"),
+        double_quant=bool(plan.params.get("double_quant", True)), columns=plan.shape[-1])
+    if grid is None:
         raise BadArgument(f"--method: no calibration-aware quantization for scheme {plan.scheme} "
-                          f"(tensor {plan.name}); use --method rtn") from None
+                          f"(tensor {plan.name}); use --method rtn")
+    return grid
 
 
 def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | None,
@@ -152,7 +148,8 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
             started = time.perf_counter()
             if is_awq:
                 weights = {name: module.weight.detach() for name, module in step.linears.items()}
-                items, alphas = _awq_block(step.index, weights, step.stats, planned, shapes, options, pack)
+                items, alphas = _awq_block(step.index, weights, step.stats, planned, shapes, options, pack,
+                                           _awq_sites(source))
             else:
                 items, alphas = [], {}
                 for name, module in step.linears.items():
@@ -183,6 +180,11 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
                 block_seconds, block_errors = 0.0, []
 
 
+def _awq_sites(source: Source) -> tuple[ScaleSite, ...]:
+    record = block_record(source.config)
+    return record.awq_sites if record is not None else ()
+
+
 def _inner_method(method: str) -> str:
     """What quantizes the scaled weights of ``awq[+inner]``."""
     return method.partition("+")[2] or "rtn"
@@ -190,7 +192,7 @@ def _inner_method(method: str) -> str:
 
 def _awq_block(layer: int, weights: dict[str, torch.Tensor], stats: dict[str, InputStats],
                planned: dict[str, TensorPlan], shapes: dict[str, tuple[int, ...]], options: MethodOptions,
-               pack: bool) -> tuple[list[CalibratedTensor], dict[str, float]]:
+               pack: bool, candidates: Sequence[ScaleSite]) -> tuple[list[CalibratedTensor], dict[str, float]]:
     """AWQ on one decoder block: search the sites' scales one after another (each on the Linears as the
     earlier sites left them), then quantize every planned Linear's scaled weight. Returns the tensors
     (in ``weights``' order) and the alpha chosen per site (by producer name)."""
@@ -205,7 +207,7 @@ def _awq_block(layer: int, weights: dict[str, torch.Tensor], stats: dict[str, In
         return Member(weights[name].to(torch.float32), hessian, quantizers[name], folds.get(name, []))
 
     choices: list[Choice] = []
-    for site in block_sites(layer, shapes, shapes):
+    for site in block_sites(layer, shapes, shapes, candidates):
         if not all(name in quantizers for name in site.linears):
             continue   # a kept or uncalibrated Linear stays as it is: no scaling to fold
         folds = fold_ops(choices)
@@ -270,7 +272,8 @@ def _awq_from_stats(source: Source, planned: dict[str, TensorPlan], options: Met
                 raise BadArgument(f"--stats has no statistics for {missing[0]}; recreate them with `qtool calibrate` "
                                   "on this model")
             weights = {name: source.load(name).to(device=device, dtype=torch.float32) for name in block}
-            items, alphas = _awq_block(layer, weights, stats.linears, planned, shapes, options, pack)
+            items, alphas = _awq_block(layer, weights, stats.linears, planned, shapes, options, pack,
+                                       _awq_sites(source))
             yield from items
             progress.advance(1, status=f"layer {layer} alpha " + "/".join(f"{a:.2f}" for a in alphas.values()))
 

@@ -19,19 +19,14 @@ tensor by tensor, as the pipeline loads them.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
+from qtool.architectures import ScaleSite
 from qtool.calibration.observers import InputStats
 from qtool.sources.base import Source
 
-# (the producer folded with 1/s, how: "vector" or "rows", the Linears sharing the input) per site.
-SMOOTHING_SITES = (
-    ("input_layernorm.weight", "vector", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm.weight", "vector", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj.weight", "rows", ("mlp.down_proj",)),
-)
 _FLOOR = 1e-5
 
 
@@ -52,15 +47,16 @@ SmoothingOps = dict[str, list[tuple[str, torch.Tensor]]]
 
 
 def smoothing_ops(names: set[str], n_layers: int, stats: Mapping[str, InputStats],
-                  load: Callable[[str], torch.Tensor], alpha: float,
+                  load: Callable[[str], torch.Tensor], alpha: float, sites: Sequence[ScaleSite],
                   selected: Callable[[str], bool] = lambda name: True, down_alpha: float | None = None) -> SmoothingOps:
-    """The factors of every decoder block's smoothable sites whose Linears are all ``selected``
-    (planned w8a8) and calibrated; ``load`` reads a weight (for its column absmax). ``down_alpha``:
-    the up_proj -> down_proj site's alpha (None: ``alpha``); an alpha of 0 leaves a site alone."""
+    """The factors of every decoder block's ``sites`` (the architecture record's ``smoothing_sites``)
+    whose Linears are all ``selected`` (planned w8a8) and calibrated; ``load`` reads a weight (for its
+    column absmax). ``down_alpha``: the alpha of sites folded into a Linear's rows (up_proj -> down_proj;
+    None: ``alpha``); an alpha of 0 leaves a site alone."""
     ops: SmoothingOps = {}
     for layer in range(n_layers):
         prefix = f"model.layers.{layer}."
-        for producer, how, linears in SMOOTHING_SITES:
+        for producer, how, linears in ((site.producer, site.how, site.linears) for site in sites):
             site_alpha = down_alpha if down_alpha is not None and how == "rows" else alpha
             if not site_alpha:
                 continue

@@ -88,31 +88,40 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
+def auto_class(config_object: Any) -> Any:
+    """The transformers auto class that builds this config's language model with its output head:
+    ``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language model (Qwen2-VL,
+    Gemma 3), which scores text alone when given token ids alone."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for candidate in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config_object) in candidate._model_mapping:
+            return candidate
+    return AutoModelForCausalLM   # its error names the architecture
+
+
 def attention_implementation(config_object: Any) -> str:
     """torch's fused attention ("sdpa") where the model class supports it, else transformers' "eager"
     (Gemma 2 and gpt-oss refuse sdpa: their soft-capping / attention sinks are written out by hand)."""
-    from transformers import AutoModelForCausalLM
-
-    model_class = AutoModelForCausalLM._model_mapping.get(type(config_object), None)
+    model_class = auto_class(config_object)._model_mapping.get(type(config_object), None)
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, keep_buffers: bool) -> Any:
-    """``AutoModelForCausalLM.from_config`` with the parameters on the meta device, every parameter
+    """``from_config`` of the :func:`auto_class` with the parameters on the meta device, every parameter
     shape checked against the checkpoint before anything is loaded (``keep_buffers``: buffers such as
     rotary tables are real, else they are on meta too). transformers' errors while building from a
     checked config come from the config: a corrupt config, naming it."""
-    from transformers import AutoModelForCausalLM
-
     origin = config_origin(source)
     attention = attention_implementation(config_object)
+    model_class = auto_class(config_object)
     try:
         if keep_buffers:
             with _parameters_on_meta():
-                model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation=attention)
+                model = model_class.from_config(config_object, dtype=dtype, attn_implementation=attention)
         else:
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config_object, dtype=dtype, attn_implementation=attention)
+                model = model_class.from_config(config_object, dtype=dtype, attn_implementation=attention)
     except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, IndexError) as exc:
         raise CorruptFile(f"{origin}: transformers cannot build a model from this config "
                           f"({type(exc).__name__}: {first_line(exc)}); fix the config or re-download the model") \
@@ -220,8 +229,6 @@ def _native_folder(source: Source) -> Path | None:
 
 
 def _native_model(source: Source, *, dtype: torch.dtype, device: torch.device) -> Any:
-    from transformers import AutoModelForCausalLM
-
     folder = _native_folder(source)
     if folder is None:
         raise BadArgument(f"{source.spec}: --runtime native needs a local transformers folder (config.json + "
@@ -230,8 +237,9 @@ def _native_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
     config = load_json(folder / "config.json", "model config")
     if "quantization_config" not in config:
         ui.warn(f"{source.spec} has no quantization_config; the native runtime loads it as a plain model")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, device_map=str(device),
-                                                 attn_implementation=attention_implementation(hf_config(config)))
+    config_object = hf_config(config)
+    model = auto_class(config_object).from_pretrained(str(folder), dtype=dtype, device_map=str(device),
+                                                      attn_implementation=attention_implementation(config_object))
     model.eval()
     model.requires_grad_(False)
     return model
@@ -241,7 +249,7 @@ def replay_input_quantization(model: nn.Module, source: Source) -> int:
     """Quantize the inputs of the Linears whose inputs the file's runtime quantizes (W8A8), as it
     does, with forward pre-hooks: the dequantized runtime would otherwise score the weights alone.
     Returns how many modules got one."""
-    from qtool.calibration.activation import fake_quantize_input
+    from qtool.schemes.int8 import fake_quantize_input
 
     specs = source.input_quantization()
     for name, spec in specs.items():

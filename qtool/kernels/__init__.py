@@ -8,9 +8,10 @@ in an order both paths compute: the K-quants' fixed pairwise order (``qtool.sche
 for NF4's double-quant offset torch's own CPU summation order, replayed (nf4.py), never a reduction
 order left to a library.
 
-``fused(name)`` is the only entry point the schemes need::
+``fused(scheme)`` is the only entry point the schemes need (a scheme's record names its kernel
+module, ``triton_module``; this package imports nothing of the schemes)::
 
-    if weight.is_cuda and (kernel := fused(self.name)) is not None:
+    if weight.is_cuda and (kernel := fused(self)) is not None:
         return kernel(weight, **params)
 
 Without Triton or without CUDA it returns None and the scheme's own torch code runs (that is the
@@ -29,15 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-# scheme name -> kernel module in this package (each module has FUSED: dict[name, callable]).
-_MODULES: dict[str, str] = {
-    "nf4": "nf4", "fp4": "nf4",
-    "int8-sym": "integer", "int8-asym": "integer", "w8a8": "integer", "int4-sym": "integer", "int4-asym": "integer",
-    "Q8_0": "ggml", "Q4_0": "ggml", "Q4_1": "ggml", "Q5_0": "ggml", "Q5_1": "ggml",
-    "Q4_K": "ggml", "Q5_K": "ggml", "Q6_K": "ggml",
-}
-
-
 @functools.cache
 def triton_available() -> bool:
     """Triton importable and a CUDA device present (QTOOL_FUSED=0 turns the kernels off)."""
@@ -50,36 +42,34 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def kernel_for(scheme_name: str) -> Callable[..., Any] | None:
-    """The Triton-backed quantize function of ``scheme_name`` whenever Triton imports (also under
-    TRITON_INTERPRET=1 on CPU tensors, which is how the kernels are checked without a GPU)."""
-    module_name = _MODULES.get(scheme_name)
+def kernel_for(scheme: Any) -> Callable[..., Any] | None:
+    """The Triton-backed quantize function of ``scheme`` (a scheme record: its ``triton_module``
+    names the kernel module of this package, whose FUSED holds the function under the scheme's
+    name) whenever Triton imports (also under TRITON_INTERPRET=1 on CPU tensors, which is how the
+    kernels are checked without a GPU)."""
+    module_name = scheme.triton_module
     if module_name is None:
         return None
     try:
         module = importlib.import_module(f"qtool.kernels.{module_name}")
     except ImportError:
         return None
-    return module.FUSED.get(scheme_name)
+    return module.FUSED.get(scheme.name)
 
 
-def fused(scheme_name: str) -> Callable[..., Any] | None:
-    """A function with the signature and return type of ``get_scheme(scheme_name).quantize`` that
-    runs fused kernels on CUDA tensors, or None (no Triton, no CUDA, or no kernel for the scheme)."""
+def fused(scheme: Any) -> Callable[..., Any] | None:
+    """A function with the signature and return type of ``scheme.quantize`` that runs fused
+    kernels on CUDA tensors, or None (no Triton, no CUDA, or no kernel for the scheme)."""
     if not triton_available():
         return None
-    return kernel_for(scheme_name)
-
-
-def fused_names() -> tuple[str, ...]:
-    return tuple(_MODULES)
+    return kernel_for(scheme)
 
 
 def read_flags(flags: torch.Tensor) -> int:
     """The flags a kernel left on the device, one int32 word per program, combined (one host sync).
     Bit 0 (the program saw inf or NaN) raises NonFiniteWeight, as the CPU paths do; the other
     bits are the kernel's own."""
-    from qtool.schemes.int4 import NonFiniteWeight
+    from qtool.schemes.errors import NonFiniteWeight
 
     # One copy of the words, OR-ed on the host: a reduction kernel first would cost the host a
     # torch launch (15-20 us on the device machine) for a few microseconds of GPU time.

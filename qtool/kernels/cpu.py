@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,22 +37,10 @@ _CHUNK_ELEMENTS = 1 << 20
 
 
 @functools.cache
-def _candidates(scheme_name: str) -> np.ndarray | None:
-    """The float32 search constants a K-quant kernel takes (ggml_kquants.SEARCH_CANDIDATES, imported
-    here, not at module level: the schemes import this module)."""
-    from qtool.schemes.ggml_kquants import SEARCH_CANDIDATES
-
-    values = SEARCH_CANDIDATES.get(scheme_name)
-    return None if values is None else np.array(values, dtype=np.float32)
+def _candidates_array(values: tuple[float, ...]) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
 
 
-# scheme name -> (C function, bytes per block, elements per block)
-_FUNCTIONS = {"Q8_0": ("quantize_q8_0", 34, 32), "Q4_0": ("quantize_q4_0", 18, 32),
-              "Q4_1": ("quantize_q4_1", 20, 32), "Q5_0": ("quantize_q5_0", 22, 32),
-              "Q5_1": ("quantize_q5_1", 24, 32), "IQ4_NL": ("quantize_iq4_nl", 18, 32),
-              "Q2_K": ("quantize_q2_k", 84, 256), "Q3_K": ("quantize_q3_k", 110, 256),
-              "Q4_K": ("quantize_q4_k", 144, 256),
-              "Q5_K": ("quantize_q5_k", 176, 256), "Q6_K": ("quantize_q6_k", 210, 256)}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -76,14 +65,17 @@ def build_library(directory: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.
             subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True,
                            capture_output=True, timeout=120)
             os.replace(built, target)
-    library = ctypes.CDLL(str(target))
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    for name, _, _ in _FUNCTIONS.values():
-        function = getattr(library, name)
+    return ctypes.CDLL(str(target))
+
+
+def _c_function(library: ctypes.CDLL, name: str, with_candidates: bool) -> Any:
+    """The library's function ``name``, its signature declared on first use (ctypes keeps it)."""
+    function = getattr(library, name)
+    if function.argtypes is None:
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
         function.restype = ctypes.c_int     # 1: the blocks held inf or NaN
-        with_candidates = name.endswith("_k")
         function.argtypes = [pointer, ctypes.c_int, size, *([pointer] if with_candidates else []), pointer]
-    return library
+    return function
 
 
 @functools.cache
@@ -96,20 +88,22 @@ def _library() -> ctypes.CDLL | None:
         return None
 
 
-def cpu_kernel(scheme_name: str, library: ctypes.CDLL | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """For a GGML type with a C kernel: a function (n_blocks, block) float tensor on the CPU ->
+def cpu_kernel(scheme: Any, library: ctypes.CDLL | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a GGML type whose record names a C kernel (``scheme.c_kernel``, a function of
+    cpu_ggml.c; its geometry ``block_size`` / ``type_size``; the K-quants' float32 search
+    constants ``search_candidates``): a function (n_blocks, block) float tensor on the CPU ->
     (n_blocks, type_size) uint8, the bytes of the scheme's ``quantize_blocks``; else None.
     ``library``: another build (tests compare builds); default: the cached one."""
-    entry = _FUNCTIONS.get(scheme_name)
-    if entry is None:
+    function_name = scheme.c_kernel
+    if function_name is None:
         return None
     library = library or _library()
     if library is None:
         return None
-    function_name, type_size, block = entry
-    function = getattr(library, function_name)
-    candidates = _candidates(scheme_name)
-    extra = () if candidates is None else (candidates.ctypes.data,)
+    type_size, block = scheme.type_size, scheme.block_size
+    candidates = getattr(scheme, "search_candidates", None)
+    function = _c_function(library, function_name, candidates is not None)
+    extra = () if candidates is None else (_candidates_array(candidates).ctypes.data,)
 
     def quantize_blocks(blocks: torch.Tensor) -> torch.Tensor:
         from qtool.schemes._parallel import run_chunks
@@ -134,7 +128,7 @@ def cpu_kernel(scheme_name: str, library: ctypes.CDLL | None = None) -> Callable
 
         run_chunks(range(0, n_blocks, step), work)
         if nonfinite_chunks:
-            from qtool.schemes.int4 import NonFiniteWeight
+            from qtool.schemes.errors import NonFiniteWeight
 
             raise NonFiniteWeight("the weight contains inf or nan values")
         return out

@@ -580,7 +580,7 @@ def quantize_ggml(weight: torch.Tensor, name: str):
         # Bit 0 (inf, NaN or huge input) raises NonFiniteWeight in read_flags; bit 1 (an fp16 scale
         # overflowed) the same here: GGMLType.quantize tells the two apart.
         if read_flags(flags) & 2:
-            from qtool.schemes.int4 import NonFiniteWeight
+            from qtool.schemes.errors import NonFiniteWeight
 
             raise NonFiniteWeight("a block scale overflowed float16")
     from qtool.schemes.ggml import GGMLTensor   # after the launch: the schemes import this module

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from qtool.kernels import launch, read_flags
 from qtool.schemes import nf4 as cpu
-from qtool.schemes.int4 import NonFiniteWeight
+from qtool.schemes.errors import NonFiniteWeight
 
 # Elements per program of the 4-bit kernel (whole blocks) and its warps: 2048 bf16 elements with 4
 # warps, 16 elements a thread, was the fastest on an H100 (GPU time, benchmarks/bench_gpu.py --sweep).

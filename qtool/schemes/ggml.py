@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -27,7 +27,14 @@ from qtool.kernels import fused
 from qtool.kernels.cpu import cpu_kernel
 from qtool.schemes._parallel import run_chunks
 from qtool.schemes.base import Scheme, register
-from qtool.schemes.int4 import NonFiniteWeight
+from qtool.schemes.errors import NonFiniteWeight, ScaleOverflow
+from qtool.schemes.grids import (_GROUP_MAX_EPS, AffineGrid, CodebookGrid, Grid, GridParams, SymmetricGrid,
+                                 _keep_best_least_squares, _store, _weighted)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from qtool.schemes.grids import QuantResult
 
 FLOAT16_MAX = 65504.0
 # Inputs of this magnitude or more are refused by every block type's kernels as they load a block
@@ -41,11 +48,6 @@ QK_K = 256
 # Elements per chunk handed to quantize_blocks: small enough that the temporaries of the K-quant
 # scale search stay in the tens of MB, large enough that per-op overhead is negligible.
 _CHUNK_ELEMENTS = 1 << 20
-
-
-class ScaleOverflow(ValueError):
-    """A finite weight whose block scale (an fp16 field of the block) would be inf: the block
-    cannot hold it. Raised instead of writing a block that dequantizes to inf or NaN."""
 
 
 @dataclass
@@ -155,10 +157,10 @@ class GGMLType(Scheme):
         try:
             # Every path raises NonFiniteWeight for inf, NaN or |x| >= LARGEST_INPUT as it reads the
             # weight (no separate pass); what it was is told apart only on that error.
-            if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+            if weight.is_cuda and (fused_kernel := fused(self)) is not None:
                 return fused_kernel(weight, **params)   # its kernels test the fp16 scales as they store them
             blocks = weight.reshape(-1, self.block_size)
-            if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self.name)) is not None:
+            if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self)) is not None:
                 out = c_kernel(blocks)
             else:
                 out = self._quantize_chunks(blocks)
@@ -230,6 +232,22 @@ class GGMLType(Scheme):
         return values.reshape(packed.shape)
 
 
+def calibrated_blocks(scheme: GGMLType, result: QuantResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A calibrated result of a 32-block type as (levels (n_blocks, 32) uint8, scale, offset (n_blocks, 1)
+    float32): the pieces its ``pack_calibrated`` lays out."""
+    cols = result.levels.shape[1]
+    if cols % scheme.block_size:
+        raise BadArgument(f"{scheme.name} needs rows that are a multiple of {scheme.block_size} elements; got {cols}")
+    levels = result.levels.to(torch.uint8).reshape(-1, scheme.block_size)
+    return levels, result.scale.reshape(-1, 1).to(torch.float32), result.offset.reshape(-1, 1).to(torch.float32)
+
+
+def calibrated_tensor(scheme: GGMLType, result: QuantResult, parts: list[torch.Tensor]) -> GGMLTensor:
+    """The block fields ``parts`` (each (n_blocks, k) bytes) as the GGUF tensor of ``result``'s shape."""
+    rows, cols = result.levels.shape
+    return GGMLTensor(scheme.name, (rows, cols), torch.cat(parts, dim=-1).reshape(rows, -1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Float types: one "block" is one element.
 
@@ -265,6 +283,7 @@ class _FloatType(GGMLType):
 @register
 class F32(_FloatType):
     name = "F32"
+    file_type = "ALL_F32"
     type_size = 4
     dtype = torch.float32
 
@@ -272,6 +291,7 @@ class F32(_FloatType):
 @register
 class F16(_FloatType):
     name = "F16"
+    file_type = "MOSTLY_F16"
     type_size = 2
     dtype = torch.float16
 
@@ -279,6 +299,7 @@ class F16(_FloatType):
 @register
 class BF16(_FloatType):
     name = "BF16"
+    file_type = "MOSTLY_BF16"
     type_size = 2
     dtype = torch.bfloat16
 
@@ -304,6 +325,18 @@ class Q8_0(GGMLType):
     block_size = 32
     fp16_offsets = (0,)
     type_size = 34
+    c_kernel = "quantize_q8_0"
+    triton_module = "ggml"
+    file_type = "MOSTLY_Q8_0"
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return SymmetricGrid(self.name, 32, 127, 127, negative_scales=True)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> GGMLTensor:
+        levels, scale, _ = calibrated_blocks(self, result)
+        signed = (levels.to(torch.int16) - 127).to(torch.int8).view(torch.uint8)   # levels 0..254 are q + 127
+        return calibrated_tensor(self, result, [fp16_bytes(scale), signed])
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
@@ -322,6 +355,17 @@ class Q4_0(GGMLType):
     block_size = 32
     fp16_offsets = (0,)
     type_size = 18
+    c_kernel = "quantize_q4_0"
+    triton_module = "ggml"
+    file_type = "MOSTLY_Q4_0"
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return SymmetricGrid(self.name, 32, 8, 7, negative_scales=True)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> GGMLTensor:
+        levels, scale, _ = calibrated_blocks(self, result)
+        return calibrated_tensor(self, result, [fp16_bytes(scale), pack_nibbles(levels[:, :16], levels[:, 16:])])
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
@@ -342,6 +386,18 @@ class Q4_1(GGMLType):
     block_size = 32
     fp16_offsets = (0, 2)
     type_size = 20
+    c_kernel = "quantize_q4_1"
+    triton_module = "ggml"
+    file_type = "MOSTLY_Q4_1"
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return AffineGrid(self.name, 32, 15, integer_zero=False)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> GGMLTensor:
+        levels, scale, offset = calibrated_blocks(self, result)
+        return calibrated_tensor(self, result, [fp16_bytes(scale), fp16_bytes(offset),
+                                                pack_nibbles(levels[:, :16], levels[:, 16:])])
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
@@ -364,6 +420,18 @@ class Q5_0(GGMLType):
     block_size = 32
     fp16_offsets = (0,)
     type_size = 22
+    c_kernel = "quantize_q5_0"
+    triton_module = "ggml"
+    file_type = "MOSTLY_Q5_0"
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return SymmetricGrid(self.name, 32, 16, 15, negative_scales=True)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> GGMLTensor:
+        levels, scale, _ = calibrated_blocks(self, result)
+        return calibrated_tensor(self, result, [fp16_bytes(scale), pack_bits(levels >> 4),
+                                                pack_nibbles(levels[:, :16], levels[:, 16:])])
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
@@ -386,6 +454,18 @@ class Q5_1(GGMLType):
     block_size = 32
     fp16_offsets = (0, 2)
     type_size = 24
+    c_kernel = "quantize_q5_1"
+    triton_module = "ggml"
+    file_type = "MOSTLY_Q5_1"
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return AffineGrid(self.name, 32, 31, integer_zero=False)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> GGMLTensor:
+        levels, scale, offset = calibrated_blocks(self, result)
+        return calibrated_tensor(self, result, [fp16_bytes(scale), fp16_bytes(offset), pack_bits(levels >> 4),
+                                                pack_nibbles(levels[:, :16], levels[:, 16:])])
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
@@ -441,6 +521,16 @@ class IQ4_NL(GGMLType):
     block_size = 32
     fp16_offsets = (0,)
     type_size = 18
+    c_kernel = "quantize_iq4_nl"
+    file_type = "MOSTLY_IQ4_NL"
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return IQ4NLGrid()
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> GGMLTensor:
+        levels, scale, _ = calibrated_blocks(self, result)
+        return calibrated_tensor(self, result, [fp16_bytes(scale), pack_nibbles(levels[:, :16], levels[:, 16:])])
 
     def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
@@ -476,18 +566,40 @@ class IQ4_NL(GGMLType):
         return table[indices] * scale
 
 
-# The K-quants register themselves on import; keep them reachable through this family module.
-from qtool.schemes import ggml_kquants as _kquants  # noqa: E402,F401
+class IQ4NLGrid(CodebookGrid):
+    """IQ4_NL: value = d * table[level] per block of 32, d a signed fp16 scale; the fit is llama.cpp's
+    search (the scale mapping the largest-magnitude element to the table's end, then inverse scales
+    ``(k - 127) / max`` for k = -7..7, each with its weighted least-squares scale)."""
 
-GGML_TYPE_NAMES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                                    "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+    def __init__(self) -> None:
+        super().__init__("IQ4_NL", 32, torch.tensor(IQ4_NL_VALUES, dtype=torch.float32))
+        self.scale_dtype = torch.float16
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        weights = _weighted(w, weights)
+        table = self.codebook.to(w.device)
+        absmax, where = w.abs().max(dim=-1, keepdim=True)
+        peak = torch.gather(w, -1, where)
+        empty = absmax < _GROUP_MAX_EPS
+        peak = torch.where(empty, torch.ones_like(peak), peak)
+        best_score = torch.full_like(peak, -1.0)
+        best_scale = torch.zeros_like(peak)
+        for inverse in [127 / peak] + [(step - 127) / peak for step in range(-7, 8)]:
+            levels = self.encode(w, 1 / inverse, torch.zeros_like(w))
+            best_score, best_scale = _keep_best_least_squares(w, weights, table[levels.long()], best_score, best_scale)
+        best_scale = _store(torch.where(empty, torch.zeros_like(best_scale), best_scale), self.scale_dtype)
+        return GridParams(best_scale, torch.zeros_like(best_scale))
+
+    def unit_values(self, levels: torch.Tensor) -> torch.Tensor | None:
+        return self.codebook.to(levels.device)[levels.long()]
 
 
 def ggml_type(name: str) -> GGMLType:
     """The registered GGML type called ``name`` (a GGUF type name)."""
-    from qtool.schemes.base import SCHEMES
+    from qtool.schemes.base import SCHEMES, scheme_names
 
+    scheme_names()   # every family module loaded (the K-quants register in ggml_kquants.py)
     scheme = SCHEMES.get(name)
     if not isinstance(scheme, GGMLType):
-        raise BadArgument(f"unknown GGUF type {name!r}; choose one of: {', '.join(GGML_TYPE_NAMES)}")
+        raise BadArgument(f"unknown GGUF type {name!r}; choose one of: {', '.join(scheme_names('gguf'))}")
     return scheme

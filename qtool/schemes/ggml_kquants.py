@@ -21,11 +21,21 @@ llama.cpp's own quantizer.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 
+from qtool.errors import BadArgument
 from qtool.schemes.base import register
-from qtool.schemes.ggml import QK_K, GGMLType, divide, fp16_bytes, fp16_from_bytes, nearest_int, pack_nibbles
+from qtool.schemes.ggml import (QK_K, GGMLTensor, GGMLType, divide, fp16_bytes, fp16_from_bytes, nearest_int,
+                                pack_nibbles)
+from qtool.schemes.grids import Grid, KQuantGrid
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from qtool.schemes.grids import QuantResult
 
 GROUP_MAX_EPS = 1e-15
 
@@ -238,6 +248,39 @@ def pack_k_blocks(d_raw: torch.Tensor, dmin_raw: torch.Tensor, ls: torch.Tensor,
 
 class _KQuant(GGMLType):
     block_size = QK_K
+    sub_block_size = 32
+    triton_module = "ggml"
+    # The float32 constants of the sub-block scale search, which the C and Triton kernels take too.
+    search_candidates: tuple[float, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            cls.c_kernel = f"quantize_{cls.name.lower()}"
+            cls.search_candidates = SEARCH_CANDIDATES[cls.name]
+
+
+class _K32Quant(_KQuant):
+    """Q4_K / Q5_K: sub-blocks of 32 with 6-bit scales and mins, which GPTQ and the importance
+    search fit (KQuantGrid) and pack_k_blocks lays out."""
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return KQuantGrid(self.name, K32_NMAX[self.name])
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> GGMLTensor:
+        rows, cols = result.levels.shape
+        if cols % QK_K:
+            raise BadArgument(f"{self.name} needs rows that are a multiple of {QK_K} elements; got {cols}")
+
+        def blocks(tensor: torch.Tensor, block: int) -> torch.Tensor:
+            return tensor.reshape(-1, block)
+
+        data = pack_k_blocks(fp16_bytes(result.extra["d"].reshape(-1, 1).to(torch.float32)),
+                             fp16_bytes(result.extra["dmin"].reshape(-1, 1).to(torch.float32)),
+                             blocks(result.extra["sub_scale"], 8), blocks(result.extra["sub_min"], 8),
+                             blocks(result.levels, QK_K), five_bit=self.name == "Q5_K").reshape(rows, -1)
+        return GGMLTensor(self.name, (rows, cols), data)
 
 
 def _super_block_codes(scales: torch.Tensor, mins: torch.Tensor, smax: int) -> tuple[torch.Tensor, ...]:
@@ -405,6 +448,10 @@ def _quantize_k32(blocks: torch.Tensor, name: str) -> torch.Tensor:
 @register
 class Q2_K(_KQuant):
     name = "Q2_K"
+    sub_block_size = 16
+    file_type = "MOSTLY_Q2_K"
+    fallback = "Q4_0"   # llama-quantize's tensor_type_fallback, for rows that are not whole super-blocks
+    triton_module = None
     type_size = 84   # scales[16], qs[64], d, dmin
     fp16_offsets = (80, 82)
 
@@ -426,8 +473,10 @@ class Q2_K(_KQuant):
 
 
 @register
-class Q4_K(_KQuant):
+class Q4_K(_K32Quant):
     name = "Q4_K"
+    file_type = "MOSTLY_Q4_K_M"
+    fallback = "Q5_0"
     type_size = 144  # d, dmin, scales[12], qs[128]
     fp16_offsets = (0, 2)
 
@@ -444,8 +493,10 @@ class Q4_K(_KQuant):
 
 
 @register
-class Q5_K(_KQuant):
+class Q5_K(_K32Quant):
     name = "Q5_K"
+    file_type = "MOSTLY_Q5_K_M"
+    fallback = "Q5_1"
     type_size = 176  # d, dmin, scales[12], qh[32], qs[128]
     fp16_offsets = (0, 2)
 
@@ -467,6 +518,10 @@ class Q5_K(_KQuant):
 @register
 class Q3_K(_KQuant):
     name = "Q3_K"
+    sub_block_size = 16
+    file_type = "MOSTLY_Q3_K_M"
+    fallback = "Q4_0"
+    triton_module = None
     type_size = 110  # hmask[32], qs[64], scales[12], d
     fp16_offsets = (108,)
 
@@ -510,6 +565,9 @@ class Q3_K(_KQuant):
 @register
 class Q6_K(_KQuant):
     name = "Q6_K"
+    sub_block_size = 16
+    file_type = "MOSTLY_Q6_K"
+    fallback = "Q8_0"
     type_size = 210  # ql[128], qh[64], scales[16] (int8), d
     fp16_offsets = (208,)
 

@@ -15,18 +15,20 @@ asymmetric scale = (max - min) / range with min <= 0 <= max and an integer zero 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qtool.kernels import fused
 from qtool.schemes._parallel import cpu_workers, run_chunks
 from qtool.schemes.base import Scheme, register
+from qtool.schemes.errors import NonFiniteWeight
+from qtool.schemes.grids import AffineGrid, Grid, SymmetricGrid
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
-class NonFiniteWeight(ValueError):
-    """The weight holds inf or nan. Schemes find it through their reductions (absmax, min/max),
-    which propagate both, instead of a separate pass over the weight."""
+    from qtool.schemes.grids import QuantResult
 
 
 @dataclass
@@ -186,10 +188,27 @@ class _IntScheme(Scheme):
     bits = 4.0
     symmetric = True
     default_group_size: int | None = 128
+    group_size = 128
     params = ("group_size",)
+    triton_module = "integer"
+
+    def calibration_grid(self, *, group_size: int | None = None, **_: Any) -> Grid:
+        # Scales rounded to bfloat16, which the stored weight_scale (the model's dtype) holds exactly.
+        if self.symmetric:
+            return SymmetricGrid(self.name, group_size or 128, 8, 7, negative_scales=False, scale_dtype=torch.bfloat16)
+        return AffineGrid(self.name, group_size or 128, 15, integer_zero=True, scale_dtype=torch.bfloat16)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> PackedInt:
+        """compressed-tensors int4 groups: signed levels (level - 8) and, asymmetric, zero points."""
+        rows, cols = result.levels.shape
+        q = result.levels.to(torch.int16) - 8
+        zero_point = None if self.symmetric else (result.extra["zero_point"].to(torch.int16) - 8).to(torch.int8)
+        return PackedInt(q=q.to(torch.int8).contiguous(), scale=result.scale.to(dtype), zero_point=zero_point,
+                         bits=4, group_size=int(params.get("group_size", 128)), shape=(rows, cols), dtype=dtype)
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
-        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+        if weight.is_cuda and (fused_kernel := fused(self)) is not None:
             return fused_kernel(weight, **params)
         group_size = params.get("group_size", self.default_group_size) if self.default_group_size else None
         return quantize_int(weight, int(self.bits), self.symmetric, None if group_size is None else int(group_size))

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qtool.kernels import fused
 from qtool.schemes._parallel import cpu_workers, run_chunks
 from qtool.schemes.base import Scheme, register
-from qtool.schemes.int4 import NonFiniteWeight, PackedInt, dequantize_int, quantize_int
+from qtool.schemes.errors import NonFiniteWeight
+from qtool.schemes.grids import Grid, SymmetricGrid
+from qtool.schemes.int4 import PackedInt, dequantize_int, quantize_int
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from qtool.schemes.grids import QuantResult
 
 _FP16_MAX = 65504.0
 # bitsandbytes dequantizes with this float constant (1/127) after multiplying by SCB.
@@ -117,15 +124,61 @@ def dequantize_int8_rows(packed: PackedInt8Rows) -> torch.Tensor:
     return values.to(packed.dtype).reshape(packed.shape)
 
 
+def fake_quantize_input(x: torch.Tensor, *, bits: int = 8, symmetric: bool = True, per_token: bool = True,
+                        scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """A Linear's input quantized and dequantized as compressed-tensors' runtime does it: with a
+    stored per-tensor ``scale`` (and ``zero_point``), or dynamically from the range of each token
+    (the features of a [batch, tokens, features] input; a 2-D input has one range, as there) or of
+    the whole input. The range always includes 0; symmetric steps are absmax / ((qmax - qmin) / 2)
+    (127.5 for int8), asymmetric ones (max - min) / (qmax - qmin) with the zero point rounded; a zero
+    step becomes its dtype's eps. The range bounds are float32 0-dim tensors on x's device, as
+    there: divisions stay divisions on CUDA, and dtype promotion follows the same rules."""
+    if x.numel() == 0:
+        return x
+    q_min = torch.tensor(float(-(1 << (bits - 1))), device=x.device)
+    q_max = torch.tensor(float((1 << (bits - 1)) - 1), device=x.device)
+    if scale is None:
+        dims = tuple(range(2, x.dim()))
+        if per_token and dims:
+            low, high = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+        else:
+            low, high = x.amin(), x.amax()
+        low, high = torch.minimum(low, torch.zeros_like(low)), torch.maximum(high, torch.zeros_like(high))
+        steps = q_max - q_min
+        if symmetric:
+            scale = torch.maximum(low.abs(), high.abs()) / (steps.to(low.dtype) / 2)
+        else:
+            scale = (high - low) / steps.to(high.dtype)
+            # 0 / 0 for an all-zero range: its zero point is irrelevant (every value quantizes to it).
+            zero_point = torch.nan_to_num(torch.clamp(q_min - low / scale, q_min, q_max), nan=0.0).round()
+        scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype,
+                                                     device=scale.device), scale)
+    else:
+        scale = scale.to(x.dtype)
+    scaled = x / scale
+    if zero_point is not None:
+        scaled = scaled + zero_point.to(x.dtype)
+    levels = torch.clamp(scaled, q_min, q_max).round().to(scale.dtype)
+    if zero_point is not None:
+        levels = levels - zero_point.to(scale.dtype)
+    return levels * scale
+
+
+
 @register
 class Int8Sym(Scheme):
     name = "int8-sym"
     family = "bnb"
     bits = 8.0
     checks_finite = True        # quantize raises NonFiniteWeight itself
+    triton_module = "integer"
+
+    def calibration_grid(self, *, group_size: int | None = None, columns: int | None = None, **_: Any) -> Grid:
+        # One group spans the row (bitsandbytes' per-row SCB); a calibrated result is not packed yet.
+        return SymmetricGrid(self.name, group_size or columns or 1 << 30, 127, 127, negative_scales=False)
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt8Rows:
-        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+        if weight.is_cuda and (fused_kernel := fused(self)) is not None:
             return fused_kernel(weight, **params)
         return quantize_int8_rows(weight)
 
@@ -140,9 +193,10 @@ class _Int8Compressed(Scheme):
     bits = 8.0
     checks_finite = True        # quantize raises NonFiniteWeight itself
     symmetric: bool
+    triton_module = "integer"
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedInt:
-        if weight.is_cuda and (fused_kernel := fused(self.name)) is not None:
+        if weight.is_cuda and (fused_kernel := fused(self)) is not None:
             return fused_kernel(weight, **params)
         return quantize_int(weight, 8, symmetric=self.symmetric, group_size=None)
 
@@ -156,6 +210,12 @@ class Int8Asym(_Int8Compressed):
     symmetric = False
 
 
+# W8A8's choices of how a Linear's input scale is found (qtool.calibration.activation): the range
+# calibration picks (--act-range) and static per-tensor or dynamic per-token scales (--act-strategy).
+ACT_RANGES = ("minmax", "percentile", "mse")
+ACT_STRATEGIES = ("tensor", "token")
+
+
 @register
 class W8A8(_Int8Compressed):
     """int8 weights, symmetric per output channel, for compressed-tensors' ``int-quantized`` W8A8
@@ -164,5 +224,20 @@ class W8A8(_Int8Compressed):
 
     name = "w8a8"
     symmetric = True
+
+    def calibration_grid(self, *, columns: int | None = None, **_: Any) -> Grid:
+        # int8 per output channel (one group spanning the row), scales rounded to bfloat16, which the
+        # stored weight_scale (model dtype: float32, bfloat16 or float16) holds exactly.
+        if columns is None:
+            raise ValueError("w8a8's calibration grid spans a row: give the weight's columns")
+        return SymmetricGrid(self.name, columns, 127, 127, negative_scales=False, scale_dtype=torch.bfloat16)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> PackedInt:
+        """compressed-tensors int8 per output channel: levels 0..254 are q = level - 127."""
+        rows, cols = result.levels.shape
+        q = (result.levels.to(torch.int16) - 127).to(torch.int8).contiguous()
+        return PackedInt(q=q, scale=result.scale.reshape(rows, 1).to(dtype), zero_point=None, bits=8,
+                         group_size=None, shape=(rows, cols), dtype=dtype)
     # How the inputs are quantized (qtool.calibration.activation) and smoothed first.
     params = ("act_range", "act_strategy", "act_percentile", "act_symmetric", "smooth", "smooth_down")

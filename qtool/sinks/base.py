@@ -15,12 +15,13 @@ from typing import Any, ClassVar
 import torch
 
 from qtool.atomic import StagedOutput
-from qtool.plan import TensorPlan
+from qtool.plan import KEEP, TensorPlan
+from qtool.schemes.base import get_scheme
 from qtool.sources.base import Source
 
 
 class Sink(ABC):
-    format: ClassVar[str]   # "safetensors" or "gguf"
+    format: ClassVar[str]   # the output format (a container record's format)
 
     def __init__(self, out: Path, source: Source, plans: list[TensorPlan], *, force: bool,
                  options: dict[str, Any] | None = None) -> None:
@@ -51,6 +52,18 @@ class Sink(ABC):
     def stored_scheme(cls, plan: TensorPlan) -> str:
         """The scheme a planned tensor is really written with (a format may fall back to another)."""
         return plan.scheme
+
+    @classmethod
+    def stored_plan(cls, plan: TensorPlan) -> TensorPlan:
+        """The plan as the format stores it, which is what calibration must fit: a scheme the format
+        falls back to (GGUF: Q4_K -> Q5_0 for rows of 576), or a kept tensor when that is a float
+        type (not calibrated)."""
+        scheme = plan.scheme if plan.keep else cls.stored_scheme(plan)
+        if scheme == plan.scheme:
+            return plan
+        if get_scheme(scheme).bits >= 16:
+            return TensorPlan(plan.name, plan.shape, KEEP)
+        return TensorPlan(plan.name, plan.shape, scheme)
 
     @abstractmethod
     def add(self, plan: TensorPlan, tensor: torch.Tensor, packed: Any = None) -> int:

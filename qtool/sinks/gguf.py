@@ -12,7 +12,6 @@ Type choices the plan cannot see are made here, the way llama-quantize makes the
 """
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,30 +23,28 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 from qtool import architectures, ui
 from qtool.errors import BadArgument, CorruptFile
 from qtool.gguf_tokenizer import tokenizer_metadata
-from qtool.plan import KEEP, Recipe, Rule, TensorPlan, build_plan
+from qtool.plan import KEEP, TensorPlan
 from qtool.schemes.ggml import GGMLTensor, ScaleOverflow, ggml_type
 from qtool.schemes.int4 import NonFiniteWeight
 from qtool.sinks.base import Sink
-from qtool.sources.base import Source, TensorInfo
+from qtool.sources.base import Source
 from qtool.sources.config_check import config_origin
 from qtool.sources.jsonfile import clip
 
 QUANTIZATION_VERSION = 2   # GGML_QNT_VERSION
 ALIGNMENT = 32
 
-# llama-quantize's tensor_type_fallback: the 32-block type for a K-type whose rows are not a
-# multiple of 256.
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+def _file_type_of(type_or_mix: Any) -> LlamaFileType | None:
+    """general.file_type of a file made with this --type: the type's record names it (a file mostly
+    of Q4_K is llama-quantize's Q4_K_M); a mix (Q4_K_M) is its own LlamaFileType member."""
+    if not isinstance(type_or_mix, str):
+        return None
+    from qtool.schemes.base import SCHEMES, scheme_names
 
-# general.file_type for a dominant type (mixes are named by their options' "gguf_type").
-_FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16, "BF16": LlamaFileType.MOSTLY_BF16,
-               "Q8_0": LlamaFileType.MOSTLY_Q8_0, "Q4_0": LlamaFileType.MOSTLY_Q4_0,
-               "Q4_1": LlamaFileType.MOSTLY_Q4_1, "Q5_0": LlamaFileType.MOSTLY_Q5_0,
-               "Q5_1": LlamaFileType.MOSTLY_Q5_1, "IQ4_NL": LlamaFileType.MOSTLY_IQ4_NL, "Q2_K": LlamaFileType.MOSTLY_Q2_K,
-               "Q3_K": LlamaFileType.MOSTLY_Q3_K_M, "Q4_K": LlamaFileType.MOSTLY_Q4_K_M,
-               "Q5_K": LlamaFileType.MOSTLY_Q5_K_M, "Q6_K": LlamaFileType.MOSTLY_Q6_K,
-               "Q3_K_M": LlamaFileType.MOSTLY_Q3_K_M, "Q4_K_S": LlamaFileType.MOSTLY_Q4_K_S,
-               "Q4_K_M": LlamaFileType.MOSTLY_Q4_K_M, "Q5_K_M": LlamaFileType.MOSTLY_Q5_K_M}
+    scheme = SCHEMES.get(type_or_mix) if type_or_mix in scheme_names("gguf") else None
+    if scheme is not None:
+        return LlamaFileType[scheme.file_type] if scheme.file_type else None
+    return getattr(LlamaFileType, f"MOSTLY_{type_or_mix}", None)
 
 
 def stored_type(plan: TensorPlan) -> str:
@@ -59,7 +56,7 @@ def stored_type(plan: TensorPlan) -> str:
     name = plan.scheme
     shape = tuple(plan.shape)
     if not ggml_type(name).supports(shape):
-        name = _FALLBACK.get(name, name)
+        name = ggml_type(name).fallback or name   # llama-quantize's tensor_type_fallback (K-quants)
         if not ggml_type(name).supports(shape):
             name = "F16"    # rows not a multiple of 32, or an empty tensor: unquantized, as llama-quantize
     return name
@@ -68,20 +65,6 @@ def stored_type(plan: TensorPlan) -> str:
 def packed_nbytes(plan: TensorPlan) -> int:
     """Bytes the tensor takes in the GGUF file (without alignment padding)."""
     return ggml_type(stored_type(plan)).nbytes(tuple(plan.shape))
-
-
-def gguf_plans(tensors: list[TensorInfo], recipe: Recipe, config: dict) -> list[TensorPlan]:
-    """build_plan, plus llama-quantize's rule for tied embeddings: when the model has no lm_head
-    (the output matrix is token_embd), token_embd gets the type a lm_head would get."""
-    n_layers = int(config.get("num_hidden_layers") or 0)
-    names = {info.name for info in tensors}
-    if "model.embed_tokens.weight" in names and "lm_head.weight" not in names:
-        embed = next(info for info in tensors if info.name == "model.embed_tokens.weight")
-        probe = TensorInfo("lm_head.weight", embed.shape, embed.stored_dtype, embed.stored_bytes)
-        output_plan = build_plan([probe], recipe, n_layers)[0]
-        recipe = copy.deepcopy(recipe)
-        recipe.rules.insert(0, Rule("model.embed_tokens.weight", output_plan.scheme, params=output_plan.params))
-    return build_plan(tensors, recipe, n_layers)
 
 
 class GGUFSink(Sink):
@@ -145,15 +128,15 @@ class GGUFSink(Sink):
         return metadata
 
     def _file_type(self) -> LlamaFileType:
-        chosen = self.options.get("gguf_type")
-        if chosen in _FILE_TYPES:
-            return _FILE_TYPES[chosen]
+        chosen = _file_type_of(self.options.get("gguf_type"))
+        if chosen is not None:
+            return chosen
         weights: Counter[str] = Counter()
         for plan in self.plans:
             if len(plan.shape) >= 2:
                 weights[self._types[plan.name]] += int(torch.Size(plan.shape).numel())
         dominant = weights.most_common(1)[0][0] if weights else "F32"
-        return _FILE_TYPES.get(dominant, LlamaFileType.MOSTLY_F16)
+        return _file_type_of(dominant) or LlamaFileType.MOSTLY_F16
 
     def _add_key(self, key: str, value: Any) -> None:
         # Python ints are UINT32 and floats FLOAT32, as llama.cpp's converter writes them.
@@ -233,15 +216,4 @@ class GGUFSink(Sink):
         return plan.scheme if plan.keep else stored_type(plan)
 
 
-
-
-def plain_type_recipe(type_name: str) -> Recipe:
-    """The recipe llama-quantize follows for a plain --type: every 2-D tensor gets the type, except
-    the output matrix, which gets Q6_K (unless the type is Q8_0 or a float type)."""
-    ggml_type(type_name)   # unknown names fail here
-    output = type_name if type_name in ("F32", "F16", "BF16", "Q8_0", "Q6_K") else "Q6_K"
-    return Recipe(scheme=type_name, format="gguf",
-                  rules=[Rule("lm_head.weight", output), Rule("model.embed_tokens.weight", type_name)])
-
-
-__all__ = ["GGUFSink", "gguf_plans", "packed_nbytes", "plain_type_recipe", "stored_type", "KEEP"]
+__all__ = ["GGUFSink", "packed_nbytes", "stored_type", "KEEP"]

@@ -87,6 +87,7 @@ class ConfigCheck:
         self.origin = origin
         self.require_architecture = require_architecture
         self.attribute_map: dict[str, str] = {}
+        self.text_record: str | None = None   # a vision-language model's text_config: its language model's record
 
     def corrupt(self, field: str, problem: str) -> CorruptFile:
         return CorruptFile(f"{self.origin}: {field} {problem}; fix the config or re-download the model")
@@ -105,6 +106,26 @@ class ConfigCheck:
         mapped = self.check_model_type()
         if mapped:
             self.check_fields()   # again, under this architecture's own key names (GPT-2's n_layer, ...)
+        self.check_language_model()
+
+    def check_language_model(self) -> None:
+        """A vision-language config holds the language model's sizes in ``text_config``: the same checks,
+        against the language model's tensors (the vision tower's have sizes of their own)."""
+        from qtool.architectures import vision_language
+
+        record = vision_language(self.config)
+        if record is None:
+            return
+        text = self.config.get("text_config")
+        if not isinstance(text, dict):
+            raise self.corrupt("text_config", f"is {_shown(text)}; a {record.model_types[0]} config holds the "
+                               "language model's sizes there")
+        language_model = record.block_prefix.rpartition(".")[0] + "."
+        tensors = [info for info in self.tensors
+                   if record.runtime_name(info.name).startswith((language_model, "lm_head."))]
+        inner = ConfigCheck(text, tensors, f"{self.origin} text_config", require_architecture=self.require_architecture)
+        inner.text_record = record.text_record.model_types[0]
+        inner.run()
 
     def check_fields(self) -> None:
         self.check_numbers()
@@ -235,7 +256,7 @@ class ConfigCheck:
                                f"every tensor dimension in the checkpoint (largest: {largest})")
         from qtool.architectures import SUPPORTED_ARCHITECTURES
 
-        if self.config.get("model_type") in SUPPORTED_ARCHITECTURES:
+        if (self.text_record or self.config.get("model_type")) in SUPPORTED_ARCHITECTURES:
             self.check_llama_shapes()
 
     def check_llama_shapes(self) -> None:

@@ -54,15 +54,18 @@ def _refuse_pickle(path: Path) -> None:
 
 
 def _wrap_quantized(source: Source) -> Source:
+    # A vision-language checkpoint is seen under the module names transformers 5 gives it.
+    from qtool.sources.vision_language import wrap as with_runtime_names
+
     if not source.config.get("quantization_config"):
-        return source
+        return with_runtime_names(source)
     try:
         quantized = importlib.import_module("qtool.sources.quantized")
     except ModuleNotFoundError as exc:
         if exc.name != "qtool.sources.quantized":
             raise
-        return source
-    return quantized.wrap(source)
+        return with_runtime_names(source)
+    return with_runtime_names(quantized.wrap(source))
 
 
 def resolve_local(path: Path, spec: str) -> Source:

@@ -1,0 +1,117 @@
+"""GGUF, the one file llama.cpp loads: written by ``qtool.sinks.gguf.GGUFSink``, read by
+``qtool.sources.gguf.GGUFSource`` (tensors dequantized on demand, in Hugging Face naming) and
+recognised here from its metadata. Its plan adjustments are llama-quantize's: a plain ``--type``
+gives the output matrix Q6_K, a mix is a preset (``configs/gguf-<mix>.yaml``), and tied embeddings
+get the output matrix's type.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qtool.containers.base import Container
+
+if TYPE_CHECKING:
+    from qtool.plan import Recipe, TensorPlan
+    from qtool.sinks.base import Sink
+    from qtool.sources.base import Source, TensorInfo
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+_OUTPUT = "lm_head.weight"
+_EMBEDDINGS = "model.embed_tokens.weight"
+
+
+class GGUF(Container):
+    name: ClassVar[str] = "gguf"
+    format: ClassVar[str] = "gguf"
+    families: ClassVar[tuple[str, ...]] = ("gguf",)
+    bits_defaults: ClassVar[dict[int, str]] = {4: "Q4_K_M", 8: "Q8_0"}
+    scheme_flag: ClassVar[str] = "--type"
+    suffix: ClassVar[str | None] = ".gguf"
+    # llama-quantize's mixes, each a preset (configs/gguf-<mix>.yaml, an editable copy of its choices).
+    mixes: ClassVar[tuple[str, ...]] = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M")
+
+    @classmethod
+    def writer(cls) -> type[Sink]:
+        from qtool.sinks.gguf import GGUFSink
+
+        return GGUFSink
+
+    @classmethod
+    def plan_recipe(cls, tensors: list[TensorInfo], recipe: Recipe, config: dict) -> Recipe:
+        """llama-quantize's rule for tied embeddings: when the model has no lm_head (the output
+        matrix is token_embd), token_embd gets the type a lm_head would get."""
+        import copy
+
+        from qtool.plan import Rule, build_plan
+        from qtool.sources.base import TensorInfo
+
+        names = {info.name for info in tensors}
+        if _EMBEDDINGS not in names or _OUTPUT in names:
+            return recipe
+        embed = next(info for info in tensors if info.name == _EMBEDDINGS)
+        probe = TensorInfo(_OUTPUT, embed.shape, embed.stored_dtype, embed.stored_bytes)
+        output_plan = build_plan([probe], recipe, int(config.get("num_hidden_layers") or 0))[0]
+        recipe = copy.deepcopy(recipe)
+        recipe.rules.insert(0, Rule(_EMBEDDINGS, output_plan.scheme, params=output_plan.params))
+        return recipe
+
+    @classmethod
+    def named_recipe(cls, type_name: str) -> Recipe | None:
+        """A mix (Q4_K_M, ...) is its preset; a plain type is llama-quantize's recipe for it: every
+        2-D tensor gets the type, except the output matrix, which gets Q6_K (unless the type is at
+        least as precise: Q6_K, Q8_0 or a float type)."""
+        from qtool.errors import BadArgument
+        from qtool.plan import Recipe, Rule
+        from qtool.schemes.base import get_scheme, scheme_names
+
+        if type_name in cls.mixes:
+            return Recipe.from_yaml(mix_preset(type_name))
+        types = scheme_names(cls.families[0])
+        if type_name not in types:
+            raise BadArgument(f"--type {type_name}: unknown GGUF type; choose a type ({', '.join(types)}) "
+                              f"or a mix ({', '.join(cls.mixes)})")
+        output = type_name if get_scheme(type_name).bits >= get_scheme("Q6_K").bits else "Q6_K"
+        return Recipe(scheme=type_name, format=cls.format, rules=[Rule(_OUTPUT, output), Rule(_EMBEDDINGS, type_name)])
+
+    @classmethod
+    def open(cls, path: Any, spec: str) -> Source:
+        """The reader: a GGUF file as a Source of float tensors in Hugging Face naming."""
+        from qtool.sources.gguf import GGUFSource
+
+        return GGUFSource(path, spec)
+
+    @classmethod
+    def detect_metadata(cls, metadata: dict[str, Any]) -> dict[str, Any] | None:
+        file_type = metadata.get("general.file_type")
+        if not isinstance(file_type, int):
+            return None
+        try:
+            from gguf.constants import LlamaFileType
+
+            file_type_name = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except (ImportError, ValueError):
+            file_type_name = str(file_type)
+        return {"method": cls.name, "file_type": file_type_name,
+                "quantization_version": metadata.get("general.quantization_version")}
+
+
+def gguf_plans(tensors: list[TensorInfo], recipe: Recipe, config: dict) -> list[TensorPlan]:
+    """The plans of a GGUF output: build_plan with GGUF's adjustments."""
+    from qtool.plan import build_plan
+
+    return build_plan(tensors, GGUF.plan_recipe(tensors, recipe, config), int(config.get("num_hidden_layers") or 0))
+
+
+def plain_type_recipe(type_name: str) -> Recipe:
+    """llama-quantize's recipe for a plain --type (see GGUF.named_recipe)."""
+    from qtool.schemes.ggml import ggml_type
+
+    ggml_type(type_name)   # unknown names (a mix's too) fail here
+    recipe = GGUF.named_recipe(type_name)
+    assert recipe is not None
+    return recipe
+
+
+def mix_preset(name: str) -> Path:
+    return CONFIGS_DIR / f"gguf-{name.lower()}.yaml"
