@@ -8,7 +8,6 @@ must read its own GGUF back to the Hugging Face names, config and weights.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import gguf
@@ -21,48 +20,17 @@ from qtool import architectures
 from qtool.errors import Unsupported
 from qtool.sources.resolve import resolve
 
+from tests._architectures import ARCH_VARIANTS, SIZES, VARIANTS
 from tests._gguf_helpers import llamacpp_logits, llamacpp_model, transformers_logits, write_gguf
 
-SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-             num_hidden_layers=2, vocab_size=49152, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-# What each architecture needs beyond the shared sizes: values that make its own code paths count.
-EXTRA: dict[str, dict] = {
-    "qwen3": {"head_dim": 32},
-    "olmo2": {},
-    "granite": {"embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
-                "logits_scaling": 2.0},
-    "phi3": {},
-    # llama.cpp scales queries by 1/sqrt(head_dim): query_pre_attn_scalar = head_dim.
-    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
-               "final_logit_softcapping": 30.0},
-    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16},
-    "starcoder2": {},
-}
-ARCHS = list(EXTRA)
+ARCHS = ARCH_VARIANTS
 PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin. 12345"
 LOGIT_TOLERANCE = 2e-3   # relative to the largest |logit| of the prompt
 
 
-def _build(model_type: str, folder: Path, tokenizer_from: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **SIZES, **EXTRA[model_type])
-    # eager attention: the one transformers implements Gemma 2's attention soft-capping with.
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32).eval()
-    model.save_pretrained(folder)
-    for path in tokenizer_from.iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(path, folder / path.name)
-    return folder
-
-
 @pytest.fixture(scope="module", params=ARCHS)
-def checkpoint(request, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    model_type = request.param
-    # Not named after the architecture: llama.cpp picks Phi-3 token attributes by general.name
-    # (the folder's name), and SmolLM2's vocabulary lacks the "</s>" those expect.
-    return model_type, _build(model_type, tmp_path_factory.mktemp("checkpoint"), tiny_llama_dir)
+def checkpoint(request, arch_checkpoint) -> tuple[str, Path]:
+    return request.param, arch_checkpoint(request.param, 49152)
 
 
 def _hf_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -75,7 +43,8 @@ def _hf_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_record_names_cover_the_transformers_model(checkpoint: tuple[str, Path]) -> None:
-    model_type, folder = checkpoint
+    variant, folder = checkpoint
+    model_type = VARIANTS[variant][0]
     record = architectures.architecture({"model_type": model_type})
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[record.gguf_arch]}
     for name in _hf_state(folder):
@@ -96,17 +65,17 @@ def test_unknown_architecture_refused_in_one_message() -> None:
 
 
 def test_metadata_keys_the_converter_writes() -> None:
-    qwen3 = {"model_type": "qwen3", **SIZES, "head_dim": 32}
+    qwen3 = {"model_type": "qwen3", **SIZES, "vocab_size": 49152, "head_dim": 32}
     metadata = architectures.gguf_metadata_from_hf(qwen3)
     assert metadata["qwen3.attention.key_length"] == metadata["qwen3.attention.value_length"] == 32
-    granite = {"model_type": "granite", **SIZES, "head_dim": 16, **EXTRA["granite"]}
+    granite = {"model_type": "granite", **SIZES, "vocab_size": 49152, "head_dim": 16, **VARIANTS["granite"][1]}
     metadata = architectures.gguf_metadata_from_hf(granite)
     assert "granite.attention.key_length" not in metadata   # GraniteModel drops head_dim
     assert (metadata["granite.embedding_scale"], metadata["granite.residual_scale"],
             metadata["granite.attention.scale"], metadata["granite.logit_scale"]) == (4.0, 0.5, 0.1, 2.0)
     back = architectures.hf_config_from_gguf(metadata, tensor_names=["token_embd.weight", "output.weight"])
-    assert {k: back[k] for k in EXTRA["granite"]} == pytest.approx(EXTRA["granite"])
-    phi3 = {"model_type": "phi3", **SIZES, "partial_rotary_factor": 0.5, "sliding_window": 64}
+    assert {k: back[k] for k in VARIANTS["granite"][1]} == pytest.approx(VARIANTS["granite"][1])
+    phi3 = {"model_type": "phi3", **SIZES, "vocab_size": 49152, "partial_rotary_factor": 0.5, "sliding_window": 64}
     metadata = architectures.gguf_metadata_from_hf(phi3)
     assert metadata["phi3.rope.dimension_count"] == 8 and metadata["phi3.attention.sliding_window"] == 64
     back = architectures.hf_config_from_gguf(metadata, tensor_names=["token_embd.weight"])
@@ -123,7 +92,8 @@ def _tokens(folder: Path) -> list[int]:
 def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model_type, folder = checkpoint
+    variant, folder = checkpoint
+    model_type = VARIANTS[variant][0]
     tokens = _tokens(folder)
     reference = transformers_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), tokens)
 
@@ -135,9 +105,9 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
     assert metadata["general.size_label"] == architectures.size_label(w.shape for w in original.values())
     assert metadata["tokenizer.ggml.add_bos_token"] is False
     arch = metadata["general.architecture"]
-    if EXTRA[model_type].get("head_dim"):
+    if VARIANTS[variant][1].get("head_dim"):
         assert metadata[f"{arch}.attention.key_length"] == metadata[f"{arch}.attention.value_length"] \
-            == EXTRA[model_type]["head_dim"]
+            == VARIANTS[variant][1]["head_dim"]
     got = llamacpp_logits(llamacpp_model(f16), tokens)
     assert np.array_equal(got.argmax(-1), reference.argmax(-1)), model_type
     assert np.abs(got - reference).max() <= LOGIT_TOLERANCE * np.abs(reference).max(), model_type
@@ -146,10 +116,16 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
     got_q8 = llamacpp_logits(llamacpp_model(q8), tokens)
     assert np.isfinite(got_q8).all()
     assert np.corrcoef(got_q8.ravel(), reference.ravel())[0, 1] > 0.99
+    # llama-quantize's Q4_K_M mix (K-quants with their fallbacks on these 64-wide rows) loads and runs.
+    q4km = write_gguf(folder, "Q4_K_M", tmp_path / "model-q4km.gguf")
+    got_q4 = llamacpp_logits(llamacpp_model(q4km), tokens)
+    assert np.isfinite(got_q4).all()
+    assert np.corrcoef(got_q4.ravel(), reference.ravel())[0, 1] > 0.9
 
     # GGUF as input: the same HF names, config and (F16-rounded) weights.
     with resolve(str(f16)) as source:
-        assert source.config["model_type"] == model_type
+        # A GGUF reads back as its record's first model_type (llama.cpp writes Mistral as llama).
+        assert source.config["model_type"] == architectures.architecture({"model_type": model_type}).model_types[0]
         assert {info.name for info in source.tensors()} == set(original)
         for name, weight in original.items():
             assert torch.allclose(source.load(name).float(), weight, atol=1e-3, rtol=1e-3), name
