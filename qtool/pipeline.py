@@ -116,7 +116,7 @@ def _quantize_into(claim: OutputClaim, source: Source, recipe: Recipe, options: 
     calib_plans = stored_plans(plans, sink_type)
     # W8A8 may smooth the model first: from here on (GPTQ included), tensors are read through the smoothing.
     source, scales, activations = activation_scales(source, plans, options, device)
-    calibrated, folds = calibrate_plans(source, calib_plans, options, device)
+    calibrated, folds, calibration = calibrate_plans(source, calib_plans, options, device)
     if folds:   # AWQ: the packed weights belong to the scaled model; its norms are written too
         from qtool.calibration.smoothing import SmoothedSource
 
@@ -144,6 +144,7 @@ def _quantize_into(claim: OutputClaim, source: Source, recipe: Recipe, options: 
         report = size_report(source, infos, plans, sizes, output=str(out), fmt=options.format,
                              seconds=time.perf_counter() - started, dry_run=False, labels=labels)
         report.activations = activations
+        report.calibration = calibration
         with output_errors(out):
             final = sink.finish(model_card(source, recipe, report))
     except BaseException:
@@ -178,15 +179,16 @@ def stored_plans(plans: list[TensorPlan], sink_type: Any) -> list[TensorPlan]:
 
 
 def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOptions,
-                    device: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Packed tensors from a calibration-aware method, by name ({} for plain round-to-nearest), and
-    the scalings the method folded into the model (AWQ; name -> operations, for SmoothedSource).
+                    device: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Packed tensors from a calibration-aware method, by name ({} for plain round-to-nearest), the
+    scalings the method folded into the model (AWQ; name -> operations, for SmoothedSource), and what
+    ran for the report (method, tensors, the statistics or text it used; None for round-to-nearest).
 
     Calibration walks the model block by block while sinks take tensors in file order, so the packed
     results (a few bits per weight) are collected first and handed to the sink as their turn comes.
     """
     if options.method == "rtn":   # the sink's own round-to-nearest; --stats may be for activation scales
-        return {}, {}
+        return {}, {}, None
     from qtool.calibration import MethodOptions, calibrated_weights, calibration_set, load_stats
     from qtool.calibration.data import DEFAULT_CALIB
     from qtool.tokenizer import load_tokenizer
@@ -213,7 +215,12 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
         packed[item.plan.name] = item.packed
         for name, operations in item.folds.items():
             folds.setdefault(name, []).extend(operations)
-    return packed, folds
+    described = {"method": options.method, "tensors": len(packed),
+                 "stats": str(options.stats) if stats is not None else None,
+                 "text": str(stats.calib if stats is not None else calib),
+                 "samples": stats.samples if stats is not None else samples,
+                 "seqlen": stats.seqlen if stats is not None else seqlen}
+    return packed, folds, described
 
 
 def activation_scales(source: Source, plans: list[TensorPlan], options: QuantizeOptions,

@@ -153,6 +153,12 @@ def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: b
     summary.add_row("parameters: all, quantized", f"{report.parameters:,}", f"{report.parameters_quantized:,}")
     console.print(summary)
     console.print(f"compression {report.compression_ratio:.2f}x in {report.seconds:.1f} s", highlight=False)
+    if report.calibration is not None:
+        calibration = report.calibration
+        origin = f"statistics {calibration['stats']} of " if calibration["stats"] else ""
+        console.print(f"{calibration['method']}: {calibration['tensors']} tensors calibrated on {origin}"
+                      f"{calibration['text']} ({calibration['samples']} x {calibration['seqlen']} tokens)",
+                      highlight=False)
     if report.activations is not None:
         render_activations(report.activations, console, show_modules=show_tensors)
 
