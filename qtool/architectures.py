@@ -84,6 +84,9 @@ class Architecture:
     extra_metadata: Callable[[dict, str], Metadata] | None = None
     extra_config: Callable[[dict, str, dict], dict] | None = None
     hf_fixed: dict = field(default_factory=dict, hash=False, compare=False)   # config.json fields a GGUF does not carry
+    # The config field the model multiplies its embeddings by before the first block (Granite), which
+    # calibration, running the blocks on its own, must apply too.
+    embedding_multiplier: str | None = None
     # Scale sites of one block: SmoothQuant (W8A8) uses smoothing_sites, AWQ those and value_sites.
     smoothing_sites: tuple[ScaleSite, ...] = _LLAMA_SMOOTHING
     value_sites: tuple[ScaleSite, ...] = (_V_TO_O,)
@@ -177,7 +180,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  smoothing_sites=(_UP_TO_DOWN,)),
     # Granite's converter ignores head_dim (GraniteModel pops it) and keeps Llama's q/k permutation.
     Architecture(("granite",), MODEL_ARCH.GRANITE, "GraniteForCausalLM", permute_qk=True, writes_head_dim=False,
-                 writes_rope_dims=True,
+                 writes_rope_dims=True, embedding_multiplier="embedding_multiplier",
                  extra_metadata=_granite_metadata, extra_config=_granite_config),
     # Phi-3's fused projections stay fused in llama.cpp: attn_qkv and ffn_up (gate rows first).
     Architecture(("phi3",), MODEL_ARCH.PHI3, "Phi3ForCausalLM",

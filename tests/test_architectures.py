@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from qtool.cli import app
 
+from tests._architectures import MODEL_TYPES
+
 # Decoder blocks outside model.layers.N: where each layout's blocks are, and the globs of their Linear weights.
 UNKNOWN_LAYOUTS = {
     "falcon": ("transformer.h.0.",
@@ -146,10 +148,9 @@ GEMMA_BLOCKS = {
 }
 
 
-@pytest.mark.parametrize("model_type", sorted(GEMMA_BLOCKS))
-def test_calibration_sees_the_inputs_the_model_computes(model_type, tmp_path):
-    """Block by block, calibration must reproduce the model's own forward pass: Gemma's scaled embeddings,
-    eager attention's causal mask, sliding windows and Gemma 3's per-layer-type rotary tables."""
+def _calibration_matches_forward(folder: Path) -> None:
+    """Every decoder Linear's input absmax as calibration sees it equals what the model's own forward
+    pass feeds it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -158,7 +159,6 @@ def test_calibration_sees_the_inputs_the_model_computes(model_type, tmp_path):
     from qtool.evaluation.model import attention_implementation
     from qtool.sources.resolve import resolve
 
-    folder = tiny_checkpoint(tmp_path / model_type, model_type, **GEMMA_BLOCKS[model_type])
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with resolve(str(folder)) as source:
         stats = calibrate(source, calib_set=CalibrationSet(tokens, "random tokens", tokens.numel(), 0),
@@ -166,15 +166,30 @@ def test_calibration_sees_the_inputs_the_model_computes(model_type, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.set_attn_implementation(attention_implementation(model.config))
     seen: dict[str, torch.Tensor] = {}
-    watched = {f"model.layers.{layer}.{linear}.weight": model.get_submodule(f"model.layers.{layer}.{linear}")
-               for layer in range(N_LAYERS) for linear in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")}
+    watched = {f"{name}.weight": module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")}
     for name, module in watched.items():
         module.register_forward_pre_hook(lambda _, args, name=name: seen.__setitem__(
             name, args[0].abs().flatten(0, -2).amax(0)))
     with torch.inference_mode():
         model(tokens)
+    assert len(watched) >= 8 and set(watched) <= set(stats)
     for name in watched:
         torch.testing.assert_close(stats[name].absmax, seen[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model_type", sorted(GEMMA_BLOCKS))
+def test_calibration_sees_the_inputs_the_model_computes(model_type, tmp_path):
+    """Block by block, calibration must reproduce the model's own forward pass: Gemma's scaled embeddings,
+    eager attention's causal mask, sliding windows and Gemma 3's per-layer-type rotary tables."""
+    _calibration_matches_forward(tiny_checkpoint(tmp_path / model_type, model_type, **GEMMA_BLOCKS[model_type]))
+
+
+@pytest.mark.parametrize("variant", ["llama3", *MODEL_TYPES])
+def test_calibration_sees_the_inputs_every_architecture_computes(arch_checkpoint, variant):
+    """The same on every architecture's shared checkpoint (Granite's embedding and residual multipliers,
+    Phi-3's fused projections, OLMo 2's post-norms, StarCoder2's LayerNorms, Llama 3's rope scaling)."""
+    _calibration_matches_forward(arch_checkpoint(variant))
 
 
 def test_weights_outside_any_block_are_refused_unless_included():

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from qtool import ui
+from qtool.architectures import block_record
 from qtool.atomic import STATS_FORMAT
 from qtool.evaluation.model import build_on_meta, checked_hf_config, hf_config  # noqa: F401 - hf_config re-exported
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
@@ -94,8 +95,12 @@ class _Skeleton:
             raise Unsupported(f"{type(model).__name__}: calibration supports decoder models with model.layers")
         self.layers = layers
         self.embed_name = "model.embed_tokens.weight"
-        # Gemma scales its embeddings by sqrt(hidden_size) inside the embedding module.
+        # Gemma scales its embeddings by sqrt(hidden_size) inside the embedding module; Granite in its
+        # model's forward, which the blocks run here without.
         self.embed_scale = float(getattr(base.embed_tokens, "scalar_embed_scale", 1.0))
+        record = block_record(source.config)
+        if record is not None and record.embedding_multiplier:
+            self.embed_scale *= float(getattr(self.config, record.embedding_multiplier, None) or 1.0)
         rotary = getattr(base, "rotary_emb", None)
         # Rotary tables are computed at construction: build a real one on the device.
         self.rotary = type(rotary)(config=self.config).to(device) if rotary is not None else None
