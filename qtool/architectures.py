@@ -129,8 +129,15 @@ def _phi3_metadata(config: dict, arch: str) -> Metadata:
     factor = float(config.get("partial_rotary_factor") or 1.0)
     metadata: Metadata = {_key(Keys.Rope.DIMENSION_COUNT, arch): int(factor * head_dim),
                           _key(Keys.Attention.SLIDING_WINDOW, arch): int(config.get("sliding_window") or 0)}
-    if config.get("original_max_position_embeddings"):
-        metadata[_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = int(config["original_max_position_embeddings"])
+    scaling = _rope_scaling(config)
+    original = config.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+    if original:
+        metadata[_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = int(original)
+    if scaling.get("long_factor") and original:
+        # longrope's attention factor (the cos / sin multiplier), from how far the context was stretched.
+        stretch = float(config["max_position_embeddings"]) / float(original)
+        metadata[_key(Keys.Rope.SCALING_ATTN_FACTOR, arch)] = (
+            math.sqrt(1 + math.log(stretch) / math.log(float(original))) if stretch > 1 else 1.0)
     return metadata
 
 
@@ -475,6 +482,40 @@ def _rope_scaling(config: dict) -> dict:
     return scaling if isinstance(scaling, dict) else {}
 
 
+def _llama3_rope_factors(config: dict, scaling: dict) -> torch.Tensor:
+    """llama.cpp's ``rope_freqs``: per rotary frequency, the divisor Llama 3's rope scaling applies
+    (1 for short wavelengths, ``factor`` for long ones, a smooth blend between), in float32."""
+    import torch
+
+    dim = int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+    base = float(scaling.get("rope_theta", _rope_theta(config)))
+    factor = float(scaling.get("factor", 8.0))
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    context = float(scaling.get("original_max_position_embeddings", 8192))
+    frequencies = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    wavelengths = 2 * math.pi / frequencies
+    smooth = (context / wavelengths - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelengths < context / high, torch.ones_like(blended),
+                       torch.where(wavelengths > context / low, torch.full_like(blended, factor), blended))
+
+
+def gguf_extra_tensors(config: dict) -> dict[str, torch.Tensor]:
+    """Tensors llama.cpp reads that no checkpoint weight holds, computed from the config as its converter
+    does: Llama 3's rope factors, Phi-3's long / short rope factors (longrope). GGUF name -> float32."""
+    import torch
+
+    scaling = _rope_scaling(config)
+    scaling = scaling.get("full_attention", scaling) if isinstance(scaling.get("full_attention"), dict) else scaling
+    rope_type = str(scaling.get("rope_type") or scaling.get("type") or "").lower()
+    if rope_type == "llama3":
+        return {"rope_freqs.weight": _llama3_rope_factors(config, scaling)}
+    if rope_type in ("longrope", "su") and scaling.get("long_factor") and scaling.get("short_factor"):
+        return {"rope_factors_long.weight": torch.tensor(scaling["long_factor"], dtype=torch.float32),
+                "rope_factors_short.weight": torch.tensor(scaling["short_factor"], dtype=torch.float32)}
+    return {}
+
+
 def gguf_metadata_from_hf(config: dict) -> Metadata:
     """The ``general.architecture`` and ``{arch}.*`` keys llama.cpp's converter writes.
 
@@ -525,12 +566,44 @@ def _require(metadata: dict, key: str) -> Any:
     return metadata[key]
 
 
-def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = None) -> dict[str, Any]:
+# Llama 3.x rope scaling as its checkpoints set it (factor aside): (low_freq_factor, high_freq_factor,
+# original_max_position_embeddings) tried, in order, to recognise a GGUF's rope_freqs.
+_LLAMA3_ROPE_CANDIDATES = tuple((low, high, context) for context in (8192, 4096, 16384, 2048, 1024)
+                                for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0)))
+
+
+def _rope_from_computed(computed: dict[str, Any], config: dict) -> tuple[dict | None, list[str]]:
+    """The ``rope_parameters`` the GGUF-only rope tensors (``gguf_extra_tensors``) were computed from,
+    and the names of those that say nothing qtool can put in a config."""
+    theta = float(config["rope_theta"])
+    if "rope_factors_long.weight" in computed and "rope_factors_short.weight" in computed:
+        original = int(config.get("original_max_position_embeddings") or config["max_position_embeddings"])
+        return ({"rope_type": "longrope", "rope_theta": theta, "original_max_position_embeddings": original,
+                 "long_factor": [float(v) for v in computed["rope_factors_long.weight"].flatten().tolist()],
+                 "short_factor": [float(v) for v in computed["rope_factors_short.weight"].flatten().tolist()]},
+                [name for name in computed if name not in ("rope_factors_long.weight", "rope_factors_short.weight")])
+    if "rope_freqs.weight" in computed:
+        import torch
+
+        stored = computed["rope_freqs.weight"].flatten().to(torch.float32)
+        for low, high, context in _LLAMA3_ROPE_CANDIDATES:
+            scaling = {"rope_type": "llama3", "rope_theta": theta, "factor": float(stored.max()),
+                       "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": context}
+            candidate = _llama3_rope_factors(config, scaling)
+            if candidate.shape == stored.shape and torch.allclose(candidate, stored, rtol=1e-6, atol=0):
+                return scaling, [name for name in computed if name != "rope_freqs.weight"]
+    return None, list(computed)
+
+
+def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = None,
+                        computed: dict[str, Any] | None = None) -> dict[str, Any]:
     """A Hugging Face config.json dict for a GGUF's metadata.
 
     ``tensor_names`` (GGUF names) decide ``tie_word_embeddings`` (tied when there is no
     ``output.weight``: llama.cpp then uses ``token_embd.weight`` as the output matrix) and the
-    attention biases.
+    attention biases. ``computed``: the file's GGUF-only rope tensors (name -> values), from which
+    Llama 3's and longrope's scaling go back into ``rope_parameters``; the names it could not use are
+    in the config's ``_unused_gguf_tensors``.
     """
     record = gguf_record(metadata.get(Keys.General.ARCHITECTURE))
     arch = record.name if metadata.get(Keys.General.ARCHITECTURE) != "mistral" else "mistral"
@@ -601,6 +674,13 @@ def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = 
     name = metadata.get(Keys.General.NAME)
     if name:
         config["_name_or_path"] = str(name)
+    if computed:
+        rope, unused = _rope_from_computed(computed, config)
+        if rope is not None:
+            config["rope_parameters"] = rope
+            config.pop("rope_scaling", None)
+        if unused:
+            config["_unused_gguf_tensors"] = unused
     return config
 
 

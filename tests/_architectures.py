@@ -27,6 +27,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "granite": ("granite", {"embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.1,
                             "logits_scaling": 2.0}),
     "phi3": ("phi3", {}),
+    # Phi-3 128k / Phi-4-mini: longrope (llama.cpp's rope_factors_long / _short tensors and attention factor).
+    "phi3-longrope": ("phi3", {"max_position_embeddings": 8192, "original_max_position_embeddings": 1024,
+                               "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                   "original_max_position_embeddings": 1024,
+                                                   "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+                                                   "short_factor": [1.0, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0]}}),
     # llama.cpp scales queries by 1/sqrt(head_dim): query_pre_attn_scalar = head_dim.
     "gemma2": ("gemma2", {"head_dim": 16, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0,
                           "final_logit_softcapping": 30.0}),
@@ -35,7 +41,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 ARCH_VARIANTS = list(VARIANTS)
 # One variant per model_type (the Llama variants beyond the first only where their own path matters).
-MODEL_TYPES = [name for name in VARIANTS if name not in ("llama-tied", "llama3")]
+# Variants whose rope scaling the tests must see: their queries and keys are scaled up, so attention
+# is sharp enough that a rotary frequency left unscaled changes the logits (random weights attend
+# almost uniformly otherwise, whatever the positions).
+SHARP_ATTENTION = {"llama3": 8.0, "phi3-longrope": 8.0}
+MODEL_TYPES = [name for name in VARIANTS if name not in ("llama-tied", "llama3", "phi3-longrope")]
 
 
 def build_checkpoint(variant: str, folder: Path, *, tokenizer_from: Path | None, vocab_size: int) -> Path:
@@ -49,6 +59,11 @@ def build_checkpoint(variant: str, folder: Path, *, tokenizer_from: Path | None,
     config = AutoConfig.for_model(model_type, **SIZES, vocab_size=vocab_size, **extra)
     # eager attention: the one transformers implements Gemma 2's attention soft-capping with.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32).eval()
+    if variant in SHARP_ATTENTION:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                    parameter.mul_(SHARP_ATTENTION[variant])
     model.save_pretrained(folder)
     if tokenizer_from is not None:
         for path in tokenizer_from.iterdir():

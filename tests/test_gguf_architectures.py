@@ -8,6 +8,7 @@ must read its own GGUF back to the Hugging Face names, config and weights.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -82,6 +83,35 @@ def test_metadata_keys_the_converter_writes() -> None:
     assert back["partial_rotary_factor"] == 0.5 and back["sliding_window"] == 64 and back["tie_word_embeddings"]
 
 
+def test_rope_factors_are_the_ones_transformers_applies() -> None:
+    """llama.cpp divides each rotary frequency by rope_freqs (Llama 3) or multiplies by the longrope
+    factors (Phi-3): qtool's tensors must be what transformers' own rotary embedding computes."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model_type, fields = VARIANTS["llama3"]
+    config = AutoConfig.for_model(model_type, **SIZES, vocab_size=256, **fields)
+    extra = architectures.gguf_extra_tensors(config.to_dict())
+    head_dim = SIZES["hidden_size"] // SIZES["num_attention_heads"]
+    plain = 1.0 / (fields["rope_parameters"]["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    scaled = LlamaRotaryEmbedding(config).inv_freq
+    assert set(extra) == {"rope_freqs.weight"} and extra["rope_freqs.weight"].dtype == torch.float32
+    assert float(extra["rope_freqs.weight"].max()) == 8.0 and float(extra["rope_freqs.weight"].min()) == 1.0
+    torch.testing.assert_close(extra["rope_freqs.weight"], plain / scaled, rtol=1e-5, atol=0)
+
+    factors = {"long_factor": [1.0 + i for i in range(8)], "short_factor": [1.0 + i / 8 for i in range(8)]}
+    phi3 = {"model_type": "phi3", **SIZES, "vocab_size": 256, "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                "original_max_position_embeddings": 1024, **factors}}
+    extra = architectures.gguf_extra_tensors(phi3)
+    assert extra["rope_factors_long.weight"].tolist() == factors["long_factor"]
+    assert extra["rope_factors_short.weight"].tolist() == factors["short_factor"]
+    metadata = architectures.gguf_metadata_from_hf(phi3)
+    assert metadata["phi3.rope.scaling.attn_factor"] == pytest.approx(math.sqrt(1 + math.log(8) / math.log(1024)))
+    assert metadata["phi3.rope.scaling.original_context_length"] == 1024
+    assert architectures.gguf_extra_tensors({"model_type": "llama", **SIZES, "vocab_size": 256}) == {}
+
+
 def _tokens(folder: Path) -> list[int]:
     from transformers import AutoTokenizer
 
@@ -124,6 +154,12 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
 
     # GGUF as input: the same HF names, config and (F16-rounded) weights.
     with resolve(str(f16)) as source:
+        # Llama 3's and longrope's scaling come back from the rope tensors.
+        rope = json.loads((folder / "config.json").read_text()).get("rope_parameters") or {}
+        for field_name in ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings", "long_factor", "short_factor"):
+            if field_name in rope and rope.get("rope_type") != "default":
+                assert source.config["rope_parameters"][field_name] == pytest.approx(rope[field_name]), field_name
         # A GGUF reads back as its record's first model_type (llama.cpp writes Mistral as llama).
         assert source.config["model_type"] == architectures.architecture({"model_type": model_type}).model_types[0]
         assert {info.name for info in source.tensors()} == set(original)
@@ -144,4 +180,9 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
     result = CliRunner().invoke(app, ["inspect", str(f16), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert {row["hf_name"] for row in report["tensors"]} == set(original)
+    # Every checkpoint tensor, and the ones llama.cpp's converter computes from the config (no HF name).
+    computed = set(architectures.gguf_extra_tensors(json.loads((folder / "config.json").read_text())))
+    assert {row["hf_name"] for row in report["tensors"] if row["name"] not in computed} == set(original)
+    assert {row["name"] for row in report["tensors"] if row["hf_name"] is None} == computed
+    assert computed == {"llama3": {"rope_freqs.weight"},
+                        "phi3-longrope": {"rope_factors_long.weight", "rope_factors_short.weight"}}.get(variant, set())

@@ -26,6 +26,7 @@ REFUSED: dict[str, tuple[str, str]] = {
               "transformers loads SmolLM2's tokenizer.json as a Qwen2Tokenizer (chosen by model_type), whose own "
               "pre-tokenizer changes the hash the converter identifies tokenizers by"),
     "phi3": ("tokenizer.model", "its Phi-3 class takes only a SentencePiece tokenizer.model"),
+    "phi3-longrope": ("tokenizer.model", "its Phi-3 class takes only a SentencePiece tokenizer.model"),
     "gemma2": ("tokenizer.model", "its Gemma 2 class takes only a SentencePiece tokenizer.model"),
 }
 CONVERTED = [variant for variant in VARIANTS if variant not in REFUSED]
@@ -44,10 +45,7 @@ VALUE_DIFFERENCES = {
 }
 
 # Known differences qtool has not fixed: (variant, test) -> reason.
-KNOWN_GAPS = {
-    ("llama3", "tensors"): "qtool does not write rope_freqs.weight, the llama3 rope-scaling factors the converter "
-                           "computes from rope_parameters; llama.cpp then runs without llama3 rope scaling",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _params(test: str) -> list:

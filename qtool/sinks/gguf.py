@@ -99,6 +99,11 @@ class GGUFSink(Sink):
                 # numpy's shape order (rows first); the writer reverses it into GGML's ne[].
                 self._writer.add_tensor_info(self._gguf_names[plan.name], tuple(plan.shape), np.dtype(np.float32),
                                              packed_nbytes(plan), raw_dtype=GGMLQuantizationType[type_name])
+            # Computed from the config (rope factors), written after the checkpoint's tensors.
+            self._extra = {name: tensor.numpy() for name, tensor in architectures.gguf_extra_tensors(config).items()}
+            for name, array in self._extra.items():
+                self._writer.add_tensor_info(name, array.shape, array.dtype, array.nbytes,
+                                             raw_dtype=GGMLQuantizationType.F32)
             self._writer.write_header_to_file(self._staged.path)
             self._writer.write_kv_data_to_file()
             self._writer.write_ti_data_to_file()
@@ -196,6 +201,8 @@ class GGUFSink(Sink):
         if self._pending:
             raise BadArgument(f"GGUF output is incomplete: {len(self._pending)} tensor(s) not written, "
                               f"starting with {self._pending[0]}")
+        for array in self._extra.values():
+            self._writer.write_tensor_data(array)
         self._writer.close()
         return self._staged.commit()
 

@@ -98,17 +98,20 @@ class GGUFSource(Source):
         path = Path(path)
         self.gguf = GGUFFile(path)
         try:
+            # Rope factors the converter computed from the config: they go back into the config.
+            computed = {tensor.name: dequantize_raw(self.gguf.raw(tensor), tensor, torch.float32)
+                        for tensor in self.gguf.tensors if tensor.name in architectures.GGUF_ONLY_TENSORS}
             config = architectures.hf_config_from_gguf(self.gguf.metadata,
-                                                   tensor_names=[t.name for t in self.gguf.tensors])
-            self._hf_to_gguf: dict[str, GGUFTensor] = {}
-            skipped = []
-            for tensor in self.gguf.tensors:
-                if tensor.name in architectures.GGUF_ONLY_TENSORS:
-                    skipped.append(tensor.name)
-                    continue
-                self._hf_to_gguf[architectures.gguf_to_hf_name(tensor.name, self.gguf.architecture)] = tensor
+                                                       tensor_names=[t.name for t in self.gguf.tensors],
+                                                       computed=computed)
+            skipped = config.pop("_unused_gguf_tensors", [])
             if skipped:
-                ui.warn(f"{path}: ignoring {', '.join(skipped)} (no Hugging Face counterpart)")
+                ui.warn(f"{path}: ignoring {', '.join(skipped)} (rope factors that match no scaling transformers "
+                        "knows; the model is read without them)")
+            self._hf_to_gguf: dict[str, GGUFTensor] = {}
+            for tensor in self.gguf.tensors:
+                if tensor.name not in architectures.GGUF_ONLY_TENSORS:
+                    self._hf_to_gguf[architectures.gguf_to_hf_name(tensor.name, self.gguf.architecture)] = tensor
             self._check_shapes(config)
         except BaseException:
             self.gguf.close()
