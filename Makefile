@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(VENV)/share/llama-cpp-sdist
 	touch $(STAMP)
 
+# --durations: every CI log says where the time went (the suite must stay well inside CI's 90 minutes).
 test: install
-	$(PYTEST) -q
+	$(PYTEST) -q --durations=40
 
 test-fast: install
 	$(PYTEST) -q -m "not slow"

@@ -218,21 +218,24 @@ def test_gptq_beats_rtn_on_real_smollm2_layers(smollm2_gguf: Path) -> None:
                 plain["gptq"] += layer_output_error(weight, gptq.qweight, hessian)
                 plain["refit"] += layer_output_error(weight, refit.qweight, hessian)
             assert plain["refit"] < plain["gptq"], plain
-            if step.index == 1:
+            if step.index == 0:     # one real block: the 14-Linear table; the sequential test walks more
                 break
 
 
 @pytest.mark.slow
-def test_gptq_beats_rtn_on_every_smollm2_layer_sequentially(smollm2_gguf: Path) -> None:
-    """All 30 blocks, GPTQ's sequential mode: each block sees the quantized outputs of the previous ones."""
+def test_gptq_beats_rtn_on_smollm2_layers_sequentially(smollm2_gguf: Path) -> None:
+    """The first 10 blocks in GPTQ's sequential mode: each block sees the quantized outputs of the previous
+    ones (a third of the model keeps CI inside its time; make bench-quality runs all 30)."""
     source, steps = _smollm2_steps(samples=4, seqlen=256)
     seen = 0
     with source:
         for step in steps:
+            if step.index == 10:
+                break
             results: dict[str, torch.Tensor] = {}
             _check_block(step, ("Q4_0",), results)   # int4 is covered by the fast test; keeps CI short
             for name, module in step.linears.items():
                 module.weight = torch.nn.Parameter(results[name], requires_grad=False)
             step.modified = True
             seen += 1
-    assert seen == 30
+    assert seen == 10

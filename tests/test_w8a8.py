@@ -406,7 +406,17 @@ def test_w8a8_gptq_on_the_smoothed_model(tiny_llama_dir, shared_data, tmp_path) 
 
 
 def test_cli_w8a8_json_and_errors(tiny_llama_dir, shared_data, tmp_path) -> None:
-    from tests.test_cli import assert_one_line_error, qtool
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from qtool.cli import app
+    from tests.test_cli import assert_one_line_error
+
+    def qtool(*args: str) -> subprocess.CompletedProcess:
+        # In process (tests/test_cli.py runs the console script itself): nine runs, no nine interpreters.
+        result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "HF_HUB_OFFLINE": "1"})
+        return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
     calib = str(shared_data / "calibration" / "groups_merged.txt")
     stats = tmp_path / "stats.safetensors"
