@@ -52,8 +52,9 @@ class ScaleSite:
 
 _UP_TO_DOWN = ScaleSite("mlp.up_proj.weight", "rows", ("mlp.down_proj",))    # down reads act(gate) * up
 # A plain RMSNorm (weight times the normalized input) before q/k/v and before gate/up.
-_LLAMA_SMOOTHING = (ScaleSite("input_layernorm.weight", "vector", ("self_attn.q_proj", "self_attn.k_proj",
-                                                                    "self_attn.v_proj")),
+_NORM_TO_QKV = ScaleSite("input_layernorm.weight", "vector", ("self_attn.q_proj", "self_attn.k_proj",
+                                                               "self_attn.v_proj"))
+_LLAMA_SMOOTHING = (_NORM_TO_QKV,
                     ScaleSite("post_attention_layernorm.weight", "vector", ("mlp.gate_proj", "mlp.up_proj")),
                     _UP_TO_DOWN)
 # Attention is linear in v: v's output rows are o's input columns (AWQ checks they match one to one).
@@ -90,6 +91,16 @@ class Architecture:
     # Scale sites of one block: SmoothQuant (W8A8) uses smoothing_sites, AWQ those and value_sites.
     smoothing_sites: tuple[ScaleSite, ...] = _LLAMA_SMOOTHING
     value_sites: tuple[ScaleSite, ...] = (_V_TO_O,)
+    # Mixture of experts, module paths relative to the decoder block as checkpoints store them: the
+    # routers (Linears scoring the experts for each token; kept unquantized by default, see
+    # plan.DEFAULT_KEPT) and the list of experts (``experts.N.*``, which transformers 5 fuses into 3-D
+    # parameters when it loads them).
+    routers: tuple[str, ...] = ()
+    experts: str | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts is not None
 
     @property
     def awq_sites(self) -> tuple[ScaleSite, ...]:
@@ -213,11 +224,35 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  hidden_act="gelu_pytorch_tanh", layer_norm=True,
                  # LayerNorm biases would need the same division, and c_proj reads gelu(c_fc): no sites.
                  smoothing_sites=()),
+    # Mixtures of experts (issue #18): quantized as safetensors; GGUF is refused in architecture() for
+    # now. block_modules name llama.cpp's merged expert tensors (ffn_*_exps) as gguf-py maps them.
+    # Each expert's gate/up read the post-attention norm through the router's choice: only the
+    # attention sites apply.
+    # llama.cpp converts Mixtral with its Llama converter (general.architecture = llama).
+    Architecture(("mixtral",), MODEL_ARCH.LLAMA, "MixtralForCausalLM", permute_qk=True, writes_rope_dims=True,
+                 block_modules=(*_LLAMA_ATTENTION, "block_sparse_moe.gate", "block_sparse_moe.experts.w1",
+                                "block_sparse_moe.experts.w3", "block_sparse_moe.experts.w2", "input_layernorm",
+                                "post_attention_layernorm"),
+                 smoothing_sites=(_NORM_TO_QKV,), routers=("block_sparse_moe.gate",),
+                 experts="block_sparse_moe.experts"),
+    # Qwen2-MoE: a shared expert beside the routed ones, scaled by its own one-row gate.
+    Architecture(("qwen2_moe",), MODEL_ARCH.QWEN2MOE, "Qwen2MoeForCausalLM",
+                 block_modules=(*_LLAMA_ATTENTION, "mlp.gate", "mlp.experts.gate_proj", "mlp.experts.up_proj",
+                                "mlp.experts.down_proj", "mlp.shared_expert_gate", "mlp.shared_expert.gate_proj",
+                                "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj", "input_layernorm",
+                                "post_attention_layernorm"),
+                 smoothing_sites=(_NORM_TO_QKV,), routers=("mlp.gate", "mlp.shared_expert_gate"), experts="mlp.experts"),
+    Architecture(("qwen3_moe",), MODEL_ARCH.QWEN3MOE, "Qwen3MoeForCausalLM",
+                 block_modules=(*_LLAMA_ATTENTION, *_QK_NORMS, "mlp.gate", "mlp.experts.gate_proj",
+                                "mlp.experts.up_proj", "mlp.experts.down_proj", "input_layernorm",
+                                "post_attention_layernorm"),
+                 smoothing_sites=(_NORM_TO_QKV,), routers=("mlp.gate",), experts="mlp.experts"),
 )
 
 _BY_MODEL_TYPE: dict[str, Architecture] = {t: record for record in ARCHITECTURES for t in record.model_types}
-# Mistral GGUFs written by older converters say general.architecture = mistral.
-_BY_GGUF_NAME: dict[str, Architecture] = {**{record.name: record for record in ARCHITECTURES},
+# Mistral GGUFs written by older converters say general.architecture = mistral. Mixtures of experts are
+# not read from GGUF yet (Mixtral's general.architecture is llama's).
+_BY_GGUF_NAME: dict[str, Architecture] = {**{record.name: record for record in ARCHITECTURES if not record.is_moe},
                                           "mistral": _BY_MODEL_TYPE["mistral"]}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_BY_GGUF_NAME)
@@ -302,7 +337,8 @@ def model_type_of(config: dict) -> str:
 
 
 def architecture(config: dict) -> Architecture:
-    """The record for a Hugging Face config; the one place that refuses unknown architectures."""
+    """The record for a Hugging Face config, for writing and reading GGUF; the one place that refuses
+    unknown architectures (and those qtool does not write as GGUF yet: vision-language, mixtures of experts)."""
     model_type = model_type_of(config)
     if model_type in _VISION_LANGUAGE_BY_TYPE:
         raise Unsupported(f"{model_type} is a vision-language model: qtool quantizes its language model as "
@@ -311,7 +347,11 @@ def architecture(config: dict) -> Architecture:
                           "and an --mmproj file)")
     if model_type not in _BY_MODEL_TYPE:
         raise _unsupported_architecture(model_type)
-    return _BY_MODEL_TYPE[model_type]
+    record = _BY_MODEL_TYPE[model_type]
+    if record.is_moe:
+        raise Unsupported(f"{model_type} is a mixture of experts: qtool quantizes it as safetensors (--format "
+                          "safetensors: NF4, int8, int4) but does not write it as GGUF yet")
+    return record
 
 
 def block_record(config: dict) -> Architecture | None:

@@ -6,8 +6,9 @@ output format. Resolution order for one tensor, first hit wins:
 1. ``rules`` (preset rules first, then command-line ones), each ``{match: GLOB, scheme: NAME,
    layers: SELECTOR?, params: {...}?}``; ``scheme: keep`` keeps the tensor as it is;
 2. ``skip`` globs keep the tensor;
-3. ``include`` globs, or the default set (2-D Linear weights inside decoder blocks), get ``scheme``;
-4. everything else (embeddings, lm_head, norms, biases) is kept.
+3. ``include`` globs, or the default set (2-D Linear weights inside decoder blocks, but not the
+   mixture-of-experts routers the architecture records name), get ``scheme``;
+4. everything else (embeddings, lm_head, norms, biases, routers) is kept.
 """
 from __future__ import annotations
 
@@ -20,15 +21,20 @@ from typing import Any, Callable
 
 import yaml
 
-from qtool.architectures import VISION_LANGUAGE, vision_language
+from qtool.architectures import ARCHITECTURES, VISION_LANGUAGE, vision_language
 from qtool.errors import BadArgument, NotFound, Unsupported
 from qtool.sources.base import TensorInfo
 
 KEEP = "keep"
 # Linear weights of decoder blocks: the tensors quantized when no rule says otherwise (a
 # vision-language model's language model included; its vision tower is kept).
-DEFAULT_QUANTIZED = ("model.layers.*.weight", *dict.fromkeys(f"{record.block_prefix}.*.weight"
-                                                             for record in VISION_LANGUAGE))
+_BLOCK_PREFIXES = ("model.layers", *dict.fromkeys(record.block_prefix for record in VISION_LANGUAGE))
+DEFAULT_QUANTIZED = tuple(f"{prefix}.*.weight" for prefix in _BLOCK_PREFIXES)
+# Mixture-of-experts routers (Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate and shared_expert_gate):
+# a few rows whose errors change which experts every token reaches, and Linears transformers' MoE blocks
+# run in the compute dtype (an int8 router fails in their forward). Kept unless a rule or --include names them.
+DEFAULT_KEPT = tuple(dict.fromkeys(f"{prefix}.*.{router}.weight" for prefix in _BLOCK_PREFIXES
+                                   for record in ARCHITECTURES for router in record.routers))
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -106,7 +112,8 @@ def _layers_match(selector: str | list[int] | None, layer: int | None, n_layers:
 def _is_default_quantized(info: TensorInfo) -> bool:
     # An empty tensor ([0, 64]) has nothing to quantize, and no format stores it as blocks: keep it.
     return (len(info.shape) == 2 and all(dim > 0 for dim in info.shape)
-            and any(fnmatch.fnmatchcase(info.name, g) for g in DEFAULT_QUANTIZED))
+            and any(fnmatch.fnmatchcase(info.name, g) for g in DEFAULT_QUANTIZED)
+            and not any(fnmatch.fnmatchcase(info.name, g) for g in DEFAULT_KEPT))
 
 
 def build_plan(tensors: list[TensorInfo], recipe: Recipe, n_layers: int) -> list[TensorPlan]:

@@ -3,7 +3,11 @@
 The architecture is instantiated from the source's config with its parameters on the meta
 device (no memory, no random init), then each parameter is replaced by the source's tensor,
 one at a time, cast to the compute dtype and moved to the compute device: peak memory is the
-model in that dtype plus one source tensor.
+model in that dtype plus one source tensor. Tensors stored under other names than the model's
+parameters go through transformers' own load-time conversions for the model type (its
+``conversion_mapping``): a mixture of experts' per-expert matrices (``experts.N.gate_proj``) are
+stacked into the fused 3-D parameters transformers 5 builds (``experts.gate_up_proj``), one fused
+parameter's experts at a time.
 
 qtool's quantized safetensors outputs (bitsandbytes NF4/FP4/int8, compressed-tensors int8/int4)
 can be evaluated two ways: through the dequantized weights the source yields (``runtime=
@@ -135,6 +139,32 @@ def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, kee
     return model
 
 
+def _load_conversions(model: Any) -> tuple[list[Any], list[Any]]:
+    """transformers' load-time renamings and converters for ``model`` (what ``from_pretrained`` applies to
+    checkpoint names, e.g. Mixtral's ``block_sparse_moe.`` -> ``mlp.`` and the per-expert -> fused 3-D merge);
+    empty lists where it has none, or where the installed transformers has no such machinery."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return [], []
+    transforms = get_model_conversion_mapping(model, add_legacy=False)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def _converted_name(name: str, renamings: list[Any], converters: list[Any]) -> tuple[str, Any]:
+    """The parameter ``name`` loads into after transformers' renamings, and the converter that merges it
+    into that parameter (None when it is only renamed), as transformers' ``rename_source_key`` decides."""
+    for renaming in renamings:
+        name, _ = renaming.rename_source_key(name)
+    for converter in converters:
+        target, pattern = converter.rename_source_key(name)
+        if pattern is not None:
+            return target, (converter, pattern)
+    return name, None
+
+
 def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
                       device: torch.device | str = "cpu", gpu_memory: int | None = None) -> Any:
     """A transformers causal LM (eval mode) with the source's weights, filled tensor by tensor.
@@ -157,20 +187,46 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     unused: list[str] = []
-    for info in source.tensors():
-        if info.name not in params:
-            unused.append(info.name)
-            continue
-        target = params[info.name]
-        tensor = source.load(info.name)
+
+    def put(name: str, tensor: torch.Tensor, stored_as: str) -> None:
+        target = params[name]
         if tuple(tensor.shape) != tuple(target.shape):
-            raise CorruptFile(f"{source.description}: tensor {info.name} has shape {tuple(tensor.shape)}, "
+            raise CorruptFile(f"{source.description}: tensor {stored_as} has shape {tuple(tensor.shape)}, "
                               f"the config says {tuple(target.shape)}")
-        module_name, _, leaf = info.name.rpartition(".")
+        module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[leaf] = nn.Parameter(tensor.to(device=device_of(info.name), dtype=dtype), requires_grad=False)
-        loaded.add(info.name)
-        del tensor
+        module._parameters[leaf] = nn.Parameter(tensor.to(device=device_of(name), dtype=dtype), requires_grad=False)
+        loaded.add(name)
+
+    conversions: tuple[list[Any], list[Any]] | None = None
+    merged: dict[str, tuple[Any, list[tuple[str, str]]]] = {}   # fused parameter -> (converter, [(stored, pattern)])
+    for info in source.tensors():
+        name, converter = info.name, None
+        if name not in params:
+            conversions = conversions if conversions is not None else _load_conversions(model)
+            name, converter = _converted_name(info.name, *conversions)
+        if name not in params:
+            unused.append(info.name)
+        elif converter is not None:
+            merged.setdefault(name, (converter[0], []))[1].append((info.name, converter[1]))
+        else:
+            put(name, source.load(info.name), info.name)
+    if merged:
+        from transformers.core_model_loading import dot_natural_key
+
+        for name, (converter, stored) in merged.items():
+            # Experts in their numeric order (10 after 9), as transformers sorts a checkpoint's keys.
+            for stored_name, pattern in sorted(stored, key=lambda item: dot_natural_key(item[0])):
+                converter.add_tensor(name, stored_name, pattern, lambda stored_name=stored_name: source.load(stored_name))
+            try:
+                converted = converter.convert(name, model=model, config=model.config)
+            except (RuntimeError, ValueError, IndexError) as exc:   # experts of different shapes
+                raise CorruptFile(f"{source.description}: the tensors of {name} ({stored[0][0]}, ...) cannot be "
+                                  f"merged as transformers merges them: {first_line(exc)}") from None
+            for converted_name, tensor in converted.items():
+                if converted_name in params:
+                    put(converted_name, tensor, f"{converted_name} (merged from {len(stored)} tensors)")
+            del converted
     if unused:
         ui.warn(f"{source.description}: {len(unused)} tensor(s) not used by {type(model).__name__} "
                 f"(first: {unused[0]})")
