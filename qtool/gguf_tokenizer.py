@@ -369,8 +369,17 @@ def _sentencepiece_vocab(tokenizer_dir: Path, vocab_size: int | None) -> dict[st
                 text = text.replace("\u2581", " ")
                 types[index] = USER_DEFINED
             tokens[index], scores[index] = text, -1000.0
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types}
+    metadata = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types}
+    # llama.cpp prepends a space (add_space_prefix, true when absent) as SentencePiece's add_dummy_prefix
+    # does: a model without it (Gemma's) says so, as the converter's Gemma classes write.
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(processor.serialized_model_proto())
+    if not proto.normalizer_spec.add_dummy_prefix:
+        metadata["tokenizer.ggml.add_space_prefix"] = False
+    return metadata
 
 
 def _special_tokens(tokenizer_dir: Path, n_vocab: int, *, load_merges: bool) -> dict[str, Any]:

@@ -39,29 +39,42 @@ def write_gguf(spec: str | Path, type_name: str, out: Path) -> Path:
     return out
 
 
-def make_spm_llama(folder: Path) -> Path:
-    """A small random Llama (rows of 256, so every K-type applies) with a SentencePiece BPE
-    tokenizer (byte fallback, as Llama 2's) trained on the calibration text."""
+def train_spm_tokenizer(tokenizer_dir: Path, vocab_size: int = 2000, *, gemma: bool = False) -> Path:
+    """A SentencePiece BPE tokenizer (byte fallback, as Llama 2's; <unk> <s> </s> are ids 0 1 2) trained
+    on the calibration text, saved in ``tokenizer_dir`` as tokenizer.model, tokenizer_config.json (a
+    LlamaTokenizer) and tokenizer.json as transformers converts it, so every reader sees the same files.
+    ``gemma``: as Gemma's instead (no space prepended to the text, a GemmaTokenizer)."""
     import sentencepiece
     from transformers import AutoTokenizer
 
-    from qtool.synthetic import write_synthetic_llama
-
-    tokenizer_dir = folder / "tokenizer"
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     lines = [line for line in CALIBRATION_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()][:3000]
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(tokenizer_dir / "tokenizer"), vocab_size=2000,
+        sentence_iterator=iter(lines), model_prefix=str(tokenizer_dir / "tokenizer"), vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=0.99, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", minloglevel=2, num_threads=1)
+        normalization_rule_name="identity", minloglevel=2, num_threads=1, add_dummy_prefix=not gemma)
     (tokenizer_dir / "tokenizer.vocab").unlink()
+    # GemmaTokenizer's defaults name tokens this vocabulary lacks (<pad>, <mask>).
+    kind = {"tokenizer_class": "GemmaTokenizer", "pad_token": "</s>", "mask_token": None} if gemma else \
+        {"tokenizer_class": "LlamaTokenizer", "legacy": False}
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        **kind, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False,
         "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"}))
-    # tokenizer.json as transformers converts it, so both runtimes read the same files.
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tokenizer_dir))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    if config.pop("vocab_file", None) is not None:   # an absolute path GemmaTokenizer saves
+        (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tokenizer_dir
+
+
+def make_spm_llama(folder: Path) -> Path:
+    """A small random Llama (rows of 256, so every K-type applies) with :func:`train_spm_tokenizer`'s
+    tokenizer (2000 tokens)."""
+    from qtool.synthetic import write_synthetic_llama
+
+    tokenizer_dir = train_spm_tokenizer(folder / "tokenizer", vocab_size=2000)
     model_dir = folder / "model"
     write_synthetic_llama(model_dir, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                           num_kv_heads=2, vocab_size=2000, dtype=torch.bfloat16, tokenizer_from=tokenizer_dir)
