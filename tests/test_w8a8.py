@@ -496,35 +496,27 @@ SMOLLM2_CALIB = {"calib_samples": 16, "calib_seqlen": 512}
 
 @pytest.mark.slow
 def test_smollm2_w8a8_perplexity(shared_data, tmp_path) -> None:
-    """The packaged SmolLM2 with the static W8A8 preset (smoothing, then static per-tensor input
-    scales calibrated on groups_merged.txt) and with the per-token preset (smoothing with down_proj's
-    own alpha, then GPTQ on the smoothed weights), run by transformers + compressed-tensors on CPU,
-    scored on WikiText-2 test against the unquantized model on the same windows.
+    """The packaged SmolLM2 with the per-token W8A8 preset (smoothing with down_proj's own alpha, then
+    GPTQ on the smoothed weights), run by transformers + compressed-tensors on CPU, scored on
+    WikiText-2 test against the unquantized model on the same windows: issue 6's 1% (+0.41% in the
+    device GPU's fake quantization, 40 windows; symmetric inputs +1.22%).
 
-    Static inputs lose several percent here (+4.94% measured, 12 windows; its down_proj inputs alone
-    +4.1% in the device GPU's fake quantization, 40 windows). Issue 6's 1% is met per token with
-    asymmetric inputs (zero points) and down_proj alpha 0.5: +0.41% in the GPU's fake quantization
-    (symmetric inputs: +1.22%)."""
+    The static preset (static per-tensor input scales) loses several percent on this model (+4.94%
+    measured, 12 windows); its scales are checked on the tiny model above, against compressed-tensors'
+    runtime, which keeps CI inside its time."""
     from qtool.evaluation import evaluate
     from qtool.pipeline import QuantizeOptions, quantize
 
     calib = shared_data / "calibration" / "groups_merged.txt"
-    outputs = {}
-    for strategy, config, method in (("tensor", CONFIG, "rtn"), ("token", TOKEN_CONFIG, "gptq")):
-        recipe = Recipe.from_yaml(config)
-        assert recipe.params["act_strategy"] == strategy
-        outputs[strategy] = tmp_path / strategy
-        report = quantize("smollm2-135m", outputs[strategy], recipe,
-                          QuantizeOptions(calib=str(calib), method=method, **SMOLLM2_CALIB))
-        assert report.activations.smoothing == 0.8
-        assert len(report.activations.modules) == (30 * 7 if strategy == "tensor" else 0)
-    result = evaluate([str(outputs["tensor"]), str(outputs["token"])],
-                      text_file=shared_data / "wikitext-2-raw" / "wiki.test.raw", ctx=512, chunks=W8A8_EVAL_WINDOWS,
-                      baseline="smollm2-135m", device="cpu", runtime="native")
-    base, static, token = result.models
-    for row in (static, token):
-        assert row.runtime == "native" and row.windows == base.windows == W8A8_EVAL_WINDOWS
-        print(f"{row.model}: {row.ppl:.4f} vs {base.ppl:.4f} ({row.delta_pct:+.2f}%), KLD {row.mean_kld:.5f}, "
-              f"top-1 {row.top1_agreement:.4f}")
-    assert static.delta_pct < 7.0
+    recipe = Recipe.from_yaml(TOKEN_CONFIG)
+    assert recipe.params["act_strategy"] == "token"
+    out = tmp_path / "token"
+    report = quantize("smollm2-135m", out, recipe, QuantizeOptions(calib=str(calib), method="gptq", **SMOLLM2_CALIB))
+    assert report.activations.smoothing == 0.8 and report.activations.modules == []
+    result = evaluate([str(out)], text_file=shared_data / "wikitext-2-raw" / "wiki.test.raw", ctx=512,
+                      chunks=W8A8_EVAL_WINDOWS, baseline="smollm2-135m", device="cpu", runtime="native")
+    base, token = result.models
+    assert token.runtime == "native" and token.windows == base.windows == W8A8_EVAL_WINDOWS
+    print(f"{token.model}: {token.ppl:.4f} vs {base.ppl:.4f} ({token.delta_pct:+.2f}%), KLD {token.mean_kld:.5f}, "
+          f"top-1 {token.top1_agreement:.4f}")
     assert token.delta_pct < 1.0, f"W8A8 per token + GPTQ: {token.delta_pct:+.2f}% ppl, above issue 6's 1%"
