@@ -84,7 +84,9 @@ class Architecture:
     # config.json -> extra ``{arch}.*`` keys, and GGUF metadata -> extra config.json fields.
     extra_metadata: Callable[[dict, str], Metadata] | None = None
     extra_config: Callable[[dict, str, dict], dict] | None = None
-    hf_fixed: dict = field(default_factory=dict, hash=False, compare=False)   # config.json fields a GGUF does not carry
+    # config.json fields whose value llama.cpp fixes for the architecture (a GGUF does not carry them): a
+    # GGUF reads back with them, and a checkpoint with other values is warned about (see gguf_deviations).
+    hf_fixed: dict = field(default_factory=dict, hash=False, compare=False)
     # The config field the model multiplies its embeddings by before the first block (Granite), which
     # calibration, running the blocks on its own, must apply too.
     embedding_multiplier: str | None = None
@@ -97,6 +99,7 @@ class Architecture:
     # parameters when it loads them).
     routers: tuple[str, ...] = ()
     experts: str | None = None
+    expert_count_field: str = "num_experts"   # config.json's number of experts (Mixtral: num_local_experts)
 
     @property
     def is_moe(self) -> bool:
@@ -224,8 +227,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  hidden_act="gelu_pytorch_tanh", layer_norm=True,
                  # LayerNorm biases would need the same division, and c_proj reads gelu(c_fc): no sites.
                  smoothing_sites=()),
-    # Mixtures of experts (issue #18): quantized as safetensors; GGUF is refused in architecture() for
-    # now. block_modules name llama.cpp's merged expert tensors (ffn_*_exps) as gguf-py maps them.
+    # Mixtures of experts (issue #18). block_modules name llama.cpp's merged expert tensors (ffn_*_exps)
+    # as gguf-py maps them; checkpoints store one matrix per expert (see merged_expert_name).
     # Each expert's gate/up read the post-attention norm through the router's choice: only the
     # attention sites apply.
     # llama.cpp converts Mixtral with its Llama converter (general.architecture = llama).
@@ -234,25 +237,30 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                 "block_sparse_moe.experts.w3", "block_sparse_moe.experts.w2", "input_layernorm",
                                 "post_attention_layernorm"),
                  smoothing_sites=(_NORM_TO_QKV,), routers=("block_sparse_moe.gate",),
-                 experts="block_sparse_moe.experts"),
+                 experts="block_sparse_moe.experts", expert_count_field="num_local_experts"),
     # Qwen2-MoE: a shared expert beside the routed ones, scaled by its own one-row gate.
     Architecture(("qwen2_moe",), MODEL_ARCH.QWEN2MOE, "Qwen2MoeForCausalLM",
                  block_modules=(*_LLAMA_ATTENTION, "mlp.gate", "mlp.experts.gate_proj", "mlp.experts.up_proj",
                                 "mlp.experts.down_proj", "mlp.shared_expert_gate", "mlp.shared_expert.gate_proj",
                                 "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj", "input_layernorm",
                                 "post_attention_layernorm"),
-                 smoothing_sites=(_NORM_TO_QKV,), routers=("mlp.gate", "mlp.shared_expert_gate"), experts="mlp.experts"),
+                 smoothing_sites=(_NORM_TO_QKV,), routers=("mlp.gate", "mlp.shared_expert_gate"), experts="mlp.experts",
+                 hf_fixed={"norm_topk_prob": False}),
     Architecture(("qwen3_moe",), MODEL_ARCH.QWEN3MOE, "Qwen3MoeForCausalLM",
                  block_modules=(*_LLAMA_ATTENTION, *_QK_NORMS, "mlp.gate", "mlp.experts.gate_proj",
                                 "mlp.experts.up_proj", "mlp.experts.down_proj", "input_layernorm",
                                 "post_attention_layernorm"),
-                 smoothing_sites=(_NORM_TO_QKV,), routers=("mlp.gate",), experts="mlp.experts"),
+                 smoothing_sites=(_NORM_TO_QKV,), routers=("mlp.gate",), experts="mlp.experts",
+                 hf_fixed={"norm_topk_prob": True}),
 )
 
 _BY_MODEL_TYPE: dict[str, Architecture] = {t: record for record in ARCHITECTURES for t in record.model_types}
-# Mistral GGUFs written by older converters say general.architecture = mistral. Mixtures of experts are
-# not read from GGUF yet (Mixtral's general.architecture is llama's).
-_BY_GGUF_NAME: dict[str, Architecture] = {**{record.name: record for record in ARCHITECTURES if not record.is_moe},
+# Mistral GGUFs written by older converters say general.architecture = mistral. A GGUF architecture a
+# dense model shares with a mixture of experts (llama: Mixtral) reads as the mixture when the file
+# counts experts ({arch}.expert_count).
+_MOE_BY_GGUF_NAME: dict[str, Architecture] = {record.name: record for record in ARCHITECTURES if record.is_moe}
+_BY_GGUF_NAME: dict[str, Architecture] = {**_MOE_BY_GGUF_NAME,
+                                          **{record.name: record for record in ARCHITECTURES if not record.is_moe},
                                           "mistral": _BY_MODEL_TYPE["mistral"]}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_BY_GGUF_NAME)
@@ -338,7 +346,7 @@ def model_type_of(config: dict) -> str:
 
 def architecture(config: dict) -> Architecture:
     """The record for a Hugging Face config, for writing and reading GGUF; the one place that refuses
-    unknown architectures (and those qtool does not write as GGUF yet: vision-language, mixtures of experts)."""
+    unknown architectures (and vision-language models, which qtool does not write as GGUF)."""
     model_type = model_type_of(config)
     if model_type in _VISION_LANGUAGE_BY_TYPE:
         raise Unsupported(f"{model_type} is a vision-language model: qtool quantizes its language model as "
@@ -347,11 +355,7 @@ def architecture(config: dict) -> Architecture:
                           "and an --mmproj file)")
     if model_type not in _BY_MODEL_TYPE:
         raise _unsupported_architecture(model_type)
-    record = _BY_MODEL_TYPE[model_type]
-    if record.is_moe:
-        raise Unsupported(f"{model_type} is a mixture of experts: qtool quantizes it as safetensors (--format "
-                          "safetensors: NF4, int8, int4) but does not write it as GGUF yet")
-    return record
+    return _BY_MODEL_TYPE[model_type]
 
 
 def block_record(config: dict) -> Architecture | None:
@@ -363,10 +367,13 @@ def block_record(config: dict) -> Architecture | None:
     return _BY_MODEL_TYPE.get(model_type_of(config)) if isinstance(config, dict) else None
 
 
-def gguf_record(arch: Any) -> Architecture:
-    """The record for a GGUF ``general.architecture``; Unsupported for any other."""
+def gguf_record(arch: Any, metadata: dict | None = None) -> Architecture:
+    """The record for a GGUF ``general.architecture`` (the mixture of experts of that name when
+    ``metadata`` counts experts); Unsupported for any other."""
     if not isinstance(arch, str) or arch not in _BY_GGUF_NAME:
         raise _unsupported_architecture(str(arch), gguf_file=True)
+    if metadata and metadata.get(_key(Keys.LLM.EXPERT_COUNT, arch)) and arch in _MOE_BY_GGUF_NAME:
+        return _MOE_BY_GGUF_NAME[arch]
     return _BY_GGUF_NAME[arch]
 
 
@@ -414,18 +421,40 @@ def _renamed(name: str, table: dict[str, str], block_re: re.Pattern, block_prefi
     return f"{prefix}.{match.group(1)}.{rest}"
 
 
+# One expert's matrix of a mixture of experts, as checkpoints store it: ``...experts.3.w1.weight``.
+_EXPERT_RE = re.compile(r"^(.+\.experts)\.(\d+)\.([^.]+\.(?:weight|bias))$")
+
+
+def merged_expert_name(name: str) -> tuple[str, int] | None:
+    """``model.layers.0.mlp.experts.3.gate_proj.weight`` -> (``model.layers.0.mlp.experts.gate_proj.weight``,
+    3): the merged tensor llama.cpp stores every expert of that matrix in (ffn_*_exps, experts first)
+    and this expert's index in it; None for a tensor that is not one expert's."""
+    match = _EXPERT_RE.match(name)
+    return (f"{match.group(1)}.{match.group(3)}", int(match.group(2))) if match else None
+
+
+def expert_name(merged: str, index: int) -> str:
+    """Inverse of :func:`merged_expert_name`: expert ``index``'s tensor of a merged name."""
+    head, _, tail = merged.rpartition(".experts.")
+    return f"{head}.experts.{index}.{tail}"
+
+
 def hf_to_gguf_name(name: str, model_type: str = "llama") -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``; Unsupported if unknown."""
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (one expert's matrix -> the
+    merged ``blk.3.ffn_gate_exps.weight``); Unsupported if unknown."""
     record = architecture({"model_type": model_type})
-    gguf_name = _renamed(name, _name_tables(record)[0], _HF_BLOCK_RE, "model.layers.")
+    merged = merged_expert_name(name) if record.is_moe else None
+    gguf_name = _renamed(merged[0] if merged else name, _name_tables(record)[0], _HF_BLOCK_RE, "model.layers.")
     if gguf_name is None:
         raise Unsupported(f"tensor {name!r} has no GGUF name in the {model_type} layout qtool writes")
     return gguf_name
 
 
-def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; Unsupported if unknown."""
-    record = gguf_record(arch)
+def gguf_to_hf_name(name: str, arch: str = "llama", metadata: dict | None = None) -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (merged experts: the merged
+    name, see :func:`merged_expert_name`); Unsupported if unknown. ``metadata``: the file's, which tells
+    a mixture of experts from the dense architecture of the same name."""
+    record = gguf_record(arch, metadata)
     hf_name = _renamed(name, _name_tables(record)[1], _GGUF_BLOCK_RE, "blk.")
     if hf_name is None:
         raise Unsupported(f"GGUF tensor {name!r} is not part of the {arch} layout qtool reads")
@@ -595,9 +624,46 @@ def gguf_metadata_from_hf(config: dict) -> Metadata:
         metadata[_key(Keys.Rope.SCALING_FACTOR, arch)] = float(scaling["factor"])
         if rope_type == "yarn" and scaling.get("original_max_position_embeddings"):
             metadata[_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = int(scaling["original_max_position_embeddings"])
+    if record.is_moe:
+        metadata.update(_moe_metadata(config, arch))
     if record.extra_metadata is not None:
         metadata.update(record.extra_metadata(config, arch))
     return metadata
+
+
+# config.json -> GGUF keys of a mixture of experts, each from the first field a config has (the names the
+# converter looks for); the expert sizes only where the config gives them (Qwen-MoE, not Mixtral).
+_MOE_KEYS = ((Keys.LLM.EXPERT_COUNT, ("num_local_experts", "num_experts", "n_routed_experts")),
+             (Keys.LLM.EXPERT_USED_COUNT, ("num_experts_per_tok", "num_experts_per_token", "top_k_experts")),
+             (Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, ("moe_intermediate_size",)),
+             (Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, ("shared_expert_intermediate_size",)))
+
+
+def _moe_metadata(config: dict, arch: str) -> Metadata:
+    metadata: Metadata = {}
+    for template, fields in _MOE_KEYS:
+        value = next((config[f] for f in fields if config.get(f) is not None), None)
+        if value is not None:
+            metadata[_key(template, arch)] = int(value)
+    return metadata
+
+
+def _moe_config(metadata: dict, arch: str, record: Architecture) -> dict:
+    config: dict[str, Any] = {record.expert_count_field: int(_require(metadata, _key(Keys.LLM.EXPERT_COUNT, arch))),
+                              "num_experts_per_tok": int(_require(metadata, _key(Keys.LLM.EXPERT_USED_COUNT, arch)))}
+    for template, field_name in ((Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, "moe_intermediate_size"),
+                                 (Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, "shared_expert_intermediate_size")):
+        if metadata.get(_key(template, arch)):
+            config[field_name] = int(metadata[_key(template, arch)])
+    return config
+
+
+def gguf_deviations(config: dict) -> list[str]:
+    """The config.json fields of ``config`` that differ from what llama.cpp computes for its architecture
+    (``field=value (llama.cpp: value)``): such a GGUF runs, but not as the checkpoint does in transformers."""
+    record = architecture(config)
+    return [f"{name}={config[name]!r} (llama.cpp: {value!r})" for name, value in record.hf_fixed.items()
+            if name in config and config[name] != value]
 
 
 def _require(metadata: dict, key: str) -> Any:
@@ -645,7 +711,7 @@ def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = 
     Llama 3's and longrope's scaling go back into ``rope_parameters``; the names it could not use are
     in the config's ``_unused_gguf_tensors``.
     """
-    record = gguf_record(metadata.get(Keys.General.ARCHITECTURE))
+    record = gguf_record(metadata.get(Keys.General.ARCHITECTURE), metadata)
     arch = record.name if metadata.get(Keys.General.ARCHITECTURE) != "mistral" else "mistral"
     model_type = record.model_types[0] if arch != "mistral" else "mistral"
     class_name = record.hf_class if arch != "mistral" else "MistralForCausalLM"
@@ -704,6 +770,8 @@ def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = 
     if record.layer_norm:
         config["norm_epsilon"] = float(metadata.get(key(Keys.Attention.LAYERNORM_EPS), 1e-5))
         config["use_bias"] = config["attention_bias"]
+    if record.is_moe:
+        config.update(_moe_config(metadata, arch, record))
     if record.extra_config is not None:
         config.update(record.extra_config(metadata, arch, config))
     for gguf_key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
@@ -724,7 +792,12 @@ def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = 
     return config
 
 
-def size_label(shapes: Iterable[Iterable[int]]) -> str:
-    """``general.size_label`` as llama.cpp's converter writes it for a dense model (e.g. ``135M``)."""
-    total = sum(math.prod(shape) for shape in shapes)
-    return gguf.size_label(total, total, 0, 0)
+def size_label(shapes: Iterable[Iterable[int]], expert_shapes: Iterable[Iterable[int]] = ()) -> str:
+    """``general.size_label`` as llama.cpp's converter writes it: ``135M`` for a dense model, ``4x1.2M``
+    for a mixture of experts (``expert_shapes``: the merged expert tensors, experts first; a label
+    counts one expert of each and everything else)."""
+    shared = sum(math.prod(shape) for shape in shapes)
+    merged = [tuple(shape) for shape in expert_shapes]
+    per_expert = sum(math.prod(shape) // shape[0] for shape in merged)
+    count = sum(shape[0] for shape in merged) // len(merged) if merged else 0
+    return gguf.size_label(shared + sum(math.prod(s) for s in merged), shared, per_expert, count)

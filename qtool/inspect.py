@@ -101,7 +101,7 @@ def _inspect_gguf(path: Path, spec: str, glob: str | None) -> InspectReport:
         rows = []
         for tensor in gguf_file.tensors:
             try:
-                hf_name = architectures.gguf_to_hf_name(tensor.name, gguf_file.architecture)
+                hf_name = architectures.gguf_to_hf_name(tensor.name, gguf_file.architecture, gguf_file.metadata)
             except Unsupported:
                 hf_name = None
             rows.append(TensorRow(tensor.name, tensor.type_name, list(tensor.shape), tensor.n_elements,

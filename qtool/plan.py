@@ -33,8 +33,9 @@ DEFAULT_QUANTIZED = tuple(f"{prefix}.*.weight" for prefix in _BLOCK_PREFIXES)
 # Mixture-of-experts routers (Mixtral's block_sparse_moe.gate, Qwen-MoE's mlp.gate and shared_expert_gate):
 # a few rows whose errors change which experts every token reaches, and Linears transformers' MoE blocks
 # run in the compute dtype (an int8 router fails in their forward). Kept unless a rule or --include names them.
-DEFAULT_KEPT = tuple(dict.fromkeys(f"{prefix}.*.{router}.weight" for prefix in _BLOCK_PREFIXES
+ROUTER_GLOBS = tuple(dict.fromkeys(f"{prefix}.*.{router}.weight" for prefix in _BLOCK_PREFIXES
                                    for record in ARCHITECTURES for router in record.routers))
+DEFAULT_KEPT = ROUTER_GLOBS
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 

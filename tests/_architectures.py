@@ -39,6 +39,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gemma3_text": ("gemma3_text", {"head_dim": 16, "query_pre_attn_scalar": 16}),
     "starcoder2": ("starcoder2", {}),
 }
+# Mixtures of experts (issue #18): 4 experts, 2 per token; Qwen2-MoE with its shared expert. Kept apart
+# from VARIANTS, whose tests (calibration, bitsandbytes loads) do not cover experts yet; the GGUF tests
+# take both (ALL_VARIANTS).
+MOE_VARIANTS: dict[str, tuple[str, dict]] = {
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                "shared_expert_intermediate_size": 128}),
+    # Qwen3-MoE checkpoints renormalize the chosen experts' weights (norm_topk_prob, transformers' default
+    # is off), which llama.cpp always does for qwen3moe.
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                "head_dim": 16, "norm_topk_prob": True}),
+}
+ALL_VARIANTS: dict[str, tuple[str, dict]] = {**VARIANTS, **MOE_VARIANTS}
 ARCH_VARIANTS = list(VARIANTS)
 # One variant per model_type (the Llama variants beyond the first only where their own path matters).
 # Variants whose rope scaling the tests must see: their queries and keys are scaled up, so attention
@@ -54,7 +67,7 @@ def build_checkpoint(variant: str, folder: Path, *, tokenizer_from: Path | None,
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, extra = VARIANTS[variant]
+    model_type, extra = ALL_VARIANTS[variant]
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **SIZES, vocab_size=vocab_size, **extra)
     # eager attention: the one transformers implements Gemma 2's attention soft-capping with.

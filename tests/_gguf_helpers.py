@@ -97,11 +97,28 @@ def transformers_model(spec: str | Path):
     return model
 
 
-def llamacpp_model(path: Path, n_ctx: int = 256):
+def llamacpp_model(path: Path, n_ctx: int = 256, *, extra_buffers: bool = False):
+    """llama.cpp's model of a GGUF, by default without the CPU's repacked weight buffers (llama.cpp's
+    ``--no-extra-bufts``, which llama-cpp-python's ``Llama`` has no argument for): on AMX CPUs (some of
+    this project's machines) llama.cpp 0.3.36 segfaults in its AMX matrix product on quantized files,
+    llama-quantize's own Q8_0 of a mixture of experts included."""
     import llama_cpp
+    import llama_cpp.llama_cpp as low
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                           n_threads=2)
+    defaults = low.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    if not extra_buffers:
+        low.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                               n_threads=2)
+    finally:
+        low.llama_model_default_params = defaults
 
 
 def llamacpp_logits(model, tokens: list[int]) -> np.ndarray:

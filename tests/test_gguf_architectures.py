@@ -1,7 +1,8 @@
 """Every architecture qtool writes as GGUF, from one record each (qtool/architectures.py).
 
 Each architecture is a tiny random checkpoint built with transformers' own config class (float32,
-SmolLM2's tokenizer). qtool's F16 GGUF must give llama.cpp the logits transformers gives (same
+SmolLM2's tokenizer), the mixtures of experts included (their experts merged into llama.cpp's 3-D
+ffn_*_exps tensors and split again when read back). qtool's F16 GGUF must give llama.cpp the logits transformers gives (same
 top-1 at every position, |diff| <= 2e-3 x the largest |logit|), Q8_0 must load and run, and qtool
 must read its own GGUF back to the Hugging Face names, config and weights.
 """
@@ -21,10 +22,10 @@ from qtool import architectures
 from qtool.errors import Unsupported
 from qtool.sources.resolve import resolve
 
-from tests._architectures import ARCH_VARIANTS, SIZES, VARIANTS
+from tests._architectures import ALL_VARIANTS, SIZES, VARIANTS
 from tests._gguf_helpers import llamacpp_logits, llamacpp_model, transformers_logits, write_gguf
 
-ARCHS = ARCH_VARIANTS
+ARCHS = list(ALL_VARIANTS)
 PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin. 12345"
 LOGIT_TOLERANCE = 2e-3   # relative to the largest |logit| of the prompt
 
@@ -45,17 +46,22 @@ def _hf_state(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_record_names_cover_the_transformers_model(checkpoint: tuple[str, Path]) -> None:
     variant, folder = checkpoint
-    model_type = VARIANTS[variant][0]
+    model_type = ALL_VARIANTS[variant][0]
     record = architectures.architecture({"model_type": model_type})
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[record.gguf_arch]}
+    # A mixture of experts is told from the dense architecture of its GGUF name by its expert count.
+    metadata = {f"{record.name}.expert_count": 4} if record.is_moe else None
     for name in _hf_state(folder):
         gguf_name = architectures.hf_to_gguf_name(name, model_type)
-        # A name gguf-py lists for this architecture (blk.N.x -> blk.{bid}.x), and back to the same HF name.
+        # A name gguf-py lists for this architecture (blk.N.x -> blk.{bid}.x), and back to the same HF name
+        # (one expert's matrix: to the merged name it is a slice of).
         stem = gguf_name.rsplit(".", 1)[0]
         parts = stem.split(".")
         template = "blk.{bid}." + ".".join(parts[2:]) if parts[0] == "blk" else stem
         assert template in allowed, (name, gguf_name)
-        assert architectures.gguf_to_hf_name(gguf_name, record.name) == name
+        merged = architectures.merged_expert_name(name)
+        assert (merged is not None) == ("_exps." in gguf_name), name
+        assert architectures.gguf_to_hf_name(gguf_name, record.name, metadata) == (merged[0] if merged else name)
 
 
 def test_unknown_architecture_refused_in_one_message() -> None:
@@ -123,7 +129,7 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
     from transformers import AutoModelForCausalLM
 
     variant, folder = checkpoint
-    model_type = VARIANTS[variant][0]
+    model_type, fields = ALL_VARIANTS[variant]
     tokens = _tokens(folder)
     reference = transformers_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), tokens)
 
@@ -132,12 +138,21 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
     metadata = {key: field.contents() for key, field in gguf.GGUFReader(f16).fields.items()
                 if not key.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))}
     # Keys llama.cpp's converter writes: the parameter count label, the BOS choice (SmolLM2 adds none).
-    assert metadata["general.size_label"] == architectures.size_label(w.shape for w in original.values())
+    merged: dict[str, list[tuple[int, ...]]] = {}
+    for name, weight in original.items():
+        if (expert := architectures.merged_expert_name(name)) is not None:
+            merged.setdefault(expert[0], []).append(tuple(weight.shape))
+    assert metadata["general.size_label"] == architectures.size_label(
+        (w.shape for name, w in original.items() if architectures.merged_expert_name(name) is None),
+        ((len(shapes), *shapes[0]) for shapes in merged.values()))
     assert metadata["tokenizer.ggml.add_bos_token"] is False
     arch = metadata["general.architecture"]
-    if VARIANTS[variant][1].get("head_dim"):
+    if fields.get("head_dim"):
         assert metadata[f"{arch}.attention.key_length"] == metadata[f"{arch}.attention.value_length"] \
-            == VARIANTS[variant][1]["head_dim"]
+            == fields["head_dim"]
+    if merged:   # a mixture of experts: 3 merged tensors a layer, and the expert counts
+        assert metadata[f"{arch}.expert_count"] == 4 and metadata[f"{arch}.expert_used_count"] == 2
+        assert len(merged) == 3 * SIZES["num_hidden_layers"]
     got = llamacpp_logits(llamacpp_model(f16), tokens)
     assert np.array_equal(got.argmax(-1), reference.argmax(-1)), model_type
     assert np.abs(got - reference).max() <= LOGIT_TOLERANCE * np.abs(reference).max(), model_type
@@ -168,10 +183,20 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
         config = {k: v for k, v in source.config.items() if k not in ("torch_dtype", "dtype", "architectures")}
         from transformers import AutoConfig
 
-        back = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).to(torch.float32).eval()
-        missing, unexpected = back.load_state_dict({name: source.load(name).float() for name in original},
-                                                   strict=False)
-        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)   # tied: no lm_head
+        if merged:
+            # transformers fuses per-expert matrices only in its own loader: a folder it loads.
+            from safetensors.torch import save_file
+
+            (tmp_path / "back").mkdir()
+            AutoConfig.for_model(**config).save_pretrained(tmp_path / "back")
+            save_file({name: source.load(name).float().contiguous() for name in original},
+                      tmp_path / "back" / "model.safetensors", metadata={"format": "pt"})
+            back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+        else:
+            back = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).to(torch.float32).eval()
+            missing, unexpected = back.load_state_dict({name: source.load(name).float() for name in original},
+                                                       strict=False)
+            assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)   # tied: no lm_head
     read_back = transformers_logits(back, tokens)
     assert np.array_equal(read_back.argmax(-1), reference.argmax(-1))
 
@@ -182,7 +207,9 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
     report = json.loads(result.stdout)
     # Every checkpoint tensor, and the ones llama.cpp's converter computes from the config (no HF name).
     computed = set(architectures.gguf_extra_tensors(json.loads((folder / "config.json").read_text())))
-    assert {row["hf_name"] for row in report["tensors"] if row["name"] not in computed} == set(original)
+    # (a merged experts tensor by the merged name its experts' matrices are slices of)
+    assert {row["hf_name"] for row in report["tensors"] if row["name"] not in computed} == \
+        {name for name in original if architectures.merged_expert_name(name) is None} | set(merged)
     assert {row["name"] for row in report["tensors"] if row["hf_name"] is None} == computed
     assert computed == {"llama3": {"rope_freqs.weight"},
                         "phi3-longrope": {"rope_factors_long.weight", "rope_factors_short.weight"}}.get(variant, set())

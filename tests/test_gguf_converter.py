@@ -14,8 +14,7 @@ from qtool import architectures
 from qtool.sources.gguf_file import GGUFFile
 
 from tests import _converter
-from tests._architectures import VARIANTS
-from tests._architectures import build_checkpoint
+from tests._architectures import ALL_VARIANTS, build_checkpoint
 from tests._gguf_helpers import train_spm_tokenizer, write_gguf
 
 pytestmark = pytest.mark.slow
@@ -48,7 +47,7 @@ SPM_VARIANTS = {
     "qwen2": "the converter's Qwen2 class reads a SentencePiece tokenizer.model before tokenizer.json",
 }
 assert set(REFUSED) <= set(SPM_VARIANTS)
-CONVERTED = list(VARIANTS)
+CONVERTED = list(ALL_VARIANTS)   # the mixtures of experts too
 
 # Keys only qtool writes ({arch} is general.architecture).
 QTOOL_ONLY_KEYS = {
@@ -104,7 +103,7 @@ def checkpoint(arch_checkpoint, spm_tokenizers, tmp_path_factory: pytest.TempPat
         if variant not in SPM_VARIANTS:
             return arch_checkpoint(variant, VOCAB)
         if variant not in built:
-            kind = "gemma" if VARIANTS[variant][0].startswith("gemma") else "llama"
+            kind = "gemma" if ALL_VARIANTS[variant][0].startswith("gemma") else "llama"
             # Not named after the architecture: llama.cpp reads Phi-3 token attributes by general.name.
             built[variant] = build_checkpoint(variant, tmp_path_factory.mktemp("spm-checkpoint"),
                                               tokenizer_from=spm_tokenizers[kind], vocab_size=SPM_VOCAB)
@@ -121,7 +120,7 @@ def converted(checkpoint, arch_checkpoint,
     sdist = _converter.sdist_path()
     root = tmp_path_factory.mktemp("llama-converter")
     sources = _converter.unpack(sdist, root / "llama.cpp")
-    jobs = {v: (checkpoint(v), root / f"{v}.gguf") for v in VARIANTS}
+    jobs = {v: (checkpoint(v), root / f"{v}.gguf") for v in CONVERTED}
     jobs.update({f"{v}/smollm2": (arch_checkpoint(v, VOCAB), root / f"{v}-smollm2.gguf") for v in REFUSED})
     errors = _converter.convert(sources, jobs, root / "convert.log")
     return {job: (None, errors[job]) if errors[job] else (jobs[job][1], None) for job in jobs}
@@ -175,7 +174,7 @@ def test_tensors_match(pair, variant: str) -> None:
 @pytest.mark.parametrize("variant", _params("keys"))
 def test_metadata_keys_match(pair, variant: str) -> None:
     theirs, ours = (side["metadata"] for side in pair(variant))
-    arch = architectures.architecture({"model_type": VARIANTS[variant][0]}).name
+    arch = architectures.architecture({"model_type": ALL_VARIANTS[variant][0]}).name
     assert theirs["general.architecture"] == ours["general.architecture"] == ("STRING", arch)
     only_theirs = set(theirs) - set(ours) - _expand(CONVERTER_ONLY_KEYS, arch)
     only_ours = set(ours) - set(theirs) - _expand(QTOOL_ONLY_KEYS, arch)

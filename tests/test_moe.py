@@ -22,19 +22,12 @@ from qtool.architectures import block_record
 from qtool.cli import app
 from qtool.plan import Recipe, build_plan
 
-from tests._architectures import SIZES
+from tests._architectures import MOE_VARIANTS, SIZES
 from tests._safetensors_helpers import dequantized_state, logits
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("compressed_tensors")
 
-# model_type -> config fields beyond SIZES: 4 experts, 2 per token; Qwen2-MoE with its shared expert.
-MOE_VARIANTS: dict[str, dict] = {
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                  "shared_expert_intermediate_size": 128},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "head_dim": 16},
-}
 EXPERTS = 4
 VOCAB_SIZE = 49152      # SmolLM2's tokenizer: `qtool eval` needs one
 PROMPT_IDS = [[1, 50, 73, 120, 9, 201, 33, 250, 17, 88]]
@@ -56,25 +49,9 @@ def run_cli(*args: str | Path):
 
 
 @pytest.fixture(scope="module")
-def moe_checkpoint(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """``moe_checkpoint(model_type)`` -> a tiny random float32 checkpoint saved by transformers, built once."""
-    built: dict[str, Path] = {}
-
-    def get(model_type: str) -> Path:
-        if model_type not in built:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            torch.manual_seed(0)
-            config = AutoConfig.for_model(model_type, **SIZES, vocab_size=VOCAB_SIZE, **MOE_VARIANTS[model_type])
-            folder = tmp_path_factory.mktemp(model_type)
-            AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(folder)
-            for path in smollm2_tokenizer_dir.iterdir():
-                if path.name.startswith(("tokenizer", "special_tokens")):
-                    shutil.copy(path, folder / path.name)
-            built[model_type] = folder
-        return built[model_type]
-
-    return get
+def moe_checkpoint(arch_checkpoint):
+    """``moe_checkpoint(model_type)`` -> the shared tiny random float32 checkpoint (tests/_architectures.py)."""
+    return lambda model_type: arch_checkpoint(model_type, VOCAB_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +124,7 @@ def test_transformers_stores_experts_per_expert_and_fuses_them(moe_checkpoint, m
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     hidden = SIZES["hidden_size"]
-    per_expert = MOE_VARIANTS[model_type].get("moe_intermediate_size", SIZES["intermediate_size"])
+    per_expert = MOE_VARIANTS[model_type][1].get("moe_intermediate_size", SIZES["intermediate_size"])
     assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == (EXPERTS, 2 * per_expert, hidden)
     assert shapes["model.layers.0.mlp.experts.down_proj"] == (EXPERTS, hidden, per_expert)
     assert not any(name in shapes for name in experts)
@@ -236,9 +213,13 @@ def test_eval_cli_runs_on_source_and_output(moe_checkpoint, moe_output, model_ty
     assert len(models) == 2 and all(math.isfinite(model["ppl"]) and model["ppl"] > 1 for model in models)
 
 
-def test_gguf_refused_in_one_line(moe_checkpoint, tmp_path):
-    result = run_cli("quantize", moe_checkpoint("qwen3_moe"), "-o", tmp_path / "out.gguf", "--type", "Q8_0")
-    assert result.exit_code == 4, result.stderr
+def test_gguf_refuses_experts_of_one_tensor_with_two_types(moe_checkpoint, tmp_path):
+    """llama.cpp stores a layer's experts of one matrix as one tensor, of one type: a --skip that keeps a
+    single expert in 16 bits is refused in one line, before anything is written."""
+    out = tmp_path / "out.gguf"
+    result = run_cli("quantize", moe_checkpoint("qwen3_moe"), "-o", out, "--type", "Q8_0",
+                     "--skip", "model.layers.1.mlp.experts.2.up_proj.weight")
+    assert result.exit_code == 2, result.stderr
     error = result.stderr.strip()
-    assert "mixture of experts" in error and "\n" not in error
-    assert not (tmp_path / "out.gguf").exists()
+    assert "blk.1.ffn_up_exps.weight" in error and "one type" in error and "\n" not in error
+    assert not out.exists()

@@ -8,11 +8,19 @@ memory at a time. The file is written under a temporary name beside OUT and rena
 Type choices the plan cannot see are made here, the way llama-quantize makes them:
 - 1-D tensors (norms, biases) are F32; other tensors the plan keeps are F16;
 - a block type whose block does not divide the row length falls back (Q4_K -> Q5_0,
-  Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0; F16 when even 32 does not divide it).
+  Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0; F16 when even 32 does not divide it);
+- mixture-of-experts routers kept unquantized are F32.
+
+A mixture of experts' checkpoint stores one matrix per expert; llama.cpp wants each layer's experts
+of one matrix as one 3-D tensor (``blk.N.ffn_gate_exps``, experts first). Its bytes are the experts'
+quantized rows one after the other, so each expert is quantized as it arrives and the merged tensor
+is written when its last expert has come: the file's tensor order is the order tensors complete.
 """
 from __future__ import annotations
 
+import fnmatch
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,7 +31,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 from qtool import architectures, ui
 from qtool.errors import BadArgument, CorruptFile
 from qtool.gguf_tokenizer import tokenizer_metadata
-from qtool.plan import KEEP, TensorPlan
+from qtool.plan import KEEP, ROUTER_GLOBS, TensorPlan
 from qtool.schemes.ggml import GGMLTensor, ScaleOverflow, ggml_type
 from qtool.schemes.int4 import NonFiniteWeight
 from qtool.sinks.base import Sink
@@ -52,7 +60,8 @@ def stored_type(plan: TensorPlan) -> str:
     if len(plan.shape) < 2:
         return "F32"
     if plan.keep:
-        return "F16"
+        # llama.cpp keeps mixture-of-experts routers (ffn_gate_inp) in float32, as its converter writes them.
+        return "F32" if any(fnmatch.fnmatchcase(plan.name, glob) for glob in ROUTER_GLOBS) else "F16"
     name = plan.scheme
     shape = tuple(plan.shape)
     if not ggml_type(name).supports(shape):
@@ -65,6 +74,48 @@ def stored_type(plan: TensorPlan) -> str:
 def packed_nbytes(plan: TensorPlan) -> int:
     """Bytes the tensor takes in the GGUF file (without alignment padding)."""
     return ggml_type(stored_type(plan)).nbytes(tuple(plan.shape))
+
+
+@dataclass
+class _Merged:
+    """The experts of one merged GGUF tensor: their plans in expert order, and the bytes quantized so far."""
+
+    name: str                                   # the merged Hugging Face name (see merged_expert_name)
+    plans: list[TensorPlan]
+    last: str                                   # the expert that arrives last (plan order): the write
+    parts: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.plans), *self.plans[0].shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(packed_nbytes(plan) for plan in self.plans)
+
+
+def _merged_groups(plans: list[TensorPlan]) -> list[_Merged]:
+    """The experts merged into one GGUF tensor each, checked: experts 0..E-1 of one shape and one stored type."""
+    members: dict[str, dict[int, TensorPlan]] = {}
+    last: dict[str, str] = {}
+    for plan in plans:
+        merged = architectures.merged_expert_name(plan.name)
+        if merged is not None:
+            members.setdefault(merged[0], {})[merged[1]] = plan
+            last[merged[0]] = plan.name
+    groups = []
+    for name, by_index in members.items():
+        ordered = [by_index.get(index) for index in range(len(by_index))]
+        if None in ordered:
+            raise CorruptFile(f"the experts of {name} are not numbered 0..{len(by_index) - 1} "
+                              f"({sorted(by_index)}); the checkpoint is incomplete")
+        if len({tuple(plan.shape) for plan in ordered}) > 1 or len({stored_type(plan) for plan in ordered}) > 1:
+            kinds = sorted({f"{stored_type(plan)} {tuple(plan.shape)}" for plan in ordered})
+            raise BadArgument(f"GGUF stores the experts' {name} as one tensor, which needs one type and shape; "
+                              f"got {', '.join(kinds)}: give every expert of a layer the same --include / --skip "
+                              "and rules")
+        groups.append(_Merged(name, ordered, last[name]))
+    return groups
 
 
 class GGUFSink(Sink):
@@ -84,6 +135,11 @@ class GGUFSink(Sink):
             summary = ", ".join(f"{count} x {wanted} -> {used}" for (wanted, used), count in sorted(fallbacks.items()))
             ui.warn(f"rows not a multiple of the block size (or empty tensors); written as the fallback type "
                     f"llama-quantize uses: {summary}")
+        self._merged = {self._gguf_names[group.plans[0].name]: group for group in _merged_groups(plans)}
+        deviations = architectures.gguf_deviations(config)
+        if deviations:
+            ui.warn(f"llama.cpp computes {architectures.model_type_of(config)} its own way where this checkpoint "
+                    f"says {', '.join(deviations)}: the GGUF's outputs will differ from transformers'")
         metadata = self._metadata(config)
         self._staged = self.stage(is_dir=False)
         self._pending = [plan.name for plan in plans]
@@ -95,10 +151,15 @@ class GGUFSink(Sink):
                     continue   # GGUFWriter writes it from its arch argument
                 self._add_key(key, value)
             for plan in plans:
-                type_name = self._types[plan.name]
+                type_name = GGMLQuantizationType[self._types[plan.name]]
+                group = self._merged.get(self._gguf_names[plan.name])
                 # numpy's shape order (rows first); the writer reverses it into GGML's ne[].
-                self._writer.add_tensor_info(self._gguf_names[plan.name], tuple(plan.shape), np.dtype(np.float32),
-                                             packed_nbytes(plan), raw_dtype=GGMLQuantizationType[type_name])
+                if group is None:
+                    self._writer.add_tensor_info(self._gguf_names[plan.name], tuple(plan.shape),
+                                                 np.dtype(np.float32), packed_nbytes(plan), raw_dtype=type_name)
+                elif plan.name == group.last:   # written when its last expert arrives
+                    self._writer.add_tensor_info(self._gguf_names[plan.name], group.shape, np.dtype(np.float32),
+                                                 group.nbytes, raw_dtype=type_name)
             # Computed from the config (rope factors), written after the checkpoint's tensors.
             self._extra = {name: tensor.numpy() for name, tensor in architectures.gguf_extra_tensors(config).items()}
             for name, array in self._extra.items():
@@ -124,7 +185,10 @@ class GGUFSink(Sink):
         metadata["general.quantized_by"] = "qtool"
         metadata["general.file_type"] = int(self._file_type())
         metadata["general.quantization_version"] = QUANTIZATION_VERSION
-        metadata["general.size_label"] = architectures.size_label(plan.shape for plan in self.plans)
+        expert_plans = {plan.name for group in self._merged.values() for plan in group.plans}
+        metadata["general.size_label"] = architectures.size_label(
+            (plan.shape for plan in self.plans if plan.name not in expert_plans),
+            (group.shape for group in self._merged.values()))
         tokenizer = tokenizer_metadata(self.source.tokenizer_dir(), config)
         if not tokenizer:
             ui.warn(f"{self.source.description} has no tokenizer files; the GGUF has no vocabulary and "
@@ -193,7 +257,15 @@ class GGUFSink(Sink):
         if data.nbytes != packed_nbytes(plan):
             raise BadArgument(f"tensor {plan.name}: {data.nbytes} bytes of {stored.name} data where the file's header "
                               f"says {packed_nbytes(plan)}; nothing written")
-        self._writer.write_tensor_data(data)
+        group = self._merged.get(self._gguf_names[plan.name])
+        if group is None:
+            self._writer.write_tensor_data(data)
+        else:
+            group.parts[architectures.merged_expert_name(plan.name)[1]] = data
+            if plan.name == group.last:
+                # gguf-py pads after each tensor: the experts' bytes go in as one array, experts first.
+                self._writer.write_tensor_data(np.concatenate([group.parts.pop(i).reshape(-1)
+                                                               for i in range(len(group.plans))]))
         self._pending.pop(0)
         return data.nbytes
 
@@ -217,6 +289,10 @@ class GGUFSink(Sink):
     @staticmethod
     def packed_nbytes(plan: TensorPlan) -> int:
         return packed_nbytes(plan)
+
+    @classmethod
+    def check_layout(cls, plans: list[TensorPlan]) -> None:
+        _merged_groups(plans)
 
     @staticmethod
     def stored_scheme(plan: TensorPlan) -> str:

@@ -5,6 +5,7 @@ architecture), and a Hugging Face tokenizer is rebuilt from the ``tokenizer.*`` 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -110,8 +111,15 @@ class GGUFSource(Source):
                         "knows; the model is read without them)")
             self._hf_to_gguf: dict[str, GGUFTensor] = {}
             for tensor in self.gguf.tensors:
-                if tensor.name not in architectures.GGUF_ONLY_TENSORS:
-                    self._hf_to_gguf[architectures.gguf_to_hf_name(tensor.name, self.gguf.architecture)] = tensor
+                if tensor.name in architectures.GGUF_ONLY_TENSORS:
+                    continue
+                hf_name = architectures.gguf_to_hf_name(tensor.name, self.gguf.architecture, self.gguf.metadata)
+                if ".experts." in hf_name and len(tensor.dims) == 3:
+                    # llama.cpp's merged experts (ffn_*_exps): one matrix per expert, as checkpoints store them.
+                    for index, part in enumerate(_expert_slices(tensor)):
+                        self._hf_to_gguf[architectures.expert_name(hf_name, index)] = part
+                else:
+                    self._hf_to_gguf[hf_name] = tensor
             self._check_shapes(config)
         except BaseException:
             self.gguf.close()
@@ -193,6 +201,17 @@ class GGUFSource(Source):
         if self._tokenizer_tmp is not None:
             shutil.rmtree(self._tokenizer_tmp, ignore_errors=True)
             self._tokenizer_tmp = None
+
+
+def _expert_slices(tensor: GGUFTensor) -> list[GGUFTensor]:
+    """A merged 3-D experts tensor as one 2-D tensor per expert: each expert's rows are a contiguous
+    run of the tensor's bytes (GGML quantizes along rows)."""
+    experts = tensor.dims[2]
+    if experts <= 0 or tensor.n_bytes % experts:
+        raise CorruptFile(f"GGUF tensor {tensor.name!r}: {tensor.n_bytes} bytes do not split into {experts} experts")
+    size = tensor.n_bytes // experts
+    return [dataclasses.replace(tensor, name=f"{tensor.name}[{index}]", dims=tensor.dims[:2],
+                                offset=tensor.offset + index * size, n_bytes=size) for index in range(experts)]
 
 
 def _safe_gguf_name(name: str, config: dict) -> str:
