@@ -1,4 +1,5 @@
-"""Mixtures of experts (issue #18, first slice): Mixtral, Qwen2-MoE (shared expert) and Qwen3-MoE.
+"""Mixtures of experts (issue #18): Mixtral, Qwen2-MoE (shared expert) and Qwen3-MoE as safetensors (GGUF:
+tests/test_gguf_architectures.py and test_gguf_converter.py).
 
 transformers 5 saves a checkpoint one matrix per expert (``experts.N.gate_proj`` / Mixtral's
 ``block_sparse_moe.experts.N.w1``) and loads it into fused 3-D parameters (``mlp.experts.gate_up_proj``
@@ -221,5 +222,5 @@ def test_gguf_refuses_experts_of_one_tensor_with_two_types(moe_checkpoint, tmp_p
                      "--skip", "model.layers.1.mlp.experts.2.up_proj.weight")
     assert result.exit_code == 2, result.stderr
     error = result.stderr.strip()
-    assert "blk.1.ffn_up_exps.weight" in error and "one type" in error and "\n" not in error
+    assert "model.layers.1.mlp.experts.up_proj.weight" in error and "one type" in error and "\n" not in error
     assert not out.exists()
