@@ -95,7 +95,7 @@ class Architecture:
     value_sites: tuple[ScaleSite, ...] = (_V_TO_O,)
     # Mixture of experts, module paths relative to the decoder block as checkpoints store them: the
     # routers (Linears scoring the experts for each token; kept unquantized by default, see
-    # plan.DEFAULT_KEPT) and the list of experts (``experts.N.*``, which transformers 5 fuses into 3-D
+    # plan.ROUTER_GLOBS) and the list of experts (``experts.N.*``, which transformers 5 fuses into 3-D
     # parameters when it loads them).
     routers: tuple[str, ...] = ()
     experts: str | None = None
@@ -651,8 +651,7 @@ def _moe_metadata(config: dict, arch: str) -> Metadata:
 def _moe_config(metadata: dict, arch: str, record: Architecture) -> dict:
     config: dict[str, Any] = {record.expert_count_field: int(_require(metadata, _key(Keys.LLM.EXPERT_COUNT, arch))),
                               "num_experts_per_tok": int(_require(metadata, _key(Keys.LLM.EXPERT_USED_COUNT, arch)))}
-    for template, field_name in ((Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, "moe_intermediate_size"),
-                                 (Keys.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH, "shared_expert_intermediate_size")):
+    for template, (field_name,) in _MOE_KEYS[2:]:   # the expert sizes, back into their one config field
         if metadata.get(_key(template, arch)):
             config[field_name] = int(metadata[_key(template, arch)])
     return config

@@ -35,7 +35,6 @@ DEFAULT_QUANTIZED = tuple(f"{prefix}.*.weight" for prefix in _BLOCK_PREFIXES)
 # run in the compute dtype (an int8 router fails in their forward). Kept unless a rule or --include names them.
 ROUTER_GLOBS = tuple(dict.fromkeys(f"{prefix}.*.{router}.weight" for prefix in _BLOCK_PREFIXES
                                    for record in ARCHITECTURES for router in record.routers))
-DEFAULT_KEPT = ROUTER_GLOBS
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -114,7 +113,7 @@ def _is_default_quantized(info: TensorInfo) -> bool:
     # An empty tensor ([0, 64]) has nothing to quantize, and no format stores it as blocks: keep it.
     return (len(info.shape) == 2 and all(dim > 0 for dim in info.shape)
             and any(fnmatch.fnmatchcase(info.name, g) for g in DEFAULT_QUANTIZED)
-            and not any(fnmatch.fnmatchcase(info.name, g) for g in DEFAULT_KEPT))
+            and not any(fnmatch.fnmatchcase(info.name, g) for g in ROUTER_GLOBS))
 
 
 def build_plan(tensors: list[TensorInfo], recipe: Recipe, n_layers: int) -> list[TensorPlan]:

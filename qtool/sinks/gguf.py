@@ -80,7 +80,6 @@ def packed_nbytes(plan: TensorPlan) -> int:
 class _Merged:
     """The experts of one merged GGUF tensor: their plans in expert order, and the bytes quantized so far."""
 
-    name: str                                   # the merged Hugging Face name (see merged_expert_name)
     plans: list[TensorPlan]
     last: str                                   # the expert that arrives last (plan order): the write
     parts: dict[int, np.ndarray] = field(default_factory=dict)
@@ -114,7 +113,7 @@ def _merged_groups(plans: list[TensorPlan]) -> list[_Merged]:
             raise BadArgument(f"GGUF stores the experts' {name} as one tensor, which needs one type and shape; "
                               f"got {', '.join(kinds)}: give every expert of a layer the same --include / --skip "
                               "and rules")
-        groups.append(_Merged(name, ordered, last[name]))
+        groups.append(_Merged(ordered, last[name]))
     return groups
 
 
