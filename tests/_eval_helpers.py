@@ -85,10 +85,10 @@ def llama_cpp_perplexity(model_path: Path, tokens: list[int], *, ctx: int, chunk
                          bos_id: int, threads: int = 2) -> tuple[float, np.ndarray]:
     """llama-perplexity's number, computed with llama.cpp's own forward pass: windows of ``ctx``
     tokens, BOS in front when the vocab adds it, NLL of the second half. Returns (ppl, NLLs)."""
-    import llama_cpp
+    from tests._gguf_helpers import llama_runtime
 
-    llm = llama_cpp.Llama(str(model_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_runtime(model_path, n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                        n_threads=threads, n_threads_batch=threads, verbose=False)
     first = ctx // 2
     nll = []
     try:

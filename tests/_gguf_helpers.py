@@ -97,11 +97,12 @@ def transformers_model(spec: str | Path):
     return model
 
 
-def llamacpp_model(path: Path, n_ctx: int = 256, *, extra_buffers: bool = False):
-    """llama.cpp's model of a GGUF, by default without the CPU's repacked weight buffers (llama.cpp's
+def llama_runtime(path: Path, **kwargs):
+    """``llama_cpp.Llama(path, **kwargs)`` without the CPU's repacked weight buffers (llama.cpp's
     ``--no-extra-bufts``, which llama-cpp-python's ``Llama`` has no argument for): on AMX CPUs (some of
-    this project's machines) llama.cpp 0.3.36 segfaults in its AMX matrix product on quantized files,
-    llama-quantize's own Q8_0 of a mixture of experts included."""
+    this project's machines, CI's among them) llama.cpp 0.3.36 segfaults in its AMX matrix product on
+    quantized files, llama-quantize's own Q8_0 of a mixture of experts included. Every test that runs
+    a model in llama.cpp loads it here."""
     import llama_cpp
     import llama_cpp.llama_cpp as low
 
@@ -112,13 +113,15 @@ def llamacpp_model(path: Path, n_ctx: int = 256, *, extra_buffers: bool = False)
         params.use_extra_bufts = False
         return params
 
-    if not extra_buffers:
-        low.llama_model_default_params = without_extra_buffers
+    low.llama_model_default_params = without_extra_buffers
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                               n_threads=2)
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
     finally:
         low.llama_model_default_params = defaults
+
+
+def llamacpp_model(path: Path, n_ctx: int = 256):
+    return llama_runtime(path, n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False, n_threads=2)
 
 
 def llamacpp_logits(model, tokens: list[int]) -> np.ndarray:

@@ -15,6 +15,7 @@ from qtool.evaluation import evaluate
 from qtool.tokenizer import bos_policy, load_tokenizer
 from qtool.sources.resolve import resolve
 from tests._eval_helpers import llama_cpp_perplexity, llama_cpp_tokens, write_gguf_variant, write_hf_folder
+from tests._gguf_helpers import llama_runtime
 
 pytestmark = pytest.mark.slow
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -76,8 +77,8 @@ def test_kl_divergence_close_to_llama_cpp(variants: dict[str, Path], wiki: Path)
     tokens, add_bos, bos_id = llama_cpp_tokens(variants["F16"], text)
     log_probs = {}
     for qtype in ("F16", "Q4_0"):
-        llm = llama_cpp.Llama(str(variants[qtype]), n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
-                              n_threads=2, n_threads_batch=2, verbose=False)
+        llm = llama_runtime(variants[qtype], n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, logits_all=True,
+                            n_threads=2, n_threads_batch=2, verbose=False)
         rows = []
         for chunk in range(chunks):
             llm.reset()
