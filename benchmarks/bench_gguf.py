@@ -76,22 +76,18 @@ def run(command: list[str], *, env: dict | None = None, cwd: Path | None = None)
     return Step(" ".join(command), measured.seconds, measured.peak_rss_bytes)
 
 
-def synthetic_model() -> tuple[Path, int]:
-    """The 1.1B (TinyLlama shape) bf16 checkpoint in two shards, with SmolLM2's tokenizer (its
-    49152 tokens set the vocabulary, so llama.cpp's converter accepts it), cached in .bench/."""
+def synthetic_model(shape_name: str = "1.1b") -> tuple[Path, int]:
+    """A bf16 checkpoint of qtool.synthetic's shape (1.1B: TinyLlama's) in two shards, with SmolLM2's
+    tokenizer (its 49152 tokens set the vocabulary, so llama.cpp's converter accepts it), cached in .bench/."""
     from qtool.sources.resolve import resolve
-    from qtool.synthetic import SHAPES, write_synthetic_llama
+    from qtool.synthetic import SHAPES, synthetic_parameters, write_synthetic_llama
 
-    folder = BENCH / "synthetic-1.1b-bf16"
-    shape = dict(SHAPES["1.1b"], vocab_size=49152)
+    folder = BENCH / f"synthetic-{shape_name}-bf16"
+    shape = dict(SHAPES[shape_name], vocab_size=49152)
     if not (folder / "config.json").is_file():
         with resolve("smollm2-135m") as smollm2:
             write_synthetic_llama(folder, **shape, shards=2, tokenizer_from=smollm2.tokenizer_dir())
-    hidden, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_layers"]
-    kv = hidden // shape["num_heads"] * shape["num_kv_heads"]
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
-    parameters = layers * per_layer + 2 * shape["vocab_size"] * hidden + hidden
-    return folder, parameters
+    return folder, synthetic_parameters(**shape)
 
 
 def llama_sources() -> Path:
@@ -122,16 +118,18 @@ def llama_quantize(sources: Path) -> Path:
     return binary
 
 
-def main() -> int:
+def main(shape_name: str = "1.1b", default_types: str = "Q8_0,Q4_0,Q4_K_M",
+         target_rss_bytes: int = TARGET_RSS_BYTES) -> int:
     from rich.console import Console
     from rich.table import Table
 
     console = Console(stderr=True)
     BENCH.mkdir(exist_ok=True)
-    types = os.environ.get("QTOOL_BENCH_TYPES", "Q8_0,Q4_0,Q4_K_M").split(",")
+    types = os.environ.get("QTOOL_BENCH_TYPES", default_types).split(",")
     threads = os.cpu_count() or 2
-    console.print("preparing: synthetic 1.1B checkpoint, llama.cpp sources and llama-quantize (cached in .bench/)")
-    model, parameters = synthetic_model()
+    console.print(f"preparing: synthetic {shape_name} checkpoint, llama.cpp sources and llama-quantize "
+                  "(cached in .bench/)")
+    model, parameters = synthetic_model(shape_name)
     sources = llama_sources()
     quantize_binary = llama_quantize(sources)
     convert_env = {"PYTHONPATH": str(sources / "gguf-py") + os.pathsep + str(sources)}
@@ -173,7 +171,7 @@ def main() -> int:
             llamacpp_convert_seconds=convert.seconds, llamacpp_quantize_seconds=theirs.seconds,
             llamacpp_peak_rss_bytes=max(convert.peak_rss_bytes, theirs.peak_rss_bytes),
             llamacpp_bytes=theirs_path.stat().st_size, ratio=ratio, meets_time_target=ratio <= TARGET_RATIO,
-            meets_rss_target=ours.peak_rss_bytes < TARGET_RSS_BYTES))
+            meets_rss_target=ours.peak_rss_bytes < target_rss_bytes))
         ours_path.unlink()
         theirs_path.unlink()
 
@@ -188,7 +186,7 @@ def main() -> int:
                       f"{row.llamacpp_peak_rss_bytes / 2**20:.0f} MiB", f"{row.qtool_bytes / 2**20:.0f} MiB",
                       f"{row.llamacpp_bytes / 2**20:.0f} MiB",
                       ("time ok" if row.meets_time_target else f"time > {TARGET_RATIO}x") + ", "
-                      + ("rss ok" if row.meets_rss_target else "rss >= 1 GB"))
+                      + ("rss ok" if row.meets_rss_target else f"rss >= {target_rss_bytes / 1e9:g} GB"))
     console.print(table)
     console.print(f"qtool's warm-up conversion of a one-layer model (builds the C kernels once): {warmup:.1f} s")
     payload = json.dumps(asdict(result), indent=2)

@@ -28,6 +28,7 @@ stdout = ui.SafeConsole() if sys.stdout.isatty() else ui.SafeConsole(width=160)
 
 # Options every command takes.
 JsonOpt = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
+AllExpertsOpt = typer.Option(False, "--all-experts", help="Mixtures of experts: every calibration token through every expert for the statistics (the outputs still follow the router).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress or log lines.")
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks for errors.")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when available).")
@@ -188,6 +189,8 @@ def quantize(
     calib_samples: int = typer.Option(128, "--calib-samples"),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen"),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics saved by `qtool calibrate`."),
+    all_experts: bool = AllExpertsOpt,
+    expert_min_tokens: int = typer.Option(64, "--expert-min-tokens", help="Mixtures of experts: an expert with fewer calibration tokens is rounded to nearest (named in the report)."),
     act_range: Optional[str] = typer.Option(None, "--act-range", help="w8a8: static input scale from minmax (default), percentile (p99.99) or mse of |x|."),
     act_strategy: Optional[str] = typer.Option(None, "--act-strategy", help="w8a8: tensor (static scales, calibrated; default) or token (dynamic)."),
     act_asymmetric: Optional[bool] = typer.Option(None, "--act-asymmetric/--act-symmetric", help="w8a8 with --act-strategy token: per-token zero points (configs/w8a8-token.yaml) or inputs around zero."),
@@ -212,7 +215,8 @@ def quantize(
         # Every option is checked before any download, read or write.
         from qtool.recipes import check_quantize_options
 
-        check_quantize_options(output=output, method=method, calib_samples=calib_samples, calib_seqlen=calib_seqlen)
+        check_quantize_options(output=output, method=method, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                               all_experts=all_experts, expert_min_tokens=expert_min_tokens)
         if evaluate_after:
             from qtool.evaluation import check_options as check_eval_options
 
@@ -228,7 +232,8 @@ def quantize(
         options = QuantizeOptions(format=out_format, force=force, dry_run=dry_run,
                                   max_shard_size=_parse_size(max_shard_size), device=device, revision=revision,
                                   method=method, calib=calib, calib_samples=calib_samples,
-                                  calib_seqlen=calib_seqlen, stats=stats)
+                                  calib_seqlen=calib_seqlen, stats=stats, all_experts=all_experts,
+                                  expert_min_tokens=expert_min_tokens)
         report = run_quantize(model, output or Path("."), recipe, options)
         if evaluate_after and not dry_run:
             from qtool.evaluation import evaluate, render_eval
@@ -298,6 +303,7 @@ def calibrate(
     calib_samples: int = typer.Option(128, "--calib-samples"),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen"),
     seed: int = typer.Option(0, "--seed"),
+    all_experts: bool = AllExpertsOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
@@ -309,8 +315,17 @@ def calibrate(
 
         check_calibration_counts(calib_samples, calib_seqlen)
         report = calibrate_model(model, output, calib=calib, samples=calib_samples, seqlen=calib_seqlen,
-                                 seed=seed, device=device, force=force)
-        _show(as_json, report, lambda: stdout.print(f"wrote {output}"))
+                                 seed=seed, device=device, force=force, all_experts=all_experts)
+
+        def render() -> None:
+            from qtool.report import render_experts
+
+            expert_tokens = {name: counts for layer in report["layers"] for name, counts in layer["expert_tokens"].items()}
+            if expert_tokens:
+                render_experts(expert_tokens, stdout, all_experts=all_experts)
+            stdout.print(f"wrote {output}")
+
+        _show(as_json, report, render)
 
     _run(debug, quiet, work, as_json)
 

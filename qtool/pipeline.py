@@ -43,6 +43,8 @@ class QuantizeOptions:
     calib_samples: int = 128
     calib_seqlen: int = 512
     stats: Path | None = None
+    all_experts: bool = False           # mixtures of experts: see MethodOptions
+    expert_min_tokens: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -190,6 +192,7 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
     if options.method == "rtn":   # the sink's own round-to-nearest; --stats may be for activation scales
         return {}, {}, None
     from qtool.calibration import MethodOptions, calibrated_weights, calibration_set, load_stats
+    from qtool.calibration.methods import MethodReport
     from qtool.calibration.data import DEFAULT_CALIB
     from qtool.tokenizer import load_tokenizer
 
@@ -207,19 +210,26 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
     if stats is None:
         calib_set = calibration_set(calib, load_tokenizer(source, "calibration"), samples=samples, seqlen=seqlen,
                                     seed=0)
-    results = calibrated_weights(source, plans, MethodOptions(method=options.method), stats=stats,
-                                 calib_set=calib_set, device=device)
+    seen = MethodReport()
+    method_options = MethodOptions(method=options.method, all_experts=options.all_experts,
+                                   expert_min_tokens=options.expert_min_tokens)
+    results = calibrated_weights(source, plans, method_options, stats=stats, calib_set=calib_set, device=device,
+                                 report=seen)
     packed: dict[str, Any] = {}
     folds: dict[str, Any] = {}
     for item in results:
         packed[item.plan.name] = item.packed
         for name, operations in item.folds.items():
             folds.setdefault(name, []).extend(operations)
-    described = {"method": options.method, "tensors": len(packed),
+    described = {"method": options.method, "tensors": len(packed) - len(seen.fallbacks),
                  "stats": str(options.stats) if stats is not None else None,
                  "text": str(stats.calib if stats is not None else calib),
                  "samples": stats.samples if stats is not None else samples,
                  "seqlen": stats.seqlen if stats is not None else seqlen}
+    if seen.expert_tokens:
+        described.update(all_experts=stats.all_experts if stats is not None else options.all_experts,
+                         expert_min_tokens=options.expert_min_tokens,
+                         expert_tokens=seen.expert_tokens, fallbacks=seen.fallbacks)
     return packed, folds, described
 
 
@@ -286,7 +296,7 @@ def activation_scales(source: Source, plans: list[TensorPlan], options: Quantize
 
 
 def calibrate_model(spec: str, output: Path, *, calib: str | None, samples: int, seqlen: int, seed: int,
-                    device: str, force: bool, revision: str | None = None) -> dict[str, Any]:
+                    device: str, force: bool, revision: str | None = None, all_experts: bool = False) -> dict[str, Any]:
     """`qtool calibrate`: activation statistics of every decoder-block Linear, saved as safetensors."""
     from qtool.calibration import calibrate, calibration_set
     from qtool.calibration.data import DEFAULT_CALIB
@@ -304,7 +314,7 @@ def calibrate_model(spec: str, output: Path, *, calib: str | None, samples: int,
                                         samples=samples, seqlen=seqlen, seed=seed)
             with output_errors(output):
                 stats = calibrate(source, calib=calib or DEFAULT_CALIB, samples=samples, seqlen=seqlen, seed=seed,
-                                  device=device, calib_set=calib_set, output=staged.path)
+                                  device=device, calib_set=calib_set, output=staged.path, all_experts=all_experts)
             staged.commit()
         except BaseException:
             staged.abort()

@@ -12,12 +12,18 @@ PARAM_FLAGS = {"block_size": "--block-size", "group_size": "--group-size", "doub
                "smooth_down": "--smooth-down", "act_symmetric": "--act-asymmetric/--act-symmetric"}
 
 
-def check_quantize_options(*, output: Path | None, method: str, calib_samples: int, calib_seqlen: int) -> None:
+def check_quantize_options(*, output: Path | None, method: str, calib_samples: int, calib_seqlen: int,
+                           all_experts: bool = False, expert_min_tokens: int = 0) -> None:
     """`qtool quantize`'s options that need no file or network: checked before any work."""
     from qtool.calibration.methods import METHODS
 
     if method not in METHODS:
         raise BadArgument(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if all_experts and method == "rtn":
+        raise BadArgument("--all-experts changes what calibration sees; --method rtn calibrates nothing "
+                          "(add --method gptq, awq or imatrix)")
+    if expert_min_tokens < 0:
+        raise BadArgument(f"--expert-min-tokens {expert_min_tokens}: must be 0 or more (default 64)")
     # typer turns -o "" into Path("."): either way the current folder, which cannot be replaced.
     if output is not None and (str(output) in ("", ".") or not str(output).strip()):
         raise BadArgument(f"-o/--output {str(output)!r}: name the folder or .gguf file to write, e.g. -o out-nf4")

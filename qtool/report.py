@@ -159,8 +159,42 @@ def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: b
         console.print(f"{calibration['method']}: {calibration['tensors']} tensors calibrated on {origin}"
                       f"{calibration['text']} ({calibration['samples']} x {calibration['seqlen']} tokens)",
                       highlight=False)
+        if calibration.get("expert_tokens"):
+            render_experts(calibration["expert_tokens"], console, all_experts=calibration["all_experts"],
+                           fallbacks=calibration["fallbacks"], min_tokens=calibration["expert_min_tokens"],
+                           show_experts=show_tensors)
     if report.activations is not None:
         render_activations(report.activations, console, show_modules=show_tensors)
+
+
+def render_experts(expert_tokens: dict[str, list[int]], console: Console, *, all_experts: bool,
+                   fallbacks: dict[str, int] | None = None, min_tokens: int | None = None,
+                   show_experts: bool = False) -> None:
+    """Calibration of a mixture of experts: the tokens the router sent each expert (one line, or a row
+    per block with ``show_experts``), and the expert weights rounded to nearest for lack of them."""
+    counts = sorted(count for per_expert in expert_tokens.values() for count in per_expert)
+    unrouted = sum(1 for count in counts if count == 0)
+    how = "statistics from every token (--all-experts)" if all_experts else "statistics from the routed tokens"
+    console.print(f"experts: {len(counts)} in {len(expert_tokens)} blocks; tokens routed to each: min {counts[0]}, "
+                  f"median {counts[len(counts) // 2]}, max {counts[-1]}; {unrouted} never routed; {how}",
+                  highlight=False)
+    if show_experts:
+        table = Table(title="calibration tokens routed to each expert")
+        table.add_column("experts")
+        table.add_column("tokens per expert")
+        for name, per_expert in expert_tokens.items():
+            table.add_row(name, " ".join(str(count) for count in per_expert))
+        console.print(table)
+    if fallbacks:
+        experts: dict[str, int] = {}    # model.layers.0.mlp.experts.3 -> its tokens (its matrices' fewest)
+        for name, tokens in fallbacks.items():
+            expert = name.rsplit(".", 2)[0]
+            experts[expert] = min(tokens, experts.get(expert, tokens))
+        listed = ", ".join(f"{expert} ({tokens} tokens)" for expert, tokens in list(experts.items())[:8])
+        more = f" and {len(experts) - 8} more" if len(experts) > 8 else ""
+        console.print(f"{len(experts)} expert(s) had fewer than {min_tokens} calibration tokens; their {len(fallbacks)} "
+                      f"weights were rounded to nearest: {listed}{more} (--all-experts calibrates every expert; "
+                      "--expert-min-tokens sets the limit)", style="yellow", highlight=False)
 
 
 def render_activations(activations: ActivationReport, console: Console, *, show_modules: bool = False) -> None:

@@ -1,4 +1,5 @@
-"""Random Llama checkpoints in Hugging Face layout, for tests and benchmarks.
+"""Random Llama (and Mixtral: a Llama whose MLPs are mixtures of experts) checkpoints in Hugging Face
+layout, for tests and benchmarks.
 
 Tensors are generated and written one at a time straight into the safetensors files (the
 header is computed up front from the shapes), so a 1.1B model needs about one embedding
@@ -26,6 +27,9 @@ SHAPES: dict[str, dict[str, int]] = {
     # Llama-3-8B's shape (benchmarks/bench_gpu_e2e.py).
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
                vocab_size=128256),
+    # A Mixtral of about 1B parameters: 8 blocks of 16 experts, 2 per token (benchmarks/bench_gguf_moe.py).
+    "moe-1b": dict(hidden_size=1024, intermediate_size=2304, num_layers=8, num_heads=16, num_kv_heads=4,
+                   vocab_size=32000, num_experts=16, experts_per_token=2),
 }
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -36,8 +40,12 @@ _INIT_STD = 0.02
 
 
 def _tensor_specs(*, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
-                  num_kv_heads: int, vocab_size: int, tie_word_embeddings: bool) -> list[tuple[str, tuple[int, ...]]]:
+                  num_kv_heads: int, vocab_size: int, tie_word_embeddings: bool = False,
+                  num_experts: int = 0) -> list[tuple[str, tuple[int, ...]]]:
     head_dim = hidden_size // num_heads
+    # A mixture of experts stores one matrix per expert, as Mixtral checkpoints do, and the router.
+    mlps = ["mlp"] if not num_experts else [f"block_sparse_moe.experts.{e}" for e in range(num_experts)]
+    gate_up_down = ("gate_proj", "up_proj", "down_proj") if not num_experts else ("w1", "w3", "w2")
     specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab_size, hidden_size))]
     for layer in range(num_layers):
         prefix = f"model.layers.{layer}"
@@ -48,10 +56,16 @@ def _tensor_specs(*, hidden_size: int, intermediate_size: int, num_layers: int, 
             (f"{prefix}.self_attn.v_proj.weight", (num_kv_heads * head_dim, hidden_size)),
             (f"{prefix}.self_attn.o_proj.weight", (hidden_size, num_heads * head_dim)),
             (f"{prefix}.post_attention_layernorm.weight", (hidden_size,)),
-            (f"{prefix}.mlp.gate_proj.weight", (intermediate_size, hidden_size)),
-            (f"{prefix}.mlp.up_proj.weight", (intermediate_size, hidden_size)),
-            (f"{prefix}.mlp.down_proj.weight", (hidden_size, intermediate_size)),
         ]
+        if num_experts:
+            specs.append((f"{prefix}.block_sparse_moe.gate.weight", (num_experts, hidden_size)))
+        gate, up, down = gate_up_down
+        for mlp in mlps:
+            specs += [
+                (f"{prefix}.{mlp}.{gate}.weight", (intermediate_size, hidden_size)),
+                (f"{prefix}.{mlp}.{up}.weight", (intermediate_size, hidden_size)),
+                (f"{prefix}.{mlp}.{down}.weight", (hidden_size, intermediate_size)),
+            ]
     specs.append(("model.norm.weight", (hidden_size,)))
     if not tie_word_embeddings:
         specs.append(("lm_head.weight", (vocab_size, hidden_size)))
@@ -115,11 +129,18 @@ def _write_safetensors(path: Path, names: list[str], shapes: list[tuple[int, ...
     return offset
 
 
+def synthetic_parameters(*, tie_word_embeddings: bool = False, experts_per_token: int = 0, **shape: int) -> int:
+    """The parameter count of :func:`write_synthetic_llama`'s checkpoint of that shape."""
+    return sum(_numel(dims) for _, dims in _tensor_specs(**shape, tie_word_embeddings=tie_word_embeddings))
+
+
 def write_synthetic_llama(out_dir: Path, *, hidden_size: int, intermediate_size: int, num_layers: int,
                           num_heads: int, num_kv_heads: int, vocab_size: int, dtype: torch.dtype = torch.bfloat16,
                           shards: int = 1, seed: int = 0, tie_word_embeddings: bool = False,
-                          tokenizer_from: Path | None = None) -> Path:
-    """Write a random Llama checkpoint (config, safetensors, index, generation config, tokenizer) to out_dir.
+                          tokenizer_from: Path | None = None, num_experts: int = 0,
+                          experts_per_token: int = 2) -> Path:
+    """Write a random Llama checkpoint (config, safetensors, index, generation config, tokenizer) to out_dir;
+    with ``num_experts``, a Mixtral (that many experts per block, ``experts_per_token`` routed).
 
     ``shards == 1`` writes ``model.safetensors``; more writes ``model-0000X-of-0000N.safetensors``
     plus ``model.safetensors.index.json``, as transformers does.
@@ -135,7 +156,7 @@ def write_synthetic_llama(out_dir: Path, *, hidden_size: int, intermediate_size:
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = _tensor_specs(hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers,
                           num_heads=num_heads, num_kv_heads=num_kv_heads, vocab_size=vocab_size,
-                          tie_word_embeddings=tie_word_embeddings)
+                          tie_word_embeddings=tie_word_embeddings, num_experts=num_experts)
     seeds = {name: seed * 1_000_003 + index for index, (name, _) in enumerate(specs)}
 
     def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -179,6 +200,9 @@ def write_synthetic_llama(out_dir: Path, *, hidden_size: int, intermediate_size:
         "use_cache": True,
         "torch_dtype": dtype_name,
     }
+    if num_experts:
+        config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=num_experts,
+                      num_experts_per_tok=experts_per_token)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -224,3 +224,175 @@ def test_gguf_refuses_experts_of_one_tensor_with_two_types(moe_checkpoint, tmp_p
     error = result.stderr.strip()
     assert "model.layers.1.mlp.experts.up_proj.weight" in error and "one type" in error and "\n" not in error
     assert not out.exists()
+
+
+# Calibration (GPTQ, AWQ, imatrix) on experts: transformers 5 runs fused experts outside any nn.Linear;
+# qtool's calibration pass splits them into one set of Linears per expert (qtool/calibration/experts.py).
+CALIB_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "groups_merged.txt"
+CALIB_ARGS = ("--calib", CALIB_TEXT, "--calib-samples", "4", "--calib-seqlen", "32")
+
+
+def _calibration_tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB_SIZE, (3, 24), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("all_experts", [False, True], ids=["routed", "all-experts"])
+@pytest.mark.parametrize("model_type", MOE_VARIANTS)
+def test_expert_statistics_are_those_of_the_tokens_transformers_routes(moe_checkpoint, model_type, all_experts):
+    """Each expert's statistics come from exactly the tokens transformers' own router sends it (every
+    token with all_experts), and the per-expert token counts are the router's."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.calibration import calibrate
+    from qtool.calibration.data import CalibrationSet
+    from qtool.sources.resolve import resolve
+
+    source = moe_checkpoint(model_type)
+    tokens = _calibration_tokens()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [layer.mlp.experts.register_forward_hook(
+        lambda module, args, output, index=index: seen.__setitem__(index, (args[0], args[1])))
+        for index, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    with resolve(str(source)) as opened:
+        stats = calibrate(opened, calib_set=CalibrationSet(tokens, "random", 2048, 0), want_hessian=False,
+                          all_experts=all_experts)
+    record = block_record({"model_type": model_type})
+    leaves = {"mixtral": ("w1", "w2")}.get(model_type, ("gate_proj", "down_proj"))
+    for layer, (hidden, chosen) in seen.items():
+        experts = model.model.layers[layer].mlp.experts
+        prefix = f"model.layers.{layer}.{record.experts}"
+        routed = [int((chosen == expert).sum()) for expert in range(EXPERTS)]
+        assert stats.records[layer].expert_tokens == {prefix: routed}
+        assert sum(routed) == tokens.numel() * model.config.num_experts_per_tok
+        for expert in range(EXPERTS):
+            rows = torch.arange(hidden.shape[0]) if all_experts else (chosen == expert).any(dim=-1).nonzero()[:, 0]
+            x = hidden[rows]
+            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            inner = experts.act_fn(gate) * up
+            for leaf, inputs in zip(leaves, (x, inner)):
+                got = stats.linears[f"{prefix}.{expert}.{leaf}.weight"]
+                assert got.tokens == len(rows)
+                torch.testing.assert_close(got.mean_square, inputs.square().mean(dim=0), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("model_type", MOE_VARIANTS)
+def test_gptq_calibrates_every_expert_and_loads(moe_checkpoint, model_type, tmp_path):
+    """`qtool calibrate` and `qtool quantize --method gptq` on a mixture of experts: every planned expert
+    matrix is calibrated (none rounded to nearest), the report counts each expert's tokens, and the
+    output loads in transformers with the logits of qtool's dequantized weights."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.evaluation.model import model_from_source
+    from qtool.sources.resolve import resolve
+
+    source = moe_checkpoint(model_type)
+    result = run_cli("calibrate", source, "-o", tmp_path / "stats.safetensors", *CALIB_ARGS, "--json")
+    assert result.exit_code == 0, result.stderr
+    layers = json.loads(result.stdout)["layers"]
+    assert [sum(sum(counts) for counts in layer["expert_tokens"].values()) for layer in layers] == [4 * 32 * 2] * 2
+
+    out = tmp_path / "gptq"
+    result = run_cli("quantize", source, "-o", out, "--scheme", "int4-sym", "--group-size", "32",
+                     "--method", "gptq", *CALIB_ARGS, "--expert-min-tokens", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    calibration = json.loads(result.stdout)["calibration"]
+    with resolve(str(source)) as opened:
+        plans = build_plan(opened.tensors(), Recipe(scheme="int4-sym"), SIZES["num_hidden_layers"])
+    experts = [p.name for p in plans if _expert_re(model_type).match(p.name)]
+    block_planned = [p for p in plans if not p.keep and ".layers." in p.name]
+    assert calibration["tensors"] == len(block_planned) and calibration["fallbacks"] == {}
+    assert len(calibration["expert_tokens"]) == SIZES["num_hidden_layers"] and len(experts) == 3 * EXPERTS * 2
+
+    loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float32).eval()
+    with resolve(str(out)) as opened:
+        ours = model_from_source(opened)
+    expected = logits(ours, PROMPT_IDS)
+    assert float((logits(loaded, PROMPT_IDS) - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
+def _never_routed(source: Path, folder: Path, model_type: str, expert: int) -> Path:
+    """A copy of ``source`` whose routers never pick ``expert``: channel 0 of every embedding is made
+    large, so every router input has a large positive channel 0, and the expert's router row reads
+    that channel alone, negated."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    (path,) = folder.glob("*.safetensors")
+    state = load_file(path)
+    state["model.embed_tokens.weight"][:, 0] += 100.0
+    router = block_record({"model_type": model_type}).routers[0]
+    for layer in range(SIZES["num_hidden_layers"]):
+        row = state[f"model.layers.{layer}.{router}.weight"][expert]
+        row.zero_()
+        row[0] = -100.0
+    save_file(state, path, metadata={"format": "pt"})
+    return folder
+
+
+def test_expert_the_router_never_picks_falls_back_or_is_calibrated_with_all_experts(moe_checkpoint, tmp_path):
+    """An expert no calibration token reaches is rounded to nearest and named in the report (not silently
+    left as it was, not fitted to nothing); --all-experts gives it every token's statistics."""
+    from qtool.sources.resolve import resolve
+
+    source = _never_routed(moe_checkpoint("mixtral"), tmp_path / "starved", "mixtral", expert=3)
+    runs = {}
+    for name, extra in {"rtn": ("--method", "rtn"), "gptq": ("--method", "gptq", *CALIB_ARGS),
+                        "all": ("--method", "gptq", *CALIB_ARGS, "--all-experts")}.items():
+        result = run_cli("quantize", source, "-o", tmp_path / name, "--scheme", "int4-sym", "--group-size", "32",
+                         "--expert-min-tokens", "1", *extra, "--json")
+        assert result.exit_code == 0, result.stderr
+        runs[name] = json.loads(result.stdout)["calibration"]
+    starved = [f"model.layers.{layer}.block_sparse_moe.experts.3.{leaf}.weight"
+               for layer in range(SIZES["num_hidden_layers"]) for leaf in ("w1", "w2", "w3")]
+    for run in (runs["gptq"], runs["all"]):
+        assert [counts[3] for counts in run["expert_tokens"].values()] == [0, 0]
+    # (The large channel makes the routing nearly the same for every token: other experts may starve too.)
+    assert {name: runs["gptq"]["fallbacks"].get(name) for name in starved} == dict.fromkeys(starved, 0)
+    assert runs["all"]["fallbacks"] == {} and runs["all"]["all_experts"] is True
+
+    def weight(run: str, name: str) -> torch.Tensor:
+        with resolve(str(tmp_path / run)) as opened:
+            return opened.load(name)
+
+    busiest = max(range(EXPERTS), key=runs["gptq"]["expert_tokens"]["model.layers.0.block_sparse_moe.experts"].__getitem__)
+    routed = f"model.layers.0.block_sparse_moe.experts.{busiest}.w1.weight"
+    assert not torch.equal(weight("gptq", routed), weight("rtn", routed))          # calibrated
+    for name in starved:
+        assert torch.equal(weight("gptq", name), weight("rtn", name))             # the fallback is rtn
+        assert not torch.equal(weight("all", name), weight("rtn", name))          # calibrated on every token
+
+    result = run_cli("quantize", source, "-o", tmp_path / "text", "--scheme", "int4-sym", "--group-size", "32",
+                     "--method", "gptq", *CALIB_ARGS)
+    assert result.exit_code == 0, result.stderr
+    assert "block_sparse_moe.experts.3 (0 tokens)" in " ".join(result.stdout.split())
+
+
+def test_awq_and_imatrix_run_on_experts(moe_checkpoint, tmp_path):
+    """AWQ (safetensors) and imatrix (GGUF, merged expert tensors of calibrated experts) on experts: every
+    expert calibrated, and the GGUF runs in llama.cpp with logits close to the file's own weights."""
+    from tests._gguf_helpers import llamacpp_logits, llamacpp_model, transformers_logits
+
+    from qtool.evaluation.model import model_from_source
+    from qtool.sources.resolve import resolve
+
+    result = run_cli("quantize", moe_checkpoint("qwen2_moe"), "-o", tmp_path / "awq", "--scheme", "int4-sym",
+                     "--group-size", "32", "--method", "awq", *CALIB_ARGS, "--expert-min-tokens", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    calibration = json.loads(result.stdout)["calibration"]
+    assert calibration["fallbacks"] == {} and calibration["tensors"] > 3 * EXPERTS * 2
+
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "imatrix.gguf"
+    result = run_cli("quantize", moe_checkpoint("qwen3_moe"), "-o", out, "--type", "Q8_0", "--method", "imatrix",
+                     *CALIB_ARGS, "--expert-min-tokens", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["calibration"]["fallbacks"] == {}
+    with resolve(str(out)) as opened:
+        expected = transformers_logits(model_from_source(opened), PROMPT_IDS[0])
+    got = llamacpp_logits(llamacpp_model(out), PROMPT_IDS[0])
+    assert (got.argmax(-1) == expected.argmax(-1)).all()

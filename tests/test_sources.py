@@ -250,6 +250,22 @@ def test_synthetic_model_loads_in_transformers(tmp_path: Path, smollm2_tokenizer
         write_synthetic_llama(tmp_path / "bad", **{**SHAPES["tiny"], "num_kv_heads": 3})
 
 
+def test_synthetic_mixture_of_experts_loads_in_transformers(tmp_path: Path) -> None:
+    """The benchmarks' synthetic Mixtral (SHAPES["moe-1b"]'s layout, tiny): every stored tensor is one
+    transformers uses (it merges the per-expert matrices itself), and the parameter count is the model's."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.synthetic import synthetic_parameters
+
+    shape = {**SHAPES["tiny"], "num_experts": 4, "experts_per_token": 2}
+    folder = write_synthetic_llama(tmp_path / "m", **shape, shards=2, dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 4
+    assert not any(info.values()), info
+    assert synthetic_parameters(**shape) == sum(p.numel() for p in model.parameters())
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
 # ---------------------------------------------------------------- resolver
 def test_resolve_refuses_pickles_and_missing_paths(tmp_path: Path) -> None:
     for name in ("pytorch_model.bin", "model.pt", "model.pth", "model.ckpt"):

@@ -24,12 +24,12 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from qtool import ui
-from qtool.architectures import ScaleSite, block_record
+from qtool.architectures import ScaleSite, block_record, merged_expert_name
 from qtool.calibration.data import CalibrationSet
 from qtool.calibration.awq import (Choice, Member, alpha_grid, block_sites, effective_weight, fold_ops, scaled_stats,
                                   search)
 from qtool.calibration.observers import InputStats
-from qtool.calibration.runner import CalibrationStats, LayerRecord, walk_blocks
+from qtool.calibration.runner import CalibrationStats, walk_blocks
 from qtool.calibration.smoothing import SmoothingOps, apply_ops
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan, layer_index
@@ -51,6 +51,10 @@ class MethodOptions:
     sequential: bool = True          # feed each block the quantized outputs of the previous ones
     true_sequential: bool = True     # also within a block: o_proj sees quantized q/k/v, down_proj quantized gate/up
     awq_grid: int = 20               # AWQ: alphas 0, 1/n, ..., 1 searched per site
+    # Mixtures of experts: statistics of every expert from every token (the router still picks the
+    # outputs), and the fewest tokens an expert's statistics need; below, it is rounded to nearest.
+    all_experts: bool = False
+    expert_min_tokens: int = 64
 
 
 @dataclass
@@ -67,8 +71,23 @@ class CalibratedTensor:
 
 @dataclass
 class MethodReport:
-    method: str
-    layers: list[LayerRecord] = field(default_factory=list)
+    """What a method saw of a mixture of experts, for the quantize report."""
+
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)   # experts -> tokens routed to each
+    fallbacks: dict[str, int] = field(default_factory=dict)   # expert weight rounded to nearest -> its tokens
+
+
+def expert_fallback(name: str, stats: InputStats | None, options: MethodOptions, report: MethodReport) -> bool:
+    """True (and noted in ``report``) for an expert's weight whose statistics come from fewer than
+    ``options.expert_min_tokens`` tokens (none: the router sent it none): it is rounded to nearest, which
+    needs no statistics, rather than fitted to a handful of tokens."""
+    if options.method == "rtn" or merged_expert_name(name) is None:
+        return False
+    tokens = stats.tokens if stats is not None else 0
+    if tokens >= options.expert_min_tokens:
+        return False
+    report.fallbacks[name] = tokens
+    return True
 
 
 def grid_for(plan: TensorPlan) -> Grid:
@@ -120,21 +139,27 @@ def _pack(plan: TensorPlan, result: QuantResult | None) -> Any:
 
 def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodOptions, *,
                        stats: CalibrationStats | None = None, calib_set: CalibrationSet | None = None,
-                       device: str = "cpu", pack: bool = True) -> Iterator[CalibratedTensor]:
+                       device: str = "cpu", pack: bool = True,
+                       report: MethodReport | None = None) -> Iterator[CalibratedTensor]:
     """Quantize every planned decoder-block weight with ``options.method``, block by block.
 
     Yields in block order (layer 0 first, then its Linears in module order); tensors outside the
     decoder blocks, or planned ``keep``, are not yielded (the pipeline handles them as usual).
+    Experts with too few calibration tokens are rounded to nearest (:func:`expert_fallback`);
+    ``report`` collects them and the tokens routed to each expert.
     """
+    report = report if report is not None else MethodReport()
     planned = {p.name: p for p in plans if not p.keep and layer_index(p.name) is not None}
     if options.method not in METHODS:
         raise BadArgument(f"--method {options.method}: choose one of {', '.join(METHODS)}")
     is_awq = options.method.startswith("awq")
     if options.method == "rtn" or stats is not None:
+        for record in stats.records if stats is not None else []:
+            report.expert_tokens.update(record.expert_tokens)
         if is_awq:
-            yield from _awq_from_stats(source, planned, options, stats, device, pack)
+            yield from _awq_from_stats(source, planned, options, stats, device, pack, report)
         else:
-            yield from _from_stats(source, planned, options, stats, device, pack)
+            yield from _from_stats(source, planned, options, stats, device, pack, report)
         return
     if calib_set is None:
         raise BadArgument(f"--method {options.method} needs calibration data (--calib) or --stats")
@@ -144,12 +169,14 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
     with ui.task(f"{options.method} {source.description}", total=n_layers or None) as progress:
         per_group = options.sequential and options.true_sequential and not is_awq
         block_seconds, block_errors = 0.0, []     # over a block's groups (per_group walks)
-        for step in walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, per_group=per_group):
+        for step in walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, per_group=per_group,
+                                all_experts=options.all_experts):
             started = time.perf_counter()
+            report.expert_tokens.update(step.expert_tokens)
             if is_awq:
                 weights = {name: module.weight.detach() for name, module in step.linears.items()}
                 items, alphas = _awq_block(step.index, weights, step.stats, planned, shapes, options, pack,
-                                           _awq_sites(source))
+                                           _awq_sites(source), report)
             else:
                 items, alphas = [], {}
                 for name, module in step.linears.items():
@@ -158,7 +185,8 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
                         continue
                     weight = module.weight.detach()
                     stats_for = step.stats.get(name)
-                    qweight, result = quantize_weight(weight, plan, stats_for, options)
+                    qweight, result = quantize_weight(weight, plan, stats_for, _for_tensor(name, stats_for, options,
+                                                                                           report))
                     error = (layer_output_error(weight, qweight, stats_for.hessian)
                              if stats_for is not None and stats_for.hessian is not None else float("nan"))
                     items.append(CalibratedTensor(plan, qweight, result, _pack(plan, result) if pack else None,
@@ -180,6 +208,11 @@ def calibrated_weights(source: Source, plans: list[TensorPlan], options: MethodO
                 block_seconds, block_errors = 0.0, []
 
 
+def _for_tensor(name: str, stats: InputStats | None, options: MethodOptions, report: MethodReport) -> MethodOptions:
+    """``options``, or round to nearest for an expert with too few calibration tokens."""
+    return dataclasses.replace(options, method="rtn") if expert_fallback(name, stats, options, report) else options
+
+
 def _awq_sites(source: Source) -> tuple[ScaleSite, ...]:
     record = block_record(source.config)
     return record.awq_sites if record is not None else ()
@@ -192,13 +225,15 @@ def _inner_method(method: str) -> str:
 
 def _awq_block(layer: int, weights: dict[str, torch.Tensor], stats: dict[str, InputStats],
                planned: dict[str, TensorPlan], shapes: dict[str, tuple[int, ...]], options: MethodOptions,
-               pack: bool, candidates: Sequence[ScaleSite]) -> tuple[list[CalibratedTensor], dict[str, float]]:
+               pack: bool, candidates: Sequence[ScaleSite],
+               report: MethodReport) -> tuple[list[CalibratedTensor], dict[str, float]]:
     """AWQ on one decoder block: search the sites' scales one after another (each on the Linears as the
     earlier sites left them), then quantize every planned Linear's scaled weight. Returns the tensors
     (in ``weights``' order) and the alpha chosen per site (by producer name)."""
     inner = _inner_method(options.method)
+    fallback = {name for name in weights if name in planned and expert_fallback(name, stats.get(name), options, report)}
     quantizers = {name: _search_quantizer(grid_for(planned[name]), stats[name], inner)
-                  for name in weights if name in planned and name in stats}
+                  for name in weights if name in planned and name in stats and name not in fallback}
 
     def member(name: str, folds: SmoothingOps) -> Member:
         hessian = stats[name].hessian
@@ -225,7 +260,9 @@ def _awq_block(layer: int, weights: dict[str, torch.Tensor], stats: dict[str, In
         weight = weight.to(torch.float32)
         own = folds.get(name, [])
         stored = apply_ops(weight, own) if own else weight
-        if inner == "rtn":
+        if name in fallback:
+            qstored, result = quantize_weight(stored, plan, None, dataclasses.replace(options, method="rtn"))
+        elif inner == "rtn":
             result = quantize_rtn(stored, grid_for(plan))   # exactly the search's candidate
             qstored = result.qweight
         else:
@@ -261,35 +298,38 @@ def _search_quantizer(grid: Grid, stats: InputStats, inner: str):
 
 
 def _awq_from_stats(source: Source, planned: dict[str, TensorPlan], options: MethodOptions,
-                    stats: CalibrationStats, device: str, pack: bool) -> Iterator[CalibratedTensor]:
+                    stats: CalibrationStats, device: str, pack: bool,
+                    report: MethodReport) -> Iterator[CalibratedTensor]:
     shapes = {info.name: tuple(info.shape) for info in source.tensors()}
     layers = sorted({layer_index(name) for name in planned})
     with ui.task(f"{options.method} {source.description}", total=len(layers)) as progress:
         for layer in layers:
             block = sorted(name for name in planned if layer_index(name) == layer)
-            missing = [name for name in block if name not in stats.linears]
+            missing = [name for name in block if name not in stats.linears and merged_expert_name(name) is None]
             if missing:
                 raise BadArgument(f"--stats has no statistics for {missing[0]}; recreate them with `qtool calibrate` "
                                   "on this model")
             weights = {name: source.load(name).to(device=device, dtype=torch.float32) for name in block}
             items, alphas = _awq_block(layer, weights, stats.linears, planned, shapes, options, pack,
-                                       _awq_sites(source))
+                                       _awq_sites(source), report)
             yield from items
             progress.advance(1, status=f"layer {layer} alpha " + "/".join(f"{a:.2f}" for a in alphas.values()))
 
 
 def _from_stats(source: Source, planned: dict[str, TensorPlan], options: MethodOptions,
-                stats: CalibrationStats | None, device: str, pack: bool) -> Iterator[CalibratedTensor]:
+                stats: CalibrationStats | None, device: str, pack: bool,
+                report: MethodReport) -> Iterator[CalibratedTensor]:
     names = sorted(planned, key=lambda n: (layer_index(n), n))
     with ui.task(f"{options.method} {source.description}", total=len(names)) as progress:
         for name in names:
             plan = planned[name]
             weight = source.load(name).to(device=device, dtype=torch.float32)
             stats_for = stats.linears.get(name) if stats is not None else None
-            if options.method != "rtn" and stats_for is None:
+            chosen = _for_tensor(name, stats_for, options, report)
+            if chosen.method != "rtn" and stats_for is None:
                 raise BadArgument(f"--stats has no statistics for {name}; recreate them with `qtool calibrate` "
                                   "on this model")
-            qweight, result = quantize_weight(weight, plan, stats_for, options)
+            qweight, result = quantize_weight(weight, plan, stats_for, chosen)
             error = (layer_output_error(weight, qweight, stats_for.hessian.to(device))
                      if stats_for is not None and stats_for.hessian is not None else float("nan"))
             yield CalibratedTensor(plan, qweight, result, _pack(plan, result) if pack else None, error)

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from qtool import ui
-from qtool.architectures import block_record
+from qtool.architectures import block_record, merged_expert_name
 from qtool.atomic import STATS_FORMAT
-from qtool.evaluation.model import build_on_meta, checked_hf_config, hf_config  # noqa: F401 - hf_config re-exported
+from qtool.evaluation.model import load_conversions, build_on_meta, checked_hf_config, hf_config  # noqa: F401 - hf_config re-exported
+from qtool.calibration.experts import expert_leaves, unfuse_experts
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
 from qtool.tokenizer import load_tokenizer
 from qtool.calibration.observers import InputObserver, InputStats
@@ -44,6 +45,8 @@ class LayerRecord:
     seconds: float
     tokens: int
     errors: dict[str, float] = field(default_factory=dict)   # weight name -> relative layer-output error
+    # A mixture of experts' block: its experts (``model.layers.0.mlp.experts``) -> tokens the router sent each.
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class CalibrationStats:
     linears: dict[str, InputStats]            # weight name (model.layers.0.mlp.down_proj.weight) -> stats
     records: list[LayerRecord] = field(default_factory=list)
     saved_hessian: bool = False               # X^T X went to the file (calibrate(output=...)), not kept here
+    all_experts: bool = False                 # every token through every expert (see walk_blocks)
 
     def save(self, path: str | Path) -> Path:
         return save_stats(self, path)
@@ -66,6 +70,7 @@ class CalibrationStats:
             "model": self.model, "calib": self.calib, "samples": self.samples, "seqlen": self.seqlen,
             "seed": self.seed, "linears": len(self.linears),
             "has_hessian": self.saved_hessian or any(s.hessian is not None for s in self.linears.values()),
+            "all_experts": self.all_experts,
             "layers": [asdict(r) for r in self.records],
         }
 
@@ -81,6 +86,7 @@ class BlockStep:
     seconds: float = 0.0                  # time of the statistics pass
     modified: bool = False                # set by the consumer after changing weights
     last_of_block: bool = True            # per-group walks: the block's last group
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)   # experts -> tokens routed to each
 
 
 class _Skeleton:
@@ -108,6 +114,16 @@ class _Skeleton:
         self.rotary_per_layer_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
         # sdpa makes a missing mask causal by itself; eager attention (Gemma 2) needs the mask written out.
         self.needs_mask = model.config._attn_implementation != "sdpa"
+        # Checkpoint names -> the model's: transformers' load-time renamings (Mixtral's block_sparse_moe.
+        # -> mlp.); fused experts become one Linear per expert, named as the checkpoint stores them.
+        self.renamings, converters = load_conversions(model)
+        leaves = expert_leaves(converters)
+        self.experts = [unfuse_experts(layer, leaves) for layer in layers]
+
+    def model_name(self, name: str) -> str:
+        for renaming in self.renamings:
+            name, _ = renaming.rename_source_key(name)
+        return name
 
     def position_embeddings(self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
                             cache: dict[Any, Any]) -> Any:
@@ -133,12 +149,17 @@ class _Skeleton:
         mask = torch.zeros(seqlen, seqlen, device=device)
         return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)[None, None]
 
-    def block(self, index: int, source: Source, names: list[str], device: torch.device) -> nn.Module:
+    def block(self, index: int, source: Source, names: list[str],
+              device: torch.device) -> tuple[nn.Module, dict[str, nn.Linear]]:
+        """Block ``index`` with the checkpoint's tensors, and its Linears by checkpoint weight name."""
         block = self.layers[index]
         prefix = f"model.layers.{index}."
         params = dict(block.named_parameters())
+        stored_as: dict[str, str] = {}      # the block's parameter -> the checkpoint tensor it holds
         for name in names:
             local = name[len(prefix):]
+            if local not in params:
+                local = self.model_name(name)[len(prefix):]
             if local not in params:
                 continue
             tensor = source.load(name)
@@ -148,11 +169,30 @@ class _Skeleton:
             module_name, _, leaf = local.rpartition(".")
             block.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
                 tensor.to(device=device, dtype=torch.float32), requires_grad=False)
+            stored_as[local] = name
         missing = [f"{prefix}{n}" for n, p in block.named_parameters() if p.device.type == "meta"]
         if missing:
             raise CorruptFile(f"the checkpoint has no tensor {missing[0]} (needed by block {index})")
         block.eval()
-        return block
+        linears = {stored_as.get(f"{name}.weight", f"{prefix}{name}.weight"): module
+                   for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+        return block, linears
+
+    def routed_tokens(self, index: int, linears: dict[str, nn.Linear]) -> dict[str, list[int]]:
+        """{experts as the checkpoint names them (``model.layers.0.block_sparse_moe.experts``): tokens the
+        router sent to each} since the last call."""
+        block = self.layers[index]
+        stored = {id(module): name for name, module in linears.items()}
+        counts = {}
+        for path in self.experts[index]:
+            experts = block.get_submodule(path)
+            first = next(module for module in experts[0].modules() if isinstance(module, nn.Linear))
+            counts[stored[id(first)].rpartition(".experts.")[0] + ".experts"] = experts.take_routed()
+        return counts
+
+    def route_all(self, index: int, on: bool) -> None:
+        for path in self.experts[index]:
+            self.layers[index].get_submodule(path).all_experts = on
 
     def release(self, index: int) -> None:
         self.layers[index].to("meta")
@@ -218,12 +258,23 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
             handle.remove()
     finished = {name: observer.finish() for name, observer in observers.items()}
     stats = {name: finished[shared_with[name]] for name in linears if name in shared_with}
-    return stats, list(groups.values())
+    # One group per matrix of all experts (every expert's gate/up, then every down_proj), not one per
+    # expert: a true-sequential walk then costs two forward passes for the experts, not two per expert.
+    by_matrix: dict[tuple[str, ...], list[str]] = {}
+    for group in groups.values():
+        key = tuple(sorted((merged_expert_name(name) or (name, 0))[0] for name in group))
+        by_matrix.setdefault(key, []).extend(group)
+    return stats, list(by_matrix.values())
 
 
 def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.device = "cpu",
-                want_hessian: bool = True, seed: int = 0, per_group: bool = False) -> Iterator[BlockStep]:
+                want_hessian: bool = True, seed: int = 0, per_group: bool = False,
+                all_experts: bool = False) -> Iterator[BlockStep]:
     """Yield every decoder block with the statistics of its Linear inputs (see module doc).
+
+    Mixtures of experts: each expert's Linears see the tokens the router sends it (``all_experts``:
+    every token, for the statistics only; the block's output still follows the router). An expert no
+    token reached has no statistics; it is yielded all the same (with the block's last group).
 
     ``per_group``: yield each block once per group of Linears sharing an input, in forward order
     (q/k/v, then o, then gate/up, then down), each with statistics taken after the consumer changed
@@ -234,11 +285,12 @@ def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.de
     so a config that cannot be used is refused before any progress is shown."""
     device = torch.device(device)
     skeleton = _Skeleton(source, device)
-    return _walk(skeleton, source, calib, device=device, want_hessian=want_hessian, seed=seed, per_group=per_group)
+    return _walk(skeleton, source, calib, device=device, want_hessian=want_hessian, seed=seed, per_group=per_group,
+                 all_experts=all_experts)
 
 
 def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device: torch.device, want_hessian: bool,
-          seed: int, per_group: bool) -> Iterator[BlockStep]:
+          seed: int, per_group: bool, all_experts: bool) -> Iterator[BlockStep]:
     names = [info.name for info in source.tensors()]
     n_layers = len(skeleton.layers)
     tokens = calib.tokens.to(device)
@@ -257,9 +309,8 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
 
     for index in range(n_layers):
         prefix = f"model.layers.{index}."
-        block = skeleton.block(index, source, [n for n in names if n.startswith(prefix)], device)
-        linears = {f"{prefix}{name}.weight": module for name, module in block.named_modules()
-                   if isinstance(module, nn.Linear)}
+        block, linears = skeleton.block(index, source, [n for n in names if n.startswith(prefix)], device)
+        skeleton.route_all(index, all_experts)
         with torch.inference_mode():
             position_embeddings = skeleton.position_embeddings(index, hidden, position_ids, rotary_tables)
         attention_mask = skeleton.attention_mask(index, seqlen, device)
@@ -267,8 +318,12 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
                    want_hessian=want_hessian, device=device, seed=seed + index, attention_mask=attention_mask)
         started = time.perf_counter()
         stats, groups = _observe(block, linears, hidden, outputs, **run)
+        expert_tokens = skeleton.routed_tokens(index, linears)
+        if per_group:
+            unseen = [name for name in linears if name not in stats]   # experts no token reached
+            groups = [*groups[:-1], groups[-1] + unseen] if groups else [unseen]
         steps = ([(linears, stats)] if not per_group else
-                 [({n: linears[n] for n in group}, {n: stats[n] for n in group}) for group in groups])
+                 [({n: linears[n] for n in group}, {n: stats[n] for n in group if n in stats}) for group in groups])
         modified = False
         for number, (step_linears, step_stats) in enumerate(steps):
             if number > 0:
@@ -276,7 +331,7 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
                 if modified:
                     step_stats = _observe(block, step_linears, hidden, None, **run)[0]
             step = BlockStep(index, n_layers, step_linears, step_stats, time.perf_counter() - started,
-                             last_of_block=number == len(steps) - 1)
+                             last_of_block=number == len(steps) - 1, expert_tokens=expert_tokens)
             yield step
             modified = modified or step.modified
         if modified:
@@ -289,8 +344,11 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
 
 def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int = DEFAULT_SAMPLES,
               seqlen: int = DEFAULT_SEQLEN, seed: int = 0, device: str = "cpu", want_hessian: bool = True,
-              calib_set: CalibrationSet | None = None, output: str | Path | None = None) -> CalibrationStats:
-    """Statistics of every decoder-block Linear input over the calibration samples.
+              calib_set: CalibrationSet | None = None, output: str | Path | None = None,
+              all_experts: bool = False) -> CalibrationStats:
+    """Statistics of every decoder-block Linear input over the calibration samples (a mixture of
+    experts: of each expert's, and how many tokens the router sent each; ``all_experts``: see
+    :func:`walk_blocks`).
 
     ``output``: also save them there, block by block (``StatsFile``): each block's tensors go to
     disk when the block is done, and the returned statistics keep only the per-channel vectors, so
@@ -302,7 +360,8 @@ def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int
     linears: dict[str, InputStats] = {}
     records: list[LayerRecord] = []
     n_layers = int(source.config.get("num_hidden_layers") or 0)
-    steps = walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, seed=seed)
+    steps = walk_blocks(source, calib_set, device=device, want_hessian=want_hessian, seed=seed,
+                        all_experts=all_experts)
     with (StatsFile(output) if output is not None else contextlib.nullcontext()) as writer:
         with ui.task(f"calibrating {source.description}", total=n_layers or None) as progress:
             started = time.perf_counter()
@@ -314,11 +373,13 @@ def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int
                     linears.update({name: replace(item, hessian=None, abs_sample=None)
                                     for name, item in step.stats.items()})
                 seconds = time.perf_counter() - started
-                records.append(LayerRecord(step.index, round(seconds, 3), int(calib_set.tokens.numel())))
+                records.append(LayerRecord(step.index, round(seconds, 3), int(calib_set.tokens.numel()),
+                                           expert_tokens=step.expert_tokens))
                 progress.advance(1, status=f"layer {step.index + 1}/{step.n_layers} {seconds:.1f}s")
                 started = time.perf_counter()
         stats = CalibrationStats(source.description, calib_set.description, calib_set.samples, calib_set.seqlen,
-                                 seed, linears, records, saved_hessian=writer is not None and want_hessian)
+                                 seed, linears, records, saved_hessian=writer is not None and want_hessian,
+                                 all_experts=all_experts)
         if writer is not None:
             writer.finish(stats)
     return stats
@@ -378,7 +439,8 @@ class StatsFile:
 
         self._data.close()
         info = {"model": stats.model, "calib": stats.calib, "samples": stats.samples, "seqlen": stats.seqlen,
-                "seed": stats.seed, "linears": self._entries, "records": [asdict(r) for r in stats.records]}
+                "seed": stats.seed, "linears": self._entries, "records": [asdict(r) for r in stats.records],
+                "all_experts": stats.all_experts}
         metadata = {"format": STATS_FORMAT, "stats": json.dumps(info)}
         header = json.dumps({"__metadata__": metadata, **self._header}, separators=(",", ":")).encode("utf-8")
         header += b" " * (-len(header) % 8)       # tensor data 8-byte aligned, as safetensors writes it
@@ -440,4 +502,4 @@ def load_stats(path: str | Path) -> CalibrationStats:
                           "recreate it with `qtool calibrate`") from None
     records = [LayerRecord(**r) for r in info.get("records", [])]
     return CalibrationStats(info["model"], info["calib"], info["samples"], info["seqlen"], info["seed"],
-                            linears, records)
+                            linears, records, all_experts=bool(info.get("all_experts", False)))

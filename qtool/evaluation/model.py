@@ -139,7 +139,7 @@ def build_on_meta(source: Source, config_object: Any, *, dtype: torch.dtype, kee
     return model
 
 
-def _load_conversions(model: Any) -> tuple[list[Any], list[Any]]:
+def load_conversions(model: Any) -> tuple[list[Any], list[Any]]:
     """transformers' load-time renamings and converters for ``model`` (what ``from_pretrained`` applies to
     checkpoint names, e.g. Mixtral's ``block_sparse_moe.`` -> ``mlp.`` and the per-expert -> fused 3-D merge);
     empty lists where it has none, or where the installed transformers has no such machinery."""
@@ -203,7 +203,7 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
     for info in source.tensors():
         name, converter = info.name, None
         if name not in params:
-            conversions = conversions if conversions is not None else _load_conversions(model)
+            conversions = conversions if conversions is not None else load_conversions(model)
             name, converter = _converted_name(info.name, *conversions)
         if name not in params:
             unused.append(info.name)

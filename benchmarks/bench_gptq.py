@@ -1,0 +1,206 @@
+"""GPTQ speed: qtool's int4 GPTQ beside llm-compressor's on a synthetic Llama-shaped checkpoint, where the
+time goes, and peak memory.
+
+    python benchmarks/bench_gptq.py --workdir DIR --tokenizer DIR [--shape 8b] [--layers 6]
+        [--samples 128] [--seqlen 512] [--group-size 128] [--device cuda] [--calib FILE]
+        [--no-llmcompressor] [--methods gptq]
+
+1. ``qtool.synthetic.write_synthetic_llama`` writes the checkpoint (``--layers`` overrides the shape's
+   layer count; the tokenizer comes from ``--tokenizer``), once per workdir.
+2. qtool: ``pipeline.quantize`` with int4 symmetric groups (what ``qtool quantize MODEL --scheme
+   int4-sym --group-size 128 --method gptq --device cuda`` runs), timed whole and per phase by wrapping
+   qtool's own functions in this process (GPU work synchronized at each boundary): loading a block,
+   the calibration forwards with their statistics, GPTQ's column loop, the scale re-fit, the
+   layer-error check, packing; the rest (plan, write) is the remainder.
+3. llm-compressor (when installed): ``oneshot`` with ``GPTQModifier(scheme="W4A16")`` on every Linear
+   but lm_head, the same calibration windows (qtool's, from ``--calib``), then ``save_pretrained``.
+
+A table goes to stderr; the JSON (also to ``$QTOOL_BENCH_JSON`` when set) to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qtool import pipeline  # noqa: E402
+from qtool.calibration import methods, runner  # noqa: E402
+from qtool.recipes import recipe_from_options  # noqa: E402
+from qtool.schemes import gptq  # noqa: E402
+from qtool.synthetic import SHAPES, write_synthetic_llama  # noqa: E402
+
+DEFAULT_CALIB = REPO.parent / "shared" / "data" / "calibration" / "groups_merged.txt"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Phases:
+    """Adds up the wall time of qtool functions by name while active (a call inside another's time
+    counts for the inner phase only)."""
+
+    TARGETS = (  # (owner, attribute, phase)
+        (runner._Skeleton, "block", "load block"),
+        (runner, "_observe", "forward + statistics"),
+        (gptq, "_gptq", "GPTQ column loop"),
+        (gptq, "refit_scales", "scale re-fit"),
+        (methods, "layer_output_error", "layer error"),
+        (methods, "_pack", "pack"),
+    )
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._stack: list[float] = []          # time spent in inner phases, per open call
+        self._restore: list[tuple[object, str, object]] = []
+
+    def _wrap(self, function, phase: str):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            started = time.perf_counter()
+            self._stack.append(0.0)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                inner = self._stack.pop()
+                spent = time.perf_counter() - started
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + spent - inner
+                if self._stack:
+                    self._stack[-1] += spent
+        return timed
+
+    def __enter__(self) -> "Phases":
+        for owner, name, phase in self.TARGETS:
+            original = owner.__dict__[name]
+            self._restore.append((owner, name, original))
+            setattr(owner, name, self._wrap(original, phase))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._restore):
+            setattr(owner, name, original)
+
+
+def _peak_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
+
+
+def run_qtool(model: Path, out: Path, args: argparse.Namespace, method: str) -> dict:
+    if out.exists():
+        shutil.rmtree(out)
+    recipe = recipe_from_options(fmt="safetensors", bits=None, scheme="int4-sym", gguf_type=None, config=None,
+                                 block_size=None, group_size=args.group_size, double_quant=None, include=[], skip=[])
+    options = pipeline.QuantizeOptions(format="safetensors", device=args.device, force=True, method=method,
+                                       calib=str(args.calib), calib_samples=args.samples, calib_seqlen=args.seqlen)
+    _peak_reset(args.device)
+    with Phases(args.device) as phases:
+        started = time.perf_counter()
+        pipeline.quantize(str(model), out, recipe, options)
+        _sync(args.device)
+        wall = time.perf_counter() - started
+    shares = {phase: round(seconds, 2) for phase, seconds in sorted(phases.seconds.items(), key=lambda kv: -kv[1])}
+    shares["other (plan, write)"] = round(wall - sum(phases.seconds.values()), 2)
+    return {"what": f"qtool {method}", "wall_s": round(wall, 2), "phases_s": shares, "peak_gpu_gib": _peak_gib(args.device)}
+
+
+def run_llmcompressor(model: Path, out: Path, windows: torch.Tensor, args: argparse.Namespace) -> dict | None:
+    try:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import GPTQModifier
+    except ImportError as error:
+        print(f"llm-compressor not run: {error}", file=sys.stderr)
+        return None
+    from transformers import AutoModelForCausalLM
+
+    if out.exists():
+        shutil.rmtree(out)
+    _peak_reset(args.device)
+    started = time.perf_counter()
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    load_s = time.perf_counter() - started
+    data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    started = time.perf_counter()
+    oneshot(model=loaded, dataset=data, recipe=recipe, num_calibration_samples=windows.shape[0],
+            max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
+    _sync(args.device)
+    oneshot_s = time.perf_counter() - started
+    started = time.perf_counter()
+    loaded.save_pretrained(out, save_compressed=True)
+    save_s = time.perf_counter() - started
+    return {"what": "llm-compressor GPTQ W4A16", "wall_s": round(load_s + oneshot_s + save_s, 2),
+            "phases_s": {"load": round(load_s, 2), "oneshot": round(oneshot_s, 2), "save": round(save_s, 2)},
+            "peak_gpu_gib": _peak_gib(args.device)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True, help="Hugging Face tokenizer folder")
+    parser.add_argument("--shape", default="8b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
+    parser.add_argument("--methods", default="gptq", help="qtool methods to time, comma separated")
+    parser.add_argument("--no-llmcompressor", action="store_true")
+    args = parser.parse_args(argv)
+
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_layers"] = args.layers
+    model = args.workdir / f"synthetic-{args.shape}-{shape['num_layers']}l"
+    if not (model / "config.json").exists():
+        write_synthetic_llama(model, tokenizer_from=args.tokenizer, shards=2, **shape)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    runs = [run_qtool(model, args.workdir / f"qtool-{method}", args, method) for method in args.methods.split(",")]
+    if not args.no_llmcompressor:
+        from transformers import AutoTokenizer
+
+        from qtool.calibration.data import calibration_set
+
+        windows = calibration_set(args.calib, AutoTokenizer.from_pretrained(model), samples=args.samples,
+                                  seqlen=args.seqlen).tokens
+        peer = run_llmcompressor(model, args.workdir / "llmcompressor", windows, args)
+        if peer:
+            runs.append(peer)
+    result = {"device": device_name, "torch": torch.__version__, "shape": shape, "samples": args.samples,
+              "seqlen": args.seqlen, "group_size": args.group_size, "runs": runs}
+    peer = next((run for run in runs if run["what"].startswith("llm-compressor")), None)
+    for run in runs:
+        if peer and run is not peer:
+            run["over_llmcompressor"] = round(run["wall_s"] / peer["wall_s"], 3)
+        print(f"{run['what']:28s} {run['wall_s']:8.1f} s  peak GPU {run['peak_gpu_gib']} GiB  "
+              f"{run.get('over_llmcompressor', '')}  {run['phases_s']}", file=sys.stderr)
+    text = json.dumps(result, indent=1)
+    if os.environ.get("QTOOL_BENCH_JSON"):
+        Path(os.environ["QTOOL_BENCH_JSON"]).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
