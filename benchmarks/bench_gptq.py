@@ -9,7 +9,8 @@ time goes, and peak memory.
    layer count; the tokenizer comes from ``--tokenizer``), once per workdir.
 2. qtool: ``pipeline.quantize`` with int4 symmetric groups (what ``qtool quantize MODEL --scheme
    int4-sym --group-size 128 --method gptq --device cuda`` runs), timed whole and per phase by wrapping
-   qtool's own functions in this process (GPU work synchronized at each boundary): loading a block,
+   qtool's own functions in this process (GPU work synchronized at each boundary), after a warm-up
+   run on a tiny model (imports, kernel compilation; its time is reported apart): loading a block,
    the calibration forwards with their statistics, GPTQ's column loop, the scale re-fit, the
    layer-error check, packing; the rest (plan, write) is the remainder.
 3. llm-compressor (when installed): ``oneshot`` with ``GPTQModifier(scheme="W4A16")`` on every Linear
@@ -20,9 +21,11 @@ A table goes to stderr; the JSON (also to ``$QTOOL_BENCH_JSON`` when set) to std
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import json
 import os
+import pstats
 import shutil
 import sys
 import time
@@ -34,9 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qtool import pipeline  # noqa: E402
+from qtool import calibration  # noqa: E402
 from qtool.calibration import methods, runner  # noqa: E402
 from qtool.recipes import recipe_from_options  # noqa: E402
 from qtool.schemes import gptq  # noqa: E402
+from qtool.sinks.safetensors_io import SafetensorsSink  # noqa: E402
 from qtool.synthetic import SHAPES, write_synthetic_llama  # noqa: E402
 
 DEFAULT_CALIB = REPO.parent / "shared" / "data" / "calibration" / "groups_merged.txt"
@@ -54,10 +59,14 @@ class Phases:
     TARGETS = (  # (owner, attribute, phase)
         (runner._Skeleton, "block", "load block"),
         (runner, "_observe", "forward + statistics"),
+        (runner, "_run_block", "block outputs"),
+        (calibration, "calibration_set", "tokenize calibration text"),
         (gptq, "_gptq", "GPTQ column loop"),
         (gptq, "refit_scales", "scale re-fit"),
         (methods, "layer_output_error", "layer error"),
         (methods, "_pack", "pack"),
+        (SafetensorsSink, "add", "write tensors"),
+        (SafetensorsSink, "finish", "finish output"),
     )
 
     def __init__(self, device: str) -> None:
@@ -119,7 +128,7 @@ def run_qtool(model: Path, out: Path, args: argparse.Namespace, method: str) -> 
         _sync(args.device)
         wall = time.perf_counter() - started
     shares = {phase: round(seconds, 2) for phase, seconds in sorted(phases.seconds.items(), key=lambda kv: -kv[1])}
-    shares["other (plan, write)"] = round(wall - sum(phases.seconds.values()), 2)
+    shares["other"] = round(wall - sum(phases.seconds.values()), 2)
     return {"what": f"qtool {method}", "wall_s": round(wall, 2), "phases_s": shares, "peak_gpu_gib": _peak_gib(args.device)}
 
 
@@ -167,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=Path, default=DEFAULT_CALIB)
     parser.add_argument("--methods", default="gptq", help="qtool methods to time, comma separated")
     parser.add_argument("--no-llmcompressor", action="store_true")
+    parser.add_argument("--profile", type=Path, default=None, help="write cProfile statistics of qtool's runs here")
     args = parser.parse_args(argv)
 
     shape = dict(SHAPES[args.shape])
@@ -176,7 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     if not (model / "config.json").exists():
         write_synthetic_llama(model, tokenizer_from=args.tokenizer, shards=2, **shape)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    # Warm-up on a tiny model: imports and kernel compilation (Triton, C) out of the timed runs, as
+    # llm-compressor's run below finds transformers' modules already imported.
+    tiny = args.workdir / "synthetic-tiny"
+    if not (tiny / "config.json").exists():
+        write_synthetic_llama(tiny, tokenizer_from=args.tokenizer, **SHAPES["tiny"])
+    started = time.perf_counter()
+    warm = argparse.Namespace(**{**vars(args), "samples": 2, "seqlen": 64, "group_size": 32})
+    for method in args.methods.split(","):
+        run_qtool(tiny, args.workdir / "warm-up", warm, method)
+    warm_up_s = round(time.perf_counter() - started, 2)
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
     runs = [run_qtool(model, args.workdir / f"qtool-{method}", args, method) for method in args.methods.split(",")]
+    if profiler:
+        profiler.disable()
+        with open(args.profile, "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(40)
     if not args.no_llmcompressor:
         from transformers import AutoTokenizer
 
@@ -187,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         peer = run_llmcompressor(model, args.workdir / "llmcompressor", windows, args)
         if peer:
             runs.append(peer)
-    result = {"device": device_name, "torch": torch.__version__, "shape": shape, "samples": args.samples,
+    result = {"device": device_name, "torch": torch.__version__, "warm_up_s": warm_up_s, "shape": shape,
+              "samples": args.samples,
               "seqlen": args.seqlen, "group_size": args.group_size, "runs": runs}
     peer = next((run for run in runs if run["what"].startswith("llm-compressor")), None)
     for run in runs:

@@ -39,8 +39,9 @@ class InputObserver:
         self.tokens = 0
         self.absmax = torch.zeros(in_features, device=device)
         self.sum_square = torch.zeros(in_features, device=device, dtype=torch.float64)
-        self.act_min = float("inf")
-        self.act_max = float("-inf")
+        # Kept on the device until finish(): a float() per batch would make the host wait for the GPU.
+        self._act_min = torch.full((), float("inf"), device=device)
+        self._act_max = torch.full((), float("-inf"), device=device)
         self.hessian = torch.zeros(in_features, in_features, device=device) if want_hessian else None
         self._samples: list[torch.Tensor] = []
         self._sample_per_update = sample_per_update
@@ -52,17 +53,19 @@ class InputObserver:
         self.tokens += x.shape[0]
         self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
         self.sum_square += (x * x).sum(dim=0, dtype=torch.float64)
-        self.act_min = min(self.act_min, float(x.min()))
-        self.act_max = max(self.act_max, float(x.max()))
+        self._act_min = torch.minimum(self._act_min, x.min())
+        self._act_max = torch.maximum(self._act_max, x.max())
         if self.hessian is not None:
             self.hessian.addmm_(x.T, x)
         flat = x.reshape(-1)
         count = min(self._sample_per_update, flat.numel())
         picks = torch.randint(0, flat.numel(), (count,), generator=self._generator, device=flat.device)
-        self._samples.append(flat[picks].abs().cpu())
+        self._samples.append(flat[picks].abs())
 
-    def finish(self) -> InputStats:
-        sample = torch.cat(self._samples) if self._samples else torch.zeros(1)
+    def finish(self, hessian_on_device: bool = False) -> InputStats:
+        """The statistics, on the CPU (``hessian_on_device``: X^T X stays where it was summed, for a
+        method that uses it there at once)."""
+        sample = torch.cat(self._samples).cpu() if self._samples else torch.zeros(1)
         sample, _ = torch.sort(sample)
         percentiles = {f"p{p:g}": float(sample[min(sample.numel() - 1, int(round(p / 100 * (sample.numel() - 1))))])
                        for p in PERCENTILES}
@@ -70,5 +73,6 @@ class InputObserver:
         sketch = sample[torch.linspace(0, sample.numel() - 1, min(_SKETCH_POINTS, sample.numel())).round().long()]
         tokens = max(self.tokens, 1)
         return InputStats(self.in_features, self.tokens, self.absmax.cpu(), (self.sum_square / tokens).float().cpu(),
-                          self.act_min, self.act_max, percentiles,
-                          None if self.hessian is None else self.hessian.cpu(), sketch.contiguous())
+                          float(self._act_min), float(self._act_max), percentiles,
+                          self.hessian if self.hessian is None or hessian_on_device else self.hessian.cpu(), sketch.contiguous())
+

@@ -210,13 +210,28 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, positi
         out[part] = result[0] if isinstance(result, tuple) else result
 
 
+class _Enough(Exception):
+    """Raised by a hook once a pass has seen what it needs: the rest of the block's forward is skipped."""
+
+
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _Enough
+
+
 def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, outputs: torch.Tensor | None,
              position_embeddings: Any, position_ids: torch.Tensor, batch: int, *, want_hessian: bool,
-             device: torch.device, seed: int,
-             attention_mask: torch.Tensor | None = None) -> tuple[dict[str, InputStats], list[list[str]]]:
+             device: torch.device, seed: int, attention_mask: torch.Tensor | None = None,
+             first_group_only: bool = False, stop_at: dict[str, nn.Linear] | None = None,
+             hessian_on_device: bool = False) -> tuple[dict[str, InputStats], list[list[str]]]:
     """Run ``block`` over ``hidden`` with hooks on ``linears``: the statistics of each one's inputs,
     and the Linears grouped by shared input in the order the forward pass calls them (q/k/v, o,
-    gate/up, down). ``outputs``: where to write the block's outputs (None: not needed)."""
+    gate/up, down). ``outputs``: where to write the block's outputs (None: not needed).
+    ``first_group_only``: statistics of the first group alone (the groups are all found).
+    ``stop_at``: Linears the forward pass reaches only after ``linears``: there each batch's pass
+    stops (o_proj's statistics need q/k/v and the attention, not the MLP). ``hessian_on_device``:
+    see InputObserver.finish."""
+    if outputs is not None and stop_at:
+        raise ValueError("a pass that stops early has no block outputs")
     observers: dict[str, InputObserver] = {}
     shared_with: dict[str, str] = {}
     seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}
@@ -225,6 +240,12 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
     def make_hook(weight_name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
+            if first_group_only and seen_inputs and id(x) not in seen_inputs:
+                # Another input than the first group's: only its group is noted.
+                seen_inputs[id(x)] = (x, weight_name)
+                shared_with.setdefault(weight_name, weight_name)
+                groups.setdefault(weight_name, [weight_name])
+                return
             # Linears fed the very same tensor (q/k/v, gate/up) share one observer.
             known = seen_inputs.get(id(x))
             if known is not None and known[0] is x:
@@ -244,20 +265,25 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
+    handles += [module.register_forward_pre_hook(_stop) for module in (stop_at or {}).values()]
     try:
         with torch.inference_mode():
             for part in _batches(hidden.shape[0], batch):
                 seen_inputs.clear()
-                result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
-                               position_embeddings=position_embeddings)
+                try:
+                    result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
+                                   position_embeddings=position_embeddings)
+                except _Enough:
+                    continue
                 if outputs is not None:
                     outputs[part] = result[0] if isinstance(result, tuple) else result
             seen_inputs.clear()
     finally:
         for handle in handles:
             handle.remove()
-    finished = {name: observer.finish() for name, observer in observers.items()}
-    stats = {name: finished[shared_with[name]] for name in linears if name in shared_with}
+    finished = {name: observer.finish(hessian_on_device) for name, observer in observers.items()}
+    stats = {name: finished[shared_with[name]] for name in linears
+             if name in shared_with and shared_with[name] in finished}
     # One group per matrix of all experts (every expert's gate/up, then every down_proj), not one per
     # expert: a true-sequential walk then costs two forward passes for the experts, not two per expert.
     by_matrix: dict[tuple[str, ...], list[str]] = {}
@@ -267,9 +293,15 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
     return stats, list(by_matrix.values())
 
 
+def _reached_after(later_groups: list[list[str]], linears: dict[str, nn.Linear]) -> dict[str, nn.Linear]:
+    """The Linears of later groups whose call means the earlier groups are done: not experts (a block
+    calls one expert's gate/up, then its down, then the next expert's)."""
+    return {name: linears[name] for group in later_groups for name in group if merged_expert_name(name) is None}
+
+
 def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.device = "cpu",
                 want_hessian: bool = True, seed: int = 0, per_group: bool = False,
-                all_experts: bool = False) -> Iterator[BlockStep]:
+                all_experts: bool = False, hessian_on_device: bool = False) -> Iterator[BlockStep]:
     """Yield every decoder block with the statistics of its Linear inputs (see module doc).
 
     Mixtures of experts: each expert's Linears see the tokens the router sends it (``all_experts``:
@@ -282,15 +314,16 @@ def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.de
     quantized gate/up (GPTQ's "true sequential" order). Costs one more forward pass per group.
 
     The architecture is built (and its config checked) when this is called, not at the first step,
-    so a config that cannot be used is refused before any progress is shown."""
+    so a config that cannot be used is refused before any progress is shown. ``hessian_on_device``:
+    the statistics' X^T X stay on ``device`` (for a method using them there), the rest on the CPU."""
     device = torch.device(device)
     skeleton = _Skeleton(source, device)
     return _walk(skeleton, source, calib, device=device, want_hessian=want_hessian, seed=seed, per_group=per_group,
-                 all_experts=all_experts)
+                 all_experts=all_experts, hessian_on_device=hessian_on_device)
 
 
 def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device: torch.device, want_hessian: bool,
-          seed: int, per_group: bool, all_experts: bool) -> Iterator[BlockStep]:
+          seed: int, per_group: bool, all_experts: bool, hessian_on_device: bool) -> Iterator[BlockStep]:
     names = [info.name for info in source.tensors()]
     n_layers = len(skeleton.layers)
     tokens = calib.tokens.to(device)
@@ -315,12 +348,18 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
             position_embeddings = skeleton.position_embeddings(index, hidden, position_ids, rotary_tables)
         attention_mask = skeleton.attention_mask(index, seqlen, device)
         run = dict(position_embeddings=position_embeddings, position_ids=position_ids, batch=batch,
-                   want_hessian=want_hessian, device=device, seed=seed + index, attention_mask=attention_mask)
+                   want_hessian=want_hessian, device=device, seed=seed + index, attention_mask=attention_mask,
+                   hessian_on_device=hessian_on_device)
         started = time.perf_counter()
-        stats, groups = _observe(block, linears, hidden, outputs, **run)
+        # Per group: this pass finds the groups and observes the first; each later group is observed
+        # after the earlier ones changed, in a pass that stops where the next group starts, and the
+        # block's outputs come from one last pass.
+        stats, groups = _observe(block, linears, hidden, None if per_group else outputs, **run,
+                                 first_group_only=per_group)
         expert_tokens = skeleton.routed_tokens(index, linears)
         if per_group:
-            unseen = [name for name in linears if name not in stats]   # experts no token reached
+            seen = {name for group in groups for name in group}
+            unseen = [name for name in linears if name not in seen]   # experts no token reached
             groups = [*groups[:-1], groups[-1] + unseen] if groups else [unseen]
         steps = ([(linears, stats)] if not per_group else
                  [({n: linears[n] for n in group}, {n: stats[n] for n in group if n in stats}) for group in groups])
@@ -328,13 +367,14 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
         for number, (step_linears, step_stats) in enumerate(steps):
             if number > 0:
                 started = time.perf_counter()
-                if modified:
-                    step_stats = _observe(block, step_linears, hidden, None, **run)[0]
+                step_stats = _observe(block, step_linears, hidden, None, **run,
+                                      stop_at=_reached_after(groups[number + 1:], linears))[0]
+                skeleton.routed_tokens(index, linears)     # the counts are the first pass's
             step = BlockStep(index, n_layers, step_linears, step_stats, time.perf_counter() - started,
                              last_of_block=number == len(steps) - 1, expert_tokens=expert_tokens)
             yield step
             modified = modified or step.modified
-        if modified:
+        if per_group or modified:
             with torch.inference_mode():
                 _run_block(block, hidden, outputs, position_embeddings, position_ids, batch, attention_mask)
         hidden, outputs = outputs, hidden

@@ -120,10 +120,37 @@ def _few_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _column_kernel(w: torch.Tensor, fused: bool | None):
+    """The Triton column loop (qtool.kernels.gptq) when ``fused`` (None: for a CUDA weight where Triton
+    runs), else None: the torch loop."""
+    from qtool.kernels import triton_available
+
+    if fused is False or (fused is None and not (w.is_cuda and triton_available())):
+        return None
+    from qtool.kernels.gptq import quantize_columns
+
+    return quantize_columns
+
+
+def _group_values(w: torch.Tensor, block: torch.Tensor, errors: torch.Tensor, hinv: torch.Tensor,
+                  position: torch.Tensor, group: int, group_size: int, start: int, done: int) -> torch.Tensor:
+    """The current values of a group's columns when its first column comes up, ``done`` columns into
+    the block at ``start``: columns in the block are up to date in ``block``; later ones still owe the
+    block's pending updates (``errors`` so far through the inverse Hessian). No host sync."""
+    count = block.shape[1]
+    members = position[group * group_size:min((group + 1) * group_size, w.shape[1])]
+    inside = members < start + count
+    current = torch.where(inside, block[:, (members - start).clamp(0, count - 1)], w[:, members])
+    if done:
+        pending = errors[:, :done] @ hinv[start:start + done][:, members]
+        current = torch.where(inside, current, current - pending)
+    return current
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128, static_groups: bool = False,
-                  importance: torch.Tensor | None = None, damp_diag: float = 0.0, refit: bool = False
-                  ) -> QuantResult:
+                  importance: torch.Tensor | None = None, damp_diag: float = 0.0, refit: bool = False,
+                  fused: bool | None = None) -> QuantResult:
     """GPTQ (Frantar et al. 2022) on any grid.
 
     ``hessian`` is X^T X over the calibration inputs of this Linear ([cols, cols]). Columns are
@@ -138,19 +165,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     shrinks the input correlations estimated from few calibration tokens, the part of GPTQ that
     overfits (l -> inf is importance-weighted round to nearest).
     ``refit``: afterwards, re-fit the scales for the chosen levels (``refit_scales``).
+    ``fused``: the column loop in one Triton kernel per block (qtool.kernels.gptq); default: on CUDA
+    weights when Triton runs (True also runs it on CPU tensors under TRITON_INTERPRET=1).
     """
     if damp_diag > 0:
         hessian = hessian + damp_diag * torch.diag(torch.diagonal(hessian))
     static_groups = static_groups or grid.whole_tensor_scales
     with _few_threads(weight.device):
         result = _gptq(weight, hessian, grid, damp=damp, act_order=act_order, block_size=block_size,
-                       static_groups=static_groups, importance=importance)
+                       static_groups=static_groups, importance=importance, fused=fused)
     # A few large matrix products: these want every thread, unlike GPTQ's column loop.
     return refit_scales(weight, hessian, grid, result) if refit else result
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: float, act_order: bool,
-          block_size: int, static_groups: bool, importance: torch.Tensor | None) -> QuantResult:
+          block_size: int, static_groups: bool, importance: torch.Tensor | None,
+          fused: bool | None = None) -> QuantResult:
     w = weight.to(torch.float32).clone()
     rows, cols = w.shape
     h = hessian.to(w.device, torch.float32).clone()
@@ -210,39 +240,42 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
 
     levels = torch.zeros(rows, cols, device=w.device)
     qweight = torch.zeros(rows, cols, device=w.device)
-    sub_of = perm // grid.sub_size
+    # Python copies of the column bookkeeping: indexing device tensors per column would wait for the
+    # GPU at every column.
+    group_at = [index // grid.group_size for index in perm.tolist()]     # group of the column at each position
+    sub_at = (perm // grid.sub_size).to(torch.int32)
+    sub_at_list = sub_at.tolist()
+    kernel = _column_kernel(w, fused)
+    codebook = grid.codebook.to(w.device, torch.float32) if grid.codebook is not None else None
     for start in range(0, cols, block_size):
         stop = min(start + block_size, cols)
         count = stop - start
         block = w[:, start:stop].clone()
         errors = torch.zeros(rows, count, device=w.device)
-        hinv_block = hinv[start:stop, start:stop]
-        for i in range(count):
-            column = start + i
-            group = int(group_of[perm[column]])
+        hinv_block = hinv[start:stop, start:stop].contiguous()
+        i = 0
+        while i < count:
+            group = group_at[start + i]
             if not fitted[group]:
-                # Current values of the group's columns: those in this block are up to date in
-                # `block`; later ones still owe this block's pending updates.
-                first = group * grid.group_size
-                members = position[first:min(first + grid.group_size, cols)]
-                current = w[:, members].clone()
-                inside = members < stop
-                if inside.any():
-                    current[:, inside] = block[:, members[inside] - start]
-                outside = ~inside
-                if outside.any() and i > 0:
-                    current[:, outside] -= errors[:, :i] @ hinv[start:column][:, members[outside]]
-                fit_group(group, current)
-            sub = int(sub_of[column])
-            col = block[:, i]
-            col_scale = scale[:, sub]
-            col_offset = offset[:, sub]
-            q_level, q_value = grid.round(col, col_scale, col_offset)
-            levels[:, column] = q_level
-            qweight[:, column] = q_value
-            err = (col - q_value) / hinv_block[i, i]
-            block[:, i:] -= err.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            errors[:, i] = err
+                fit_group(group, _group_values(w, block, errors, hinv, position, group, grid.group_size, start, i))
+            # The columns up to the next one whose group is not fitted yet run in one go.
+            last = i + 1
+            while last < count and fitted[group_at[start + last]]:
+                last += 1
+            if kernel is not None:
+                kernel(block, hinv_block, scale, offset, sub_at[start:stop], codebook, grid.qmax,
+                       levels[:, start:stop], qweight[:, start:stop], errors, i, last)
+            else:
+                for column in range(i, last):
+                    sub = sub_at_list[start + column]
+                    col = block[:, column]
+                    q_level, q_value = grid.round(col, scale[:, sub], offset[:, sub])
+                    levels[:, start + column] = q_level
+                    qweight[:, start + column] = q_value
+                    err = (col - q_value) / hinv_block[column, column]
+                    block[:, column:] -= err.unsqueeze(1) * hinv_block[column, column:].unsqueeze(0)
+                    errors[:, column] = err
+            i = last
         w[:, stop:] -= errors @ hinv[start:stop, stop:]
 
     qweight = qweight[:, position]

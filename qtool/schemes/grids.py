@@ -86,6 +86,10 @@ class Grid(ABC):
         return torch.zeros_like(scale)
 
 
+# Elements of the candidate-by-element tensors one pass of a scale search holds (64 MB of float32).
+_SEARCH_ELEMENTS = 1 << 24
+
+
 def _store(scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Round scales to the dtype the format stores them in, so the levels are chosen for the stored value."""
     return scale if dtype is None else scale.to(dtype).to(torch.float32)
@@ -103,8 +107,13 @@ def _keep_best_least_squares(x: torch.Tensor, weights: torch.Tensor, levels: tor
     sum_lx = (weights * x * levels).sum(-1, keepdim=True)
     sum_l2 = (weights * levels * levels).sum(-1, keepdim=True)
     score = torch.where(sum_l2 > 0, sum_lx * sum_lx / sum_l2.clamp_min(1e-30), torch.zeros_like(sum_l2))
+    scale = sum_lx / sum_l2.clamp_min(1e-30)
+    if levels.dim() > x.dim():
+        # Candidates stacked in dim 0: the first best of them, as a loop over them would keep it.
+        pick = score.argmax(dim=0, keepdim=True)
+        score, scale = score.gather(0, pick)[0], scale.gather(0, pick)[0]
     better = score > best_score
-    return torch.where(better, score, best_score), torch.where(better, sum_lx / sum_l2.clamp_min(1e-30), best_scale)
+    return torch.where(better, score, best_score), torch.where(better, scale, best_scale)
 
 
 def search_symmetric(x: torch.Tensor, weights: torch.Tensor | None, low: int, high: int, *,
@@ -127,7 +136,11 @@ def search_symmetric(x: torch.Tensor, weights: torch.Tensor | None, low: int, hi
                  if edge + 0.1 * step > 0]
     best_score = torch.full_like(absmax, -1.0)
     best_scale = torch.zeros_like(absmax)
-    for base in bases:
+    # Several candidates per pass (stacked in a leading dim): a few large operations rather than many
+    # small launches; each element sees the operations of the one-candidate loop, in its order.
+    per_pass = max(1, _SEARCH_ELEMENTS // max(x.numel(), 1))
+    for first in range(0, len(bases), per_pass):
+        base = torch.stack(bases[first:first + per_pass])
         inv = torch.where(base != 0, 1.0 / base, torch.zeros_like(base))
         levels = torch.clamp(torch.round(x * inv), -low, high)
         best_score, best_scale = _keep_best_least_squares(x, weights, levels, best_score, best_scale)
