@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
-    runs = [run_qtool(model, args.workdir / f"qtool-{method}", args, method) for method in args.methods.split(",")]
+    runs = []
+    for method in args.methods.split(","):
+        runs.append(run_qtool(model, args.workdir / f"qtool-{method}", args, method))
+        print(f"{runs[-1]}", file=sys.stderr, flush=True)     # kept even if a later run is cut short
     if profiler:
         profiler.disable()
         with open(args.profile, "w") as out:

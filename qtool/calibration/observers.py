@@ -65,8 +65,7 @@ class InputObserver:
     def finish(self, hessian_on_device: bool = False) -> InputStats:
         """The statistics, on the CPU (``hessian_on_device``: X^T X stays where it was summed, for a
         method that uses it there at once)."""
-        sample = torch.cat(self._samples).cpu() if self._samples else torch.zeros(1)
-        sample, _ = torch.sort(sample)
+        sample = torch.sort(torch.cat(self._samples))[0].cpu() if self._samples else torch.zeros(1)
         percentiles = {f"p{p:g}": float(sample[min(sample.numel() - 1, int(round(p / 100 * (sample.numel() - 1))))])
                        for p in PERCENTILES}
         # Keep an equal-mass sketch of the |x| distribution (sorted quantiles), not the whole sample.

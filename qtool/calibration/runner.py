@@ -14,6 +14,7 @@ anything and returns the statistics; :mod:`qtool.calibration.methods` quantizes 
 from __future__ import annotations
 
 import contextlib
+import os
 import inspect
 import json
 import time
@@ -198,16 +199,34 @@ class _Skeleton:
         self.layers[index].to("meta")
 
 
+@contextlib.contextmanager
+def _forward_precision(device: torch.device) -> Iterator[None]:
+    """Calibration forwards (and their X^T X) on a GPU with TF32 matrix products: 3x faster GPTQ
+    calibration on an H100 for the same quality (SmolLM2 int4 GPTQ: WikiText-2 +12.72% / KLD 0.1478
+    against +12.60% / 0.1484 in float32, docs/PERFORMANCE.md). QTOOL_TF32=0 keeps float32. GPTQ's
+    own products never run under it."""
+    if device.type != "cuda" or os.environ.get("QTOOL_TF32", "1") == "0":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def _batches(total: int, batch: int) -> list[slice]:
     return [slice(start, min(start + batch, total)) for start in range(0, total, batch)]
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, position_embeddings: Any,
                position_ids: torch.Tensor, batch: int, attention_mask: torch.Tensor | None = None) -> None:
-    for part in _batches(hidden.shape[0], batch):
-        result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
-                       position_embeddings=position_embeddings)
-        out[part] = result[0] if isinstance(result, tuple) else result
+    with _forward_precision(hidden.device):
+        for part in _batches(hidden.shape[0], batch):
+            result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
+                           position_embeddings=position_embeddings)
+            out[part] = result[0] if isinstance(result, tuple) else result
 
 
 class _Enough(Exception):
@@ -267,7 +286,7 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
     handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
     handles += [module.register_forward_pre_hook(_stop) for module in (stop_at or {}).values()]
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _forward_precision(device):
             for part in _batches(hidden.shape[0], batch):
                 seen_inputs.clear()
                 try:
