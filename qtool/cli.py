@@ -235,6 +235,8 @@ def quantize(
                                   calib_seqlen=calib_seqlen, stats=stats, all_experts=all_experts,
                                   expert_min_tokens=expert_min_tokens)
         report = run_quantize(model, output or Path("."), recipe, options)
+        if report is None:      # a rank of a torchrun calibration other than 0: rank 0 reports
+            return
         if evaluate_after and not dry_run:
             from qtool.evaluation import evaluate, render_eval
 

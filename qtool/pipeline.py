@@ -75,10 +75,16 @@ def plan_model(source: Source, recipe: Recipe, fmt: str | None = None) -> list[T
     return plans
 
 
-def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOptions | None = None) -> QuantizeReport:
+def quantize(spec: str, out: str | Path, recipe: Recipe,
+             options: QuantizeOptions | None = None) -> QuantizeReport | None:
+    """Quantize ``spec`` into ``out``. Under torchrun (several processes) every rank calibrates its share
+    of the windows (qtool.calibration.distributed) and rank 0 alone writes and reports; the other
+    ranks return None."""
+    from qtool.calibration import distributed
+
     options = options or QuantizeOptions()
     containers.check_format(options.format)
-    device = resolve_device(options.device)
+    device = distributed.start(resolve_device(options.device))
     started = time.perf_counter()
     with resolve(spec, revision=options.revision) as source:
         plans = plan_model(source, recipe, options.format)
@@ -89,6 +95,11 @@ def quantize(spec: str, out: str | Path, recipe: Recipe, options: QuantizeOption
                     "which adds the errors of both steps")
         infos = {info.name: info for info in source.tensors()}
         labels = {p.name: sink_type.stored_scheme(p) for p in plans}
+        if distributed.rank() > 0:
+            if not options.dry_run:     # the calibration passes, in rank 0's order; rank 0 writes
+                calibrate_plans(activation_scales(source, plans, options, device)[0],
+                                stored_plans(plans, sink_type), options, device)
+            return None
         if options.dry_run:
             sizes = {p.name: sink_type.packed_nbytes(p) for p in plans}
             return size_report(source, infos, plans, sizes, output=None, fmt=options.format,

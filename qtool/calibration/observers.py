@@ -40,8 +40,8 @@ class InputObserver:
         self.absmax = torch.zeros(in_features, device=device)
         self.sum_square = torch.zeros(in_features, device=device, dtype=torch.float64)
         # Kept on the device until finish(): a float() per batch would make the host wait for the GPU.
-        self._act_min = torch.full((), float("inf"), device=device)
-        self._act_max = torch.full((), float("-inf"), device=device)
+        self._act_min = torch.full((1,), float("inf"), device=device)
+        self._act_max = torch.full((1,), float("-inf"), device=device)
         self.hessian = torch.zeros(in_features, in_features, device=device) if want_hessian else None
         self._samples: list[torch.Tensor] = []
         self._sample_per_update = sample_per_update
@@ -62,10 +62,31 @@ class InputObserver:
         picks = torch.randint(0, flat.numel(), (count,), generator=self._generator, device=flat.device)
         self._samples.append(flat[picks].abs())
 
+    def _combine(self) -> None:
+        """Every rank's sums merged (qtool.calibration.distributed): each then holds the statistics of
+        all the calibration windows."""
+        from qtool.calibration import distributed
+
+        tokens = distributed.all_sum(torch.tensor([self.tokens], dtype=torch.float64, device=self.absmax.device))
+        self.tokens = int(tokens.item())
+        distributed.all_max(self.absmax)
+        distributed.all_sum(self.sum_square)
+        distributed.all_min(self._act_min)
+        distributed.all_max(self._act_max)
+        if self.hessian is not None:
+            distributed.all_sum(self.hessian)
+        local = torch.cat(self._samples) if self._samples else torch.zeros(0, device=self.absmax.device)
+        self._samples = [distributed.all_gather_rows(local)]
+
     def finish(self, hessian_on_device: bool = False) -> InputStats:
         """The statistics, on the CPU (``hessian_on_device``: X^T X stays where it was summed, for a
-        method that uses it there at once)."""
-        sample = torch.sort(torch.cat(self._samples))[0].cpu() if self._samples else torch.zeros(1)
+        method that uses it there at once); over all ranks when calibration is spread over processes."""
+        from qtool.calibration import distributed
+
+        if distributed.active():
+            self._combine()
+        sample = torch.cat(self._samples) if self._samples else torch.zeros(0)
+        sample = torch.sort(sample)[0].cpu() if sample.numel() else torch.zeros(1)
         percentiles = {f"p{p:g}": float(sample[min(sample.numel() - 1, int(round(p / 100 * (sample.numel() - 1))))])
                        for p in PERCENTILES}
         # Keep an equal-mass sketch of the |x| distribution (sorted quantiles), not the whole sample.

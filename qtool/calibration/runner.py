@@ -29,6 +29,7 @@ from qtool import ui
 from qtool.architectures import block_record, merged_expert_name
 from qtool.atomic import STATS_FORMAT
 from qtool.evaluation.model import load_conversions, build_on_meta, checked_hf_config, hf_config  # noqa: F401 - hf_config re-exported
+from qtool.calibration import distributed
 from qtool.calibration.experts import expert_leaves, unfuse_experts
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
 from qtool.tokenizer import load_tokenizer
@@ -345,7 +346,10 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
           seed: int, per_group: bool, all_experts: bool, hessian_on_device: bool) -> Iterator[BlockStep]:
     names = [info.name for info in source.tensors()]
     n_layers = len(skeleton.layers)
-    tokens = calib.tokens.to(device)
+    if distributed.active() and any(skeleton.experts):
+        raise Unsupported("torchrun: calibrating a mixture of experts over several processes is not supported "
+                          "yet (ranks route tokens to different experts); run one process")
+    tokens = distributed.local_windows(calib.tokens).to(device)     # this rank's share (all in one process)
     samples, seqlen = tokens.shape
     batch = max(1, _BATCH_TOKENS // seqlen)
 
