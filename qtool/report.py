@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from qtool.architectures import merged_expert_name
 from qtool.plan import TensorPlan
 from qtool.sources.base import Source, TensorInfo
 
@@ -72,6 +73,8 @@ class QuantizeReport:
     seconds: float
     per_scheme: list[SchemeRow]
     tensors: list[TensorRow]
+    # A mixture of experts: its expert matrices apart (scheme: theirs, comma separated); None otherwise.
+    experts: SchemeRow | None = None
     evaluation: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     activations: ActivationReport | None = None
@@ -103,6 +106,13 @@ def size_report(source: Source, infos: dict[str, TensorInfo], plans: list[Tensor
         after = sum(r.bytes_after for r in scheme_rows)
         per_scheme.append(SchemeRow(scheme, len(scheme_rows), params, sum(r.bytes_before for r in scheme_rows),
                                     after, _bits(after, params)))
+    expert_rows = [r for r in rows if merged_expert_name(r.name) is not None]
+    experts = None
+    if expert_rows:
+        params_e = sum(params_of[r.name] for r in expert_rows)
+        after_e = sum(r.bytes_after for r in expert_rows)
+        experts = SchemeRow(", ".join(sorted({r.scheme for r in expert_rows})), len(expert_rows), params_e,
+                            sum(r.bytes_before for r in expert_rows), after_e, _bits(after_e, params_e))
     quantized = [r for r in rows if r.scheme != "keep"]
     params_q = sum(params_of[r.name] for r in quantized)
     params = sum(params_of.values())
@@ -114,7 +124,7 @@ def size_report(source: Source, infos: dict[str, TensorInfo], plans: list[Tensor
         bits_per_weight_quantized=_bits(sum(r.bytes_after for r in quantized), params_q),
         bits_before_model=_bits(before, params), bits_per_weight_model=_bits(after, params),
         compression_ratio=before / after if after else 0.0, seconds=round(seconds, 3),
-        per_scheme=per_scheme, tensors=rows)
+        per_scheme=per_scheme, tensors=rows, experts=experts)
 
 
 def human_bytes(n: float) -> str:
@@ -151,6 +161,12 @@ def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: b
                     f"{report.bits_per_weight_quantized:.2f}")
     summary.add_row("bits/weight, whole model", f"{report.bits_before_model:.2f}", f"{report.bits_per_weight_model:.2f}")
     summary.add_row("parameters: all, quantized", f"{report.parameters:,}", f"{report.parameters_quantized:,}")
+    if report.experts is not None:
+        experts = report.experts
+        summary.add_row(f"experts: {experts.tensors} matrices, {experts.parameters:,} parameters ({experts.scheme})",
+                        human_bytes(experts.bytes_before), human_bytes(experts.bytes_after))
+        summary.add_row("bits/weight, experts", f"{_bits(experts.bytes_before, experts.parameters):.2f}",
+                        f"{experts.bits_per_weight:.2f}")
     console.print(summary)
     console.print(f"compression {report.compression_ratio:.2f}x in {report.seconds:.1f} s", highlight=False)
     if report.calibration is not None:

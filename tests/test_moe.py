@@ -149,6 +149,28 @@ def test_plan_keeps_routers_and_quantizes_every_expert(moe_checkpoint, model_typ
         assert not any(p.keep for p in included if p.name in routers and p.name.endswith(".gate.weight"))
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+def test_report_counts_the_experts_apart(moe_checkpoint, fmt, tmp_path):
+    """The plan (--dry-run) and the report of a write give the experts' matrices, parameters, bytes and
+    bits per weight on their own line; they add up from the per-tensor rows."""
+    source = moe_checkpoint("qwen3_moe")
+    choice = ("--scheme", "int4-sym", "--group-size", "32") if fmt == "safetensors" else ("--type", "Q8_0")
+    out = tmp_path / ("out" if fmt == "safetensors" else "out.gguf")
+    for extra in (("--dry-run",), ()):
+        result = run_cli("quantize", source, "--format", fmt, *choice, "-o", out, "--json", *extra)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        rows = [row for row in report["tensors"] if _expert_re("qwen3_moe").match(row["name"])]
+        experts = report["experts"]
+        assert len(rows) == experts["tensors"] == SIZES["num_hidden_layers"] * EXPERTS * 3
+        assert experts["parameters"] == sum(math.prod(row["shape"]) for row in rows)
+        assert experts["bytes_after"] == sum(row["bytes_after"] for row in rows) < experts["bytes_before"]
+        assert experts["bits_per_weight"] == pytest.approx(8 * experts["bytes_after"] / experts["parameters"])
+        assert experts["scheme"] == ("int4-sym" if fmt == "safetensors" else "Q8_0")
+        human = run_cli("quantize", source, "--format", fmt, *choice, "-o", tmp_path / "plan", "--dry-run")
+        assert f"experts: {experts['tensors']} matrices" in human.output
+
+
 @pytest.mark.parametrize("scheme", [pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=RuntimeError,
                                                                                 reason=BNB_EXPERTS_XFAIL[name]))
                                     if name in BNB_EXPERTS_XFAIL else name for name in SCHEMES])
