@@ -66,6 +66,35 @@ def _key(template: str, arch: str) -> str:
 
 
 @dataclass(frozen=True)
+class GGUFSplit:
+    """A Hugging Face matrix llama.cpp's converter stores as several GGUF tensors (DeepSeek's kv_b_proj:
+    attn_k_b, transposed, and attn_v_b). ``split`` and ``join`` are inverse pure tensor functions of the
+    config; ``parts`` are the module paths gguf-py names the pieces by, relative to the decoder block."""
+
+    module: str
+    parts: tuple[str, ...]
+    split: Callable[[torch.Tensor, dict], tuple[torch.Tensor, ...]]
+    join: Callable[[tuple[torch.Tensor, ...], dict], torch.Tensor]
+    # The pieces that are a selection of the matrix's rows (``split`` of a packed matrix, one row of
+    # bytes per row, gives their bytes): a calibrated matrix keeps them; the others (transposed) are
+    # quantized from the float matrix, as llama-quantize does.
+    row_parts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """Experts a checkpoint stores fused, seen by qtool as one matrix (and bias) per expert, the form every
+    container and llama.cpp's merged ffn_*_exps take. ``unfuse``: a stored fused tensor's leaf name
+    and value [E, ...] -> {per-expert leaf (``gate_proj.weight``): [E, ...] stacked}; ``fuse`` the
+    inverse, from every per-expert leaf of one block's experts back to the stored tensors."""
+
+    stored: tuple[str, ...]                                          # fused leaves under ``experts.``
+    leaves: tuple[str, str, str]                                     # per-expert gate, up, down modules
+    unfuse: Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+    fuse: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
 class Architecture:
     """What qtool needs to write one Hugging Face architecture as GGUF and read it back."""
 
@@ -100,6 +129,15 @@ class Architecture:
     routers: tuple[str, ...] = ()
     experts: str | None = None
     expert_count_field: str = "num_experts"   # config.json's number of experts (Mixtral: num_local_experts)
+    # Matrices the GGUF stores split (see GGUFSplit), and stored names gguf-py knows under another
+    # spelling (DeepSeek-V3's ``mlp.gate.e_score_correction_bias``: ``mlp.gate.e_score_correction.bias``).
+    splits: tuple[GGUFSplit, ...] = ()
+    hf_aliases: tuple[tuple[str, str], ...] = ()
+    # Records sharing a GGUF architecture name: the one whose test passes on a file's metadata reads it
+    # (a record without a test reads the files no other one claims).
+    reads_gguf: Callable[[dict, str], bool] | None = None
+    # Experts stored fused by the checkpoint itself (gpt-oss), seen per expert (see FusedExperts).
+    fused_experts: FusedExperts | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -189,6 +227,174 @@ def _gemma_config(metadata: dict, arch: str, config: dict) -> dict:
     return extra
 
 
+def _kv_b_heads(weight: torch.Tensor, config: dict) -> torch.Tensor:
+    heads, nope, v = int(config["num_attention_heads"]), int(config["qk_nope_head_dim"]), int(config["v_head_dim"])
+    if weight.shape[0] != heads * (nope + v):
+        raise CorruptFile(f"kv_b_proj has {weight.shape[0]} rows where {heads} heads of {nope} + {v} need "
+                          f"{heads * (nope + v)}; the config does not describe this checkpoint")
+    return weight.reshape(heads, nope + v, *weight.shape[1:])
+
+
+def _split_kv_b(weight: torch.Tensor, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    # Per head: nope key rows, then value rows. llama.cpp multiplies queries by k_b (absorbed into the
+    # latent space), hence its transpose: k_b [heads, kv_lora, nope], v_b [heads, v, kv_lora].
+    per_head = _kv_b_heads(weight, config)
+    nope = int(config["qk_nope_head_dim"])
+    return per_head[:, :nope].transpose(1, 2), per_head[:, nope:]
+
+
+def _join_kv_b(parts: tuple[torch.Tensor, ...], config: dict) -> torch.Tensor:
+    import torch
+
+    k_b, v_b = parts
+    if k_b.dim() != 3 or v_b.dim() != 3 or k_b.shape[0] != v_b.shape[0] or k_b.shape[1] != v_b.shape[2]:
+        raise CorruptFile(f"attn_k_b {tuple(k_b.shape)} and attn_v_b {tuple(v_b.shape)} are not the two halves "
+                          "of one kv_b_proj")
+    return torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(-1, k_b.shape[1])
+
+
+_KV_B_SPLIT = GGUFSplit("self_attn.kv_b_proj", ("self_attn.k_b_proj", "self_attn.v_b_proj"), _split_kv_b,
+                        _join_kv_b, row_parts=(1,))
+
+
+def _deepseek_metadata(config: dict, arch: str, *, gating: str | None = None) -> Metadata:
+    """Multi-head latent attention as llama.cpp runs it (one latent KV head of kv_lora + rope), the
+    shared experts, the dense first layers and the router's scoring."""
+    kv_lora, rope = int(config["kv_lora_rank"]), int(config["qk_rope_head_dim"])
+    metadata: Metadata = {
+        _key(Keys.Attention.HEAD_COUNT_KV, arch): 1,
+        _key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, arch): int(config.get("first_k_dense_replace") or 0),
+        _key(Keys.Attention.KV_LORA_RANK, arch): kv_lora,
+        _key(Keys.Attention.KEY_LENGTH, arch): kv_lora + rope,
+        _key(Keys.Attention.VALUE_LENGTH, arch): kv_lora,
+        _key(Keys.Attention.KEY_LENGTH_MLA, arch): int(config["qk_nope_head_dim"]) + rope,
+        _key(Keys.Attention.VALUE_LENGTH_MLA, arch): int(config["v_head_dim"]),
+        _key(Keys.LLM.EXPERT_SHARED_COUNT, arch): int(config.get("n_shared_experts") or 0),
+        _key(Keys.Rope.DIMENSION_COUNT, arch): rope,
+    }
+    if config.get("q_lora_rank") is not None:
+        metadata[_key(Keys.Attention.Q_LORA_RANK, arch)] = int(config["q_lora_rank"])
+    if config.get("routed_scaling_factor") is not None:
+        metadata[_key(Keys.LLM.EXPERT_WEIGHTS_SCALE, arch)] = float(config["routed_scaling_factor"])
+    if config.get("norm_topk_prob"):
+        metadata[_key(Keys.LLM.EXPERT_WEIGHTS_NORM, arch)] = True
+    for template, hf_key in ((Keys.LLM.EXPERT_GROUP_COUNT, "n_group"), (Keys.LLM.EXPERT_GROUP_USED_COUNT, "topk_group")):
+        if config.get(hf_key) is not None:
+            metadata[_key(template, arch)] = int(config[hf_key])
+    # llama.cpp scores experts with a softmax unless told otherwise; transformers' DeepSeek-V3 always
+    # uses a sigmoid, whether or not its config.json says so.
+    scoring = config.get("scoring_func") or gating
+    if scoring in _GATING_FUNCS:
+        metadata[_key(Keys.LLM.EXPERT_GATING_FUNC, arch)] = _GATING_FUNCS[scoring]
+    mscale_all_dim = _rope_scaling(config).get("mscale_all_dim")
+    if mscale_all_dim is not None:   # llama.cpp divides it by 0.1 again (its converter's legacy scale)
+        metadata[_key(Keys.Rope.SCALING_YARN_LOG_MUL, arch)] = 0.1 * float(mscale_all_dim)
+    return metadata
+
+
+_GATING_FUNCS = {"softmax": int(gguf.ExpertGatingFuncType.SOFTMAX), "sigmoid": int(gguf.ExpertGatingFuncType.SIGMOID)}
+
+
+def _deepseek_config(metadata: dict, arch: str, config: dict) -> dict:
+    rope = int(_require(metadata, _key(Keys.Rope.DIMENSION_COUNT, arch)))
+    q_lora = metadata.get(_key(Keys.Attention.Q_LORA_RANK, arch))
+    gating = {value: name for name, value in _GATING_FUNCS.items()}.get(
+        metadata.get(_key(Keys.LLM.EXPERT_GATING_FUNC, arch)), "softmax")
+    extra: dict[str, Any] = {
+        # transformers' attention has one key/value head per query head (llama.cpp's single latent one
+        # is what MLA compresses them to); head_dim is the rotary part.
+        "num_key_value_heads": config["num_attention_heads"], "head_dim": rope,
+        "q_lora_rank": int(q_lora) if q_lora else None,
+        "kv_lora_rank": int(_require(metadata, _key(Keys.Attention.KV_LORA_RANK, arch))),
+        "qk_rope_head_dim": rope,
+        "qk_nope_head_dim": int(_require(metadata, _key(Keys.Attention.KEY_LENGTH_MLA, arch))) - rope,
+        "qk_head_dim": int(_require(metadata, _key(Keys.Attention.KEY_LENGTH_MLA, arch))),
+        "v_head_dim": int(_require(metadata, _key(Keys.Attention.VALUE_LENGTH_MLA, arch))),
+        "first_k_dense_replace": int(metadata.get(_key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, arch)) or 0),
+        "n_shared_experts": int(metadata.get(_key(Keys.LLM.EXPERT_SHARED_COUNT, arch)) or 0) or None,
+        "routed_scaling_factor": float(metadata.get(_key(Keys.LLM.EXPERT_WEIGHTS_SCALE, arch)) or 1.0),
+        "norm_topk_prob": bool(metadata.get(_key(Keys.LLM.EXPERT_WEIGHTS_NORM, arch), False)),
+        "scoring_func": gating,
+    }
+    for template, hf_key in ((Keys.LLM.EXPERT_GROUP_COUNT, "n_group"), (Keys.LLM.EXPERT_GROUP_USED_COUNT, "topk_group")):
+        if metadata.get(_key(template, arch)) is not None:
+            extra[hf_key] = int(metadata[_key(template, arch)])
+    log_mul = metadata.get(_key(Keys.Rope.SCALING_YARN_LOG_MUL, arch))
+    if log_mul is not None and isinstance(config.get("rope_parameters"), dict):
+        # DeepSeek's checkpoints give YaRN's mscale and mscale_all_dim the same value (the GGUF keeps one).
+        mscale = float(log_mul) / 0.1
+        extra["rope_parameters"] = {**config["rope_parameters"], "mscale": mscale, "mscale_all_dim": mscale}
+    return extra
+
+
+def _reads_sigmoid_routing(metadata: dict, arch: str) -> bool:
+    return metadata.get(_key(Keys.LLM.EXPERT_GATING_FUNC, arch)) == _GATING_FUNCS["sigmoid"]
+
+
+# DeepSeek-V2 / V3: multi-head latent attention (queries through a low-rank q_a / q_b pair when
+# q_lora_rank is set, keys and values from one latent kv_a projection), dense first layers (mlp.*_proj),
+# then routed experts beside shared ones. Norm sites: the input norm feeds q_a (or q) and kv_a, the two
+# latent norms feed q_b and kv_b; the dense layers' and shared experts' MLPs as Llama's.
+_DEEPSEEK_BLOCK = ("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.q_a_layernorm", "self_attn.q_b_proj",
+                   "self_attn.kv_a_proj_with_mqa", "self_attn.kv_a_layernorm", "self_attn.kv_b_proj",
+                   "self_attn.k_b_proj", "self_attn.v_b_proj", "self_attn.o_proj", *_GATED_MLP, "mlp.gate",
+                   "mlp.gate.e_score_correction", "mlp.experts.gate_proj", "mlp.experts.up_proj",
+                   "mlp.experts.down_proj", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+                   "mlp.shared_experts.down_proj", "input_layernorm", "post_attention_layernorm")
+_DEEPSEEK_SMOOTHING = (
+    ScaleSite("input_layernorm.weight", "vector", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+    ScaleSite("input_layernorm.weight", "vector", ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa")),
+    ScaleSite("self_attn.q_a_layernorm.weight", "vector", ("self_attn.q_b_proj",)),
+    ScaleSite("self_attn.kv_a_layernorm.weight", "vector", ("self_attn.kv_b_proj",)),
+    ScaleSite("post_attention_layernorm.weight", "vector", ("mlp.gate_proj", "mlp.up_proj")),
+    _UP_TO_DOWN,
+    ScaleSite("mlp.shared_experts.up_proj.weight", "rows", ("mlp.shared_experts.down_proj",)))
+_DEEPSEEK = dict(block_modules=_DEEPSEEK_BLOCK, smoothing_sites=_DEEPSEEK_SMOOTHING, value_sites=(),
+                 routers=("mlp.gate",), experts="mlp.experts", expert_count_field="n_routed_experts",
+                 splits=(_KV_B_SPLIT,),
+                 hf_aliases=(("mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction.bias"),),
+                 extra_config=_deepseek_config)
+
+
+def _gpt_oss_unfuse(leaf: str, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+    # gate_up_proj [E, H, 2I] is input-major with gate and up interleaved column by column.
+    if leaf == "gate_up_proj":
+        rows = fused.transpose(1, 2)
+        return {"gate_proj.weight": rows[:, 0::2], "up_proj.weight": rows[:, 1::2]}
+    if leaf == "gate_up_proj_bias":
+        return {"gate_proj.bias": fused[:, 0::2], "up_proj.bias": fused[:, 1::2]}
+    if leaf == "down_proj":
+        return {"down_proj.weight": fused.transpose(1, 2)}
+    return {"down_proj.bias": fused}
+
+
+def _gpt_oss_fuse(per_expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    import torch
+
+    gate, up = per_expert["gate_proj.weight"], per_expert["up_proj.weight"]
+    gate_bias, up_bias = per_expert["gate_proj.bias"], per_expert["up_proj.bias"]
+    return {"gate_up_proj": torch.stack((gate, up), dim=2).flatten(1, 2).transpose(1, 2),
+            "gate_up_proj_bias": torch.stack((gate_bias, up_bias), dim=2).flatten(1, 2),
+            "down_proj": per_expert["down_proj.weight"].transpose(1, 2),
+            "down_proj_bias": per_expert["down_proj.bias"]}
+
+
+_GPT_OSS_EXPERTS = FusedExperts(("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+                                ("gate_proj", "up_proj", "down_proj"), _gpt_oss_unfuse, _gpt_oss_fuse)
+
+
+def _gpt_oss_metadata(config: dict, arch: str) -> Metadata:
+    # llama.cpp alternates sliding and full attention (even blocks sliding) as transformers' default
+    # layer_types do; every expert is intermediate_size wide.
+    return {_key(Keys.Attention.SLIDING_WINDOW, arch): int(config.get("sliding_window") or 0),
+            _key(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, arch): int(config["intermediate_size"])}
+
+
+def _gpt_oss_config(metadata: dict, arch: str, config: dict) -> dict:
+    return {"sliding_window": int(_require(metadata, _key(Keys.Attention.SLIDING_WINDOW, arch))),
+            "intermediate_size": int(_require(metadata, _key(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, arch)))}
+
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     # llama.cpp converts Mistral checkpoints with its Llama converter (general.architecture = llama).
     Architecture(("llama", "mistral"), MODEL_ARCH.LLAMA, "LlamaForCausalLM", permute_qk=True, writes_rope_dims=True),
@@ -252,16 +458,36 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                                 "post_attention_layernorm"),
                  smoothing_sites=(_NORM_TO_QKV,), routers=("mlp.gate",), experts="mlp.experts",
                  hf_fixed={"norm_topk_prob": True}),
+    # Both are llama.cpp's deepseek2; a file whose router scores with a sigmoid reads back as V3.
+    Architecture(("deepseek_v2",), MODEL_ARCH.DEEPSEEK2, "DeepseekV2ForCausalLM", extra_metadata=_deepseek_metadata,
+                 **_DEEPSEEK),
+    Architecture(("deepseek_v3",), MODEL_ARCH.DEEPSEEK2, "DeepseekV3ForCausalLM",
+                 extra_metadata=functools.partial(_deepseek_metadata, gating="sigmoid"),
+                 reads_gguf=_reads_sigmoid_routing, **_DEEPSEEK),
+    # gpt-oss: biased projections, attention sinks (one logit per head), alternating sliding / full
+    # attention, a biased router, and experts stored fused with biases (MXFP4 in OpenAI's checkpoints).
+    # llama.cpp hard-codes its clamped SwiGLU (alpha 1.702, limit 7) and truncates YaRN's ramp.
+    Architecture(("gpt_oss",), MODEL_ARCH.GPT_OSS, "GptOssForCausalLM",
+                 block_modules=(*_LLAMA_ATTENTION, "self_attn.sinks", "mlp.router", "mlp.experts.gate_proj",
+                                "mlp.experts.up_proj", "mlp.experts.down_proj", "input_layernorm",
+                                "post_attention_layernorm"),
+                 hf_aliases=(("self_attn.sinks", "self_attn.sinks.weight"),),
+                 smoothing_sites=(_NORM_TO_QKV,), routers=("mlp.router",), experts="mlp.experts",
+                 expert_count_field="num_local_experts", fused_experts=_GPT_OSS_EXPERTS,
+                 extra_metadata=_gpt_oss_metadata, extra_config=_gpt_oss_config,
+                 hf_fixed={"swiglu_limit": 7.0, "swiglu_alpha": 1.702}),
 )
 
 _BY_MODEL_TYPE: dict[str, Architecture] = {t: record for record in ARCHITECTURES for t in record.model_types}
-# Mistral GGUFs written by older converters say general.architecture = mistral. A GGUF architecture a
-# dense model shares with a mixture of experts (llama: Mixtral) reads as the mixture when the file
-# counts experts ({arch}.expert_count).
-_MOE_BY_GGUF_NAME: dict[str, Architecture] = {record.name: record for record in ARCHITECTURES if record.is_moe}
-_BY_GGUF_NAME: dict[str, Architecture] = {**_MOE_BY_GGUF_NAME,
-                                          **{record.name: record for record in ARCHITECTURES if not record.is_moe},
-                                          "mistral": _BY_MODEL_TYPE["mistral"]}
+# GGUF architecture name -> the records written under it, in the order they claim a file: a record with
+# a test (reads_gguf) first, then a mixture of experts (which claims files counting experts,
+# {arch}.expert_count: Mixtral under llama), then the dense record. Mistral GGUFs written by older
+# converters say general.architecture = mistral.
+_BY_GGUF_NAME: dict[str, list[Architecture]] = {}
+for _record in sorted(ARCHITECTURES, key=lambda r: (r.reads_gguf is None, not r.is_moe)):
+    _BY_GGUF_NAME.setdefault(_record.name, []).append(_record)
+del _record
+_BY_GGUF_NAME["mistral"] = [_BY_MODEL_TYPE["mistral"]]
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
 SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = tuple(_BY_GGUF_NAME)
 
@@ -372,9 +598,16 @@ def gguf_record(arch: Any, metadata: dict | None = None) -> Architecture:
     ``metadata`` counts experts); Unsupported for any other."""
     if not isinstance(arch, str) or arch not in _BY_GGUF_NAME:
         raise _unsupported_architecture(str(arch), gguf_file=True)
-    if metadata and metadata.get(_key(Keys.LLM.EXPERT_COUNT, arch)) and arch in _MOE_BY_GGUF_NAME:
-        return _MOE_BY_GGUF_NAME[arch]
-    return _BY_GGUF_NAME[arch]
+    metadata = metadata or {}
+    counts_experts = bool(metadata.get(_key(Keys.LLM.EXPERT_COUNT, arch)))
+    candidates = _BY_GGUF_NAME[arch]
+    for record in candidates:
+        if record.reads_gguf is not None and not record.reads_gguf(metadata, arch):
+            continue
+        if record.is_moe and not counts_experts and any(not other.is_moe for other in candidates):
+            continue
+        return record
+    return candidates[-1]
 
 
 def check_supported(config: dict) -> None:
@@ -405,6 +638,8 @@ def _name_tables(record: Architecture) -> tuple[dict[str, str], dict[str, str]]:
             raise AssertionError(f"gguf-py has no {record.name} tensor for {module}")
         for suffix in (".weight", ".bias"):
             forward[module + suffix] = gguf_name + suffix
+    for stored, known in record.hf_aliases:
+        forward[f"model.layers.0.{stored}"] = forward.pop(f"model.layers.0.{known}")
     return forward, {gguf_name: hf for hf, gguf_name in forward.items()}
 
 
@@ -437,6 +672,39 @@ def expert_name(merged: str, index: int) -> str:
     """Inverse of :func:`merged_expert_name`: expert ``index``'s tensor of a merged name."""
     head, _, tail = merged.rpartition(".experts.")
     return f"{head}.experts.{index}.{tail}"
+
+
+def gguf_split(name: str, config: dict) -> GGUFSplit | None:
+    """The split llama.cpp stores this Hugging Face tensor as (see GGUFSplit), or None."""
+    match = _HF_BLOCK_RE.match(name)
+    record = block_record(config)
+    if match is None or record is None:
+        return None
+    return next((split for split in record.splits if match.group(2) == f"{split.module}.weight"), None)
+
+
+def split_names(name: str, config: dict) -> tuple[str, ...]:
+    """The Hugging Face-style names of the pieces of a split tensor (``...self_attn.k_b_proj.weight``),
+    in ``split.parts`` order; their GGUF names come from :func:`hf_to_gguf_name`."""
+    split = gguf_split(name, config)
+    if split is None:
+        return ()
+    layer = _HF_BLOCK_RE.match(name).group(1)
+    return tuple(f"model.layers.{layer}.{part}.weight" for part in split.parts)
+
+
+def joined_name(name: str, config: dict) -> tuple[str, int] | None:
+    """Inverse of :func:`split_names`: (the split tensor's name, this piece's index), or None for a
+    tensor that is not a piece of one."""
+    match = _HF_BLOCK_RE.match(name)
+    record = block_record(config)
+    if match is None or record is None:
+        return None
+    for split in record.splits:
+        for index, part in enumerate(split.parts):
+            if match.group(2) == f"{part}.weight":
+                return f"model.layers.{match.group(1)}.{split.module}.weight", index
+    return None
 
 
 def hf_to_gguf_name(name: str, model_type: str = "llama") -> str:
@@ -624,11 +892,22 @@ def gguf_metadata_from_hf(config: dict) -> Metadata:
         metadata[_key(Keys.Rope.SCALING_FACTOR, arch)] = float(scaling["factor"])
         if rope_type == "yarn" and scaling.get("original_max_position_embeddings"):
             metadata[_key(Keys.Rope.SCALING_ORIG_CTX_LEN, arch)] = int(scaling["original_max_position_embeddings"])
+        if rope_type == "yarn":   # the converter passes YaRN's own parameters on where the config sets them
+            for template, fields in _YARN_KEYS:
+                value = next((scaling[f] for f in fields if scaling.get(f) is not None), None)
+                if value is not None:
+                    metadata[_key(template, arch)] = float(value)
     if record.is_moe:
         metadata.update(_moe_metadata(config, arch))
     if record.extra_metadata is not None:
         metadata.update(record.extra_metadata(config, arch))
     return metadata
+
+
+_YARN_KEYS = ((Keys.Rope.SCALING_YARN_EXT_FACTOR, ("extrapolation_factor",)),
+              (Keys.Rope.SCALING_YARN_ATTN_FACTOR, ("attention_factor", "attn_factor")),
+              (Keys.Rope.SCALING_YARN_BETA_FAST, ("beta_fast",)),
+              (Keys.Rope.SCALING_YARN_BETA_SLOW, ("beta_slow",)))
 
 
 # config.json -> GGUF keys of a mixture of experts, each from the first field a config has (the names the
@@ -661,8 +940,12 @@ def gguf_deviations(config: dict) -> list[str]:
     """The config.json fields of ``config`` that differ from what llama.cpp computes for its architecture
     (``field=value (llama.cpp: value)``): such a GGUF runs, but not as the checkpoint does in transformers."""
     record = architecture(config)
-    return [f"{name}={config[name]!r} (llama.cpp: {value!r})" for name, value in record.hf_fixed.items()
-            if name in config and config[name] != value]
+    found = [f"{name}={config[name]!r} (llama.cpp: {value!r})" for name, value in record.hf_fixed.items()
+             if name in config and config[name] != value]
+    scaling = _rope_scaling(config)
+    if (scaling.get("rope_type") or scaling.get("type")) == "yarn" and scaling.get("truncate") is False:
+        found.append("rope_parameters.truncate=False (llama.cpp: True, it rounds YaRN's ramp to whole dimensions)")
+    return found
 
 
 def _require(metadata: dict, key: str) -> Any:
@@ -764,6 +1047,10 @@ def hf_config_from_gguf(metadata: dict, *, tensor_names: Iterable[str] | None = 
         original = metadata.get(key(Keys.Rope.SCALING_ORIG_CTX_LEN))
         if original:
             scaling["original_max_position_embeddings"] = int(original)
+        if scaling_type == "yarn":
+            for template, fields in _YARN_KEYS:
+                if metadata.get(key(template)) is not None:
+                    scaling[fields[0]] = float(metadata[key(template)])
         config["rope_scaling"] = dict(scaling, type=scaling_type)
         config["rope_parameters"] = scaling
     if record.layer_norm:

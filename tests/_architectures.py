@@ -42,6 +42,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 # Mixtures of experts (issue #18): 4 experts, 2 per token; Qwen2-MoE with its shared expert. Kept apart
 # from VARIANTS, whose tests (calibration, bitsandbytes loads) do not cover experts yet; the GGUF tests
 # take both (ALL_VARIANTS).
+_DEEPSEEK = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                 moe_intermediate_size=64, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                 qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
 MOE_VARIANTS: dict[str, tuple[str, dict]] = {
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
@@ -50,6 +53,11 @@ MOE_VARIANTS: dict[str, tuple[str, dict]] = {
     # is off), which llama.cpp always does for qwen3moe.
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                                 "head_dim": 16, "norm_topk_prob": True}),
+    # DeepSeek-V2 / V3: multi-head latent attention (llama.cpp needs q_lora_rank in a file this shallow), a
+    # dense first layer, a shared expert; V3 routes with a sigmoid over expert groups and its correction
+    # bias (made non-zero in build_checkpoint). Their config.json files name the scoring function.
+    "deepseek_v2": ("deepseek_v2", {**_DEEPSEEK, "scoring_func": "softmax"}),
+    "deepseek_v3": ("deepseek_v3", {**_DEEPSEEK, "n_group": 2, "topk_group": 1, "scoring_func": "sigmoid"}),
 }
 ALL_VARIANTS: dict[str, tuple[str, dict]] = {**VARIANTS, **MOE_VARIANTS}
 ARCH_VARIANTS = list(VARIANTS)
@@ -69,9 +77,13 @@ def build_checkpoint(variant: str, folder: Path, *, tokenizer_from: Path | None,
 
     model_type, extra = ALL_VARIANTS[variant]
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **SIZES, vocab_size=vocab_size, **extra)
+    config = AutoConfig.for_model(model_type, **{**SIZES, **extra}, vocab_size=vocab_size)
     # eager attention: the one transformers implements Gemma 2's attention soft-capping with.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32).eval()
+    with torch.no_grad():   # DeepSeek-V3's routing bias starts at zero: make it count
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.05)
     if variant in SHARP_ATTENTION:
         with torch.no_grad():
             for name, parameter in model.named_parameters():

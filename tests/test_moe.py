@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -95,6 +96,11 @@ def reference(moe_checkpoint, tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+def _moe_layers(model_type: str) -> list[int]:
+    """The blocks with experts (DeepSeek's first blocks are dense)."""
+    return list(range(MOE_VARIANTS[model_type][1].get("first_k_dense_replace", 0), SIZES["num_hidden_layers"]))
+
+
 def _expert_re(model_type: str) -> re.Pattern:
     record = block_record({"model_type": model_type})
     return re.compile(rf"^model\.layers\.\d+\.{re.escape(record.experts)}\.\d+\.\w+\.weight$")
@@ -120,14 +126,15 @@ def test_transformers_stores_experts_per_expert_and_fuses_them(moe_checkpoint, m
     source = moe_checkpoint(model_type)
     stored = _stored_tensors(source)
     experts = [name for name in stored if _expert_re(model_type).match(name)]
-    assert len(experts) == SIZES["num_hidden_layers"] * EXPERTS * 3
+    assert len(experts) == len(_moe_layers(model_type)) * EXPERTS * 3
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     hidden = SIZES["hidden_size"]
     per_expert = MOE_VARIANTS[model_type][1].get("moe_intermediate_size", SIZES["intermediate_size"])
-    assert shapes["model.layers.0.mlp.experts.gate_up_proj"] == (EXPERTS, 2 * per_expert, hidden)
-    assert shapes["model.layers.0.mlp.experts.down_proj"] == (EXPERTS, hidden, per_expert)
+    layer = _moe_layers(model_type)[0]
+    assert shapes[f"model.layers.{layer}.mlp.experts.gate_up_proj"] == (EXPERTS, 2 * per_expert, hidden)
+    assert shapes[f"model.layers.{layer}.mlp.experts.down_proj"] == (EXPERTS, hidden, per_expert)
     assert not any(name in shapes for name in experts)
 
 
@@ -138,12 +145,12 @@ def test_plan_keeps_routers_and_quantizes_every_expert(moe_checkpoint, model_typ
     record = block_record({"model_type": model_type})
     with resolve(str(moe_checkpoint(model_type))) as source:
         plans = build_plan(source.tensors(), Recipe(scheme="nf4"), SIZES["num_hidden_layers"])
-        routers = {f"model.layers.{layer}.{router}.weight" for layer in range(SIZES["num_hidden_layers"])
+        routers = {f"model.layers.{layer}.{router}.weight" for layer in _moe_layers(model_type)
                    for router in record.routers}
         kept_matrices = {p.name for p in plans if p.keep and len(p.shape) == 2 and ".layers." in p.name}
         assert kept_matrices == routers
         experts = [p for p in plans if _expert_re(model_type).match(p.name)]
-        assert len(experts) == SIZES["num_hidden_layers"] * EXPERTS * 3 and not any(p.keep for p in experts)
+        assert len(experts) == len(_moe_layers(model_type)) * EXPERTS * 3 and not any(p.keep for p in experts)
         # A rule or --include still quantizes a router when asked to.
         included = build_plan(source.tensors(), Recipe(scheme="nf4", include=["*.gate.weight"]), 2)
         assert not any(p.keep for p in included if p.name in routers and p.name.endswith(".gate.weight"))
@@ -183,13 +190,13 @@ def test_output_quantizes_every_expert_and_loads(moe_output, reference, model_ty
     # Every expert matrix is stored quantized: its weight (bitsandbytes) or weight_packed (compressed-tensors)
     # is an integer tensor, and none is left in 16 or 32 bits; no router is quantized.
     modules = {found.group(1) for name in stored if (found := re.match(r"^(.*\.experts\.\d+\.\w+?)\.weight", name))}
-    assert len(modules) == SIZES["num_hidden_layers"] * EXPERTS * 3
+    assert len(modules) == len(_moe_layers(model_type)) * EXPERTS * 3
     weights = {module: stored.get(f"{module}.weight_packed", stored.get(f"{module}.weight")) for module in modules}
     float_experts = [module for module, dtype in weights.items() if dtype is None or dtype in ("F32", "F16", "BF16")]
     assert float_experts == []
     record = block_record({"model_type": model_type})
     for router in record.routers:
-        assert stored[f"model.layers.0.{router}.weight"] == "F32"
+        assert stored[f"model.layers.{_moe_layers(model_type)[0]}.{router}.weight"] == "F32"
 
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float32).eval()
     got = logits(model, PROMPT_IDS)
@@ -275,7 +282,7 @@ def test_expert_statistics_are_those_of_the_tokens_transformers_routes(moe_check
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [layer.mlp.experts.register_forward_hook(
         lambda module, args, output, index=index: seen.__setitem__(index, (args[0], args[1])))
-        for index, layer in enumerate(model.model.layers)]
+        for index, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
     with torch.no_grad():
         model(tokens)
     for hook in hooks:
@@ -316,7 +323,8 @@ def test_gptq_calibrates_every_expert_and_loads(moe_checkpoint, model_type, tmp_
     result = run_cli("calibrate", source, "-o", tmp_path / "stats.safetensors", *CALIB_ARGS, "--json")
     assert result.exit_code == 0, result.stderr
     layers = json.loads(result.stdout)["layers"]
-    assert [sum(sum(counts) for counts in layer["expert_tokens"].values()) for layer in layers] == [4 * 32 * 2] * 2
+    assert [sum(sum(counts) for counts in layer["expert_tokens"].values()) for layer in layers] == \
+        [4 * 32 * 2 if layer in _moe_layers(model_type) else 0 for layer in range(SIZES["num_hidden_layers"])]
 
     out = tmp_path / "gptq"
     result = run_cli("quantize", source, "-o", out, "--scheme", "int4-sym", "--group-size", "32",
@@ -328,7 +336,8 @@ def test_gptq_calibrates_every_expert_and_loads(moe_checkpoint, model_type, tmp_
     experts = [p.name for p in plans if _expert_re(model_type).match(p.name)]
     block_planned = [p for p in plans if not p.keep and ".layers." in p.name]
     assert calibration["tensors"] == len(block_planned) and calibration["fallbacks"] == {}
-    assert len(calibration["expert_tokens"]) == SIZES["num_hidden_layers"] and len(experts) == 3 * EXPERTS * 2
+    moe_layers = len(_moe_layers(model_type))
+    assert len(calibration["expert_tokens"]) == moe_layers and len(experts) == 3 * EXPERTS * moe_layers
 
     loaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float32).eval()
     with resolve(str(out)) as opened:
@@ -418,3 +427,35 @@ def test_awq_and_imatrix_run_on_experts(moe_checkpoint, tmp_path):
         expected = transformers_logits(model_from_source(opened), PROMPT_IDS[0])
     got = llamacpp_logits(llamacpp_model(out), PROMPT_IDS[0])
     assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_gguf_of_calibrated_deepseek_keeps_the_calibrated_value_rows(moe_checkpoint, tmp_path):
+    """DeepSeek's kv_b_proj is two GGUF tensors, as llama.cpp's converter splits it: attn_v_b (rows of
+    kv_b) keeps GPTQ's bytes, attn_k_b (transposed, quantized along other rows) is rounded to nearest as
+    llama-quantize rounds it; llama.cpp runs the file with the logits of qtool's own read-back."""
+    from tests._gguf_helpers import llamacpp_logits, llamacpp_model, transformers_logits
+
+    from qtool.architectures import gguf_split
+    from qtool.evaluation.model import model_from_source
+    from qtool.sources.resolve import resolve
+
+    source = moe_checkpoint("deepseek_v3")
+    pieces = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / f"{method}.gguf"
+        extra = CALIB_ARGS if method == "gptq" else ()
+        result = run_cli("quantize", source, "-o", out, "--type", "Q8_0", "--method", method, *extra)
+        assert result.exit_code == 0, result.stderr
+        with resolve(str(out)) as opened:
+            name = "model.layers.0.self_attn.kv_b_proj.weight"
+            pieces[method] = gguf_split(name, opened.config).split(opened.load(name).float(), opened.config)
+    assert torch.equal(pieces["rtn"][0], pieces["gptq"][0])          # attn_k_b: rounded to nearest
+    assert not torch.equal(pieces["rtn"][1], pieces["gptq"][1])      # attn_v_b: calibrated
+
+    pytest.importorskip("llama_cpp")
+    with resolve(str(tmp_path / "gptq.gguf")) as opened:
+        expected = transformers_logits(model_from_source(opened), PROMPT_IDS[0])
+    got = llamacpp_logits(llamacpp_model(tmp_path / "gptq.gguf"), PROMPT_IDS[0])
+    # (llama.cpp rounds the activations to 8 bits for Q8_0 matrix products: close, not equal)
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.999

@@ -28,7 +28,7 @@ from torch import nn
 from qtool import ui
 from qtool.architectures import block_record, merged_expert_name
 from qtool.atomic import STATS_FORMAT
-from qtool.evaluation.model import load_conversions, build_on_meta, checked_hf_config, hf_config  # noqa: F401 - hf_config re-exported
+from qtool.evaluation.model import load_conversions, build_on_meta, checked_hf_config, hf_config, stored_buffers  # noqa: F401 - hf_config re-exported
 from qtool.calibration import distributed
 from qtool.calibration.experts import expert_leaves, unfuse_experts
 from qtool.calibration.data import DEFAULT_CALIB, DEFAULT_SAMPLES, DEFAULT_SEQLEN, CalibrationSet, calibration_set
@@ -157,22 +157,29 @@ class _Skeleton:
         block = self.layers[index]
         prefix = f"model.layers.{index}."
         params = dict(block.named_parameters())
+        buffers = stored_buffers(block)     # stored too (DeepSeek-V3's routing bias)
         stored_as: dict[str, str] = {}      # the block's parameter -> the checkpoint tensor it holds
         for name in names:
             local = name[len(prefix):]
-            if local not in params:
+            if local not in params and local not in buffers:
                 local = self.model_name(name)[len(prefix):]
-            if local not in params:
+            target = params.get(local, buffers.get(local))
+            if target is None:
                 continue
             tensor = source.load(name)
-            if tuple(tensor.shape) != tuple(params[local].shape):
+            if tuple(tensor.shape) != tuple(target.shape):
                 raise CorruptFile(f"tensor {name} has shape {tuple(tensor.shape)}, the config says "
-                                  f"{tuple(params[local].shape)}")
+                                  f"{tuple(target.shape)}")
             module_name, _, leaf = local.rpartition(".")
-            block.get_submodule(module_name)._parameters[leaf] = nn.Parameter(
-                tensor.to(device=device, dtype=torch.float32), requires_grad=False)
+            owner = block.get_submodule(module_name)
+            if local in params:
+                owner._parameters[leaf] = nn.Parameter(tensor.to(device=device, dtype=torch.float32),
+                                                       requires_grad=False)
+            else:
+                owner._buffers[leaf] = tensor.to(device=device, dtype=torch.float32)
             stored_as[local] = name
-        missing = [f"{prefix}{n}" for n, p in block.named_parameters() if p.device.type == "meta"]
+        missing = [f"{prefix}{n}" for n, p in (*block.named_parameters(), *stored_buffers(block).items())
+                   if p.device.type == "meta"]
         if missing:
             raise CorruptFile(f"the checkpoint has no tensor {missing[0]} (needed by block {index})")
         block.eval()

@@ -165,6 +165,17 @@ def _converted_name(name: str, renamings: list[Any], converters: list[Any]) -> t
     return name, None
 
 
+def stored_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of ``module`` by name: the ones a checkpoint stores (DeepSeek-V3's
+    ``mlp.gate.e_score_correction_bias``); rotary tables are non-persistent, computed rather than stored."""
+    found = {}
+    for path, owner in module.named_modules():
+        for leaf, buffer in owner._buffers.items():
+            if buffer is not None and leaf not in owner._non_persistent_buffers_set:
+                found[f"{path}.{leaf}" if path else leaf] = buffer
+    return found
+
+
 def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
                       device: torch.device | str = "cpu", gpu_memory: int | None = None) -> Any:
     """A transformers causal LM (eval mode) with the source's weights, filled tensor by tensor.
@@ -185,27 +196,32 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
             module = module.rpartition(".")[0]
         return torch.device("cuda", device_map.get(module, 0))
     params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = stored_buffers(model)
     loaded: set[str] = set()
     unused: list[str] = []
 
     def put(name: str, tensor: torch.Tensor, stored_as: str) -> None:
-        target = params[name]
+        target = params[name] if name in params else buffers[name]
         if tuple(tensor.shape) != tuple(target.shape):
             raise CorruptFile(f"{source.description}: tensor {stored_as} has shape {tuple(tensor.shape)}, "
                               f"the config says {tuple(target.shape)}")
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
-        module._parameters[leaf] = nn.Parameter(tensor.to(device=device_of(name), dtype=dtype), requires_grad=False)
+        if name in params:
+            module._parameters[leaf] = nn.Parameter(tensor.to(device=device_of(name), dtype=dtype),
+                                                    requires_grad=False)
+        else:   # a buffer keeps the dtype the model gives it (float32 routing biases)
+            module._buffers[leaf] = tensor.to(device=device_of(name), dtype=target.dtype)
         loaded.add(name)
 
     conversions: tuple[list[Any], list[Any]] | None = None
     merged: dict[str, tuple[Any, list[tuple[str, str]]]] = {}   # fused parameter -> (converter, [(stored, pattern)])
     for info in source.tensors():
         name, converter = info.name, None
-        if name not in params:
+        if name not in params and name not in buffers:
             conversions = conversions if conversions is not None else load_conversions(model)
             name, converter = _converted_name(info.name, *conversions)
-        if name not in params:
+        if name not in params and name not in buffers:
             unused.append(info.name)
         elif converter is not None:
             merged.setdefault(name, (converter[0], []))[1].append((info.name, converter[1]))

@@ -18,6 +18,7 @@ is written when its last expert has come: the file's tensor order is the order t
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections import Counter
 from dataclasses import dataclass, field
@@ -93,6 +94,15 @@ class _Merged:
         return sum(packed_nbytes(plan) for plan in self.plans)
 
 
+def _split_plans(plan: TensorPlan, config: dict, model_type: str) -> list[tuple[TensorPlan, str]]:
+    """The pieces of a matrix llama.cpp stores split, as plans of their own shape (the matrix's scheme,
+    typed by the pieces' rows), with their GGUF names."""
+    split = architectures.gguf_split(plan.name, config)
+    shapes = [tuple(piece.shape) for piece in split.split(torch.empty(plan.shape, device="meta"), config)]
+    return [(dataclasses.replace(plan, name=name, shape=shape), architectures.hf_to_gguf_name(name, model_type))
+            for name, shape in zip(architectures.split_names(plan.name, config), shapes)]
+
+
 def _merged_groups(plans: list[TensorPlan]) -> list[_Merged]:
     """The experts merged into one GGUF tensor each, checked: experts 0..E-1 of one shape and one stored type."""
     members: dict[str, dict[int, TensorPlan]] = {}
@@ -128,7 +138,13 @@ class GGUFSink(Sink):
         model_type = architectures.model_type_of(config)
         self._gguf_names = {plan.name: architectures.hf_to_gguf_name(plan.name, model_type) for plan in plans}
         self._types = {plan.name: stored_type(plan) for plan in plans}
-        fallbacks = Counter((plan.scheme, self._types[plan.name]) for plan in plans
+        # Matrices llama.cpp stores as several tensors (DeepSeek's kv_b_proj): each piece typed on its own shape.
+        self._splits = {plan.name: _split_plans(plan, config, model_type) for plan in plans
+                        if architectures.gguf_split(plan.name, config) is not None}
+        for pieces in self._splits.values():
+            self._types.update({piece.name: stored_type(piece) for piece, _ in pieces})
+        written = [piece for plan in plans for piece, _ in self._splits.get(plan.name, [(plan, None)])]
+        fallbacks = Counter((plan.scheme, self._types[plan.name]) for plan in written
                             if not plan.keep and len(plan.shape) >= 2 and self._types[plan.name] != plan.scheme)
         if fallbacks:
             summary = ", ".join(f"{count} x {wanted} -> {used}" for (wanted, used), count in sorted(fallbacks.items()))
@@ -153,7 +169,12 @@ class GGUFSink(Sink):
                 type_name = GGMLQuantizationType[self._types[plan.name]]
                 group = self._merged.get(self._gguf_names[plan.name])
                 # numpy's shape order (rows first); the writer reverses it into GGML's ne[].
-                if group is None:
+                if plan.name in self._splits:
+                    for piece, gguf_name in self._splits[plan.name]:
+                        self._writer.add_tensor_info(gguf_name, tuple(piece.shape), np.dtype(np.float32),
+                                                     packed_nbytes(piece),
+                                                     raw_dtype=GGMLQuantizationType[self._types[piece.name]])
+                elif group is None:
                     self._writer.add_tensor_info(self._gguf_names[plan.name], tuple(plan.shape),
                                                  np.dtype(np.float32), packed_nbytes(plan), raw_dtype=type_name)
                 elif plan.name == group.last:   # written when its last expert arrives
@@ -230,6 +251,10 @@ class GGUFSink(Sink):
             # The header already promised the plan's shape; other bytes would make a file no reader takes.
             raise BadArgument(f"tensor {plan.name} has shape {tuple(tensor.shape)}, the plan says {tuple(plan.shape)}")
         config = self.source.config
+        if plan.name in self._splits:
+            written = self._add_split(plan, tensor, packed)
+            self._pending.pop(0)
+            return written
         heads = architectures.qk_heads(plan.name, config)
         stored = ggml_type(self._types[plan.name])
         try:
@@ -267,6 +292,33 @@ class GGUFSink(Sink):
                                                                for i in range(len(group.plans))]))
         self._pending.pop(0)
         return data.nbytes
+
+    def _add_split(self, plan: TensorPlan, tensor: torch.Tensor, packed: GGMLTensor | None) -> int:
+        """The pieces of a split matrix, in order: a calibrated matrix's packed rows where a piece is a
+        selection of its rows, the float matrix quantized on the piece's own rows otherwise."""
+        config = self.source.config
+        split = architectures.gguf_split(plan.name, config)
+        pieces = split.split(tensor, config)
+        packed_pieces = split.split(packed.data, config) if packed is not None else None
+        written = 0
+        for index, (piece, _) in enumerate(self._splits[plan.name]):
+            stored = ggml_type(self._types[piece.name])
+            if packed_pieces is not None and index in split.row_parts and packed.type_name == stored.name:
+                data = packed_pieces[index]
+            else:
+                rows = pieces[index].reshape(-1, piece.shape[-1]).contiguous()
+                try:
+                    data = stored.quantize(rows, **plan.params).data
+                except NonFiniteWeight:
+                    raise BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "
+                                      f"the tensor unquantized (--skip '{plan.name}')") from None
+            data = data.cpu().contiguous().numpy()
+            if data.nbytes != packed_nbytes(piece):
+                raise BadArgument(f"tensor {plan.name}: {data.nbytes} bytes of {stored.name} data for {piece.name} "
+                                  f"where the file's header says {packed_nbytes(piece)}; nothing written")
+            self._writer.write_tensor_data(data)
+            written += data.nbytes
+        return written
 
     def finish(self, model_card: str) -> Path:
         if self._pending:

@@ -6,6 +6,7 @@ architecture), and a Hugging Face tokenizer is rebuilt from the ``tokenizer.*`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import tempfile
@@ -110,16 +111,22 @@ class GGUFSource(Source):
                 ui.warn(f"{path}: ignoring {', '.join(skipped)} (rope factors that match no scaling transformers "
                         "knows; the model is read without them)")
             self._hf_to_gguf: dict[str, GGUFTensor] = {}
+            # Matrices llama.cpp stores split (DeepSeek's kv_b_proj as attn_k_b + attn_v_b): name -> pieces.
+            self._pieces: dict[str, dict[int, GGUFTensor]] = {}
             for tensor in self.gguf.tensors:
                 if tensor.name in architectures.GGUF_ONLY_TENSORS:
                     continue
                 hf_name = architectures.gguf_to_hf_name(tensor.name, self.gguf.architecture, self.gguf.metadata)
-                if ".experts." in hf_name and len(tensor.dims) == 3:
+                joined = architectures.joined_name(hf_name, config)
+                if joined is not None:
+                    self._pieces.setdefault(joined[0], {})[joined[1]] = tensor
+                elif ".experts." in hf_name and len(tensor.dims) == 3:
                     # llama.cpp's merged experts (ffn_*_exps): one matrix per expert, as checkpoints store them.
                     for index, part in enumerate(_expert_slices(tensor)):
                         self._hf_to_gguf[architectures.expert_name(hf_name, index)] = part
                 else:
                     self._hf_to_gguf[hf_name] = tensor
+            self._joined_shapes = {name: self._joined_shape(name, pieces, config) for name, pieces in self._pieces.items()}
             self._check_shapes(config)
         except BaseException:
             self.gguf.close()
@@ -148,8 +155,8 @@ class GGUFSource(Source):
         }
         for hf_name, tensor in self._hf_to_gguf.items():
             want = expected.get(hf_name)
-            if hf_name.endswith(".q_proj.weight"):
-                want = (heads * head_dim, hidden)
+            if hf_name.endswith(".q_proj.weight"):   # DeepSeek's queries: nope + rope wide (qk_head_dim)
+                want = (heads * int(config.get("qk_head_dim") or head_dim), hidden)
             elif hf_name.endswith((".k_proj.weight", ".v_proj.weight")):
                 want = (kv_heads * head_dim, hidden)
             elif hf_name.endswith(".qkv_proj.weight"):   # Phi-3's fused q, k and v rows
@@ -160,9 +167,21 @@ class GGUFSource(Source):
         if "model.embed_tokens.weight" not in self._hf_to_gguf:
             raise CorruptFile(f"{self.gguf.path}: no token_embd.weight tensor; not a complete Llama-family model")
 
+    def _joined_shape(self, name: str, pieces: dict[int, GGUFTensor], config: dict) -> tuple[int, ...]:
+        split = architectures.gguf_split(name, config)
+        if split is None or sorted(pieces) != list(range(len(split.parts))):
+            raise CorruptFile(f"{self.gguf.path}: {name} is stored split in {len(split.parts) if split else '?'} "
+                              f"tensors, but the file has {len(pieces)} of them")
+        meta = tuple(torch.empty(pieces[i].shape, device="meta") for i in range(len(pieces)))
+        return tuple(split.join(meta, config).shape)
+
     def tensors(self) -> list[TensorInfo]:
-        return [TensorInfo(hf_name, tuple(tensor.shape), tensor.type_name, tensor.n_bytes)
-                for hf_name, tensor in self._hf_to_gguf.items()]
+        singles = [TensorInfo(hf_name, tuple(tensor.shape), tensor.type_name, tensor.n_bytes)
+                   for hf_name, tensor in self._hf_to_gguf.items()]
+        joined = [TensorInfo(name, self._joined_shapes[name], pieces[0].type_name,
+                             sum(piece.n_bytes for piece in pieces.values()))
+                  for name, pieces in self._pieces.items()]
+        return singles + joined
 
     def gguf_tensor(self, name: str) -> GGUFTensor:
         """The GGUF tensor behind a Hugging Face name."""
@@ -173,6 +192,11 @@ class GGUFSource(Source):
                            f"{_safe_gguf_name(name, self.config)!r})") from None
 
     def load(self, name: str) -> torch.Tensor:
+        if name in self._pieces:
+            pieces = self._pieces[name]
+            values = tuple(dequantize_raw(self.gguf.raw(pieces[i]), pieces[i], self.dtype) for i in range(len(pieces)))
+            widest = functools.reduce(torch.promote_types, (v.dtype for v in values))
+            return architectures.gguf_split(name, self.config).join(tuple(v.to(widest) for v in values), self.config)
         tensor = self.gguf_tensor(name)
         values = dequantize_raw(self.gguf.raw(tensor), tensor, self.dtype)
         return architectures.from_gguf(name, values, self.config)
