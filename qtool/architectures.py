@@ -668,6 +668,13 @@ def merged_expert_name(name: str) -> tuple[str, int] | None:
     return (f"{match.group(1)}.{match.group(3)}", int(match.group(2))) if match else None
 
 
+def expert_parts(name: str) -> tuple[str, int, str] | None:
+    """``model.layers.0.mlp.experts.3.gate_proj.weight`` -> (``model.layers.0.mlp.experts``, 3,
+    ``gate_proj.weight``); None for a tensor that is not one expert's."""
+    match = _EXPERT_RE.match(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
 def expert_name(merged: str, index: int) -> str:
     """Inverse of :func:`merged_expert_name`: expert ``index``'s tensor of a merged name."""
     head, _, tail = merged.rpartition(".experts.")

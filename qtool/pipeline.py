@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from qtool import __version__, ui
+from qtool import __version__, architectures, ui
 from qtool.atomic import OutputClaim, StagedOutput, output_errors
-from qtool.errors import BadArgument
+from qtool.errors import BadArgument, Unsupported
 from qtool import containers
 from qtool.plan import KEEP, Recipe, TensorPlan, build_plan, check_coverage
 from qtool.report import ActivationReport, ActivationRow, QuantizeReport, size_report
@@ -62,6 +62,12 @@ def plan_model(source: Source, recipe: Recipe, fmt: str | None = None) -> list[T
     # The layer count (plans, GGUF metadata) and calibration read the config: check it against the tensors first.
     check_source_config(source, require_architecture=False)
     fmt = fmt or containers.default_format()
+    record = architectures.block_record(source.config)
+    if record is not None and record.fused_experts is not None and not containers.format_option(
+            fmt, "writes_fused_experts"):
+        raise Unsupported(f"{architectures.model_type_of(source.config)} stores its experts fused, and transformers "
+                          f"loads them only as float or MXFP4 parameters, not as --format {fmt} writes experts; "
+                          "use --format gguf (llama.cpp)")
     tensors = source.tensors()
     # The format's adjustments to the rules (GGUF: tied embeddings get the output matrix's type).
     recipe = containers.format_option(fmt, "plan_recipe")(tensors, recipe, source.config)

@@ -106,7 +106,8 @@ def size_report(source: Source, infos: dict[str, TensorInfo], plans: list[Tensor
         after = sum(r.bytes_after for r in scheme_rows)
         per_scheme.append(SchemeRow(scheme, len(scheme_rows), params, sum(r.bytes_before for r in scheme_rows),
                                     after, _bits(after, params)))
-    expert_rows = [r for r in rows if merged_expert_name(r.name) is not None]
+    # The experts' matrices (gpt-oss's expert biases are kept like every bias, and counted with them).
+    expert_rows = [r for r in rows if merged_expert_name(r.name) is not None and r.name.endswith(".weight")]
     experts = None
     if expert_rows:
         params_e = sum(params_of[r.name] for r in expert_rows)

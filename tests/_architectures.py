@@ -58,6 +58,13 @@ MOE_VARIANTS: dict[str, tuple[str, dict]] = {
     # bias (made non-zero in build_checkpoint). Their config.json files name the scoring function.
     "deepseek_v2": ("deepseek_v2", {**_DEEPSEEK, "scoring_func": "softmax"}),
     "deepseek_v3": ("deepseek_v3", {**_DEEPSEEK, "n_group": 2, "topk_group": 1, "scoring_func": "sigmoid"}),
+    # gpt-oss: experts stored fused with biases (intermediate 96: no fused shape is square), sinks, a
+    # sliding window shorter than the prompts; YaRN with truncate on, as llama.cpp always computes it.
+    "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 96,
+                            "head_dim": 16, "sliding_window": 4, "max_position_embeddings": 4096,
+                            "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+                                                "original_max_position_embeddings": 4096}}),
 }
 ALL_VARIANTS: dict[str, tuple[str, dict]] = {**VARIANTS, **MOE_VARIANTS}
 ARCH_VARIANTS = list(VARIANTS)

@@ -36,12 +36,9 @@ def checkpoint(request, arch_checkpoint) -> tuple[str, Path]:
 
 
 def _hf_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(path))
-    return state
+    """The checkpoint's tensors as qtool sees them (gpt-oss's fused experts one matrix per expert)."""
+    with resolve(str(folder)) as source:
+        return {info.name: source.load(info.name) for info in source.tensors()}
 
 
 def test_record_names_cover_the_transformers_model(checkpoint: tuple[str, Path]) -> None:
@@ -51,7 +48,9 @@ def test_record_names_cover_the_transformers_model(checkpoint: tuple[str, Path])
     allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[record.gguf_arch]}
     # A mixture of experts is told from the dense architecture of its GGUF name by its expert count.
     metadata = {f"{record.name}.expert_count": 4} if record.is_moe else None
-    for name in _hf_state(folder):
+    with resolve(str(folder)) as source:    # as qtool sees the checkpoint (gpt-oss's fused experts per expert)
+        names = [info.name for info in source.tensors()]
+    for name in names:
         gguf_name = architectures.hf_to_gguf_name(name, model_type)
         # A name gguf-py lists for this architecture (blk.N.x -> blk.{bid}.x), and back to the same HF name
         # (one expert's matrix: to the merged name it is a slice of).
@@ -152,7 +151,8 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
             == fields["head_dim"]
     if merged:   # a mixture of experts: 3 merged tensors a layer, and the expert counts
         assert metadata[f"{arch}.expert_count"] == 4 and metadata[f"{arch}.expert_used_count"] == 2
-        assert len(merged) == 3 * (SIZES["num_hidden_layers"] - fields.get("first_k_dense_replace", 0))
+        merged_weights = [name for name in merged if name.endswith(".weight")]   # (gpt-oss's biases merge too)
+        assert len(merged_weights) == 3 * (SIZES["num_hidden_layers"] - fields.get("first_k_dense_replace", 0))
     got = llamacpp_logits(llamacpp_model(f16), tokens)
     assert np.array_equal(got.argmax(-1), reference.argmax(-1)), model_type
     assert np.abs(got - reference).max() <= LOGIT_TOLERANCE * np.abs(reference).max(), model_type
@@ -183,7 +183,12 @@ def test_llamacpp_logits_match_transformers(checkpoint: tuple[str, Path], tmp_pa
         config = {k: v for k, v in source.config.items() if k not in ("torch_dtype", "dtype", "architectures")}
         from transformers import AutoConfig
 
-        if merged:
+        if architectures.architecture({"model_type": model_type}).fused_experts is not None:
+            # No loader of transformers' fuses gpt-oss's per-expert matrices: qtool's evaluator does.
+            from qtool.evaluation.model import model_from_source
+
+            back = model_from_source(source)
+        elif merged:
             # transformers fuses per-expert matrices only in its own loader: a folder it loads.
             from safetensors.torch import save_file
 

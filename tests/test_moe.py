@@ -96,6 +96,12 @@ def reference(moe_checkpoint, tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+# Checkpoints that store one matrix per expert (transformers' converters fuse them as it loads): every
+# variant but gpt-oss, whose fused experts have their own tests (tests/test_gpt_oss.py).
+PER_EXPERT_STORED = [variant for variant in MOE_VARIANTS
+                     if block_record({"model_type": MOE_VARIANTS[variant][0]}).fused_experts is None]
+
+
 def _moe_layers(model_type: str) -> list[int]:
     """The blocks with experts (DeepSeek's first blocks are dense)."""
     return list(range(MOE_VARIANTS[model_type][1].get("first_k_dense_replace", 0), SIZES["num_hidden_layers"]))
@@ -118,7 +124,7 @@ def _stored_tensors(folder: Path) -> dict[str, str]:
     return stored
 
 
-@pytest.mark.parametrize("model_type", MOE_VARIANTS)
+@pytest.mark.parametrize("model_type", PER_EXPERT_STORED)
 def test_transformers_stores_experts_per_expert_and_fuses_them(moe_checkpoint, model_type):
     """What the rest relies on: transformers 5 saves one 2-D matrix per expert, and builds 3-D fused experts."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -181,7 +187,7 @@ def test_report_counts_the_experts_apart(moe_checkpoint, fmt, tmp_path):
 @pytest.mark.parametrize("scheme", [pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=RuntimeError,
                                                                                 reason=BNB_EXPERTS_XFAIL[name]))
                                     if name in BNB_EXPERTS_XFAIL else name for name in SCHEMES])
-@pytest.mark.parametrize("model_type", MOE_VARIANTS)
+@pytest.mark.parametrize("model_type", PER_EXPERT_STORED)
 def test_output_quantizes_every_expert_and_loads(moe_output, reference, model_type, scheme):
     from transformers import AutoModelForCausalLM
 
@@ -206,7 +212,7 @@ def test_output_quantizes_every_expert_and_loads(moe_output, reference, model_ty
     assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
 
 
-@pytest.mark.parametrize("model_type", MOE_VARIANTS)
+@pytest.mark.parametrize("model_type", PER_EXPERT_STORED)
 def test_evaluator_fills_fused_experts(moe_checkpoint, moe_output, reference, model_type):
     """qtool's evaluator merges stored per-expert tensors (the source's and each output's, read back
     dequantized) into transformers' fused parameters: the logits of transformers' own loader."""
@@ -301,15 +307,18 @@ def test_expert_statistics_are_those_of_the_tokens_transformers_routes(moe_check
         for expert in range(EXPERTS):
             rows = torch.arange(hidden.shape[0]) if all_experts else (chosen == expert).any(dim=-1).nonzero()[:, 0]
             x = hidden[rows]
-            gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            inner = experts.act_fn(gate) * up
+            if hasattr(experts, "act_fn"):
+                gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+                inner = experts.act_fn(gate) * up
+            else:   # gpt-oss: input-major, biased, gate and up interleaved into its own gate function
+                inner = experts._apply_gate(x @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert])
             for leaf, inputs in zip(leaves, (x, inner)):
                 got = stats.linears[f"{prefix}.{expert}.{leaf}.weight"]
                 assert got.tokens == len(rows)
                 torch.testing.assert_close(got.mean_square, inputs.square().mean(dim=0), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("model_type", MOE_VARIANTS)
+@pytest.mark.parametrize("model_type", PER_EXPERT_STORED)
 def test_gptq_calibrates_every_expert_and_loads(moe_checkpoint, model_type, tmp_path):
     """`qtool calibrate` and `qtool quantize --method gptq` on a mixture of experts: every planned expert
     matrix is calibrated (none rounded to nearest), the report counts each expert's tokens, and the

@@ -14,12 +14,15 @@ load-time converters (the ones merging ``experts.*.w1`` and ``experts.*.w3`` int
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from qtool.errors import Unsupported
+
+if TYPE_CHECKING:
+    from qtool.architectures import FusedExperts
 
 _FUSED = ("gate_up_proj", "down_proj")
 _STORED_LEAF = re.compile(r"experts\.\*\.([^.]+)\.weight$")
@@ -39,19 +42,23 @@ def expert_leaves(converters: list[Any]) -> dict[str, tuple[str, ...]]:
 
 
 class _Expert(nn.Module):
-    def __init__(self, names: tuple[str, str, str], hidden: int, intermediate: int, act_fn: nn.Module) -> None:
+    """``down(combine(gate(x), up(x)))``: ``combine`` is act(gate) * up, or the fused module's own gate
+    function (gpt-oss's clamped SwiGLU)."""
+
+    def __init__(self, names: tuple[str, str, str], hidden: int, intermediate: int,
+                 combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], bias: bool = False) -> None:
         super().__init__()
         self.names = names
         gate, up, down = names
         with torch.device("meta"):
-            setattr(self, gate, nn.Linear(hidden, intermediate, bias=False))
-            setattr(self, up, nn.Linear(hidden, intermediate, bias=False))
-            setattr(self, down, nn.Linear(intermediate, hidden, bias=False))
-        self.act_fn = act_fn
+            setattr(self, gate, nn.Linear(hidden, intermediate, bias=bias))
+            setattr(self, up, nn.Linear(hidden, intermediate, bias=bias))
+            setattr(self, down, nn.Linear(intermediate, hidden, bias=bias))
+        self.combine = combine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, name) for name in self.names)
-        return down(self.act_fn(gate(x)) * up(x))
+        return down(self.combine(gate(x), up(x)))
 
 
 class UnfusedExperts(nn.ModuleList):
@@ -86,24 +93,37 @@ class UnfusedExperts(nn.ModuleList):
         return counts
 
 
-def unfuse_experts(block: nn.Module, leaves: dict[str, tuple[str, ...]]) -> list[str]:
+def _interleaved_gate(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    # gpt-oss's experts apply their gate to gate and up interleaved column by column.
+    return lambda gate, up: module._apply_gate(torch.stack((gate, up), dim=-1).flatten(-2))
+
+
+def unfuse_experts(block: nn.Module, leaves: dict[str, tuple[str, ...]], fused: FusedExperts | None = None) -> list[str]:
     """Replace every fused experts module of ``block`` (on the meta device) by :class:`UnfusedExperts`;
-    returns their module paths. Unsupported for fused experts of another layout (biases, other
-    parameters) or when transformers does not say how checkpoints store them."""
+    returns their module paths. ``fused``: the architecture's own layout of experts stored fused (gpt-oss:
+    input-major, biased, its own gate function). Unsupported for fused experts of another layout or when
+    neither transformers nor the record says how checkpoints store them."""
     paths = []
     for path, module in list(block.named_modules()):
         params = dict(module.named_parameters(recurse=False))
         if "gate_up_proj" not in params and "down_proj" not in params:
             continue
         gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
-        shaped = (gate_up is not None and down is not None and set(params) == set(_FUSED) and gate_up.dim() == 3
-                  and down.dim() == 3 and hasattr(module, "act_fn"))
-        names = (*leaves.get("gate_up_proj", ()), *leaves.get("down_proj", ()))
-        if not shaped or len(names) != 3:
-            raise Unsupported(f"calibration: the experts of {type(module).__name__} ({sorted(params)}) have no "
-                              "per-expert layout qtool can run; use --method rtn")
-        count, double_intermediate, hidden = gate_up.shape
-        experts = [_Expert(names, hidden, double_intermediate // 2, module.act_fn) for _ in range(count)]
+        if fused is not None and set(params) == set(fused.stored) and hasattr(module, "_apply_gate"):
+            count, hidden, double_intermediate = gate_up.shape
+            experts = [_Expert(fused.leaves, hidden, double_intermediate // 2, _interleaved_gate(module), bias=True)
+                       for _ in range(count)]
+        else:
+            shaped = (gate_up is not None and down is not None and set(params) == set(_FUSED) and gate_up.dim() == 3
+                      and down.dim() == 3 and hasattr(module, "act_fn"))
+            names = (*leaves.get("gate_up_proj", ()), *leaves.get("down_proj", ()))
+            if not shaped or len(names) != 3:
+                raise Unsupported(f"calibration: the experts of {type(module).__name__} ({sorted(params)}) have no "
+                                  "per-expert layout qtool can run; use --method rtn")
+            count, double_intermediate, hidden = gate_up.shape
+            act_fn = module.act_fn
+            experts = [_Expert(names, hidden, double_intermediate // 2, lambda gate, up: act_fn(gate) * up)
+                       for _ in range(count)]
         parent_path, _, leaf = path.rpartition(".")
         setattr(block.get_submodule(parent_path) if parent_path else block, leaf, UnfusedExperts(experts))
         paths.append(path)

@@ -120,7 +120,8 @@ class _Skeleton:
         # -> mlp.); fused experts become one Linear per expert, named as the checkpoint stores them.
         self.renamings, converters = load_conversions(model)
         leaves = expert_leaves(converters)
-        self.experts = [unfuse_experts(layer, leaves) for layer in layers]
+        fused = record.fused_experts if record is not None else None
+        self.experts = [unfuse_experts(layer, leaves, fused) for layer in layers]
 
     def model_name(self, name: str) -> str:
         for renaming in self.renamings:

@@ -69,6 +69,10 @@ class Container:
     suffix: ClassVar[str | None] = None
     # The quantization_config keys `inspect` shows.
     config_keys: ClassVar[tuple[str, ...]] = ()
+    # Whether its runtime takes experts that a checkpoint stores fused (gpt-oss) as qtool writes them, one
+    # matrix per expert merged by the container (GGUF's ffn_*_exps); transformers fuses only the per-expert
+    # names its converters know, and has none for gpt-oss.
+    writes_fused_experts: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -28,6 +28,7 @@ class GGUF(Container):
     bits_defaults: ClassVar[dict[int, str]] = {4: "Q4_K_M", 8: "Q8_0"}
     scheme_flag: ClassVar[str] = "--type"
     suffix: ClassVar[str | None] = ".gguf"
+    writes_fused_experts: ClassVar[bool] = True
     # llama-quantize's mixes, each a preset (configs/gguf-<mix>.yaml, an editable copy of its choices).
     mixes: ClassVar[tuple[str, ...]] = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M")
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qtool import ui
+from qtool.architectures import block_record, expert_parts
 from qtool.errors import BadArgument, CorruptFile, Unsupported
 from qtool.sources.base import Source
 from qtool.sources.config_check import (check_source_config, checked_hf_config, config_origin, first_line,  # noqa: F401
@@ -216,12 +217,19 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
 
     conversions: tuple[list[Any], list[Any]] | None = None
     merged: dict[str, tuple[Any, list[tuple[str, str]]]] = {}   # fused parameter -> (converter, [(stored, pattern)])
+    # Experts the architecture stores fused (gpt-oss), which transformers has no converter for: the
+    # record fuses them. experts module -> per-expert leaf -> {expert: stored name}
+    fused_layout = getattr(block_record(source.config), "fused_experts", None)
+    to_fuse: dict[str, dict[str, dict[int, str]]] = {}
     for info in source.tensors():
         name, converter = info.name, None
         if name not in params and name not in buffers:
             conversions = conversions if conversions is not None else load_conversions(model)
             name, converter = _converted_name(info.name, *conversions)
-        if name not in params and name not in buffers:
+        parts = expert_parts(info.name) if fused_layout is not None and name not in params else None
+        if parts is not None:
+            to_fuse.setdefault(parts[0], {}).setdefault(parts[2], {})[parts[1]] = info.name
+        elif name not in params and name not in buffers:
             unused.append(info.name)
         elif converter is not None:
             merged.setdefault(name, (converter[0], []))[1].append((info.name, converter[1]))
@@ -243,6 +251,22 @@ def model_from_source(source: Source, *, dtype: torch.dtype = torch.float32,
                 if converted_name in params:
                     put(converted_name, tensor, f"{converted_name} (merged from {len(stored)} tensors)")
             del converted
+    for experts, leaves in to_fuse.items():
+        try:
+            stacked = {leaf: torch.stack([source.load(by_index[index]) for index in range(len(by_index))])
+                       for leaf, by_index in leaves.items()}
+            fused = fused_layout.fuse(stacked)
+        except (KeyError, RuntimeError) as exc:   # an expert or a leaf missing, experts of different shapes
+            raise CorruptFile(f"{source.description}: the experts of {experts} cannot be fused "
+                              f"({type(exc).__name__}: {first_line(exc)}); the checkpoint is incomplete") from None
+        for leaf, tensor in fused.items():
+            name = f"{experts}.{leaf}"
+            if name in params:
+                # contiguous, as transformers' loader leaves it (its expert kernels' sums follow the layout)
+                put(name, tensor.contiguous(), f"{name} (fused from {sum(map(len, leaves.values()))} tensors)")
+            else:
+                unused.append(name)
+        del stacked, fused
     if unused:
         ui.warn(f"{source.description}: {len(unused)} tensor(s) not used by {type(model).__name__} "
                 f"(first: {unused[0]})")

@@ -94,6 +94,22 @@ class _Merged:
         return sum(packed_nbytes(plan) for plan in self.plans)
 
 
+def _unstorable(name: str, type_name: str, exc: Exception) -> BadArgument:
+    if isinstance(exc, NonFiniteWeight):
+        return BadArgument(f"tensor {name} contains inf or nan values; fix the checkpoint or keep the tensor "
+                           f"unquantized (--skip '{name}')")
+    return BadArgument(f"tensor {name} cannot be stored as {type_name}: {exc} (--skip '{name}')")
+
+
+def _promised_bytes(data: torch.Tensor, plan: TensorPlan, type_name: str, what: str) -> np.ndarray:
+    """``data`` as the bytes the header promised for ``plan``; BadArgument (nothing written) otherwise."""
+    array = data.cpu().contiguous().numpy()
+    if array.nbytes != packed_nbytes(plan):
+        raise BadArgument(f"tensor {what}: {array.nbytes} bytes of {type_name} data where the file's header says "
+                          f"{packed_nbytes(plan)}; nothing written")
+    return array
+
+
 def _split_plans(plan: TensorPlan, config: dict, model_type: str) -> list[tuple[TensorPlan, str]]:
     """The pieces of a matrix llama.cpp stores split, as plans of their own shape (the matrix's scheme,
     typed by the pieces' rows), with their GGUF names."""
@@ -271,16 +287,9 @@ class GGUFSink(Sink):
                     raise BadArgument(f"tensor {plan.name}: a norm weight arrived packed; llama.cpp stores it "
                                       "offset, which only an unpacked tensor can be")
                 data = packed.data if heads is None else architectures.permute_qk(packed.data, heads)
-        except NonFiniteWeight:
-            raise BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "
-                              f"the tensor unquantized (--skip '{plan.name}')") from None
-        except ScaleOverflow as exc:
-            raise BadArgument(f"tensor {plan.name} cannot be stored as {stored.name}: {exc} "
-                              f"(--skip '{plan.name}')") from None
-        data = data.cpu().contiguous().numpy()
-        if data.nbytes != packed_nbytes(plan):
-            raise BadArgument(f"tensor {plan.name}: {data.nbytes} bytes of {stored.name} data where the file's header "
-                              f"says {packed_nbytes(plan)}; nothing written")
+        except (NonFiniteWeight, ScaleOverflow) as exc:
+            raise _unstorable(plan.name, stored.name, exc) from None
+        data = _promised_bytes(data, plan, stored.name, plan.name)
         group = self._merged.get(self._gguf_names[plan.name])
         if group is None:
             self._writer.write_tensor_data(data)
@@ -309,13 +318,9 @@ class GGUFSink(Sink):
                 rows = pieces[index].reshape(-1, piece.shape[-1]).contiguous()
                 try:
                     data = stored.quantize(rows, **plan.params).data
-                except NonFiniteWeight:
-                    raise BadArgument(f"tensor {plan.name} contains inf or nan values; fix the checkpoint or keep "
-                                      f"the tensor unquantized (--skip '{plan.name}')") from None
-            data = data.cpu().contiguous().numpy()
-            if data.nbytes != packed_nbytes(piece):
-                raise BadArgument(f"tensor {plan.name}: {data.nbytes} bytes of {stored.name} data for {piece.name} "
-                                  f"where the file's header says {packed_nbytes(piece)}; nothing written")
+                except (NonFiniteWeight, ScaleOverflow) as exc:
+                    raise _unstorable(plan.name, stored.name, exc) from None
+            data = _promised_bytes(data, piece, stored.name, f"{plan.name} ({piece.name})")
             self._writer.write_tensor_data(data)
             written += data.nbytes
         return written

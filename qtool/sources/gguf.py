@@ -120,7 +120,7 @@ class GGUFSource(Source):
                 joined = architectures.joined_name(hf_name, config)
                 if joined is not None:
                     self._pieces.setdefault(joined[0], {})[joined[1]] = tensor
-                elif ".experts." in hf_name and len(tensor.dims) == 3:
+                elif ".experts." in hf_name and len(tensor.dims) == (3 if hf_name.endswith(".weight") else 2):
                     # llama.cpp's merged experts (ffn_*_exps): one matrix per expert, as checkpoints store them.
                     for index, part in enumerate(_expert_slices(tensor)):
                         self._hf_to_gguf[architectures.expert_name(hf_name, index)] = part
@@ -228,13 +228,13 @@ class GGUFSource(Source):
 
 
 def _expert_slices(tensor: GGUFTensor) -> list[GGUFTensor]:
-    """A merged 3-D experts tensor as one 2-D tensor per expert: each expert's rows are a contiguous
-    run of the tensor's bytes (GGML quantizes along rows)."""
-    experts = tensor.dims[2]
+    """A merged experts tensor (3-D matrices, 2-D biases; experts last in GGML order) as one tensor per
+    expert: each expert's rows are a contiguous run of the tensor's bytes (GGML quantizes along rows)."""
+    experts = tensor.dims[-1]
     if experts <= 0 or tensor.n_bytes % experts:
         raise CorruptFile(f"GGUF tensor {tensor.name!r}: {tensor.n_bytes} bytes do not split into {experts} experts")
     size = tensor.n_bytes // experts
-    return [dataclasses.replace(tensor, name=f"{tensor.name}[{index}]", dims=tensor.dims[:2],
+    return [dataclasses.replace(tensor, name=f"{tensor.name}[{index}]", dims=tensor.dims[:-1],
                                 offset=tensor.offset + index * size, n_bytes=size) for index in range(experts)]
 
 

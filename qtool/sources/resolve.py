@@ -54,18 +54,20 @@ def _refuse_pickle(path: Path) -> None:
 
 
 def _wrap_quantized(source: Source) -> Source:
-    # A vision-language checkpoint is seen under the module names transformers 5 gives it.
+    # A vision-language checkpoint is seen under the module names transformers 5 gives it, experts a
+    # checkpoint stores fused (gpt-oss) one matrix per expert.
+    from qtool.sources.fused_experts import wrap as per_expert
     from qtool.sources.vision_language import wrap as with_runtime_names
 
     if not source.config.get("quantization_config"):
-        return with_runtime_names(source)
+        return with_runtime_names(per_expert(source))
     try:
         quantized = importlib.import_module("qtool.sources.quantized")
     except ModuleNotFoundError as exc:
         if exc.name != "qtool.sources.quantized":
             raise
-        return with_runtime_names(source)
-    return with_runtime_names(quantized.wrap(source))
+        return with_runtime_names(per_expert(source))
+    return with_runtime_names(per_expert(quantized.wrap(source)))
 
 
 def resolve_local(path: Path, spec: str) -> Source:
