@@ -154,7 +154,8 @@ def _quantize_into(claim: OutputClaim, source: Source, recipe: Recipe, options: 
     try:
         # closing(): on an error the reader thread's last read ends before the source closes
         with (ui.task(f"quantizing {source.description}", total=len(plans)) as progress,
-              contextlib.closing(loaded(source, plans, device)) as tensors):
+              contextlib.closing(loaded(source, plans, device, frozenset(
+                  [p.name for p in plans if p.keep] + list(calibrated)))) as tensors):
             for plan, tensor in tensors:
                 with output_errors(out):
                     sizes[plan.name] = sink.add(plan, tensor, packed=calibrated.pop(plan.name, None))
@@ -173,10 +174,13 @@ def _quantize_into(claim: OutputClaim, source: Source, recipe: Recipe, options: 
     return report
 
 
-def loaded(source: Source, plans: list[TensorPlan], device: str) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-    """Each plan with its tensor on ``device``, in order. On a GPU the next tensor is read on a
-    helper thread (disk, and for GGUF sources dequantization, on the host) while the current one
-    is quantized and written; on the CPU, where the quantizers use every core, one at a time."""
+def loaded(source: Source, plans: list[TensorPlan], device: str,
+           on_host: frozenset[str] = frozenset()) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Each plan with its tensor on ``device`` (the ones named in ``on_host``, which nothing quantizes
+    here, stay where they were read: kept embeddings would cross the bus twice for nothing), in order.
+    On a GPU the next tensor is read on a helper thread (disk, and for GGUF sources dequantization, on
+    the host) while the current one is quantized and written; on the CPU, where the quantizers use
+    every core, one at a time."""
     if device == "cpu":
         for plan in plans:
             yield plan, source.load(plan.name)
@@ -186,7 +190,7 @@ def loaded(source: Source, plans: list[TensorPlan], device: str) -> Iterator[tup
         for index, plan in enumerate(plans):
             tensor = upcoming.result()
             upcoming = reader.submit(source.load, plans[index + 1].name) if index + 1 < len(plans) else None
-            yield plan, tensor.to(device, non_blocking=True)
+            yield plan, tensor if plan.name in on_host else tensor.to(device, non_blocking=True)
             del tensor
 
 

@@ -342,8 +342,10 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, result
 
 def layer_output_error(weight: torch.Tensor, qweight: torch.Tensor, hessian: torch.Tensor) -> float:
     """||X W^T - X Q^T||_F^2 / ||X W^T||_F^2 from H = X^T X, without X."""
-    hessian = hessian.to(weight.device, torch.float64)   # statistics may be kept on the CPU
-    diff = (weight.to(torch.float64) - qweight.to(weight.device, torch.float64))
-    num = torch.einsum("ij,jk,ik->", diff, hessian, diff)
-    ref = torch.einsum("ij,jk,ik->", weight.to(torch.float64), hessian, weight.to(torch.float64))
+    # A report figure: float32 products (float64 ones took 5% of a GPU GPTQ run), float64 sums.
+    hessian = hessian.to(weight.device, torch.float32)   # statistics may be kept on the CPU
+    weight = weight.to(torch.float32)
+    diff = weight - qweight.to(weight.device, torch.float32)
+    num = ((diff @ hessian) * diff).sum(dtype=torch.float64)
+    ref = ((weight @ hessian) * weight).sum(dtype=torch.float64)
     return float(num / ref) if float(ref) > 0 else 0.0
