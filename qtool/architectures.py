@@ -278,7 +278,7 @@ def _deepseek_metadata(config: dict, arch: str, *, gating: str | None = None) ->
         metadata[_key(Keys.LLM.EXPERT_WEIGHTS_SCALE, arch)] = float(config["routed_scaling_factor"])
     if config.get("norm_topk_prob"):
         metadata[_key(Keys.LLM.EXPERT_WEIGHTS_NORM, arch)] = True
-    for template, hf_key in ((Keys.LLM.EXPERT_GROUP_COUNT, "n_group"), (Keys.LLM.EXPERT_GROUP_USED_COUNT, "topk_group")):
+    for template, hf_key in _EXPERT_GROUP_KEYS:
         if config.get(hf_key) is not None:
             metadata[_key(template, arch)] = int(config[hf_key])
     # llama.cpp scores experts with a softmax unless told otherwise; transformers' DeepSeek-V3 always
@@ -293,10 +293,13 @@ def _deepseek_metadata(config: dict, arch: str, *, gating: str | None = None) ->
 
 
 _GATING_FUNCS = {"softmax": int(gguf.ExpertGatingFuncType.SOFTMAX), "sigmoid": int(gguf.ExpertGatingFuncType.SIGMOID)}
+# Expert groups (DeepSeek-V3 routes within the best groups): GGUF key <-> config.json field.
+_EXPERT_GROUP_KEYS = ((Keys.LLM.EXPERT_GROUP_COUNT, "n_group"), (Keys.LLM.EXPERT_GROUP_USED_COUNT, "topk_group"))
 
 
 def _deepseek_config(metadata: dict, arch: str, config: dict) -> dict:
     rope = int(_require(metadata, _key(Keys.Rope.DIMENSION_COUNT, arch)))
+    qk_head_dim = int(_require(metadata, _key(Keys.Attention.KEY_LENGTH_MLA, arch)))
     q_lora = metadata.get(_key(Keys.Attention.Q_LORA_RANK, arch))
     gating = {value: name for name, value in _GATING_FUNCS.items()}.get(
         metadata.get(_key(Keys.LLM.EXPERT_GATING_FUNC, arch)), "softmax")
@@ -307,8 +310,8 @@ def _deepseek_config(metadata: dict, arch: str, config: dict) -> dict:
         "q_lora_rank": int(q_lora) if q_lora else None,
         "kv_lora_rank": int(_require(metadata, _key(Keys.Attention.KV_LORA_RANK, arch))),
         "qk_rope_head_dim": rope,
-        "qk_nope_head_dim": int(_require(metadata, _key(Keys.Attention.KEY_LENGTH_MLA, arch))) - rope,
-        "qk_head_dim": int(_require(metadata, _key(Keys.Attention.KEY_LENGTH_MLA, arch))),
+        "qk_nope_head_dim": qk_head_dim - rope,
+        "qk_head_dim": qk_head_dim,
         "v_head_dim": int(_require(metadata, _key(Keys.Attention.VALUE_LENGTH_MLA, arch))),
         "first_k_dense_replace": int(metadata.get(_key(Keys.LLM.LEADING_DENSE_BLOCK_COUNT, arch)) or 0),
         "n_shared_experts": int(metadata.get(_key(Keys.LLM.EXPERT_SHARED_COUNT, arch)) or 0) or None,
@@ -316,7 +319,7 @@ def _deepseek_config(metadata: dict, arch: str, config: dict) -> dict:
         "norm_topk_prob": bool(metadata.get(_key(Keys.LLM.EXPERT_WEIGHTS_NORM, arch), False)),
         "scoring_func": gating,
     }
-    for template, hf_key in ((Keys.LLM.EXPERT_GROUP_COUNT, "n_group"), (Keys.LLM.EXPERT_GROUP_USED_COUNT, "topk_group")):
+    for template, hf_key in _EXPERT_GROUP_KEYS:
         if metadata.get(_key(template, arch)) is not None:
             extra[hf_key] = int(metadata[_key(template, arch)])
     log_mul = metadata.get(_key(Keys.Rope.SCALING_YARN_LOG_MUL, arch))

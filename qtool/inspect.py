@@ -99,12 +99,16 @@ def _inspect_gguf(path: Path, spec: str, glob: str | None) -> InspectReport:
 
     with GGUFFile(path) as gguf_file:
         rows = []
+        try:
+            names_of = {"model_type": architectures.gguf_record(gguf_file.architecture,
+                                                                gguf_file.metadata).model_types[0]}
+        except Unsupported:
+            names_of = None
         for tensor in gguf_file.tensors:
             try:
                 hf_name = architectures.gguf_to_hf_name(tensor.name, gguf_file.architecture, gguf_file.metadata)
-                record = architectures.gguf_record(gguf_file.architecture, gguf_file.metadata)
                 # A piece of a matrix llama.cpp stores split (DeepSeek's attn_k_b): the matrix's name.
-                joined = architectures.joined_name(hf_name, {"model_type": record.model_types[0]})
+                joined = architectures.joined_name(hf_name, names_of)
                 hf_name = joined[0] if joined else hf_name
             except Unsupported:
                 hf_name = None

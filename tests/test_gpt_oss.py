@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 
 from qtool.cli import app
 
+from tests._safetensors_helpers import logits
+
 VOCAB_SIZE = 49152
 PROMPT_IDS = [1, 50, 73, 120, 9, 201, 33, 250, 17, 88, 5, 17, 200, 33]
 CALIB_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "calibration" / "groups_merged.txt"
@@ -62,11 +64,6 @@ def mxfp4_checkpoint(gpt_oss: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return folder
 
 
-def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([PROMPT_IDS])).logits[0].float()
-
-
 def test_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(mxfp4_checkpoint: Path) -> None:
     """qtool's MXFP4 reader gives the weights transformers' own loader dequantizes (on a CPU it always
     dequantizes): the same logits, and the per-expert matrices of its fused parameters."""
@@ -84,7 +81,7 @@ def test_mxfp4_checkpoint_reads_as_transformers_dequantizes_it(mxfp4_checkpoint:
         assert torch.equal(gate.float(), experts.gate_up_proj[2][:, 0::2].T)
         assert torch.equal(down.float(), experts.down_proj[3].T)
         ours = model_from_source(source)
-    assert torch.equal(_logits(ours), _logits(theirs))
+    assert torch.equal(logits(ours, [PROMPT_IDS]), logits(theirs, [PROMPT_IDS]))
 
 
 def test_safetensors_formats_are_refused_in_one_line(gpt_oss: Path, tmp_path: Path) -> None:

@@ -110,13 +110,24 @@ def _promised_bytes(data: torch.Tensor, plan: TensorPlan, type_name: str, what: 
     return array
 
 
-def _split_plans(plan: TensorPlan, config: dict, model_type: str) -> list[tuple[TensorPlan, str]]:
-    """The pieces of a matrix llama.cpp stores split, as plans of their own shape (the matrix's scheme,
-    typed by the pieces' rows), with their GGUF names."""
+@dataclass
+class _Split:
+    """A matrix llama.cpp stores as several tensors: its split, and the pieces as plans of their own shape
+    (the matrix's scheme, typed by the pieces' rows) with their GGUF names."""
+
+    split: architectures.GGUFSplit
+    pieces: list[tuple[TensorPlan, str]]
+
+
+def _split_of(plan: TensorPlan, config: dict) -> _Split | None:
     split = architectures.gguf_split(plan.name, config)
+    if split is None:
+        return None
+    model_type = architectures.model_type_of(config)
     shapes = [tuple(piece.shape) for piece in split.split(torch.empty(plan.shape, device="meta"), config)]
-    return [(dataclasses.replace(plan, name=name, shape=shape), architectures.hf_to_gguf_name(name, model_type))
-            for name, shape in zip(architectures.split_names(plan.name, config), shapes)]
+    return _Split(split, [(dataclasses.replace(plan, name=name, shape=shape),
+                           architectures.hf_to_gguf_name(name, model_type))
+                          for name, shape in zip(architectures.split_names(plan.name, config), shapes)])
 
 
 def _merged_groups(plans: list[TensorPlan]) -> list[_Merged]:
@@ -155,11 +166,11 @@ class GGUFSink(Sink):
         self._gguf_names = {plan.name: architectures.hf_to_gguf_name(plan.name, model_type) for plan in plans}
         self._types = {plan.name: stored_type(plan) for plan in plans}
         # Matrices llama.cpp stores as several tensors (DeepSeek's kv_b_proj): each piece typed on its own shape.
-        self._splits = {plan.name: _split_plans(plan, config, model_type) for plan in plans
-                        if architectures.gguf_split(plan.name, config) is not None}
-        for pieces in self._splits.values():
-            self._types.update({piece.name: stored_type(piece) for piece, _ in pieces})
-        written = [piece for plan in plans for piece, _ in self._splits.get(plan.name, [(plan, None)])]
+        self._splits = {plan.name: found for plan in plans if (found := _split_of(plan, config)) is not None}
+        for found in self._splits.values():
+            self._types.update({piece.name: stored_type(piece) for piece, _ in found.pieces})
+        written = [piece for plan in plans
+                   for piece, _ in (self._splits[plan.name].pieces if plan.name in self._splits else [(plan, None)])]
         fallbacks = Counter((plan.scheme, self._types[plan.name]) for plan in written
                             if not plan.keep and len(plan.shape) >= 2 and self._types[plan.name] != plan.scheme)
         if fallbacks:
@@ -186,7 +197,7 @@ class GGUFSink(Sink):
                 group = self._merged.get(self._gguf_names[plan.name])
                 # numpy's shape order (rows first); the writer reverses it into GGML's ne[].
                 if plan.name in self._splits:
-                    for piece, gguf_name in self._splits[plan.name]:
+                    for piece, gguf_name in self._splits[plan.name].pieces:
                         self._writer.add_tensor_info(gguf_name, tuple(piece.shape), np.dtype(np.float32),
                                                      packed_nbytes(piece),
                                                      raw_dtype=GGMLQuantizationType[self._types[piece.name]])
@@ -306,11 +317,11 @@ class GGUFSink(Sink):
         """The pieces of a split matrix, in order: a calibrated matrix's packed rows where a piece is a
         selection of its rows, the float matrix quantized on the piece's own rows otherwise."""
         config = self.source.config
-        split = architectures.gguf_split(plan.name, config)
+        split = self._splits[plan.name].split
         pieces = split.split(tensor, config)
         packed_pieces = split.split(packed.data, config) if packed is not None else None
         written = 0
-        for index, (piece, _) in enumerate(self._splits[plan.name]):
+        for index, (piece, _) in enumerate(self._splits[plan.name].pieces):
             stored = ggml_type(self._types[piece.name])
             if packed_pieces is not None and index in split.row_parts and packed.type_name == stored.name:
                 data = packed_pieces[index]

@@ -56,7 +56,7 @@ class FusedExpertsSource(Source):
         fused, leaf, expert = part
         # Plans take an expert tensor's experts one after another: the fused tensor is read once.
         if self._cached is None or self._cached[0] != fused:
-            self._cached = None
+            self._cached = None    # the previous fused tensor goes before the next one is read
             self._cached = (fused, self.layout.unfuse(fused.rpartition(".")[2], self.inner.load(fused)))
         return self._cached[1][leaf][expert].contiguous()
 
