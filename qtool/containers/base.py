@@ -23,14 +23,17 @@ CONTAINERS: dict[str, type[Container]] = {}
 
 @dataclass(frozen=True)
 class InputQuantization:
-    """How a file's runtime quantizes a Linear's input (compressed-tensors int ``input_activations``):
-    with a stored per-tensor ``scale`` (and zero point), or dynamically from each token's range
-    (``per_token``) or the whole input's."""
+    """How a file's runtime quantizes a Linear's input (compressed-tensors ``input_activations``):
+    int with a stored per-tensor ``scale`` (and zero point), or dynamically from each token's range
+    (``per_token``) or the whole input's; float (``kind`` "float": FP8, or MXFP4 for 4 bits) always
+    dynamically, per token or per ``group_size`` features."""
     bits: int
     symmetric: bool
     per_token: bool
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
+    kind: str = "int"
+    group_size: int | None = None
 
 
 @dataclass

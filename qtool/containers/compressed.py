@@ -45,6 +45,9 @@ class CompressedTensors(Container):
                 raise CorruptFile(f"{checkpoint.description}: {module} has a weight_scale but no config group "
                                   "targets it")
             args = group.get("weights") or {}
+            if args.get("type") == "float":
+                weights[module + ".weight"] = _float_weight(checkpoint, module, args)
+                continue
             bits = int(args.get("num_bits", 8))
             zero_name = module + ".weight_zero_point"
             has_zero = zero_name in stored
@@ -88,6 +91,14 @@ class CompressedTensors(Container):
             kind, dynamic = args.get("type", "int"), args.get("dynamic", False)
             # compressed-tensors' default strategy: groups when a group size is given, else the tensor.
             strategy = args.get("strategy") or ("group" if args.get("group_size") else "tensor")
+            bits = int(args.get("num_bits", 8))
+            if kind == "float" and dynamic is True and (
+                    (bits == 8 and strategy in ("token", "group")) or (bits == 4 and strategy == "group"
+                                                                        and args.get("group_size") == 32)):
+                found[module] = InputQuantization(bits=bits, symmetric=True, per_token=strategy == "token",
+                                                  kind="float", group_size=args.get("group_size")
+                                                  if strategy == "group" else None)
+                continue
             if kind != "int" or strategy not in ("tensor", "token") or dynamic not in (True, False) \
                     or (strategy == "token" and not dynamic):
                 raise Unsupported(f"{checkpoint.description}: {module} quantizes its inputs as {kind} {strategy} "
@@ -101,7 +112,7 @@ class CompressedTensors(Container):
                 scale = checkpoint.load_raw(module + ".input_scale")
                 if module + ".input_zero_point" in stored:
                     zero_point = checkpoint.load_raw(module + ".input_zero_point")
-            found[module] = InputQuantization(bits=int(args.get("num_bits", 8)),
+            found[module] = InputQuantization(bits=bits,
                                               symmetric=bool(args.get("symmetric", True)),
                                               per_token=strategy == "token", scale=scale, zero_point=zero_point)
         return found
@@ -116,6 +127,39 @@ class CompressedTensors(Container):
 def _groups(qconfig: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """compressed-tensors' config groups and ignore list."""
     return list((qconfig.get("config_groups") or {}).values()), qconfig.get("ignore") or []
+
+
+def _float_weight(checkpoint: StoredCheckpoint, module: str, args: dict[str, Any]) -> QuantizedWeight:
+    """An FP8 (``weight``) or FP4 (``weight_packed``, with a global scale for NVFP4) weight of a
+    float-quantized config group; refused in one line when its tensors do not fit its arguments."""
+    from qtool.errors import CorruptFile
+    from qtool.sources.base import TensorInfo
+
+    stored = checkpoint.tensors
+    bits, strategy, group_size = int(args.get("num_bits", 8)), args.get("strategy"), args.get("group_size")
+    values = module + (".weight" if bits == 8 else ".weight_packed")
+    scale = module + ".weight_scale"
+    parts = [values, scale] + ([module + ".weight_global_scale"] if strategy == "tensor_group" else [])
+    missing = [part for part in parts if part not in stored]
+    if missing or bits not in (4, 8) or (bits == 4 and group_size not in (16, 32)):
+        raise CorruptFile(f"{checkpoint.description}: {module} is float{bits} {strategy} "
+                          + (f"without {', '.join(missing)}" if missing else "in a layout qtool does not read"))
+    rows, cols = stored[values].shape[0], stored[values].shape[1] * (1 if bits == 8 else 2)
+    label = "FP8" if bits == 8 else ("NVFP4" if strategy == "tensor_group" else "MXFP4")
+    dtype = checkpoint.model_dtype
+
+    def decode(raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        from qtool.schemes.floats import PackedFloat, dequantize_float
+
+        global_scale = raw.get(module + ".weight_global_scale")
+        packed = PackedFloat(raw[values], raw[scale], global_scale, label, (rows, cols), dtype)
+        if bits == 4 and packed.scale.shape != (rows, cols // group_size):
+            raise CorruptFile(f"{checkpoint.description}: {scale} has shape {tuple(packed.scale.shape)}, "
+                              f"expected {(rows, cols // group_size)}")
+        return dequantize_float(packed)
+
+    return QuantizedWeight(TensorInfo(module + ".weight", (rows, cols), label,
+                                      sum(stored[p].stored_bytes for p in parts)), parts, decode)
 
 
 def _decode_int(module: str, bits: int, shape: tuple[int, ...], args: dict[str, Any],

@@ -342,9 +342,10 @@ def _native_model(source: Source, *, dtype: torch.dtype, device: torch.device) -
 
 
 def replay_input_quantization(model: nn.Module, source: Source) -> int:
-    """Quantize the inputs of the Linears whose inputs the file's runtime quantizes (W8A8), as it
+    """Quantize the inputs of the Linears whose inputs the file's runtime quantizes (W8A8, FP8, MXFP4), as it
     does, with forward pre-hooks: the dequantized runtime would otherwise score the weights alone.
     Returns how many modules got one."""
+    from qtool.schemes.floats import fake_quantize_float_input
     from qtool.schemes.int8 import fake_quantize_input
 
     specs = source.input_quantization()
@@ -355,6 +356,8 @@ def replay_input_quantization(model: nn.Module, source: Source) -> int:
         zero_point = None if spec.zero_point is None else spec.zero_point.to(weight.device)
 
         def quantize_input(module, args, spec=spec, scale=scale, zero_point=zero_point):
+            if spec.kind == "float":
+                return (fake_quantize_float_input(args[0], bits=spec.bits, group_size=spec.group_size),) + tuple(args[1:])
             return (fake_quantize_input(args[0], bits=spec.bits, symmetric=spec.symmetric, per_token=spec.per_token,
                                         scale=scale, zero_point=zero_point),) + tuple(args[1:])
 

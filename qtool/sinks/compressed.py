@@ -22,6 +22,14 @@ static ``input_scale`` [1] per module (from calibration, ``options["input_scales
 them unpacked; int4-asym outputs therefore load with ``CompressedTensorsConfig(dequantize=True)``,
 and in vLLM). vLLM serves weight-only int8 only symmetric, so no format would run int8-asym there.
 
+The float encodings (qtool/schemes/floats.py) carry their compressed-tensors arguments and format in
+their records: ``float-quantized`` FP8 stores ``weight`` float8_e4m3fn [rows, cols] and ``weight_scale``
+in the model dtype ([rows, 1] per channel, [ceil(rows/128), ceil(cols/128)] per block);
+``nvfp4-pack-quantized`` stores ``weight_packed`` uint8 [rows, cols/2] (two E2M1 codes a byte, the even
+column in the low nibble), ``weight_scale`` float8_e4m3fn [rows, cols/16] and ``weight_global_scale``
+float32 [1]; ``mxfp4-pack-quantized`` the same packing with ``weight_scale`` uint8 E8M0 exponents
+[rows, cols/32]. Their inputs are quantized dynamically by the runtime: nothing stored.
+
 ``config.json`` gets ``quantization_config`` with one config group per distinct scheme, its
 ``targets`` being the exact module names (so kept Linear layers, tied lm_head included, are
 simply not targeted).
@@ -38,6 +46,7 @@ from qtool.calibration.activation import ACT_BITS, ActivationScale, act_strategy
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
 from qtool.schemes.base import get_scheme
+from qtool.schemes.floats import FP8, PackedFloat
 from qtool.schemes.int4 import PackedInt, pack_int32
 from qtool.sinks.safetensors_io import (
     OutputTensor,
@@ -51,6 +60,9 @@ INT = "int-quantized"
 
 
 def _format(plan: TensorPlan) -> str:
+    recorded = getattr(get_scheme(plan.scheme), "ct_format", None)
+    if recorded is not None:
+        return recorded
     # int8 weights are stored as they are; transformers then loads the asymmetric zero points
     # unpacked (compressed-tensors 0.20 cannot load packed zero points through transformers).
     return INT if plan.scheme in ("int8-asym", "w8a8") else PACKED
@@ -63,6 +75,8 @@ def _module_name(weight_name: str) -> str:
 def _scheme_args(plan: TensorPlan) -> dict[str, Any]:
     """compressed-tensors ``QuantizationArgs`` of a planned tensor's scheme."""
     scheme = get_scheme(plan.scheme)
+    if getattr(scheme, "weight_args", None) is not None:
+        return dict(scheme.weight_args)
     if plan.scheme in ("int8-asym", "w8a8"):
         return {"num_bits": 8, "type": "int", "symmetric": plan.scheme == "w8a8", "strategy": "channel",
                 "group_size": None, "dynamic": False, "actorder": None, "block_structure": None,
@@ -75,6 +89,9 @@ def _scheme_args(plan: TensorPlan) -> dict[str, Any]:
 
 def _input_args(plan: TensorPlan) -> dict[str, Any] | None:
     """compressed-tensors ``QuantizationArgs`` of the inputs (None: weight-only scheme)."""
+    recorded = getattr(get_scheme(plan.scheme), "input_args", None)
+    if recorded is not None:
+        return dict(recorded)
     if plan.scheme != "w8a8":
         return None
     dynamic = act_strategy(plan) == "token"
@@ -97,6 +114,12 @@ class CompressedSink(SafetensorsSink):
                 raise BadArgument(f"compressed-tensors quantizes 2-D Linear weights; {plan.name} has shape {plan.shape}")
             args = _scheme_args(plan)
             group_size = args["group_size"]
+            input_group = (_input_args(plan) or {}).get("group_size")
+            for size, what in ((group_size if args["type"] == "float" else None, "stores weights"),
+                               (input_group, "has its runtime quantize inputs")):
+                if size is not None and plan.shape[1] % size:
+                    raise BadArgument(f"{plan.scheme} {what} in groups of {size} input columns; {plan.name} has "
+                                      f"{plan.shape[1]}: keep it (--skip '{plan.name}') or use fp8")
             if group_size is not None and (group_size <= 0 or plan.shape[1] % group_size):
                 raise BadArgument(f"--group-size {group_size} does not divide the {plan.shape[1]} input columns of "
                                   f"{plan.name}; compressed-tensors needs whole groups (try a divisor such as "
@@ -119,6 +142,8 @@ class CompressedSink(SafetensorsSink):
         args = _scheme_args(plan)
         bits = args["num_bits"]
         rows, cols = plan.shape
+        if args["type"] == "float":
+            return _float_outputs(module, args, rows, cols, dtype)
         groups = 1 if args["group_size"] is None else -(-cols // args["group_size"])
         if _format(plan) == INT:
             outputs = [entry_bound(f"{module}.weight", torch.int8, (rows, cols)),
@@ -145,8 +170,14 @@ class CompressedSink(SafetensorsSink):
             return packed
         return dataclasses.replace(packed, scale=scale, dtype=dtype)
 
-    def packed_tensors(self, plan: TensorPlan, packed: PackedInt) -> dict[str, torch.Tensor]:
+    def packed_tensors(self, plan: TensorPlan, packed: PackedInt | PackedFloat) -> dict[str, torch.Tensor]:
         module = _module_name(plan.name)
+        if isinstance(packed, PackedFloat):
+            values = "weight" if packed.values.dtype == FP8 else "weight_packed"
+            tensors = {f"{module}.{values}": packed.values, f"{module}.weight_scale": packed.scale}
+            if packed.global_scale is not None:
+                tensors[f"{module}.weight_global_scale"] = packed.global_scale
+            return tensors
         if _format(plan) == INT:
             tensors = {f"{module}.weight": packed.q, f"{module}.weight_scale": packed.scale}
             if packed.zero_point is not None:
@@ -198,6 +229,24 @@ class CompressedSink(SafetensorsSink):
             "transform_config": {},
             "version": "0.20.0",
         }
+
+
+def _float_outputs(module: str, args: dict[str, Any], rows: int, cols: int, dtype: torch.dtype) -> list[OutputTensor]:
+    """The tensors of a float encoding (see the module docstring), from its compressed-tensors arguments."""
+    if args["num_bits"] == 8:
+        if args["strategy"] == "block":
+            height, width = args["block_structure"]
+            scale_shape = (-(-rows // height), -(-cols // width))
+        else:
+            scale_shape = (rows, 1)
+        return [entry_bound(f"{module}.weight", FP8, (rows, cols)), entry_bound(f"{module}.weight_scale", dtype, scale_shape)]
+    groups = cols // args["group_size"]
+    outputs = [entry_bound(f"{module}.weight_packed", torch.uint8, (rows, cols // 2)),
+               entry_bound(f"{module}.weight_scale", FP8 if args["strategy"] == "tensor_group" else torch.uint8,
+                           (rows, groups))]
+    if args["strategy"] == "tensor_group":
+        outputs.append(entry_bound(f"{module}.weight_global_scale", torch.float32, (1,)))
+    return outputs
 
 
 def packed_nbytes(plan: TensorPlan, dtype: torch.dtype = torch.bfloat16) -> int:

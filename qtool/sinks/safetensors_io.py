@@ -45,7 +45,7 @@ INDEX_NAME = "model.safetensors.index.json"
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-               torch.bool: "BOOL"}
+               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3"}
 _STORED_FLOAT = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 

@@ -29,7 +29,7 @@ from qtool.sources.safetensors_file import SafetensorsHeader, SafetensorsTensor,
 # safetensors dtypes read directly into a torch buffer (little-endian, as the format stores them).
 _PLAIN_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _READ_STEP = 1 << 26     # bytes per read call (a read is capped near 2 GiB on Linux)
 
 

@@ -1,0 +1,309 @@
+"""Floating-point encodings in compressed-tensors' layouts (what llm-compressor writes and vLLM runs):
+
+- ``fp8``: FP8 E4M3 weights with one scale per output channel, inputs quantized to FP8 per token by
+  the runtime (llm-compressor's FP8_DYNAMIC);
+- ``fp8-block``: FP8 E4M3 weights with one scale per 128 x 128 block (the layout of DeepSeek-V3's and
+  Qwen3's FP8 checkpoints), inputs quantized to FP8 per group of 128 by the runtime (FP8_BLOCK);
+- ``nvfp4a16``: NVFP4 weights: E2M1 values in groups of 16, each with an E4M3 scale, under one float32
+  global scale per tensor; inputs stay 16-bit;
+- ``mxfp4a16`` / ``mxfp4``: MXFP4 weights (E2M1 in groups of 32 with E8M0 power-of-two scales);
+  ``mxfp4`` also has the runtime quantize the inputs to MXFP4 (dynamic groups of 32).
+
+The numbers are compressed-tensors' own (``calculate_qparams`` on a min/max observer, ``quantize``,
+the compressors' packing), taken in the same dtypes so that the bytes agree: the weight's range and
+its scale are computed in the weight's dtype (bfloat16 division included), FP8 values are the
+clamped quotient cast to ``float8_e4m3fn`` (round to nearest even), E2M1 values round half to even on
+its grid (0, 0.5, 1, 1.5, 2, 3, 4, 6) with a zero keeping the sign of the value it came from.
+
+Pure torch, any device, no I/O.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from qtool.schemes.base import Scheme, register
+from qtool.schemes.errors import NonFiniteWeight
+from qtool.schemes.mxfp4 import E2M1_VALUES, SCALE_BIAS
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+E2M1_MAX = 6.0
+FP8_BLOCK = 128          # fp8-block's block edge (rows and columns)
+NVFP4_GROUP = 16
+MXFP4_GROUP = 32
+
+
+@dataclass
+class PackedFloat:
+    """Float-quantized weight as compressed-tensors stores it."""
+
+    values: torch.Tensor                 # float8_e4m3fn [rows, cols], or uint8 [rows, cols / 2]: E2M1 codes, two a byte
+    scale: torch.Tensor                  # fp8: [rows, 1] or [row blocks, col blocks] in ``dtype``; nvfp4: float8_e4m3fn
+                                         # [rows, cols / 16]; mxfp4: uint8 E8M0 exponents [rows, cols / 32]
+    global_scale: torch.Tensor | None    # nvfp4: float32 [1] (values = e2m1 * scale / global_scale); else None
+    encoding: str                        # the scheme's name
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _absmax(groups: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """compressed-tensors' symmetric range: max(|min(x, 0)|, max(x, 0)) over ``dims``, in x's dtype."""
+    low = groups.amin(dim=dims).clamp(max=0)
+    high = groups.amax(dim=dims).clamp(min=0)
+    absmax = torch.maximum(low.abs(), high)
+    if not bool(torch.isfinite(absmax).all()):
+        raise NonFiniteWeight("the weight contains inf or nan values")
+    return absmax
+
+
+def _matrix(weight: torch.Tensor, what: str, multiple: int = 1) -> torch.Tensor:
+    if weight.dim() != 2:
+        raise ValueError(f"{what} quantizes matrices, got shape {tuple(weight.shape)}")
+    if weight.shape[1] % multiple:
+        raise ValueError(f"{what} needs the columns ({weight.shape[1]}) to be a multiple of {multiple}")
+    if not weight.dtype.is_floating_point:
+        raise ValueError(f"{what} quantizes float weights, got {weight.dtype}")
+    return weight
+
+
+def _nonzero(scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """A zero scale (an all-zero group) becomes ``eps``, as calculate_qparams does."""
+    return torch.where(scale == 0, torch.tensor(eps, dtype=scale.dtype, device=scale.device), scale)
+
+
+def _to_fp8(scaled: torch.Tensor) -> torch.Tensor:
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+# -- E2M1 (FP4) codes ------------------------------------------------------------------------------
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (sign bit 3, magnitude index 0..7) of ``x`` clamped to +-6 and rounded on the E2M1 grid,
+    ties to the even code; a negative value rounding to zero keeps its sign (a -0 code) while -0.0 itself
+    does not, as compressed-tensors' CPU path packs them."""
+    magnitude = x.abs().clamp(max=E2M1_MAX)
+    # Thresholds between neighbouring grid values; at a tie the even code wins (<= for even below, < for odd).
+    index = ((magnitude > 0.25).to(torch.uint8) + (magnitude >= 0.75) + (magnitude > 1.25) + (magnitude >= 1.75)
+             + (magnitude > 2.5) + (magnitude >= 3.5) + (magnitude > 5.0)).to(torch.uint8)
+    return index | ((x < 0).to(torch.uint8) << 3)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes a byte along the last dim, the even element in the low nibble."""
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_e2m1(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., n / 2] -> E2M1 values [..., n]."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).long()
+    return table[codes].to(dtype)
+
+
+# -- quantize / dequantize -------------------------------------------------------------------------
+
+def _fp8_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """absmax / 448 in absmax's dtype (448 taken in that dtype, as calculate_qparams does); zero -> its eps."""
+    return _nonzero(absmax / torch.tensor(FP8_MAX, dtype=absmax.dtype, device=absmax.device),
+                    torch.finfo(absmax.dtype).eps)
+
+
+def _mx_scale(absmax: torch.Tensor) -> torch.Tensor:
+    """The MXFP4 scale of groups with this absmax, a power of two in absmax's dtype (zero -> 1)."""
+    exponent = SCALE_BIAS + torch.floor(torch.log2(_power_of_two_floor(absmax))) - 2
+    exponent = torch.round(exponent.clamp(0, 255)).to(torch.int32)
+    return _nonzero((2.0 ** (exponent - SCALE_BIAS).to(torch.float)).to(absmax.dtype), 1.0)
+
+
+def fake_quantize_float_input(x: torch.Tensor, *, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """A Linear's input quantized and dequantized as compressed-tensors' runtime does it dynamically: FP8 with
+    one scale per token (the features of a [batch, tokens, features] input; a 2-D input has one range, as
+    there) or per ``group_size`` features, MXFP4 (``bits`` 4) per group of 32; in x's dtype."""
+    if x.numel() == 0:
+        return x
+    if group_size is not None:
+        values = x.unflatten(-1, (-1, group_size))
+        absmax = _absmax(values, (-1,)).unsqueeze(-1)
+    elif x.dim() > 2:
+        values, absmax = x, _absmax(x, tuple(range(2, x.dim()))).reshape(*x.shape[:2], *([1] * (x.dim() - 2)))
+    else:
+        values, absmax = x, _absmax(x, tuple(range(x.dim())))
+    if bits == 8:
+        scale = _fp8_scale(absmax)
+        levels = _to_fp8(values / scale).to(x.dtype)
+    else:
+        scale = _mx_scale(absmax)
+        codes = e2m1_codes(values / scale)
+        levels = torch.tensor(E2M1_VALUES, dtype=x.dtype, device=x.device)[codes.long()]
+    return (levels.to(scale.dtype) * scale).to(x.dtype).reshape(x.shape)
+
+
+def quantize_fp8(weight: torch.Tensor, block: int | None = None) -> PackedFloat:
+    """FP8 E4M3 per output channel (``block`` None) or per ``block`` x ``block`` tile (edge tiles zero-padded)."""
+    matrix = _matrix(weight, "fp8")
+    rows, cols = matrix.shape
+    if block is None:
+        scale = _absmax(matrix, (1,)).unsqueeze(1)
+    else:
+        padded = torch.nn.functional.pad(matrix, (0, -cols % block, 0, -rows % block))
+        tiles = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block)
+        scale = _absmax(tiles, (1, 3))
+    scale = _fp8_scale(scale)
+    expanded = scale if block is None else \
+        scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    values = _to_fp8(matrix / expanded)
+    return PackedFloat(values, scale, None, "fp8" if block is None else "fp8-block", tuple(weight.shape), weight.dtype)
+
+
+def _fp8_expanded_scale(packed: PackedFloat) -> torch.Tensor:
+    rows, cols = packed.shape
+    scale = packed.scale
+    if scale.shape[1] == 1 and scale.shape[0] == rows:
+        return scale
+    block_rows, block_cols = -(-rows // scale.shape[0]), -(-cols // scale.shape[1])
+    return scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_cols, 1)[:, :cols]
+
+
+def quantize_nvfp4(weight: torch.Tensor, global_absmax: float | None = None) -> PackedFloat:
+    """NVFP4: global scale 448 * 6 / absmax (float32; ``global_absmax``: a larger absmax shared with the
+    Linears a runtime fuses with this one), group scales absmax / 6 * global in E4M3."""
+    matrix = _matrix(weight, "nvfp4", NVFP4_GROUP)
+    rows, cols = matrix.shape
+    groups = matrix.reshape(rows, cols // NVFP4_GROUP, NVFP4_GROUP)
+    group_max = _absmax(groups, (2,))
+    tensor_max = group_max.max() if group_max.numel() else torch.zeros((), dtype=group_max.dtype)
+    if global_absmax is not None:
+        tensor_max = torch.maximum(tensor_max, torch.tensor(global_absmax, dtype=tensor_max.dtype))
+    tensor_max = tensor_max.clamp(min=torch.finfo(tensor_max.dtype).tiny)
+    global_scale = torch.nan_to_num((FP8_MAX * E2M1_MAX) / tensor_max, nan=1.0, posinf=1.0, neginf=1.0)
+    global_scale = global_scale.to(torch.float32).reshape(1)
+    scale = global_scale * (group_max / torch.tensor(E2M1_MAX, dtype=group_max.dtype))
+    scale = _nonzero(scale.clamp(-FP8_MAX, FP8_MAX).to(FP8).to(scale.dtype), 0.125)
+    scaled = groups / (scale / global_scale).unsqueeze(2)
+    values = pack_nibbles(e2m1_codes(scaled).reshape(rows, cols))
+    return PackedFloat(values, scale.to(FP8), global_scale, "nvfp4a16", tuple(weight.shape), weight.dtype)
+
+
+def _power_of_two_floor(x: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' round_to_power_2 for E2M1 elements: the power of two at or below ``x`` after
+    adding a quarter of the mantissa's range (x >= 1.75 * 2^k goes to 2^(k+1)), on x's own bits."""
+    widths = {torch.bfloat16: (torch.int16, 7, 8), torch.float16: (torch.int16, 10, 5),
+              torch.float32: (torch.int32, 23, 8), torch.float64: (torch.int64, 52, 11)}
+    int_dtype, mantissa, exponent = widths[x.dtype]
+    bits = x.contiguous().view(int_dtype).to(torch.int64) & ((1 << (mantissa + exponent + 1)) - 1)
+    rounded = (bits + (1 << (mantissa - 2))) & (((1 << (exponent + 1)) - 1) << mantissa)
+    if int_dtype == torch.int16:
+        rounded = torch.where(rounded >= 1 << 15, rounded - (1 << 16), rounded)
+    elif int_dtype == torch.int32:
+        rounded = torch.where(rounded >= 1 << 31, rounded - (1 << 32), rounded)
+    return rounded.to(int_dtype).view(x.dtype)
+
+
+def quantize_mxfp4(weight: torch.Tensor, name: str = "mxfp4a16") -> PackedFloat:
+    """MXFP4: per group of 32, the E8M0 exponent of the group's absmax rounded to a power of two, less 2
+    (E2M1's largest power); values clamped to +-6."""
+    matrix = _matrix(weight, "mxfp4", MXFP4_GROUP)
+    rows, cols = matrix.shape
+    groups = matrix.reshape(rows, cols // MXFP4_GROUP, MXFP4_GROUP)
+    scale = _mx_scale(_absmax(groups, (2,)))
+    scaled = groups / scale.unsqueeze(2)
+    values = pack_nibbles(e2m1_codes(scaled).reshape(rows, cols))
+    stored = (SCALE_BIAS + torch.floor(torch.log2(scale.float())).to(torch.int32)).to(torch.uint8)
+    return PackedFloat(values, stored, None, name, tuple(weight.shape), weight.dtype)
+
+
+def dequantize_float(packed: PackedFloat) -> torch.Tensor:
+    """The float weight as compressed-tensors' decompression gives it, in the weight's dtype."""
+    rows, cols = packed.shape
+    if packed.values.dtype == FP8:
+        scale = _fp8_expanded_scale(packed)
+        return (packed.values.to(scale.dtype) * scale).to(packed.dtype).reshape(packed.shape)
+    values = unpack_e2m1(packed.values).reshape(rows, packed.scale.shape[1], -1)
+    if packed.global_scale is not None:
+        scale = packed.scale.to(torch.float32) / packed.global_scale.to(torch.float32)
+    else:
+        scale = torch.ldexp(torch.ones(packed.scale.shape, device=packed.scale.device),
+                            packed.scale.to(torch.int32) - SCALE_BIAS)
+    return (values * scale.unsqueeze(2)).reshape(rows, cols).to(packed.dtype).reshape(packed.shape)
+
+
+# -- the encodings ---------------------------------------------------------------------------------
+
+class _FloatScheme(Scheme):
+    family = "compressed"
+    checks_finite = True        # quantize raises NonFiniteWeight itself
+    # compressed-tensors' QuantizationArgs of the weights and of the inputs (None: inputs stay 16-bit).
+    weight_args: ClassVar[dict[str, Any]]
+    input_args: ClassVar[dict[str, Any] | None] = None
+    # The compressed-tensors format of the config group.
+    ct_format: ClassVar[str]
+
+    def dequantize(self, packed: PackedFloat) -> torch.Tensor:
+        return dequantize_float(packed)
+
+
+def _args(num_bits: int, strategy: str, *, group_size: int | None = None, block: list[int] | None = None,
+          dynamic: bool | str = False, scale_dtype: str | None = None, observer: str | None = "minmax") -> dict[str, Any]:
+    return {"num_bits": num_bits, "type": "float", "symmetric": True, "strategy": strategy, "group_size": group_size,
+            "block_structure": block, "dynamic": dynamic, "actorder": None, "observer": observer,
+            "observer_kwargs": {}, "scale_dtype": scale_dtype, "zp_dtype": scale_dtype}
+
+
+@register
+class FP8Channel(_FloatScheme):
+    name = "fp8"
+    bits = 8.0
+    ct_format = "float-quantized"
+    weight_args = _args(8, "channel")
+    input_args = _args(8, "token", dynamic=True, observer=None)
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
+        return quantize_fp8(weight)
+
+
+@register
+class FP8Block(_FloatScheme):
+    name = "fp8-block"
+    bits = 8.0
+    block_size = FP8_BLOCK
+    ct_format = "float-quantized"
+    weight_args = _args(8, "block", block=[FP8_BLOCK, FP8_BLOCK])
+    input_args = _args(8, "group", group_size=FP8_BLOCK, dynamic=True, observer=None)
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
+        return quantize_fp8(weight, FP8_BLOCK)
+
+
+@register
+class NVFP4A16(_FloatScheme):
+    name = "nvfp4a16"
+    bits = 4.5               # E2M1 plus an 8-bit scale per 16
+    group_size = NVFP4_GROUP
+    ct_format = "nvfp4-pack-quantized"
+    weight_args = _args(4, "tensor_group", group_size=NVFP4_GROUP, scale_dtype="torch.float8_e4m3fn")
+    params = ("global_absmax",)
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
+        return quantize_nvfp4(weight, params.get("global_absmax"))
+
+
+@register
+class MXFP4A16(_FloatScheme):
+    name = "mxfp4a16"
+    bits = 4.25              # E2M1 plus an 8-bit exponent per 32
+    group_size = MXFP4_GROUP
+    ct_format = "mxfp4-pack-quantized"
+    weight_args = _args(4, "group", group_size=MXFP4_GROUP, scale_dtype="torch.uint8")
+
+    def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
+        return quantize_mxfp4(weight, self.name)
+
+
+@register
+class MXFP4(MXFP4A16):
+    name = "mxfp4"
+    input_args = _args(4, "group", group_size=MXFP4_GROUP, dynamic=True, scale_dtype="torch.uint8", observer=None)

@@ -1,0 +1,196 @@
+"""FP8, NVFP4 and MXFP4 weights: qtool's bytes against compressed-tensors' own quantization (a min/max
+observer as llm-compressor runs it, ``calculate_qparams``, ``generate_gparam`` and the format's
+compressor), on random weights, real SmolLM2 layers and edge cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtool.schemes.base import get_scheme
+from qtool.schemes.floats import dequantize_float
+
+compressed_tensors = pytest.importorskip("compressed_tensors")
+
+SCHEMES = ("fp8", "fp8-block", "nvfp4a16", "mxfp4a16", "mxfp4")
+
+
+@pytest.fixture(scope="module")
+def llama128_dir(smollm2_tokenizer_dir, tmp_path_factory):
+    """A random Llama whose Linear inputs are 128 or 256 wide (fp8-block's input groups are 128)."""
+    from qtool.synthetic import SHAPES, write_synthetic_llama
+
+    shape = dict(SHAPES["tiny"], hidden_size=128, intermediate_size=256)
+    return write_synthetic_llama(tmp_path_factory.mktemp("llama128"), **shape, tokenizer_from=smollm2_tokenizer_dir)
+
+
+def reference(weight: torch.Tensor, scheme_name: str) -> dict[str, torch.Tensor]:
+    """What llm-compressor stores for ``weight`` under the scheme's weight arguments: min/max of the weight
+    in its dtype per strategy (its observers' flattening), qparams, then the compressor."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    from compressed_tensors.quantization.utils.helpers import maybe_pad_tensor_for_block_quant
+
+    scheme = get_scheme(scheme_name)
+    args = QuantizationArgs.model_validate(scheme.weight_args)
+    rows, cols = weight.shape
+    if args.strategy == "channel":
+        low, high = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)
+    elif args.strategy == "block":
+        height, width = args.block_structure
+        padded = maybe_pad_tensor_for_block_quant(weight, args.block_structure)
+        tiles = padded.reshape(padded.shape[0] // height, height, padded.shape[1] // width, width).transpose(1, 2)
+        low, high = tiles.amin(dim=(2, 3)), tiles.amax(dim=(2, 3))
+    else:
+        groups = weight.unflatten(-1, (-1, args.group_size))
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    global_scale = None
+    if args.strategy == "tensor_group":
+        absmax = torch.maximum(-low.min(), high.max())
+        global_scale = generate_gparam(-absmax.reshape(1), absmax.reshape(1))
+    scale, _ = calculate_qparams(low, high, args, global_scale=global_scale)
+    state = {"weight": weight, "weight_scale": scale}
+    if global_scale is not None:
+        state["weight_global_scale"] = global_scale
+    fmt = scheme.ct_format
+    ct_scheme = QuantizationScheme(targets=["Linear"], weights=args,
+                                   input_activations=scheme.input_args and QuantizationArgs.model_validate(scheme.input_args))
+    return BaseCompressor.get_value_from_registry(fmt).compress(state, ct_scheme)
+
+
+def ours(weight: torch.Tensor, scheme_name: str) -> dict[str, torch.Tensor]:
+    packed = get_scheme(scheme_name).quantize(weight)
+    if packed.values.dtype == torch.float8_e4m3fn:
+        return {"weight": packed.values, "weight_scale": packed.scale}
+    stored = {"weight_packed": packed.values, "weight_scale": packed.scale}
+    if packed.global_scale is not None:
+        stored["weight_global_scale"] = packed.global_scale
+    return stored
+
+
+def assert_same(weight: torch.Tensor, scheme_name: str) -> None:
+    expected, got = reference(weight, scheme_name), ours(weight, scheme_name)
+    assert sorted(expected) == sorted(got)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        if value.dtype == torch.float8_e4m3fn:
+            assert torch.equal(got[key].view(torch.uint8), value.view(torch.uint8)), key
+        else:
+            assert torch.equal(got[key], value), key
+
+
+def edge_weights(dtype: torch.dtype) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    outliers = torch.randn(64, 256) * 0.02
+    outliers[3, 17] = 300.0
+    outliers[40, 200] = -1e4
+    zeros = torch.randn(64, 256)
+    zeros[:8] = 0.0                       # all-zero rows, blocks and groups
+    zeros[10, :64] = -0.0
+    ties = (torch.randint(-12, 13, (64, 256)) / 2).float()   # multiples of 0.5: ties on every grid
+    tiny = torch.randn(64, 256) * 1e-30   # subnormal in float32 and below bfloat16's normals
+    odd = torch.randn(200, 160)           # blocks past the edge (fp8-block pads)
+    return [t.to(dtype) for t in (outliers, zeros, ties, tiny, odd)]
+
+
+@pytest.mark.parametrize("scheme_name", SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bytes_equal_compressed_tensors(scheme_name, dtype):
+    for weight in edge_weights(dtype):
+        if dtype == torch.float16 and weight.abs().max() > 6e4:
+            continue
+        assert_same(weight, scheme_name)
+
+
+@pytest.mark.parametrize("scheme_name", SCHEMES)
+def test_real_smollm2_layers(smollm2_gguf, scheme_name):
+    from qtool.sources.resolve import resolve
+
+    with resolve(str(smollm2_gguf)) as source:
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
+                     "model.layers.29.mlp.gate_proj.weight"):
+            assert_same(source.load(name).to(torch.bfloat16), scheme_name)
+
+
+@pytest.mark.parametrize("scheme_name", SCHEMES)
+def test_dequantize_matches_compressed_tensors(scheme_name):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    scheme = get_scheme(scheme_name)
+    weight = torch.randn(96, 256, dtype=torch.bfloat16)
+    packed = scheme.quantize(weight)
+    args = QuantizationArgs.model_validate(scheme.weight_args)
+    stored = ours(weight, scheme_name)
+    decompressed = BaseCompressor.get_value_from_registry(scheme.ct_format).decompress(
+        dict(stored), QuantizationScheme(targets=["Linear"], weights=args))
+    got = dequantize_float(packed)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), decompressed["weight"].float(), rtol=0, atol=0)
+    # and close to the weight: within half a step of each grid
+    error = (got.float() - weight.float()).abs().max() / weight.float().abs().max()
+    assert error < (0.07 if scheme.bits == 8 else 0.25)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        get_scheme("nvfp4a16").quantize(torch.randn(4, 24))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        get_scheme("mxfp4").quantize(torch.randn(4, 48))
+    from qtool.schemes.errors import NonFiniteWeight
+
+    for name in SCHEMES:
+        bad = torch.randn(8, 64)
+        bad[1, 1] = float("nan")
+        with pytest.raises(NonFiniteWeight):
+            get_scheme(name).quantize(bad)
+
+
+
+@pytest.mark.parametrize("scheme_name", ["fp8", "fp8-block", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_input_quantization_is_compressed_tensors_dynamic_quantization(scheme_name, dtype):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    from qtool.schemes.floats import fake_quantize_float_input
+
+    args = QuantizationArgs.model_validate(get_scheme(scheme_name).input_args)
+    torch.manual_seed(1)
+    x = (torch.randn(2, 7, 256) * torch.logspace(-3, 2, 256)).to(dtype)
+    x[0, 3] = 0.0                                       # an all-zero token
+    x[1, 2, :64] = 0.0                                  # all-zero groups
+    for value in (x, x[0]):                             # a 2-D input has one range
+        scale, zero_point = compute_dynamic_scales_and_zp(value, args, module=None)
+        expected = fake_quantize(value, scale, zero_point, args)
+        got = fake_quantize_float_input(value, bits=args.num_bits, group_size=args.group_size
+                                        if args.strategy == "group" else None)
+        assert got.dtype == expected.dtype
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("scheme_name", SCHEMES)
+def test_transformers_loads_output(llama128_dir, tmp_path, scheme_name):
+    from transformers import AutoModelForCausalLM
+
+    from qtool.evaluation.model import replay_input_quantization
+    from qtool.plan import Recipe
+    from qtool.sources.resolve import resolve
+    from tests._safetensors_helpers import logits, reference_model, write_output
+
+    out, plans = write_output(llama128_dir, tmp_path / "out", Recipe(scheme=scheme_name))
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    reference = reference_model(llama128_dir, plans)
+    quantized = [plan for plan in plans if not plan.keep]
+    assert len(quantized) == 14
+    with resolve(str(out)) as written:
+        # the runtime's input quantization, read from the file, replayed on the reference
+        assert replay_input_quantization(reference, written) == (14 if get_scheme(scheme_name).input_args else 0)
+        assert {info.name for info in written.tensors()} >= {plan.name for plan in quantized}
+    got, expected = logits(model), logits(reference)
+    state = reference.state_dict()
+    for plan in quantized:      # compressed-tensors decompressed qtool's dequantized weights
+        module = model.get_submodule(plan.name[: -len(".weight")])
+        assert torch.equal(module.weight.data, state[plan.name]), plan.name
+    assert torch.equal(got, expected)
