@@ -285,7 +285,8 @@ class NVFP4A16(_FloatScheme):
     group_size = NVFP4_GROUP
     ct_format = "nvfp4-pack-quantized"
     weight_args = _args(4, "tensor_group", group_size=NVFP4_GROUP, scale_dtype="torch.float8_e4m3fn")
-    params = ("global_absmax",)
+    # quantize() takes ``global_absmax``: the sink gives Linears a runtime fuses one global scale.
+    shares_global_scale = True
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
         return quantize_nvfp4(weight, params.get("global_absmax"))

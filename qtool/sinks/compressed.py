@@ -100,8 +100,48 @@ def _input_args(plan: TensorPlan) -> dict[str, Any] | None:
             "observer": None if dynamic else "minmax", "observer_kwargs": {}}
 
 
+# Sibling Linears vLLM loads into one matrix (qkv_proj, gate_up_proj; llm-compressor's FUSED_LAYER_NAMES):
+# it reads one NVFP4 global scale for the fused matrix, so its parts must share it.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
+                  ("w1", "w3"))
+
+
+def fused_groups(names: list[str]) -> list[list[str]]:
+    """Weight names (of ``names``) that a runtime fuses, grouped: siblings of one parent module."""
+    present = set(names)
+    groups = []
+    for name in names:
+        parent, _, leaf = _module_name(name).rpartition(".")
+        for siblings in FUSED_SIBLINGS:
+            if leaf == siblings[0]:
+                members = [f"{parent}.{sibling}.weight" for sibling in siblings]
+                found = [member for member in members if member in present]
+                if len(found) > 1:
+                    groups.append(found)
+    return groups
+
+
 class CompressedSink(SafetensorsSink):
     family: ClassVar[str] = "compressed"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.global_absmax = self._shared_global_absmax()
+
+    def _shared_global_absmax(self) -> dict[str, float]:
+        """NVFP4 weights that vLLM fuses: the absmax of the fused matrix, which sets their common global
+        scale (one extra read of those weights before writing)."""
+        planned = [p.name for p in self.plans if not p.keep and getattr(get_scheme(p.scheme), "shares_global_scale", False)]
+        shared: dict[str, float] = {}
+        for group in fused_groups(planned):
+            absmax = max(float(self.source.load(name).abs().amax()) for name in group)
+            shared.update(dict.fromkeys(group, absmax))
+        return shared
+
+    def add(self, plan: TensorPlan, tensor: torch.Tensor, packed: Any = None) -> int:
+        if plan.name in self.global_absmax:
+            plan = dataclasses.replace(plan, params={**plan.params, "global_absmax": self.global_absmax[plan.name]})
+        return super().add(plan, tensor, packed)
 
     @classmethod
     def check_layout(cls, plans: list[TensorPlan]) -> None:
