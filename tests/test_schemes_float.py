@@ -3,6 +3,8 @@ observer as llm-compressor runs it, ``calculate_qparams``, ``generate_gparam`` a
 compressor), on random weights, real SmolLM2 layers and edge cases."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -229,3 +231,74 @@ def test_nvfp4_fused_linears_share_a_global_scale(llama128_dir, tmp_path):
                     own = [source.load(f"{prefix}.{m}.weight").abs().amax() for m in group]
                     differ += int(min(own) < absmax)
     assert differ       # some part's own global scale is not the shared one
+
+
+def write_fp8_checkpoint(source: Path, out: Path, block: int = 128) -> Path:
+    """``source``'s decoder Linears in quant_method fp8's layout (DeepSeek-V3, Qwen3-FP8), made here with plain torch
+    ops: per 128 x 128 tile, weight_scale_inv = absmax / 448 and weight = w / scale_inv in float8_e4m3fn."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    state, stored = load_file(str(source / "model.safetensors")), {}
+    for name, weight in state.items():
+        if ".layers." not in name or not name.endswith("proj.weight"):
+            stored[name] = weight
+            continue
+        rows, cols = weight.shape
+        padded = torch.nn.functional.pad(weight.float(), (0, -cols % block, 0, -rows % block))
+        tiles = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block).abs().amax(dim=(1, 3))
+        scale = (tiles / 448).clamp(min=1e-12)
+        full = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+        stored[name] = (weight.float() / full).to(torch.float8_e4m3fn)
+        stored[name + "_scale_inv"] = scale
+    save_file(stored, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_reads_fp8_checkpoints_as_transformers_dequantizes_them(llama128_dir, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    from qtool.errors import CorruptFile
+    from qtool.inspect import inspect_model
+    from qtool.pipeline import QuantizeOptions, quantize
+    from qtool.plan import Recipe
+    from qtool.sources.resolve import resolve
+
+    fp8_dir = write_fp8_checkpoint(llama128_dir, tmp_path / "fp8")
+    model = AutoModelForCausalLM.from_pretrained(fp8_dir, dtype=torch.bfloat16,
+                                                 quantization_config=FineGrainedFP8Config(dequantize=True))
+    expected = model.state_dict()
+    with resolve(str(fp8_dir)) as source:
+        infos = {info.name: info for info in source.tensors()}
+        assert not any("scale" in name for name in infos)
+        assert infos["model.layers.0.self_attn.k_proj.weight"].stored_dtype == "FP8"   # rows 64: one edge tile
+        for name in infos:
+            assert torch.equal(source.load(name), expected[name]), name
+    assert inspect_model(str(fp8_dir)).quantization["method"] == "fp8"
+    # requantized to anything: int4 groups from the FP8 checkpoint
+    report = quantize(str(fp8_dir), tmp_path / "int4", Recipe(scheme="int4-sym"), QuantizeOptions())
+    assert report.parameters_quantized == sum(value.numel() for name, value in expected.items() if "proj" in name)
+    assert report.bits_before_quantized == pytest.approx(8.0, abs=0.1)      # the FP8 source's bytes
+
+    # a scale grid that does not fit its weight is refused in one line
+    state = load_file(str(fp8_dir / "model.safetensors"))
+    state["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(3, 3)
+    save_file(state, str(fp8_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CorruptFile, match="up_proj.weight_scale_inv has shape"):
+        resolve(str(fp8_dir)).close()
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = "128"
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CorruptFile, match="weight_block_size"):
+        resolve(str(fp8_dir)).close()

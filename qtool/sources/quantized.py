@@ -45,9 +45,9 @@ class QuantizedSource(Source):
                                            tensors=stored, load_raw=inner.load_raw, model_dtype=self.model_dtype)
         logical = self.container.read(self.checkpoint)
         hidden = {part for item in logical.values() for part in item.parts}
-        # W8A8 input scales belong to the runtime's input quantization (see input_quantization), not
+        # W8A8 (and quant_method fp8) input scales belong to the runtime's input quantization (see input_quantization), not
         # to the float model: a re-quantized output must not carry them.
-        hidden |= {name for name in stored if name.endswith((".input_scale", ".input_zero_point"))}
+        hidden |= {name for name in stored if name.endswith((".input_scale", ".input_zero_point", ".activation_scale"))}
         self._logical = logical
         # Each logical tensor takes the place of its first stored part, so file order is kept.
         first_part = {item.parts[0]: item for item in logical.values()}
