@@ -69,6 +69,22 @@ def test_legacy_types_equal_llamacpp_reference_bytes(name, dtype):
                                quants.dequantize(reference, GGMLQuantizationType[name]), rtol=0, atol=0)
 
 
+def test_mxfp4_equals_llamacpp_reference_bytes(smollm2_gguf):
+    """MXFP4 (gpt-oss' experts): edge cases (zeros, ties, outliers, blocks below 2^-125 whose exponent wraps
+    as C's float -> uint8 conversion does) and real SmolLM2 rows, bytes against libggml, values against gguf-py."""
+    from qtool.sources.resolve import resolve
+
+    with resolve(str(smollm2_gguf)) as source:
+        real = source.load("model.layers.5.mlp.down_proj.weight")[:64].float()
+    ties = (torch.randint(-24, 25, (16, 256), generator=torch.Generator().manual_seed(3)) / 4).float()
+    tiny = torch.randn(8, 256, generator=torch.Generator().manual_seed(4)) * torch.tensor(1e-39)
+    for weight in (_edge_case_matrix(), ties, tiny, real):
+        packed = ggml_type("MXFP4").quantize(weight)
+        np.testing.assert_array_equal(packed.data.numpy(), llamacpp_quantize(weight.numpy(), "MXFP4"))
+        np.testing.assert_array_equal(ggml_type("MXFP4").dequantize(packed).numpy(),
+                                      quants.dequantize(packed.data.numpy(), GGMLQuantizationType.MXFP4))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_iq4_nl_equals_llamacpp_bytes(dtype):
     """IQ4_NL's scale search (first guess, then 15 tried inverse scales, each with its least-squares

@@ -603,3 +603,38 @@ def ggml_type(name: str) -> GGMLType:
     if not isinstance(scheme, GGMLType):
         raise BadArgument(f"unknown GGUF type {name!r}; choose one of: {', '.join(scheme_names('gguf'))}")
     return scheme
+
+
+# MXFP4 (OCP microscaling, what gpt-oss ships in): blocks of 32, an E8M0 exponent byte e and 16 bytes of
+# 4-bit indices into kvalues_mxfp4 (the E2M1 values doubled), value = kvalue * 2^(e - 128); element j of the
+# block in the low nibble of byte j, element j + 16 in its high nibble, as Q4_0.
+MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+@register
+class MXFP4(GGMLType):
+    name = "MXFP4"
+    block_size = 32
+    type_size = 17
+    file_type = "MOSTLY_MXFP4_MOE"
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """llama.cpp's quantize_row_mxfp4_ref: e = floor(log2(absmax)) - 2 + 127 (0 for an all-zero block),
+        each element the kvalue nearest x / 2^(e - 128), the lowest index on ties (float32 errors)."""
+        blocks = blocks.to(torch.float32)
+        absmax = blocks.abs().amax(dim=-1, keepdim=True)
+        exponent = torch.floor(torch.log2(torch.where(absmax > 0, absmax, torch.ones_like(absmax)))) - 2 + 127
+        # C converts the float to uint8 through int: a block below 2^-125 wraps around, as there.
+        exponent = torch.where(absmax > 0, exponent, torch.zeros_like(exponent)).to(torch.int32) & 0xFF
+        half = torch.ldexp(torch.ones_like(absmax), exponent - 128)
+        table = torch.tensor(MXFP4_KVALUES, dtype=torch.float32, device=blocks.device)
+        errors = (table * half.unsqueeze(-1) - blocks.unsqueeze(-1)).abs()       # (n, 32, 16)
+        indices = errors.argmin(dim=-1).to(torch.uint8)                          # the first minimum
+        return torch.cat([exponent.to(torch.uint8), pack_nibbles(indices[:, :16], indices[:, 16:])], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        half = torch.ldexp(torch.ones((blocks.shape[0], 1), device=blocks.device), blocks[:, :1].to(torch.int32) - 128)
+        packed = blocks[:, 1:]
+        indices = torch.cat([packed & 0x0F, packed >> 4], dim=-1).long()
+        table = torch.tensor(MXFP4_KVALUES, dtype=torch.float32, device=blocks.device)
+        return table[indices] * half
