@@ -118,3 +118,35 @@ def test_gptq_on_every_expert_into_a_gguf_llamacpp_runs(mxfp4_checkpoint: Path, 
     # (llama.cpp rounds activations to 8 bits in Q8_0 products: close, not equal)
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99
+
+
+def test_mxfp4_moe_gguf_keeps_the_checkpoint_experts_exactly(mxfp4_checkpoint: Path, tmp_path: Path) -> None:
+    """--type MXFP4_MOE (llama-quantize's mix: routed experts MXFP4, Q8_0 elsewhere, Q6_K output): from OpenAI's
+    MXFP4 checkpoint the experts keep their values exactly (same blocks along the same rows), and llama.cpp runs
+    the file with the logits of its read-back."""
+    from gguf import GGUFReader, LlamaFileType
+
+    from qtool.sources.resolve import resolve
+    from tests._gguf_helpers import llamacpp_logits, llamacpp_model, transformers_logits
+
+    from qtool.evaluation.model import model_from_source
+
+    out = tmp_path / "mxfp4.gguf"
+    result = run_cli("quantize", mxfp4_checkpoint, "-o", out, "--type", "MXFP4_MOE", "--json")
+    assert result.exit_code == 0, result.stderr
+    reader = GGUFReader(out)
+    types = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == LlamaFileType.MOSTLY_MXFP4_MOE
+    experts = {name: kind for name, kind in types.items() if "_exps.weight" in name}
+    assert len(experts) == 2 * 3 and set(experts.values()) == {"MXFP4"}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    with resolve(str(mxfp4_checkpoint)) as source, resolve(str(out)) as written:
+        names = [info.name for info in source.tensors() if ".experts." in info.name and info.name.endswith("proj.weight")]
+        assert len(names) == 2 * 4 * 3
+        for name in names:
+            assert torch.equal(written.load(name).float(), source.load(name).float()), name
+        expected = transformers_logits(model_from_source(written), PROMPT_IDS)
+    pytest.importorskip("llama_cpp")
+    got = llamacpp_logits(llamacpp_model(out), PROMPT_IDS)
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99

@@ -30,7 +30,7 @@ class GGUF(Container):
     suffix: ClassVar[str | None] = ".gguf"
     writes_fused_experts: ClassVar[bool] = True
     # llama-quantize's mixes, each a preset (configs/gguf-<mix>.yaml, an editable copy of its choices).
-    mixes: ClassVar[tuple[str, ...]] = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M")
+    mixes: ClassVar[tuple[str, ...]] = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "MXFP4_MOE")
 
     @classmethod
     def writer(cls) -> type[Sink]:
