@@ -2,8 +2,9 @@
 ``quant_method: fp8``): read only, dequantized so that they can be evaluated or quantized to anything.
 
 A quantized Linear holds ``weight`` float8_e4m3fn [rows, cols] (or [experts, rows, cols]) and
-``weight_scale_inv`` float32 (or uint8 E8M0 exponents, 2^(byte - 127)): one multiplier per ``weight_block_size`` tile ([ceil(rows / 128),
-ceil(cols / 128)] for the usual [128, 128]), or a single one when the config gives no block size. The
+``weight_scale_inv`` float32 (or uint8 E8M0 exponents, 2^(byte - 127)): one multiplier per
+``weight_block_size`` tile ([ceil(rows / 128), ceil(cols / 128)] for the usual [128, 128]), or a
+single one when the config gives no block size. The
 float weight is ``weight * weight_scale_inv`` tile by tile. ``activation_scale`` (static input scales)
 belongs to the runtime, not to the float model.
 """
