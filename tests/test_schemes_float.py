@@ -302,3 +302,54 @@ def test_reads_fp8_checkpoints_as_transformers_dequantizes_them(llama128_dir, tm
     (fp8_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(CorruptFile, match="weight_block_size"):
         resolve(str(fp8_dir)).close()
+
+
+@pytest.mark.parametrize("scheme_name", ["fp8", "mxfp4a16"])
+def test_gptq_on_the_float_grids(scheme_name):
+    """GPTQ on E4M3 (per row) and E2M1 (groups of 32, power-of-two scales): the output error well below
+    round to nearest's, and the result packed into the format's own bytes, which compressed-tensors decodes
+    to exactly GPTQ's weight."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from qtool.schemes.gptq import gptq_quantize, layer_output_error, make_grid
+
+    generator = torch.Generator().manual_seed(0)
+    mix = torch.randn(256, 256, generator=generator) / 16
+    x = (torch.randn(512, 256, generator=generator) @ mix) * (torch.rand(256, generator=generator) * 3 + 0.05)
+    w = torch.randn(32, 256, generator=generator) * 0.05
+    h = x.T @ x
+    scheme = get_scheme(scheme_name)
+    rtn = dequantize_float(scheme.quantize(w)).float()
+    result = gptq_quantize(w, h, make_grid(scheme_name, columns=256), act_order=True)
+    assert layer_output_error(w, result.qweight, h) < 0.8 * layer_output_error(w, rtn, h)
+    packed = scheme.pack_calibrated(result, {}, torch.float32, "model.layers.0.mlp.up_proj.weight")
+    assert torch.equal(dequantize_float(packed), result.qweight)
+    state = {("weight" if packed.values.dtype == torch.float8_e4m3fn else "weight_packed"): packed.values,
+             "weight_scale": packed.scale}
+    args = QuantizationArgs.model_validate(scheme.weight_args)
+    decompressed = BaseCompressor.get_value_from_registry(scheme.ct_format).decompress(
+        state, QuantizationScheme(targets=["Linear"], weights=args))
+    assert torch.equal(decompressed["weight"].float(), result.qweight)
+
+
+@pytest.mark.parametrize("scheme_name", ["fp8", "mxfp4"])
+def test_gptq_outputs_load_in_transformers(llama128_dir, shared_data, tmp_path, scheme_name):
+    from transformers import AutoModelForCausalLM
+
+    from qtool.pipeline import QuantizeOptions, quantize
+    from qtool.plan import Recipe
+    from qtool.sources.resolve import resolve
+
+    out = tmp_path / "out"
+    options = QuantizeOptions(method="gptq", calib=str(shared_data / "calibration" / "groups_merged.txt"),
+                              calib_samples=4, calib_seqlen=64)
+    report = quantize(str(llama128_dir), out, Recipe(scheme=scheme_name), options)
+    assert report.calibration["tensors"] == 14
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))      # compressed-tensors decompresses on the first forward
+    with resolve(str(out)) as written:
+        for name, parameter in model.named_parameters():
+            if ".layers." in name and name.endswith("proj.weight"):
+                assert torch.equal(parameter.data, written.load(name)), name

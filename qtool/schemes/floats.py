@@ -20,13 +20,17 @@ Pure torch, any device, no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from qtool.schemes.base import Scheme, register
 from qtool.schemes.errors import NonFiniteWeight
+from qtool.schemes.grids import Grid, GridParams, QuantResult
 from qtool.schemes.mxfp4 import E2M1_VALUES, SCALE_BIAS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -231,6 +235,45 @@ def dequantize_float(packed: PackedFloat) -> torch.Tensor:
     return (values * scale.unsqueeze(2)).reshape(rows, cols).to(packed.dtype).reshape(packed.shape)
 
 
+# -- calibration grids (GPTQ, imatrix) -------------------------------------------------------------
+
+def _codebook(values: list[float]) -> torch.Tensor:
+    return torch.tensor(sorted(set(values)), dtype=torch.float32)
+
+
+# Every finite E4M3 value (253: +-0 once) and every E2M1 value (15), ascending.
+FP8_CODEBOOK = _codebook(torch.arange(256, dtype=torch.uint8).view(FP8).float()[
+    torch.isfinite(torch.arange(256, dtype=torch.uint8).view(FP8).float())].tolist())
+E2M1_CODEBOOK = _codebook(list(E2M1_VALUES))
+
+
+class FloatGrid(Grid):
+    """value = scale * codebook[level], the codebook being a float format's values (E4M3, E2M1) and the
+    scale what the encoding derives from the group's absmax (the calibration method moves the values; the
+    scale rule stays the format's, so the packed result is what round to nearest would store for it)."""
+
+    negative_scales = False
+
+    def __init__(self, name: str, group: int, codebook: torch.Tensor,
+                 scale_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.name, self.group_size, self.sub_size = name, group, group
+        self.codebook, self.qmax = codebook, len(codebook) - 1
+        self.scale_of = scale_of
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        scale = self.scale_of(w.abs().amax(-1, keepdim=True))
+        return GridParams(scale, torch.zeros_like(scale))
+
+
+def _fp8_row_scale(absmax: torch.Tensor) -> torch.Tensor:
+    # bfloat16 scales: the weight_scale the model dtype stores (float32 or bfloat16) holds them exactly
+    return _fp8_scale(absmax.to(torch.bfloat16)).float()
+
+
+def _mx_group_scale(absmax: torch.Tensor) -> torch.Tensor:
+    return _mx_scale(absmax.float())
+
+
 # -- the encodings ---------------------------------------------------------------------------------
 
 class _FloatScheme(Scheme):
@@ -263,6 +306,16 @@ class FP8Channel(_FloatScheme):
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
         return quantize_fp8(weight)
+
+    def calibration_grid(self, *, columns: int | None = None, **_: Any) -> Grid:
+        if columns is None:
+            raise ValueError("fp8's calibration grid spans a row: give the weight's columns")
+        return FloatGrid(self.name, columns, FP8_CODEBOOK, _fp8_row_scale)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> PackedFloat:
+        values = FP8_CODEBOOK.to(result.levels.device)[result.levels.long()].to(FP8)
+        return PackedFloat(values, result.scale.to(torch.float32), None, self.name, tuple(result.levels.shape), dtype)
 
 
 @register
@@ -302,6 +355,16 @@ class MXFP4A16(_FloatScheme):
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
         return quantize_mxfp4(weight, self.name)
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return FloatGrid(self.name, MXFP4_GROUP, E2M1_CODEBOOK, _mx_group_scale)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> PackedFloat:
+        rows, cols = result.levels.shape
+        values = E2M1_CODEBOOK.to(result.levels.device)[result.levels.long()]
+        exponents = (SCALE_BIAS + torch.log2(result.scale.float()).round()).to(torch.uint8)
+        return PackedFloat(pack_nibbles(e2m1_codes(values)), exponents, None, self.name, (rows, cols), dtype)
 
 
 @register

@@ -200,10 +200,11 @@ class CompressedSink(SafetensorsSink):
             outputs.append(entry_bound(f"{module}.weight_zero_point", torch.int32, (-(-rows * bits // 32), groups)))
         return outputs
 
-    def calibrated_as(self, packed: PackedInt, dtype: torch.dtype) -> PackedInt:
+    def calibrated_as(self, packed: PackedInt | PackedFloat, dtype: torch.dtype) -> PackedInt | PackedFloat:
         """Calibrated scales come in float32; round to nearest stores them in the weight's dtype, and
-        so does this where that dtype holds them exactly (the grids round scales to bfloat16)."""
-        if not dtype.is_floating_point or packed.scale.dtype == dtype:
+        so does this where that dtype holds them exactly (the grids round scales to bfloat16). FP4
+        scales are stored in their own formats (E4M3, E8M0) already."""
+        if not dtype.is_floating_point or packed.scale.dtype == dtype or not packed.scale.dtype.is_floating_point:
             return packed
         scale = packed.scale.to(dtype)
         if not torch.equal(scale.to(packed.scale.dtype), packed.scale):
