@@ -200,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         # The GGML kernels need no host sync: pipelined and GPU too.
         add(label, ms, "fused Triton kernel", fn=call)
 
+    # The float encodings (compressed-tensors FP8 / NVFP4 / MXFP4, GGUF MXFP4): their torch code on the GPU.
+    for label, name in (("qtool fp8", "fp8"), ("qtool fp8-block", "fp8-block"), ("qtool nvfp4a16", "nvfp4a16"),
+                        ("qtool mxfp4a16", "mxfp4a16"), ("qtool MXFP4 (GGUF)", "MXFP4")):
+        scheme = get_scheme(name)
+        call = lambda x, s=scheme: s.quantize(x)  # noqa: E731
+        ms = time_call(call, inputs, args.repeat)
+        add(label, ms, "scheme torch code on cuda", fn=call)
+
     if args.sweep:
         from qtool.kernels import ggml as ggml_kernels
 
