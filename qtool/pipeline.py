@@ -256,12 +256,13 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
 
 def activation_scales(source: Source, plans: list[TensorPlan], options: QuantizeOptions,
                       device: str) -> tuple[Source, dict[str, Any], ActivationReport | None]:
-    """For W8A8 plans: the source to quantize (smoothed when the plans ask for ``smooth: ALPHA``),
-    the static input scales (from --stats, else a calibration pass without X^T X; after smoothing,
-    a second pass over the smoothed model) and what was chosen, for the report."""
-    from qtool.calibration.activation import act_strategy, act_symmetric, input_scales, needs_static_scale
+    """For plans whose inputs the runtime quantizes (W8A8, FP8): the source to quantize (smoothed when the
+    plans ask for ``smooth: ALPHA``), the static input scales (from --stats, else a calibration pass without
+    X^T X; after smoothing, a second pass over the smoothed model) and what was chosen, for the report."""
+    from qtool.calibration.activation import (act_strategy, act_symmetric, input_scales, needs_static_scale,
+                                              quantizes_inputs)
 
-    w8a8 = [p for p in plans if not p.keep and p.scheme == "w8a8"]
+    w8a8 = [p for p in plans if quantizes_inputs(p)]
     if not w8a8:
         return source, {}, None
     strategies = sorted({act_strategy(p) for p in w8a8})

@@ -285,9 +285,9 @@ def _act_ranges() -> tuple[str, ...]:
 
 
 def _act_strategies() -> tuple[str, ...]:
-    from qtool.schemes.int8 import ACT_STRATEGIES
+    from qtool.schemes.base import all_schemes
 
-    return ACT_STRATEGIES
+    return tuple(dict.fromkeys(s for scheme in all_schemes().values() for s in scheme.act_strategies))
 
 
 # What a valid value of each scheme parameter is; which schemes read it is each Scheme's ``params``.

@@ -138,22 +138,29 @@ def _check_format_holds(fmt: str, recipe: Recipe) -> None:
 def _activation_options(recipe: Recipe, act_range: str | None, act_strategy: str | None,
                         smooth: float | None, act_asymmetric: bool | None = None,
                         smooth_down: float | None = None) -> None:
-    """--act-range / --act-strategy / --smooth: how the w8a8 scheme quantizes Linear inputs."""
-    from qtool.schemes.int8 import ACT_RANGES, ACT_STRATEGIES
+    """--act-range / --act-strategy / --smooth: how the schemes whose runtime quantizes Linear inputs (w8a8,
+    fp8: their records' ``act_strategies``) do it."""
+    from qtool.schemes.base import all_schemes
+    from qtool.schemes.int8 import ACT_RANGES
+
+    schemes = all_schemes()
+    named = [schemes[name] for name in (recipe.scheme, *(rule.scheme for rule in recipe.rules)) if name in schemes]
+    strategies = tuple(dict.fromkeys(s for scheme in named for s in scheme.act_strategies))
 
     for flag, alpha in (("--smooth", smooth), ("--smooth-down", smooth_down)):
         if alpha is not None and not 0 <= alpha <= 1:
             raise BadArgument(f"{flag} {alpha}: choose an alpha between 0 (off) and 1, e.g. 0.8")
-    for flag, value, choices in (("--act-range", act_range, ACT_RANGES), ("--act-strategy", act_strategy, ACT_STRATEGIES),
+    for flag, value, choices in (("--act-range", act_range, ACT_RANGES), ("--act-strategy", act_strategy, strategies),
                                  ("--smooth", smooth, None), ("--act-asymmetric", act_asymmetric, None),
                                  ("--smooth-down", smooth_down, None)):
         if value is None:
             continue
+        if not strategies:
+            readers = ", ".join(sorted(name for name, scheme in schemes.items() if scheme.act_strategies))
+            raise BadArgument(f"{flag} sets how inputs are quantized, which only --scheme {readers} do "
+                              "(or --config configs/w8a8.yaml)")
         if choices is not None and value not in choices:
             raise BadArgument(f"{flag} {value}: choose one of {', '.join(choices)}")
-        if recipe.scheme != "w8a8" and all(rule.scheme != "w8a8" for rule in recipe.rules):
-            raise BadArgument(f"{flag} sets how inputs are quantized, which only --scheme w8a8 does "
-                              "(or --config configs/w8a8.yaml)")
     if act_range is not None:
         recipe.params["act_range"] = act_range
     if act_strategy is not None:

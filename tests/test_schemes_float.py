@@ -353,3 +353,52 @@ def test_gptq_outputs_load_in_transformers(llama128_dir, shared_data, tmp_path, 
         for name, parameter in model.named_parameters():
             if ".layers." in name and name.endswith("proj.weight"):
                 assert torch.equal(parameter.data, written.load(name)), name
+
+
+def test_fp8_static_input_scales_from_calibration(llama128_dir, shared_data, tmp_path):
+    """--act-strategy tensor: one calibrated FP8 input scale per Linear (absmax / 448 with minmax), written as
+    compressed-tensors' static per-tensor input quantization; transformers runs it, and qtool's evaluator
+    replays it from the file to the same logits; the flags are refused where no scheme reads them."""
+    import json
+
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from qtool.errors import BadArgument
+    from qtool.evaluation.model import replay_input_quantization
+    from qtool.pipeline import QuantizeOptions, quantize
+    from qtool.plan import Recipe, build_plan
+    from qtool.recipes import _activation_options
+    from qtool.sources.resolve import resolve
+    from tests._safetensors_helpers import logits, reference_model
+
+    out = tmp_path / "out"
+    options = QuantizeOptions(calib=str(shared_data / "calibration" / "groups_merged.txt"), calib_samples=4,
+                              calib_seqlen=64)
+    report = quantize(str(llama128_dir), out, Recipe(scheme="fp8", params={"act_strategy": "tensor"}), options)
+    chosen = {row.module: row for row in report.activations.modules}
+    assert len(chosen) == 14
+    config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    (group,) = config.config_groups.values()
+    inputs = group.input_activations
+    assert (inputs.type, inputs.strategy, inputs.dynamic, inputs.num_bits) == ("float", "tensor", False, 8)
+    with safe_open(str(out / "model.safetensors"), "pt") as stored:
+        for module, row in chosen.items():
+            assert row.clip == row.absmax and row.scale == pytest.approx(row.absmax / 448)
+            assert float(stored.get_tensor(f"{module}.input_scale")[0]) == pytest.approx(row.scale, rel=1e-2)
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    with resolve(str(llama128_dir)) as source:
+        plans = build_plan(source.tensors(), Recipe(scheme="fp8"), 2)
+    reference = reference_model(llama128_dir, plans)
+    with resolve(str(out)) as written:
+        assert replay_input_quantization(reference, written) == 14
+    assert torch.equal(logits(model), logits(reference))
+
+    with pytest.raises(BadArgument, match="only --scheme fp8, w8a8 do"):
+        _activation_options(Recipe(scheme="int4-sym"), None, "tensor", None)
+    with pytest.raises(BadArgument, match="choose one of token, tensor"):
+        _activation_options(Recipe(scheme="fp8"), None, "channel", None)
+    with pytest.raises(BadArgument, match="mse searches the clip for an int8 grid"):
+        quantize(str(llama128_dir), tmp_path / "mse", Recipe(scheme="fp8", params={"act_strategy": "tensor",
+                                                                                    "act_range": "mse"}), options)

@@ -29,10 +29,10 @@ import torch
 from qtool.calibration.observers import InputStats
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
-from qtool.schemes.int8 import ACT_RANGES, ACT_STRATEGIES
+from qtool.schemes.base import get_scheme
+from qtool.schemes.int8 import ACT_RANGES
 
 DEFAULT_ACT_RANGE = "minmax"   # the best static choice measured on smoothed SmolLM2 (see configs/w8a8.yaml)
-DEFAULT_ACT_STRATEGY = "tensor"
 DEFAULT_PERCENTILE = 99.99
 ACT_BITS = 8
 # The MSE search: clip = absmax * 2**(-k / _MSE_STEPS_PER_OCTAVE) for k = 0 .. _MSE_OCTAVES * steps.
@@ -138,7 +138,11 @@ def mse_clip(abs_values: torch.Tensor, absmax: float, bits: int = ACT_BITS,
 
 
 def choose_scale(stats: InputStats, method: str = DEFAULT_ACT_RANGE, *, bits: int = ACT_BITS,
-                 percentile: float = DEFAULT_PERCENTILE) -> ActivationScale:
+                 percentile: float = DEFAULT_PERCENTILE, levels: float | None = None) -> ActivationScale:
+    """``levels``: the largest input level the clip maps to (default: the int grid's, 2^(bits-1) - 1; FP8's is
+    448, a non-uniform grid the MSE search does not model)."""
+    if method == "mse" and levels is not None and levels != qmax(bits):
+        raise BadArgument("--act-range mse searches the clip for an int8 grid; use minmax or percentile for FP8 inputs")
     absmax = minmax_clip(stats.act_min, stats.act_max)
     if method == "minmax":
         clip = absmax
@@ -153,14 +157,23 @@ def choose_scale(stats: InputStats, method: str = DEFAULT_ACT_RANGE, *, bits: in
         raise BadArgument(f"--act-range {method}: choose one of {', '.join(ACT_RANGES)}")
     # An input that was always zero still needs a usable (non-zero) scale.
     clip = clip if clip > 0 else 1.0
-    return ActivationScale(method, absmax, clip, clip / qmax(bits), bits)
+    return ActivationScale(method, absmax, clip, clip / (levels or qmax(bits)), bits)
 
 
 def act_strategy(plan: TensorPlan) -> str:
-    strategy = str(plan.params.get("act_strategy", DEFAULT_ACT_STRATEGY))
-    if strategy not in ACT_STRATEGIES:
-        raise BadArgument(f"--act-strategy {strategy}: choose one of {', '.join(ACT_STRATEGIES)}")
+    """How the plan's scheme has the runtime quantize the inputs: its record's choices, the first by default."""
+    choices = get_scheme(plan.scheme).act_strategies
+    strategy = str(plan.params.get("act_strategy", choices[0] if choices else ""))
+    if strategy not in choices:
+        raise BadArgument(f"--act-strategy {strategy}: {plan.scheme} offers "
+                          f"{', '.join(choices) if choices else 'none (its inputs stay as they are)'}")
     return strategy
+
+
+def quantizes_inputs(plan: TensorPlan) -> bool:
+    """A planned tensor whose scheme has the runtime quantize the Linear's inputs with a static or per-token
+    scale (w8a8, fp8): what --act-strategy, --act-range and --smooth apply to."""
+    return not plan.keep and bool(get_scheme(plan.scheme).act_strategies)
 
 
 def act_symmetric(plan: TensorPlan) -> bool:
@@ -179,12 +192,12 @@ def act_symmetric(plan: TensorPlan) -> bool:
 
 def needs_static_scale(plan: TensorPlan) -> bool:
     """A planned tensor whose scheme quantizes its inputs with a static per-tensor scale."""
-    return not plan.keep and plan.scheme == "w8a8" and act_strategy(plan) == "tensor"
+    return quantizes_inputs(plan) and act_strategy(plan) == "tensor"
 
 
 def input_scales(plans: list[TensorPlan], stats: Mapping[str, InputStats]) -> dict[str, ActivationScale]:
-    """Static input scale of every planned W8A8 weight (by weight name), each with its plan's
-    ``act_range`` / ``act_percentile``."""
+    """Static input scale of every planned weight whose inputs take one (W8A8, FP8; by weight name), each
+    with its plan's ``act_range`` / ``act_percentile``."""
     scales: dict[str, ActivationScale] = {}
     for plan in plans:
         if not needs_static_scale(plan):
@@ -194,5 +207,6 @@ def input_scales(plans: list[TensorPlan], stats: Mapping[str, InputStats]) -> di
             raise BadArgument(f"--stats has no statistics for {plan.name}; recreate them with `qtool calibrate` "
                               "on this model")
         scales[plan.name] = choose_scale(found, str(plan.params.get("act_range", DEFAULT_ACT_RANGE)),
-                                         percentile=float(plan.params.get("act_percentile", DEFAULT_PERCENTILE)))
+                                         percentile=float(plan.params.get("act_percentile", DEFAULT_PERCENTILE)),
+                                         levels=get_scheme(plan.scheme).act_max)
     return scales

@@ -25,8 +25,8 @@ CONTAINERS: dict[str, type[Container]] = {}
 class InputQuantization:
     """How a file's runtime quantizes a Linear's input (compressed-tensors ``input_activations``):
     int with a stored per-tensor ``scale`` (and zero point), or dynamically from each token's range
-    (``per_token``) or the whole input's; float (``kind`` "float": FP8, or MXFP4 for 4 bits) always
-    dynamically, per token or per ``group_size`` features."""
+    (``per_token``) or the whole input's; float (``kind`` "float": FP8, or MXFP4 for 4 bits) with a stored
+    per-tensor ``scale`` (FP8), or dynamically per token or per ``group_size`` features."""
     bits: int
     symmetric: bool
     per_token: bool

@@ -92,14 +92,16 @@ class CompressedTensors(Container):
             # compressed-tensors' default strategy: groups when a group size is given, else the tensor.
             strategy = args.get("strategy") or ("group" if args.get("group_size") else "tensor")
             bits = int(args.get("num_bits", 8))
-            if kind == "float" and dynamic is True and (
-                    (bits == 8 and strategy in ("token", "group")) or (bits == 4 and strategy == "group"
-                                                                        and args.get("group_size") == 32)):
+            float_dynamic = dynamic is True and ((bits == 8 and strategy in ("token", "group"))
+                                                 or (bits == 4 and strategy == "group" and args.get("group_size") == 32))
+            float_static = dynamic is False and bits == 8 and strategy == "tensor"
+            if kind == "float" and float_dynamic:
                 found[module] = InputQuantization(bits=bits, symmetric=True, per_token=strategy == "token",
                                                   kind="float", group_size=args.get("group_size")
                                                   if strategy == "group" else None)
                 continue
-            if kind != "int" or strategy not in ("tensor", "token") or dynamic not in (True, False) \
+            if (kind == "float" and not float_static) or kind not in ("int", "float") \
+                    or strategy not in ("tensor", "token") or dynamic not in (True, False) \
                     or (strategy == "token" and not dynamic):
                 raise Unsupported(f"{checkpoint.description}: {module} quantizes its inputs as {kind} {strategy} "
                                   f"(dynamic: {dynamic}), which qtool's evaluator does not replay; "
@@ -114,7 +116,8 @@ class CompressedTensors(Container):
                     zero_point = checkpoint.load_raw(module + ".input_zero_point")
             found[module] = InputQuantization(bits=bits,
                                               symmetric=bool(args.get("symmetric", True)),
-                                              per_token=strategy == "token", scale=scale, zero_point=zero_point)
+                                              per_token=strategy == "token", scale=scale, zero_point=zero_point,
+                                              kind=kind)
         return found
 
     @classmethod

@@ -46,6 +46,12 @@ class Scheme(ABC):
     c_kernel: ClassVar[str | None] = None
     triton_module: ClassVar[str | None] = None
 
+    # Schemes whose runtime quantizes a Linear's inputs (W8A8): the --act-strategy choices they offer, the
+    # first being the default ("tensor": a static scale from calibration; "token": dynamic per token), and
+    # the largest input level a static scale maps the clipped range to (127 for int8, 448 for FP8).
+    act_strategies: ClassVar[tuple[str, ...]] = ()
+    act_max: ClassVar[float] = 127.0
+
     # GGML types: general.file_type (a gguf.LlamaFileType member name) of a file mostly of this
     # type, and the type llama-quantize falls back to when a row does not divide into blocks.
     file_type: ClassVar[str | None] = None

@@ -123,12 +123,17 @@ def _mx_scale(absmax: torch.Tensor) -> torch.Tensor:
     return _nonzero((2.0 ** (exponent - SCALE_BIAS).to(torch.float)).to(absmax.dtype), 1.0)
 
 
-def fake_quantize_float_input(x: torch.Tensor, *, bits: int, group_size: int | None = None) -> torch.Tensor:
-    """A Linear's input quantized and dequantized as compressed-tensors' runtime does it dynamically: FP8 with
-    one scale per token (the features of a [batch, tokens, features] input; a 2-D input has one range, as
-    there) or per ``group_size`` features, MXFP4 (``bits`` 4) per group of 32; in x's dtype."""
+def fake_quantize_float_input(x: torch.Tensor, *, bits: int, group_size: int | None = None,
+                              scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A Linear's input quantized and dequantized as compressed-tensors' runtime does it: FP8 with a stored
+    per-tensor ``scale``, or dynamically with one scale per token (the features of a [batch, tokens, features]
+    input; a 2-D input has one range, as there) or per ``group_size`` features, MXFP4 (``bits`` 4) per group
+    of 32; in x's dtype."""
     if x.numel() == 0:
         return x
+    if scale is not None:
+        scale = scale.to(x.dtype)
+        return (_to_fp8(x / scale).to(scale.dtype) * scale).to(x.dtype)
     if group_size is not None:
         values = x.unflatten(-1, (-1, group_size))
         absmax = _absmax(values, (-1,)).unsqueeze(-1)
@@ -303,6 +308,10 @@ class FP8Channel(_FloatScheme):
     ct_format = "float-quantized"
     weight_args = _args(8, "channel")
     input_args = _args(8, "token", dynamic=True, observer=None)
+    # Inputs per token by the runtime (the default), or with a static per-tensor scale from calibration.
+    act_strategies = ("token", "tensor")
+    act_max = FP8_MAX
+    params = ("act_range", "act_strategy", "act_percentile", "smooth", "smooth_down")
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
         return quantize_fp8(weight)

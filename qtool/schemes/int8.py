@@ -224,6 +224,7 @@ class W8A8(_Int8Compressed):
 
     name = "w8a8"
     symmetric = True
+    act_strategies = ACT_STRATEGIES
 
     def calibration_grid(self, *, columns: int | None = None, **_: Any) -> Grid:
         # int8 per output channel (one group spanning the row), scales rounded to bfloat16, which the

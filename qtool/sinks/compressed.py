@@ -89,8 +89,11 @@ def _scheme_args(plan: TensorPlan) -> dict[str, Any]:
 
 def _input_args(plan: TensorPlan) -> dict[str, Any] | None:
     """compressed-tensors ``QuantizationArgs`` of the inputs (None: weight-only scheme)."""
-    recorded = getattr(get_scheme(plan.scheme), "input_args", None)
+    scheme = get_scheme(plan.scheme)
+    recorded = getattr(scheme, "input_args", None)
     if recorded is not None:
+        if needs_static_scale(plan):       # fp8 with a calibrated per-tensor input scale
+            return {**recorded, "strategy": "tensor", "dynamic": False, "observer": "minmax"}
         return dict(recorded)
     if plan.scheme != "w8a8":
         return None
@@ -183,7 +186,8 @@ class CompressedSink(SafetensorsSink):
         bits = args["num_bits"]
         rows, cols = plan.shape
         if args["type"] == "float":
-            return _float_outputs(module, args, rows, cols, dtype)
+            return _float_outputs(module, args, rows, cols, dtype) + \
+                ([entry_bound(f"{module}.input_scale", dtype, (1,))] if needs_static_scale(plan) else [])
         groups = 1 if args["group_size"] is None else -(-cols // args["group_size"])
         if _format(plan) == INT:
             outputs = [entry_bound(f"{module}.weight", torch.int8, (rows, cols)),
@@ -218,6 +222,8 @@ class CompressedSink(SafetensorsSink):
             tensors = {f"{module}.{values}": packed.values, f"{module}.weight_scale": packed.scale}
             if packed.global_scale is not None:
                 tensors[f"{module}.weight_global_scale"] = packed.global_scale
+            if needs_static_scale(plan):
+                tensors[f"{module}.input_scale"] = torch.tensor([self.input_scales[plan.name].scale], dtype=packed.dtype)
             return tensors
         if _format(plan) == INT:
             tensors = {f"{module}.weight": packed.q, f"{module}.weight_scale": packed.scale}
