@@ -14,6 +14,8 @@ from qtool.schemes.floats import dequantize_float
 compressed_tensors = pytest.importorskip("compressed_tensors")
 
 SCHEMES = ("fp8", "fp8-block", "nvfp4a16", "mxfp4a16", "mxfp4")
+# Schemes whose input quantization needs a calibrated scale (the rest need none).
+CALIBRATED_INPUTS = ("nvfp4",)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,7 @@ def test_refusals():
 
 
 
-@pytest.mark.parametrize("scheme_name", ["fp8", "fp8-block", "mxfp4"])
+@pytest.mark.parametrize("scheme_name", ["fp8", "fp8-block", "mxfp4", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_input_quantization_is_compressed_tensors_dynamic_quantization(scheme_name, dtype):
     from compressed_tensors.quantization import QuantizationArgs
@@ -163,25 +165,35 @@ def test_input_quantization_is_compressed_tensors_dynamic_quantization(scheme_na
     x = (torch.randn(2, 7, 256) * torch.logspace(-3, 2, 256)).to(dtype)
     x[0, 3] = 0.0                                       # an all-zero token
     x[1, 2, :64] = 0.0                                  # all-zero groups
+    global_scale = torch.tensor([448 * 6 / 37.0]) if scheme_name == "nvfp4" else None     # NVFP4's stored one
     for value in (x, x[0]):                             # a 2-D input has one range
-        scale, zero_point = compute_dynamic_scales_and_zp(value, args, module=None)
-        expected = fake_quantize(value, scale, zero_point, args)
+        scale, zero_point = compute_dynamic_scales_and_zp(value, args, module=None, global_scale=global_scale)
+        expected = fake_quantize(value, scale, zero_point, args, global_scale=global_scale)
         got = fake_quantize_float_input(value, bits=args.num_bits, group_size=args.group_size
-                                        if args.strategy == "group" else None)
+                                        if args.strategy == "group" else None, global_scale=global_scale)
         assert got.dtype == expected.dtype
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("scheme_name", SCHEMES)
-def test_transformers_loads_output(llama128_dir, tmp_path, scheme_name):
+@pytest.mark.parametrize("scheme_name", SCHEMES + CALIBRATED_INPUTS)
+def test_transformers_loads_output(llama128_dir, shared_data, tmp_path, scheme_name):
     from transformers import AutoModelForCausalLM
 
     from qtool.evaluation.model import replay_input_quantization
-    from qtool.plan import Recipe
+    from qtool.plan import Recipe, build_plan
     from qtool.sources.resolve import resolve
     from tests._safetensors_helpers import logits, reference_model, write_output
 
-    out, plans = write_output(llama128_dir, tmp_path / "out", Recipe(scheme=scheme_name))
+    if scheme_name in CALIBRATED_INPUTS:
+        from qtool.pipeline import QuantizeOptions, quantize
+
+        out = tmp_path / "out"
+        quantize(str(llama128_dir), out, Recipe(scheme=scheme_name), QuantizeOptions(
+            calib=str(shared_data / "calibration" / "groups_merged.txt"), calib_samples=4, calib_seqlen=64))
+        with resolve(str(llama128_dir)) as source:
+            plans = build_plan(source.tensors(), Recipe(scheme=scheme_name), 2)
+    else:
+        out, plans = write_output(llama128_dir, tmp_path / "out", Recipe(scheme=scheme_name))
     model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
     reference = reference_model(llama128_dir, plans)
     quantized = [plan for plan in plans if not plan.keep]
@@ -190,7 +202,7 @@ def test_transformers_loads_output(llama128_dir, tmp_path, scheme_name):
         # the runtime's input quantization, read from the file, replayed on the reference
         assert replay_input_quantization(reference, written) == (14 if get_scheme(scheme_name).input_args else 0)
         read_back = {plan.name: written.load(plan.name) for plan in quantized}
-    if scheme_name == "nvfp4a16":
+    if scheme_name.startswith("nvfp4"):
         # fused Linears share a global scale (test_nvfp4_fused_linears_share_a_global_scale): qtool's reader
         # of the file gives the weights; the others are quantize -> dequantize of the source's.
         reference.load_state_dict(read_back, strict=False)

@@ -26,7 +26,8 @@ class InputQuantization:
     """How a file's runtime quantizes a Linear's input (compressed-tensors ``input_activations``):
     int with a stored per-tensor ``scale`` (and zero point), or dynamically from each token's range
     (``per_token``) or the whole input's; float (``kind`` "float": FP8, or MXFP4 for 4 bits) with a stored
-    per-tensor ``scale`` (FP8), or dynamically per token or per ``group_size`` features."""
+    per-tensor ``scale`` (FP8), or dynamically per token or per ``group_size`` features (NVFP4's groups of 16
+    under a stored ``global_scale``)."""
     bits: int
     symmetric: bool
     per_token: bool
@@ -34,6 +35,7 @@ class InputQuantization:
     zero_point: torch.Tensor | None = None
     kind: str = "int"
     group_size: int | None = None
+    global_scale: torch.Tensor | None = None      # NVFP4 inputs: the stored input_global_scale
 
 
 @dataclass

@@ -95,6 +95,14 @@ class CompressedTensors(Container):
             float_dynamic = dynamic is True and ((bits == 8 and strategy in ("token", "group"))
                                                  or (bits == 4 and strategy == "group" and args.get("group_size") == 32))
             float_static = dynamic is False and bits == 8 and strategy == "tensor"
+            if kind == "float" and bits == 4 and strategy == "tensor_group" and dynamic == "local" \
+                    and args.get("group_size") == 16:
+                if module + ".input_global_scale" not in stored:
+                    raise CorruptFile(f"{checkpoint.description}: {module} quantizes its inputs to NVFP4 but has no "
+                                      f"{module}.input_global_scale")
+                found[module] = InputQuantization(bits=4, symmetric=True, per_token=False, kind="float", group_size=16,
+                                                  global_scale=checkpoint.load_raw(module + ".input_global_scale"))
+                continue
             if kind == "float" and float_dynamic:
                 found[module] = InputQuantization(bits=bits, symmetric=True, per_token=strategy == "token",
                                                   kind="float", group_size=args.get("group_size")

@@ -357,8 +357,8 @@ def replay_input_quantization(model: nn.Module, source: Source) -> int:
 
         def quantize_input(module, args, spec=spec, scale=scale, zero_point=zero_point):
             if spec.kind == "float":
-                return (fake_quantize_float_input(args[0], bits=spec.bits, group_size=spec.group_size, scale=scale),) \
-                    + tuple(args[1:])
+                return (fake_quantize_float_input(args[0], bits=spec.bits, group_size=spec.group_size, scale=scale,
+                                                  global_scale=spec.global_scale),) + tuple(args[1:])
             return (fake_quantize_input(args[0], bits=spec.bits, symmetric=spec.symmetric, per_token=spec.per_token,
                                         scale=scale, zero_point=zero_point),) + tuple(args[1:])
 

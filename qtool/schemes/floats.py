@@ -124,13 +124,22 @@ def _mx_scale(absmax: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize_float_input(x: torch.Tensor, *, bits: int, group_size: int | None = None,
-                              scale: torch.Tensor | None = None) -> torch.Tensor:
+                              scale: torch.Tensor | None = None, global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A Linear's input quantized and dequantized as compressed-tensors' runtime does it: FP8 with a stored
     per-tensor ``scale``, or dynamically with one scale per token (the features of a [batch, tokens, features]
-    input; a 2-D input has one range, as there) or per ``group_size`` features, MXFP4 (``bits`` 4) per group
-    of 32; in x's dtype."""
+    input; a 2-D input has one range, as there) or per ``group_size`` features; MXFP4 (``bits`` 4) per group
+    of 32; NVFP4 (``bits`` 4 with the stored ``global_scale``) per group of 16; in x's dtype."""
     if x.numel() == 0:
         return x
+    if global_scale is not None:
+        values = x.unflatten(-1, (-1, NVFP4_GROUP))
+        absmax = _absmax(values, (-1,)).unsqueeze(-1)
+        global32 = global_scale.to(torch.float32)
+        local = global32 * (absmax / torch.tensor(E2M1_MAX, dtype=absmax.dtype, device=x.device))
+        local = _nonzero(local.clamp(-FP8_MAX, FP8_MAX).to(FP8).to(local.dtype), 0.125)
+        step = local / global32
+        levels = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)[e2m1_codes(values / step).long()]
+        return (levels.to(step.dtype) * step).to(x.dtype).reshape(x.shape)
     if scale is not None:
         scale = scale.to(x.dtype)
         return (_to_fp8(x / scale).to(scale.dtype) * scale).to(x.dtype)
@@ -352,6 +361,19 @@ class NVFP4A16(_FloatScheme):
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
         return quantize_nvfp4(weight, params.get("global_absmax"))
+
+
+@register
+class NVFP4(NVFP4A16):
+    """NVFP4 weights and inputs: the runtime quantizes each group of 16 input features to E2M1 with an E4M3
+    scale under a per-Linear ``input_global_scale`` (448 * 6 / the input's absmax over calibration)."""
+
+    name = "nvfp4"
+    input_args = _args(4, "tensor_group", group_size=NVFP4_GROUP, dynamic="local",
+                       scale_dtype="torch.float8_e4m3fn", observer="static_minmax")
+    act_strategies = ("tensor",)          # the global scale is static, from calibration
+    act_max = FP8_MAX * E2M1_MAX
+    params = ("act_range", "act_percentile", "smooth", "smooth_down")
 
 
 @register

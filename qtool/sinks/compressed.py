@@ -46,7 +46,7 @@ from qtool.calibration.activation import ACT_BITS, ActivationScale, act_strategy
 from qtool.errors import BadArgument
 from qtool.plan import TensorPlan
 from qtool.schemes.base import get_scheme
-from qtool.schemes.floats import FP8, PackedFloat
+from qtool.schemes.floats import E2M1_MAX, FP8, FP8_MAX, PackedFloat
 from qtool.schemes.int4 import PackedInt, pack_int32
 from qtool.sinks.safetensors_io import (
     OutputTensor,
@@ -92,7 +92,7 @@ def _input_args(plan: TensorPlan) -> dict[str, Any] | None:
     scheme = get_scheme(plan.scheme)
     recorded = getattr(scheme, "input_args", None)
     if recorded is not None:
-        if needs_static_scale(plan):       # fp8 with a calibrated per-tensor input scale
+        if needs_static_scale(plan) and recorded["strategy"] != "tensor_group":   # fp8 with a calibrated input scale
             return {**recorded, "strategy": "tensor", "dynamic": False, "observer": "minmax"}
         return dict(recorded)
     if plan.scheme != "w8a8":
@@ -186,8 +186,10 @@ class CompressedSink(SafetensorsSink):
         bits = args["num_bits"]
         rows, cols = plan.shape
         if args["type"] == "float":
+            inputs = _input_args(plan) or {}
             return _float_outputs(module, args, rows, cols, dtype) + \
-                ([entry_bound(f"{module}.input_scale", dtype, (1,))] if needs_static_scale(plan) else [])
+                ([entry_bound(f"{module}.{_input_scale_name(inputs)}", _input_scale_dtype(inputs, dtype), (1,))]
+                 if needs_static_scale(plan) else [])
         groups = 1 if args["group_size"] is None else -(-cols // args["group_size"])
         if _format(plan) == INT:
             outputs = [entry_bound(f"{module}.weight", torch.int8, (rows, cols)),
@@ -223,7 +225,12 @@ class CompressedSink(SafetensorsSink):
             if packed.global_scale is not None:
                 tensors[f"{module}.weight_global_scale"] = packed.global_scale
             if needs_static_scale(plan):
-                tensors[f"{module}.input_scale"] = torch.tensor([self.input_scales[plan.name].scale], dtype=packed.dtype)
+                args = _input_args(plan) or {}
+                chosen = self.input_scales[plan.name]
+                # NVFP4's is a global scale (it multiplies): 448 * 6 / the clip, as llm-compressor's generate_gparam
+                value = (FP8_MAX * E2M1_MAX / chosen.clip) if args["strategy"] == "tensor_group" else chosen.scale
+                tensors[f"{module}.{_input_scale_name(args)}"] = torch.tensor([value],
+                                                                              dtype=_input_scale_dtype(args, packed.dtype))
             return tensors
         if _format(plan) == INT:
             tensors = {f"{module}.weight": packed.q, f"{module}.weight_scale": packed.scale}
@@ -276,6 +283,15 @@ class CompressedSink(SafetensorsSink):
             "transform_config": {},
             "version": "0.20.0",
         }
+
+
+def _input_scale_name(args: dict[str, Any]) -> str:
+    """A float encoding's stored input scale: NVFP4's global one, FP8's per-tensor one."""
+    return "input_global_scale" if args["strategy"] == "tensor_group" else "input_scale"
+
+
+def _input_scale_dtype(args: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if args["strategy"] == "tensor_group" else dtype
 
 
 def _float_outputs(module: str, args: dict[str, Any], rows: int, cols: int, dtype: torch.dtype) -> list[OutputTensor]:

@@ -47,7 +47,8 @@ class QuantizedSource(Source):
         hidden = {part for item in logical.values() for part in item.parts}
         # W8A8 (and quant_method fp8) input scales belong to the runtime's input quantization (see input_quantization), not
         # to the float model: a re-quantized output must not carry them.
-        hidden |= {name for name in stored if name.endswith((".input_scale", ".input_zero_point", ".activation_scale"))}
+        hidden |= {name for name in stored
+                   if name.endswith((".input_scale", ".input_zero_point", ".input_global_scale", ".activation_scale"))}
         self._logical = logical
         # Each logical tensor takes the place of its first stored part, so file order is kept.
         first_part = {item.parts[0]: item for item in logical.values()}
