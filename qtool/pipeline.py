@@ -312,7 +312,8 @@ def activation_scales(source: Source, plans: list[TensorPlan], options: Quantize
         described = f"{stats.calib}, {stats.samples} x {stats.seqlen} tokens"
     rows = [ActivationRow(name[: -len(".weight")], s.method, s.absmax, s.clip, s.scale) for name, s in scales.items()]
     methods = sorted({s.method for s in scales.values()})
-    return source, scales, ActivationReport(strategy=",".join(strategies), bits=8, range=",".join(methods) or None,
+    kinds = ",".join(sorted({get_scheme(p.scheme).act_type for p in w8a8}))
+    return source, scales, ActivationReport(strategy=",".join(strategies), bits=8, type=kinds, range=",".join(methods) or None,
                                             calibration=described, modules=rows, per_token=len(w8a8) - len(static),
                                             smoothing=alpha or None)
 

@@ -53,6 +53,7 @@ class ActivationReport:
     modules: list[ActivationRow] = field(default_factory=list)    # the static ones
     per_token: int = 0            # modules quantizing their inputs per token, dynamically
     smoothing: float | None = None    # SmoothQuant alpha folded into norms / up_proj (None: not smoothed)
+    type: str = "int8"            # what the inputs become: int8, fp8, nvfp4 (comma separated when several)
 
 
 @dataclass
@@ -218,12 +219,12 @@ def render_activations(activations: ActivationReport, console: Console, *, show_
     if activations.smoothing:
         console.print(f"inputs smoothed into the weights (SmoothQuant alpha {activations.smoothing:g})", highlight=False)
     if activations.strategy == "token":
-        console.print(f"inputs: int{activations.bits} per token, dynamic (no stored scales)", highlight=False)
+        console.print(f"inputs: {activations.type} per token, dynamic (no stored scales)", highlight=False)
         return
     modules = activations.modules
     ratios = sorted(row.clip / row.absmax for row in modules if row.absmax > 0)
     clipped = sum(1 for r in ratios if r < 1)
-    line = (f"inputs: int{activations.bits} per tensor, static scales ({activations.range}) of {len(modules)} "
+    line = (f"inputs: {activations.type} per tensor, static scales ({activations.range}) of {len(modules)} "
             f"modules from {activations.calibration}")
     if activations.per_token:
         line += f"; {activations.per_token} modules per token (dynamic)"

@@ -51,6 +51,7 @@ class Scheme(ABC):
     # the largest input level a static scale maps the clipped range to (127 for int8, 448 for FP8).
     act_strategies: ClassVar[tuple[str, ...]] = ()
     act_max: ClassVar[float] = 127.0
+    act_type: ClassVar[str] = "int8"      # what the inputs become, for the report
 
     # GGML types: general.file_type (a gguf.LlamaFileType member name) of a file mostly of this
     # type, and the type llama-quantize falls back to when a row does not divide into blocks.

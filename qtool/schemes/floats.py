@@ -320,6 +320,7 @@ class FP8Channel(_FloatScheme):
     # Inputs per token by the runtime (the default), or with a static per-tensor scale from calibration.
     act_strategies = ("token", "tensor")
     act_max = FP8_MAX
+    act_type = "fp8"
     params = ("act_range", "act_strategy", "act_percentile", "smooth", "smooth_down")
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
@@ -373,6 +374,7 @@ class NVFP4(NVFP4A16):
                        scale_dtype="torch.float8_e4m3fn", observer="static_minmax")
     act_strategies = ("tensor",)          # the global scale is static, from calibration
     act_max = FP8_MAX * E2M1_MAX
+    act_type = "nvfp4"
     params = ("act_range", "act_percentile", "smooth", "smooth_down")
 
 
