@@ -407,7 +407,7 @@ def test_fp8_static_input_scales_from_calibration(llama128_dir, shared_data, tmp
         assert replay_input_quantization(reference, written) == 14
     assert torch.equal(logits(model), logits(reference))
 
-    with pytest.raises(BadArgument, match="only --scheme fp8, w8a8 do"):
+    with pytest.raises(BadArgument, match="only --scheme fp8, nvfp4, w8a8 do"):
         _activation_options(Recipe(scheme="int4-sym"), None, "tensor", None)
     with pytest.raises(BadArgument, match="choose one of token, tensor"):
         _activation_options(Recipe(scheme="fp8"), None, "channel", None)
