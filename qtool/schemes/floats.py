@@ -4,10 +4,14 @@
   the runtime (llm-compressor's FP8_DYNAMIC);
 - ``fp8-block``: FP8 E4M3 weights with one scale per 128 x 128 block (the layout of DeepSeek-V3's and
   Qwen3's FP8 checkpoints), inputs quantized to FP8 per group of 128 by the runtime (FP8_BLOCK);
-- ``nvfp4a16``: NVFP4 weights: E2M1 values in groups of 16, each with an E4M3 scale, under one float32
-  global scale per tensor; inputs stay 16-bit;
+- ``nvfp4a16`` / ``nvfp4``: NVFP4 weights: E2M1 values in groups of 16, each with an E4M3 scale, under one
+  float32 global scale per tensor (shared by the Linears vLLM fuses: the sink gives it); ``nvfp4`` also has
+  the runtime quantize the inputs to NVFP4 under a calibrated global scale (llm-compressor's NVFP4);
 - ``mxfp4a16`` / ``mxfp4``: MXFP4 weights (E2M1 in groups of 32 with E8M0 power-of-two scales);
   ``mxfp4`` also has the runtime quantize the inputs to MXFP4 (dynamic groups of 32).
+
+``fp8`` can also take a static per-tensor input scale from calibration (``act_strategy: tensor``). GPTQ and
+the importance search fit ``fp8`` and ``mxfp4*`` on their grids (``FloatGrid``).
 
 The numbers are compressed-tensors' own (``calculate_qparams`` on a min/max observer, ``quantize``,
 the compressors' packing), taken in the same dtypes so that the bytes agree: the weight's range and
@@ -123,6 +127,12 @@ def _mx_scale(absmax: torch.Tensor) -> torch.Tensor:
     return _nonzero((2.0 ** (exponent - SCALE_BIAS).to(torch.float)).to(absmax.dtype), 1.0)
 
 
+def _nvfp4_group_scale(absmax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4's E4M3 group scales (as float32): global * absmax / 6, absmax / 6 taken in absmax's dtype; zero -> 0.125."""
+    scale = global_scale * (absmax / torch.tensor(E2M1_MAX, dtype=absmax.dtype, device=absmax.device))
+    return _nonzero(scale.clamp(-FP8_MAX, FP8_MAX).to(FP8).to(scale.dtype), 0.125)
+
+
 def fake_quantize_float_input(x: torch.Tensor, *, bits: int, group_size: int | None = None,
                               scale: torch.Tensor | None = None, global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A Linear's input quantized and dequantized as compressed-tensors' runtime does it: FP8 with a stored
@@ -135,9 +145,7 @@ def fake_quantize_float_input(x: torch.Tensor, *, bits: int, group_size: int | N
         values = x.unflatten(-1, (-1, NVFP4_GROUP))
         absmax = _absmax(values, (-1,)).unsqueeze(-1)
         global32 = global_scale.to(torch.float32)
-        local = global32 * (absmax / torch.tensor(E2M1_MAX, dtype=absmax.dtype, device=x.device))
-        local = _nonzero(local.clamp(-FP8_MAX, FP8_MAX).to(FP8).to(local.dtype), 0.125)
-        step = local / global32
+        step = _nvfp4_group_scale(absmax, global32) / global32
         levels = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=x.device)[e2m1_codes(values / step).long()]
         return (levels.to(step.dtype) * step).to(x.dtype).reshape(x.shape)
     if scale is not None:
@@ -195,12 +203,11 @@ def quantize_nvfp4(weight: torch.Tensor, global_absmax: float | None = None) -> 
     group_max = _absmax(groups, (2,))
     tensor_max = group_max.max() if group_max.numel() else torch.zeros((), dtype=group_max.dtype)
     if global_absmax is not None:
-        tensor_max = torch.maximum(tensor_max, torch.tensor(global_absmax, dtype=tensor_max.dtype))
+        tensor_max = torch.maximum(tensor_max, torch.tensor(global_absmax, dtype=tensor_max.dtype, device=tensor_max.device))
     tensor_max = tensor_max.clamp(min=torch.finfo(tensor_max.dtype).tiny)
     global_scale = torch.nan_to_num((FP8_MAX * E2M1_MAX) / tensor_max, nan=1.0, posinf=1.0, neginf=1.0)
     global_scale = global_scale.to(torch.float32).reshape(1)
-    scale = global_scale * (group_max / torch.tensor(E2M1_MAX, dtype=group_max.dtype))
-    scale = _nonzero(scale.clamp(-FP8_MAX, FP8_MAX).to(FP8).to(scale.dtype), 0.125)
+    scale = _nvfp4_group_scale(group_max, global_scale)
     scaled = groups / (scale / global_scale).unsqueeze(2)
     values = pack_nibbles(e2m1_codes(scaled).reshape(rows, cols))
     return PackedFloat(values, scale.to(FP8), global_scale, "nvfp4a16", tuple(weight.shape), weight.dtype)
