@@ -28,7 +28,9 @@ in the model dtype ([rows, 1] per channel, [ceil(rows/128), ceil(cols/128)] per 
 ``nvfp4-pack-quantized`` stores ``weight_packed`` uint8 [rows, cols/2] (two E2M1 codes a byte, the even
 column in the low nibble), ``weight_scale`` float8_e4m3fn [rows, cols/16] and ``weight_global_scale``
 float32 [1]; ``mxfp4-pack-quantized`` the same packing with ``weight_scale`` uint8 E8M0 exponents
-[rows, cols/32]. Their inputs are quantized dynamically by the runtime: nothing stored.
+[rows, cols/32]. Their inputs are quantized by the runtime: dynamically (nothing stored), or for
+``fp8 --act-strategy tensor`` with a static ``input_scale`` [1] (model dtype) and for ``nvfp4`` under a
+static ``input_global_scale`` float32 [1] = 448 * 6 / the calibrated absmax.
 
 ``config.json`` gets ``quantization_config`` with one config group per distinct scheme, its
 ``targets`` being the exact module names (so kept Linear layers, tied lm_head included, are
