@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from qtool.kernels import fused
 from qtool.schemes.base import Scheme, register
 from qtool.schemes.errors import NonFiniteWeight
 from qtool.schemes.grids import Grid, GridParams, QuantResult
@@ -329,8 +330,11 @@ class FP8Channel(_FloatScheme):
     act_max = FP8_MAX
     act_type = "fp8"
     params = ("act_range", "act_strategy", "act_percentile", "smooth", "smooth_down")
+    triton_module = "floats"
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
+        if weight.is_cuda and (fused_kernel := fused(self)) is not None:
+            return fused_kernel(weight, **params)
         return quantize_fp8(weight)
 
     def calibration_grid(self, *, columns: int | None = None, **_: Any) -> Grid:
@@ -366,8 +370,11 @@ class NVFP4A16(_FloatScheme):
     weight_args = _args(4, "tensor_group", group_size=NVFP4_GROUP, scale_dtype="torch.float8_e4m3fn")
     # quantize() takes ``global_absmax``: the sink gives Linears a runtime fuses one global scale.
     shares_global_scale = True
+    triton_module = "floats"
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
+        if weight.is_cuda and (fused_kernel := fused(self)) is not None:
+            return fused_kernel(weight, **params)
         return quantize_nvfp4(weight, params.get("global_absmax"))
 
 
