@@ -81,6 +81,7 @@ def dequantize_fp8_tiles(values: torch.Tensor, scale_inv: torch.Tensor, tile: tu
     # uint8 scales are E8M0 exponents (MXFP8 checkpoints), as transformers reads them
     scale = (scale_inv.to(torch.float32) - 127.0).exp2() if scale_inv.dtype == torch.uint8 else scale_inv.to(torch.float32)
     if tile is not None:
-        rows, cols = values.shape[-2:]
-        scale = scale.repeat_interleave(tile[0], -2)[..., :rows, :].repeat_interleave(tile[1], -1)[..., :cols]
+        from qtool.schemes.floats import expand_tiles
+
+        scale = expand_tiles(scale, tile, *values.shape[-2:])
     return (values.to(torch.float32) * scale).to(dtype)

@@ -113,7 +113,7 @@ def _fp8(weight: torch.Tensor, **params: Any) -> cpu_floats.PackedFloat:
            DT=_DTYPES[matrix.dtype], BLOCK=min(_ROW_BLOCK, triton.next_power_of_2(cols)), num_warps=8,
            enable_fp_fusion=False)
     read_flags(flags)
-    return cpu_floats.PackedFloat(values, scale, None, "fp8", tuple(weight.shape), weight.dtype)
+    return cpu_floats.PackedFloat(values, scale, None, tuple(weight.shape), weight.dtype)
 
 
 def _nvfp4(weight: torch.Tensor, **params: Any) -> cpu_floats.PackedFloat:
@@ -122,15 +122,9 @@ def _nvfp4(weight: torch.Tensor, **params: Any) -> cpu_floats.PackedFloat:
         return cpu_floats.quantize_nvfp4(weight, params.get("global_absmax"))
     matrix = matrix.contiguous()
     rows, cols = matrix.shape
-    # The torch code's global scale, on the device: 448 * 6 / absmax in the weight's dtype, then float32.
+    # The torch code's global scale, on the device (no host sync).
     low, high = torch.aminmax(matrix)          # one read, no |x| temporary (NaN propagates: flagged below)
-    tensor_max = torch.maximum(-low, high)
-    if params.get("global_absmax") is not None:
-        tensor_max = torch.maximum(tensor_max, torch.tensor(params["global_absmax"], dtype=matrix.dtype,
-                                                            device=matrix.device))
-    tensor_max = tensor_max.clamp(min=torch.finfo(matrix.dtype).tiny)
-    global_scale = torch.nan_to_num((cpu_floats.FP8_MAX * cpu_floats.E2M1_MAX) / tensor_max, nan=1.0, posinf=1.0,
-                                    neginf=1.0).to(torch.float32).reshape(1)
+    global_scale = cpu_floats.nvfp4_global_scale(torch.maximum(-low, high), params.get("global_absmax"))
     n_groups = rows * cols // cpu_floats.NVFP4_GROUP
     packed = torch.empty((rows, cols // 2), dtype=torch.uint8, device=matrix.device)
     scale = torch.empty((rows, cols // cpu_floats.NVFP4_GROUP), dtype=cpu_floats.FP8, device=matrix.device)
@@ -139,7 +133,7 @@ def _nvfp4(weight: torch.Tensor, **params: Any) -> cpu_floats.PackedFloat:
     launch(_nvfp4_kernel, grid, matrix, packed, scale, global_scale, flags, n_groups, DT=_DTYPES[matrix.dtype],
            GROUPS=_GROUPS, num_warps=4, enable_fp_fusion=False)
     read_flags(flags)
-    return cpu_floats.PackedFloat(packed, scale, global_scale, "nvfp4a16", tuple(weight.shape), weight.dtype)
+    return cpu_floats.PackedFloat(packed, scale, global_scale, tuple(weight.shape), weight.dtype)
 
 
 FUSED = {"fp8": _fp8, "nvfp4a16": _nvfp4, "nvfp4": _nvfp4}

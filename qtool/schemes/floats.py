@@ -32,7 +32,7 @@ from qtool.kernels import fused
 from qtool.schemes.base import Scheme, register
 from qtool.schemes.errors import NonFiniteWeight
 from qtool.schemes.grids import Grid, GridParams, QuantResult
-from qtool.schemes.mxfp4 import E2M1_VALUES, SCALE_BIAS
+from qtool.schemes.mxfp4 import E2M1_VALUES, SCALE_BIAS, unpack_e2m1
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -53,7 +53,6 @@ class PackedFloat:
     scale: torch.Tensor                  # fp8: [rows, 1] or [row blocks, col blocks] in ``dtype``; nvfp4: float8_e4m3fn
                                          # [rows, cols / 16]; mxfp4: uint8 E8M0 exponents [rows, cols / 32]
     global_scale: torch.Tensor | None    # nvfp4: float32 [1] (values = e2m1 * scale / global_scale); else None
-    encoding: str                        # the scheme's name
     shape: tuple[int, ...]
     dtype: torch.dtype
 
@@ -104,13 +103,6 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """Two codes a byte along the last dim, the even element in the low nibble."""
     pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
-
-
-def unpack_e2m1(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [..., n / 2] -> E2M1 values [..., n]."""
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).long()
-    return table[codes].to(dtype)
 
 
 # -- quantize / dequantize -------------------------------------------------------------------------
@@ -180,19 +172,25 @@ def quantize_fp8(weight: torch.Tensor, block: int | None = None) -> PackedFloat:
         tiles = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block)
         scale = _absmax(tiles, (1, 3))
     scale = _fp8_scale(scale)
-    expanded = scale if block is None else \
-        scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    values = _to_fp8(matrix / expanded)
-    return PackedFloat(values, scale, None, "fp8" if block is None else "fp8-block", tuple(weight.shape), weight.dtype)
+    values = _to_fp8(matrix / (scale if block is None else expand_tiles(scale, (block, block), rows, cols)))
+    return PackedFloat(values, scale, None, tuple(weight.shape), weight.dtype)
 
 
-def _fp8_expanded_scale(packed: PackedFloat) -> torch.Tensor:
-    rows, cols = packed.shape
-    scale = packed.scale
-    if scale.shape[1] == 1 and scale.shape[0] == rows:
-        return scale
-    block_rows, block_cols = -(-rows // scale.shape[0]), -(-cols // scale.shape[1])
-    return scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_cols, 1)[:, :cols]
+def expand_tiles(scale: torch.Tensor, tile: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
+    """Per-tile scales [..., ceil(rows / tile rows), ceil(cols / tile cols)] spread over the [..., rows, cols]
+    elements they scale."""
+    return scale.repeat_interleave(tile[0], -2)[..., :rows, :].repeat_interleave(tile[1], -1)[..., :cols]
+
+
+def nvfp4_global_scale(tensor_max: torch.Tensor, global_absmax: float | None = None) -> torch.Tensor:
+    """NVFP4's float32 [1] global scale, 448 * 6 / absmax taken in absmax's dtype (``global_absmax``: a larger
+    absmax shared with the Linears a runtime fuses with this one; a zero or non-finite absmax gives 1)."""
+    if global_absmax is not None:
+        tensor_max = torch.maximum(tensor_max, torch.tensor(global_absmax, dtype=tensor_max.dtype,
+                                                            device=tensor_max.device))
+    tensor_max = tensor_max.clamp(min=torch.finfo(tensor_max.dtype).tiny)
+    global_scale = torch.nan_to_num((FP8_MAX * E2M1_MAX) / tensor_max, nan=1.0, posinf=1.0, neginf=1.0)
+    return global_scale.to(torch.float32).reshape(1)
 
 
 def quantize_nvfp4(weight: torch.Tensor, global_absmax: float | None = None) -> PackedFloat:
@@ -203,15 +201,11 @@ def quantize_nvfp4(weight: torch.Tensor, global_absmax: float | None = None) -> 
     groups = matrix.reshape(rows, cols // NVFP4_GROUP, NVFP4_GROUP)
     group_max = _absmax(groups, (2,))
     tensor_max = group_max.max() if group_max.numel() else torch.zeros((), dtype=group_max.dtype)
-    if global_absmax is not None:
-        tensor_max = torch.maximum(tensor_max, torch.tensor(global_absmax, dtype=tensor_max.dtype, device=tensor_max.device))
-    tensor_max = tensor_max.clamp(min=torch.finfo(tensor_max.dtype).tiny)
-    global_scale = torch.nan_to_num((FP8_MAX * E2M1_MAX) / tensor_max, nan=1.0, posinf=1.0, neginf=1.0)
-    global_scale = global_scale.to(torch.float32).reshape(1)
+    global_scale = nvfp4_global_scale(tensor_max, global_absmax)
     scale = _nvfp4_group_scale(group_max, global_scale)
     scaled = groups / (scale / global_scale).unsqueeze(2)
     values = pack_nibbles(e2m1_codes(scaled).reshape(rows, cols))
-    return PackedFloat(values, scale.to(FP8), global_scale, "nvfp4a16", tuple(weight.shape), weight.dtype)
+    return PackedFloat(values, scale.to(FP8), global_scale, tuple(weight.shape), weight.dtype)
 
 
 def _power_of_two_floor(x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +223,7 @@ def _power_of_two_floor(x: torch.Tensor) -> torch.Tensor:
     return rounded.to(int_dtype).view(x.dtype)
 
 
-def quantize_mxfp4(weight: torch.Tensor, name: str = "mxfp4a16") -> PackedFloat:
+def quantize_mxfp4(weight: torch.Tensor) -> PackedFloat:
     """MXFP4: per group of 32, the E8M0 exponent of the group's absmax rounded to a power of two, less 2
     (E2M1's largest power); values clamped to +-6."""
     matrix = _matrix(weight, "mxfp4", MXFP4_GROUP)
@@ -239,14 +233,16 @@ def quantize_mxfp4(weight: torch.Tensor, name: str = "mxfp4a16") -> PackedFloat:
     scaled = groups / scale.unsqueeze(2)
     values = pack_nibbles(e2m1_codes(scaled).reshape(rows, cols))
     stored = (SCALE_BIAS + torch.floor(torch.log2(scale.float())).to(torch.int32)).to(torch.uint8)
-    return PackedFloat(values, stored, None, name, tuple(weight.shape), weight.dtype)
+    return PackedFloat(values, stored, None, tuple(weight.shape), weight.dtype)
 
 
 def dequantize_float(packed: PackedFloat) -> torch.Tensor:
     """The float weight as compressed-tensors' decompression gives it, in the weight's dtype."""
     rows, cols = packed.shape
     if packed.values.dtype == FP8:
-        scale = _fp8_expanded_scale(packed)
+        scale = packed.scale
+        if scale.shape != (rows, 1):          # per tile: its edge from the grid
+            scale = expand_tiles(scale, (-(-rows // scale.shape[0]), -(-cols // scale.shape[1])), rows, cols)
         return (packed.values.to(scale.dtype) * scale).to(packed.dtype).reshape(packed.shape)
     values = unpack_e2m1(packed.values).reshape(rows, packed.scale.shape[1], -1)
     if packed.global_scale is not None:
@@ -345,7 +341,7 @@ class FP8Channel(_FloatScheme):
     def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
                         tensor_name: str) -> PackedFloat:
         values = FP8_CODEBOOK.to(result.levels.device)[result.levels.long()].to(FP8)
-        return PackedFloat(values, result.scale.to(torch.float32), None, self.name, tuple(result.levels.shape), dtype)
+        return PackedFloat(values, result.scale.to(torch.float32), None, tuple(result.levels.shape), dtype)
 
 
 @register
@@ -401,7 +397,7 @@ class MXFP4A16(_FloatScheme):
     weight_args = _args(4, "group", group_size=MXFP4_GROUP, scale_dtype="torch.uint8")
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
-        return quantize_mxfp4(weight, self.name)
+        return quantize_mxfp4(weight)
 
     def calibration_grid(self, **_: Any) -> Grid:
         return FloatGrid(self.name, MXFP4_GROUP, E2M1_CODEBOOK, _mx_group_scale)
@@ -411,7 +407,7 @@ class MXFP4A16(_FloatScheme):
         rows, cols = result.levels.shape
         values = E2M1_CODEBOOK.to(result.levels.device)[result.levels.long()]
         exponents = (SCALE_BIAS + torch.log2(result.scale.float()).round()).to(torch.uint8)
-        return PackedFloat(pack_nibbles(e2m1_codes(values)), exponents, None, self.name, (rows, cols), dtype)
+        return PackedFloat(pack_nibbles(e2m1_codes(values)), exponents, None, (rows, cols), dtype)
 
 
 @register

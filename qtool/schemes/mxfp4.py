@@ -14,6 +14,13 @@ BLOCK = 32
 SCALE_BIAS = 127
 
 
+def unpack_e2m1(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., n / 2] (two E2M1 codes a byte, the even element low) -> E2M1 values [..., n]."""
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).long()
+    return table[codes].to(dtype)
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 blocks [..., G, 16] and scales [..., G] -> values [..., G * 32] as ``dtype`` (exact in float32;
     every E2M1 value times a power of two is a bfloat16 too, save for under- and overflow)."""
@@ -22,7 +29,5 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     if blocks.shape[-1] != BLOCK // 2 or tuple(blocks.shape[:-1]) != tuple(scales.shape):
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match "
                          f"([..., G, {BLOCK // 2}] and [..., G])")
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()   # [..., G, 32]
     exponents = scales.to(torch.int32).unsqueeze(-1) - SCALE_BIAS
-    return torch.ldexp(table[codes], exponents).flatten(-2).to(dtype)
+    return torch.ldexp(unpack_e2m1(blocks), exponents).flatten(-2).to(dtype)      # [..., G, 32] -> [..., G * 32]
