@@ -116,6 +116,10 @@ class GGMLType(Scheme):
     checks_finite = True         # quantize raises NonFiniteWeight / ScaleOverflow itself
     # Byte offsets of the block's fp16 fields (scales, mins): where an out-of-range weight shows.
     fp16_offsets: ClassVar[tuple[int, ...]] = ()
+    # Types whose quantizer weighs each element by an importance matrix (llama.cpp's quant_weights:
+    # one value per column, from `qtool calibrate` or a llama-imatrix file), and those that need one.
+    takes_importance: ClassVar[bool] = False
+    requires_importance: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -123,9 +127,11 @@ class GGMLType(Scheme):
             cls.bits = cls.type_size * 8 / cls.block_size
 
     # -- what subclasses implement -------------------------------------------------------------
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         """float (n_blocks, block_size) -> uint8 (n_blocks, type_size): the reference numerics, which
-        the C kernels (qtool.kernels.cpu) and the Triton kernels (qtool.kernels.ggml) reproduce."""
+        the C kernels (qtool.kernels.cpu) and the Triton kernels (qtool.kernels.ggml) reproduce.
+        ``importance``: float32 (n_blocks, block_size), each element's importance (types that
+        ``takes_importance``)."""
         raise NotImplementedError
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -147,8 +153,12 @@ class GGMLType(Scheme):
             rows *= dim
         return rows * self.row_bytes(shape[-1])
 
-    def quantize(self, weight: torch.Tensor, **params: Any) -> GGMLTensor:
+    def quantize(self, weight: torch.Tensor, importance: torch.Tensor | None = None, **params: Any) -> GGMLTensor:
+        """``importance``: one value per column (llama.cpp's importance matrix), for types that take one."""
         shape = tuple(weight.shape)
+        if importance is None and self.requires_importance:
+            raise BadArgument(f"{self.name} needs an importance matrix: add --method imatrix with --calib or --stats, "
+                              "or --imatrix FILE")
         if not self.supports(shape):
             raise BadArgument(f"{self.name} needs rows that are a multiple of {self.block_size} elements and no "
                               f"empty dimension; got a tensor of shape {list(shape)}")
@@ -157,18 +167,29 @@ class GGMLType(Scheme):
         try:
             # Every path raises NonFiniteWeight for inf, NaN or |x| >= LARGEST_INPUT as it reads the
             # weight (no separate pass); what it was is told apart only on that error.
-            if weight.is_cuda and (fused_kernel := fused(self)) is not None:
+            if importance is not None:
+                out = self._quantize_chunks(weight.reshape(-1, self.block_size), self._importance_blocks(importance, shape))
+            elif weight.is_cuda and (fused_kernel := fused(self)) is not None:
                 return fused_kernel(weight, **params)   # its kernels test the fp16 scales as they store them
-            blocks = weight.reshape(-1, self.block_size)
-            if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self)) is not None:
-                out = c_kernel(blocks)
+            elif weight.device.type == "cpu" and (c_kernel := cpu_kernel(self)) is not None:
+                out = c_kernel(weight.reshape(-1, self.block_size))
             else:
-                out = self._quantize_chunks(blocks)
+                out = self._quantize_chunks(weight.reshape(-1, self.block_size))
         except NonFiniteWeight:
             raise self._unstorable(weight) from None
         packed = GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(shape[-1])))
         self.check_scales(packed, weight)
         return packed
+
+    def _importance_blocks(self, importance: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """One importance value per column -> (n_blocks, block_size), the same for every row."""
+        if not self.takes_importance:
+            raise BadArgument(f"{self.name} does not use an importance matrix; use --method rtn, or imatrix's own search")
+        if importance.shape != (shape[-1],):
+            raise BadArgument(f"the importance matrix has {importance.numel()} values for a tensor of {shape[-1]} columns")
+        rows = math.prod(shape[:-1])
+        per_row = importance.to(torch.float32).reshape(1, -1, self.block_size)
+        return per_row.expand(rows, -1, -1).reshape(-1, self.block_size)
 
     def _unstorable(self, weight: torch.Tensor) -> ValueError:
         """The error for a weight this type cannot hold: inf/NaN, or values too large."""
@@ -195,7 +216,7 @@ class GGMLType(Scheme):
             raise self._unstorable(weight)
         raise ScaleOverflow(f"a {self.name} block scale is inf or nan (the weight is too large for the type)")
 
-    def _quantize_chunks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def _quantize_chunks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         """quantize_blocks over bounded chunks; on the CPU on several threads (see _parallel)."""
         out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=blocks.device)
         step = max(1, _CHUNK_ELEMENTS // self.block_size)
@@ -210,7 +231,10 @@ class GGMLType(Scheme):
                 if not bool((chunk.abs() < LARGEST_INPUT).all()):
                     nonfinite_chunks.append(start)
                     return
-                out[start:start + step] = self.quantize_blocks(chunk)
+                if importance is None:
+                    out[start:start + step] = self.quantize_blocks(chunk)
+                else:
+                    out[start:start + step] = self.quantize_blocks(chunk, importance[start:start + step].to(chunk.device))
 
         starts = range(0, blocks.shape[0], step)
         if blocks.device.type == "cpu":
@@ -515,6 +539,62 @@ def _sequential_sums(weight: torch.Tensor, value: torch.Tensor, blocks: torch.Te
     return sum_qx, sum_q2
 
 
+def _iq4_weights(blocks: torch.Tensor, importance: torch.Tensor | None, super_block: int) -> torch.Tensor:
+    """The per-element weights of llama.cpp's IQ4 search over (n, 32) blocks: x^2, or with an importance
+    matrix ``imatrix[col] * sqrt(sigma2 + x^2)``, sigma2 twice the mean square of the ``super_block``
+    elements around (summed left to right in float32, as the C loop)."""
+    if importance is None:
+        return blocks * blocks
+    rows = blocks.reshape(-1, super_block)
+    sum_x2 = torch.zeros_like(rows[:, :1])
+    for j in range(super_block):
+        sum_x2 = sum_x2 + rows[:, j:j + 1] * rows[:, j:j + 1]
+    sigma2 = (sum_x2 * (2.0 / super_block)).repeat_interleave(super_block // 32, dim=0)
+    return importance * torch.sqrt(sigma2 + blocks * blocks)
+
+
+def _iq4_scales(blocks: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """float32 (n, 1) scale of each block of 32 by quantize_row_iq4_nl_impl's search: the scale mapping the
+    largest-magnitude element onto the table's end, then the inverse scales ``(k - 127) / max`` for
+    k = -7..7, each with its weighted least-squares scale; 0 for a block below GROUP_MAX_EPS or whose
+    weights are all zero."""
+    peak = _signed_absmax(blocks)
+    empty = peak.abs() < 1e-15                 # GROUP_MAX_EPS: the block stays zero
+
+    def candidate(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value = table[nearest_table_index(inverse * blocks, table)]
+        return _sequential_sums(weight, value, blocks)
+
+    safe_peak = torch.where(empty, torch.ones_like(peak), peak)
+    sum_qx, sum_q2 = candidate(1 / divide(safe_peak, 127))
+    scale = torch.where(sum_q2 > 0, sum_qx / torch.where(sum_q2 > 0, sum_q2, torch.ones_like(sum_q2)),
+                        torch.zeros_like(sum_q2))
+    best = scale * sum_qx
+    for step in range(-_IQ4_NL_TRIES, _IQ4_NL_TRIES + 1):
+        sum_qx, sum_q2 = candidate((step + table[0]) / safe_peak)
+        better = (sum_q2 > 0) & (sum_qx * sum_qx > best * sum_q2)
+        scale = torch.where(better, sum_qx / torch.where(better, sum_q2, torch.ones_like(sum_q2)), scale)
+        best = torch.where(better, scale * sum_qx, best)
+    return torch.where(empty, torch.zeros_like(scale), scale)
+
+
+def _iq4_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=device)
+
+
+def _iq4_indices(packed: torch.Tensor) -> torch.Tensor:
+    """(n, 16 * k) nibble bytes -> (n, 32 * k) indices: per 32 elements, element j in the low nibble of
+    byte j, element j + 16 in its high nibble."""
+    packed = packed.reshape(packed.shape[0], -1, 16)
+    return torch.cat([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
+
+
+def _iq4_nibbles(indices: torch.Tensor) -> torch.Tensor:
+    """The inverse of _iq4_indices."""
+    groups = indices.reshape(indices.shape[0], -1, 32)
+    return pack_nibbles(groups[..., :16], groups[..., 16:]).reshape(indices.shape[0], -1)
+
+
 @register
 class IQ4_NL(GGMLType):
     name = "IQ4_NL"
@@ -523,6 +603,7 @@ class IQ4_NL(GGMLType):
     type_size = 18
     c_kernel = "quantize_iq4_nl"
     file_type = "MOSTLY_IQ4_NL"
+    takes_importance = True
 
     def calibration_grid(self, **_: Any) -> Grid:
         return IQ4NLGrid()
@@ -532,38 +613,62 @@ class IQ4_NL(GGMLType):
         levels, scale, _ = calibrated_blocks(self, result)
         return calibrated_tensor(self, result, [fp16_bytes(scale), pack_nibbles(levels[:, :16], levels[:, 16:])])
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
-        table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
-        weight = blocks * blocks
-        peak = _signed_absmax(blocks)
-        empty = peak.abs() < 1e-15                 # GROUP_MAX_EPS: the block stays zero
-
-        def candidate(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            value = table[nearest_table_index(inverse * blocks, table)]
-            return _sequential_sums(weight, value, blocks)
-
-        safe_peak = torch.where(empty, torch.ones_like(peak), peak)
-        sum_qx, sum_q2 = candidate(1 / divide(safe_peak, 127))
-        scale = sum_qx / sum_q2
-        best = scale * sum_qx
-        for step in range(-_IQ4_NL_TRIES, _IQ4_NL_TRIES + 1):
-            sum_qx, sum_q2 = candidate((step + table[0]) / safe_peak)
-            better = (sum_q2 > 0) & (sum_qx * sum_qx > best * sum_q2)
-            scale = torch.where(better, sum_qx / torch.where(better, sum_q2, torch.ones_like(sum_q2)), scale)
-            best = torch.where(better, scale * sum_qx, best)
-        scale = torch.where(empty, torch.zeros_like(scale), scale)
+        table = _iq4_table(blocks.device)
+        scale = _iq4_scales(blocks, _iq4_weights(blocks, importance, 32), table)
         # The indices are chosen again for the final (float32) scale; an empty block (scale 0) gets
         # the index nearest 0, as llama.cpp writes it.
         indices = nearest_table_index(_inverse(scale) * blocks, table).to(torch.uint8)
-        return torch.cat([fp16_bytes(scale), pack_nibbles(indices[:, :16], indices[:, 16:])], dim=-1)
+        return torch.cat([fp16_bytes(scale), _iq4_nibbles(indices)], dim=-1)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         scale = fp16_from_bytes(blocks[:, :2])
-        packed = blocks[:, 2:]
-        indices = torch.cat([packed & 0x0F, packed >> 4], dim=-1).long()
-        table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=blocks.device)
-        return table[indices] * scale
+        return _iq4_table(blocks.device)[_iq4_indices(blocks[:, 2:])] * scale
+
+
+@register
+class IQ4_XS(GGMLType):
+    """IQ4_NL's table in super-blocks of 256: one fp16 scale d, and per block of 32 a 6-bit signed
+    scale l (d * l the block's scale: 4 low bits in scales_l, 2 high bits in scales_h), 4.25 bits per
+    weight. Block layout: d (2 bytes), scales_h (uint16), scales_l (4 bytes), 128 bytes of nibbles."""
+
+    name = "IQ4_XS"
+    block_size = QK_K
+    fp16_offsets = (0,)
+    type_size = 136
+    file_type = "MOSTLY_IQ4_XS"
+    fallback = "IQ4_NL"
+    takes_importance = True
+
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        blocks = blocks.to(torch.float32)
+        table = _iq4_table(blocks.device)
+        n = blocks.shape[0]
+        subs = blocks.reshape(-1, 32)
+        sub_importance = importance.reshape(-1, 32) if importance is not None else None
+        scales = _iq4_scales(subs, _iq4_weights(subs, sub_importance, QK_K), table).reshape(n, 8)
+        # The sub-block scale of largest magnitude (the first on ties) sets d = -max / 32.
+        peak = _signed_absmax(scales)
+        d = -torch.where(peak != 0, peak, torch.zeros_like(peak)) / 32   # all zero: C's +0 maximum, so d = -0
+        codes = nearest_int(_inverse(d) * scales).clamp(-32, 31)
+        sub_scale = (d * codes).reshape(-1, 1)
+        indices = nearest_table_index(_inverse(sub_scale) * subs, table).to(torch.uint8).reshape(n, QK_K)
+        codes = (codes + 32).to(torch.int32)
+        low = (codes & 0xF).to(torch.uint8)
+        scales_l = low[:, 0::2] | (low[:, 1::2] << 4)
+        scales_h = ((codes >> 4) << (2 * torch.arange(8, device=blocks.device, dtype=torch.int32))).sum(-1, keepdim=True)
+        scales_h = torch.cat([scales_h & 0xFF, scales_h >> 8], dim=-1).to(torch.uint8)
+        return torch.cat([fp16_bytes(d), scales_h, scales_l, _iq4_nibbles(indices)], dim=-1)
+
+    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        d = fp16_from_bytes(blocks[:, :2])
+        scales_h = blocks[:, 2].to(torch.int32) | (blocks[:, 3].to(torch.int32) << 8)
+        low = torch.stack([blocks[:, 4:8] & 0x0F, blocks[:, 4:8] >> 4], dim=-1).reshape(-1, 8).to(torch.int32)
+        high = (scales_h.unsqueeze(-1) >> (2 * torch.arange(8, device=blocks.device, dtype=torch.int32))) & 3
+        sub_scale = d * (low | (high << 4)).to(torch.float32).sub(32)
+        values = _iq4_table(blocks.device)[_iq4_indices(blocks[:, 8:])].reshape(-1, 8, 32)
+        return (values * sub_scale.unsqueeze(-1)).reshape(-1, QK_K)
 
 
 class IQ4NLGrid(CodebookGrid):
