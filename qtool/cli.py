@@ -189,6 +189,7 @@ def quantize(
     calib_samples: int = typer.Option(128, "--calib-samples"),
     calib_seqlen: int = typer.Option(512, "--calib-seqlen"),
     stats: Optional[Path] = typer.Option(None, "--stats", help="Statistics saved by `qtool calibrate`."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="A llama.cpp importance matrix (llama-imatrix's .gguf or .dat): --method imatrix from it."),
     all_experts: bool = AllExpertsOpt,
     expert_min_tokens: int = typer.Option(64, "--expert-min-tokens", help="Mixtures of experts: an expert with fewer calibration tokens is rounded to nearest (named in the report)."),
     act_range: Optional[str] = typer.Option(None, "--act-range", help="w8a8, fp8 static: input scale from minmax (default), percentile (p99.99) or mse of |x| (int8 only)."),
@@ -215,8 +216,9 @@ def quantize(
         # Every option is checked before any download, read or write.
         from qtool.recipes import check_quantize_options
 
-        check_quantize_options(output=output, method=method, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                               all_experts=all_experts, expert_min_tokens=expert_min_tokens)
+        chosen_method = check_quantize_options(output=output, method=method, calib_samples=calib_samples,
+                                               calib_seqlen=calib_seqlen, all_experts=all_experts,
+                                               expert_min_tokens=expert_min_tokens, stats=stats, imatrix=imatrix)
         if evaluate_after:
             from qtool.evaluation import check_options as check_eval_options
 
@@ -231,8 +233,8 @@ def quantize(
                                      act_asymmetric=act_asymmetric, smooth_down=smooth_down)
         options = QuantizeOptions(format=out_format, force=force, dry_run=dry_run,
                                   max_shard_size=_parse_size(max_shard_size), device=device, revision=revision,
-                                  method=method, calib=calib, calib_samples=calib_samples,
-                                  calib_seqlen=calib_seqlen, stats=stats, all_experts=all_experts,
+                                  method=chosen_method, calib=calib, calib_samples=calib_samples,
+                                  calib_seqlen=calib_seqlen, stats=stats, imatrix=imatrix, all_experts=all_experts,
                                   expert_min_tokens=expert_min_tokens)
         report = run_quantize(model, output or Path("."), recipe, options)
         if report is None:      # a rank of a torchrun calibration other than 0: rank 0 reports

@@ -43,6 +43,7 @@ class QuantizeOptions:
     calib_samples: int = 128
     calib_seqlen: int = 512
     stats: Path | None = None
+    imatrix: Path | None = None         # a llama.cpp importance matrix (.gguf or .dat) instead of --stats
     all_experts: bool = False           # mixtures of experts: see MethodOptions
     expert_min_tokens: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
@@ -118,7 +119,7 @@ def quantize(spec: str, out: str | Path, recipe: Recipe,
             check_packable(calib_plans, options.method)    # before any calibration work
         # Before any long work: the output must spare the source's files, be free (or --force-able)
         # and not be written by another run; held until the rename (see qtool.atomic).
-        run_inputs = [Path(path) for path in (options.stats, options.calib) if path]     # read too: spared alike
+        run_inputs = [Path(path) for path in (options.stats, options.imatrix, options.calib) if path]     # read too: spared alike
         claim = OutputClaim(out, force=options.force, reads=[*source.local_paths(), *run_inputs])
         try:
             report = _quantize_into(claim, source, recipe, options, device, plans, sink_type, infos, labels, started)
@@ -220,6 +221,11 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
     from qtool.calibration.smoothing import SmoothedSource
 
     stats = load_stats(options.stats) if options.stats is not None else None
+    if options.imatrix is not None:
+        from qtool.calibration.imatrix_file import load_imatrix
+
+        stats = load_imatrix(options.imatrix, source.config, {info.name: info.shape[-1] for info in source.tensors()
+                                                              if len(info.shape) >= 2})
     calib, samples, seqlen = options.calib or DEFAULT_CALIB, options.calib_samples, options.calib_seqlen
     if stats is not None and isinstance(source, SmoothedSource):
         # W8A8 smoothing changed the Linear inputs the saved X^T X describes: calibrate the smoothed
@@ -243,7 +249,7 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
         for name, operations in item.folds.items():
             folds.setdefault(name, []).extend(operations)
     described = {"method": options.method, "tensors": len(packed) - len(seen.fallbacks),
-                 "stats": str(options.stats) if stats is not None else None,
+                 "stats": str(options.stats or options.imatrix) if stats is not None else None,
                  "text": str(stats.calib if stats is not None else calib),
                  "samples": stats.samples if stats is not None else samples,
                  "seqlen": stats.seqlen if stats is not None else seqlen}

@@ -13,12 +13,21 @@ PARAM_FLAGS = {"block_size": "--block-size", "group_size": "--group-size", "doub
 
 
 def check_quantize_options(*, output: Path | None, method: str, calib_samples: int, calib_seqlen: int,
-                           all_experts: bool = False, expert_min_tokens: int = 0) -> None:
-    """`qtool quantize`'s options that need no file or network: checked before any work."""
+                           all_experts: bool = False, expert_min_tokens: int = 0, stats: Path | None = None,
+                           imatrix: Path | None = None) -> str:
+    """`qtool quantize`'s options that need no file or network: checked before any work. Returns the
+    method to run (--imatrix alone means --method imatrix)."""
     from qtool.calibration.methods import METHODS
 
     if method not in METHODS:
         raise BadArgument(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if imatrix is not None:
+        if stats is not None:
+            raise BadArgument("--imatrix and --stats both give the statistics; pass one")
+        if method not in ("rtn", "imatrix"):
+            raise BadArgument(f"--method {method} needs X^T X, which a llama.cpp importance matrix (--imatrix) does "
+                              "not hold; use --method imatrix, or `qtool calibrate` and --stats")
+        method = "imatrix"
     if all_experts and method == "rtn":
         raise BadArgument("--all-experts changes what calibration sees; --method rtn calibrates nothing "
                           "(add --method gptq, awq or imatrix)")
@@ -28,6 +37,7 @@ def check_quantize_options(*, output: Path | None, method: str, calib_samples: i
     if output is not None and (str(output) in ("", ".") or not str(output).strip()):
         raise BadArgument(f"-o/--output {str(output)!r}: name the folder or .gguf file to write, e.g. -o out-nf4")
     check_calibration_counts(calib_samples, calib_seqlen)
+    return method
 
 
 def check_calibration_counts(samples: int, seqlen: int) -> None:

@@ -174,9 +174,11 @@ def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: b
     if report.calibration is not None:
         calibration = report.calibration
         origin = f"statistics {calibration['stats']} of " if calibration["stats"] else ""
+        # A legacy llama.cpp imatrix stores its chunk count, not the chunk's length (seqlen 0).
+        windows = (f"{calibration['samples']} x {calibration['seqlen']} tokens" if calibration["seqlen"]
+                   else f"{calibration['samples']} chunks")
         console.print(f"{calibration['method']}: {calibration['tensors']} tensors calibrated on {origin}"
-                      f"{calibration['text']} ({calibration['samples']} x {calibration['seqlen']} tokens)",
-                      highlight=False)
+                      f"{calibration['text']} ({windows})", highlight=False)
         if calibration.get("expert_tokens"):
             render_experts(calibration["expert_tokens"], console, all_experts=calibration["all_experts"],
                            fallbacks=calibration["fallbacks"], min_tokens=calibration["expert_min_tokens"],

@@ -34,14 +34,18 @@ def require_libggml() -> ctypes.CDLL:
     return lib
 
 
-def llamacpp_quantize(values: np.ndarray, type_name: str) -> np.ndarray:
-    """llama.cpp's quantization of a 2-D float32 array: uint8 (rows, row_bytes)."""
+def llamacpp_quantize(values: np.ndarray, type_name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's quantization of a 2-D float32 array: uint8 (rows, row_bytes); ``imatrix``: one
+    importance per column (what llama-quantize --imatrix hands ggml_quantize_chunk)."""
     lib = require_libggml()
     qtype = GGMLQuantizationType[type_name]
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     values = np.ascontiguousarray(values, dtype=np.float32)
     rows, n_per_row = values.shape
     out = np.zeros((rows, n_per_row // block_size * type_size), dtype=np.uint8)
-    written = lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    assert weights is None or weights.shape == (n_per_row,)
+    written = lib.ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, n_per_row,
+                                      None if weights is None else weights.ctypes.data)
     assert written == out.size
     return out

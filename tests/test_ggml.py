@@ -98,6 +98,50 @@ def test_iq4_nl_equals_llamacpp_bytes(dtype):
                                   quants.dequantize(packed.data.numpy(), GGMLQuantizationType.IQ4_NL))
 
 
+def _importance_vectors(n_per_row: int) -> list[torch.Tensor]:
+    """Importance matrices as llama-imatrix writes them (mean squares: skewed, positive), and the edge
+    cases: zero importance over whole blocks and single columns, a huge column, all equal."""
+    generator = torch.Generator().manual_seed(11)
+    skewed = torch.rand(n_per_row, generator=generator) ** 4 * 10
+    holes = skewed.clone()
+    holes[:32] = 0          # a whole block weighs nothing: llama.cpp's scale 0 (no 0/0)
+    holes[40:43] = 0
+    holes[100] = 1e6
+    return [skewed, holes, torch.ones(n_per_row)]
+
+
+@pytest.mark.parametrize("name", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_with_importance_equals_llamacpp_bytes(name, smollm2_gguf):
+    """IQ4_NL and IQ4_XS (super-blocks of 256: 6-bit sub-block scales under one fp16 scale), without and
+    with an importance matrix (llama-quantize --imatrix's quant_weights, imatrix * sqrt(sigma2 + x^2)): the
+    bytes libggml writes, on edge cases and real SmolLM2 rows, in every input dtype; gguf-py decodes them
+    as our dequantize does."""
+    from qtool.sources.resolve import resolve
+
+    with resolve(str(smollm2_gguf)) as source:
+        real = source.load("model.layers.3.mlp.down_proj.weight")[:48, :512].float()
+    edge = torch.cat([_edge_case_matrix(512), torch.randn(16, 512, generator=torch.Generator().manual_seed(5)) * 3])
+    scheme = ggml_type(name)
+    for weight in (edge, real, edge.to(torch.bfloat16), real.to(torch.float16)):
+        for importance in [None, *_importance_vectors(512)]:
+            packed = scheme.quantize(weight, importance=importance)
+            expected = llamacpp_quantize(weight.float().numpy(), name,
+                                         None if importance is None else importance.numpy())
+            np.testing.assert_array_equal(packed.data.numpy(), expected)
+            np.testing.assert_array_equal(scheme.dequantize(packed).numpy(),
+                                          quants.dequantize(expected, GGMLQuantizationType[name]))
+
+
+def test_importance_is_refused_where_it_cannot_apply():
+    """An importance matrix of the wrong length, or for a type whose quantizer does not weigh elements,
+    is a clear BadArgument, not a silent round to nearest."""
+    weight = torch.randn(4, 256)
+    with pytest.raises(BadArgument, match="importance matrix has 128 values for a tensor of 256 columns"):
+        ggml_type("IQ4_XS").quantize(weight, importance=torch.ones(128))
+    with pytest.raises(BadArgument, match="Q4_0 does not use an importance matrix"):
+        ggml_type("Q4_0").quantize(weight, importance=torch.ones(256))
+
+
 def test_cpu_kernels_are_built_here():
     """CI has a C compiler: the fast path must really be the one the other tests exercise."""
     missing = [name for name in CPU_KERNELS if cpu_kernel(get_scheme(name)) is None]
@@ -129,6 +173,15 @@ def test_cpu_kernel_bytes_equal_the_torch_reference(name, dtype):
         cpu._CHUNK_ELEMENTS = chunk
     mismatched = (fast != reference).any(dim=-1).nonzero().flatten().tolist()
     assert not mismatched, f"{name} {dtype}: {len(mismatched)} blocks differ, first {mismatched[:5]}"
+    if scheme.takes_importance:   # with an importance matrix: one value per column, chunks mid-row
+        for importance in _importance_vectors(1024):
+            reference = scheme._quantize_chunks(blocks, scheme._importance_blocks(importance, tuple(weight.shape)))
+            try:
+                cpu._CHUNK_ELEMENTS = 3 << 14
+                fast = kernel(blocks, importance)
+            finally:
+                cpu._CHUNK_ELEMENTS = chunk
+            assert torch.equal(fast, reference), f"{name} {dtype} with an importance matrix"
 
 
 @pytest.mark.parametrize("name", KQUANTS)

@@ -22,7 +22,7 @@ pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a little"]
-ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
              "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M"]
 # SmolLM2's rows of 576 make most K-types fall back to 32-block types; one file per distinct result.
 # (Q4_K_M's file holds Q4_K, Q5_0, Q6_K and Q8_0 tensors.) The SentencePiece model covers every type.

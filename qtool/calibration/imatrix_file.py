@@ -30,15 +30,16 @@ _GGUF_MAGIC = b"GGUF"
 _LEGACY_CHUNK = 512
 
 
-def load_imatrix(path: str | Path, config: dict) -> CalibrationStats:
-    """The importance of every weight ``path`` names, keyed by the model's (``config``'s) tensor names."""
+def load_imatrix(path: str | Path, config: dict, columns: dict[str, int]) -> CalibrationStats:
+    """The importance of every weight ``path`` names, keyed by the model's (``config``'s) tensor names;
+    ``columns``: the model's weights' row lengths, which each entry must match."""
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"--imatrix {path}: no such file; make one with `llama-imatrix` or `qtool calibrate`")
     try:
         with open(path, "rb") as handle:
             is_gguf = handle.read(4) == _GGUF_MAGIC
-        entries, datasets, chunks = _read_gguf(path) if is_gguf else _read_legacy(path)
+        entries, datasets, chunks, chunk_size = _read_gguf(path) if is_gguf else _read_legacy(path)
     except QtoolError:
         raise
     except Exception as exc:   # struct errors, gguf-py's ValueErrors on bad offsets: a broken file
@@ -53,16 +54,17 @@ def load_imatrix(path: str | Path, config: dict) -> CalibrationStats:
             hf_name = gguf_to_hf_name(gguf_name, arch, {f"{arch}.expert_count": len(tokens)} if len(tokens) > 1 else None)
         except Unsupported:
             continue     # a tensor this model's layout does not have (llama.cpp's own splits): not used
-        if len(tokens) > 1:   # one row per expert of a merged tensor
-            for index, (row, count) in enumerate(zip(values, tokens)):
-                linears[expert_name(hf_name, index)] = _stats(row, count)
-        else:
-            linears[hf_name] = _stats(values[0], tokens[0])
+        names = [expert_name(hf_name, index) for index in range(len(tokens))] if len(tokens) > 1 else [hf_name]
+        for name, row, count in zip(names, values, tokens):
+            if name in columns and columns[name] != row.numel():
+                raise CorruptFile(f"--imatrix {path}: {gguf_name} has {row.numel()} values for a tensor of "
+                                  f"{columns[name]} columns; was it made for another model?")
+            linears[name] = _stats(row, count)
     if not linears:
         raise CorruptFile(f"--imatrix {path}: none of its {len(entries)} entries (e.g. {next(iter(entries))}) is a "
                           f"tensor of this {arch} model; was it made for another model?")
-    return CalibrationStats(model="", calib=", ".join(datasets) or str(path), samples=chunks, seqlen=0, seed=0,
-                            linears=linears)
+    return CalibrationStats(model="", calib=", ".join(datasets) or str(path), samples=chunks, seqlen=chunk_size,
+                            seed=0, linears=linears)
 
 
 def _stats(mean_square: torch.Tensor, tokens: int) -> InputStats:
@@ -71,7 +73,11 @@ def _stats(mean_square: torch.Tensor, tokens: int) -> InputStats:
     return InputStats(mean_square.numel(), tokens, torch.full_like(mean_square, nan), mean_square, nan, nan, {})
 
 
-def _read_gguf(path: Path) -> tuple[dict[str, tuple[torch.Tensor, list[int]]], list[str], int]:
+# What a reader gives: entries (name -> (importance rows, tokens per row)), datasets, chunks, tokens per chunk.
+_Contents = tuple[dict[str, tuple[torch.Tensor, list[int]]], list[str], int, int]
+
+
+def _read_gguf(path: Path) -> _Contents:
     import gguf
 
     reader = gguf.GGUFReader(path)
@@ -100,11 +106,12 @@ def _read_gguf(path: Path) -> tuple[dict[str, tuple[torch.Tensor, list[int]]], l
                                       for row, count in zip(rows, tokens)]), tokens)
     datasets_field = reader.get_field("imatrix.datasets")
     datasets = list(datasets_field.contents()) if datasets_field is not None else []
-    chunks_field = reader.get_field("imatrix.chunk_count")
-    return entries, datasets, int(chunks_field.contents()) if chunks_field is not None else 0
+    chunks, chunk_size = (reader.get_field(f"imatrix.{key}") for key in ("chunk_count", "chunk_size"))
+    return (entries, datasets, int(chunks.contents()) if chunks is not None else 0,
+            int(chunk_size.contents()) if chunk_size is not None else 0)
 
 
-def _read_legacy(path: Path) -> tuple[dict[str, tuple[torch.Tensor, list[int]]], list[str], int]:
+def _read_legacy(path: Path) -> _Contents:
     data = path.read_bytes()
     offset = 0
 
@@ -141,4 +148,4 @@ def _read_legacy(path: Path) -> tuple[dict[str, tuple[torch.Tensor, list[int]]],
             (length,) = take("<i")
             if 0 < length <= len(data) - offset:
                 datasets.append(take(f"<{length}s")[0].decode("utf-8", errors="replace"))
-    return entries, datasets, chunks
+    return entries, datasets, chunks, 0

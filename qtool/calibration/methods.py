@@ -114,12 +114,20 @@ def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | 
         return scheme.dequantize(scheme.quantize(weight, **plan.params)).to(torch.float32), None
     if stats is None:
         raise BadArgument(f"--method {options.method}: no calibration statistics for {plan.name}")
+    scheme = get_scheme(plan.scheme)
+    if options.method == "imatrix" and scheme.takes_importance:
+        # The type's own quantizer weighs each element by the importance, byte for byte as llama-quantize
+        # --imatrix does with the same matrix.
+        packed = scheme.quantize(weight, importance=stats.mean_square, **plan.params)
+        qweight = scheme.dequantize(packed).to(torch.float32)
+        empty = torch.empty(0)
+        return qweight, QuantResult(qweight, empty, empty, empty, packed=packed)
     grid = grid_for(plan)
     if options.method == "imatrix":
         result = quantize_rtn(weight, grid, stats.mean_square)
     elif options.method == "gptq":
         if stats.hessian is None:
-            raise BadArgument("--method gptq needs X^T X; recreate the statistics with `qtool calibrate --hessian`")
+            raise BadArgument("--method gptq needs X^T X; recreate the statistics with `qtool calibrate`")
         result = gptq_quantize(weight, stats.hessian, grid, damp=options.damp, act_order=options.act_order,
                                block_size=options.block_size, static_groups=options.static_groups,
                                importance=stats.mean_square, damp_diag=options.damp_diag,
@@ -369,8 +377,8 @@ def _from_stats(source: Source, planned: dict[str, TensorPlan], options: MethodO
             stats_for = stats.linears.get(name) if stats is not None else None
             chosen = _for_tensor(name, stats_for, options, report)
             if chosen.method != "rtn" and stats_for is None:
-                raise BadArgument(f"--stats has no statistics for {name}; recreate them with `qtool calibrate` "
-                                  "on this model")
+                raise BadArgument(f"the statistics (--stats, --imatrix) have none for {name}; recreate them "
+                                  "on this model (`qtool calibrate`, llama-imatrix)")
             qweight, result = quantize_weight(weight, plan, stats_for, chosen)
             error = (layer_output_error(weight, qweight, stats_for.hessian.to(device))
                      if stats_for is not None and stats_for.hessian is not None else float("nan"))

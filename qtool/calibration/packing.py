@@ -22,6 +22,8 @@ def pack_result(plan: TensorPlan, result: QuantResult, dtype: torch.dtype = torc
     """The packed object the plan's sink writes, holding exactly ``result``'s grid (the encoding
     record's ``pack_calibrated``). ``dtype``: the source weight's dtype (compressed-tensors stores
     scales in it)."""
+    if result.packed is not None:     # already the encoding's bytes (its own importance-weighted quantizer)
+        return result.packed
     return get_scheme(plan.scheme).pack_calibrated(result, plan.params, dtype, plan.name)
 
 
@@ -31,6 +33,9 @@ def check_packable(plans: list[TensorPlan], method: str) -> None:
     from qtool.plan import layer_index
 
     for plan in plans:
-        if not plan.keep and layer_index(plan.name) is not None and not get_scheme(plan.scheme).packs_calibrated:
+        if plan.keep or layer_index(plan.name) is None:
+            continue
+        scheme = get_scheme(plan.scheme)
+        if not scheme.packs_calibrated and not (method == "imatrix" and scheme.takes_importance):
             raise BadArgument(f"--method {method}: calibrated {plan.scheme} tensors cannot be written yet "
                               f"({plan.name}); use --method rtn, or a scheme such as w8a8 or int4-sym")

@@ -68,13 +68,16 @@ def build_library(directory: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.
     return ctypes.CDLL(str(target))
 
 
-def _c_function(library: ctypes.CDLL, name: str, with_candidates: bool) -> Any:
+def _c_function(library: ctypes.CDLL, name: str, with_candidates: bool, with_importance: bool) -> Any:
     """The library's function ``name``, its signature declared on first use (ctypes keeps it)."""
     function = getattr(library, name)
     if function.argtypes is None:
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         function.restype = ctypes.c_int     # 1: the blocks held inf or NaN
-        function.argtypes = [pointer, ctypes.c_int, size, *([pointer] if with_candidates else []), pointer]
+        extra = [pointer] if with_candidates else []
+        if with_importance:   # importance (NULL: none), blocks per row, index of the first block
+            extra += [pointer, size, size]
+        function.argtypes = [pointer, ctypes.c_int, size, *extra, pointer]
     return function
 
 
@@ -88,11 +91,12 @@ def _library() -> ctypes.CDLL | None:
         return None
 
 
-def cpu_kernel(scheme: Any, library: ctypes.CDLL | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def cpu_kernel(scheme: Any, library: ctypes.CDLL | None = None) -> Callable[..., torch.Tensor] | None:
     """For a GGML type whose record names a C kernel (``scheme.c_kernel``, a function of
     cpu_ggml.c; its geometry ``block_size`` / ``type_size``; the K-quants' float32 search
     constants ``search_candidates``): a function (n_blocks, block) float tensor on the CPU ->
-    (n_blocks, type_size) uint8, the bytes of the scheme's ``quantize_blocks``; else None.
+    (n_blocks, type_size) uint8, the bytes of the scheme's ``quantize_blocks``; else None. Types
+    that ``takes_importance`` also take ``importance``: one float per column of the tensor's rows.
     ``library``: another build (tests compare builds); default: the cached one."""
     function_name = scheme.c_kernel
     if function_name is None:
@@ -102,10 +106,11 @@ def cpu_kernel(scheme: Any, library: ctypes.CDLL | None = None) -> Callable[[tor
         return None
     type_size, block = scheme.type_size, scheme.block_size
     candidates = getattr(scheme, "search_candidates", None)
-    function = _c_function(library, function_name, candidates is not None)
+    with_importance = bool(getattr(scheme, "takes_importance", False))
+    function = _c_function(library, function_name, candidates is not None, with_importance)
     extra = () if candidates is None else (_candidates_array(candidates).ctypes.data,)
 
-    def quantize_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         from qtool.schemes._parallel import run_chunks
 
         if blocks.dtype not in _DTYPES:
@@ -118,12 +123,22 @@ def cpu_kernel(scheme: Any, library: ctypes.CDLL | None = None) -> Callable[[tor
         base_in, base_out = blocks.data_ptr(), out.data_ptr()
         in_stride = block * blocks.element_size()
 
+        if importance is not None:
+            importance = importance.to(torch.float32).contiguous()
+        period = 1 if importance is None else importance.numel() // block
+
+        def weights(start: int) -> tuple:
+            if not with_importance:
+                return ()
+            return (None if importance is None else importance.data_ptr(), period, start)
+
         nonfinite_chunks = []
 
         def work(starts):
             for start in starts:
                 count = min(step, n_blocks - start)
-                if function(base_in + start * in_stride, dtype_code, count, *extra, base_out + start * type_size):
+                if function(base_in + start * in_stride, dtype_code, count, *extra, *weights(start),
+                            base_out + start * type_size):
                     nonfinite_chunks.append(start)
 
         run_chunks(range(0, n_blocks, step), work)

@@ -1,5 +1,5 @@
 /* CPU kernels for the GGML block types that dominate GGUF conversion time: Q8_0, Q4_0, Q4_1,
- * Q5_0, Q5_1, IQ4_NL and the K-quants (Q6_K: the output matrix of every plain-type recipe).
+ * Q5_0, Q5_1, IQ4_NL, IQ4_XS and the K-quants (Q6_K: the output matrix of every plain-type recipe).
  *
  * Each function is the torch code of qtool/schemes/ggml.py / ggml_kquants.py for one block,
  * operation by operation in float32: the same divisions (torch's `scalar / tensor` is a
@@ -223,32 +223,99 @@ static inline void iq4_nl_sums(const float *x, const float *w, float inverse, fl
     *sum_q2 = q2;
 }
 
-KERNEL int quantize_iq4_nl(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
+/* IQ4_NL's scale search over one block of 32 with element weights w (ggml.py's _iq4_scales): the
+ * scale mapping the largest-magnitude element onto the table's end, then 15 inverse scales, each with
+ * its weighted least-squares scale; 0 for an empty block or one whose weights are all zero. */
+static float iq4_block_scale(const float *x, const float *w) {
+    float peak = signed_absmax(x, 32);
+    if (fabsf(peak) < 1e-15f) return 0.0f;
+    float sum_qx, sum_q2;
+    iq4_nl_sums(x, w, 1.0f / (peak / 127.0f), &sum_qx, &sum_q2);
+    float scale = sum_q2 > 0.0f ? sum_qx / sum_q2 : 0.0f;
+    float best = scale * sum_qx;
+    for (int step = -7; step <= 7; step++) {
+        iq4_nl_sums(x, w, (float)(step - 127) / peak, &sum_qx, &sum_q2);
+        if (sum_q2 > 0.0f && sum_qx * sum_qx > best * sum_q2) {
+            scale = sum_qx / sum_q2;
+            best = scale * sum_qx;
+        }
+    }
+    return scale;
+}
+
+/* The search's element weights over n values (ggml.py's _iq4_weights): x^2, or with an importance
+ * matrix importance * sqrt(sigma2 + x^2), sigma2 twice the mean square of the n values (summed left
+ * to right). */
+static void iq4_weights(const float *x, int n, const float *importance, float *w) {
+    if (importance == NULL) {
+        for (int i = 0; i < n; i++) w[i] = x[i] * x[i];
+        return;
+    }
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum = sum + x[i] * x[i];
+    float sigma2 = sum * (2.0f / (float)n);
+    for (int i = 0; i < n; i++) w[i] = importance[i] * sqrtf(sigma2 + x[i] * x[i]);
+}
+
+/* The IQ4 kernels take an optional importance matrix: one float per column of a row of `period`
+ * blocks, the same for every row; `first` is the index of the first block in its tensor. */
+static inline const float *block_importance(const float *importance, int64_t period, int64_t index, int n) {
+    return importance == NULL ? NULL : importance + (index % period) * n;
+}
+
+KERNEL int quantize_iq4_nl(const void *src, int dtype, int64_t n_blocks, const float *importance, int64_t period,
+                           int64_t first, uint8_t *out) {
     int nonfinite = 0;
     float x[32], w[32];
     uint8_t q[32];
     for (int64_t b = 0; b < n_blocks; b++, out += 18) {
         nonfinite |= load_block(src, dtype, b, 32, x);
-        for (int i = 0; i < 32; i++) w[i] = x[i] * x[i];
-        float peak = signed_absmax(x, 32);
-        float scale = 0.0f;
-        if (fabsf(peak) >= 1e-15f) {
-            float sum_qx, sum_q2;
-            iq4_nl_sums(x, w, 1.0f / (peak / 127.0f), &sum_qx, &sum_q2);
-            scale = sum_qx / sum_q2;
-            float best = scale * sum_qx;
-            for (int step = -7; step <= 7; step++) {
-                iq4_nl_sums(x, w, (float)(step - 127) / peak, &sum_qx, &sum_q2);
-                if (sum_q2 > 0.0f && sum_qx * sum_qx > best * sum_q2) {
-                    scale = sum_qx / sum_q2;
-                    best = scale * sum_qx;
-                }
-            }
-        }
+        iq4_weights(x, 32, block_importance(importance, period, first + b, 32), w);
+        float scale = iq4_block_scale(x, w);
         float inverse = reciprocal_or_zero(scale);
         for (int i = 0; i < 32; i++) q[i] = (uint8_t)iq4_nl_index(inverse * x[i]);
         store_half(out, scale);
         store_nibbles(out + 2, q);
+    }
+    return nonfinite;
+}
+
+/* IQ4_XS: super-blocks of 256 (ggml.py's IQ4_XS.quantize_blocks): each block of 32's IQ4_NL scale,
+ * then d = -(the one of largest magnitude) / 32 in fp16 and a 6-bit code per block, the indices
+ * chosen again for d * code (d in float32). */
+KERNEL int quantize_iq4_xs(const void *src, int dtype, int64_t n_blocks, const float *importance, int64_t period,
+                           int64_t first, uint8_t *out) {
+    int nonfinite = 0;
+    float x[256], w[256], scales[8];
+    uint8_t q[32];
+    for (int64_t b = 0; b < n_blocks; b++, out += 136) {
+        nonfinite |= load_block(src, dtype, b, 256, x);
+        iq4_weights(x, 256, block_importance(importance, period, first + b, 256), w);
+        float peak = 0.0f, peak_abs = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            scales[j] = iq4_block_scale(x + 32 * j, w + 32 * j);
+            if (fabsf(scales[j]) > peak_abs) {
+                peak_abs = fabsf(scales[j]);
+                peak = scales[j];
+            }
+        }
+        float d = -peak / 32.0f;
+        float inverse_d = reciprocal_or_zero(d);
+        uint16_t scales_h = 0;
+        store_half(out, d);
+        for (int j = 0; j < 8; j++) {
+            float code = rintf(inverse_d * scales[j]);
+            code = code < -32.0f ? -32.0f : (code > 31.0f ? 31.0f : code);
+            float inverse = reciprocal_or_zero(d * code);
+            for (int i = 0; i < 32; i++) q[i] = (uint8_t)iq4_nl_index(inverse * x[32 * j + i]);
+            store_nibbles(out + 8 + 16 * j, q);
+            int level = (int)code + 32;
+            if (j % 2 == 0) out[4 + j / 2] = (uint8_t)(level & 0xF);
+            else out[4 + j / 2] |= (uint8_t)((level & 0xF) << 4);
+            scales_h |= (uint16_t)((level >> 4) << (2 * j));
+        }
+        out[2] = (uint8_t)(scales_h & 0xFF);
+        out[3] = (uint8_t)(scales_h >> 8);
     }
     return nonfinite;
 }

@@ -57,6 +57,11 @@ class Scheme(ABC):
     # type, and the type llama-quantize falls back to when a row does not divide into blocks.
     file_type: ClassVar[str | None] = None
     fallback: ClassVar[str | None] = None
+    # Encodings whose own quantize(weight, importance=...) weighs each element by an importance matrix
+    # (llama.cpp's quant_weights: one value per column, from `qtool calibrate` or a llama-imatrix file;
+    # what --method imatrix then uses), and those that cannot quantize without one.
+    takes_importance: ClassVar[bool] = False
+    requires_importance: ClassVar[bool] = False
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, **params: Any) -> Any:

@@ -116,10 +116,6 @@ class GGMLType(Scheme):
     checks_finite = True         # quantize raises NonFiniteWeight / ScaleOverflow itself
     # Byte offsets of the block's fp16 fields (scales, mins): where an out-of-range weight shows.
     fp16_offsets: ClassVar[tuple[int, ...]] = ()
-    # Types whose quantizer weighs each element by an importance matrix (llama.cpp's quant_weights:
-    # one value per column, from `qtool calibrate` or a llama-imatrix file), and those that need one.
-    takes_importance: ClassVar[bool] = False
-    requires_importance: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -167,26 +163,30 @@ class GGMLType(Scheme):
         try:
             # Every path raises NonFiniteWeight for inf, NaN or |x| >= LARGEST_INPUT as it reads the
             # weight (no separate pass); what it was is told apart only on that error.
+            blocks = weight.reshape(-1, self.block_size)
             if importance is not None:
-                out = self._quantize_chunks(weight.reshape(-1, self.block_size), self._importance_blocks(importance, shape))
-            elif weight.is_cuda and (fused_kernel := fused(self)) is not None:
+                self._check_importance(importance, shape)
+            if importance is None and weight.is_cuda and (fused_kernel := fused(self)) is not None:
                 return fused_kernel(weight, **params)   # its kernels test the fp16 scales as they store them
-            elif weight.device.type == "cpu" and (c_kernel := cpu_kernel(self)) is not None:
-                out = c_kernel(weight.reshape(-1, self.block_size))
+            if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self)) is not None:
+                out = c_kernel(blocks) if importance is None else c_kernel(blocks, importance)
             else:
-                out = self._quantize_chunks(weight.reshape(-1, self.block_size))
+                per_block = None if importance is None else self._importance_blocks(importance, shape)
+                out = self._quantize_chunks(blocks, per_block)
         except NonFiniteWeight:
             raise self._unstorable(weight) from None
         packed = GGMLTensor(self.name, shape, out.reshape(-1, self.row_bytes(shape[-1])))
         self.check_scales(packed, weight)
         return packed
 
-    def _importance_blocks(self, importance: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """One importance value per column -> (n_blocks, block_size), the same for every row."""
+    def _check_importance(self, importance: torch.Tensor, shape: tuple[int, ...]) -> None:
         if not self.takes_importance:
             raise BadArgument(f"{self.name} does not use an importance matrix; use --method rtn, or imatrix's own search")
         if importance.shape != (shape[-1],):
             raise BadArgument(f"the importance matrix has {importance.numel()} values for a tensor of {shape[-1]} columns")
+
+    def _importance_blocks(self, importance: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """One importance value per column -> (n_blocks, block_size), the same for every row."""
         rows = math.prod(shape[:-1])
         per_row = importance.to(torch.float32).reshape(1, -1, self.block_size)
         return per_row.expand(rows, -1, -1).reshape(-1, self.block_size)
@@ -550,7 +550,8 @@ def _iq4_weights(blocks: torch.Tensor, importance: torch.Tensor | None, super_bl
     for j in range(super_block):
         sum_x2 = sum_x2 + rows[:, j:j + 1] * rows[:, j:j + 1]
     sigma2 = (sum_x2 * (2.0 / super_block)).repeat_interleave(super_block // 32, dim=0)
-    return importance * torch.sqrt(sigma2 + blocks * blocks)
+    # sqrtf is correctly rounded; torch's vectorized float32 sqrt is not always (float64 then float32 is).
+    return importance * torch.sqrt((sigma2 + blocks * blocks).double()).float()
 
 
 def _iq4_scales(blocks: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -638,6 +639,7 @@ class IQ4_XS(GGMLType):
     fp16_offsets = (0,)
     type_size = 136
     file_type = "MOSTLY_IQ4_XS"
+    c_kernel = "quantize_iq4_xs"
     fallback = "IQ4_NL"
     takes_importance = True
 

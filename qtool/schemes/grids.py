@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -309,5 +310,8 @@ class QuantResult:
     offset: torch.Tensor         # [rows, n_sub]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     perm: torch.Tensor | None = None    # act-order: columns in the order they were quantized
+    # The encoding's packed object when its own quantizer weighed the elements (GGML types that take an
+    # importance matrix, as llama-quantize --imatrix does); levels, scale and offset are then empty.
+    packed: Any = None
 
 
