@@ -97,6 +97,9 @@ def quantize(spec: str, out: str | Path, recipe: Recipe,
         plans = plan_model(source, recipe, options.format)
         sink_type = containers.sink_class(options.format, {p.scheme for p in plans if not p.keep})
         sink_type.check_layout(plans)     # before reading or calibrating anything, and for --dry-run
+        from qtool.calibration.packing import check_importance
+
+        check_importance(stored_plans(plans, sink_type), options.method)
         if source.is_quantized:
             ui.warn(f"{spec} is already quantized; its dequantized weights are quantized again, "
                     "which adds the errors of both steps")

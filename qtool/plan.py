@@ -93,6 +93,7 @@ LAYER_SELECTORS: dict[str, Callable[[int, int], bool]] = {
     "more_bits": uses_more_bits,
     "first_eighth": lambda layer, n_layers: layer < n_layers // 8,
     "first_sixteenth": lambda layer, n_layers: layer < n_layers // 16,   # llama-quantize's Q3_K_M ffn_down
+    "middle": lambda layer, n_layers: n_layers // 8 <= layer < 7 * n_layers // 8,   # its IQ3_XS ffn_gate / ffn_up
 }
 
 

@@ -132,6 +132,36 @@ def test_iq4_with_importance_equals_llamacpp_bytes(name, smollm2_gguf):
                                           quants.dequantize(expected, GGMLQuantizationType[name]))
 
 
+LATTICE_IQUANTS = ["IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS"]
+
+
+@pytest.mark.parametrize("name", LATTICE_IQUANTS)
+def test_lattice_iquants_equal_llamacpp_bytes(name, smollm2_gguf):
+    """The grid i-quants (groups snapped to llama.cpp's grids through its neighbour lists, its scale
+    searches, IQ2_XXS's make_qp_quants start, even-parity signs, IQ3_S's skipped empty sub-blocks) give
+    libggml's bytes with every importance matrix (and without one where the type allows it), on edge
+    cases, sub-blocks below the empty threshold and real SmolLM2 rows; gguf-py decodes them as we do."""
+    from qtool.sources.resolve import resolve
+
+    with resolve(str(smollm2_gguf)) as source:
+        real = source.load("model.layers.3.mlp.down_proj.weight")[:12, :512].float()
+    tiny = torch.randn(2, 512, generator=torch.Generator().manual_seed(8)) * 1e-9
+    tiny[:, 100:] = 0.3
+    scheme = ggml_type(name)
+    cases = [None, *_importance_vectors(512)] if not scheme.requires_importance else _importance_vectors(512)
+    for weight in (_edge_case_matrix(512), real.bfloat16(), tiny):
+        for importance in cases:
+            packed = scheme.quantize(weight, importance=importance)
+            expected = llamacpp_quantize(weight.float().numpy(), name,
+                                         None if importance is None else importance.numpy())
+            np.testing.assert_array_equal(packed.data.numpy(), expected)
+            np.testing.assert_array_equal(scheme.dequantize(packed).numpy(),
+                                          quants.dequantize(expected, GGMLQuantizationType[name]))
+    if scheme.requires_importance:
+        with pytest.raises(BadArgument, match=f"{name} needs an importance matrix"):
+            scheme.quantize(real)
+
+
 def test_importance_is_refused_where_it_cannot_apply():
     """An importance matrix of the wrong length, or for a type whose quantizer does not weigh elements,
     is a clear BadArgument, not a silent round to nearest."""

@@ -27,6 +27,22 @@ def pack_result(plan: TensorPlan, result: QuantResult, dtype: torch.dtype = torc
     return get_scheme(plan.scheme).pack_calibrated(result, plan.params, dtype, plan.name)
 
 
+def check_importance(plans: list[TensorPlan], method: str) -> None:
+    """Refuse, before any work, tensors of a type that cannot be quantized without an importance matrix
+    (IQ2_XXS, IQ2_XS) unless --method imatrix gives them one: only decoder-block Linears get one."""
+    from qtool.plan import layer_index
+
+    for plan in plans:
+        if plan.keep or not get_scheme(plan.scheme).requires_importance:
+            continue
+        if method != "imatrix":
+            raise BadArgument(f"{plan.scheme} ({plan.name}) needs an importance matrix: add --imatrix FILE "
+                              "(llama-imatrix's), or --method imatrix with --calib or --stats")
+        if layer_index(plan.name) is None:
+            raise BadArgument(f"{plan.scheme} needs an importance matrix, which no calibration collects for "
+                              f"{plan.name} (outside the decoder blocks); give it another type")
+
+
 def check_packable(plans: list[TensorPlan], method: str) -> None:
     """Refuse, before any calibration work, a plan whose calibrated decoder-block tensors could not
     be written (embeddings and the head are not calibrated: the sink rounds them to nearest)."""

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from qtool.schemes.base import register
-from qtool.schemes.ggml import QK_K, GGMLType, fp16_bytes, fp16_from_bytes, nearest_int, pack_bits, unpack_bits
+from qtool.schemes.ggml import (QK_K, GGMLType, divide, fp16_bytes, fp16_from_bytes, nearest_int, pack_bits,
+                               unpack_bits)
 
 
 def exact_sqrt(values: torch.Tensor) -> torch.Tensor:
@@ -185,7 +186,7 @@ class _Lattice(GGMLType):
 
     def _first_scale(self, xval: torch.Tensor, weight: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
         """The scale the search starts from and whose magnitude it scans around."""
-        return peak / (2 * self.kmax - 1)
+        return divide(peak, 2 * self.kmax - 1)
 
     def _search(self, xval: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per sub-block (rows of ``sub``): (grid index of each group (rows, sub / group), scale (rows, 1),
@@ -259,7 +260,7 @@ class _Lattice(GGMLType):
         d = max / 31 (times the type's fudge when stored), code = round((scale / d - 1) / 2) in 0..15."""
         max_scale = scales.amax(dim=-1, keepdim=True)
         live = max_scale > 0
-        d = max_scale / 31
+        d = divide(max_scale, 31)
         inverse = 1 / torch.where(live, d, torch.ones_like(d))
         codes = nearest_int(0.5 * (inverse * scales - 1)).clamp(0, 15).to(torch.int64)
         stored = d * torch.tensor(self.fudge, dtype=torch.float32) if self.fudge != 1 else d
@@ -402,7 +403,7 @@ class IQ2_XXS(_EvenSignLattice):
     name = "IQ2_XXS"
     type_size = 66
     file_type = "MOSTLY_IQ2_XXS"
-    fallback = "Q4_0"
+    fallback = "IQ4_NL"
     requires_importance = True
     sub, group, kmax, nwant, steps, step_size = 32, 8, 3, 2, 6, 0.1
     empty_below, sigma2_factor, redo, fudge = 1e-15, 1, "always", 1.0
@@ -439,7 +440,7 @@ class IQ2_XS(_EvenSignLattice):
     name = "IQ2_XS"
     type_size = 74
     file_type = "MOSTLY_IQ2_XS"
-    fallback = "Q4_0"
+    fallback = "IQ4_NL"
     requires_importance = True
     sub, group, kmax, nwant, steps, step_size = 16, 8, 3, 2, 9, 0.1
     empty_below, sigma2_factor, redo, fudge = 1e-15, 1, "off", 1.0
@@ -471,7 +472,7 @@ class IQ2_S(_Lattice):
     name = "IQ2_S"
     type_size = 82
     file_type = "MOSTLY_IQ2_S"
-    fallback = "Q4_0"
+    fallback = "IQ4_NL"
     sub, group, kmax, nwant, steps, step_size = 16, 8, 3, 1, 9, 0.1
     empty_below, sigma2_factor, redo, fudge = 1e-8, 2, "off", 0.9875
 
