@@ -759,3 +759,225 @@ KERNEL int quantize_q4_k(const void *src, int dtype, int64_t n_blocks, const flo
 KERNEL int quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
     return quantize_k_blocks(src, dtype, n_blocks, candidates, out, 1);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The lattice i-quants' search (ggml_iquants.py's _Lattice._fit, operation by operation): per
+ * super-block of 256, element weights and sign groups, then per sub-block the scale search over
+ * inverse scales with every group snapped to the grid through its neighbour list. Outputs per
+ * sub-block the grid index of each group, the sign bits of each 8 elements (7 with even parity),
+ * the scale and an empty flag; ggml_iquants.py lays out the bytes. The grid tables come from the
+ * caller (levels (G, group), the code -> index map, the padded neighbour lists).
+ *
+ * config: sub, group, kmax, steps, sigma2_factor, redo (0: all when one left the grid, 1: only
+ * those, 2: always all), even_signs, qp_start, no_importance_weights (0: x^2, 1: sigma2 / 4 + x^2);
+ * fconfig: step_size, empty_below. */
+
+static float lattice_qp_scale(const float *x, const float *w, int n, int nmax) {
+    float peak = 0.0f;
+    for (int i = 0; i < n; i++) peak = x[i] > peak ? x[i] : peak;
+    if (!(peak >= 1e-15f)) return 0.0f;
+    uint8_t stored[32];
+    float iscale = (float)nmax / peak;
+    for (int i = 0; i < n; i++) stored[i] = (uint8_t)(int)rintf(iscale * x[i]);
+    float scale = 1.0f / iscale;
+    float best = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float diff = x[i] - scale * (float)stored[i];
+        best = best + w[i] * diff * diff;
+    }
+    for (int step = -4; step <= 4; step++) {
+        if (step == 0) continue;
+        float trial = (0.1f * (float)step + (float)nmax) / peak;
+        float trial_scale = 1.0f / trial;
+        float mse = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float l = rintf(trial * x[i]);
+            l = l < (float)nmax ? l : (float)nmax;
+            float diff = x[i] - trial_scale * l;
+            mse = mse + w[i] * diff * diff;
+        }
+        if (mse < best) {
+            best = mse;
+            iscale = trial;
+        }
+    }
+    float sum_lx = 0.0f, sum_l2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float l = rintf(iscale * x[i]);
+        l = l < (float)nmax ? l : (float)nmax;
+        stored[i] = (uint8_t)(int)l;
+        sum_lx = sum_lx + w[i] * x[i] * l;
+        sum_l2 = sum_l2 + w[i] * l * l;
+    }
+    for (int round = 0; round < 5; round++) {
+        int changed = 0;
+        for (int i = 0; i < n; i++) {
+            float li = (float)stored[i];
+            float slx = sum_lx - w[i] * x[i] * li;
+            float sl2 = sum_l2 - w[i] * li * li;
+            if (slx > 0.0f && sl2 > 0.0f) {
+                float nl = rintf(x[i] * sl2 / slx);
+                nl = nl < (float)nmax ? nl : (float)nmax;
+                if (nl != li) {
+                    float slx_new = slx + w[i] * x[i] * nl;
+                    float sl2_new = sl2 + w[i] * nl * nl;
+                    if (slx_new * slx_new * sum_l2 > sum_lx * sum_lx * sl2_new) {
+                        stored[i] = (uint8_t)(int)nl;
+                        sum_lx = slx_new;
+                        sum_l2 = sl2_new;
+                        changed = 1;
+                    }
+                }
+            }
+        }
+        if (!changed) break;
+    }
+    return sum_l2 > 0.0f ? sum_lx / sum_l2 : 0.0f;
+}
+
+/* Snap one group's levels to the grid: 1 if they were on it, else 0 with the nearest neighbour's. */
+static int lattice_snap(int *levels, int m, int bits, const float *xval, const float *waux, float scale,
+                        const int32_t *grid_levels, const int32_t *grid_map, const int32_t *neighbours, int width) {
+    int code = 0;
+    for (int i = 0; i < m; i++) code |= levels[i] << (bits * i);
+    if (grid_map[code] >= 0) return 1;
+    const int32_t *candidates = neighbours + (int64_t)code * width;
+    float best = INFINITY;
+    int chosen = candidates[0];
+    for (int j = 0; j < width && candidates[j] >= 0; j++) {
+        const int32_t *point = grid_levels + (int64_t)candidates[j] * m;
+        float d2 = 0.0f;
+        for (int i = 0; i < m; i++) {
+            float diff = scale * (float)(2 * point[i] + 1) - xval[i];
+            d2 = d2 + waux[i] * diff * diff;
+        }
+        if (d2 < best) {
+            best = d2;
+            chosen = candidates[j];
+        }
+    }
+    for (int i = 0; i < m; i++) levels[i] = grid_levels[(int64_t)chosen * m + i];
+    return 0;
+}
+
+static void lattice_sums(const int *levels, const float *xval, const float *w, int n, float *sum_qx, float *sum_q2) {
+    float qx = 0.0f, q2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float q = (float)(2 * levels[i] + 1);
+        qx = qx + w[i] * xval[i] * q;
+        q2 = q2 + w[i] * q * q;
+    }
+    *sum_qx = qx;
+    *sum_q2 = q2;
+}
+
+KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float *importance, const int32_t *config,
+                       const float *fconfig, const int32_t *grid_levels, const int32_t *grid_map,
+                       const int32_t *neighbours, int32_t width, int32_t *index_out, int32_t *signs_out,
+                       float *scale_out, uint8_t *empty_out) {
+    const int sub = config[0], m = config[1], kmax = config[2], steps = config[3], factor = config[4];
+    const int redo = config[5], even = config[6], qp_start = config[7], flat_weights = config[8];
+    const float step_size = fconfig[0], empty_below = fconfig[1];
+    const int bits = m == 4 ? 3 : 2, groups = sub / m;
+    int nonfinite = 0;
+    float x[256], w[256], waux[256], xval[256];
+    int chosen[32], trial[32], on_grid[8], flags[8];
+    for (int64_t b = 0; b < n_blocks; b++) {
+        nonfinite |= load_block(src, dtype, b, 256, x);
+        float sum_x2 = 0.0f;
+        for (int i = 0; i < 256; i++) sum_x2 = sum_x2 + x[i] * x[i];
+        float sigma2 = (float)factor * sum_x2 / 256.0f;
+        for (int i = 0; i < 256; i++) {
+            if (importance != NULL) w[i] = importance[b * 256 + i] * sqrtf(sigma2 + x[i] * x[i]);
+            else if (flat_weights) w[i] = 0.25f * (2.0f * sum_x2 / 256.0f) + x[i] * x[i];
+            else w[i] = x[i] * x[i];
+            waux[i] = sqrtf(w[i]);
+            xval[i] = x[i] >= 0.0f ? x[i] : -x[i];
+        }
+        for (int k = 0; k < 32; k++) {       /* sign groups of 8 */
+            const float *xs = x + 8 * k;
+            int s = 0, count = 0;
+            for (int i = 0; i < 8; i++) if (xs[i] < 0.0f) { s |= 1 << i; count++; }
+            if (even && count % 2) {
+                int low = 0;
+                float least = w[8 * k] * xs[0] * xs[0];
+                for (int i = 1; i < 8; i++) {
+                    float cost = w[8 * k + i] * xs[i] * xs[i];
+                    if (cost < least) { least = cost; low = i; }
+                }
+                xval[8 * k + low] = -xval[8 * k + low];
+                s ^= 1 << low;
+            }
+            signs_out[b * 32 + k] = even ? (s & 127) : s;
+        }
+        for (int r = 0; r < 256 / sub; r++) {
+            const float *xv = xval + r * sub, *wr = w + r * sub, *wa = waux + r * sub;
+            int64_t row = b * (256 / sub) + r;
+            float peak = xv[0];
+            for (int i = 1; i < sub; i++) peak = xv[i] > peak ? xv[i] : peak;
+            int empty = empty_below > 0.0f ? !(peak >= empty_below) : peak == 0.0f;
+            if (empty) {       /* left as llama.cpp clears it (the caller zeroes its fields) */
+                for (int g = 0; g < groups; g++) index_out[row * groups + g] = 0;
+                scale_out[row] = 0.0f;
+                empty_out[row] = 1;
+                continue;
+            }
+            float safe_peak = peak;
+            float scale = qp_start ? lattice_qp_scale(xv, wr, sub, kmax + 1) : safe_peak / (float)(2 * kmax - 1);
+            float span = redo == 2 ? scale * (float)kmax : peak;
+            if (!(span > 0.0f)) empty = 1;
+            if (empty) span = 1.0f;
+            float best = 0.0f;
+            for (int i = 0; i < sub; i++) chosen[i] = 0;
+            for (int g = 0; g < groups; g++) on_grid[g] = redo != 0;
+            for (int step = -steps; step <= steps; step++) {
+                float inverse = ((float)(2 * kmax - 1) + (float)step * step_size) / span;
+                float this_scale = 1.0f / inverse;
+                for (int i = 0; i < sub; i++) {
+                    float l = rintf(0.5f * (inverse * xv[i] - 1.0f));
+                    trial[i] = (int)clampf(l, 0.0f, (float)(kmax - 1));
+                }
+                for (int g = 0; g < groups; g++)
+                    flags[g] = lattice_snap(trial + g * m, m, bits, xv + g * m, wa + g * m, this_scale, grid_levels,
+                                            grid_map, neighbours, width);
+                float sum_qx, sum_q2;
+                lattice_sums(trial, xv, wr, sub, &sum_qx, &sum_q2);
+                if (sum_q2 > 0.0f && sum_qx * sum_qx > best * sum_q2) {
+                    scale = sum_qx / sum_q2;
+                    best = scale * sum_qx;
+                    for (int i = 0; i < sub; i++) chosen[i] = trial[i];
+                    for (int g = 0; g < groups; g++) on_grid[g] = flags[g];
+                }
+            }
+            int off = 0;
+            for (int g = 0; g < groups; g++) off |= !on_grid[g];
+            if (scale > 0.0f && !empty && (redo == 2 || off)) {
+                float inverse = 1.0f / scale;
+                for (int g = 0; g < groups; g++) {
+                    int *levels = trial + g * m;
+                    if (redo == 1 && on_grid[g]) {
+                        for (int i = 0; i < m; i++) levels[i] = chosen[g * m + i];
+                        continue;
+                    }
+                    for (int i = 0; i < m; i++) {
+                        float l = rintf(0.5f * (inverse * xv[g * m + i] - 1.0f));
+                        levels[i] = (int)clampf(l, 0.0f, (float)(kmax - 1));
+                    }
+                    lattice_snap(levels, m, bits, xv + g * m, wa + g * m, scale, grid_levels, grid_map, neighbours, width);
+                }
+                float sum_qx, sum_q2;
+                lattice_sums(trial, xv, wr, sub, &sum_qx, &sum_q2);
+                for (int i = 0; i < sub; i++) chosen[i] = trial[i];
+                if (sum_q2 > 0.0f) scale = sum_qx / sum_q2;
+            }
+            for (int g = 0; g < groups; g++) {
+                int code = 0;
+                for (int i = 0; i < m; i++) code |= chosen[g * m + i] << (bits * i);
+                index_out[row * groups + g] = grid_map[code];
+            }
+            scale_out[row] = scale;
+            empty_out[row] = (uint8_t)empty;
+        }
+    }
+    return nonfinite;
+}

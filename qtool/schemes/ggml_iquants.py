@@ -76,6 +76,12 @@ def lattice(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor, torch.
     return levels, grid_map, neighbours
 
 
+@functools.cache
+def lattice_int32(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor, ...]:
+    """:func:`lattice`'s tables as the C kernel reads them (contiguous int32), made once."""
+    return tuple(table.to(torch.int32).contiguous() for table in lattice(type_name, nwant, kmax))
+
+
 def best_neighbours(levels: torch.Tensor, xval: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     candidates: torch.Tensor) -> torch.Tensor:
     """llama.cpp's iq*_find_best_neighbour for groups (n, m): among ``candidates`` (n, M), -1 padded, the
@@ -173,19 +179,27 @@ class _Lattice(GGMLType):
     # grid (IQ3_S), "off" only those (IQ3_XXS, IQ2_XS, IQ2_S), "always" all of them (IQ2_XXS).
     redo: ClassVar[str]
     fudge: ClassVar[float]           # the stored d is max_scale / 31 times this
+    even_signs: ClassVar[bool] = False    # groups of 8 signs stored as 7 bits, the count of negatives made even
+    qp_start: ClassVar[bool] = False      # the search starts from make_qp_quants' scale (IQ2_XXS)
+    flat_weights: ClassVar[bool] = False  # without an importance matrix: sigma2 / 4 + x^2 (IQ2_S), not x^2
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return lattice(self.name, self.nwant, self.kmax)
 
     def _weights(self, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        """(n, 256) element weights: importance * sqrt(sigma2 + x^2), or x^2 without an importance matrix."""
-        if importance is None:
+        """(n, 256) element weights: importance * sqrt(sigma2 + x^2), or without an importance matrix x^2
+        (``flat_weights``: sigma2 / 4 + x^2); sigma2 = sigma2_factor * mean(x^2)."""
+        if importance is None and not self.flat_weights:
             return x * x
         sigma2 = self.sigma2_factor * sequential_sum(x * x) / QK_K
+        if importance is None:
+            return 0.25 * sigma2 + x * x
         return importance * exact_sqrt(sigma2 + x * x)
 
     def _first_scale(self, xval: torch.Tensor, weight: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
         """The scale the search starts from and whose magnitude it scans around."""
+        if self.qp_start:
+            return qp_scale(xval, weight, self.kmax + 1)
         return divide(peak, 2 * self.kmax - 1)
 
     def _search(self, xval: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,7 +211,7 @@ class _Lattice(GGMLType):
         peak = xval.amax(dim=-1, keepdim=True)
         empty = ~(peak >= self.empty_below) if self.empty_below > 0 else peak == 0
         scale = self._first_scale(xval, weight, torch.where(empty, torch.ones_like(peak), peak))
-        span = scale * self.kmax if self.redo == "always" else peak      # what the inverse scales divide
+        span = scale * self.kmax if self.qp_start else peak      # what the inverse scales divide
         empty = empty | ~(span > 0)
         span = torch.where(empty, torch.ones_like(span), span)
         shifts = torch.arange(m, device=xval.device) * (3 if m == 4 else 2)
@@ -268,25 +282,50 @@ class _Lattice(GGMLType):
         return fp16_bytes(stored), torch.where(live, codes, torch.zeros_like(codes)), live
 
     def _sign_groups(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(magnitudes the search fits (n * subs, sub), the sign bits it stores per group)."""
+        """(magnitudes the search fits (n * subs, sub), the sign bits it stores per 8 elements)."""
         rows = x.shape[0] * (QK_K // self.sub)
+        if not self.even_signs:
+            subs = x.reshape(rows, self.sub)
+            return torch.where(subs >= 0, subs, -subs), pack_bits((subs < 0).to(torch.uint8)).to(torch.int64)
         xval, signs = even_signs(x.reshape(rows, -1, 8), weight.reshape(rows, -1, 8))
         return xval.reshape(rows, self.sub), signs
 
     def _fit(self, blocks: torch.Tensor, importance: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(grid indices (n * subs, groups), sign bits per group, scales (n * subs, 1), empty (n * subs, 1))."""
-        x = blocks.to(torch.float32)
-        weight = self._weights(x, importance)
-        xval, signs = self._sign_groups(x, weight)
-        index, scale, empty = self._search(xval, weight.reshape(xval.shape))
+        """(grid indices (n * subs, groups), sign bits per group, scales (n * subs, 1), empty (n * subs, 1));
+        on the CPU by the C kernel (the same numbers), else by the torch code below."""
+        fitted = self._fit_in_c(blocks, importance) if blocks.device.type == "cpu" else None
+        if fitted is not None:
+            index, signs, scale, empty = fitted
+        else:
+            x = blocks.to(torch.float32)
+            weight = self._weights(x, importance)
+            xval, signs = self._sign_groups(x, weight)
+            index, scale, empty = self._search(xval, weight.reshape(xval.shape))
         # llama.cpp leaves an empty sub-block's bytes as it cleared them: no signs either.
         return index, torch.where(empty, torch.zeros_like(signs), signs), scale, empty
+
+
+    def _fit_in_c(self, blocks: torch.Tensor, importance: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        from qtool.kernels.cpu import lattice_fit
+
+        redo = {"all": 0, "off": 1, "always": 2}[self.redo]
+        config = (self.sub, self.group, self.kmax, self.steps, self.sigma2_factor, redo, int(self.even_signs),
+                  int(self.qp_start), int(self.flat_weights))
+        fitted = lattice_fit(blocks, importance, config, (self.step_size, self.empty_below),
+                             lattice_int32(self.name, self.nwant, self.kmax))
+        if fitted is None:
+            return None
+        index, signs, scale, empty = fitted
+        return index, signs.reshape(scale.shape[0], -1), scale, empty
 
 
 class _EvenSignLattice(_Lattice):
     """Types whose groups of 8 signs store 7 bits (the count of negatives made even): a sub-block whose
     scale came out negative flips every stored sign and the scale."""
+
+    even_signs = True
 
     def _fit(self, blocks: torch.Tensor, importance: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -332,10 +371,6 @@ class IQ3_S(_Lattice):
     sub, group, kmax, nwant, steps, step_size = 32, 4, 8, 3, 9, 0.2
     empty_below, sigma2_factor, redo, fudge = 0.0, 2, "all", 1.033
 
-    def _sign_groups(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        subs = x.reshape(-1, 32)
-        return torch.where(subs >= 0, subs, -subs), pack_bits((subs < 0).to(torch.uint8))
-
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         n = blocks.shape[0]
         index, signs, scale, empty = self._fit(blocks, importance)
@@ -348,7 +383,7 @@ class IQ3_S(_Lattice):
         low = torch.zeros((n * 8 + 1, 8), dtype=torch.uint8, device=index.device)
         low[slot] = (index & 0xFF).to(torch.uint8)
         sign_bytes = torch.zeros((n * 8 + 1, 4), dtype=torch.uint8, device=index.device)
-        sign_bytes[slot] = signs
+        sign_bytes[slot] = signs.to(torch.uint8)
         high = pack_bits((index >> 8).to(torch.uint8).reshape(n, 64))
         return torch.cat([d, low[:-1].reshape(n, 64), high, sign_bytes[:-1].reshape(n, 32), _nibble_pairs(codes)], -1)
 
@@ -408,8 +443,7 @@ class IQ2_XXS(_EvenSignLattice):
     sub, group, kmax, nwant, steps, step_size = 32, 8, 3, 2, 6, 0.1
     empty_below, sigma2_factor, redo, fudge = 1e-15, 1, "always", 1.0
 
-    def _first_scale(self, xval: torch.Tensor, weight: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
-        return qp_scale(xval, weight, self.kmax + 1)
+    qp_start = True
 
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         n = blocks.shape[0]
@@ -476,15 +510,7 @@ class IQ2_S(_Lattice):
     sub, group, kmax, nwant, steps, step_size = 16, 8, 3, 1, 9, 0.1
     empty_below, sigma2_factor, redo, fudge = 1e-8, 2, "off", 0.9875
 
-    def _weights(self, x: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
-        sigma2 = 2 * sequential_sum(x * x) / QK_K
-        if importance is None:
-            return 0.25 * sigma2 + x * x
-        return importance * exact_sqrt(sigma2 + x * x)
-
-    def _sign_groups(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        subs = x.reshape(-1, 16)
-        return torch.where(subs >= 0, subs, -subs), pack_bits((subs < 0).to(torch.uint8)).to(torch.int64)
+    flat_weights = True
 
     def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         n = blocks.shape[0]
