@@ -33,9 +33,11 @@ def recipe_for(type_name: str) -> Recipe:
                                block_size=None, group_size=None, double_quant=None, include=[], skip=[])
 
 
-def write_gguf(spec: str | Path, type_name: str, out: Path) -> Path:
-    """What `qtool quantize SPEC --format gguf --type TYPE -o OUT --force` does, through the library."""
-    quantize(str(spec), out, recipe_for(type_name), QuantizeOptions(format="gguf", force=True))
+def write_gguf(spec: str | Path, type_name: str, out: Path, imatrix: Path | None = None) -> Path:
+    """What `qtool quantize SPEC --format gguf --type TYPE -o OUT --force [--imatrix FILE]` does, through
+    the library."""
+    quantize(str(spec), out, recipe_for(type_name),
+             QuantizeOptions(format="gguf", force=True, imatrix=imatrix, method="imatrix" if imatrix else "rtn"))
     return out
 
 

@@ -11,6 +11,8 @@ is larger than the observed difference.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,23 @@ def _check_against_transformers(path, type_name):
         clear = (top2[:, 1] - top2[:, 0]) > 2 * difference
         np.testing.assert_array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
     runtime.close()
+
+
+# llama-quantize's i-quant mixes, with llama-imatrix's matrix for this shape (tests/data): between them
+# every i-quant type (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) and the K-types they mix in.
+IQUANT_MIXES = {"IQ2_XXS": {"IQ2_XXS", "Q2_K"}, "IQ2_S": {"IQ2_XS", "IQ3_S"}, "IQ2_M": {"IQ2_S", "IQ3_S"},
+                "IQ3_XXS": {"IQ3_XXS", "IQ2_S", "IQ3_S"}, "IQ3_M": {"IQ3_S", "Q4_K"}}
+
+
+@pytest.mark.parametrize("mix", IQUANT_MIXES)
+def test_iquant_mixes_run_in_llamacpp_like_transformers(spm_llama, mix, tmp_path):
+    from gguf import GGUFReader
+
+    imatrix = Path(__file__).parent / "data" / "imatrix-llama256.gguf"   # a Llama of spm_llama's shape
+    path = write_gguf(spm_llama, mix, tmp_path / f"spm-{mix}.gguf", imatrix=imatrix)
+    types = {t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.")}
+    assert IQUANT_MIXES[mix] <= types, types
+    _check_against_transformers(path, "Q2_K")
 
 
 @pytest.mark.parametrize("type_name", SMOLLM2_TYPES)

@@ -52,6 +52,6 @@ def check_packable(plans: list[TensorPlan], method: str) -> None:
         if plan.keep or layer_index(plan.name) is None:
             continue
         scheme = get_scheme(plan.scheme)
-        if not scheme.packs_calibrated and not (method == "imatrix" and scheme.takes_importance):
+        if not scheme.packs_calibrated and method != "imatrix":     # imatrix rounds such types to nearest
             raise BadArgument(f"--method {method}: calibrated {plan.scheme} tensors cannot be written yet "
                               f"({plan.name}); use --method rtn, or a scheme such as w8a8 or int4-sym")
