@@ -124,12 +124,16 @@ def test_iq4_with_importance_equals_llamacpp_bytes(name, smollm2_gguf):
     scheme = ggml_type(name)
     for weight in (edge, real, edge.to(torch.bfloat16), real.to(torch.float16)):
         for importance in [None, *_importance_vectors(512)]:
-            packed = scheme.quantize(weight, importance=importance)
-            expected = llamacpp_quantize(weight.float().numpy(), name,
-                                         None if importance is None else importance.numpy())
-            np.testing.assert_array_equal(packed.data.numpy(), expected)
-            np.testing.assert_array_equal(scheme.dequantize(packed).numpy(),
-                                          quants.dequantize(expected, GGMLQuantizationType[name]))
+            _assert_libggml_bytes(scheme, weight, importance)
+
+
+def _assert_libggml_bytes(scheme: GGMLType, weight: torch.Tensor, importance: torch.Tensor | None) -> None:
+    """qtool's bytes are libggml's for this weight and importance, and gguf-py decodes them as we do."""
+    packed = scheme.quantize(weight, importance=importance)
+    expected = llamacpp_quantize(weight.float().numpy(), scheme.name, None if importance is None else importance.numpy())
+    np.testing.assert_array_equal(packed.data.numpy(), expected)
+    np.testing.assert_array_equal(scheme.dequantize(packed).numpy(),
+                                  quants.dequantize(expected, GGMLQuantizationType[scheme.name]))
 
 
 LATTICE_IQUANTS = ["IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS"]
@@ -151,12 +155,7 @@ def test_lattice_iquants_equal_llamacpp_bytes(name, smollm2_gguf):
     cases = [None, *_importance_vectors(512)] if not scheme.requires_importance else _importance_vectors(512)
     for weight in (_edge_case_matrix(512), real.bfloat16(), tiny):
         for importance in cases:
-            packed = scheme.quantize(weight, importance=importance)
-            expected = llamacpp_quantize(weight.float().numpy(), name,
-                                         None if importance is None else importance.numpy())
-            np.testing.assert_array_equal(packed.data.numpy(), expected)
-            np.testing.assert_array_equal(scheme.dequantize(packed).numpy(),
-                                          quants.dequantize(expected, GGMLQuantizationType[name]))
+            _assert_libggml_bytes(scheme, weight, importance)
     if scheme.requires_importance:
         with pytest.raises(BadArgument, match=f"{name} needs an importance matrix"):
             scheme.quantize(real)
