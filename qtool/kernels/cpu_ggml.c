@@ -836,7 +836,7 @@ static float lattice_qp_scale(const float *x, const float *w, int n, int nmax) {
 }
 
 /* Snap one group's levels to the grid: 1 if they were on it, else 0 with the nearest neighbour's. */
-static int lattice_snap(int *levels, int m, int bits, const float *xval, const float *waux, float scale,
+static inline int lattice_snap(int *levels, int m, int bits, const float *xval, const float *waux, float scale,
                         const int32_t *grid_levels, const int32_t *grid_map, const int32_t *neighbours, int width) {
     int code = 0;
     for (int i = 0; i < m; i++) code |= levels[i] << (bits * i);
@@ -860,7 +860,7 @@ static int lattice_snap(int *levels, int m, int bits, const float *xval, const f
     return 0;
 }
 
-static void lattice_sums(const int *levels, const float *xval, const float *w, int n, float *sum_qx, float *sum_q2) {
+static inline void lattice_sums(const int *levels, const float *xval, const float *w, int n, float *sum_qx, float *sum_q2) {
     float qx = 0.0f, q2 = 0.0f;
     for (int i = 0; i < n; i++) {
         float q = (float)(2 * levels[i] + 1);
@@ -934,7 +934,7 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
                 float inverse = ((float)(2 * kmax - 1) + (float)step * step_size) / span;
                 float this_scale = 1.0f / inverse;
                 for (int i = 0; i < sub; i++) {
-                    float l = rintf(0.5f * (inverse * xv[i] - 1.0f));
+                    float l = rint_level(0.5f * (inverse * xv[i] - 1.0f));
                     trial[i] = (int)clampf(l, 0.0f, (float)(kmax - 1));
                 }
                 for (int g = 0; g < groups; g++)
@@ -960,7 +960,7 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
                         continue;
                     }
                     for (int i = 0; i < m; i++) {
-                        float l = rintf(0.5f * (inverse * xv[g * m + i] - 1.0f));
+                        float l = rint_level(0.5f * (inverse * xv[g * m + i] - 1.0f));
                         levels[i] = (int)clampf(l, 0.0f, (float)(kmax - 1));
                     }
                     lattice_snap(levels, m, bits, xv + g * m, wa + g * m, scale, grid_levels, grid_map, neighbours, width);
