@@ -6,6 +6,8 @@ quantize --type MIX --imatrix`` with llama.cpp's own matrix, and (b) ``--method 
 qtool's own calibration (128 windows of 512 of the same text). Every file is scored by
 ``llama-perplexity`` on WikiText-2 test (40 windows of 512: perplexity and mean KLD against the F16
 model) and on a second text (the GNU FDL 1.3 from /usr/share/common-licenses: perplexity), and timed.
+llama-perplexity runs with --no-repack: its AMX repacking of IQ4_XS weights crashes on this project's
+CPUs (llama.cpp as vendored by llama-cpp-python 0.3.36).
 
 llama.cpp's tools come from QTOOL_LLAMA_BIN (a folder holding llama-imatrix, llama-quantize and
 llama-perplexity), else are built with cmake from the llama-cpp-python sdist's sources into .bench/ (as
@@ -68,16 +70,24 @@ def checked(command: list[str]):
     return result
 
 
+def output(command: list[str]) -> str:
+    """stdout and stderr of a command that must succeed (llama-perplexity prints its statistics to both)."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-2000:]}")
+    return result.stdout + result.stderr
+
+
 def score(bin_dir: Path, model: Path, base_logits: Path, threads: str) -> tuple[float, float, float, float]:
     """(WikiText-2 ppl, mean KLD, same top %, second-text ppl) by llama-perplexity."""
-    first = checked([str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(WIKITEXT), "-c", "512",
-                     "--chunks", "40", "-t", threads, "--kl-divergence-base", str(base_logits), "--kl-divergence"])
-    ppl = float(re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", first.stderr).group(1))
-    kld = float(re.search(r"Mean\s+KLD:\s*([\d.]+)", first.stderr).group(1))
-    same = float(re.search(r"Same top p:\s*([\d.]+)", first.stderr).group(1))
-    second = checked([str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(SECOND_TEXT), "-c", "512",
-                      "-t", threads])
-    return ppl, kld, same, float(re.search(r"Final estimate: PPL = ([\d.]+)", second.stderr).group(1))
+    first = output([str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(WIKITEXT), "-c", "512",
+                    "--chunks", "40", "-t", threads, "--no-repack", "--kl-divergence-base", str(base_logits), "--kl-divergence"])
+    ppl = float(re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", first).group(1))
+    kld = float(re.search(r"Mean\s+KLD:\s*(-?[\d.]+)", first).group(1))
+    same = float(re.search(r"Same top p:\s*([\d.]+)", first).group(1))
+    second = output([str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(SECOND_TEXT), "-c", "512",
+                     "-t", threads, "--no-repack"])
+    return ppl, kld, same, float(re.search(r"Final estimate: PPL = ([\d.]+)", second).group(1))
 
 
 def main() -> int:
@@ -91,17 +101,19 @@ def main() -> int:
     f16 = work / "smollm2-f16.gguf"
     if not f16.is_file():
         checked([*QTOOL, "quantize", "smollm2-135m", "--type", "F16", "-o", str(f16), "-q", "--force"])
-    imatrix = work / "imatrix.gguf"
-    made = checked([str(bin_dir / "llama-imatrix"), "-m", str(f16), "-f", str(CALIBRATION), "-c", "512",
-                    "--chunks", "128", "-o", str(imatrix), "--no-ppl", "-t", threads])
-    console.print(f"llama-imatrix: {made.seconds:.0f} s")
+    imatrix = work / "imatrix.gguf"     # made once (delete .bench/iquants to redo), as the statistics below
+    if not imatrix.is_file():
+        made = checked([str(bin_dir / "llama-imatrix"), "-m", str(f16), "-f", str(CALIBRATION), "-c", "512",
+                        "--chunks", "128", "-o", str(imatrix), "--no-ppl", "-t", threads])
+        console.print(f"llama-imatrix: {made.seconds:.0f} s")
     stats = work / "qtool-stats.safetensors"
-    made = checked([*QTOOL, "calibrate", str(f16), "--calib", str(CALIBRATION), "--calib-samples", "128",
-                    "--calib-seqlen", "512", "-o", str(stats), "--force", "-q"])
-    console.print(f"qtool calibrate: {made.seconds:.0f} s")
+    if not stats.is_file():
+        made = checked([*QTOOL, "calibrate", str(f16), "--calib", str(CALIBRATION), "--calib-samples", "128",
+                        "--calib-seqlen", "512", "-o", str(stats), "--force", "-q"])
+        console.print(f"qtool calibrate: {made.seconds:.0f} s")
     base_logits = work / "f16.kld"
-    checked([str(bin_dir / "llama-perplexity"), "-m", str(f16), "-f", str(WIKITEXT), "-c", "512", "--chunks", "40",
-             "-t", threads, "--kl-divergence-base", str(base_logits)])
+    output([str(bin_dir / "llama-perplexity"), "-m", str(f16), "-f", str(WIKITEXT), "-c", "512", "--chunks", "40",
+            "-t", threads, "--no-repack", "--kl-divergence-base", str(base_logits)])
     rows: list[Row] = []
     base = score(bin_dir, f16, base_logits, threads)
     rows.append(Row("F16", "-", f16.stat().st_size, 0.0, *base))

@@ -43,21 +43,32 @@ class GGUF(Container):
 
     @classmethod
     def plan_recipe(cls, tensors: list[TensorInfo], recipe: Recipe, config: dict) -> Recipe:
-        """llama-quantize's rule for tied embeddings: when the model has no lm_head (the output
-        matrix is token_embd), token_embd gets the type a lm_head would get."""
+        """llama-quantize's rules for the output matrix: with tied embeddings (no lm_head) token_embd is
+        the output and gets the type a lm_head would get; and an output whose rows do not divide into
+        its type's blocks is Q8_0 (not the type's own fallback: Q5_K would give Q5_1)."""
         import copy
 
         from qtool.plan import Rule, build_plan
+        from qtool.schemes.base import SCHEMES
         from qtool.sources.base import TensorInfo
 
-        names = {info.name for info in tensors}
-        if _EMBEDDINGS not in names or _OUTPUT in names:
+        by_name = {info.name: info for info in tensors}
+        output = by_name.get(_OUTPUT) or by_name.get(_EMBEDDINGS)
+        if output is None:
             return recipe
-        embed = next(info for info in tensors if info.name == _EMBEDDINGS)
-        probe = TensorInfo(_OUTPUT, embed.shape, embed.stored_dtype, embed.stored_bytes)
+        probe = TensorInfo(_OUTPUT, output.shape, output.stored_dtype, output.stored_bytes)
         output_plan = build_plan([probe], recipe, int(config.get("num_hidden_layers") or 0))[0]
+        scheme = SCHEMES.get(output_plan.scheme)
+        params = output_plan.params
+        if not output_plan.keep and getattr(scheme, "family", None) == "gguf" and not scheme.supports(tuple(output.shape)):
+            scheme, params = SCHEMES["Q8_0"], {}
+        if output.name == _OUTPUT and (output_plan.keep or scheme.name == output_plan.scheme):
+            return recipe
         recipe = copy.deepcopy(recipe)
-        recipe.rules.insert(0, Rule(_EMBEDDINGS, output_plan.scheme, params=output_plan.params))
+        if output_plan.keep:     # tied, and a lm_head would be kept
+            recipe.rules.insert(0, Rule(output.name, output_plan.scheme, params=output_plan.params))
+        else:
+            recipe.rules.insert(0, Rule(output.name, scheme.name, params=params))
         return recipe
 
     @classmethod
