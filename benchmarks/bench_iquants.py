@@ -94,7 +94,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=150)
     bin_dir, work = tools(), BENCH / "iquants"
     work.mkdir(parents=True, exist_ok=True)
     threads = str(os.cpu_count() or 2)
