@@ -101,8 +101,14 @@ def test_scheme_on_cuda_tensor_bytes_equal_cpu(name: str) -> None:
     else the torch code on the GPU) gives the CPU bytes."""
     scheme = get_scheme(name)
     for weight in _weights(_block_of(name)):
-        _assert_identical(scheme.quantize(weight.cuda()), scheme.quantize(weight),
-                          f"{name} via the scheme {tuple(weight.shape)} {weight.dtype}")
+        if not scheme.requires_importance:
+            _assert_identical(scheme.quantize(weight.cuda()), scheme.quantize(weight),
+                              f"{name} via the scheme {tuple(weight.shape)} {weight.dtype}")
+        if scheme.takes_importance:   # llama.cpp's importance-weighted quantizers (IQ4_XS, IQ3_S, IQ2_XXS, ...)
+            importance = torch.rand(weight.shape[-1], generator=torch.Generator().manual_seed(3)) ** 4
+            _assert_identical(scheme.quantize(weight.cuda(), importance=importance.cuda()),
+                              scheme.quantize(weight, importance=importance),
+                              f"{name} with an importance matrix {tuple(weight.shape)} {weight.dtype}")
 
 
 @pytest.mark.slow
