@@ -127,6 +127,23 @@ def test_iq4_with_importance_equals_llamacpp_bytes(name, smollm2_gguf):
             _assert_libggml_bytes(scheme, weight, importance)
 
 
+@pytest.mark.parametrize("name", KQUANTS)
+def test_kquants_with_importance_equal_llamacpp_bytes(name, smollm2_gguf):
+    """With an importance matrix every K-quant is llama.cpp's weighted quantizer (quantize_row_qX_K_impl:
+    make_qkx3_quants / make_qx_quants per sub-block, make_qp_quants for the scale codes): libggml's bytes
+    on edge cases, real SmolLM2 rows and outliers, in every input dtype, so a mix quantized with
+    llama.cpp's imatrix is its file tensor for tensor."""
+    from qtool.sources.resolve import resolve
+
+    with resolve(str(smollm2_gguf)) as source:
+        real = source.load("model.layers.3.mlp.down_proj.weight")[:24, :512].float()
+    edge = torch.cat([_edge_case_matrix(512), torch.randn(8, 512, generator=torch.Generator().manual_seed(5)) * 3])
+    scheme = ggml_type(name)
+    for weight in (edge, real.bfloat16(), real.to(torch.float16)):
+        for importance in _importance_vectors(512):
+            _assert_libggml_bytes(scheme, weight, importance)
+
+
 def _assert_libggml_bytes(scheme: GGMLType, weight: torch.Tensor, importance: torch.Tensor | None) -> None:
     """qtool's bytes are libggml's for this weight and importance, and gguf-py decodes them as we do."""
     packed = scheme.quantize(weight, importance=importance)
@@ -301,3 +318,7 @@ def test_cpu_kernels_give_the_same_bytes_without_vector_instructions(tmp_path):
         blocks = weight.reshape(-1, ggml_type(name).block_size)
         scheme = get_scheme(name)
         assert torch.equal(cpu_kernel(scheme)(blocks), cpu_kernel(scheme, portable)(blocks)), name
+        if scheme.takes_importance:
+            importance = _importance_vectors(512)[1]
+            assert torch.equal(cpu_kernel(scheme)(blocks, importance), cpu_kernel(scheme, portable)(blocks, importance)), \
+                f"{name} with an importance matrix"

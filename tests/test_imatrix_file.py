@@ -74,7 +74,7 @@ def _source_weights(model: Path) -> dict[str, np.ndarray]:
         return {name: source.load(gguf_to_hf_name(name)).float().numpy() for name in PLAIN}
 
 
-@pytest.mark.parametrize("type_name", ["IQ4_XS", "IQ4_NL"])
+@pytest.mark.parametrize("type_name", ["IQ4_XS", "IQ4_NL", "Q2_K", "Q5_K"])
 def test_both_imatrix_forms_quantize_as_llama_quantize_does(llama256, tmp_path, type_name):
     """The GGUF and the legacy file of one llama-imatrix run give the same importance (the .dat stores the
     means times the chunk count), and qtool's tensors are libggml's bytes for that importance."""

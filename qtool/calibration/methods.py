@@ -116,7 +116,7 @@ def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | 
         raise BadArgument(f"--method {options.method}: no calibration statistics for {plan.name}")
     scheme = get_scheme(plan.scheme)
     if options.method == "imatrix" and not scheme.takes_importance and not scheme.packs_calibrated:
-        # A type of a mix with no importance-weighted quantizer here (Q2_K, Q3_K, Q6_K): round to nearest.
+        # A type with neither an importance-weighted quantizer nor a calibrated packing (MXFP4): round to nearest.
         return scheme.dequantize(scheme.quantize(weight, **plan.params)).to(torch.float32), None
     if options.method == "imatrix" and scheme.takes_importance:
         # The type's own quantizer weighs each element by the importance, byte for byte as llama-quantize

@@ -395,12 +395,33 @@ static float symmetric_group_scale(const float *x, float nmax, const float *cand
     return zero_group ? 0.0f : best_scale;
 }
 
-KERNEL int quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+/* ql[64h + l] = q(128h + l) | q(128h + l + 64) << 4, ql[64h + 32 + l] = q(+32) | q(+96) << 4,
+ * qh[32h + l] = top two bits of q(128h + l + 32k) at bits 2k; q = level + bias, in 0..63. */
+static void store_q6_k_levels(uint8_t *out, const float *levels, float bias) {
+    for (int h = 0; h < 2; h++) {
+        for (int l = 0; l < 32; l++) {
+            uint8_t q[4];
+            for (int k = 0; k < 4; k++) q[k] = (uint8_t)(levels[128 * h + 32 * k + l] + bias);
+            out[64 * h + l] = (uint8_t)((q[0] & 0x0F) | ((q[2] & 0x0F) << 4));
+            out[64 * h + 32 + l] = (uint8_t)((q[1] & 0x0F) | ((q[3] & 0x0F) << 4));
+            out[128 + 32 * h + l] = (uint8_t)((q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6));
+        }
+    }
+}
+
+static void q6_k_weighted(const float *x, const float *importance, uint8_t *out);
+
+KERNEL int quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const float *candidates,
+                         const float *importance, int64_t period, int64_t first, uint8_t *out) {
     int nonfinite = 0;
     float x[256], scales[16];
     float levels[256];
     for (int64_t b = 0; b < n_blocks; b++, out += 210) {
         nonfinite |= load_block(src, dtype, b, 256, x);
+        if (importance != NULL) {
+            q6_k_weighted(x, block_importance(importance, period, first + b, 256), out);
+            continue;
+        }
         for (int g = 0; g < 16; g++) scales[g] = symmetric_group_scale(x + 16 * g, 32.0f, candidates);
         float peak = signed_absmax(scales, 16);
         int nonzero = fabsf(peak) >= 1e-15f;
@@ -414,17 +435,7 @@ KERNEL int quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const flo
             float best_code = refine_code(xg, 16, d, code, 0.0f, -128.0f, 127.0f, -32.0f, 31.0f, levels + 16 * g);
             out[192 + g] = (uint8_t)(int8_t)best_code;
         }
-        /* ql[64h + l] = q(128h + l) | q(128h + l + 64) << 4, ql[64h + 32 + l] = q(+32) | q(+96) << 4,
-         * qh[32h + l] = top two bits of q(128h + l + 32k) at bits 2k. */
-        for (int h = 0; h < 2; h++) {
-            for (int l = 0; l < 32; l++) {
-                uint8_t q[4];
-                for (int k = 0; k < 4; k++) q[k] = (uint8_t)(levels[128 * h + 32 * k + l] + 32.0f);
-                out[64 * h + l] = (uint8_t)((q[0] & 0x0F) | ((q[2] & 0x0F) << 4));
-                out[64 * h + 32 + l] = (uint8_t)((q[1] & 0x0F) | ((q[3] & 0x0F) << 4));
-                out[128 + 32 * h + l] = (uint8_t)((q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6));
-            }
-        }
+        store_q6_k_levels(out, levels, 32.0f);
     }
     return nonfinite;
 }
@@ -524,11 +535,29 @@ static void search_scale_min16(const float *x, const float *w, float nmax, int n
 
 /* Q2_K: [scales 16][qs 64][d][dmin]; 4-bit scale and min codes (low and high nibble) against the
  * super-block's largest, the scale code refined one step up or down; levels in [0, 3]. */
-KERNEL int quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+/* qs[32h + l] bits 2k: level 128h + 32k + l (+ bias), the low two bits. */
+static void store_crumbs(uint8_t *qs, const float *levels, float bias) {
+    for (int h = 0; h < 2; h++) {
+        for (int l = 0; l < 32; l++) {
+            uint8_t crumbs = 0;
+            for (int k = 0; k < 4; k++) crumbs |= (uint8_t)(((uint8_t)(levels[128 * h + 32 * k + l] + bias) & 3) << (2 * k));
+            qs[32 * h + l] = crumbs;
+        }
+    }
+}
+
+static void q2_k_weighted(const float *x, const float *importance, uint8_t *out);
+
+KERNEL int quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const float *candidates,
+                         const float *importance, int64_t period, int64_t first, uint8_t *out) {
     int nonfinite = 0;
     float x[256], w[16], scales[16], mins[16], levels[256];
     for (int64_t b = 0; b < n_blocks; b++, out += 84) {
         nonfinite |= load_block(src, dtype, b, 256, x);
+        if (importance != NULL) {
+            q2_k_weighted(x, block_importance(importance, period, first + b, 256), out);
+            continue;
+        }
         for (int g = 0; g < 16; g++) {
             for (int i = 0; i < 16; i++) w[i] = fabsf(x[16 * g + i]);
             search_scale_min16(x + 16 * g, w, 3.0f, 7, candidates, &scales[g], &mins[g]);
@@ -541,26 +570,44 @@ KERNEL int quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const flo
             ls = refine_code(x + 16 * g, 16, d, ls, dmin * lm, 0.0f, 15.0f, 0.0f, 3.0f, levels + 16 * g);
             out[g] = (uint8_t)((uint8_t)ls | ((uint8_t)lm << 4));
         }
-        /* qs[32h + l] bits 2k: level 128h + 32k + l */
-        for (int h = 0; h < 2; h++) {
-            for (int l = 0; l < 32; l++) {
-                uint8_t crumbs = 0;
-                for (int k = 0; k < 4; k++) crumbs |= (uint8_t)(((uint8_t)levels[128 * h + 32 * k + l] & 3) << (2 * k));
-                out[16 + 32 * h + l] = crumbs;
-            }
-        }
+        store_crumbs(out + 16, levels, 0.0f);
     }
     return nonfinite;
 }
 
 /* Q3_K: [hmask 32][qs 64][scales 12][d]. Group scales as Q6_K's with nmax 4, 6-bit codes against
  * -32 / the largest, refined one step up or down; levels in [-4, 3] stored + 4. */
-KERNEL int quantize_q3_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
+/* hmask[j] bit k: the third bit of level 32k + j; qs[32h + l] bits 2k: the low two bits of level
+ * 128h + 32k + l (levels + bias in 0..7); scales: low nibbles of codes g and g + 8 in byte g < 8, the
+ * top two bits of codes 4k + j at bits 2k of byte 8 + j. */
+static void store_q3_k_fields(uint8_t *out, const uint8_t *codes, const float *levels, float bias) {
+    for (int j = 0; j < 32; j++) {
+        uint8_t bits = 0;
+        for (int k = 0; k < 8; k++) bits |= (uint8_t)((((uint8_t)(levels[32 * k + j] + bias) >> 2) & 1) << k);
+        out[j] = bits;
+    }
+    store_crumbs(out + 32, levels, bias);
+    for (int g = 0; g < 8; g++) out[96 + g] = (uint8_t)((codes[g] & 0x0F) | ((codes[g + 8] & 0x0F) << 4));
+    for (int j = 0; j < 4; j++) {
+        uint8_t top = 0;
+        for (int k = 0; k < 4; k++) top |= (uint8_t)((codes[4 * k + j] >> 4) << (2 * k));
+        out[104 + j] = top;
+    }
+}
+
+static void q3_k_weighted(const float *x, const float *importance, uint8_t *out);
+
+KERNEL int quantize_q3_k(const void *src, int dtype, int64_t n_blocks, const float *candidates,
+                         const float *importance, int64_t period, int64_t first, uint8_t *out) {
     int nonfinite = 0;
     float x[256], scales[16], levels[256];
     uint8_t codes[16];
     for (int64_t b = 0; b < n_blocks; b++, out += 110) {
         nonfinite |= load_block(src, dtype, b, 256, x);
+        if (importance != NULL) {
+            q3_k_weighted(x, block_importance(importance, period, first + b, 256), out);
+            continue;
+        }
         for (int g = 0; g < 16; g++) scales[g] = symmetric_group_scale(x + 16 * g, 4.0f, candidates);
         float peak = signed_absmax(scales, 16);
         int nonzero = peak != 0.0f;
@@ -572,27 +619,7 @@ KERNEL int quantize_q3_k(const void *src, int dtype, int64_t n_blocks, const flo
             codes[g] = (uint8_t)(refine_code(x + 16 * g, 16, d, code, 0.0f, -32.0f, 31.0f, -4.0f, 3.0f,
                                              levels + 16 * g) + 32.0f);
         }
-        /* hmask[j] bit k: the third bit of level 32k + j; qs[32h + l] bits 2k: the low two bits of
-         * level 128h + 32k + l; scales: low nibbles of codes g and g + 8 in byte g < 8, the top two
-         * bits of codes 4k + j at bits 2k of byte 8 + j. */
-        for (int j = 0; j < 32; j++) {
-            uint8_t bits = 0;
-            for (int k = 0; k < 8; k++) bits |= (uint8_t)((((uint8_t)(levels[32 * k + j] + 4.0f) >> 2) & 1) << k);
-            out[j] = bits;
-        }
-        for (int h = 0; h < 2; h++) {
-            for (int l = 0; l < 32; l++) {
-                uint8_t crumbs = 0;
-                for (int k = 0; k < 4; k++) crumbs |= (uint8_t)(((uint8_t)(levels[128 * h + 32 * k + l] + 4.0f) & 3) << (2 * k));
-                out[32 + 32 * h + l] = crumbs;
-            }
-        }
-        for (int g = 0; g < 8; g++) out[96 + g] = (uint8_t)((codes[g] & 0x0F) | ((codes[g + 8] & 0x0F) << 4));
-        for (int j = 0; j < 4; j++) {
-            uint8_t top = 0;
-            for (int k = 0; k < 4; k++) top |= (uint8_t)((codes[4 * k + j] >> 4) << (2 * k));
-            out[104 + j] = top;
-        }
+        store_q3_k_fields(out, codes, levels, 4.0f);
     }
     return nonfinite;
 }
@@ -729,15 +756,22 @@ static inline void store_k_nibbles(uint8_t *dst, const uint8_t *levels) {
 }
 
 /* Q4_K: [d][dmin][scales 12][qs 128]; Q5_K: [d][dmin][scales 12][qh 32][qs 128]. */
+static void k32_weighted(const float *x, const float *importance, int five_bit, uint8_t *out, uint8_t *ls,
+                         uint8_t *lm, uint8_t *levels);
+
 static inline int quantize_k_blocks(const void *src, int dtype, int64_t n_blocks, const float *candidates,
-                                     uint8_t *out, int five_bit) {
+                                     const float *importance, int64_t period, int64_t first, uint8_t *out,
+                                     int five_bit) {
     int nonfinite = 0;
     float x[256];
     uint8_t ls[8], lm[8], levels[256];
     int type_size = five_bit ? 176 : 144;
     for (int64_t b = 0; b < n_blocks; b++, out += type_size) {
         nonfinite |= load_block(src, dtype, b, 256, x);
-        quantize_k32(x, five_bit ? 31.0f : 15.0f, candidates, out, ls, lm, levels);
+        if (importance != NULL)
+            k32_weighted(x, block_importance(importance, period, first + b, 256), five_bit, out, ls, lm, levels);
+        else
+            quantize_k32(x, five_bit ? 31.0f : 15.0f, candidates, out, ls, lm, levels);
         store_scale_min_k4(out + 4, ls, lm);
         if (five_bit) {
             /* qh[j] bit k is the fifth bit of level 32k + j. */
@@ -752,12 +786,14 @@ static inline int quantize_k_blocks(const void *src, int dtype, int64_t n_blocks
     return nonfinite;
 }
 
-KERNEL int quantize_q4_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
-    return quantize_k_blocks(src, dtype, n_blocks, candidates, out, 0);
+KERNEL int quantize_q4_k(const void *src, int dtype, int64_t n_blocks, const float *candidates,
+                         const float *importance, int64_t period, int64_t first, uint8_t *out) {
+    return quantize_k_blocks(src, dtype, n_blocks, candidates, importance, period, first, out, 0);
 }
 
-KERNEL int quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const float *candidates, uint8_t *out) {
-    return quantize_k_blocks(src, dtype, n_blocks, candidates, out, 1);
+KERNEL int quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const float *candidates,
+                         const float *importance, int64_t period, int64_t first, uint8_t *out) {
+    return quantize_k_blocks(src, dtype, n_blocks, candidates, importance, period, first, out, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -772,10 +808,13 @@ KERNEL int quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const flo
  * those, 2: always all), even_signs, qp_start, no_importance_weights (0: x^2, 1: sigma2 / 4 + x^2);
  * fconfig: step_size, empty_below. */
 
-static float lattice_qp_scale(const float *x, const float *w, int n, int nmax) {
+static float qp_fit(const float *x, const float *w, int n, int nmax, uint8_t *levels_out) {
     float peak = 0.0f;
     for (int i = 0; i < n; i++) peak = x[i] > peak ? x[i] : peak;
-    if (!(peak >= 1e-15f)) return 0.0f;
+    if (!(peak >= 1e-15f)) {
+        if (levels_out != NULL) memset(levels_out, 0, (size_t)n);
+        return 0.0f;
+    }
     uint8_t stored[32];
     float iscale = (float)nmax / peak;
     for (int i = 0; i < n; i++) stored[i] = (uint8_t)(int)rintf(iscale * x[i]);
@@ -832,6 +871,7 @@ static float lattice_qp_scale(const float *x, const float *w, int n, int nmax) {
         }
         if (!changed) break;
     }
+    if (levels_out != NULL) memcpy(levels_out, stored, (size_t)n);
     return sum_l2 > 0.0f ? sum_lx / sum_l2 : 0.0f;
 }
 
@@ -923,7 +963,7 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
                 continue;
             }
             float safe_peak = peak;
-            float scale = qp_start ? lattice_qp_scale(xv, wr, sub, kmax + 1) : safe_peak / (float)(2 * kmax - 1);
+            float scale = qp_start ? qp_fit(xv, wr, sub, kmax + 1, NULL) : safe_peak / (float)(2 * kmax - 1);
             float span = redo == 2 ? scale * (float)kmax : peak;
             if (!(span > 0.0f)) empty = 1;
             if (empty) span = 1.0f;
@@ -980,4 +1020,217 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
         }
     }
     return nonfinite;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The K-quants with an importance matrix (ggml_kweighted.py, operation by operation: llama.cpp's
+ * quantize_row_q{2,3,4,5,6}_K_impl). Sums left to right from 0 unless noted. */
+
+/* importance * sqrt(sigma2 + x^2), sigma2 the super-block's mean square times `factor`. */
+static void kquant_weights(const float *x, const float *importance, float factor, float *w) {
+    float sum = 0.0f;
+    for (int i = 0; i < 256; i++) sum = sum + x[i] * x[i];
+    float sigma2 = sum * (factor / 256.0f);
+    for (int i = 0; i < 256; i++) w[i] = importance[i] * sqrtf(sigma2 + x[i] * x[i]);
+}
+
+/* make_qkx3_quants (rmin -0.9, rdelta 0.05, 37 steps): x ~ scale * l - the_min, l in [0, nmax]. */
+static float qkx3_fit(const float *x, const float *w, int n, float nmax, float *levels, float *the_min) {
+    float low = x[0], high = x[0];
+    float sum_w = w[0], sum_x = w[0] * x[0];    /* from the first term */
+    for (int i = 1; i < n; i++) {
+        if (x[i] < low) low = x[i];
+        if (x[i] > high) high = x[i];
+        sum_w = sum_w + w[i];
+        sum_x = sum_x + w[i] * x[i];
+    }
+    if (low > 0.0f) low = 0.0f;
+    if (high <= low) {
+        for (int i = 0; i < n; i++) levels[i] = 0.0f;
+        *the_min = -low;
+        return 0.0f;
+    }
+    float inverse = nmax / (high - low);
+    float scale = 1.0f / inverse;
+    float best = 0.0f;
+    for (int i = 0; i < n; i++) {
+        levels[i] = clampf(rintf(inverse * (x[i] - low)), 0.0f, nmax);
+        float diff = scale * levels[i] + low - x[i];
+        best = best + w[i] * (diff * diff);
+    }
+    float trial_levels[32];
+    for (int step = 0; step <= 36; step++) {
+        /* each candidate rounds against the min of the best fit so far, as the C loop does */
+        float trial = (-0.9f + 0.05f * (float)step + nmax) / (high - low);
+        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float l = clampf(rintf(trial * (x[i] - low)), 0.0f, nmax);
+            trial_levels[i] = l;
+            float wl = w[i] * l;
+            sum_l = sum_l + wl;
+            sum_l2 = sum_l2 + wl * l;
+            sum_xl = sum_xl + wl * x[i];
+        }
+        float det = sum_w * sum_l2 - sum_l * sum_l;
+        if (!(det > 0.0f)) continue;
+        float this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+        float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+        if (this_min > 0.0f) {
+            this_min = 0.0f;
+            this_scale = sum_xl / sum_l2;
+        }
+        float error = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float diff = this_scale * trial_levels[i] + this_min - x[i];
+            error = error + w[i] * (diff * diff);
+        }
+        if (error < best) {
+            memcpy(levels, trial_levels, (size_t)n * sizeof(float));
+            best = error;
+            scale = this_scale;
+            low = this_min;
+        }
+    }
+    *the_min = -low;
+    return scale;
+}
+
+/* make_qx_quants (rmse_type 1, weighted): x ~ scale * l, l in [-nmax, nmax-1], stored l + nmax. */
+static float qx_fit(const float *x, const float *w, int n, int nmax, float *levels) {
+    float peak = 0.0f, peak_abs = 0.0f;
+    for (int i = 0; i < n; i++) {
+        if (fabsf(x[i]) > peak_abs) {
+            peak_abs = fabsf(x[i]);
+            peak = x[i];
+        }
+    }
+    if (peak_abs < 1e-15f) {
+        for (int i = 0; i < n; i++) levels[i] = 0.0f;
+        return 0.0f;
+    }
+    float lo = (float)-nmax, hi = (float)(nmax - 1);
+    float inverse = (float)-nmax / peak;
+    float sum_lx = 0.0f, sum_l2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float l = clampf(rintf(inverse * x[i]), lo, hi);
+        levels[i] = l + (float)nmax;
+        sum_lx = sum_lx + w[i] * x[i] * l;
+        sum_l2 = sum_l2 + w[i] * l * l;
+    }
+    float scale = sum_l2 != 0.0f ? sum_lx / sum_l2 : 0.0f;
+    float best = scale * sum_lx;
+    for (int step = -9; step <= 9; step++) {
+        if (step == 0) continue;
+        float trial = -((float)nmax + 0.1f * (float)step) / peak;
+        sum_lx = 0.0f;
+        sum_l2 = 0.0f;
+        for (int i = 0; i < n; i++) {
+            float l = clampf(rintf(trial * x[i]), lo, hi);
+            sum_lx = sum_lx + w[i] * x[i] * l;
+            sum_l2 = sum_l2 + w[i] * l * l;
+        }
+        if (sum_l2 > 0.0f && sum_lx * sum_lx > best * sum_l2) {
+            for (int i = 0; i < n; i++) levels[i] = clampf(rintf(trial * x[i]), lo, hi) + (float)nmax;
+            scale = sum_lx / sum_l2;
+            best = scale * sum_lx;
+        }
+    }
+    return scale;
+}
+
+static float running_sum(const float *v, int n) {
+    float total = 0.0f;
+    for (int i = 0; i < n; i++) total = total + v[i];
+    return total;
+}
+
+/* rint((x + offset) / scale) clamped, for the decoded sub-block scale; a zero scale keeps the levels. */
+static void requantize(const float *x, int n, float scale, float offset, float lo, float hi, float bias,
+                       float *levels) {
+    if (scale == 0.0f) return;
+    for (int i = 0; i < n; i++) levels[i] = clampf(rintf((x[i] + offset) / scale), lo, hi) + bias;
+}
+
+static void q2_k_weighted(const float *x, const float *importance, uint8_t *out) {
+    float w[256], levels[256], scales[16], mins[16], sub_weights[16];
+    uint8_t ls[16], lm[16];
+    kquant_weights(x, importance, 1.0f, w);
+    for (int g = 0; g < 16; g++) {
+        sub_weights[g] = running_sum(w + 16 * g, 16);
+        scales[g] = qkx3_fit(x + 16 * g, w + 16 * g, 16, 3.0f, levels + 16 * g, &mins[g]);
+    }
+    store_half(out + 80, qp_fit(scales, sub_weights, 16, 15, ls));
+    store_half(out + 82, qp_fit(mins, sub_weights, 16, 15, lm));
+    float d = half_value(out + 80), dmin = half_value(out + 82);
+    for (int g = 0; g < 16; g++) {
+        out[g] = (uint8_t)(ls[g] | (lm[g] << 4));
+        requantize(x + 16 * g, 16, d * (float)(out[g] & 0xF), dmin * (float)(out[g] >> 4), 0.0f, 3.0f, 0.0f,
+                   levels + 16 * g);
+    }
+    store_crumbs(out + 16, levels, 0.0f);
+}
+
+static void q3_k_weighted(const float *x, const float *importance, uint8_t *out) {
+    float w[256], levels[256], scales[16], sub_weights[16], codes[16];
+    uint8_t code_bytes[16];
+    kquant_weights(x, importance, 2.0f, w);
+    for (int g = 0; g < 16; g++) {
+        sub_weights[g] = running_sum(w + 16 * g, 16);
+        scales[g] = qx_fit(x + 16 * g, w + 16 * g, 16, 4, levels + 16 * g);
+    }
+    store_half(out + 108, qx_fit(scales, sub_weights, 16, 32, codes));
+    float d = half_value(out + 108);
+    for (int g = 0; g < 16; g++) {
+        code_bytes[g] = (uint8_t)codes[g];
+        requantize(x + 16 * g, 16, d * (codes[g] - 32.0f), 0.0f, -4.0f, 3.0f, 4.0f, levels + 16 * g);
+    }
+    store_q3_k_fields(out, code_bytes, levels, 0.0f);
+}
+
+static void k32_weighted(const float *x, const float *importance, int five_bit, uint8_t *out, uint8_t *ls,
+                         uint8_t *lm, uint8_t *levels) {
+    float w[256], fitted[256], scales[8], mins[8], sub_weights[8];
+    float nmax = five_bit ? 31.0f : 15.0f;
+    kquant_weights(x, importance, 2.0f, w);
+    for (int g = 0; g < 8; g++) {
+        sub_weights[g] = running_sum(w + 32 * g, 32);
+        scales[g] = qkx3_fit(x + 32 * g, w + 32 * g, 32, nmax, fitted + 32 * g, &mins[g]);
+    }
+    store_half(out, qp_fit(scales, sub_weights, 8, 63, ls));
+    store_half(out + 2, qp_fit(mins, sub_weights, 8, 63, lm));
+    if (five_bit)   /* Q5_K clamps its codes to 6 bits; Q4_K stores them as they are */
+        for (int g = 0; g < 8; g++) {
+            ls[g] = ls[g] < 63 ? ls[g] : 63;
+            lm[g] = lm[g] < 63 ? lm[g] : 63;
+        }
+    /* what get_scale_min_k4 reads back (a code over 63 spills into its neighbour's top bits) */
+    uint8_t packed[12];
+    store_scale_min_k4(packed, ls, lm);
+    float d = half_value(out), dmin = half_value(out + 2);
+    for (int g = 0; g < 8; g++) {
+        int sc = g < 4 ? packed[g] & 63 : (packed[g + 4] & 0xF) | ((packed[g - 4] >> 6) << 4);
+        int m = g < 4 ? packed[g + 4] & 63 : (packed[g + 4] >> 4) | ((packed[g] >> 6) << 4);
+        requantize(x + 32 * g, 32, d * (float)sc, dmin * (float)m, 0.0f, nmax, 0.0f, fitted + 32 * g);
+    }
+    for (int i = 0; i < 256; i++) levels[i] = (uint8_t)fitted[i];
+}
+
+static void q6_k_weighted(const float *x, const float *importance, uint8_t *out) {
+    float levels[256], scales[16];
+    for (int g = 0; g < 16; g++) scales[g] = qx_fit(x + 16 * g, importance + 16 * g, 16, 32, levels + 16 * g);
+    float peak = signed_absmax(scales, 16);
+    if (fabsf(peak) < 1e-15f) {
+        memset(out, 0, 210);
+        return;
+    }
+    float inverse = -128.0f / peak;
+    store_half(out + 208, 1.0f / inverse);
+    float d = half_value(out + 208);
+    for (int g = 0; g < 16; g++) {
+        float code = rintf(inverse * scales[g]);
+        code = code < 127.0f ? code : 127.0f;
+        out[192 + g] = (uint8_t)(int8_t)code;
+        requantize(x + 16 * g, 16, d * code, 0.0f, -32.0f, 31.0f, 32.0f, levels + 16 * g);
+    }
+    store_q6_k_levels(out, levels, 0.0f);
 }

@@ -112,10 +112,11 @@ def parity_signs(signs7: torch.Tensor) -> torch.Tensor:
     return torch.cat([bits, bits.sum(-1, keepdim=True) & 1], dim=-1).bool()
 
 
-def qp_scale(x: torch.Tensor, weight: torch.Tensor, nmax: int) -> torch.Tensor:
-    """llama.cpp's make_qp_quants' scale for rows (r, n) of non-negative-ish values: the best of 9 inverse
-    scales, then 5 rounds of per-element level changes that raise the weighted fit. Its levels live in
-    uint8 (a negative level wraps to 256 + l where it is stored and read back), as here."""
+def qp_quants(x: torch.Tensor, weight: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qp_quants for rows (r, n) of non-negative-ish values: (scale (r, 1), levels (r, n)):
+    the best of 9 inverse scales, then 5 rounds of per-element level changes that raise the weighted fit.
+    Its levels live in uint8 (a negative level wraps to 256 + l where it is stored and read back), as
+    here; a row below 1e-15 gets scale and levels 0."""
     peak = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
     safe_peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     iscale = torch.tensor(float(nmax)) / safe_peak
@@ -156,7 +157,8 @@ def qp_scale(x: torch.Tensor, weight: torch.Tensor, nmax: int) -> torch.Tensor:
             break
     result = torch.where(sum_l2 > 0, sum_lx / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)),
                          torch.zeros_like(sum_l2))
-    return torch.where(peak >= 1e-15, result, torch.zeros_like(result))
+    nonzero = peak >= 1e-15
+    return torch.where(nonzero, result, torch.zeros_like(result)), torch.where(nonzero, stored, 0)
 
 
 class _Lattice(GGMLType):
@@ -199,7 +201,7 @@ class _Lattice(GGMLType):
     def _first_scale(self, xval: torch.Tensor, weight: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
         """The scale the search starts from and whose magnitude it scans around."""
         if self.qp_start:
-            return qp_scale(xval, weight, self.kmax + 1)
+            return qp_quants(xval, weight, self.kmax + 1)[0]
         return divide(peak, 2 * self.kmax - 1)
 
     def _search(self, xval: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ from qtool.schemes.base import register
 from qtool.schemes.ggml import (QK_K, GGMLTensor, GGMLType, divide, fp16_bytes, fp16_from_bytes, nearest_int,
                                 pack_nibbles)
 from qtool.schemes.grids import Grid, KQuantGrid
+from qtool.schemes.ggml_kweighted import k32_fields, q2_k_fields, q3_k_fields, q6_k_fields
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -252,6 +253,8 @@ class _KQuant(GGMLType):
     triton_module = "ggml"
     # The float32 constants of the sub-block scale search, which the C and Triton kernels take too.
     search_candidates: tuple[float, ...] = ()
+    # With an importance matrix: llama.cpp's own weighted quantizer (ggml_kweighted.py), byte for byte.
+    takes_importance = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -416,8 +419,8 @@ def _levels_for(x, scale, offset, nmax: int) -> torch.Tensor:
     return nearest_int((x + offset) * inverse).clamp_(0, nmax)
 
 
-def _quantize_k32(blocks: torch.Tensor, name: str) -> torch.Tensor:
-    """Q4_K / Q5_K block bytes.
+def _quantize_k32(blocks: torch.Tensor, name: str, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Q4_K / Q5_K block bytes (with an importance matrix: llama.cpp's weighted quantizer).
 
     1. Each sub-block of 32: the unweighted least-squares scale and min over K32_CANDIDATES
        (_search_k32).
@@ -430,6 +433,9 @@ def _quantize_k32(blocks: torch.Tensor, name: str) -> torch.Tensor:
     nearest codes; the code fit more than makes up for the shorter search (tests/test_ggml.py
     checks the error against llama.cpp's), and costs about a fifth of its arithmetic."""
     nmax, smax = K32_NMAX[name], 63
+    if importance is not None:
+        ls, lm, levels, d_raw, dmin_raw = k32_fields(blocks, importance, nmax)
+        return pack_k_blocks(d_raw, dmin_raw, ls, lm, levels, five_bit=name == "Q5_K")
     n_blocks = blocks.shape[0]
     x = blocks.reshape(n_blocks, 8, 32)
     scales, mins, *sums = _search_k32(x.reshape(-1, 32), nmax, K32_CANDIDATES[name])
@@ -455,10 +461,13 @@ class Q2_K(_KQuant):
     type_size = 84   # scales[16], qs[64], d, dmin
     fp16_offsets = (80, 82)
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
-        d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
-            blocks, group=16, nmax=3, smax=15, candidates=SEARCH_CANDIDATES["Q2_K"], weights=blocks.abs())
+        if importance is not None:
+            ls, lm, levels, d_raw, dmin_raw = q2_k_fields(blocks, importance)
+        else:
+            d_raw, dmin_raw, ls, lm, levels = _quantize_k_asymmetric(
+                blocks, group=16, nmax=3, smax=15, candidates=SEARCH_CANDIDATES["Q2_K"], weights=blocks.abs())
         scales = (ls.to(torch.uint8) | (lm.to(torch.uint8) << 4))
         return torch.cat([scales, _pack_crumbs(levels), d_raw, dmin_raw], dim=-1)
 
@@ -480,8 +489,8 @@ class Q4_K(_K32Quant):
     type_size = 144  # d, dmin, scales[12], qs[128]
     fp16_offsets = (0, 2)
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        return _quantize_k32(blocks.to(torch.float32), self.name)
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        return _quantize_k32(blocks.to(torch.float32), self.name, importance)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = fp16_from_bytes(blocks[:, 0:2]).unsqueeze(-1)
@@ -500,8 +509,8 @@ class Q5_K(_K32Quant):
     type_size = 176  # d, dmin, scales[12], qh[32], qs[128]
     fp16_offsets = (0, 2)
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        return _quantize_k32(blocks.to(torch.float32), self.name)
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        return _quantize_k32(blocks.to(torch.float32), self.name, importance)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         d = fp16_from_bytes(blocks[:, 0:2]).unsqueeze(-1)
@@ -515,6 +524,19 @@ class Q5_K(_K32Quant):
         return (d * ls.unsqueeze(-1) * levels - dmin * lm.unsqueeze(-1)).reshape(-1, QK_K)
 
 
+def _pack_q3_k(codes: torch.Tensor, levels: torch.Tensor, d_raw: torch.Tensor) -> torch.Tensor:
+    """Q3_K block bytes from the scale codes 0..63 (n, 16), the levels 0..7 (n, 256) and d's fp16 bytes:
+    [hmask 32][qs 64][scales 12][d]."""
+    # Low nibbles of the 16 6-bit scales in bytes 0-7, their top two bits in bytes 8-11.
+    low = pack_nibbles(codes[:, :8], codes[:, 8:])
+    top = (codes >> 4).reshape(-1, 4, 4)
+    high = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
+    # hmask[j] bit k is the third bit of element 32k + j; qs holds the low two bits.
+    bit_weights = (1 << torch.arange(8, dtype=torch.uint8, device=levels.device)).reshape(1, 8, 1)
+    hmask = ((levels >> 2).reshape(-1, 8, 32) * bit_weights).sum(dim=1, dtype=torch.uint8)
+    return torch.cat([hmask, _pack_crumbs(levels & 3), low, high, d_raw], dim=-1)
+
+
 @register
 class Q3_K(_KQuant):
     name = "Q3_K"
@@ -525,8 +547,11 @@ class Q3_K(_KQuant):
     type_size = 110  # hmask[32], qs[64], scales[12], d
     fp16_offsets = (108,)
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
+        if importance is not None:
+            codes, levels, d_raw = q3_k_fields(blocks, importance)
+            return _pack_q3_k(codes.to(torch.uint8), levels.to(torch.uint8), d_raw)
         n_blocks = blocks.shape[0]
         scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=4, candidates=SEARCH_CANDIDATES["Q3_K"])
         scales = scales.reshape(n_blocks, 16)
@@ -538,15 +563,7 @@ class Q3_K(_KQuant):
         d = fp16_from_bytes(d_raw).unsqueeze(-1)
         codes, levels = _refine_symmetric(blocks.reshape(n_blocks, 16, 16), d, codes.unsqueeze(-1), 4, -32, 31)
         codes = (codes.squeeze(-1) + 32).to(torch.uint8)
-        levels = (levels + 4).reshape(n_blocks, QK_K).to(torch.uint8)
-        # Low nibbles of the 16 6-bit scales in bytes 0-7, their top two bits in bytes 8-11.
-        low = pack_nibbles(codes[:, :8], codes[:, 8:])
-        top = (codes >> 4).reshape(-1, 4, 4)
-        high = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
-        # hmask[j] bit k is the third bit of element 32k + j; qs holds the low two bits.
-        bit_weights = (1 << torch.arange(8, dtype=torch.uint8, device=blocks.device)).reshape(1, 8, 1)
-        hmask = ((levels >> 2).reshape(-1, 8, 32) * bit_weights).sum(dim=1, dtype=torch.uint8)
-        return torch.cat([hmask, _pack_crumbs(levels & 3), low, high, d_raw], dim=-1)
+        return _pack_q3_k(codes, (levels + 4).reshape(n_blocks, QK_K).to(torch.uint8), d_raw)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         shifts = torch.arange(8, dtype=torch.uint8, device=blocks.device).reshape(1, 8, 1)
@@ -562,6 +579,18 @@ class Q3_K(_KQuant):
         return ((d * codes).unsqueeze(-1) * levels.reshape(-1, 16, 16)).reshape(-1, QK_K)
 
 
+def _pack_q6_k(codes: torch.Tensor, levels: torch.Tensor, d_raw: torch.Tensor) -> torch.Tensor:
+    """Q6_K block bytes from the int8 scale codes' bytes (n, 16), the levels 0..63 (n, 256) and d's fp16
+    bytes: [ql 128][qh 64][scales 16][d]."""
+    levels = levels.reshape(-1, 2, 4, 32)
+    # Per half of 128: ql[l] = q0 | q2 << 4, ql[32 + l] = q1 | q3 << 4, qh[l] = q0..q3 top bits.
+    ql = torch.stack([pack_nibbles(levels[:, :, 0], levels[:, :, 2]),
+                      pack_nibbles(levels[:, :, 1], levels[:, :, 3])], dim=2).reshape(-1, 128)
+    top = levels >> 4
+    qh = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).reshape(-1, 64)
+    return torch.cat([ql, qh, codes, d_raw], dim=-1)
+
+
 @register
 class Q6_K(_KQuant):
     name = "Q6_K"
@@ -571,8 +600,11 @@ class Q6_K(_KQuant):
     type_size = 210  # ql[128], qh[64], scales[16] (int8), d
     fp16_offsets = (208,)
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
+        if importance is not None:
+            codes, levels, d_raw = q6_k_fields(blocks, importance)
+            return _pack_q6_k(codes.to(torch.int8).view(torch.uint8), levels.to(torch.uint8), d_raw)
         n_blocks = blocks.shape[0]
         scales = _search_scale_symmetric(blocks.reshape(-1, 16), nmax=32, candidates=SEARCH_CANDIDATES["Q6_K"])
         scales = scales.reshape(n_blocks, 16)
@@ -584,13 +616,7 @@ class Q6_K(_KQuant):
         d = fp16_from_bytes(d_raw).unsqueeze(-1)
         codes, levels = _refine_symmetric(blocks.reshape(n_blocks, 16, 16), d, codes.unsqueeze(-1), 32, -128, 127)
         codes = codes.squeeze(-1).to(torch.int8).view(torch.uint8)
-        levels = (levels + 32).reshape(n_blocks, 2, 4, 32).to(torch.uint8)
-        # Per half of 128: ql[l] = q0 | q2 << 4, ql[32 + l] = q1 | q3 << 4, qh[l] = q0..q3 top bits.
-        ql = torch.stack([pack_nibbles(levels[:, :, 0], levels[:, :, 2]),
-                          pack_nibbles(levels[:, :, 1], levels[:, :, 3])], dim=2).reshape(-1, 128)
-        top = levels >> 4
-        qh = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).reshape(-1, 64)
-        return torch.cat([ql, qh, codes, d_raw], dim=-1)
+        return _pack_q6_k(codes, (levels + 32).reshape(n_blocks, QK_K).to(torch.uint8), d_raw)
 
     def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
         ql = blocks[:, :128].reshape(-1, 2, 1, 64)
