@@ -153,13 +153,14 @@ def _assert_libggml_bytes(scheme: GGMLType, weight: torch.Tensor, importance: to
                                   quants.dequantize(expected, GGMLQuantizationType[scheme.name]))
 
 
-LATTICE_IQUANTS = ["IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS"]
+LATTICE_IQUANTS = ["IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M"]
 
 
 @pytest.mark.parametrize("name", LATTICE_IQUANTS)
 def test_lattice_iquants_equal_llamacpp_bytes(name, smollm2_gguf):
     """The grid i-quants (groups snapped to llama.cpp's grids through its neighbour lists, its scale
-    searches, IQ2_XXS's make_qp_quants start, even-parity signs, IQ3_S's skipped empty sub-blocks) give
+    searches, IQ2_XXS's make_qp_quants start, even-parity signs, IQ3_S's skipped empty sub-blocks, the
+    IQ1 types' exhaustive split search over sorted values with ties and IQ1_M's super-block refit) give
     libggml's bytes with every importance matrix (and without one where the type allows it), on edge
     cases, sub-blocks below the empty threshold and real SmolLM2 rows; gguf-py decodes them as we do."""
     from qtool.sources.resolve import resolve
@@ -180,20 +181,24 @@ def test_lattice_iquants_equal_llamacpp_bytes(name, smollm2_gguf):
 
 @pytest.mark.parametrize("name", LATTICE_IQUANTS)
 def test_lattice_iquants_torch_code_equals_the_c_kernel(name, monkeypatch):
-    """The C search (cpu_ggml.c's lattice_fit, what the CPU runs) and the torch code (any device) give
-    the same bytes: the test above checks the C path against libggml, this one the torch path."""
+    """The C search (cpu_ggml.c's lattice_fit / quantize_iq1, what the CPU runs) and the torch code (any
+    device) give the same bytes: the test above checks the C path against libggml, this one the torch path."""
     from qtool.kernels import cpu
+
+    def torch_code():     # no C library: the torch code runs
+        monkeypatch.setattr(cpu, "lattice_fit", lambda *args: None)
+        monkeypatch.setattr(cpu, "ternary_quantize", lambda *args: None)
 
     scheme = ggml_type(name)
     weight = torch.cat([_edge_case_matrix(512), torch.randn(8, 512, generator=torch.Generator().manual_seed(9))])
     importance = _importance_vectors(512)[1]
     fast = scheme.quantize(weight, importance=importance).data
-    monkeypatch.setattr(cpu, "lattice_fit", lambda *args: None)     # no C library: the torch code runs
+    torch_code()
     assert torch.equal(scheme.quantize(weight, importance=importance).data, fast)
     if not scheme.requires_importance:
         monkeypatch.undo()
         fast = scheme.quantize(weight).data
-        monkeypatch.setattr(cpu, "lattice_fit", lambda *args: None)
+        torch_code()
         assert torch.equal(scheme.quantize(weight).data, fast)
 
 

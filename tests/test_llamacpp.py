@@ -66,8 +66,8 @@ def _check_against_transformers(path, type_name):
 
 
 # llama-quantize's i-quant mixes, with llama-imatrix's matrix for this shape (tests/data): between them
-# every i-quant type (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) and the K-types they mix in.
-IQUANT_MIXES = {"IQ2_XXS": {"IQ2_XXS", "Q2_K"}, "IQ2_S": {"IQ2_XS", "IQ3_S"}, "IQ2_M": {"IQ2_S", "IQ3_S"},
+# every i-quant type (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) and the K-types they mix in.
+IQUANT_MIXES = {"IQ1_S": {"IQ1_S", "IQ2_XXS", "Q2_K"}, "IQ1_M": {"IQ1_M", "IQ2_XXS", "Q2_K"}, "IQ2_XXS": {"IQ2_XXS", "Q2_K"}, "IQ2_S": {"IQ2_XS", "IQ3_S"}, "IQ2_M": {"IQ2_S", "IQ3_S"},
                 "IQ3_XXS": {"IQ3_XXS", "IQ2_S", "IQ3_S"}, "IQ3_M": {"IQ3_S", "Q4_K"}}
 
 

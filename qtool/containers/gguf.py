@@ -32,8 +32,8 @@ class GGUF(Container):
     # llama-quantize's mixes, each a preset (configs/gguf-<mix>.yaml, an editable copy of its choices).
     # The i-quant mixes share their names with types (IQ2_XXS, IQ3_S, ...): --type means the mix, as for
     # llama-quantize; a rule or preset naming the type gets the type alone.
-    mixes: ClassVar[tuple[str, ...]] = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "MXFP4_MOE", "IQ2_XXS", "IQ2_XS", "IQ2_S",
-                                        "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_XS")
+    mixes: ClassVar[tuple[str, ...]] = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q3_K_M", "MXFP4_MOE", "IQ1_S", "IQ1_M", "IQ2_XXS",
+                                        "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_XS")
 
     @classmethod
     def writer(cls) -> type[Sink]:

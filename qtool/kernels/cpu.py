@@ -189,3 +189,33 @@ def lattice_fit(blocks: torch.Tensor, importance: torch.Tensor | None, config: t
 
         raise NonFiniteWeight("the weight contains inf or nan values")
     return index.long(), signs.long(), scale, empty.bool()
+
+
+def ternary_quantize(blocks: torch.Tensor, importance: torch.Tensor | None, type_size: int, medium: int,
+                     tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """IQ1_S (``medium`` 0) / IQ1_M (1) blocks in C (cpu_ggml.c's quantize_iq1: ggml_iq1.py's
+    quantize_blocks, the same bytes): float blocks (n_blocks, 256) on the CPU, ``importance`` (n_blocks,
+    256) or None -> uint8 (n_blocks, type_size); None without a compiler. ``tables``: the IQ1 grid's
+    levels, map and neighbour lists, contiguous int32."""
+    library = _library()
+    if library is None:
+        return None
+    function = library.quantize_iq1
+    if function.argtypes is None:
+        pointer = ctypes.c_void_p
+        function.restype = ctypes.c_int
+        function.argtypes = [pointer, ctypes.c_int, ctypes.c_int64, pointer, ctypes.c_int, pointer, pointer, pointer,
+                             ctypes.c_int32, pointer]
+    if blocks.dtype not in _DTYPES:
+        blocks = blocks.to(torch.float32)
+    blocks = blocks.contiguous()
+    weights = None if importance is None else importance.to(torch.float32).contiguous()
+    levels, grid_map, neighbours = tables
+    out = torch.empty((blocks.shape[0], type_size), dtype=torch.uint8)
+    if function(blocks.data_ptr(), _DTYPES[blocks.dtype], blocks.shape[0], None if weights is None else weights.data_ptr(),
+                medium, levels.data_ptr(), grid_map.data_ptr(), neighbours.data_ptr(), neighbours.shape[1],
+                out.data_ptr()):
+        from qtool.schemes.errors import NonFiniteWeight
+
+        raise NonFiniteWeight("the weight contains inf or nan values")
+    return out

@@ -1234,3 +1234,215 @@ static void q6_k_weighted(const float *x, const float *importance, uint8_t *out)
     }
     store_q6_k_levels(out, levels, 0.0f);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * IQ1_S / IQ1_M (ggml_iq1.py, operation by operation: llama.cpp's quantize_row_iq1_{s,m}_impl):
+ * per sub-block every split of the sorted values into three levels, for each delta sign, scored
+ * from running sums; the winner snapped to the IQ1 grid through its neighbour lists, its scale
+ * refit; then the 3-bit codes under the super-block scale (IQ1_M: d refit over the super-block).
+ * The grid tables come from the caller as for lattice_fit. medium: 0 IQ1_S, 1 IQ1_M. */
+
+static const float IQ1_PLUS[3] = {-0.875f, 0.125f, 1.125f}, IQ1_MINUS[3] = {-1.125f, -0.125f, 0.875f};
+
+/* The first candidate with sum_qx^2 > best * sum_q2 replaces the best (llama.cpp's test). */
+static inline int iq1_better(float qx, float q2, float *best, float *scale) {
+    if (q2 > 0.0f && qx * qx > *best * q2) {
+        *scale = qx / q2;
+        *best = *scale * qx;
+        return 1;
+    }
+    return 0;
+}
+
+/* One sub-block of n (32 or 16) elements: grid indices (n / 8), each group's delta sign (1: minus),
+ * the scale; returns 0 when the sub-block stays empty (index 0, plus, scale 0). */
+static int iq1_sub_block(const float *xb, const float *w, int n, int medium, float empty_below,
+                         const int32_t *grid_levels, const int32_t *grid_map, const int32_t *neighbours,
+                         int32_t width, int *index, int *minus, float *scale_out) {
+    int order[32], rank[32], levels[32];
+    float sum_x[2][33], sum_w[2][33];
+    int groups = n / 8;
+    for (int g = 0; g < groups; g++) { index[g] = 0; minus[g] = 0; }
+    *scale_out = 0.0f;
+    float peak = fabsf(xb[0]);
+    for (int i = 1; i < n; i++) peak = fabsf(xb[i]) > peak ? fabsf(xb[i]) : peak;
+    if (peak < empty_below) return 0;
+    for (int i = 0; i < n; i++) {      /* stable insertion sort, ascending */
+        int j = i;
+        while (j > 0 && xb[order[j - 1]] > xb[i]) { order[j] = order[j - 1]; j--; }
+        order[j] = i;
+    }
+    int halves = medium ? 2 : 1;
+    for (int h = 0; h < halves; h++) { sum_x[h][0] = 0.0f; sum_w[h][0] = 0.0f; }
+    for (int j = 0; j < n; j++) {
+        int i = order[j], half = medium && i >= n / 2;
+        for (int h = 0; h < halves; h++) {
+            if (h == half) {
+                sum_x[h][j + 1] = sum_x[h][j] + w[i] * xb[i];
+                sum_w[h][j + 1] = sum_w[h][j] + w[i];
+            } else {
+                sum_x[h][j + 1] = sum_x[h][j];
+                sum_w[h][j + 1] = sum_w[h][j];
+            }
+        }
+    }
+    float best = -3.40282347e+38f, scale = peak;
+    int best1 = -1, best2 = -1, best_k = -1;
+    for (int i1 = 0; i1 <= n; i1++) {
+        for (int i2 = i1; i2 <= n; i2++) {
+            if (!medium) {
+                for (int k = 0; k < 2; k++) {
+                    const float *v = k ? IQ1_MINUS : IQ1_PLUS;
+                    float lx = sum_x[0][i1] - sum_x[0][0], mx = sum_x[0][i2] - sum_x[0][i1], hx = sum_x[0][n] - sum_x[0][i2];
+                    float lw = sum_w[0][i1] - sum_w[0][0], mw = sum_w[0][i2] - sum_w[0][i1], hw = sum_w[0][n] - sum_w[0][i2];
+                    float qx = (lx * v[0] + mx * v[1]) + hx * v[2];
+                    float q2 = (lw * v[0] * v[0] + mw * v[1] * v[1]) + hw * v[2] * v[2];
+                    if (iq1_better(qx, q2, &best, &scale)) { best1 = i1; best2 = i2; best_k = k; }
+                }
+                continue;
+            }
+            float qx[2][2], q2[2][2];      /* [half][0 plus, 1 minus] */
+            for (int h = 0; h < 2; h++) {
+                float both = sum_x[h][i1] + sum_x[h][i2];
+                for (int s = 0; s < 2; s++) {
+                    const float *v = s ? IQ1_MINUS : IQ1_PLUS;
+                    float c1 = v[0] * v[0] - v[1] * v[1], c2 = v[1] * v[1] - v[2] * v[2];
+                    qx[h][s] = sum_x[h][n] * v[2] - both;
+                    q2[h][s] = (sum_w[h][n] * v[2] * v[2] + sum_w[h][i1] * c1) + sum_w[h][i2] * c2;
+                }
+            }
+            for (int k = 0; k < 4; k++) {
+                if (iq1_better(qx[0][k >> 1] + qx[1][k & 1], q2[0][k >> 1] + q2[1][k & 1], &best, &scale)) {
+                    best1 = i1; best2 = i2; best_k = k;
+                }
+            }
+        }
+    }
+    if (best_k < 0) return 0;
+    for (int j = 0; j < n; j++) rank[order[j]] = j;
+    int flip = scale < 0.0f;
+    for (int i = 0; i < n; i++) {
+        levels[i] = (rank[i] >= best1) + (rank[i] >= best2);
+        if (flip) levels[i] = 2 - levels[i];
+    }
+    if (flip) scale = -scale;
+    for (int g = 0; g < groups; g++) {
+        int sign = medium ? (g == 0 ? best_k >> 1 : best_k & 1) : best_k;
+        minus[g] = sign ^ flip;
+    }
+    int off = 0;
+    for (int g = 0; g < groups; g++) {
+        const float *v = minus[g] ? IQ1_MINUS : IQ1_PLUS;
+        int code = 0;
+        for (int i = 0; i < 8; i++) code |= levels[8 * g + i] << (2 * i);
+        index[g] = grid_map[code];
+        if (index[g] >= 0) continue;
+        off = 1;
+        const int32_t *candidates = neighbours + (int64_t)code * width;
+        float least = 3.40282347e+38f;
+        int chosen = candidates[0];
+        for (int j = 0; j < width && candidates[j] >= 0; j++) {
+            const int32_t *point = grid_levels + (int64_t)candidates[j] * 8;
+            float d2 = 0.0f;
+            for (int i = 0; i < 8; i++) {
+                float diff = scale * v[point[i]] - xb[8 * g + i];
+                d2 = d2 + w[8 * g + i] * diff * diff;
+            }
+            if (d2 < least) { least = d2; chosen = candidates[j]; }
+        }
+        index[g] = chosen;
+    }
+    if (off) {
+        float sum_qx = 0.0f, sum_q2 = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            const float *v = minus[g] ? IQ1_MINUS : IQ1_PLUS;
+            const int32_t *point = grid_levels + (int64_t)index[g] * 8;
+            for (int i = 0; i < 8; i++) {
+                float q = v[point[i]];
+                sum_qx = sum_qx + w[8 * g + i] * q * xb[8 * g + i];
+                sum_q2 = sum_q2 + w[8 * g + i] * q * q;
+            }
+        }
+        if (sum_qx > 0.0f && sum_q2 > 0.0f) scale = sum_qx / sum_q2;
+    }
+    *scale_out = scale;
+    return 1;
+}
+
+KERNEL int quantize_iq1(const void *src, int dtype, int64_t n_blocks, const float *importance, int medium,
+                        const int32_t *grid_levels, const int32_t *grid_map, const int32_t *neighbours,
+                        int32_t width, uint8_t *out) {
+    const int n = medium ? 16 : 32, subs = 256 / n, type_size = medium ? 56 : 50;
+    const float empty_below = medium ? 1e-7f : 1e-12f;
+    int nonfinite = 0;
+    float x[256], w[256], scales[16];
+    int index[16][4], minus[16][4];
+    for (int64_t b = 0; b < n_blocks; b++, out += type_size) {
+        nonfinite |= load_block(src, dtype, b, 256, x);
+        float sum_x2 = 0.0f;
+        for (int i = 0; i < 256; i++) sum_x2 = sum_x2 + x[i] * x[i];
+        float sigma2 = 2.0f * sum_x2 / 256.0f;
+        for (int i = 0; i < 256; i++)
+            w[i] = importance != NULL ? importance[b * 256 + i] * sqrtf(sigma2 + x[i] * x[i]) : x[i] * x[i];
+        float max_scale = 0.0f;
+        for (int s = 0; s < subs; s++) {
+            iq1_sub_block(x + s * n, w + s * n, n, medium, empty_below, grid_levels, grid_map, neighbours, width,
+                          index[s], minus[s], &scales[s]);
+            max_scale = scales[s] > max_scale ? scales[s] : max_scale;
+        }
+        memset(out, 0, (size_t)type_size);
+        int live = max_scale > 0.0f;
+        float d = max_scale / 15.0f;
+        float inverse = 1.0f / (live ? d : 1.0f);
+        int codes[16];
+        for (int s = 0; s < subs; s++) {
+            float code = rintf(0.5f * (inverse * scales[s] - 1.0f));
+            codes[s] = live ? (int)clampf(code, 0.0f, 7.0f) : 0;
+        }
+        if (!medium) {
+            if (live) store_half(out, d * 1.125f);
+            for (int s = 0; s < subs; s++) {
+                uint16_t word = 0;
+                for (int g = 0; g < 4; g++) {
+                    out[2 + 4 * s + g] = (uint8_t)(index[s][g] & 0xFF);
+                    word |= (uint16_t)((index[s][g] >> 8) << (3 * g));
+                }
+                if (live) word |= (uint16_t)((codes[s] << 12) | (minus[s][0] << 15));
+                out[34 + 2 * s] = (uint8_t)(word & 0xFF);
+                out[35 + 2 * s] = (uint8_t)(word >> 8);
+            }
+            continue;
+        }
+        for (int s = 0; s < subs; s++) {
+            out[2 * s] = (uint8_t)(index[s][0] & 0xFF);
+            out[2 * s + 1] = (uint8_t)(index[s][1] & 0xFF);
+            out[32 + s] = (uint8_t)((index[s][0] >> 8) | ((index[s][1] >> 8) << 4));
+        }
+        if (!live) continue;
+        float sum_qx = 0.0f, sum_q2 = 0.0f;
+        for (int s = 0; s < subs; s++) {
+            out[32 + s] |= (uint8_t)((minus[s][0] ? 0x08 : 0) | (minus[s][1] ? 0x80 : 0));
+            for (int g = 0; g < 2; g++) {
+                const float *v = minus[s][g] ? IQ1_MINUS : IQ1_PLUS;
+                const int32_t *point = grid_levels + (int64_t)index[s][g] * 8;
+                for (int i = 0; i < 8; i++) {
+                    int e = s * 16 + g * 8 + i;
+                    float q = v[point[i]] * (float)(2 * codes[s] + 1);
+                    sum_qx = sum_qx + w[e] * q * x[e];
+                    sum_q2 = sum_q2 + w[e] * q * q;
+                }
+            }
+        }
+        if (sum_q2 > 0.0f) d = sum_qx / sum_q2;
+        uint8_t half[2];
+        store_half(half, d * 1.1125f);
+        uint16_t bits = (uint16_t)(half[0] | (half[1] << 8));
+        for (int q = 0; q < 4; q++) {
+            uint16_t word = (uint16_t)(((bits >> (4 * q)) & 0xF) << 12);
+            for (int i = 0; i < 4; i++) word |= (uint16_t)(codes[4 * q + i] << (3 * i));
+            out[48 + 2 * q] = (uint8_t)(word & 0xFF);
+            out[49 + 2 * q] = (uint8_t)(word >> 8);
+        }
+    }
+    return nonfinite;
+}
