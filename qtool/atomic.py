@@ -259,14 +259,19 @@ def not_replaceable(path: Path, info: os.stat_result) -> str | None:
     return "is not a regular file or folder"
 
 
+# The first line of a plan preset qtool writes (--save-plan): what lets --force replace one.
+PLAN_MARK = b"# qtool plan"
+
+
 def qtool_file(path: Path) -> bool:
-    """A GGUF file, or a safetensors file whose metadata says qtool wrote it (a quantized model's
-    shard or calibration statistics)."""
+    """A GGUF file, a plan preset qtool wrote, or a safetensors file whose metadata says qtool wrote it
+    (a quantized model's shard or calibration statistics)."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(8)
-            if head[:4] == b"GGUF":
+            head = handle.read(len(PLAN_MARK))
+            if head[:4] == b"GGUF" or head == PLAN_MARK:
                 return True
+            head = head[:8]
             if len(head) < 8:
                 return False
             header_size = int.from_bytes(head, "little")

@@ -202,6 +202,9 @@ def quantize(
     ctx: int = typer.Option(512, "--ctx", help="With --eval: window length in tokens."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="With --eval: number of windows."),
     show_tensors: bool = typer.Option(False, "--show-tensors", help="List every tensor in the report."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: choose each tensor's type from its measured damage to average this many bits per quantized weight (use --imatrix or --stats)."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="GGUF: choose each tensor's type from its measured damage so that the file fits this size, e.g. 90MB."),
+    save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="With --target-bpw / --max-size: write the chosen plan as a preset YAML (for --config)."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
@@ -216,9 +219,15 @@ def quantize(
         # Every option is checked before any download, read or write.
         from qtool.recipes import check_quantize_options
 
+        sized = target_bpw is not None or max_size is not None
+        if target_bpw is not None and max_size is not None:
+            raise BadArgument("--target-bpw and --max-size both set the size; pass one")
+        if save_plan is not None and not sized:
+            raise BadArgument("--save-plan writes the plan --target-bpw / --max-size choose; add one of them")
         chosen_method = check_quantize_options(output=output, method=method, calib_samples=calib_samples,
                                                calib_seqlen=calib_seqlen, all_experts=all_experts,
-                                               expert_min_tokens=expert_min_tokens, stats=stats, imatrix=imatrix)
+                                               expert_min_tokens=expert_min_tokens, stats=stats, imatrix=imatrix,
+                                               sized=sized)
         if evaluate_after:
             from qtool.evaluation import check_options as check_eval_options
 
@@ -226,16 +235,24 @@ def quantize(
         elif text is not None or chunks is not None:
             raise BadArgument("--text and --chunks set what --eval scores; add --eval")
         out_format = choose_format(fmt, gguf_type, output, config)
-        recipe = recipe_from_options(fmt=out_format, bits=bits, scheme=scheme, gguf_type=gguf_type, config=config,
-                                     block_size=block_size, group_size=group_size,
-                                     double_quant=False if no_double_quant else None, include=include, skip=skip,
-                                     act_range=act_range, act_strategy=act_strategy, smooth=smooth,
-                                     act_asymmetric=act_asymmetric, smooth_down=smooth_down)
+        if sized:
+            from qtool.recipes import sized_recipe_base
+
+            recipe = sized_recipe_base(fmt=out_format, config=config, include=include, skip=skip,
+                                       gguf_type=gguf_type, scheme=scheme, bits=bits)
+        else:
+            recipe = recipe_from_options(fmt=out_format, bits=bits, scheme=scheme, gguf_type=gguf_type,
+                                         config=config, block_size=block_size, group_size=group_size,
+                                         double_quant=False if no_double_quant else None, include=include,
+                                         skip=skip, act_range=act_range, act_strategy=act_strategy, smooth=smooth,
+                                         act_asymmetric=act_asymmetric, smooth_down=smooth_down)
         options = QuantizeOptions(format=out_format, force=force, dry_run=dry_run,
                                   max_shard_size=_parse_size(max_shard_size), device=device, revision=revision,
                                   method=chosen_method, calib=calib, calib_samples=calib_samples,
                                   calib_seqlen=calib_seqlen, stats=stats, imatrix=imatrix, all_experts=all_experts,
-                                  expert_min_tokens=expert_min_tokens)
+                                  expert_min_tokens=expert_min_tokens, target_bpw=target_bpw,
+                                  max_size=_parse_size(max_size, "--max-size") if max_size else None,
+                                  save_plan=save_plan)
         report = run_quantize(model, output or Path("."), recipe, options)
         if report is None:      # a rank of a torchrun calibration other than 0: rank 0 reports
             return

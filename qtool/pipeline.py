@@ -46,6 +46,9 @@ class QuantizeOptions:
     imatrix: Path | None = None         # a llama.cpp importance matrix (.gguf or .dat) instead of --stats
     all_experts: bool = False           # mixtures of experts: see MethodOptions
     expert_min_tokens: int = 64
+    target_bpw: float | None = None     # --target-bpw / --max-size: each tensor's type chosen to fit (qtool.sizing)
+    max_size: int | None = None
+    save_plan: Path | None = None       # where the chosen plan goes as a preset YAML
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,6 +97,9 @@ def quantize(spec: str, out: str | Path, recipe: Recipe,
     device = distributed.start(resolve_device(options.device))
     started = time.perf_counter()
     with resolve(spec, revision=options.revision) as source:
+        sizing = None
+        if options.target_bpw is not None or options.max_size is not None:
+            recipe, sizing = sized(source, recipe, options)
         plans = plan_model(source, recipe, options.format)
         sink_type = containers.sink_class(options.format, {p.scheme for p in plans if not p.keep})
         sink_type.check_layout(plans)     # before reading or calibrating anything, and for --dry-run
@@ -112,8 +118,10 @@ def quantize(spec: str, out: str | Path, recipe: Recipe,
             return None
         if options.dry_run:
             sizes = {p.name: sink_type.packed_nbytes(p) for p in plans}
-            return size_report(source, infos, plans, sizes, output=None, fmt=options.format,
-                               seconds=time.perf_counter() - started, dry_run=True, labels=labels)
+            report = size_report(source, infos, plans, sizes, output=None, fmt=options.format,
+                                 seconds=time.perf_counter() - started, dry_run=True, labels=labels)
+            report.sizing = sizing
+            return report
 
         calib_plans = stored_plans(plans, sink_type)
         if options.method != "rtn":
@@ -128,7 +136,57 @@ def quantize(spec: str, out: str | Path, recipe: Recipe,
             report = _quantize_into(claim, source, recipe, options, device, plans, sink_type, infos, labels, started)
         finally:
             claim.release()
+        report.sizing = sizing
         return report
+
+
+def sized(source: Source, recipe: Recipe, options: QuantizeOptions) -> tuple[Recipe, dict[str, Any]]:
+    """--target-bpw / --max-size: the recipe whose per-tensor types fit the size (qtool.sizing), and what was
+    chosen, for the report. The plan is also saved as a preset (--save-plan) and goes into the output's
+    metadata (GGUF: qtool.plan)."""
+    from dataclasses import asdict
+
+    from qtool import sizing
+
+    if "gguf" not in containers.format_option(options.format, "families"):
+        raise Unsupported(f"--target-bpw / --max-size choose among GGUF types so far; write GGUF (-o MODEL.gguf or "
+                          f"--format gguf), not --format {options.format}")
+    importance, label = None, "none: every input column weighs 1 (give --imatrix or --stats for measured damage)"
+    if options.imatrix is not None or options.stats is not None:
+        stats = _statistics(source, options)
+        importance = {name: linear.mean_square for name, linear in stats.linears.items()}
+        label = str(options.imatrix or options.stats)
+    sink_type = containers.sink_class(options.format, set())
+    recipe, report = sizing.sized_recipe(
+        lambda candidate: plan_model(source, candidate, options.format), source, recipe,
+        target_bpw=options.target_bpw, max_size=options.max_size, importance=importance, importance_label=label,
+        packed_nbytes=sink_type.packed_nbytes, overhead_nbytes=lambda plans: sink_type.overhead_nbytes(source, plans))
+    text = sizing.recipe_yaml(recipe, f"qtool's plan for {recipe.name} of {source.spec}")
+    options.extra["plan"] = text
+    if options.save_plan is not None:      # claimed and written now: the output comes after it
+        from qtool.atomic import StagedOutput
+
+        staged = StagedOutput(options.save_plan, force=options.force, is_dir=False, reads=source.local_paths())
+        try:
+            with output_errors(options.save_plan):
+                staged.path.write_text(text, encoding="utf-8")
+        except BaseException:
+            staged.abort()
+            raise
+        staged.commit()
+    return recipe, asdict(report)
+
+
+def _statistics(source: Source, options: QuantizeOptions) -> Any:
+    """The calibration statistics --stats or --imatrix name (mean squares; X^T X where saved)."""
+    if options.imatrix is not None:
+        from qtool.calibration.imatrix_file import load_imatrix
+
+        return load_imatrix(options.imatrix, source.config, {info.name: info.shape[-1] for info in source.tensors()
+                                                              if len(info.shape) >= 2})
+    from qtool.calibration import load_stats
+
+    return load_stats(options.stats)
 
 
 def _quantize_into(claim: OutputClaim, source: Source, recipe: Recipe, options: QuantizeOptions, device: str,
@@ -216,19 +274,14 @@ def calibrate_plans(source: Source, plans: list[TensorPlan], options: QuantizeOp
     """
     if options.method == "rtn":   # the sink's own round-to-nearest; --stats may be for activation scales
         return {}, {}, None
-    from qtool.calibration import MethodOptions, calibrated_weights, calibration_set, load_stats
+    from qtool.calibration import MethodOptions, calibrated_weights, calibration_set
     from qtool.calibration.methods import MethodReport
     from qtool.calibration.data import DEFAULT_CALIB
     from qtool.tokenizer import load_tokenizer
 
     from qtool.calibration.smoothing import SmoothedSource
 
-    stats = load_stats(options.stats) if options.stats is not None else None
-    if options.imatrix is not None:
-        from qtool.calibration.imatrix_file import load_imatrix
-
-        stats = load_imatrix(options.imatrix, source.config, {info.name: info.shape[-1] for info in source.tensors()
-                                                              if len(info.shape) >= 2})
+    stats = _statistics(source, options) if options.stats is not None or options.imatrix is not None else None
     calib, samples, seqlen = options.calib or DEFAULT_CALIB, options.calib_samples, options.calib_seqlen
     if stats is not None and isinstance(source, SmoothedSource):
         # W8A8 smoothing changed the Linear inputs the saved X^T X describes: calibrate the smoothed

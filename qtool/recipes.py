@@ -14,9 +14,10 @@ PARAM_FLAGS = {"block_size": "--block-size", "group_size": "--group-size", "doub
 
 def check_quantize_options(*, output: Path | None, method: str, calib_samples: int, calib_seqlen: int,
                            all_experts: bool = False, expert_min_tokens: int = 0, stats: Path | None = None,
-                           imatrix: Path | None = None) -> str:
+                           imatrix: Path | None = None, sized: bool = False) -> str:
     """`qtool quantize`'s options that need no file or network: checked before any work. Returns the
-    method to run (--imatrix alone means --method imatrix)."""
+    method to run (--imatrix alone means --method imatrix; so does --stats when --target-bpw / --max-size
+    measure damage with it: the types are then quantized as measured)."""
     from qtool.calibration.methods import METHODS
 
     if method not in METHODS:
@@ -27,6 +28,8 @@ def check_quantize_options(*, output: Path | None, method: str, calib_samples: i
         if method not in ("rtn", "imatrix"):
             raise BadArgument(f"--method {method} needs X^T X, which a llama.cpp importance matrix (--imatrix) does "
                               "not hold; use --method imatrix, or `qtool calibrate` and --stats")
+        method = "imatrix"
+    if sized and stats is not None and method == "rtn":
         method = "imatrix"
     if all_experts and method == "rtn":
         raise BadArgument("--all-experts changes what calibration sees; --method rtn calibrates nothing "
@@ -181,3 +184,14 @@ def _activation_options(recipe: Recipe, act_range: str | None, act_strategy: str
         recipe.params["smooth_down"] = smooth_down
     if act_asymmetric is not None:
         recipe.params["act_symmetric"] = not act_asymmetric
+
+
+def sized_recipe_base(*, fmt: str, config: Path | None, include: list[str], skip: list[str], gguf_type: str | None,
+                      scheme: str | None, bits: int | None) -> Recipe:
+    """What --target-bpw / --max-size start from: which tensors to quantize (--include, --skip, a preset's),
+    no type (the sizing chooses each)."""
+    given = [flag for flag, value in (("--type", gguf_type), ("--scheme", scheme), ("--bits", bits)) if value]
+    if given:
+        raise BadArgument(f"--target-bpw / --max-size choose each tensor's type; drop {', '.join(given)}")
+    preset = Recipe.from_yaml(config) if config is not None else Recipe()
+    return Recipe(format=fmt, include=[*preset.include, *include], skip=[*preset.skip, *skip])

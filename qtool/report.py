@@ -79,6 +79,7 @@ class QuantizeReport:
     evaluation: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     activations: ActivationReport | None = None
+    sizing: dict[str, Any] | None = None      # --target-bpw / --max-size: the budget and each tensor's type
     warnings: list[str] = field(default_factory=list)
 
 
@@ -171,6 +172,13 @@ def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: b
                         f"{experts.bits_per_weight:.2f}")
     console.print(summary)
     console.print(f"compression {report.compression_ratio:.2f}x in {report.seconds:.1f} s", highlight=False)
+    if report.sizing is not None:
+        sizing = report.sizing
+        asked = (f"{sizing['target_bpw']:g} bits per weight" if sizing["target_bpw"] is not None
+                 else f"at most {human_bytes(sizing['max_size'])}")
+        console.print(f"sized to {asked}: {len(sizing['choices'])} tensors typed by measured damage "
+                      f"({human_bytes(sizing['allocated_bytes'])} of a {human_bytes(sizing['budget_bytes'])} budget; "
+                      f"importance: {sizing['importance']})", highlight=False)
     if report.calibration is not None:
         calibration = report.calibration
         origin = f"statistics {calibration['stats']} of " if calibration["stats"] else ""

@@ -127,12 +127,13 @@ def test_iq4_with_importance_equals_llamacpp_bytes(name, smollm2_gguf):
             _assert_libggml_bytes(scheme, weight, importance)
 
 
-@pytest.mark.parametrize("name", KQUANTS)
-def test_kquants_with_importance_equal_llamacpp_bytes(name, smollm2_gguf):
+@pytest.mark.parametrize("name", [*KQUANTS, "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_weighted_quantizers_equal_llamacpp_bytes(name, smollm2_gguf):
     """With an importance matrix every K-quant is llama.cpp's weighted quantizer (quantize_row_qX_K_impl:
-    make_qkx3_quants / make_qx_quants per sub-block, make_qp_quants for the scale codes): libggml's bytes
-    on edge cases, real SmolLM2 rows and outliers, in every input dtype, so a mix quantized with
-    llama.cpp's imatrix is its file tensor for tensor."""
+    make_qkx3_quants / make_qx_quants per sub-block, make_qp_quants for the scale codes), and so are the
+    32-element types (quantize_row_q{4,5}_{0,1}_impl, weighted by the whole row's mean square): libggml's
+    bytes on edge cases, real SmolLM2 rows and outliers, in every input dtype, so a mix quantized with
+    llama.cpp's imatrix (its Q4_0 / Q5_0 fallbacks included) is its file tensor for tensor."""
     from qtool.sources.resolve import resolve
 
     with resolve(str(smollm2_gguf)) as source:
@@ -208,8 +209,8 @@ def test_importance_is_refused_where_it_cannot_apply():
     weight = torch.randn(4, 256)
     with pytest.raises(BadArgument, match="importance matrix has 128 values for a tensor of 256 columns"):
         ggml_type("IQ4_XS").quantize(weight, importance=torch.ones(128))
-    with pytest.raises(BadArgument, match="Q4_0 does not use an importance matrix"):
-        ggml_type("Q4_0").quantize(weight, importance=torch.ones(256))
+    with pytest.raises(BadArgument, match="Q8_0 does not use an importance matrix"):
+        ggml_type("Q8_0").quantize(weight, importance=torch.ones(256))
 
 
 def test_cpu_kernels_are_built_here():

@@ -153,22 +153,36 @@ static inline void store_high_bits(uint8_t *dst, const uint8_t *q) {
 }
 
 /* The four 4/5-bit 32-blocks: [fp16 scale][fp16 low, affine types][high bits, 5-bit types][nibbles].
- * `range` is half the level range (symmetric types) or the top level (affine types). */
-static inline int quantize_32(const void *src, int dtype, int64_t n_blocks, uint8_t *out, int affine, float range,
-                               int five_bit) {
+ * `range` is half the level range (symmetric types) or the top level (affine types). With element
+ * weights (`importance`: the row-weighted importance ggml.py's row_element_weights computes, one per
+ * element) llama.cpp's weighted searches: make_qx_quants (symmetric), make_qkx3_quants (affine). */
+static float qkx3_fit(const float *x, const float *w, int n, float nmax, float *levels, float *the_min);
+static float qx_fit(const float *x, const float *w, int n, int nmax, float *levels);
+static inline const float *block_importance(const float *importance, int64_t period, int64_t index, int n);
+
+static inline int quantize_32(const void *src, int dtype, int64_t n_blocks, const float *importance, int64_t period,
+                              int64_t first, uint8_t *out, int affine, float range, int five_bit) {
     int nonfinite = 0;
-    float x[32], scale, low;
+    float x[32], levels[32], scale, low;
     uint8_t q[32];
     int type_size = 2 + (affine ? 2 : 0) + (five_bit ? 4 : 0) + 16;
     for (int64_t b = 0; b < n_blocks; b++, out += type_size) {
         nonfinite |= load_block(src, dtype, b, 32, x);
+        const float *w = block_importance(importance, period, first + b, 32);
         uint8_t *next = out + 2;
-        if (affine) {
+        if (w != NULL) {
+            float the_min = 0.0f;
+            scale = affine ? qkx3_fit(x, w, 32, range, levels, &the_min) : qx_fit(x, w, 32, (int)range, levels);
+            low = -the_min;
+            for (int i = 0; i < 32; i++) q[i] = (uint8_t)levels[i];
+        } else if (affine) {
             affine_levels(x, range, &scale, &low, q);
-            store_half(next, low);
-            next += 2;
         } else {
             symmetric_levels(x, range, &scale, q);
+        }
+        if (affine) {
+            store_half(next, low);
+            next += 2;
         }
         store_half(out, scale);
         if (five_bit) {
@@ -180,20 +194,24 @@ static inline int quantize_32(const void *src, int dtype, int64_t n_blocks, uint
     return nonfinite;
 }
 
-KERNEL int quantize_q4_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    return quantize_32(src, dtype, n_blocks, out, 0, 8.0f, 0);
+KERNEL int quantize_q4_0(const void *src, int dtype, int64_t n_blocks, const float *importance, int64_t period,
+                         int64_t first, uint8_t *out) {
+    return quantize_32(src, dtype, n_blocks, importance, period, first, out, 0, 8.0f, 0);
 }
 
-KERNEL int quantize_q5_0(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    return quantize_32(src, dtype, n_blocks, out, 0, 16.0f, 1);
+KERNEL int quantize_q5_0(const void *src, int dtype, int64_t n_blocks, const float *importance, int64_t period,
+                         int64_t first, uint8_t *out) {
+    return quantize_32(src, dtype, n_blocks, importance, period, first, out, 0, 16.0f, 1);
 }
 
-KERNEL int quantize_q4_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    return quantize_32(src, dtype, n_blocks, out, 1, 15.0f, 0);
+KERNEL int quantize_q4_1(const void *src, int dtype, int64_t n_blocks, const float *importance, int64_t period,
+                         int64_t first, uint8_t *out) {
+    return quantize_32(src, dtype, n_blocks, importance, period, first, out, 1, 15.0f, 0);
 }
 
-KERNEL int quantize_q5_1(const void *src, int dtype, int64_t n_blocks, uint8_t *out) {
-    return quantize_32(src, dtype, n_blocks, out, 1, 31.0f, 1);
+KERNEL int quantize_q5_1(const void *src, int dtype, int64_t n_blocks, const float *importance, int64_t period,
+                         int64_t first, uint8_t *out) {
+    return quantize_32(src, dtype, n_blocks, importance, period, first, out, 1, 31.0f, 1);
 }
 
 /* IQ4_NL: indices into a fixed table; ggml.py's IQ4_NL.quantize_blocks, whose sums run left to

@@ -28,6 +28,7 @@ from qtool.kernels.cpu import cpu_kernel
 from qtool.schemes._parallel import run_chunks
 from qtool.schemes.base import Scheme, register
 from qtool.schemes.errors import NonFiniteWeight, ScaleOverflow
+from qtool.schemes.ggml_search import exact_sqrt, nearest_int, qkx3_quants, qx_quants, sequential_sum
 from qtool.schemes.grids import (_GROUP_MAX_EPS, AffineGrid, CodebookGrid, Grid, GridParams, SymmetricGrid,
                                  _keep_best_least_squares, _store, _weighted)
 
@@ -68,11 +69,6 @@ def roundf(values: torch.Tensor) -> torch.Tensor:
     whole = values.trunc()
     fraction = values - whole      # exact
     return whole + (fraction >= 0.5).to(values.dtype) - (fraction <= -0.5).to(values.dtype)
-
-
-def nearest_int(values: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's nearest_int (the 1.5*2^23 trick): round half to even, as torch.round does."""
-    return torch.round(values)
 
 
 def divide(values: torch.Tensor, divisor: float) -> torch.Tensor:
@@ -116,6 +112,10 @@ class GGMLType(Scheme):
     checks_finite = True         # quantize raises NonFiniteWeight / ScaleOverflow itself
     # Byte offsets of the block's fp16 fields (scales, mins): where an out-of-range weight shows.
     fp16_offsets: ClassVar[tuple[int, ...]] = ()
+    # The 32-element types' importance-weighted quantizers (llama.cpp's quantize_row_q{4,5}_{0,1}_impl) weigh
+    # an element by importance * sqrt(its row's mean square + x^2): the row's sum needs the whole row, so
+    # quantize hands quantize_blocks (and the C kernels) these element weights instead of the importance.
+    row_weights: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -166,6 +166,8 @@ class GGMLType(Scheme):
             blocks = weight.reshape(-1, self.block_size)
             if importance is not None:
                 self._check_importance(importance, shape)
+                if self.row_weights:
+                    importance = row_element_weights(weight.reshape(-1, shape[-1]), importance)
             if importance is None and weight.is_cuda and (fused_kernel := fused(self)) is not None:
                 return fused_kernel(weight, **params)   # its kernels test the fp16 scales as they store them
             if weight.device.type == "cpu" and (c_kernel := cpu_kernel(self)) is not None:
@@ -186,7 +188,10 @@ class GGMLType(Scheme):
             raise BadArgument(f"the importance matrix has {importance.numel()} values for a tensor of {shape[-1]} columns")
 
     def _importance_blocks(self, importance: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """One importance value per column -> (n_blocks, block_size), the same for every row."""
+        """One importance value per column -> (n_blocks, block_size), the same for every row (``row_weights``
+        types: their element weights, one per element, as blocks)."""
+        if self.row_weights and importance.dim() == 2:
+            return importance.reshape(-1, self.block_size)
         rows = math.prod(shape[:-1])
         per_row = importance.to(torch.float32).reshape(1, -1, self.block_size)
         return per_row.expand(rows, -1, -1).reshape(-1, self.block_size)
@@ -254,6 +259,14 @@ class GGMLType(Scheme):
         for start in range(0, raw.shape[0], step):
             values[start:start + step] = self.dequantize_blocks(raw[start:start + step])
         return values.reshape(packed.shape)
+
+
+def row_element_weights(rows: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """importance * sqrt(sigma2 + x^2) per element of rows (r, n), sigma2 the row's mean square (its sum
+    left to right in float32, as llama.cpp's loop adds): the weights of the 32-element types' searches."""
+    x = rows.to(torch.float32)
+    sigma2 = divide(sequential_sum(x * x), rows.shape[-1])
+    return importance.to(torch.float32) * exact_sqrt(sigma2 + x * x)
 
 
 def calibrated_blocks(scheme: GGMLType, result: QuantResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -380,6 +393,7 @@ class Q4_0(GGMLType):
     fp16_offsets = (0,)
     type_size = 18
     c_kernel = "quantize_q4_0"
+    takes_importance = row_weights = True
     triton_module = "ggml"
     file_type = "MOSTLY_Q4_0"
 
@@ -391,8 +405,12 @@ class Q4_0(GGMLType):
         levels, scale, _ = calibrated_blocks(self, result)
         return calibrated_tensor(self, result, [fp16_bytes(scale), pack_nibbles(levels[:, :16], levels[:, 16:])])
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
+        if importance is not None:       # make_qx_quants over the element weights
+            scale, levels = qx_quants(blocks, importance, 8)
+            levels = levels.to(torch.uint8)
+            return torch.cat([fp16_bytes(scale), pack_nibbles(levels[:, :16], levels[:, 16:])], dim=-1)
         scale = _signed_absmax(blocks) / -8
         quants = (blocks * _inverse(scale) + 8.5).trunc().clamp(0, 15).to(torch.uint8)
         return torch.cat([fp16_bytes(scale), pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)
@@ -411,6 +429,7 @@ class Q4_1(GGMLType):
     fp16_offsets = (0, 2)
     type_size = 20
     c_kernel = "quantize_q4_1"
+    takes_importance = row_weights = True
     triton_module = "ggml"
     file_type = "MOSTLY_Q4_1"
 
@@ -423,8 +442,13 @@ class Q4_1(GGMLType):
         return calibrated_tensor(self, result, [fp16_bytes(scale), fp16_bytes(offset),
                                                 pack_nibbles(levels[:, :16], levels[:, 16:])])
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
+        if importance is not None:       # make_qkx3_quants over the element weights
+            scale, the_min, levels = qkx3_quants(blocks, importance, 15)
+            levels = levels.to(torch.uint8)
+            return torch.cat([fp16_bytes(scale), fp16_bytes(-the_min), pack_nibbles(levels[:, :16], levels[:, 16:])],
+                             dim=-1)
         low = blocks.amin(dim=-1, keepdim=True)
         scale = divide(blocks.amax(dim=-1, keepdim=True) - low, 15)
         quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
@@ -445,6 +469,7 @@ class Q5_0(GGMLType):
     fp16_offsets = (0,)
     type_size = 22
     c_kernel = "quantize_q5_0"
+    takes_importance = row_weights = True
     triton_module = "ggml"
     file_type = "MOSTLY_Q5_0"
 
@@ -457,10 +482,14 @@ class Q5_0(GGMLType):
         return calibrated_tensor(self, result, [fp16_bytes(scale), pack_bits(levels >> 4),
                                                 pack_nibbles(levels[:, :16], levels[:, 16:])])
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
-        scale = _signed_absmax(blocks) / -16
-        quants = (blocks * _inverse(scale) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+        if importance is not None:       # make_qx_quants over the element weights
+            scale, quants = qx_quants(blocks, importance, 16)
+            quants = quants.to(torch.uint8)
+        else:
+            scale = _signed_absmax(blocks) / -16
+            quants = (blocks * _inverse(scale) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
         high_bits = pack_bits(quants >> 4)
         return torch.cat([fp16_bytes(scale), high_bits, pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)
 
@@ -479,6 +508,7 @@ class Q5_1(GGMLType):
     fp16_offsets = (0, 2)
     type_size = 24
     c_kernel = "quantize_q5_1"
+    takes_importance = row_weights = True
     triton_module = "ggml"
     file_type = "MOSTLY_Q5_1"
 
@@ -491,11 +521,15 @@ class Q5_1(GGMLType):
         return calibrated_tensor(self, result, [fp16_bytes(scale), fp16_bytes(offset), pack_bits(levels >> 4),
                                                 pack_nibbles(levels[:, :16], levels[:, 16:])])
 
-    def quantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         blocks = blocks.to(torch.float32)
-        low = blocks.amin(dim=-1, keepdim=True)
-        scale = divide(blocks.amax(dim=-1, keepdim=True) - low, 31)
-        quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 31).to(torch.uint8)
+        if importance is not None:       # make_qkx3_quants over the element weights
+            scale, the_min, quants = qkx3_quants(blocks, importance, 31)
+            low, quants = -the_min, quants.to(torch.uint8)
+        else:
+            low = blocks.amin(dim=-1, keepdim=True)
+            scale = divide(blocks.amax(dim=-1, keepdim=True) - low, 31)
+            quants = ((blocks - low) * _inverse(scale) + 0.5).trunc().clamp(0, 31).to(torch.uint8)
         high_bits = pack_bits(quants >> 4)
         return torch.cat([fp16_bytes(scale), fp16_bytes(low), high_bits,
                           pack_nibbles(quants[:, :16], quants[:, 16:])], dim=-1)

@@ -18,21 +18,8 @@ import numpy as np
 import torch
 
 from qtool.schemes.base import register
-from qtool.schemes.ggml import (QK_K, GGMLType, divide, fp16_bytes, fp16_from_bytes, nearest_int, pack_bits,
-                               unpack_bits)
-
-
-def exact_sqrt(values: torch.Tensor) -> torch.Tensor:
-    """sqrtf, correctly rounded (torch's vectorized float32 sqrt is not always: float64, then float32, is)."""
-    return torch.sqrt(values.double()).float()
-
-
-def sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension left to right in float32, as a C loop adds (keepdim)."""
-    total = torch.zeros_like(terms[..., :1])
-    for j in range(terms.shape[-1]):
-        total = total + terms[..., j:j + 1]
-    return total
+from qtool.schemes.ggml import QK_K, GGMLType, divide, fp16_bytes, fp16_from_bytes, pack_bits, unpack_bits
+from qtool.schemes.ggml_search import exact_sqrt, nearest_int, sequential_sum
 
 
 @functools.cache

@@ -44,6 +44,12 @@ class Sink(ABC):
         raise NotImplementedError
 
     @classmethod
+    def overhead_nbytes(cls, source: Source, plans: list[TensorPlan]) -> int:
+        """The output's bytes besides the tensors' data (headers, metadata, padding), as --max-size counts
+        them: an estimate within a few KB."""
+        return 0
+
+    @classmethod
     def check_layout(cls, plans: list[TensorPlan]) -> None:
         """Refuse plans the format cannot lay out (BadArgument), from the plans alone: the pipeline
         calls it before any calibration or reading, and for --dry-run."""

@@ -154,6 +154,18 @@ def _merged_groups(plans: list[TensorPlan]) -> list[_Merged]:
     return groups
 
 
+_ALIGNMENT = 32     # GGUF's default general.alignment
+
+
+def _value_nbytes(value: Any) -> int:
+    """A metadata value's bytes in GGUF: strings with an 8-byte length, arrays with type and count."""
+    if isinstance(value, str):
+        return 8 + len(value.encode())
+    if isinstance(value, (list, tuple)):
+        return 12 + sum(_value_nbytes(item) for item in value)
+    return 1 if isinstance(value, bool) else 4
+
+
 class GGUFSink(Sink):
     format: ClassVar[str] = "gguf"
 
@@ -232,6 +244,8 @@ class GGUFSink(Sink):
         metadata["general.quantized_by"] = "qtool"
         metadata["general.file_type"] = int(self._file_type())
         metadata["general.quantization_version"] = QUANTIZATION_VERSION
+        if self.options.get("plan"):      # --target-bpw / --max-size: the chosen plan, a preset --config reads
+            metadata["qtool.plan"] = self.options["plan"]
         expert_plans = {plan.name for group in self._merged.values() for plan in group.plans}
         metadata["general.size_label"] = architectures.size_label(
             (plan.shape for plan in self.plans if plan.name not in expert_plans),
@@ -356,6 +370,20 @@ class GGUFSink(Sink):
     @staticmethod
     def packed_nbytes(plan: TensorPlan) -> int:
         return packed_nbytes(plan)
+
+    @classmethod
+    def overhead_nbytes(cls, source: Source, plans: list[TensorPlan]) -> int:
+        """GGUF's header, metadata (the vocabulary is most of it), tensor infos and 32-byte alignment."""
+        config = source.config
+        model_type = architectures.model_type_of(config)
+        metadata = {**architectures.gguf_metadata_from_hf(config), **tokenizer_metadata(source.tokenizer_dir(), config)}
+        size = 24 + 512         # magic, version, counts; the general.* keys the sink adds
+        for key, value in metadata.items():
+            size += 12 + len(key.encode()) + _value_nbytes(value)
+        for plan in plans:
+            size += 24 + len(architectures.hf_to_gguf_name(plan.name, model_type).encode()) + 8 * len(plan.shape)
+            size += -packed_nbytes(plan) % _ALIGNMENT
+        return size + _ALIGNMENT
 
     @classmethod
     def check_layout(cls, plans: list[TensorPlan]) -> None:
