@@ -151,15 +151,20 @@ def sized(source: Source, recipe: Recipe, options: QuantizeOptions) -> tuple[Rec
     if "gguf" not in containers.format_option(options.format, "families"):
         raise Unsupported(f"--target-bpw / --max-size choose among GGUF types so far; write GGUF (-o MODEL.gguf or "
                           f"--format gguf), not --format {options.format}")
-    importance, label = None, "none: every input column weighs 1 (give --imatrix or --stats for measured damage)"
-    if options.imatrix is not None or options.stats is not None:
-        stats = _statistics(source, options)
-        importance = {name: linear.mean_square for name, linear in stats.linears.items()}
-        label = str(options.imatrix or options.stats)
     sink_type = containers.sink_class(options.format, set())
+
+    def weights() -> sizing.Weights:
+        stats = _statistics(source, options) if options.imatrix is not None or options.stats is not None else None
+        importance = {name: linear.mean_square for name, linear in stats.linears.items()} if stats else None
+        calib = options.calib or (stats.calib if stats is not None and Path(stats.calib).is_file() else None)
+        measured, text = _sensitivity(source, calib, options)
+        quantizers = f"; importance {options.imatrix or options.stats}" if stats else ""
+        return sizing.Weights(fisher=measured.fisher, importance=importance,
+                              described=f"Fisher over {measured.tokens} tokens of {text}{quantizers}")
+
     recipe, report = sizing.sized_recipe(
         lambda candidate: plan_model(source, candidate, options.format), source, recipe,
-        target_bpw=options.target_bpw, max_size=options.max_size, importance=importance, importance_label=label,
+        target_bpw=options.target_bpw, max_size=options.max_size, weights=weights,
         packed_nbytes=sink_type.packed_nbytes, overhead_nbytes=lambda plans: sink_type.overhead_nbytes(source, plans))
     text = sizing.recipe_yaml(recipe, f"qtool's plan for {recipe.name} of {source.spec}")
     options.extra["plan"] = text
@@ -175,6 +180,29 @@ def sized(source: Source, recipe: Recipe, options: QuantizeOptions) -> tuple[Rec
             raise
         staged.commit()
     return recipe, asdict(report)
+
+
+# Calibration windows the sizing's sensitivity pass (a forward and a backward pass each) runs at most.
+SENSITIVITY_WINDOWS = 16
+
+
+def _sensitivity(source: Source, calib: str | None, options: QuantizeOptions) -> tuple[Any, str]:
+    """The Fisher diagonal of every decoder Linear's weight (qtool.calibration.fisher), over calibration
+    windows of ``calib`` (default: --calib's default text), on --device."""
+    from qtool.calibration.data import DEFAULT_CALIB, calibration_set
+    from qtool.calibration.fisher import measure_sensitivity
+    from qtool.evaluation.model import model_from_source
+    from qtool.tokenizer import load_tokenizer
+
+    windows = calibration_set(calib or DEFAULT_CALIB, load_tokenizer(source, "sizing"),
+                              samples=min(options.calib_samples, SENSITIVITY_WINDOWS), seqlen=options.calib_seqlen,
+                              seed=0)
+    with ui.task(f"measuring sensitivities on {windows.samples} windows", total=None):
+        model = model_from_source(source, dtype=torch.float32, device=resolve_device(options.device))
+        try:
+            return measure_sensitivity(model, windows.tokens), windows.description
+        finally:
+            del model
 
 
 def _statistics(source: Source, options: QuantizeOptions) -> Any:

@@ -178,7 +178,7 @@ def render_quantize(report: QuantizeReport, console: Console, *, show_tensors: b
                  else f"at most {human_bytes(sizing['max_size'])}")
         console.print(f"sized to {asked}: {len(sizing['choices'])} tensors typed by measured damage "
                       f"({human_bytes(sizing['allocated_bytes'])} of a {human_bytes(sizing['budget_bytes'])} budget; "
-                      f"importance: {sizing['importance']})", highlight=False)
+                      f"{sizing['measured']})", highlight=False)
     if report.calibration is not None:
         calibration = report.calibration
         origin = f"statistics {calibration['stats']} of " if calibration["stats"] else ""

@@ -1,18 +1,19 @@
 """Quantize to a size, not a type (``--target-bpw``, ``--max-size``): each decoder-block Linear's GGUF type
 chosen from its measured damage under a byte budget.
 
-Damage of a tensor at a type: the importance-weighted squared error of its quantized weight,
-``sum_c E[x_c^2] * sum_r (w_rc - q_rc)^2``, the expected squared error of the Linear's output on the
-calibration inputs (their mean squares: ``--imatrix`` or ``--stats``; without them every column weighs
-1), measured by quantizing a sample of the tensor's rows with each candidate type as the final pass
-will (the type's importance-weighted quantizer where it has one). The allocation minimizes the total
+Damage of a tensor at a type: the KL divergence per token its quantization error adds to the model's
+output, to second order ``1/2 sum F_ij (w_ij - q_ij)^2`` (qtool.calibration.fisher: F the weight's Fisher
+diagonal, measured by backward passes over calibration windows), with q a sample of the tensor's rows
+quantized by each candidate type as the final pass will (the type's importance-weighted quantizer when
+--imatrix / --stats give an importance matrix). The allocation minimizes the total
 damage within the budget: every tensor takes the type minimizing damage + lambda * bytes, lambda
 bisected to the budget (a Lagrangian relaxation of the knapsack), then the bytes left are spent on the
 upgrades that remove the most damage per byte.
 
-Only decoder-block Linears are allocated; the embeddings and the output matrix take fixed types (the
-output Q6_K, the embeddings the K-quant nearest the target), their bytes counted against the budget.
-The experts of one merged GGUF tensor share one type (their damages and bytes are summed).
+Every 2-D tensor the plan quantizes is allocated, the embeddings and the output matrix included (a tied
+one is measured once, with the Fisher of both its uses); types that need an importance matrix go only
+to decoder-block tensors, the ones calibration reaches. The experts of one merged GGUF tensor share one
+type (their damages and bytes are summed).
 """
 from __future__ import annotations
 
@@ -28,9 +29,6 @@ from qtool.plan import Recipe, Rule, TensorPlan, layer_index
 
 # Rows of each tensor quantized to measure its damage (evenly spaced; scaled to the whole tensor).
 SAMPLE_ROWS = 256
-# Types the embeddings may take, by precision (the first whose bits reach the target).
-_EMBEDDING_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-_OUTPUT_TYPE = "Q6_K"
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
@@ -56,9 +54,9 @@ class SizingReport:
     max_size: int | None
     budget_bytes: int             # for the allocated tensors
     allocated_bytes: int
-    fixed_bytes: int              # the quantized tensors outside the allocation (embeddings, output)
-    predicted_damage: float
-    importance: str               # where the column weights came from
+    fixed_bytes: int              # quantized tensors outside the allocation (not 2-D)
+    predicted_damage: float       # the sum of the chosen types' damages (second-order KL divergence)
+    measured: str                 # what the damages were measured with
     choices: dict[str, str]       # allocated tensor -> type
 
 
@@ -76,55 +74,78 @@ def group_key(name: str) -> str:
     return _EXPERT.sub(".experts.*.", name)
 
 
-def sample_rows(weight: torch.Tensor, rows: int = SAMPLE_ROWS) -> torch.Tensor:
-    if weight.shape[0] <= rows:
-        return weight
-    return weight[torch.linspace(0, weight.shape[0] - 1, rows).round().long()]
+def _sample(fisher: torch.Tensor, count: int = SAMPLE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows to quantize, each one's weight in the total): every row when there are few; else the half of
+    ``count`` that carries the most Fisher mass (an embedding's frequent tokens) exactly, and the other
+    half spread evenly over the rest, each standing for its share of them."""
+    rows = fisher.shape[0]
+    if rows <= count:
+        return torch.arange(rows), torch.ones(rows)
+    top = fisher.sum(-1).topk(count // 2).indices
+    rest = torch.ones(rows, dtype=torch.bool)
+    rest[top] = False
+    others = rest.nonzero().squeeze(-1)
+    spread = others[torch.linspace(0, len(others) - 1, count - len(top)).round().long()]
+    share = torch.full((len(spread),), len(others) / len(spread))
+    return torch.cat([top, spread]), torch.cat([torch.ones(len(top)), share])
 
 
-def damage(weight: torch.Tensor, scheme_name: str, importance: torch.Tensor | None) -> float:
-    """sum_c importance_c * sum_r (w - q)^2 of ``weight`` (a row sample) quantized as ``scheme_name``, with the
-    type's importance-weighted quantizer when it has one and ``importance`` is given."""
+def damage(weight: torch.Tensor, scheme_name: str, fisher: torch.Tensor, importance: torch.Tensor | None) -> float:
+    """1/2 sum F (w - q)^2 of ``weight`` (a row sample) quantized as ``scheme_name`` (with the type's
+    importance-weighted quantizer when ``importance`` is given and it has one), F the weight's Fisher
+    diagonal: the KL divergence per token the quantized weight adds, to second order."""
     from qtool.schemes.base import get_scheme
 
     scheme = get_scheme(scheme_name)
     weight = weight.to(torch.float32)
     packed = scheme.quantize(weight, importance=importance) if importance is not None and scheme.takes_importance \
         else scheme.quantize(weight)
-    error = (scheme.dequantize(packed) - weight).pow(2).sum(0)
-    return float((error * importance).sum() if importance is not None else error.sum())
+    error = (scheme.dequantize(packed) - weight).pow(2)
+    return 0.5 * float((fisher.to(torch.float64) * error.to(torch.float64)).sum())
 
 
-def measure(source: Any, plans: list[TensorPlan], importance: dict[str, torch.Tensor] | None,
-            candidates: list[str]) -> list[Group]:
-    """The options (type, bytes, damage) of every allocated group: decoder-block 2-D weights the plan
-    quantizes. A tensor without importance values (none collected for it) weighs every column 1."""
+@dataclass
+class Weights:
+    """What damage is measured with, per weight name: the weight's Fisher diagonal
+    (qtool.calibration.fisher), and the importance matrix the final pass quantizes with (None: it rounds
+    to nearest), which the types are measured with too."""
+
+    fisher: dict[str, torch.Tensor]
+    importance: dict[str, torch.Tensor] | None
+    described: str = ""
+
+
+def measure(source: Any, plans: list[TensorPlan], weights: Weights, candidates: list[str]) -> list[Group]:
+    """The options (type, bytes, damage) of every group of the planned 2-D weights. A tensor the
+    sensitivity pass did not see (an expert inside a fused module) is weighed by the median of the
+    others' mean Fisher values."""
     from qtool import ui
     from qtool.schemes.base import get_scheme
 
     groups: dict[str, Group] = {}
     for plan in plans:
-        if plan.keep or layer_index(plan.name) is None or len(plan.shape) != 2:
-            continue
         groups.setdefault(group_key(plan.name), Group(group_key(plan.name), [])).names.append(plan.name)
     shapes = {plan.name: plan.shape for plan in plans}
+    typical = float(torch.tensor([float(v.mean()) for v in weights.fisher.values()] or [1.0]).median())
     with ui.task("measuring each tensor's damage per type", total=len(groups)) as progress:
         for group in groups.values():
             totals: dict[str, list[float]] = {}
             for name in group.names:
-                shape = shapes[name]
-                weight = source.load(name)
-                sample = sample_rows(weight.reshape(shape))
-                scale = shape[0] / sample.shape[0]
-                columns = importance.get(name) if importance is not None else None
+                shape = tuple(shapes[name])
+                fisher = weights.fisher.get(name)
+                fisher = fisher.reshape(shape) if fisher is not None else torch.full(shape, typical)
+                picked, share = _sample(fisher)
+                sample, fisher = source.load(name).reshape(shape)[picked], fisher[picked] * share.unsqueeze(-1)
+                # The final pass calibrates only decoder-block tensors; the sink rounds the others to nearest.
+                inside = weights.importance is not None and layer_index(name) is not None
+                importance = weights.importance.get(name) if inside else None
                 for scheme_name in candidates:
                     scheme = get_scheme(scheme_name)
-                    if not scheme.supports(tuple(shape)) or (scheme.requires_importance and columns is None):
+                    if not scheme.supports(shape) or (scheme.requires_importance and importance is None):
                         continue
                     entry = totals.setdefault(scheme_name, [0, 0.0])
-                    entry[0] += scheme.nbytes(tuple(shape))
-                    entry[1] += damage(sample, scheme_name, columns) * scale
-                del weight
+                    entry[0] += scheme.nbytes(shape)
+                    entry[1] += damage(sample, scheme_name, fisher, importance)
             # A type must fit every tensor of the group.
             options = [Option(s, int(b), d) for s, (b, d) in totals.items()
                        if all(get_scheme(s).supports(tuple(shapes[n])) for n in group.names)]
@@ -145,8 +166,8 @@ def allocate(groups: list[Group], budget: int) -> dict[str, Option]:
     choice at the smallest price per byte that fits, then upgrades by damage removed per byte added."""
     smallest = sum(group.options[0].nbytes for group in groups)
     if smallest > budget:
-        raise BadArgument(f"the size asked for leaves {budget:,} bytes for the decoder-block tensors, and their "
-                          f"smallest types take {smallest:,}; ask for more, or --skip fewer tensors")
+        raise BadArgument(f"the size asked for leaves {max(budget, 0):,} bytes for the decoder-block tensors, and "
+                          f"their smallest types take {smallest:,}; ask for more, or --skip some tensors")
     dominated = {id(g): [o for o in g.options if not any(p.nbytes <= o.nbytes and p.damage < o.damage for p in g.options)]
                  for g in groups}
     frontier = [Group(g.key, g.names, dominated[id(g)]) for g in groups]
@@ -191,58 +212,62 @@ def allocate(groups: list[Group], budget: int) -> dict[str, Option]:
     return chosen
 
 
-def fixed_types(target_bpw: float) -> tuple[str, str]:
-    """(output matrix, embeddings) types outside the allocation."""
+def _check_room(plans: list[TensorPlan], allocated: set[str], budget: int) -> None:
+    """Refuse a budget below the smallest types that fit the allocated tensors (no measuring needed)."""
     from qtool.schemes.base import get_scheme
 
-    embeddings = next((name for name in _EMBEDDING_TYPES if get_scheme(name).bits >= target_bpw), _EMBEDDING_TYPES[-1])
-    return _OUTPUT_TYPE, embeddings
+    names = candidate_types(True)
+    smallest = sum(min(get_scheme(name).nbytes(tuple(plan.shape)) for name in names
+                       if get_scheme(name).supports(tuple(plan.shape)))
+                   for plan in plans if plan.name in allocated)
+    if smallest > budget:
+        raise BadArgument(f"the size asked for leaves {max(budget, 0):,} bytes for the decoder-block tensors, and "
+                          f"their smallest types take {smallest:,}; ask for more, or --skip some tensors")
+
+
+_OUTPUT, _EMBEDDINGS = "lm_head.weight", "model.embed_tokens.weight"
 
 
 def sized_recipe(plan_with: Any, source: Any, base: Recipe, *, target_bpw: float | None, max_size: int | None,
-                 importance: dict[str, torch.Tensor] | None, importance_label: str, packed_nbytes: Any,
+                 weights: Any, packed_nbytes: Any,
                  overhead_nbytes: Any) -> tuple[Recipe, SizingReport]:
-    """The recipe meeting the size asked for: ``base``'s choices of what to quantize, with one rule per
-    allocated tensor naming its type. ``plan_with(recipe)`` builds a plan as the pipeline does;
-    ``packed_nbytes(plan)``: the bytes the output's sink stores for a planned tensor;
-    ``overhead_nbytes(plans)``: the file's bytes besides the tensors (metadata, vocabulary, padding)."""
+    """The recipe meeting the size asked for: ``base``'s choices of what to quantize (the embeddings and the
+    output matrix included), with one rule per quantized tensor naming its type. ``plan_with(recipe)``
+    builds a plan as the pipeline does; ``packed_nbytes(plan)``: the bytes the output's sink stores for a
+    planned tensor; ``overhead_nbytes(plans)``: the file's bytes besides the tensors (metadata, vocabulary,
+    padding); ``weights()``: the :class:`Weights` damage is measured with (called once the size is checked)."""
     if (target_bpw is None) == (max_size is None):
         raise BadArgument("pass one of --target-bpw and --max-size")
     if target_bpw is not None and not (1.0 <= target_bpw <= 16.0):
         raise BadArgument(f"--target-bpw {target_bpw}: choose bits per weight between 1 and 16, e.g. 3.5")
-    def fixed_rules(output: str, embeddings: str) -> list[Rule]:
-        return [Rule("lm_head.weight", output), Rule("model.embed_tokens.weight", embeddings)]
-
-    probe = plan_with(Recipe(scheme="Q8_0", format=base.format, include=base.include, skip=base.skip,
-                             rules=fixed_rules("Q8_0", "Q8_0")))
-    weights = sum(math.prod(p.shape) for p in probe if not p.keep)
-    if not weights:
+    plans = plan_with(Recipe(scheme="Q8_0", format=base.format, include=base.include, skip=base.skip,
+                             rules=[Rule(_OUTPUT, "Q8_0"), Rule(_EMBEDDINGS, "Q8_0")]))
+    allocated = {p.name for p in plans if not p.keep and len(p.shape) == 2}
+    parameters = sum(math.prod(p.shape) for p in plans if p.name in allocated)
+    if not parameters:
         raise BadArgument("nothing to quantize: the plan keeps every tensor")
-    bpw = target_bpw if target_bpw is not None else 8 * max_size / weights
-    output_type, embedding_type = fixed_types(bpw)
-    rules = fixed_rules(output_type, embedding_type)
-    fixed_plans = plan_with(Recipe(scheme="Q8_0", format=base.format, include=base.include, skip=base.skip,
-                                   rules=rules))
-    allocated = {p.name for p in fixed_plans if not p.keep and layer_index(p.name) is not None and len(p.shape) == 2}
-    fixed_bytes = sum(packed_nbytes(p) for p in fixed_plans if not p.keep and p.name not in allocated)
-    kept_bytes = sum(packed_nbytes(p) for p in fixed_plans if p.keep)
+    fixed_bytes = sum(packed_nbytes(p) for p in plans if not p.keep and p.name not in allocated)
     if target_bpw is not None:
-        budget = int(target_bpw * weights / 8) - fixed_bytes
+        budget = int(target_bpw * parameters / 8) - fixed_bytes
     else:
+        kept_bytes = sum(packed_nbytes(p) for p in plans if p.keep)
         # The plan itself goes into the metadata: a line per allocated tensor.
         plan_text = 300 + sum(len(name) + 40 for name in allocated)
-        budget = max_size - fixed_bytes - kept_bytes - overhead_nbytes(fixed_plans) - plan_text
-    candidates = candidate_types(importance is not None)
-    groups = measure(source, [p for p in fixed_plans if p.name in allocated], importance, candidates)
+        budget = max_size - fixed_bytes - kept_bytes - overhead_nbytes(plans) - plan_text
+    _check_room(plans, allocated, budget)      # before the measurement's passes
+    measured = weights()
+    candidates = candidate_types(measured.importance is not None)
+    groups = measure(source, [p for p in plans if p.name in allocated], measured, candidates)
     chosen = allocate(groups, budget)
-    choices = {name: option.scheme for group in groups for name in group.names
-               for option in [chosen[group.key]]}
-    recipe = Recipe(scheme=embedding_type, format=base.format, include=base.include, skip=base.skip,
-                    rules=rules + [Rule(name, scheme) for name, scheme in choices.items()],
+    choices = {name: chosen[group.key].scheme for group in groups for name in group.names}
+    rules = [Rule(name, scheme) for name, scheme in choices.items()]
+    if _EMBEDDINGS in choices and _OUTPUT not in choices:       # tied: the output matrix is the embeddings
+        rules.insert(0, Rule(_OUTPUT, choices[_EMBEDDINGS]))
+    recipe = Recipe(scheme="Q8_0", format=base.format, include=base.include, skip=base.skip, rules=rules,
                     name=f"target-bpw {target_bpw:g}" if target_bpw is not None else f"max-size {max_size:,} bytes")
     report = SizingReport(target_bpw=target_bpw, max_size=max_size, budget_bytes=budget,
                           allocated_bytes=sum(o.nbytes for o in chosen.values()), fixed_bytes=fixed_bytes,
-                          predicted_damage=sum(o.damage for o in chosen.values()), importance=importance_label,
+                          predicted_damage=sum(o.damage for o in chosen.values()), measured=measured.described,
                           choices=choices)
     return recipe, report
 

@@ -1,0 +1,173 @@
+"""--target-bpw / --max-size: each tensor's GGUF type chosen from its measured damage (qtool.sizing), the
+Fisher sensitivity it is measured with (qtool.calibration.fisher), and the files it writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qtool import sizing
+from qtool.cli import app
+from qtool.errors import BadArgument
+
+from tests._gguf_helpers import llamacpp_model, make_spm_llama
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory) -> Path:
+    """A small random Llama whose rows of 256 take every K-quant and i-quant."""
+    return make_spm_llama(tmp_path_factory.mktemp("sizing"))
+
+
+@pytest.fixture(scope="module")
+def calib_text(shared_data) -> Path:
+    return shared_data / "calibration" / "groups_merged.txt"
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    return np.argsort(np.argsort(values))
+
+
+def test_fisher_damage_predicts_the_measured_kl_divergence(spm_model, calib_text):
+    """The second-order damage of each weight quantized alone (1/2 sum F dW^2, F the weight's Fisher
+    diagonal), the embeddings and the output matrix included, is the KL divergence that quantization
+    really adds, per token of the same windows: within a factor 1.5 for every tensor, and the tensors
+    ranked alike (what --max-size allocates by)."""
+    from qtool.calibration.data import calibration_set
+    from qtool.calibration.fisher import measure_sensitivity
+    from qtool.evaluation.model import model_from_source
+    from qtool.schemes.base import get_scheme
+    from qtool.sources.resolve import resolve
+    from qtool.tokenizer import load_tokenizer
+
+    with resolve(str(spm_model)) as source:
+        model = model_from_source(source)
+        windows = calibration_set(calib_text, load_tokenizer(source), samples=8, seqlen=128, seed=0).tokens
+    sensitivity = measure_sensitivity(model, windows)
+    # 2 layers x 7 Linears, the embeddings, the output matrix
+    assert sensitivity.tokens == windows.numel() and len(sensitivity.fisher) == 16
+
+    def log_probs() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(torch.cat([model(input_ids=w[None]).logits[0] for w in windows]).float(), -1)
+
+    base = log_probs()
+    parameters = dict(model.named_parameters())
+    predicted, measured = [], []
+    for name, fisher in sensitivity.fisher.items():
+        weight = parameters[name].data.clone()
+        scheme = get_scheme("Q2_K")
+        predicted.append(sizing.damage(weight, "Q2_K", fisher, None))
+        parameters[name].data.copy_(scheme.dequantize(scheme.quantize(weight)))
+        quantized = log_probs()
+        parameters[name].data.copy_(weight)
+        measured.append(float((base.exp() * (base - quantized)).sum(-1).mean()))
+    ratios = np.array(measured) / np.array(predicted)
+    assert ratios.min() > 1 / 1.5 and ratios.max() < 1.5, dict(zip(sensitivity.fisher, ratios.round(2)))
+    assert np.corrcoef(_ranks(predicted), _ranks(measured))[0, 1] > 0.95
+
+
+def _group(key: str, options: list[tuple[str, int, float]]) -> sizing.Group:
+    return sizing.Group(key, [key], [sizing.Option(*option) for option in options])
+
+
+def test_allocation_fits_the_budget_and_beats_every_uniform_choice():
+    """The chosen types fit the bytes asked for, and their total damage is no more than any single type
+    for every tensor that fits; a budget below the smallest types is refused in one line."""
+    generator = torch.Generator().manual_seed(3)
+    types = [("A", 2, 8.0), ("B", 3, 3.0), ("C", 4, 1.5), ("D", 6, 0.5), ("E", 8, 0.1)]
+    groups = []
+    for index in range(40):
+        sensitivity = float(torch.rand(1, generator=generator)) * 10 + 0.1
+        size = int(torch.randint(1, 5, (1,), generator=generator)) * 100
+        groups.append(_group(f"t{index}", [(name, nbytes * size, damage * sensitivity * size)
+                                           for name, nbytes, damage in types]))
+    for budget in (25_000, 31_234, 45_000, 70_000):
+        chosen = sizing.allocate(groups, budget)
+        assert sum(option.nbytes for option in chosen.values()) <= budget
+        total = sum(option.damage for option in chosen.values())
+        for name, _, _ in types:
+            uniform = [next(o for o in g.options if o.scheme == name) for g in groups]
+            if sum(o.nbytes for o in uniform) <= budget:
+                assert total <= sum(o.damage for o in uniform) + 1e-9, name
+    with pytest.raises(BadArgument, match="smallest types take"):
+        sizing.allocate(groups, 5_000)
+
+
+def _tensor_bytes(path: Path) -> dict[str, tuple[str, bytes]]:
+    from gguf import GGUFReader
+
+    return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data).tobytes())) for t in GGUFReader(path).tensors}
+
+
+def test_max_size_writes_a_file_that_fits_runs_in_llamacpp_and_replays_from_its_plan(spm_model, calib_text, tmp_path):
+    from gguf import GGUFReader
+
+    size = 1_200_000
+    out, plan = tmp_path / "sized.gguf", tmp_path / "plan.yaml"
+    common = ["--calib", str(calib_text), "--calib-samples", "4", "--calib-seqlen", "128"]
+    result = runner.invoke(app, ["quantize", str(spm_model), "--max-size", str(size), "-o", str(out),
+                                 "--save-plan", str(plan), "--json", "-q", *common])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert 0.97 * size <= out.stat().st_size <= size, out.stat().st_size
+    chosen = report["sizing"]["choices"]
+    assert len(chosen) == 16 and len(set(chosen.values())) > 1          # a mix, not one type
+    reader = GGUFReader(out)
+    stored = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert stored["blk.0.attn_v.weight"] == chosen["model.layers.0.self_attn.v_proj.weight"]
+    field = reader.fields["qtool.plan"]
+    assert bytes(field.parts[field.data[0]]).decode() == plan.read_text()
+    runtime = llamacpp_model(out)
+    tokens = runtime.tokenize(b"The capital of France is", add_bos=True)
+    runtime.eval(tokens)
+    assert np.isfinite(np.asarray(runtime.scores[: len(tokens)])).all()
+    runtime.close()
+    # The saved plan is a preset: --config gives the same tensors without measuring again.
+    again = tmp_path / "again.gguf"
+    result = runner.invoke(app, ["quantize", str(spm_model), "--config", str(plan), "-o", str(again), "-q"])
+    assert result.exit_code == 0, result.output
+    assert _tensor_bytes(again) == _tensor_bytes(out)
+    # --target-bpw: the bits per quantized weight asked for, within the last tensor's step.
+    bpw_out = tmp_path / "bpw.gguf"
+    result = runner.invoke(app, ["quantize", str(spm_model), "--target-bpw", "3.5", "-o", str(bpw_out), "--json",
+                                 "-q", *common])
+    assert result.exit_code == 0, result.output
+    assert 3.3 <= json.loads(result.stdout)["bits_per_weight_quantized"] <= 3.5
+
+
+def test_dry_run_shows_the_chosen_plan_and_writes_nothing(spm_model, calib_text, tmp_path):
+    out = tmp_path / "dry.gguf"
+    result = runner.invoke(app, ["quantize", str(spm_model), "--target-bpw", "4", "-o", str(out), "--dry-run",
+                                 "--calib", str(calib_text), "--calib-samples", "2", "--calib-seqlen", "64"])
+    assert result.exit_code == 0, result.output
+    assert "sized to 4 bits per weight" in result.output and "model.layers.1.mlp.down_proj.weight" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("arguments, code, message", [
+    (["--max-size", "1MB", "--target-bpw", "4"], 2, "--target-bpw and --max-size both set the size"),
+    (["--max-size", "1MB", "--type", "Q4_K"], 2, "drop --type"),
+    (["--save-plan", "p.yaml", "--type", "Q4_K"], 2, "--save-plan writes the plan"),
+    (["--target-bpw", "0.5"], 2, "between 1 and 16"),
+    (["--max-size", "20KB"], 2, "smallest types take"),
+])
+def test_sizing_options_are_refused_in_one_line(spm_model, calib_text, tmp_path, arguments, code, message):
+    out = tmp_path / "refused.gguf"
+    result = runner.invoke(app, ["quantize", str(spm_model), "-o", str(out), "--calib", str(calib_text),
+                                 "--calib-samples", "2", "--calib-seqlen", "64", *arguments])
+    assert result.exit_code == code, result.output
+    assert message in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_max_size_needs_a_gguf_output(spm_model, tmp_path):
+    result = runner.invoke(app, ["quantize", str(spm_model), "--max-size", "1MB", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 4, result.output
+    assert "choose among GGUF types" in " ".join(result.output.split())
