@@ -272,6 +272,7 @@ def qtool_file(path: Path) -> bool:
             if head[:4] == b"GGUF" or head == PLAN_MARK:
                 return True
             head = head[:8]
+            handle.seek(8)
             if len(head) < 8:
                 return False
             header_size = int.from_bytes(head, "little")

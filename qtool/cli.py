@@ -136,6 +136,10 @@ def _parse_size(text: str, option: str = "--max-shard-size") -> int:
     return size
 
 
+# Windows a --target-bpw / --max-size output is scored on when --eval is implied.
+SIZED_EVAL_WINDOWS = 40
+
+
 def version_callback(value: bool) -> None:
     if value:
         stdout.print(f"qtool {__version__}")
@@ -197,7 +201,7 @@ def quantize(
     act_asymmetric: Optional[bool] = typer.Option(None, "--act-asymmetric/--act-symmetric", help="w8a8 with --act-strategy token: per-token zero points (configs/w8a8-token.yaml) or inputs around zero."),
     smooth_down: Optional[float] = typer.Option(None, "--smooth-down", help="w8a8: SmoothQuant alpha of the up_proj -> down_proj site alone (default: --smooth; configs/w8a8-token.yaml: 0.5)."),
     smooth: Optional[float] = typer.Option(None, "--smooth", help="w8a8, fp8: SmoothQuant alpha, 0 to 1 (0: off; configs/w8a8.yaml: 0.8)."),
-    evaluate_after: bool = typer.Option(False, "--eval", help="Measure perplexity of the output against the source."),
+    evaluate_after: Optional[bool] = typer.Option(None, "--eval/--no-eval", help="Measure perplexity and KL divergence of the output against the source (default: with --target-bpw / --max-size, 40 windows)."),
     text: Optional[Path] = typer.Option(None, "--text", help="With --eval: text file to score."),
     ctx: int = typer.Option(512, "--ctx", help="With --eval: window length in tokens."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="With --eval: number of windows."),
@@ -220,6 +224,11 @@ def quantize(
         from qtool.recipes import check_quantize_options
 
         sized = target_bpw is not None or max_size is not None
+        # A sized output is scored by default (it was made to trade quality for size): 40 windows unless
+        # --chunks says otherwise; the default text missing then only warns.
+        implied_eval = sized and evaluate_after is None and not dry_run
+        scored = bool(evaluate_after) or implied_eval
+        windows = chunks if chunks is not None or not implied_eval else SIZED_EVAL_WINDOWS
         if target_bpw is not None and max_size is not None:
             raise BadArgument("--target-bpw and --max-size both set the size; pass one")
         if save_plan is not None and not sized:
@@ -228,10 +237,10 @@ def quantize(
                                                calib_seqlen=calib_seqlen, all_experts=all_experts,
                                                expert_min_tokens=expert_min_tokens, stats=stats, imatrix=imatrix,
                                                sized=sized)
-        if evaluate_after:
+        if scored:
             from qtool.evaluation import check_options as check_eval_options
 
-            check_eval_options(text_file=text, ctx=ctx, chunks=chunks, baseline=model)
+            check_eval_options(text_file=text, ctx=ctx, chunks=windows, baseline=model)
         elif text is not None or chunks is not None:
             raise BadArgument("--text and --chunks set what --eval scores; add --eval")
         out_format = choose_format(fmt, gguf_type, output, config)
@@ -256,11 +265,19 @@ def quantize(
         report = run_quantize(model, output or Path("."), recipe, options)
         if report is None:      # a rank of a torchrun calibration other than 0: rank 0 reports
             return
-        if evaluate_after and not dry_run:
+        quality = None
+        if scored and not dry_run:
+            from qtool.errors import NetworkError, NotFound
             from qtool.evaluation import evaluate, render_eval
 
-            quality = evaluate([report.output], text_file=text, ctx=ctx, chunks=chunks, baseline=model,
-                               device=device)
+            try:
+                quality = evaluate([report.output], text_file=text, ctx=ctx, chunks=windows, baseline=model,
+                                   device=device)
+            except (NetworkError, NotFound) as missing:
+                if not implied_eval:
+                    raise
+                ui.warn(f"the output was not scored: {missing.message} (--no-eval skips the scoring)")
+        if quality is not None:
             report.evaluation = dataclasses.asdict(quality)
             _show(as_json, report, lambda: (render_quantize(report, stdout, show_tensors=show_tensors),
                                             render_eval(quality, stdout)))

@@ -106,16 +106,22 @@ def _tensor_bytes(path: Path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, bytes(np.asarray(t.data).tobytes())) for t in GGUFReader(path).tensors}
 
 
-def test_max_size_writes_a_file_that_fits_runs_in_llamacpp_and_replays_from_its_plan(spm_model, calib_text, tmp_path):
+def test_max_size_writes_a_file_that_fits_runs_in_llamacpp_and_replays_from_its_plan(spm_model, calib_text, tmp_path,
+                                                                                      shared_data):
     from gguf import GGUFReader
 
+    wikitext = shared_data / "wikitext-2-raw" / "wiki.test.raw"
     size = 1_200_000
     out, plan = tmp_path / "sized.gguf", tmp_path / "plan.yaml"
     common = ["--calib", str(calib_text), "--calib-samples", "4", "--calib-seqlen", "128"]
     result = runner.invoke(app, ["quantize", str(spm_model), "--max-size", str(size), "-o", str(out),
-                                 "--save-plan", str(plan), "--json", "-q", *common])
+                                 "--save-plan", str(plan), "--json", "-q", "--text", str(wikitext), "--chunks", "4",
+                                 *common])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    # Scored against the source by default: what the size cost.
+    scored = report["evaluation"]["models"][-1]         # after the baseline (the source)
+    assert scored["mean_kld"] > 0 and scored["ppl"] > 0, scored
     assert 0.97 * size <= out.stat().st_size <= size, out.stat().st_size
     chosen = report["sizing"]["choices"]
     assert len(chosen) == 16 and len(set(chosen.values())) > 1          # a mix, not one type
@@ -137,18 +143,24 @@ def test_max_size_writes_a_file_that_fits_runs_in_llamacpp_and_replays_from_its_
     # --target-bpw: the bits per quantized weight asked for, within the last tensor's step.
     bpw_out = tmp_path / "bpw.gguf"
     result = runner.invoke(app, ["quantize", str(spm_model), "--target-bpw", "3.5", "-o", str(bpw_out), "--json",
-                                 "-q", *common])
+                                 "-q", "--no-eval", *common])
     assert result.exit_code == 0, result.output
     assert 3.3 <= json.loads(result.stdout)["bits_per_weight_quantized"] <= 3.5
 
 
-def test_dry_run_shows_the_chosen_plan_and_writes_nothing(spm_model, calib_text, tmp_path):
-    out = tmp_path / "dry.gguf"
-    result = runner.invoke(app, ["quantize", str(spm_model), "--target-bpw", "4", "-o", str(out), "--dry-run",
-                                 "--calib", str(calib_text), "--calib-samples", "2", "--calib-seqlen", "64"])
+def test_dry_run_shows_the_chosen_plan_and_saves_only_the_plan(spm_model, calib_text, tmp_path):
+    out, plan = tmp_path / "dry.gguf", tmp_path / "plan.yaml"
+    arguments = ["quantize", str(spm_model), "--target-bpw", "4", "-o", str(out), "--dry-run", "--save-plan", str(plan),
+                 "--calib", str(calib_text), "--calib-samples", "2", "--calib-seqlen", "64"]
+    result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert "sized to 4 bits per weight" in result.output and "model.layers.1.mlp.down_proj.weight" in result.output
-    assert not out.exists()
+    assert not out.exists() and plan.read_text().startswith("# qtool plan")
+    assert runner.invoke(app, arguments).exit_code == 7            # an existing plan needs --force
+    assert runner.invoke(app, [*arguments, "--force"]).exit_code == 0
+    plan.write_text("my own notes\n")                              # not qtool's: --force leaves it alone
+    assert runner.invoke(app, [*arguments, "--force"]).exit_code == 7
+    assert plan.read_text() == "my own notes\n"
 
 
 @pytest.mark.parametrize("arguments, code, message", [
