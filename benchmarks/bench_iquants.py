@@ -34,7 +34,7 @@ CALIBRATION = DATA / "calibration" / "groups_merged.txt"
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
 SECOND_TEXT = Path("/usr/share/common-licenses/GFDL-1.3")
 QTOOL = [PYTHON, "-m", "qtool"]
-MIXES = "IQ4_XS,IQ3_M,IQ3_S,IQ3_XS,IQ3_XXS,IQ2_M,IQ2_S,IQ2_XS,IQ2_XXS"
+MIXES = "IQ4_XS,IQ3_M,IQ3_S,IQ3_XS,IQ3_XXS,IQ2_M,IQ2_S,IQ2_XS,IQ2_XXS,IQ1_M,IQ1_S"
 TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity")
 
 
@@ -90,9 +90,25 @@ def score(bin_dir: Path, model: Path, base_logits: Path, threads: str) -> tuple[
     return ppl, kld, same, float(re.search(r"Final estimate: PPL = ([\d.]+)", second).group(1))
 
 
+def report(rows: list[Row], title: str, benchmark: str, console) -> None:
+    """The rows as a table, then as the JSON document (also where QTOOL_BENCH_JSON says)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("mix", "made by", "size MB", "time s", "ppl", "KLD", "same top %", "ppl 2nd text"):
+        table.add_column(column, justify="left" if column in ("mix", "made by") else "right")
+    for row in rows:
+        table.add_row(row.mix, row.maker, f"{row.bytes / 1e6:.3f}", f"{row.seconds:.1f}", f"{row.ppl:.3f}",
+                      f"{row.kld:.4f}", f"{row.same_top:.2f}", f"{row.ppl_second:.3f}")
+    console.print(table)
+    payload = {"benchmark": benchmark, "rows": [asdict(row) for row in rows]}
+    print(json.dumps(payload, indent=1))
+    if os.environ.get("QTOOL_BENCH_JSON"):
+        Path(os.environ["QTOOL_BENCH_JSON"]).write_text(json.dumps(payload, indent=1))
+
+
 def main() -> int:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=150)
     bin_dir, work = tools(), BENCH / "iquants"
@@ -130,17 +146,8 @@ def main() -> int:
             made = checked([str(out) if part == "{out}" else part for part in command])
             rows.append(Row(mix, maker, out.stat().st_size, made.seconds, *score(bin_dir, out, base_logits, threads)))
             console.print(f"{mix} {maker}: {rows[-1].ppl:.3f} ppl, KLD {rows[-1].kld:.4f}")
-    table = Table(title="i-quants on SmolLM2-135M (llama-perplexity; WikiText-2 40 x 512, second text: GFDL-1.3)")
-    for column in ("mix", "made by", "size MB", "time s", "ppl", "KLD", "same top %", "ppl 2nd text"):
-        table.add_column(column, justify="left" if column in ("mix", "made by") else "right")
-    for row in rows:
-        table.add_row(row.mix, row.maker, f"{row.bytes / 1e6:.1f}", f"{row.seconds:.1f}", f"{row.ppl:.3f}",
-                      f"{row.kld:.4f}", f"{row.same_top:.2f}", f"{row.ppl_second:.3f}")
-    console.print(table)
-    payload = {"benchmark": "iquants", "rows": [asdict(row) for row in rows]}
-    print(json.dumps(payload, indent=1))
-    if os.environ.get("QTOOL_BENCH_JSON"):
-        Path(os.environ["QTOOL_BENCH_JSON"]).write_text(json.dumps(payload, indent=1))
+    report(rows, "i-quants on SmolLM2-135M (llama-perplexity; WikiText-2 40 x 512, second text: GFDL-1.3)",
+           "iquants", console)
     return 0
 
 

@@ -13,23 +13,20 @@ QTOOL_BENCH_JSON: where run_all.py wants the JSON.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gguf import BENCH  # noqa: E402
-from bench_iquants import CALIBRATION, QTOOL, WIKITEXT, Row, checked, output, score, tools  # noqa: E402
+from bench_iquants import CALIBRATION, QTOOL, WIKITEXT, Row, checked, output, report, score, tools  # noqa: E402
 
 MIXES = "Q4_K_M,Q3_K_M,IQ3_M,IQ2_M"
 
 
 def main() -> int:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(width=150)
     bin_dir, work = tools(), BENCH / "iquants"
@@ -63,18 +60,8 @@ def main() -> int:
                         *score(bin_dir, ours, base_logits, threads)))
         for row in rows[-2:]:
             console.print(f"{mix} {row.maker}: {row.bytes:,} bytes, {row.ppl:.3f} ppl, KLD {row.kld:.4f}")
-    table = Table(title="qtool --max-size vs llama.cpp's mixes on SmolLM2-135M (llama-perplexity; WikiText-2 "
-                        "40 x 512, second text: GFDL-1.3)")
-    for column in ("size of", "made by", "bytes", "time s", "ppl", "KLD", "same top %", "ppl 2nd text"):
-        table.add_column(column, justify="left" if column in ("size of", "made by") else "right")
-    for row in rows:
-        table.add_row(row.mix, row.maker, f"{row.bytes:,}", f"{row.seconds:.1f}", f"{row.ppl:.3f}",
-                      f"{row.kld:.4f}", f"{row.same_top:.2f}", f"{row.ppl_second:.3f}")
-    console.print(table)
-    payload = {"benchmark": "sizing", "rows": [asdict(row) for row in rows]}
-    print(json.dumps(payload, indent=1))
-    if os.environ.get("QTOOL_BENCH_JSON"):
-        Path(os.environ["QTOOL_BENCH_JSON"]).write_text(json.dumps(payload, indent=1))
+    report(rows, "qtool --max-size vs llama.cpp's mixes on SmolLM2-135M (llama-perplexity; WikiText-2 40 x 512, "
+                 "second text: GFDL-1.3)", "sizing", console)
     return 0
 
 

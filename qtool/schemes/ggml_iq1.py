@@ -141,6 +141,20 @@ class _Ternary(GGMLType):
         return (torch.where(keep, index, torch.zeros_like(index)), minus & keep,
                 torch.where(empty, torch.zeros_like(scale), scale).unsqueeze(-1), weight)
 
+    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        if blocks.device.type == "cpu":
+            from qtool.kernels.cpu import ternary_quantize     # the same bytes in C, None without a compiler
+
+            fast = ternary_quantize(blocks, importance, self.type_size, int(self.medium), lattice_int32("IQ1_S", 3, 3))
+            if fast is not None:
+                return fast
+        return self._pack(blocks, *self._fit(blocks, importance))
+
+    def _pack(self, blocks: torch.Tensor, index: torch.Tensor, minus: torch.Tensor, scale: torch.Tensor,
+              weight: torch.Tensor) -> torch.Tensor:
+        """The block bytes of :meth:`_fit`'s choices (and its element weights, for IQ1_M's refit of d)."""
+        raise NotImplementedError
+
     def _scale_codes(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, subs) sub-block scales -> (d = max / 15, 3-bit codes round((s / d - 1) / 2), live (n, 1))."""
         max_scale = scales.amax(dim=-1, keepdim=True)
@@ -183,11 +197,9 @@ class IQ1_S(_Ternary):
     def _signs(self, choice: torch.Tensor) -> torch.Tensor:
         return (choice % 2 == 1).unsqueeze(-1).expand(-1, self.sub // 8)
 
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    def _pack(self, blocks: torch.Tensor, index: torch.Tensor, minus: torch.Tensor, scale: torch.Tensor,
+              weight: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
-        if blocks.device.type == "cpu" and (fast := _ternary_in_c(self, blocks, importance)) is not None:
-            return fast
-        index, minus, scale, _ = self._fit(blocks, importance)
         d, codes, live = self._scale_codes(scale.reshape(n, 8))
         stored = torch.where(live, d * torch.tensor(1.125, dtype=torch.float32), torch.zeros_like(d))
         high = ((index >> 8) << torch.tensor([0, 3, 6, 9], device=index.device)).sum(-1).reshape(n, 8)
@@ -247,11 +259,9 @@ class IQ1_M(_Ternary):
         combination = choice % 4
         return torch.stack([combination >= 2, combination % 2 == 1], -1)
 
-    def quantize_blocks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    def _pack(self, blocks: torch.Tensor, index: torch.Tensor, minus: torch.Tensor, scale: torch.Tensor,
+              weight: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
-        if blocks.device.type == "cpu" and (fast := _ternary_in_c(self, blocks, importance)) is not None:
-            return fast
-        index, minus, scale, weight = self._fit(blocks, importance)
         d, codes, live = self._scale_codes(scale.reshape(n, 16))
         # d refit over the super-block with the chosen codes (empty sub-blocks count as grid point 0).
         levels_table = self.tables()[0].to(blocks.device)
@@ -285,9 +295,3 @@ class IQ1_M(_Ternary):
         grid = grid_values("IQ1_S").to(blocks.device)[index]                                   # (n, 16, 2, 8)
         return (sub_scale * (grid + delta)).reshape(n, QK_K)
 
-
-def _ternary_in_c(scheme: _Ternary, blocks: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor | None:
-    """The bytes from cpu_ggml.c's quantize_iq1 (the same numbers), or None without a compiler."""
-    from qtool.kernels.cpu import ternary_quantize
-
-    return ternary_quantize(blocks, importance, scheme.type_size, int(scheme.medium), lattice_int32("IQ1_S", 3, 3))
