@@ -148,10 +148,26 @@ def sized(source: Source, recipe: Recipe, options: QuantizeOptions) -> tuple[Rec
 
     from qtool import sizing
 
-    if "gguf" not in containers.format_option(options.format, "families"):
-        raise Unsupported(f"--target-bpw / --max-size choose among GGUF types so far; write GGUF (-o MODEL.gguf or "
-                          f"--format gguf), not --format {options.format}")
-    sink_type = containers.sink_class(options.format, set())
+    container = containers.sizing_container(options.format)
+    if container is None:
+        raise Unsupported(f"--target-bpw / --max-size cannot size --format {options.format}; write GGUF "
+                          "(-o MODEL.gguf) or safetensors (compressed-tensors)")
+    sink_type = container.writer()
+
+    def fits(plan: TensorPlan) -> bool:
+        scheme = get_scheme(plan.scheme)
+        if hasattr(scheme, "supports") and not scheme.supports(tuple(plan.shape)):
+            return False
+        try:
+            sink_type.check_layout([plan])
+        except BadArgument:
+            return False
+        return True
+
+    writer = sizing.Writer(family=container.sizing_family, sizes_embeddings=container.sizes_embeddings,
+                           packed_nbytes=sink_type.packed_nbytes,
+                           overhead_nbytes=lambda plans: sink_type.overhead_nbytes(source, plans), fits=fits,
+                           shared_type_groups=sink_type.shared_type_groups)
 
     def weights() -> sizing.Weights:
         stats = _statistics(source, options) if options.imatrix is not None or options.stats is not None else None
@@ -162,10 +178,9 @@ def sized(source: Source, recipe: Recipe, options: QuantizeOptions) -> tuple[Rec
         return sizing.Weights(fisher=measured.fisher, importance=importance,
                               described=f"Fisher over {measured.tokens} tokens of {text}{quantizers}")
 
-    recipe, report = sizing.sized_recipe(
-        lambda candidate: plan_model(source, candidate, options.format), source, recipe,
-        target_bpw=options.target_bpw, max_size=options.max_size, weights=weights,
-        packed_nbytes=sink_type.packed_nbytes, overhead_nbytes=lambda plans: sink_type.overhead_nbytes(source, plans))
+    recipe, report = sizing.sized_recipe(lambda candidate: plan_model(source, candidate, options.format), source,
+                                         recipe, writer, target_bpw=options.target_bpw, max_size=options.max_size,
+                                         weights=weights)
     text = sizing.recipe_yaml(recipe, f"qtool's plan for {recipe.name} of {source.spec}")
     options.extra["plan"] = text
     if options.save_plan is not None:      # claimed and written now: the output comes after it

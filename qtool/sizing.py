@@ -18,9 +18,8 @@ type (their damages and bytes are summed).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,7 +28,19 @@ from qtool.plan import Recipe, Rule, TensorPlan, layer_index
 
 # Rows of each tensor quantized to measure its damage (evenly spaced; scaled to the whole tensor).
 SAMPLE_ROWS = 256
-_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
+@dataclass
+class Writer:
+    """What the output's container tells the sizing: the scheme family to choose from, whether the
+    embeddings and the output matrix are sized, and its sink's answers for a planned tensor."""
+
+    family: str
+    sizes_embeddings: bool
+    packed_nbytes: Callable[[TensorPlan], int]          # bytes it stores for a plan
+    overhead_nbytes: Callable[[list[TensorPlan]], int]  # the file's bytes besides the tensors
+    fits: Callable[[TensorPlan], bool]                  # stores the plan as planned (no fallback)
+    shared_type_groups: Callable[[list[str]], list[list[str]]]
 
 
 @dataclass
@@ -60,18 +71,16 @@ class SizingReport:
     choices: dict[str, str]       # allocated tensor -> type
 
 
-def candidate_types(importance: bool) -> list[str]:
-    """The GGUF block types to choose from: every registered block type of at most 8.5 bits (those that
-    cannot quantize without an importance matrix only when one is given)."""
+def candidate_types(family: str, importance: bool) -> list[str]:
+    """The types of ``family`` to choose from: every registered one of 1 to 8.5 bits that quantizes only
+    the weights (a scheme whose runtime quantizes the inputs too would add damage the weights' Fisher does
+    not see), block types only (no float type), and those that need an importance matrix only with one."""
     from qtool.schemes.base import all_schemes
 
     return [name for name, scheme in all_schemes().items()
-            if scheme.family == "gguf" and (scheme.block_size or 1) > 1 and scheme.bits <= 8.5
+            if scheme.family == family and 1 < scheme.bits <= 8.5 and (scheme.block_size or 0) != 1
+            and not scheme.act_strategies and getattr(scheme, "input_args", None) is None and scheme.mixes
             and (importance or not scheme.requires_importance)]
-
-
-def group_key(name: str) -> str:
-    return _EXPERT.sub(".experts.*.", name)
 
 
 def _sample(fisher: torch.Tensor, count: int = SAMPLE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,17 +124,24 @@ class Weights:
     described: str = ""
 
 
-def measure(source: Any, plans: list[TensorPlan], weights: Weights, candidates: list[str]) -> list[Group]:
+def measure(source: Any, plans: list[TensorPlan], weights: Weights, candidates: list[str],
+            writer: Writer) -> list[Group]:
     """The options (type, bytes, damage) of every group of the planned 2-D weights. A tensor the
     sensitivity pass did not see (an expert inside a fused module) is weighed by the median of the
     others' mean Fisher values."""
     from qtool import ui
     from qtool.schemes.base import get_scheme
 
+    key = {name: group[0] for group in writer.shared_type_groups([p.name for p in plans]) for name in group}
     groups: dict[str, Group] = {}
     for plan in plans:
-        groups.setdefault(group_key(plan.name), Group(group_key(plan.name), [])).names.append(plan.name)
+        group_name = key.get(plan.name, plan.name)
+        groups.setdefault(group_name, Group(group_name, [])).names.append(plan.name)
     shapes = {plan.name: plan.shape for plan in plans}
+
+    def planned(name: str, scheme_name: str) -> TensorPlan:
+        return TensorPlan(name, shapes[name], scheme_name)
+
     typical = float(torch.tensor([float(v.mean()) for v in weights.fisher.values()] or [1.0]).median())
     with ui.task("measuring each tensor's damage per type", total=len(groups)) as progress:
         for group in groups.values():
@@ -140,17 +156,17 @@ def measure(source: Any, plans: list[TensorPlan], weights: Weights, candidates: 
                 inside = weights.importance is not None and layer_index(name) is not None
                 importance = weights.importance.get(name) if inside else None
                 for scheme_name in candidates:
-                    scheme = get_scheme(scheme_name)
-                    if not scheme.supports(shape) or (scheme.requires_importance and importance is None):
+                    if not writer.fits(planned(name, scheme_name)) or (
+                            get_scheme(scheme_name).requires_importance and importance is None):
                         continue
                     entry = totals.setdefault(scheme_name, [0, 0.0])
-                    entry[0] += scheme.nbytes(shape)
+                    entry[0] += writer.packed_nbytes(planned(name, scheme_name))
                     entry[1] += damage(sample, scheme_name, fisher, importance)
             # A type must fit every tensor of the group.
             options = [Option(s, int(b), d) for s, (b, d) in totals.items()
-                       if all(get_scheme(s).supports(tuple(shapes[n])) for n in group.names)]
+                       if all(writer.fits(planned(n, s)) for n in group.names)]
             if not options:
-                raise BadArgument(f"no GGUF block type fits {group.key} {list(shapes[group.names[0]])}; "
+                raise BadArgument(f"no {writer.family} type fits {group.key} {list(shapes[group.names[0]])}; "
                                   "keep it with --skip")
             group.options = sorted(options, key=lambda option: (option.nbytes, option.damage))
             progress.advance(1, status=group.key)
@@ -212,14 +228,17 @@ def allocate(groups: list[Group], budget: int) -> dict[str, Option]:
     return chosen
 
 
-def _check_room(plans: list[TensorPlan], allocated: set[str], budget: int) -> None:
+def _check_room(plans: list[TensorPlan], allocated: set[str], budget: int, writer: Writer) -> None:
     """Refuse a budget below the smallest types that fit the allocated tensors (no measuring needed)."""
-    from qtool.schemes.base import get_scheme
+    import dataclasses
 
-    names = candidate_types(True)
-    smallest = sum(min(get_scheme(name).nbytes(tuple(plan.shape)) for name in names
-                       if get_scheme(name).supports(tuple(plan.shape)))
-                   for plan in plans if plan.name in allocated)
+    names = candidate_types(writer.family, True)
+    smallest = 0
+    for plan in plans:
+        if plan.name in allocated:
+            sizes = [writer.packed_nbytes(candidate) for name in names
+                     if writer.fits(candidate := dataclasses.replace(plan, scheme=name))]
+            smallest += min(sizes, default=0)
     if smallest > budget:
         raise BadArgument(f"the size asked for leaves {max(budget, 0):,} bytes for the decoder-block tensors, and "
                           f"their smallest types take {smallest:,}; ask for more, or --skip some tensors")
@@ -228,42 +247,42 @@ def _check_room(plans: list[TensorPlan], allocated: set[str], budget: int) -> No
 _OUTPUT, _EMBEDDINGS = "lm_head.weight", "model.embed_tokens.weight"
 
 
-def sized_recipe(plan_with: Any, source: Any, base: Recipe, *, target_bpw: float | None, max_size: int | None,
-                 weights: Any, packed_nbytes: Any,
-                 overhead_nbytes: Any) -> tuple[Recipe, SizingReport]:
-    """The recipe meeting the size asked for: ``base``'s choices of what to quantize (the embeddings and the
-    output matrix included), with one rule per quantized tensor naming its type. ``plan_with(recipe)``
-    builds a plan as the pipeline does; ``packed_nbytes(plan)``: the bytes the output's sink stores for a
-    planned tensor; ``overhead_nbytes(plans)``: the file's bytes besides the tensors (metadata, vocabulary,
-    padding); ``weights()``: the :class:`Weights` damage is measured with (called once the size is checked)."""
+def sized_recipe(plan_with: Any, source: Any, base: Recipe, writer: Writer, *, target_bpw: float | None,
+                 max_size: int | None, weights: Any) -> tuple[Recipe, SizingReport]:
+    """The recipe meeting the size asked for: ``base``'s choices of what to quantize (for GGUF the
+    embeddings and the output matrix too), with one rule per quantized tensor naming its type.
+    ``plan_with(recipe)`` builds a plan as the pipeline does; ``weights()``: the :class:`Weights` damage is
+    measured with (called once the size is checked)."""
     if (target_bpw is None) == (max_size is None):
         raise BadArgument("pass one of --target-bpw and --max-size")
     if target_bpw is not None and not (1.0 <= target_bpw <= 16.0):
         raise BadArgument(f"--target-bpw {target_bpw}: choose bits per weight between 1 and 16, e.g. 3.5")
-    plans = plan_with(Recipe(scheme="Q8_0", format=base.format, include=base.include, skip=base.skip,
-                             rules=[Rule(_OUTPUT, "Q8_0"), Rule(_EMBEDDINGS, "Q8_0")]))
+    placeholder = candidate_types(writer.family, False)[-1]
+    sized_ends = [Rule(_OUTPUT, placeholder), Rule(_EMBEDDINGS, placeholder)] if writer.sizes_embeddings else []
+    plans = plan_with(Recipe(scheme=placeholder, format=base.format, include=base.include, skip=base.skip,
+                             rules=sized_ends))
     allocated = {p.name for p in plans if not p.keep and len(p.shape) == 2}
     parameters = sum(math.prod(p.shape) for p in plans if p.name in allocated)
     if not parameters:
         raise BadArgument("nothing to quantize: the plan keeps every tensor")
-    fixed_bytes = sum(packed_nbytes(p) for p in plans if not p.keep and p.name not in allocated)
+    fixed_bytes = sum(writer.packed_nbytes(p) for p in plans if not p.keep and p.name not in allocated)
     if target_bpw is not None:
         budget = int(target_bpw * parameters / 8) - fixed_bytes
     else:
-        kept_bytes = sum(packed_nbytes(p) for p in plans if p.keep)
+        kept_bytes = sum(writer.packed_nbytes(p) for p in plans if p.keep)
         # The plan itself goes into the metadata: a line per allocated tensor.
         plan_text = 300 + sum(len(name) + 40 for name in allocated)
-        budget = max_size - fixed_bytes - kept_bytes - overhead_nbytes(plans) - plan_text
-    _check_room(plans, allocated, budget)      # before the measurement's passes
+        budget = max_size - fixed_bytes - kept_bytes - writer.overhead_nbytes(plans) - plan_text
+    _check_room(plans, allocated, budget, writer)      # before the measurement's passes
     measured = weights()
-    candidates = candidate_types(measured.importance is not None)
-    groups = measure(source, [p for p in plans if p.name in allocated], measured, candidates)
+    candidates = candidate_types(writer.family, measured.importance is not None)
+    groups = measure(source, [p for p in plans if p.name in allocated], measured, candidates, writer)
     chosen = allocate(groups, budget)
     choices = {name: chosen[group.key].scheme for group in groups for name in group.names}
     rules = [Rule(name, scheme) for name, scheme in choices.items()]
-    if _EMBEDDINGS in choices and _OUTPUT not in choices:       # tied: the output matrix is the embeddings
-        rules.insert(0, Rule(_OUTPUT, choices[_EMBEDDINGS]))
-    recipe = Recipe(scheme="Q8_0", format=base.format, include=base.include, skip=base.skip, rules=rules,
+    if writer.sizes_embeddings and _EMBEDDINGS in choices and _OUTPUT not in choices:
+        rules.insert(0, Rule(_OUTPUT, choices[_EMBEDDINGS]))       # tied: the output matrix is the embeddings
+    recipe = Recipe(scheme=placeholder, format=base.format, include=base.include, skip=base.skip, rules=rules,
                     name=f"target-bpw {target_bpw:g}" if target_bpw is not None else f"max-size {max_size:,} bytes")
     report = SizingReport(target_bpw=target_bpw, max_size=max_size, budget_bytes=budget,
                           allocated_bytes=sum(o.nbytes for o in chosen.values()), fixed_bytes=fixed_bytes,

@@ -179,7 +179,37 @@ def test_sizing_options_are_refused_in_one_line(spm_model, calib_text, tmp_path,
     assert not out.exists()
 
 
-def test_max_size_needs_a_gguf_output(spm_model, tmp_path):
-    result = runner.invoke(app, ["quantize", str(spm_model), "--max-size", "1MB", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 4, result.output
-    assert "choose among GGUF types" in " ".join(result.output.split())
+def test_target_bpw_writes_mixed_compressed_tensors_that_transformers_loads(spm_model, calib_text, tmp_path):
+    """For safetensors the types come from compressed-tensors' weight-only schemes (int4 groups, int8,
+    NVFP4, MXFP4) as mixed config groups; siblings vLLM fuses (q/k/v, gate/up) share one. transformers
+    decompresses exactly the weights qtool reads back, and runs them."""
+    from transformers import AutoModelForCausalLM
+
+    from qtool.sources.resolve import resolve
+    from tests._safetensors_helpers import logits
+
+    out = tmp_path / "mixed"
+    result = runner.invoke(app, ["quantize", str(spm_model), "--format", "safetensors", "--target-bpw", "6", "-o",
+                                 str(out), "--json", "-q", "--no-eval", "--calib", str(calib_text), "--calib-samples",
+                                 "4", "--calib-seqlen", "128"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    chosen = report["sizing"]["choices"]
+    assert len(chosen) == 14 and len(set(chosen.values())) > 1, chosen      # embeddings and head kept
+    assert 5.0 <= report["bits_per_weight_quantized"] <= 6.0
+    for layer in (0, 1):
+        prefix = f"model.layers.{layer}"
+        assert len({chosen[f"{prefix}.self_attn.{leaf}.weight"] for leaf in ("q_proj", "k_proj", "v_proj")}) == 1
+        assert chosen[f"{prefix}.mlp.gate_proj.weight"] == chosen[f"{prefix}.mlp.up_proj.weight"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(config["config_groups"]) == len(set(chosen.values()))
+    model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    with resolve(str(out)) as written:
+        read_back = {name: written.load(name) for name in chosen}
+    reference = AutoModelForCausalLM.from_pretrained(spm_model, dtype=torch.float32, device_map="cpu").eval()
+    reference.load_state_dict({name: value.float() for name, value in read_back.items()}, strict=False)
+    ids = [[1, 504, 1345, 30, 378, 12, 99, 1500]]
+    got, expected = logits(model, ids), logits(reference, ids)
+    # transformers runs the file in bfloat16 (int8 groups as compressed-tensors' quantized Linears)
+    assert (got - expected).abs().max() <= 0.05 * expected.std()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))

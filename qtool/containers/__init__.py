@@ -66,6 +66,11 @@ def format_option(fmt: str, attribute: str):
     return getattr(containers_of(check_format(fmt))[0], attribute)
 
 
+def sizing_container(fmt: str) -> type[Container] | None:
+    """The container of ``fmt`` that --target-bpw / --max-size write (its ``sizing_family``), or None."""
+    return next((container for container in containers_of(check_format(fmt)) if container.sizing_family), None)
+
+
 def format_for_path(path_suffix: str) -> str | None:
     """The single-file format an output path's suffix names (``.gguf``), or None."""
     for container in all_containers():
@@ -127,4 +132,5 @@ def sink_class(fmt: str, schemes: set[str]) -> type[Sink]:
 
 __all__ = ["Container", "CONTAINERS", "InputQuantization", "QuantizedWeight", "StoredCheckpoint", "all_containers",
            "by_quant_method", "check_format", "container_for", "containers_of", "default_format", "format_for_flag",
-           "format_for_path", "format_help", "format_option", "formats", "readable_methods", "sink_class"]
+           "format_for_path", "format_help", "format_option", "formats", "readable_methods", "sink_class",
+           "sizing_container"]

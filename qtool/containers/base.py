@@ -78,6 +78,10 @@ class Container:
     # matrix per expert merged by the container (GGUF's ffn_*_exps); transformers fuses only the per-expert
     # names its converters know, and has none for gpt-oss.
     writes_fused_experts: ClassVar[bool] = False
+    # --target-bpw / --max-size: the scheme family each tensor's type is chosen from (None: this container
+    # cannot be sized), and whether the embeddings and the output matrix are sized too (else the plan's).
+    sizing_family: ClassVar[str | None] = None
+    sizes_embeddings: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

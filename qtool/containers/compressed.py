@@ -20,6 +20,7 @@ class CompressedTensors(Container):
     format: ClassVar[str] = "safetensors"
     families: ClassVar[tuple[str, ...]] = ("compressed",)
     quant_method: ClassVar[str | None] = "compressed-tensors"
+    sizing_family: ClassVar[str | None] = "compressed"      # mixed config groups ("mixed-precision")
     config_keys: ClassVar[tuple[str, ...]] = ("format", "quantization_status", "ignore", "config_groups")
 
     @classmethod

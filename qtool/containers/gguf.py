@@ -29,6 +29,8 @@ class GGUF(Container):
     scheme_flag: ClassVar[str] = "--type"
     suffix: ClassVar[str | None] = ".gguf"
     writes_fused_experts: ClassVar[bool] = True
+    sizing_family: ClassVar[str | None] = "gguf"
+    sizes_embeddings: ClassVar[bool] = True
     # llama-quantize's mixes, each a preset (configs/gguf-<mix>.yaml, an editable copy of its choices).
     # The i-quant mixes share their names with types (IQ2_XXS, IQ3_S, ...): --type means the mix, as for
     # llama-quantize; a rule or preset naming the type gets the type alone.

@@ -62,6 +62,8 @@ class Scheme(ABC):
     # what --method imatrix then uses), and those that cannot quantize without one.
     takes_importance: ClassVar[bool] = False
     requires_importance: ClassVar[bool] = False
+    # Whether its container's runtimes load it next to other encodings in one file (--target-bpw / --max-size).
+    mixes: ClassVar[bool] = True
 
     @abstractmethod
     def quantize(self, weight: torch.Tensor, **params: Any) -> Any:

@@ -44,6 +44,11 @@ class Sink(ABC):
         raise NotImplementedError
 
     @classmethod
+    def shared_type_groups(cls, names: list[str]) -> list[list[str]]:
+        """Tensors of ``names`` this format (or its runtime) needs quantized with one scheme, grouped."""
+        return []
+
+    @classmethod
     def overhead_nbytes(cls, source: Source, plans: list[TensorPlan]) -> int:
         """The output's bytes besides the tensors' data (headers, metadata, padding), as --max-size counts
         them: an estimate within a few KB."""

@@ -133,6 +133,19 @@ class CompressedSink(SafetensorsSink):
         super().__init__(*args, **kwargs)
         self.global_absmax = self._shared_global_absmax()
 
+    @classmethod
+    def shared_type_groups(cls, names: list[str]) -> list[list[str]]:
+        """Siblings vLLM fuses into one matrix (q/k/v, gate/up), and a layer's experts (vLLM runs a
+        mixture-of-experts block with one quantization method)."""
+        from qtool.architectures import merged_expert_name
+        from qtool.plan import layer_index
+
+        experts: dict[int | None, list[str]] = {}
+        for name in names:
+            if merged_expert_name(name) is not None:
+                experts.setdefault(layer_index(name), []).append(name)
+        return fused_groups(names) + [group for group in experts.values() if len(group) > 1]
+
     def _shared_global_absmax(self) -> dict[str, float]:
         """NVFP4 weights that vLLM fuses: the absmax of the fused matrix, which sets their common global
         scale (one extra read of those weights before writing)."""

@@ -372,6 +372,16 @@ class GGUFSink(Sink):
         return packed_nbytes(plan)
 
     @classmethod
+    def shared_type_groups(cls, names: list[str]) -> list[list[str]]:
+        """The experts of one merged tensor (ffn_*_exps)."""
+        merged: dict[str, list[str]] = {}
+        for name in names:
+            found = architectures.merged_expert_name(name)
+            if found is not None:
+                merged.setdefault(found[0], []).append(name)
+        return [group for group in merged.values() if len(group) > 1]
+
+    @classmethod
     def overhead_nbytes(cls, source: Source, plans: list[TensorPlan]) -> int:
         """GGUF's header, metadata (the vocabulary is most of it), tensor infos and 32-byte alignment."""
         config = source.config
