@@ -72,13 +72,14 @@ class SizingReport:
 
 
 def candidate_types(family: str, importance: bool) -> list[str]:
-    """The types of ``family`` to choose from: every registered one of 1 to 8.5 bits that quantizes only
-    the weights (a scheme whose runtime quantizes the inputs too would add damage the weights' Fisher does
-    not see), block types only (no float type), and those that need an importance matrix only with one."""
+    """The types of ``family`` to choose from: every registered one of more than 1 and at most 16 bits
+    (GGUF's F16 spends what a size leaves once every tensor has 8.5) that quantizes only the weights (a
+    scheme whose runtime quantizes the inputs too would add damage the weights' Fisher does not see), and
+    those that need an importance matrix only with one."""
     from qtool.schemes.base import all_schemes
 
     return [name for name, scheme in all_schemes().items()
-            if scheme.family == family and 1 < scheme.bits <= 8.5 and (scheme.block_size or 0) != 1
+            if scheme.family == family and 1 < scheme.bits <= 16
             and not scheme.act_strategies and getattr(scheme, "input_args", None) is None and scheme.mixes
             and (importance or not scheme.requires_importance)]
 
