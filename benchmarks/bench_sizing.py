@@ -7,6 +7,10 @@ importance matrix (``--imatrix``) and the same calibration text for its sensitiv
 Every file is scored by ``llama-perplexity`` on WikiText-2 test (40 windows of 512: perplexity, mean KLD
 against the F16 model, same top token) and on a second text (the GNU FDL 1.3: perplexity), and timed.
 
+The packaged SmolLM2 is a Q4_1 checkpoint: its "F16" weights lie on Q4_1's grid (and Q5_1's, which holds
+it), so those two types would reproduce them almost exactly, an advantage no real checkpoint gives. qtool
+chooses here from every other GGUF type (``--types``), as llama.cpp's mixes never use them either.
+
 The F16 file, the importance matrix and llama.cpp's files are shared with bench_iquants.py
 (.bench/iquants). QTOOL_LLAMA_BIN: llama.cpp's tools (see bench_iquants.py); QTOOL_BENCH_TYPES: the mixes;
 QTOOL_BENCH_JSON: where run_all.py wants the JSON.
@@ -23,6 +27,7 @@ from bench_gguf import BENCH  # noqa: E402
 from bench_iquants import CALIBRATION, QTOOL, WIKITEXT, Row, checked, output, report, score, tools  # noqa: E402
 
 MIXES = "Q4_K_M,Q3_K_M,IQ3_M,IQ2_M"
+SOURCE_GRID = ("Q4_1", "Q5_1")      # the packaged model's own grid: see above
 
 
 def main() -> int:
@@ -43,6 +48,9 @@ def main() -> int:
     if not base_logits.is_file():
         output([str(bin_dir / "llama-perplexity"), "-m", str(f16), "-f", str(WIKITEXT), "-c", "512", "--chunks",
                 "40", "-t", threads, "--no-repack", "--kl-divergence-base", str(base_logits)])
+    from qtool.sizing import candidate_types
+
+    types = [name for name in candidate_types("gguf", True) if name not in SOURCE_GRID]
     rows: list[Row] = []
     for mix in os.environ.get("QTOOL_BENCH_TYPES", MIXES).split(","):
         theirs = work / f"{mix}-llamacpp.gguf"
@@ -55,7 +63,8 @@ def main() -> int:
                         *score(bin_dir, theirs, base_logits, threads)))
         ours = work / f"{mix}-size-qtool.gguf"
         made = checked([*QTOOL, "quantize", str(f16), "--max-size", str(size), "--imatrix", str(imatrix),
-                        "--calib", str(CALIBRATION), "-o", str(ours), "--force", "-q"])
+                        "--calib", str(CALIBRATION), "--types", ",".join(types), "--no-eval", "-o", str(ours),
+                        "--force", "-q"])
         rows.append(Row(mix, "qtool --max-size", ours.stat().st_size, made.seconds,
                         *score(bin_dir, ours, base_logits, threads)))
         for row in rows[-2:]:

@@ -209,6 +209,7 @@ def quantize(
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="GGUF: choose each tensor's type from its measured damage to average this many bits per quantized weight (use --imatrix or --stats)."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="GGUF: choose each tensor's type from its measured damage so that the file fits this size, e.g. 90MB."),
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="With --target-bpw / --max-size: write the chosen plan as a preset YAML (for --config)."),
+    size_types: Optional[str] = typer.Option(None, "--types", help="With --target-bpw / --max-size: the only types to choose from, comma separated (e.g. Q4_K,Q5_K,Q6_K,Q8_0)."),
     device: str = DeviceOpt,
     as_json: bool = JsonOpt, quiet: bool = QuietOpt, debug: bool = DebugOpt,
 ) -> None:
@@ -231,8 +232,8 @@ def quantize(
         windows = chunks if chunks is not None or not implied_eval else SIZED_EVAL_WINDOWS
         if target_bpw is not None and max_size is not None:
             raise BadArgument("--target-bpw and --max-size both set the size; pass one")
-        if save_plan is not None and not sized:
-            raise BadArgument("--save-plan writes the plan --target-bpw / --max-size choose; add one of them")
+        if (save_plan is not None or size_types is not None) and not sized:
+            raise BadArgument("--save-plan and --types are for the plan --target-bpw / --max-size choose; add one of them")
         chosen_method = check_quantize_options(output=output, method=method, calib_samples=calib_samples,
                                                calib_seqlen=calib_seqlen, all_experts=all_experts,
                                                expert_min_tokens=expert_min_tokens, stats=stats, imatrix=imatrix,
@@ -261,7 +262,8 @@ def quantize(
                                   calib_seqlen=calib_seqlen, stats=stats, imatrix=imatrix, all_experts=all_experts,
                                   expert_min_tokens=expert_min_tokens, target_bpw=target_bpw,
                                   max_size=_parse_size(max_size, "--max-size") if max_size else None,
-                                  save_plan=save_plan)
+                                  save_plan=save_plan,
+                                  size_types=[t.strip() for t in size_types.split(",") if t.strip()] if size_types else None)
         report = run_quantize(model, output or Path("."), recipe, options)
         if report is None:      # a rank of a torchrun calibration other than 0: rank 0 reports
             return

@@ -49,6 +49,7 @@ class QuantizeOptions:
     target_bpw: float | None = None     # --target-bpw / --max-size: each tensor's type chosen to fit (qtool.sizing)
     max_size: int | None = None
     save_plan: Path | None = None       # where the chosen plan goes as a preset YAML
+    size_types: list[str] | None = None  # --types: the only types the sizing may choose
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -180,7 +181,7 @@ def sized(source: Source, recipe: Recipe, options: QuantizeOptions) -> tuple[Rec
 
     recipe, report = sizing.sized_recipe(lambda candidate: plan_model(source, candidate, options.format), source,
                                          recipe, writer, target_bpw=options.target_bpw, max_size=options.max_size,
-                                         weights=weights)
+                                         weights=weights, types=options.size_types)
     text = sizing.recipe_yaml(recipe, f"qtool's plan for {recipe.name} of {source.spec}")
     options.extra["plan"] = text
     if options.save_plan is not None:      # claimed and written now: the output comes after it

@@ -229,11 +229,12 @@ def allocate(groups: list[Group], budget: int) -> dict[str, Option]:
     return chosen
 
 
-def _check_room(plans: list[TensorPlan], allocated: set[str], budget: int, writer: Writer) -> None:
+def _check_room(plans: list[TensorPlan], allocated: set[str], budget: int, writer: Writer,
+                types: list[str] | None) -> None:
     """Refuse a budget below the smallest types that fit the allocated tensors (no measuring needed)."""
     import dataclasses
 
-    names = candidate_types(writer.family, True)
+    names = [name for name in candidate_types(writer.family, True) if types is None or name in types]
     smallest = 0
     for plan in plans:
         if plan.name in allocated:
@@ -249,13 +250,18 @@ _OUTPUT, _EMBEDDINGS = "lm_head.weight", "model.embed_tokens.weight"
 
 
 def sized_recipe(plan_with: Any, source: Any, base: Recipe, writer: Writer, *, target_bpw: float | None,
-                 max_size: int | None, weights: Any) -> tuple[Recipe, SizingReport]:
+                 max_size: int | None, weights: Any, types: list[str] | None = None) -> tuple[Recipe, SizingReport]:
     """The recipe meeting the size asked for: ``base``'s choices of what to quantize (for GGUF the
     embeddings and the output matrix too), with one rule per quantized tensor naming its type.
     ``plan_with(recipe)`` builds a plan as the pipeline does; ``weights()``: the :class:`Weights` damage is
-    measured with (called once the size is checked)."""
+    measured with (called once the size is checked); ``types``: the only types to choose from (--types)."""
     if (target_bpw is None) == (max_size is None):
         raise BadArgument("pass one of --target-bpw and --max-size")
+    known = candidate_types(writer.family, True)
+    unknown = [name for name in types or [] if name not in known]
+    if unknown:
+        raise BadArgument(f"--types {','.join(unknown)}: not a {writer.family} type sizing chooses from; use some "
+                          f"of {', '.join(known)}")
     if target_bpw is not None and not (1.0 <= target_bpw <= 16.0):
         raise BadArgument(f"--target-bpw {target_bpw}: choose bits per weight between 1 and 16, e.g. 3.5")
     placeholder = candidate_types(writer.family, False)[-1]
@@ -274,9 +280,10 @@ def sized_recipe(plan_with: Any, source: Any, base: Recipe, writer: Writer, *, t
         # The plan itself goes into the metadata: a line per allocated tensor.
         plan_text = 300 + sum(len(name) + 40 for name in allocated)
         budget = max_size - fixed_bytes - kept_bytes - writer.overhead_nbytes(plans) - plan_text
-    _check_room(plans, allocated, budget, writer)      # before the measurement's passes
+    _check_room(plans, allocated, budget, writer, types)      # before the measurement's passes
     measured = weights()
-    candidates = candidate_types(writer.family, measured.importance is not None)
+    candidates = [name for name in candidate_types(writer.family, measured.importance is not None)
+                  if types is None or name in types]
     groups = measure(source, [p for p in plans if p.name in allocated], measured, candidates, writer)
     chosen = allocate(groups, budget)
     choices = {name: chosen[group.key].scheme for group in groups for name in group.names}

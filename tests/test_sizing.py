@@ -140,12 +140,15 @@ def test_max_size_writes_a_file_that_fits_runs_in_llamacpp_and_replays_from_its_
     result = runner.invoke(app, ["quantize", str(spm_model), "--config", str(plan), "-o", str(again), "-q"])
     assert result.exit_code == 0, result.output
     assert _tensor_bytes(again) == _tensor_bytes(out)
-    # --target-bpw: the bits per quantized weight asked for, within the last tensor's step.
     bpw_out = tmp_path / "bpw.gguf"
+    # --target-bpw: the bits per quantized weight asked for, within the last tensor's step; --types: only those.
+    kquants = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
     result = runner.invoke(app, ["quantize", str(spm_model), "--target-bpw", "3.5", "-o", str(bpw_out), "--json",
-                                 "-q", "--no-eval", *common])
+                                 "-q", "--no-eval", "--types", ",".join(sorted(kquants)), *common])
     assert result.exit_code == 0, result.output
-    assert 3.3 <= json.loads(result.stdout)["bits_per_weight_quantized"] <= 3.5
+    report = json.loads(result.stdout)
+    assert 3.3 <= report["bits_per_weight_quantized"] <= 3.5
+    assert set(report["sizing"]["choices"].values()) <= kquants
 
 
 def test_dry_run_shows_the_chosen_plan_and_saves_only_the_plan(spm_model, calib_text, tmp_path):
@@ -166,7 +169,8 @@ def test_dry_run_shows_the_chosen_plan_and_saves_only_the_plan(spm_model, calib_
 @pytest.mark.parametrize("arguments, code, message", [
     (["--max-size", "1MB", "--target-bpw", "4"], 2, "--target-bpw and --max-size both set the size"),
     (["--max-size", "1MB", "--type", "Q4_K"], 2, "drop --type"),
-    (["--save-plan", "p.yaml", "--type", "Q4_K"], 2, "--save-plan writes the plan"),
+    (["--save-plan", "p.yaml", "--type", "Q4_K"], 2, "--save-plan and --types are for the plan"),
+    (["--max-size", "1MB", "--types", "Q4_K,nf4"], 2, "--types nf4: not a gguf type"),
     (["--target-bpw", "0.5"], 2, "between 1 and 16"),
     (["--max-size", "20KB"], 2, "smallest types take"),
 ])

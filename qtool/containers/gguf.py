@@ -51,7 +51,7 @@ class GGUF(Container):
         import copy
 
         from qtool.plan import Rule, build_plan
-        from qtool.schemes.base import SCHEMES
+        from qtool.schemes.base import get_scheme
         from qtool.sources.base import TensorInfo
 
         by_name = {info.name: info for info in tensors}
@@ -60,10 +60,10 @@ class GGUF(Container):
             return recipe
         probe = TensorInfo(_OUTPUT, output.shape, output.stored_dtype, output.stored_bytes)
         output_plan = build_plan([probe], recipe, int(config.get("num_hidden_layers") or 0))[0]
-        scheme = SCHEMES.get(output_plan.scheme)
+        scheme = None if output_plan.keep else get_scheme(output_plan.scheme)    # loads the registry
         params = output_plan.params
         if not output_plan.keep and getattr(scheme, "family", None) == "gguf" and not scheme.supports(tuple(output.shape)):
-            scheme, params = SCHEMES["Q8_0"], {}
+            scheme, params = get_scheme("Q8_0"), {}
         if output.name == _OUTPUT and (output_plan.keep or scheme.name == output_plan.scheme):
             return recipe
         recipe = copy.deepcopy(recipe)
