@@ -107,21 +107,28 @@ def report(rows: list[Row], title: str, benchmark: str, console) -> None:
         Path(os.environ["QTOOL_BENCH_JSON"]).write_text(json.dumps(payload, indent=1))
 
 
-def main() -> int:
-    from rich.console import Console
-
-    console = Console(width=150)
+def prepare(console) -> tuple[Path, Path, str, Path, Path]:
+    """(llama.cpp's tools, the work folder, threads, SmolLM2 as F16 GGUF, llama-imatrix's matrix of the
+    calibration text); the files are made once (delete .bench/iquants to redo)."""
     bin_dir, work = tools(), BENCH / "iquants"
     work.mkdir(parents=True, exist_ok=True)
     threads = str(os.cpu_count() or 2)
     f16 = work / "smollm2-f16.gguf"
     if not f16.is_file():
         checked([*QTOOL, "quantize", "smollm2-135m", "--type", "F16", "-o", str(f16), "-q", "--force"])
-    imatrix = work / "imatrix.gguf"     # made once (delete .bench/iquants to redo), as the statistics below
+    imatrix = work / "imatrix.gguf"
     if not imatrix.is_file():
         made = checked([str(bin_dir / "llama-imatrix"), "-m", str(f16), "-f", str(CALIBRATION), "-c", "512",
                         "--chunks", "128", "-o", str(imatrix), "--no-ppl", "-t", threads])
         console.print(f"llama-imatrix: {made.seconds:.0f} s")
+    return bin_dir, work, threads, f16, imatrix
+
+
+def main() -> int:
+    from rich.console import Console
+
+    console = Console(width=150)
+    bin_dir, work, threads, f16, imatrix = prepare(console)
     stats = work / "qtool-stats.safetensors"
     if not stats.is_file():
         made = checked([*QTOOL, "calibrate", str(f16), "--calib", str(CALIBRATION), "--calib-samples", "128",

@@ -23,8 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gguf import BENCH  # noqa: E402
-from bench_iquants import CALIBRATION, QTOOL, WIKITEXT, Row, checked, output, report, score, tools  # noqa: E402
+from bench_iquants import CALIBRATION, QTOOL, WIKITEXT, Row, checked, output, prepare, report, score  # noqa: E402
 
 MIXES = "Q4_K_M,Q3_K_M,IQ3_M,IQ2_M"
 SOURCE_GRID = ("Q4_1", "Q5_1")      # the packaged model's own grid: see above
@@ -34,16 +33,7 @@ def main() -> int:
     from rich.console import Console
 
     console = Console(width=150)
-    bin_dir, work = tools(), BENCH / "iquants"
-    work.mkdir(parents=True, exist_ok=True)
-    threads = str(os.cpu_count() or 2)
-    f16 = work / "smollm2-f16.gguf"
-    if not f16.is_file():
-        checked([*QTOOL, "quantize", "smollm2-135m", "--type", "F16", "-o", str(f16), "-q", "--force"])
-    imatrix = work / "imatrix.gguf"
-    if not imatrix.is_file():
-        checked([str(bin_dir / "llama-imatrix"), "-m", str(f16), "-f", str(CALIBRATION), "-c", "512",
-                 "--chunks", "128", "-o", str(imatrix), "--no-ppl", "-t", threads])
+    bin_dir, work, threads, f16, imatrix = prepare(console)
     base_logits = work / "f16.kld"
     if not base_logits.is_file():
         output([str(bin_dir / "llama-perplexity"), "-m", str(f16), "-f", str(WIKITEXT), "-c", "512", "--chunks",
