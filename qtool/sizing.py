@@ -1,5 +1,5 @@
-"""Quantize to a size, not a type (``--target-bpw``, ``--max-size``): each decoder-block Linear's GGUF type
-chosen from its measured damage under a byte budget.
+"""Quantize to a size, not a type (``--target-bpw``, ``--max-size``): each tensor's type (GGUF, or
+compressed-tensors' weight-only schemes) chosen from its measured damage under a byte budget.
 
 Damage of a tensor at a type: the KL divergence per token its quantization error adds to the model's
 output, to second order ``1/2 sum F_ij (w_ij - q_ij)^2`` (qtool.calibration.fisher: F the weight's Fisher
@@ -10,10 +10,10 @@ damage within the budget: every tensor takes the type minimizing damage + lambda
 bisected to the budget (a Lagrangian relaxation of the knapsack), then the bytes left are spent on the
 upgrades that remove the most damage per byte.
 
-Every 2-D tensor the plan quantizes is allocated, the embeddings and the output matrix included (a tied
-one is measured once, with the Fisher of both its uses); types that need an importance matrix go only
-to decoder-block tensors, the ones calibration reaches. The experts of one merged GGUF tensor share one
-type (their damages and bytes are summed).
+Every 2-D tensor the plan quantizes is allocated, for GGUF the embeddings and the output matrix included
+(a tied one is measured once, with the Fisher of both its uses); types that need an importance matrix go
+only to decoder-block tensors, the ones calibration reaches. Tensors the container needs in one type (the
+experts of a merged GGUF tensor; Linears vLLM fuses) are one group: their damages and bytes are summed.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 from qtool.errors import BadArgument
 from qtool.plan import Recipe, Rule, TensorPlan, layer_index
 
-# Rows of each tensor quantized to measure its damage (evenly spaced; scaled to the whole tensor).
+# Rows of each tensor quantized to measure its damage (see _sample).
 SAMPLE_ROWS = 256
 
 
@@ -52,7 +52,7 @@ class Option:
 
 @dataclass
 class Group:
-    """Tensors that take one type together (one tensor, or the experts of a merged GGUF tensor)."""
+    """Tensors that take one type together (one tensor, or those the container needs in one type)."""
 
     key: str
     names: list[str]
