@@ -35,7 +35,11 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, seed: int = 
         parameter.requires_grad_(False)
     for module in linears.values():
         module.weight.requires_grad_(True)
-    fisher = {name: torch.zeros_like(module.weight, dtype=torch.float32) for name, module in linears.items()}
+    # One accumulator per parameter: a tied output matrix shares the embeddings' (and their gradient).
+    by_parameter: dict[int, torch.Tensor] = {}
+    fisher = {name: by_parameter.setdefault(id(module.weight), torch.zeros_like(module.weight, dtype=torch.float32))
+              for name, module in linears.items()}
+    owners = {id(module.weight): module for module in linears.values()}
     generator = torch.Generator(device="cpu").manual_seed(seed)
     device = next(model.parameters()).device
     tokens = 0
@@ -46,15 +50,19 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, *, seed: int = 
             with torch.no_grad():
                 probabilities = torch.softmax(logits, dim=-1).cpu()
                 sampled = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1).to(device)
-            for module in linears.values():
+            for module in owners.values():
                 module.weight.grad = None
             nn.functional.cross_entropy(logits, sampled, reduction="sum").backward()
-            for name, module in linears.items():
-                fisher[name] += module.weight.grad.float().pow(2)
+            del logits, probabilities
+            for key, module in owners.items():
+                grad = module.weight.grad.float()
+                by_parameter[key].addcmul_(grad, grad)
             tokens += int(ids.shape[1])
     finally:
         for module in linears.values():
             module.weight.grad = None
         for parameter, flag in zip(model.parameters(), requires):
             parameter.requires_grad_(flag)
-    return Sensitivity({name: (value / max(tokens, 1)).cpu() for name, value in fisher.items()}, tokens)
+    for value in by_parameter.values():
+        value.div_(max(tokens, 1))
+    return Sensitivity({name: value.cpu() for name, value in fisher.items()}, tokens)
