@@ -217,3 +217,11 @@ def test_target_bpw_writes_mixed_compressed_tensors_that_transformers_loads(spm_
     # transformers runs the file in bfloat16 (int8 groups as compressed-tensors' quantized Linears)
     assert (got - expected).abs().max() <= 0.05 * expected.std()
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    # --max-size counts the whole folder: tokenizer, config, model card and the shards' headers too.
+    size = int(0.95 * sum(path.stat().st_size for path in out.iterdir()))
+    smaller = tmp_path / "smaller"
+    result = runner.invoke(app, ["quantize", str(spm_model), "--format", "safetensors", "--max-size", str(size), "-o",
+                                 str(smaller), "-q", "--no-eval", "--calib", str(calib_text), "--calib-samples", "4",
+                                 "--calib-seqlen", "128"])
+    assert result.exit_code == 0, result.output
+    assert 0.97 * size <= sum(path.stat().st_size for path in smaller.iterdir()) <= size

@@ -420,6 +420,22 @@ class SafetensorsSink(Sink):
             return torch.bfloat16
         return max(counts, key=counts.get)
 
+    @classmethod
+    def overhead_nbytes(cls, source: Source, plans: list[TensorPlan]) -> int:
+        """The folder's bytes besides the tensors' data: the tokenizer and extra files copied, config.json
+        (its quantization_config names every quantized module), the model card and the shards' headers."""
+        copied = 0
+        tokenizer_dir = source.tokenizer_dir()
+        if tokenizer_dir is not None:
+            copied += sum((Path(tokenizer_dir) / name).stat().st_size for name in TOKENIZER_FILES
+                          if (Path(tokenizer_dir) / name).is_file())
+        copied += sum(Path(path).stat().st_size for name, path in source.extra_files().items()
+                      if name not in ("config.json", "README.md") and os.sep not in name and not name.startswith("."))
+        quantized = sum(1 for plan in plans if not plan.keep)
+        config = len(json.dumps(source.config, indent=2, default=str)) + 4096 + 100 * quantized
+        headers = 600 * quantized + 150 * (len(plans) - quantized)     # a quantized weight is up to 4 tensors
+        return copied + config + headers + 8192                          # the model card
+
     def finish(self, model_card: str) -> Path:
         self.writer.close()
         folder = self.staged.path
