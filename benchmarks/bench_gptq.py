@@ -3,10 +3,12 @@ time goes, and peak memory.
 
     python benchmarks/bench_gptq.py --workdir DIR --tokenizer DIR [--shape 8b] [--layers 6]
         [--samples 128] [--seqlen 512] [--group-size 128] [--device cuda] [--calib FILE]
-        [--no-llmcompressor] [--methods gptq]
+        [--no-llmcompressor] [--methods gptq] [--model PATH] [--config PRESET] [--score TEXT,TEXT]
 
 1. ``qtool.synthetic.write_synthetic_llama`` writes the checkpoint (``--layers`` overrides the shape's
-   layer count; the tokenizer comes from ``--tokenizer``), once per workdir.
+   layer count; the tokenizer comes from ``--tokenizer``), once per workdir. ``--model``: a real
+   model instead (anything qtool reads, e.g. the packaged SmolLM2 GGUF); ``--config``: a preset
+   instead of int4-sym (``configs/gguf-q4_0-gptq.yaml``: the GGUF Q4_0 recipe).
 2. qtool: ``pipeline.quantize`` with int4 symmetric groups (what ``qtool quantize MODEL --scheme
    int4-sym --group-size 128 --method gptq --device cuda`` runs), timed whole and per phase by wrapping
    qtool's own functions in this process (GPU work synchronized at each boundary), after a warm-up
@@ -14,7 +16,10 @@ time goes, and peak memory.
    the calibration forwards with their statistics, GPTQ's column loop, the scale re-fit, the
    layer-error check, packing; the rest (plan, write) is the remainder.
 3. llm-compressor (when installed): ``oneshot`` with ``GPTQModifier(scheme="W4A16")`` on every Linear
-   but lm_head, the same calibration windows (qtool's, from ``--calib``), then ``save_pretrained``.
+   but lm_head, the same calibration windows (qtool's, from ``--calib``), then ``save_pretrained``
+   (``--group-size`` other than 128: W4A16's weights with that group size).
+4. ``--score TEXT,...``: every output scored against the model by ``qtool eval`` (perplexity change,
+   mean KLD, top-1 agreement; 40 windows of 512 of each text): the quality table of issue 19.
 
 A table goes to stderr; the JSON (also to ``$QTOOL_BENCH_JSON`` when set) to stdout.
 """
@@ -27,6 +32,7 @@ import json
 import os
 import pstats
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,9 +123,12 @@ def _peak_gib(device: str) -> float | None:
 def run_qtool(model: Path, out: Path, args: argparse.Namespace, method: str) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    recipe = recipe_from_options(fmt="safetensors", bits=None, scheme="int4-sym", gguf_type=None, config=None,
-                                 block_size=None, group_size=args.group_size, double_quant=None, include=[], skip=[])
-    options = pipeline.QuantizeOptions(format="safetensors", device=args.device, force=True, method=method,
+    fmt = "gguf" if args.config and "gguf" in args.config.name else "safetensors"
+    recipe = recipe_from_options(fmt=fmt, bits=None, scheme=None if args.config else "int4-sym", gguf_type=None,
+                                 config=args.config, block_size=None,
+                                 group_size=None if args.config else args.group_size, double_quant=None,
+                                 include=[], skip=[])
+    options = pipeline.QuantizeOptions(format=fmt, device=args.device, force=True, method=method,
                                        calib=str(args.calib), calib_samples=args.samples, calib_seqlen=args.seqlen)
     _peak_reset(args.device)
     with Phases(args.device) as phases:
@@ -149,7 +158,11 @@ def run_llmcompressor(model: Path, out: Path, windows: torch.Tensor, args: argpa
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     load_s = time.perf_counter() - started
     data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
-    recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    if args.group_size == 128:
+        recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    else:   # W4A16 with another group size: the same scheme written out
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": args.group_size}
+        recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
     started = time.perf_counter()
     oneshot(model=loaded, dataset=data, recipe=recipe, num_calibration_samples=windows.shape[0],
             max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
@@ -157,10 +170,29 @@ def run_llmcompressor(model: Path, out: Path, windows: torch.Tensor, args: argpa
     oneshot_s = time.perf_counter() - started
     started = time.perf_counter()
     loaded.save_pretrained(out, save_compressed=True)
+    for tokenizer_file in model.glob("tokenizer*"):      # for scoring the output (--score)
+        shutil.copy(tokenizer_file, out / tokenizer_file.name)
     save_s = time.perf_counter() - started
     return {"what": "llm-compressor GPTQ W4A16", "wall_s": round(load_s + oneshot_s + save_s, 2),
             "phases_s": {"load": round(load_s, 2), "oneshot": round(oneshot_s, 2), "save": round(save_s, 2)},
             "peak_gpu_gib": _peak_gib(args.device)}
+
+
+def score(output: Path, model: Path, texts: list[Path], device: str) -> dict:
+    """``qtool eval`` of one output against the model it came from (40 windows of 512 of each text)."""
+    scores = {}
+    for text in texts:
+        command = [sys.executable, "-m", "qtool", "eval", str(output), "--ppl", "--baseline", str(model), "--chunks",
+                   "40", "--text", str(text), "--device", device, "--json", "--quiet"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            scores[text.name] = {"error": done.stdout[-400:] + done.stderr[-400:]}
+            continue
+        result = json.loads(done.stdout)
+        quantized = next(m for m in result["models"] if not m.get("is_baseline"))
+        scores[text.name] = {key: quantized.get(key) for key in ("ppl", "delta_pct", "mean_kld", "top1_agreement")}
+        scores[text.name]["baseline_ppl"] = next(m["ppl"] for m in result["models"] if m.get("is_baseline"))
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,13 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="gptq", help="qtool methods to time, comma separated")
     parser.add_argument("--no-llmcompressor", action="store_true")
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile statistics of qtool's runs here")
+    parser.add_argument("--model", type=Path, default=None, help="a real model instead of the synthetic one")
+    parser.add_argument("--config", type=Path, default=None, help="a preset instead of int4-sym")
+    parser.add_argument("--score", default=None, help="texts (comma separated): score every output against the "
+                        "model with qtool eval (40 windows of 512 each)")
     args = parser.parse_args(argv)
 
     shape = dict(SHAPES[args.shape])
     if args.layers:
         shape["num_layers"] = args.layers
-    model = args.workdir / f"synthetic-{args.shape}-{shape['num_layers']}l"
-    if not (model / "config.json").exists():
+    model = args.model or args.workdir / f"synthetic-{args.shape}-{shape['num_layers']}l"
+    if not args.model and not (model / "config.json").exists():
         write_synthetic_llama(model, tokenizer_from=args.tokenizer, shards=2, **shape)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     # Warm-up on a tiny model: imports and kernel compilation (Triton, C) out of the timed runs, as
@@ -192,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (tiny / "config.json").exists():
         write_synthetic_llama(tiny, tokenizer_from=args.tokenizer, **SHAPES["tiny"])
     started = time.perf_counter()
-    warm = argparse.Namespace(**{**vars(args), "samples": 2, "seqlen": 64, "group_size": 32})
+    warm = argparse.Namespace(**{**vars(args), "samples": 2, "seqlen": 64, "group_size": 32, "config": None})
     for method in args.methods.split(","):
         run_qtool(tiny, args.workdir / "warm-up", warm, method)
     warm_up_s = round(time.perf_counter() - started, 2)
@@ -212,12 +248,20 @@ def main(argv: list[str] | None = None) -> int:
 
         from qtool.calibration.data import calibration_set
 
-        windows = calibration_set(args.calib, AutoTokenizer.from_pretrained(model), samples=args.samples,
+        windows = calibration_set(args.calib, AutoTokenizer.from_pretrained(args.tokenizer), samples=args.samples,
                                   seqlen=args.seqlen).tokens
         peer = run_llmcompressor(model, args.workdir / "llmcompressor", windows, args)
         if peer:
             runs.append(peer)
-    result = {"device": device_name, "torch": torch.__version__, "warm_up_s": warm_up_s, "shape": shape,
+    if args.score:
+        outputs = {run["what"]: args.workdir / ("llmcompressor" if run["what"].startswith("llm-compressor")
+                                                else f"qtool-{run['what'].split()[-1]}") for run in runs}
+        for run in runs:
+            run["scores"] = score(outputs[run["what"]], model, [Path(t) for t in args.score.split(",")], args.device)
+            print(f"{run['what']}: {run['scores']}", file=sys.stderr, flush=True)
+    result = {"device": device_name, "torch": torch.__version__, "warm_up_s": warm_up_s,
+              "model": str(args.model) if args.model else None, "shape": None if args.model else shape,
+              "config": str(args.config) if args.config else None,
               "samples": args.samples,
               "seqlen": args.seqlen, "group_size": args.group_size, "runs": runs}
     peer = next((run for run in runs if run["what"].startswith("llm-compressor")), None)

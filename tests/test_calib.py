@@ -18,6 +18,7 @@ from qtool.calibration.data import CalibrationSet, calibration_set, read_calibra
 from qtool.tokenizer import load_tokenizer
 from qtool.calibration.activation import choose_scale
 from qtool.calibration.observers import InputObserver
+from qtool.calibration import runner
 from qtool.calibration.runner import calibrate, hf_config, load_stats, save_stats, walk_blocks
 from qtool.errors import BadArgument, CorruptFile, NetworkError, NotFound
 from qtool.sources.resolve import resolve
@@ -109,7 +110,8 @@ def _full_model_stats(source, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     return hessians
 
 
-def test_block_by_block_matches_whole_model(tiny_llama_dir: Path) -> None:
+def test_block_by_block_matches_whole_model(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QTOOL_FLOAT32_FORWARDS", "1")     # the walk itself, in the reference's precision
     with resolve(str(tiny_llama_dir)) as source:
         calib = _tiny_set(source)
         stats = calibrate(source, calib_set=calib)
@@ -126,9 +128,25 @@ def test_block_by_block_matches_whole_model(tiny_llama_dir: Path) -> None:
     assert [r.layer for r in stats.records] == [0, 1]
 
 
-def test_per_group_walk_sees_the_changed_earlier_groups(tiny_llama_dir: Path) -> None:
+@pytest.mark.skipif(not runner._cpu_has_bf16_products(), reason="this CPU has no bfloat16 products")
+def test_bfloat16_products_on_the_cpu_keep_the_statistics_within_a_percent(tiny_llama_dir: Path) -> None:
+    """The default CPU walk multiplies bfloat16 inputs (float32 sums): X^T X and the mean squares stay
+    within 1% of float32's (bfloat16 keeps 8 bits: each input is off by at most 2^-9 of itself)."""
+    with resolve(str(tiny_llama_dir)) as source:
+        calib = _tiny_set(source)
+        fast = calibrate(source, calib_set=calib)
+        reference = _full_model_stats(source, calib.tokens)
+    for name, hessian in reference.items():
+        scale = torch.diagonal(hessian).mean()
+        torch.testing.assert_close(fast.linears[name].hessian / scale, hessian / scale, rtol=0, atol=1e-2, msg=name)
+        assert (fast.linears[name].hessian - hessian).abs().max() > 0, "the walk ran in float32"
+
+
+def test_per_group_walk_sees_the_changed_earlier_groups(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """per_group: each Linear's statistics are those of its inputs in the model whose earlier Linears
-    (same block included) carry the consumer's changes, as a whole-model forward of that model says."""
+    (same block included) carry the consumer's changes, as a whole-model forward of that model says
+    (the passes that reuse the attention's output once q/k/v/o are final included)."""
+    monkeypatch.setenv("QTOOL_FLOAT32_FORWARDS", "1")
     from qtool.calibration.methods import OverlaySource
 
     def change(weight: torch.Tensor) -> torch.Tensor:

@@ -273,9 +273,12 @@ def _calibration_tokens() -> torch.Tensor:
 
 @pytest.mark.parametrize("all_experts", [False, True], ids=["routed", "all-experts"])
 @pytest.mark.parametrize("model_type", MOE_VARIANTS)
-def test_expert_statistics_are_those_of_the_tokens_transformers_routes(moe_checkpoint, model_type, all_experts):
+def test_expert_statistics_are_those_of_the_tokens_transformers_routes(moe_checkpoint, model_type, all_experts,
+                                                                       monkeypatch):
     """Each expert's statistics come from exactly the tokens transformers' own router sends it (every
-    token with all_experts), and the per-expert token counts are the router's."""
+    token with all_experts), and the per-expert token counts are the router's (both in float32: the
+    routing is compared, not rounding)."""
+    monkeypatch.setenv("QTOOL_FLOAT32_FORWARDS", "1")
     from transformers import AutoModelForCausalLM
 
     from qtool.calibration import calibrate

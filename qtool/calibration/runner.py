@@ -208,21 +208,85 @@ class _Skeleton:
         self.layers[index].to("meta")
 
 
+def _cpu_has_bf16_products() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16): oneDNN then runs float32
+    products on bfloat16 inputs with float32 sums, 4x faster; elsewhere it would only emulate them."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
 @contextlib.contextmanager
 def _forward_precision(device: torch.device) -> Iterator[None]:
-    """Calibration forwards (and their X^T X) on a GPU with TF32 matrix products: 3x faster GPTQ
-    calibration on an H100 for the same quality (SmolLM2 int4 GPTQ: WikiText-2 +12.72% / KLD 0.1478
-    against +12.60% / 0.1484 in float32, docs/PERFORMANCE.md). QTOOL_TF32=0 keeps float32. GPTQ's
-    own products never run under it."""
-    if device.type != "cuda" or os.environ.get("QTOOL_TF32", "1") == "0":
+    """Calibration forwards (and their X^T X) with reduced-precision inputs to the matrix products and
+    float32 sums: TF32 on a GPU (3x faster GPTQ calibration on an H100 for the same quality, SmolLM2
+    int4 GPTQ: WikiText-2 +12.72% / KLD 0.1478 against +12.60% / 0.1484 in float32), bfloat16 on a CPU
+    that has it in hardware (docs/PERFORMANCE.md "GPTQ on two CPU cores"). QTOOL_FLOAT32_FORWARDS=1 keeps float32.
+    GPTQ's own products never run under it."""
+    if os.environ.get("QTOOL_FLOAT32_FORWARDS") == "1":
         yield
         return
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type == "cuda":
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        return
+    if device.type != "cpu" or not _cpu_has_bf16_products():
+        yield
+        return
+    previous_cpu = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        torch.backends.mkldnn.matmul.fp32_precision = previous_cpu
+
+
+class _FinalOutputs:
+    """Outputs of a block's children (self_attn, mlp, ...) whose every Linear is final, kept per batch and
+    reused by the block's later passes: a true-sequential walk runs the block once per group, and from
+    the pass after o_proj's the attention's output no longer changes (its input is the block's, its
+    weights are quantized). Children without a Linear under them (norms) are cheap and not kept. A
+    child's input depends only on the Linears that run before it, which the walk finishes first."""
+
+    def __init__(self, block: nn.Module, linears: dict[str, nn.Linear]) -> None:
+        self.block = block
+        by_module = {module: name for name, module in linears.items()}
+        # Each child's Linears, by the names the walk's groups use.
+        self.children = {name: [by_module[m] for m in child.modules() if m in by_module]
+                         for name, child in block.named_children()}
+        self.kept: dict[str, dict[int, Any]] = {}
+        self.part = 0        # the batch the block is running now
+
+    @contextlib.contextmanager
+    def reused(self, final: set[str], keep: bool = True) -> Iterator[None]:
+        """Within: every child whose Linears are all in ``final`` returns its kept output for the batch
+        (``keep``: and keeps the output it computes, for the passes to come)."""
+        patched = []
+        for name, names in self.children.items():
+            if names and all(n in final for n in names):
+                child = self.block.get_submodule(name)
+                child.forward = self._memo(name, child.forward, keep)
+                patched.append(child)
+        try:
+            yield
+        finally:
+            for child in patched:
+                del child.forward
+
+    def _memo(self, name: str, forward: Any, keep: bool) -> Any:
+        store = self.kept.setdefault(name, {})
+
+        def memo(*args: Any, **kwargs: Any) -> Any:
+            if self.part in store:
+                return store[self.part]
+            result = forward(*args, **kwargs)
+            if keep:
+                store[self.part] = result
+            return result
+        return memo
 
 
 def _batches(total: int, batch: int) -> list[slice]:
@@ -230,9 +294,12 @@ def _batches(total: int, batch: int) -> list[slice]:
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, position_embeddings: Any,
-               position_ids: torch.Tensor, batch: int, attention_mask: torch.Tensor | None = None) -> None:
+               position_ids: torch.Tensor, batch: int, attention_mask: torch.Tensor | None = None,
+               memo: _FinalOutputs | None = None) -> None:
     with _forward_precision(hidden.device):
-        for part in _batches(hidden.shape[0], batch):
+        for number, part in enumerate(_batches(hidden.shape[0], batch)):
+            if memo is not None:
+                memo.part = number
             result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
                            position_embeddings=position_embeddings)
             out[part] = result[0] if isinstance(result, tuple) else result
@@ -250,14 +317,16 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
              position_embeddings: Any, position_ids: torch.Tensor, batch: int, *, want_hessian: bool,
              device: torch.device, seed: int, attention_mask: torch.Tensor | None = None,
              first_group_only: bool = False, stop_at: dict[str, nn.Linear] | None = None,
-             hessian_on_device: bool = False) -> tuple[dict[str, InputStats], list[list[str]]]:
+             hessian_on_device: bool = False, memo: _FinalOutputs | None = None,
+             experts: bool = False) -> tuple[dict[str, InputStats], list[list[str]]]:
     """Run ``block`` over ``hidden`` with hooks on ``linears``: the statistics of each one's inputs,
     and the Linears grouped by shared input in the order the forward pass calls them (q/k/v, o,
     gate/up, down). ``outputs``: where to write the block's outputs (None: not needed).
     ``first_group_only``: statistics of the first group alone (the groups are all found).
     ``stop_at``: Linears the forward pass reaches only after ``linears``: there each batch's pass
     stops (o_proj's statistics need q/k/v and the attention, not the MLP). ``hessian_on_device``:
-    see InputObserver.finish."""
+    see InputObserver.finish. ``memo``: the batch number goes there. ``experts``: the block routes
+    tokens to experts (every batch of a first-group pass then runs whole: it counts their tokens)."""
     if outputs is not None and stop_at:
         raise ValueError("a pass that stops early has no block outputs")
     observers: dict[str, InputObserver] = {}
@@ -265,8 +334,19 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
     seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}
     groups: dict[str, list[str]] = {}
 
+    # Once every Linear in ``enough`` was called in a batch, the rest of the block is skipped (a pass
+    # for statistics alone; the first batch of a first-group pass runs whole: it finds the groups).
+    enough: set[str] = set()
+    called: set[str] = set()
+
     def make_hook(weight_name: str):
         def hook(module: nn.Module, args: tuple) -> None:
+            observe(module, args)
+            called.add(weight_name)
+            if enough and enough <= called:
+                raise _Enough
+
+        def observe(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if first_group_only and seen_inputs and id(x) not in seen_inputs:
                 # Another input than the first group's: only its group is noted.
@@ -296,8 +376,16 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
     handles += [module.register_forward_pre_hook(_stop) for module in (stop_at or {}).values()]
     try:
         with torch.inference_mode(), _forward_precision(device):
-            for part in _batches(hidden.shape[0], batch):
+            for number, part in enumerate(_batches(hidden.shape[0], batch)):
                 seen_inputs.clear()
+                called.clear()
+                if memo is not None:
+                    memo.part = number
+                if outputs is None and not experts and not enough:
+                    if not first_group_only:
+                        enough = set(linears)
+                    elif groups:
+                        enough = set(next(iter(groups.values())))
                 try:
                     result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
                                    position_embeddings=position_embeddings)
@@ -378,9 +466,10 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
         with torch.inference_mode():
             position_embeddings = skeleton.position_embeddings(index, hidden, position_ids, rotary_tables)
         attention_mask = skeleton.attention_mask(index, seqlen, device)
+        memo = _FinalOutputs(block, linears) if per_group else None
         run = dict(position_embeddings=position_embeddings, position_ids=position_ids, batch=batch,
                    want_hessian=want_hessian, device=device, seed=seed + index, attention_mask=attention_mask,
-                   hessian_on_device=hessian_on_device)
+                   hessian_on_device=hessian_on_device, memo=memo, experts=bool(skeleton.experts[index]))
         started = time.perf_counter()
         # Per group: this pass finds the groups and observes the first; each later group is observed
         # after the earlier ones changed, in a pass that stops where the next group starts, and the
@@ -398,19 +487,21 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
         for number, (step_linears, step_stats) in enumerate(steps):
             if number > 0:
                 started = time.perf_counter()
-                step_stats = _observe(block, step_linears, hidden, None, **run,
-                                      stop_at=_reached_after(groups[number + 1:], linears))[0]
+                with memo.reused(final={name for group in groups[:number] for name in group}):
+                    step_stats = _observe(block, step_linears, hidden, None, **run,
+                                          stop_at=_reached_after(groups[number + 1:], linears))[0]
                 skeleton.routed_tokens(index, linears)     # the counts are the first pass's
             step = BlockStep(index, n_layers, step_linears, step_stats, time.perf_counter() - started,
                              last_of_block=number == len(steps) - 1, expert_tokens=expert_tokens)
             yield step
             modified = modified or step.modified
         if per_group or modified:
-            with torch.inference_mode():
-                _run_block(block, hidden, outputs, position_embeddings, position_ids, batch, attention_mask)
+            with torch.inference_mode(), (memo.reused(final=set(linears), keep=False) if memo
+                                          else contextlib.nullcontext()):
+                _run_block(block, hidden, outputs, position_embeddings, position_ids, batch, attention_mask, memo)
         hidden, outputs = outputs, hidden
         skeleton.release(index)
-        del block, linears, stats, step
+        del block, linears, stats, step, memo
 
 
 def calibrate(source: Source, *, calib: str | Path = DEFAULT_CALIB, samples: int = DEFAULT_SAMPLES,

@@ -219,3 +219,38 @@ def ternary_quantize(blocks: torch.Tensor, importance: torch.Tensor | None, type
 
         raise NonFiniteWeight("the weight contains inf or nan values")
     return out
+
+
+def gptq_columns(block: torch.Tensor, hinv_block: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                 sub_of_column: torch.Tensor, codebook: torch.Tensor | None, qmax: int, levels: torch.Tensor,
+                 values: torch.Tensor, errors: torch.Tensor, first: int, last: int) -> None:
+    """GPTQ's column loop in C on CPU tensors (cpu_ggml.c's gptq_columns: the torch loop's bits), with
+    qtool.kernels.gptq.quantize_columns's arguments; rows split over the worker threads."""
+    from qtool.schemes._parallel import run_chunks
+
+    library = _library()
+    function = library.gptq_columns
+    if function.argtypes is None:
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        function.restype = None
+        function.argtypes = [pointer, size, pointer, size, pointer, pointer, size, pointer, pointer, ctypes.c_int32,
+                             pointer, pointer, size, pointer, size, size, size, size]
+    rows, count = block.shape
+    book = None if codebook is None else codebook.data_ptr()
+    step = max(64, -(-rows // 8))
+
+    def work(starts):
+        for start in starts:
+            function(block.data_ptr(), block.stride(0), hinv_block.data_ptr(), count, scale.data_ptr(),
+                     offset.data_ptr(), scale.shape[1], sub_of_column.data_ptr(), book, qmax, levels.data_ptr(),
+                     values.data_ptr(), levels.stride(0), errors.data_ptr(), start, min(start + step, rows),
+                     first, last)
+
+    run_chunks(range(0, rows, step), work)
+
+
+def gptq_columns_available(block: torch.Tensor, codebook: torch.Tensor | None) -> bool:
+    """Whether gptq_columns takes this block: float32 CPU tensors laid out as the torch loop keeps them,
+    a codebook of at most 257 values, and the C library built."""
+    return (block.device.type == "cpu" and block.dtype == torch.float32 and block.stride(1) == 1
+            and (codebook is None or codebook.numel() <= 257) and _library() is not None)

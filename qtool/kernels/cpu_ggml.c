@@ -1464,3 +1464,48 @@ KERNEL int quantize_iq1(const void *src, int dtype, int64_t n_blocks, const floa
     }
     return nonfinite;
 }
+
+/* GPTQ's column loop (qtool/schemes/gptq.py's torch loop, qtool/kernels/gptq.py's Triton kernel) for
+ * rows row0 .. row1 - 1 of one lazy-update block: columns first .. last - 1, one after another. Each
+ * column's level on the grid (uniform: clamp(rint((x - offset) * (1 / scale)), 0, qmax); codebook: the
+ * number of codebook midpoints below), its value scale * level + offset, the error divided by the
+ * inverse-Hessian diagonal, and that error spread over the block's later columns through the Cholesky
+ * row. Every element sees the torch loop's float32 operations in its order (no contraction), so the
+ * results are its bits. block: [rows, count] at block_stride; levels / values at out_stride; errors
+ * [rows, count]; hinv [count, count]; scale / offset [rows, n_sub]; codebook NULL or qmax + 1 floats. */
+void gptq_columns(float *block, int64_t block_stride, const float *hinv, int64_t count, const float *scale,
+                  const float *offset, int64_t n_sub, const int32_t *sub_of_column, const float *codebook,
+                  int32_t qmax, float *levels, float *values, int64_t out_stride, float *errors,
+                  int64_t row0, int64_t row1, int64_t first, int64_t last) {
+    float middle[256];
+    if (codebook)
+        for (int k = 0; k < qmax; k++) middle[k] = (codebook[k + 1] + codebook[k]) / 2.0f;   /* qmax <= 256 */
+    for (int64_t r = row0; r < row1; r++) {
+        float *b = block + r * block_stride;
+        for (int64_t i = first; i < last; i++) {
+            float x = b[i];
+            float s = scale[r * n_sub + sub_of_column[i]], o = offset[r * n_sub + sub_of_column[i]];
+            float inverse = s != 0.0f ? 1.0f / s : 0.0f;
+            float scaled = (x - o) * inverse;
+            float level, value;
+            if (codebook) {
+                int index = 0, top = qmax;      /* the midpoints below scaled (they are sorted) */
+                while (index < top) {
+                    int mid = (index + top) / 2;
+                    if (scaled > middle[mid]) index = mid + 1; else top = mid;
+                }
+                level = (float)index;
+                value = s * codebook[index] + o;
+            } else {
+                level = clampf(rintf(scaled), 0.0f, (float)qmax);
+                value = s * level + o;
+            }
+            float error = (x - value) / hinv[i * count + i];
+            const float *spread = hinv + i * count;
+            for (int64_t j = i; j < count; j++) b[j] = b[j] - error * spread[j];
+            levels[r * out_stride + i] = level;
+            values[r * out_stride + i] = value;
+            errors[r * count + i] = error;
+        }
+    }
+}

@@ -23,7 +23,10 @@ from qtool.kernels.integer import _clamp, _rint
 _ROWS = 16
 
 
-@triton.jit
+# Not specialized on the values that change from piece to piece and layer to layer (Triton would compile
+# a variant for each pattern of 1s and multiples of 16 among them: seconds of compiling on a model's
+# first blocks).
+@triton.jit(do_not_specialize=["rows", "count", "first", "last", "n_sub"])
 def _columns_kernel(block_ptr, hinv_ptr, scale_ptr, offset_ptr, sub_ptr, book_ptr, levels_ptr, values_ptr,
                     errors_ptr, rows, count, first, last, n_sub, block_stride, out_stride,
                     QMAX: tl.constexpr, CODEBOOK: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):

@@ -120,16 +120,22 @@ def _few_threads(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _column_kernel(w: torch.Tensor, fused: bool | None):
-    """The Triton column loop (qtool.kernels.gptq) when ``fused`` (None: for a CUDA weight where Triton
-    runs), else None: the torch loop."""
+def _column_kernel(w: torch.Tensor, fused: bool | None, codebook: torch.Tensor | None):
+    """The column loop in one kernel call per piece of a block, or None for the torch loop (``fused``
+    False): on CUDA the Triton kernel (qtool.kernels.gptq) where Triton runs, on the CPU the C one
+    (qtool.kernels.cpu.gptq_columns), both the torch loop's operations in its order. ``fused`` True also
+    runs the Triton kernel on CPU tensors (under TRITON_INTERPRET=1)."""
     from qtool.kernels import triton_available
 
-    if fused is False or (fused is None and not (w.is_cuda and triton_available())):
+    if fused is False:
         return None
-    from qtool.kernels.gptq import quantize_columns
+    if fused or (w.is_cuda and triton_available()):
+        from qtool.kernels.gptq import quantize_columns
 
-    return quantize_columns
+        return quantize_columns
+    from qtool.kernels import cpu
+
+    return cpu.gptq_columns if cpu.gptq_columns_available(w, codebook) else None
 
 
 def _group_values(w: torch.Tensor, block: torch.Tensor, errors: torch.Tensor, hinv: torch.Tensor,
@@ -165,8 +171,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, da
     shrinks the input correlations estimated from few calibration tokens, the part of GPTQ that
     overfits (l -> inf is importance-weighted round to nearest).
     ``refit``: afterwards, re-fit the scales for the chosen levels (``refit_scales``).
-    ``fused``: the column loop in one Triton kernel per block (qtool.kernels.gptq); default: on CUDA
-    weights when Triton runs (True also runs it on CPU tensors under TRITON_INTERPRET=1).
+    ``fused``: the column loop in one kernel call per piece of a block (``_column_kernel``: Triton on
+    CUDA, C on the CPU); False: the torch loop; True: the Triton kernel even on CPU tensors (under
+    TRITON_INTERPRET=1).
     """
     if damp_diag > 0:
         hessian = hessian + damp_diag * torch.diag(torch.diagonal(hessian))
@@ -245,8 +252,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, *, damp: floa
     group_at = [index // grid.group_size for index in perm.tolist()]     # group of the column at each position
     sub_at = (perm // grid.sub_size).to(torch.int32)
     sub_at_list = sub_at.tolist()
-    kernel = _column_kernel(w, fused)
-    codebook = grid.codebook.to(w.device, torch.float32) if grid.codebook is not None else None
+    codebook = grid.codebook.to(w.device, torch.float32).contiguous() if grid.codebook is not None else None
+    kernel = _column_kernel(w, fused, codebook)
     for start in range(0, cols, block_size):
         stop = min(start + block_size, cols)
         count = stop - start
