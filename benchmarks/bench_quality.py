@@ -263,34 +263,15 @@ def _write_gguf(source, recipe: Recipe, packed: dict, out: Path) -> Path:
 
 
 def _llamacpp_ppl(path: Path, text: str, args) -> tuple[float, float]:
-    """llama.cpp's perplexity on the same windows (its tokenizer, BOS rule, second half scored)."""
-    import numpy as np
-    from llama_cpp import Llama
+    """llama.cpp's perplexity on the same windows (its tokenizer, BOS rule, second half scored), through
+    the tests' llama.cpp helpers (which load without the AMX-repacked buffers llama.cpp 0.3.36 crashes in)."""
+    from tests._eval_helpers import llama_cpp_perplexity, llama_cpp_tokens
 
-    llm = Llama(model_path=str(path), n_ctx=args.ctx, n_batch=args.ctx, logits_all=True,
-                n_threads=args.threads, verbose=False)
-    add_bos = llm._model.add_bos_token() if hasattr(llm._model, "add_bos_token") else False
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+    tokens, add_bos, bos_id = llama_cpp_tokens(path, text)
     windows = min(args.chunks, len(tokens) // args.ctx)
-    first = args.ctx // 2
-    nll: list[float] = []
-    for index in range(windows):
-        window = list(tokens[index * args.ctx:(index + 1) * args.ctx])
-        if add_bos:
-            window[0] = llm.token_bos()
-        llm.reset()
-        llm.eval(window)
-        logits = np.asarray(llm.scores[:args.ctx], dtype=np.float64)
-        logits = logits[first:args.ctx - 1]
-        logits -= logits.max(axis=1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        targets = np.asarray(window[first + 1:args.ctx])
-        nll.extend((-log_probs[np.arange(len(targets)), targets]).tolist())
-    values = np.asarray(nll)
-    mean = values.mean()
-    ppl = float(math.exp(mean))
+    ppl, values = llama_cpp_perplexity(path, tokens, ctx=args.ctx, chunks=windows, add_bos=add_bos, bos_id=bos_id,
+                                       threads=args.threads)
     stderr = float(ppl * math.sqrt(values.var() / max(len(values) - 1, 1)))
-    del llm
     return ppl, stderr
 
 
