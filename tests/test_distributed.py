@@ -2,7 +2,8 @@
 over gloo on the CPU, against one process on the same model and windows.
 
 Each rank calibrates half the windows and the statistics are summed over the ranks, in another order
-than one process adds them; the bound the outputs must meet: every tensor of the files equal but
+than one process adds them; each rank runs GPTQ on half of every weight's rows and the halves are
+gathered (the row blocks' matrix products may round differently from the whole matrix's); the bound the outputs must meet: every tensor of the files equal but
 for at most 0.5% of the packed 4-bit bytes, scales within 1e-3 relative (on these models they come
 out identical). Rank 0 alone writes and reports.
 """

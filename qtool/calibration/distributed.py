@@ -3,9 +3,9 @@
 Each rank runs the calibration forwards on its share of the calibration windows (window ``i`` goes to
 rank ``i % N``), so the forward passes, the dominant cost, split N ways. Every statistic a method
 reads is then combined over the ranks (X^T X, token counts and mean squares summed, absmax and the
-activation range by max/min, the |x| samples gathered), so each rank holds the same statistics, runs
-the same method on them and keeps the same weights for the next block; rank 0 alone writes the
-output. One GPU per rank (``cuda:LOCAL_RANK``, NCCL) on GPU machines, ``gloo`` on the CPU.
+activation range by max/min, the |x| samples gathered), so each rank holds the same statistics. GPTQ's
+rows are then shared among the ranks and gathered (qtool.calibration.methods._quantize_rows), so each
+rank keeps the same weights for the next block; rank 0 alone writes the output. One GPU per rank (``cuda:LOCAL_RANK``, NCCL) on GPU machines, ``gloo`` on the CPU.
 
 The sums come in another order than one process adds them, so the statistics agree with a
 one-process run to float32 rounding, not bit for bit (tests/test_distributed.py states the bounds).
@@ -31,6 +31,10 @@ def active() -> bool:
 
 def rank() -> int:
     return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
 
 
 def start(device: str) -> str:
@@ -101,3 +105,13 @@ def same_names(names: list[str]) -> list[str]:
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, names)
     return sorted({name for part in gathered for name in part or []})
+
+
+def all_gather_objects(value: object) -> list:
+    """Every rank's ``value`` (CPU tensors in it), in rank order. The objects travel pickled between this
+    run's own processes; nothing read from a file is unpickled."""
+    if not active():
+        return [value]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -25,6 +25,7 @@ import torch
 
 from qtool import ui
 from qtool.architectures import ScaleSite, block_record, merged_expert_name
+from qtool.calibration import distributed
 from qtool.calibration.data import CalibrationSet
 from qtool.calibration.awq import (Choice, Member, alpha_grid, block_sites, effective_weight, fold_ops, scaled_stats,
                                   search)
@@ -219,10 +220,10 @@ def _quantize_step(weights: dict[str, torch.Tensor], stats: dict[str, InputStats
         name = names[0]
         chosen = _for_tensor(name, stats.get(name), options, report)
         if len(names) == 1:
-            results[name] = quantize_weight(weights[name], planned[name], stats.get(name), chosen)
+            results[name] = _quantize_rows(weights[name], planned[name], stats.get(name), chosen)
             continue
         stacked = torch.cat([weights[n] for n in names])
-        _, result = quantize_weight(stacked, planned[name], stats[name], chosen)
+        _, result = _quantize_rows(stacked, planned[name], stats[name], chosen)
         rows = [weights[n].shape[0] for n in names]
         for part_name, part in zip(names, _split_rows(result, rows)):
             results[part_name] = part.qweight, part
@@ -248,6 +249,32 @@ def _solved_together(weights: dict[str, torch.Tensor], stats: dict[str, InputSta
         key = (id(stats_for), plan.scheme, repr(sorted(plan.params.items())), plan.shape[-1]) if joinable else name
         sets.setdefault(key, []).append(name)
     return list(sets.values())
+
+
+def _quantize_rows(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | None,
+                   options: MethodOptions) -> tuple[torch.Tensor, QuantResult | None]:
+    """``quantize_weight``; in a run spread over processes, GPTQ's rows shared among them (rows are
+    independent in GPTQ: one Hessian, one column order), every process then holding the whole result
+    (each goes on with the quantized block; rank 0 writes)."""
+    world = distributed.world_size()
+    if (world == 1 or options.method != "gptq" or weight.shape[0] < world or stats is None
+            or grid_for(plan).whole_tensor_scales):
+        return quantize_weight(weight, plan, stats, options)
+    bounds = [weight.shape[0] * part // world for part in range(world + 1)]
+    rank = distributed.rank()
+    _, mine = quantize_weight(weight[bounds[rank]:bounds[rank + 1]], plan, stats, options)
+    on_cpu = dataclasses.replace(mine, qweight=mine.qweight.cpu(), levels=mine.levels.cpu(), scale=mine.scale.cpu(),
+                                 offset=mine.offset.cpu(), extra={k: v.cpu() for k, v in mine.extra.items()},
+                                 perm=None if mine.perm is None else mine.perm.cpu())
+    parts = distributed.all_gather_objects(on_cpu)
+
+    def joined(pick) -> torch.Tensor:
+        return torch.cat([pick(part) for part in parts]).to(weight.device)
+
+    result = QuantResult(joined(lambda r: r.qweight), joined(lambda r: r.levels), joined(lambda r: r.scale),
+                         joined(lambda r: r.offset), {key: joined(lambda r, key=key: r.extra[key]) for key in mine.extra},
+                         mine.perm)
+    return result.qweight, result
 
 
 def _split_rows(result: QuantResult, rows: list[int]) -> list[QuantResult]:
