@@ -281,12 +281,21 @@ class _FinalOutputs:
 
         def memo(*args: Any, **kwargs: Any) -> Any:
             if self.part in store:
-                return store[self.part]
+                return _copied(store[self.part])
             result = forward(*args, **kwargs)
             if keep:
-                store[self.part] = result
+                store[self.part] = _copied(result)
             return result
         return memo
+
+
+def _copied(result: Any) -> Any:
+    """A child's output with its tensors copied: the block may change what it gets back in place."""
+    if isinstance(result, torch.Tensor):
+        return result.clone()
+    if type(result) in (tuple, list):
+        return type(result)(_copied(item) for item in result)
+    return result
 
 
 def _batches(total: int, batch: int) -> list[slice]:
