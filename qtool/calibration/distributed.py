@@ -5,7 +5,8 @@ rank ``i % N``), so the forward passes, the dominant cost, split N ways. Every s
 reads is then combined over the ranks (X^T X, token counts and mean squares summed, absmax and the
 activation range by max/min, the |x| samples gathered), so each rank holds the same statistics. GPTQ's
 rows are then shared among the ranks and gathered (qtool.calibration.methods._quantize_rows), so each
-rank keeps the same weights for the next block; rank 0 alone writes the output. One GPU per rank (``cuda:LOCAL_RANK``, NCCL) on GPU machines, ``gloo`` on the CPU.
+rank keeps the same weights for the next block; rank 0 alone writes the output. One GPU per rank
+(``cuda:LOCAL_RANK``, NCCL) on GPU machines, ``gloo`` on the CPU.
 
 The sums come in another order than one process adds them, so the statistics agree with a
 one-process run to float32 rounding, not bit for bit (tests/test_distributed.py states the bounds).
