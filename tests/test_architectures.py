@@ -179,16 +179,19 @@ def _calibration_matches_forward(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("model_type", sorted(GEMMA_BLOCKS))
-def test_calibration_sees_the_inputs_the_model_computes(model_type, tmp_path):
+def test_calibration_sees_the_inputs_the_model_computes(model_type, tmp_path, monkeypatch):
     """Block by block, calibration must reproduce the model's own forward pass: Gemma's scaled embeddings,
-    eager attention's causal mask, sliding windows and Gemma 3's per-layer-type rotary tables."""
+    eager attention's causal mask, sliding windows and Gemma 3's per-layer-type rotary tables (in
+    float32 like the reference: the mechanism is compared, not the CPU's bfloat16 products)."""
+    monkeypatch.setenv("QTOOL_FLOAT32_FORWARDS", "1")
     _calibration_matches_forward(tiny_checkpoint(tmp_path / model_type, model_type, **GEMMA_BLOCKS[model_type]))
 
 
 @pytest.mark.parametrize("variant", ["llama3", *MODEL_TYPES])
-def test_calibration_sees_the_inputs_every_architecture_computes(arch_checkpoint, variant):
+def test_calibration_sees_the_inputs_every_architecture_computes(arch_checkpoint, variant, monkeypatch):
     """The same on every architecture's shared checkpoint (Granite's embedding and residual multipliers,
     Phi-3's fused projections, OLMo 2's post-norms, StarCoder2's LayerNorms, Llama 3's rope scaling)."""
+    monkeypatch.setenv("QTOOL_FLOAT32_FORWARDS", "1")
     _calibration_matches_forward(arch_checkpoint(variant))
 
 
