@@ -2,8 +2,9 @@
 
 The samples are embedded once; then block i runs on the hidden states block i-1 produced. Only
 one block's weights (loaded from the Source tensor by tensor) and two hidden-state buffers
-(inputs and outputs of the current block, samples x seqlen x hidden, fp32) are in memory at any
-time, never the whole model.
+(inputs and outputs of the current block, samples x seqlen x hidden, fp32; a true-sequential walk
+keeps a third, the attention's output, see _FinalOutputs) are in memory at any time, never the
+whole model.
 
 :func:`walk_blocks` is the engine: it yields each block after collecting the statistics of its
 Linear inputs; whoever consumes it may replace the block's Linear weights by quantized ones
