@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,51 @@ def llamacpp_logits(model, tokens: list[int]) -> np.ndarray:
 def transformers_logits(model, tokens: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def legacy_imatrix(entries: dict[str, np.ndarray], ncall: int = 10, dataset: str = "text") -> bytes:
+    """llama-imatrix's legacy (.dat) file: entry count, then per entry its name, ncall, value count and
+    the values (the mean of x^2 times ncall), then the last call count and the dataset name."""
+    out = struct.pack("<i", len(entries))
+    for name, values in entries.items():
+        out += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, values.size)
+        out += values.astype(np.float32).tobytes()
+    return out + struct.pack("<ii", ncall, len(dataset)) + dataset.encode()
+
+
+def write_imatrix_files(model: Path, folder: Path, *, windows: int = 6, seqlen: int = 128) -> dict[str, Path]:
+    """Both of llama-imatrix's file forms for ``model`` (a Llama), from qtool's statistics of its Linear
+    inputs over ``windows`` seeded random windows: GGUF (``general.type`` imatrix, per weight
+    ``<name>.in_sum2`` = sums of x^2 and ``<name>.counts`` = tokens, the datasets, chunk count and size)
+    and legacy .dat (mean x^2 times ncall = windows), laid out as llama-imatrix writes them (a real
+    llama-imatrix file of this shape was read to check the layout)."""
+    from gguf import GGUFWriter
+
+    from qtool.architectures import hf_to_gguf_name
+    from qtool.calibration import calibrate
+    from qtool.calibration.data import CalibrationSet
+
+    tokens = torch.randint(0, 256, (windows, seqlen), generator=torch.Generator().manual_seed(0))
+    with resolve(str(model)) as source:
+        stats = calibrate(source, calib_set=CalibrationSet(tokens, "random tokens", tokens.numel(), 0),
+                          want_hessian=False)
+    means = {hf_to_gguf_name(name): linear.mean_square.numpy().astype(np.float32)
+             for name, linear in sorted(stats.linears.items())}
+    count = tokens.numel()
+    gguf_path, dat_path = folder / "imatrix.gguf", folder / "imatrix.dat"
+    writer = GGUFWriter(str(gguf_path), "llama")
+    writer.kv_data[0].pop("general.architecture")      # llama-imatrix's files name no architecture
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", ["random tokens"])
+    writer.add_uint32("imatrix.chunk_count", windows)
+    writer.add_uint32("imatrix.chunk_size", seqlen)
+    for name, mean in means.items():
+        writer.add_tensor(f"{name}.in_sum2", mean * np.float32(count))
+        writer.add_tensor(f"{name}.counts", np.array([count], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    dat_path.write_bytes(legacy_imatrix({name: mean * np.float32(windows) for name, mean in means.items()},
+                                        ncall=windows, dataset="random tokens"))
+    return {"gguf": gguf_path, "dat": dat_path}

@@ -77,3 +77,25 @@ def arch_checkpoint(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPa
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def llama256(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Llama of hidden size 256, intermediate size 512, 2 blocks, 4 heads / 2 kv heads, vocab 256,
+    float32 (no tokenizer). Read-only."""
+    import torch
+
+    from qtool.synthetic import write_synthetic_llama
+
+    return write_synthetic_llama(tmp_path_factory.mktemp("llama256"), hidden_size=256, intermediate_size=512,
+                                 num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=256, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def llama256_imatrix(llama256: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """llama-imatrix's two file forms ("gguf", "dat") for llama256's shape (tests/_gguf_helpers.py's
+    write_imatrix_files): an importance matrix depends only on the names and widths of the weights, so
+    any checkpoint of that shape takes them."""
+    from tests._gguf_helpers import write_imatrix_files
+
+    return write_imatrix_files(llama256, tmp_path_factory.mktemp("imatrix"))

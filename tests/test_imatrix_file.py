@@ -1,10 +1,9 @@
 """llama.cpp's importance-matrix files (`qtool quantize --imatrix FILE`): both of llama-imatrix's forms,
 read as llama-quantize reads them, and quantization with them byte for byte as libggml does.
 
-tests/data/imatrix-llama256.{gguf,dat} are real llama-imatrix outputs (tests/data/README.md says how they
-were made) for a Llama of hidden size 256, intermediate size 512 and 2 blocks: the shape of the
-``llama256`` checkpoint below (random weights: an importance matrix depends only on the names and widths
-of the weights it is applied to).
+The files come from tests/_gguf_helpers.py's write_imatrix_files (the ``llama256_imatrix`` fixture): the
+layout llama-imatrix writes, filled with the statistics of the ``llama256`` checkpoint's Linear inputs
+(an importance matrix depends only on the names and widths of the weights it is applied to).
 """
 from __future__ import annotations
 
@@ -13,30 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from qtool.cli import app
 
 from tests._ggml_helpers import llamacpp_quantize
+from tests._gguf_helpers import legacy_imatrix
 
-DATA = Path(__file__).parent / "data"
-GGUF_FILE = DATA / "imatrix-llama256.gguf"
-DAT_FILE = DATA / "imatrix-llama256.dat"
 # Tensors qtool writes unpermuted (q/k rows are interleaved per head for llama.cpp's rope).
 PLAIN = ["blk.0.attn_v.weight", "blk.0.attn_output.weight", "blk.1.ffn_gate.weight", "blk.1.ffn_down.weight"]
 
 
 def run_cli(*args: str | Path):
     return CliRunner().invoke(app, [str(arg) for arg in args])
-
-
-@pytest.fixture(scope="module")
-def llama256(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qtool.synthetic import write_synthetic_llama
-
-    return write_synthetic_llama(tmp_path_factory.mktemp("llama256"), hidden_size=256, intermediate_size=512,
-                                 num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=256, dtype=torch.float32)
 
 
 def llamacpp_importance(path: Path) -> dict[str, np.ndarray]:
@@ -75,14 +63,14 @@ def _source_weights(model: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("type_name", ["IQ4_XS", "IQ4_NL", "Q2_K", "Q5_K"])
-def test_both_imatrix_forms_quantize_as_llama_quantize_does(llama256, tmp_path, type_name):
+def test_both_imatrix_forms_quantize_as_llama_quantize_does(llama256, llama256_imatrix, tmp_path, type_name):
     """The GGUF and the legacy file of one llama-imatrix run give the same importance (the .dat stores the
     means times the chunk count), and qtool's tensors are libggml's bytes for that importance."""
     from gguf import GGUFReader
 
     weights = _source_weights(llama256)
     outputs = {}
-    for imatrix in (GGUF_FILE, DAT_FILE):
+    for imatrix in (llama256_imatrix["gguf"], llama256_imatrix["dat"]):
         out = tmp_path / f"{imatrix.suffix[1:]}.gguf"
         result = run_cli("quantize", llama256, "-o", out, "--type", type_name, "--imatrix", imatrix, "--json")
         assert result.exit_code == 0, result.output
@@ -102,14 +90,6 @@ def test_both_imatrix_forms_quantize_as_llama_quantize_does(llama256, tmp_path, 
     assert all(rtn[name] != outputs[".gguf"][name] for name in PLAIN)   # the importance changed the choices
 
 
-def _legacy(entries: dict[str, np.ndarray], ncall: int = 10) -> bytes:
-    out = struct.pack("<i", len(entries))
-    for name, values in entries.items():
-        out += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, values.size)
-        out += values.astype(np.float32).tobytes()
-    return out + struct.pack("<ii", ncall, 4) + b"text"
-
-
 @pytest.mark.parametrize("case, code, message", [
     ("missing", 3, "no such file"),
     ("truncated", 5, "ends inside an entry"),
@@ -118,10 +98,10 @@ def _legacy(entries: dict[str, np.ndarray], ncall: int = 10) -> bytes:
     ("other-model", 5, "none of its 1 entries"),
     ("wrong-width", 5, "has 100 values for a tensor of 256 columns"),
 ])
-def test_bad_imatrix_files_are_refused_in_one_line(llama256, tmp_path, case, code, message):
+def test_bad_imatrix_files_are_refused_in_one_line(llama256, llama256_imatrix, tmp_path, case, code, message):
     path = tmp_path / "imatrix.dat"
     if case == "truncated":
-        path.write_bytes(DAT_FILE.read_bytes()[:700])
+        path.write_bytes(llama256_imatrix["dat"].read_bytes()[:700])
     elif case == "garbage":
         path.write_bytes(b"\x00\xff" * 100)
     elif case == "model-gguf":
@@ -134,9 +114,9 @@ def test_bad_imatrix_files_are_refused_in_one_line(llama256, tmp_path, case, cod
         writer.write_tensors_to_file()
         writer.close()
     elif case == "other-model":
-        path.write_bytes(_legacy({"encoder.block.0.weight": np.ones(8, dtype=np.float32)}))
+        path.write_bytes(legacy_imatrix({"encoder.block.0.weight": np.ones(8, dtype=np.float32)}))
     elif case == "wrong-width":
-        path.write_bytes(_legacy({"blk.0.attn_q.weight": np.ones(100, dtype=np.float32)}))
+        path.write_bytes(legacy_imatrix({"blk.0.attn_q.weight": np.ones(100, dtype=np.float32)}))
     out = tmp_path / "out.gguf"
     result = run_cli("quantize", llama256, "-o", out, "--type", "IQ4_XS", "--imatrix", path)
     assert result.exit_code == code, result.output
@@ -145,10 +125,10 @@ def test_bad_imatrix_files_are_refused_in_one_line(llama256, tmp_path, case, cod
     assert not out.exists()
 
 
-def test_imatrix_options_that_cannot_go_together(llama256, tmp_path):
-    result = run_cli("quantize", llama256, "-o", tmp_path / "o.gguf", "--type", "IQ4_XS", "--imatrix", GGUF_FILE,
+def test_imatrix_options_that_cannot_go_together(llama256, llama256_imatrix, tmp_path):
+    result = run_cli("quantize", llama256, "-o", tmp_path / "o.gguf", "--type", "IQ4_XS", "--imatrix", llama256_imatrix["gguf"],
                      "--method", "gptq")
     assert result.exit_code == 2 and "X^T X" in result.output
-    result = run_cli("quantize", llama256, "-o", tmp_path / "o.gguf", "--type", "IQ4_XS", "--imatrix", GGUF_FILE,
-                     "--stats", DAT_FILE)
+    result = run_cli("quantize", llama256, "-o", tmp_path / "o.gguf", "--type", "IQ4_XS", "--imatrix", llama256_imatrix["gguf"],
+                     "--stats", llama256_imatrix["dat"])
     assert result.exit_code == 2 and "pass one" in result.output

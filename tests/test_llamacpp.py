@@ -11,7 +11,6 @@ is larger than the observed difference.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,17 +64,17 @@ def _check_against_transformers(path, type_name):
     runtime.close()
 
 
-# llama-quantize's i-quant mixes, with llama-imatrix's matrix for this shape (tests/data): between them
+# llama-quantize's i-quant mixes, with an importance matrix in llama-imatrix's file for this shape: between them
 # every i-quant type (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) and the K-types they mix in.
 IQUANT_MIXES = {"IQ1_S": {"IQ1_S", "IQ2_XXS", "Q2_K"}, "IQ1_M": {"IQ1_M", "IQ2_XXS", "Q2_K"}, "IQ2_XXS": {"IQ2_XXS", "Q2_K"}, "IQ2_S": {"IQ2_XS", "IQ3_S"}, "IQ2_M": {"IQ2_S", "IQ3_S"},
                 "IQ3_XXS": {"IQ3_XXS", "IQ2_S", "IQ3_S"}, "IQ3_M": {"IQ3_S", "Q4_K"}}
 
 
 @pytest.mark.parametrize("mix", IQUANT_MIXES)
-def test_iquant_mixes_run_in_llamacpp_like_transformers(spm_llama, mix, tmp_path):
+def test_iquant_mixes_run_in_llamacpp_like_transformers(spm_llama, llama256_imatrix, mix, tmp_path):
     from gguf import GGUFReader
 
-    imatrix = Path(__file__).parent / "data" / "imatrix-llama256.gguf"   # a Llama of spm_llama's shape
+    imatrix = llama256_imatrix["gguf"]   # a Llama of spm_llama's shape
     path = write_gguf(spm_llama, mix, tmp_path / f"spm-{mix}.gguf", imatrix=imatrix)
     types = {t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.")}
     assert IQUANT_MIXES[mix] <= types, types
