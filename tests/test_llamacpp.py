@@ -11,7 +11,6 @@ is larger than the observed difference.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
