@@ -63,9 +63,9 @@ class Phases:
     counts for the inner phase only)."""
 
     TARGETS = (  # (owner, attribute, phase)
-        (runner._Skeleton, "block", "load block"),
+        (runner.Skeleton, "block", "load block"),
         (runner, "_observe", "forward + statistics"),
-        (runner, "_run_block", "block outputs"),
+        (runner, "run_block", "block outputs"),
         (calibration, "calibration_set", "tokenize calibration text"),
         (gptq, "_gptq", "GPTQ column loop"),
         (gptq, "refit_scales", "scale re-fit"),

@@ -207,18 +207,16 @@ def _sensitivity(source: Source, calib: str | None, options: QuantizeOptions) ->
     windows of ``calib`` (default: --calib's default text), on --device."""
     from qtool.calibration.data import DEFAULT_CALIB, calibration_set
     from qtool.calibration.fisher import measure_sensitivity
-    from qtool.evaluation.model import model_from_source
+    from qtool.sizing import fisher_rows
     from qtool.tokenizer import load_tokenizer
 
     windows = calibration_set(calib or DEFAULT_CALIB, load_tokenizer(source, "sizing"),
                               samples=min(options.calib_samples, SENSITIVITY_WINDOWS), seqlen=options.calib_seqlen,
                               seed=0)
     with ui.task(f"measuring sensitivities on {windows.samples} windows", total=None):
-        model = model_from_source(source, dtype=torch.float32, device=resolve_device(options.device))
-        try:
-            return measure_sensitivity(model, windows.tokens), windows.description
-        finally:
-            del model
+        measured = measure_sensitivity(source, windows.tokens, device=resolve_device(options.device),
+                                       keep=fisher_rows)
+    return measured, windows.description
 
 
 def _statistics(source: Source, options: QuantizeOptions) -> Any:

@@ -26,7 +26,7 @@ import torch
 from qtool.errors import BadArgument
 from qtool.plan import Recipe, Rule, TensorPlan, layer_index
 
-# Rows of each tensor quantized to measure its damage (see _sample).
+# Rows of each tensor quantized to measure its damage (see fisher_rows).
 SAMPLE_ROWS = 256
 
 
@@ -84,20 +84,32 @@ def candidate_types(family: str, importance: bool) -> list[str]:
             and (importance or not scheme.requires_importance)]
 
 
-def _sample(fisher: torch.Tensor, count: int = SAMPLE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows to quantize, each one's weight in the total): every row when there are few; else the half of
-    ``count`` that carries the most Fisher mass (an embedding's frequent tokens) exactly, and the other
-    half spread evenly over the rest, each standing for its share of them."""
+@dataclass
+class FisherRows:
+    """What the damage of a tensor is measured on: a sample of its rows and their Fisher diagonal, each row
+    weighed by the rows it stands for (see fisher_rows), and the Fisher's mean over the whole tensor."""
+
+    rows: torch.Tensor       # row indices
+    fisher: torch.Tensor     # (len(rows), columns): the rows' Fisher diagonal times their share
+    mean: float
+
+
+def fisher_rows(fisher: torch.Tensor, count: int = SAMPLE_ROWS) -> FisherRows:
+    """Every row when there are few; else the half of ``count`` that carries the most Fisher mass (an
+    embedding's frequent tokens) exactly, and the other half spread evenly over the rest, each standing for
+    its share of them. Taken as each tensor's Fisher is measured: the full diagonals are not kept."""
+    fisher = fisher.reshape(fisher.shape[0], -1)
     rows = fisher.shape[0]
     if rows <= count:
-        return torch.arange(rows), torch.ones(rows)
+        return FisherRows(torch.arange(rows), fisher.clone(), float(fisher.mean()))
     top = fisher.sum(-1).topk(count // 2).indices
     rest = torch.ones(rows, dtype=torch.bool)
     rest[top] = False
     others = rest.nonzero().squeeze(-1)
     spread = others[torch.linspace(0, len(others) - 1, count - len(top)).round().long()]
-    share = torch.full((len(spread),), len(others) / len(spread))
-    return torch.cat([top, spread]), torch.cat([torch.ones(len(top)), share])
+    share = torch.cat([torch.ones(len(top)), torch.full((len(spread),), len(others) / len(spread))])
+    picked = torch.cat([top, spread])
+    return FisherRows(picked, fisher[picked] * share.unsqueeze(-1), float(fisher.mean()))
 
 
 def damage(weight: torch.Tensor, scheme_name: str, fisher: torch.Tensor, importance: torch.Tensor | None) -> float:
@@ -120,7 +132,7 @@ class Weights:
     (qtool.calibration.fisher), and the importance matrix the final pass quantizes with (None: it rounds
     to nearest), which the types are measured with too."""
 
-    fisher: dict[str, torch.Tensor]
+    fisher: dict[str, FisherRows]
     importance: dict[str, torch.Tensor] | None
     described: str = ""
 
@@ -128,7 +140,7 @@ class Weights:
 def measure(source: Any, plans: list[TensorPlan], weights: Weights, candidates: list[str],
             writer: Writer) -> list[Group]:
     """The options (type, bytes, damage) of every group of the planned 2-D weights. A tensor the
-    sensitivity pass did not see (an expert inside a fused module) is weighed by the median of the
+    sensitivity pass did not see (experts a checkpoint stores fused) is weighed by the median of the
     others' mean Fisher values."""
     from qtool import ui
     from qtool.schemes.base import get_scheme
@@ -143,16 +155,17 @@ def measure(source: Any, plans: list[TensorPlan], weights: Weights, candidates: 
     def planned(name: str, scheme_name: str) -> TensorPlan:
         return TensorPlan(name, shapes[name], scheme_name)
 
-    typical = float(torch.tensor([float(v.mean()) for v in weights.fisher.values()] or [1.0]).median())
+    typical = float(torch.tensor([v.mean for v in weights.fisher.values()] or [1.0]).median())
     with ui.task("measuring each tensor's damage per type", total=len(groups)) as progress:
         for group in groups.values():
             totals: dict[str, list[float]] = {}
             for name in group.names:
                 shape = tuple(shapes[name])
-                fisher = weights.fisher.get(name)
-                fisher = fisher.reshape(shape) if fisher is not None else torch.full(shape, typical)
-                picked, share = _sample(fisher)
-                sample, fisher = source.load(name).reshape(shape)[picked], fisher[picked] * share.unsqueeze(-1)
+                measured = weights.fisher.get(name)
+                if measured is None or measured.fisher[0].numel() * shape[0] != math.prod(shape):
+                    measured = fisher_rows(torch.full(shape, typical))
+                sample = source.load(name).reshape(shape)[measured.rows]
+                fisher = measured.fisher.reshape(sample.shape)
                 # The final pass calibrates only decoder-block tensors; the sink rounds the others to nearest.
                 inside = weights.importance is not None and layer_index(name) is not None
                 importance = weights.importance.get(name) if inside else None

@@ -14,6 +14,7 @@ from qtool import sizing
 from qtool.cli import app
 from qtool.errors import BadArgument
 
+from tests._architectures import MODEL_TYPES, MOE_VARIANTS
 from tests._gguf_helpers import llamacpp_model, make_spm_llama
 
 runner = CliRunner()
@@ -49,7 +50,7 @@ def test_fisher_damage_predicts_the_measured_kl_divergence(spm_model, calib_text
     with resolve(str(spm_model)) as source:
         model = model_from_source(source)
         windows = calibration_set(calib_text, load_tokenizer(source), samples=8, seqlen=128, seed=0).tokens
-    sensitivity = measure_sensitivity(model, windows)
+        sensitivity = measure_sensitivity(source, windows)
     # 2 layers x 7 Linears, the embeddings, the output matrix
     assert sensitivity.tokens == windows.numel() and len(sensitivity.fisher) == 16
 
@@ -71,6 +72,95 @@ def test_fisher_damage_predicts_the_measured_kl_divergence(spm_model, calib_text
     ratios = np.array(measured) / np.array(predicted)
     assert ratios.min() > 1 / 1.5 and ratios.max() < 1.5, dict(zip(sensitivity.fisher, ratios.round(2)))
     assert np.corrcoef(_ranks(predicted), _ranks(measured))[0, 1] > 0.95
+
+
+def _whole_model_fisher(model: torch.nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The reference: every matrix parameter's Fisher diagonal from the whole model's forward and backward
+    pass per window (transformers' model, its fused experts as they are), next tokens sampled as
+    measure_sensitivity samples them."""
+    matrices = {name: p for name, p in model.named_parameters() if p.dim() >= 2 and not name.endswith("bias")}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    sums = {}
+    for name, parameter in matrices.items():
+        parameter.requires_grad_(True)
+        sums.setdefault(id(parameter), torch.zeros_like(parameter))
+    generator = torch.Generator().manual_seed(0)
+    for window in windows:
+        logits = model(input_ids=window[None]).logits.float()[0]
+        sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator).squeeze(-1)
+        for parameter in matrices.values():
+            parameter.grad = None
+        torch.nn.functional.cross_entropy(logits, sampled, reduction="sum").backward()
+        for parameter in {id(p): p for p in matrices.values()}.values():
+            sums[id(parameter)].addcmul_(parameter.grad, parameter.grad)
+    return {name: sums[id(parameter)] / windows.numel() for name, parameter in matrices.items()}
+
+
+@pytest.mark.parametrize("variant", ["llama-tied", *MODEL_TYPES, *MOE_VARIANTS])
+def test_block_by_block_fisher_equals_the_whole_model_backward(variant, arch_checkpoint, monkeypatch):
+    """The sensitivity pass loads one block at a time and backpropagates block by block from the kept
+    block inputs; its Fisher is the whole model's backward pass's, on every architecture: the output head's
+    own logit scaling / soft-capping, tied embeddings (the cross term of both uses), and each expert of a
+    mixture (whose sum over experts is the fused parameter's)."""
+    from qtool.calibration.fisher import measure_sensitivity
+    from qtool.evaluation.model import model_from_source
+    from qtool.sources.resolve import resolve
+
+    monkeypatch.setenv("QTOOL_FLOAT32_FORWARDS", "1")
+    folder = arch_checkpoint(variant, 49152)
+    windows = torch.randint(0, 49152, (3, 16), generator=torch.Generator().manual_seed(1))
+    with resolve(str(folder)) as source:
+        measured = measure_sensitivity(source, windows).fisher
+        reference = _whole_model_fisher(model_from_source(source), windows)
+    experts = {name: value for name, value in measured.items() if ".experts." in name}
+    dense = {name: value for name, value in measured.items() if name not in experts}
+    # Every matrix but the routers (not Linears in transformers 5; qtool keeps them unquantized).
+    assert set(dense) <= set(reference)
+    missing = {name for name in reference if ".experts." not in name} - set(dense)
+    assert missing == {name for name in reference if name.endswith((".mlp.gate.weight", ".mlp.router.weight"))}
+    for name, fisher in dense.items():
+        torch.testing.assert_close(fisher, reference[name], rtol=1e-4, atol=1e-4 * float(reference[name].max()),
+                                   msg=name)
+    fused = {name: value for name, value in reference.items() if ".experts." in name}
+    assert bool(experts) == (variant in MOE_VARIANTS) == bool(fused)
+    for layer in {".".join(name.split(".")[:3]) + "." for name in fused}:   # model.layers.N.
+        total = sum(float(value.sum()) for name, value in experts.items() if name.startswith(layer))
+        expected = sum(float(value.sum()) for name, value in fused.items() if name.startswith(layer))
+        assert total == pytest.approx(expected, rel=1e-4), layer
+
+
+def test_sensitivity_pass_holds_one_block(arch_checkpoint):
+    """Each block's Fisher is handed over (and the full diagonals dropped) before the next block is read;
+    whenever one is handed over, no checkpoint tensor but its block's is alive (the head and the embeddings
+    included)."""
+    import gc
+    import weakref
+
+    from qtool.calibration.fisher import measure_sensitivity
+    from qtool.sources.resolve import resolve
+
+    with resolve(str(arch_checkpoint("llama", 49152))) as source:
+        handed: dict[str, weakref.ref] = {}      # checkpoint tensor -> its storage, while alive
+        load = source.load
+
+        def counted(name: str) -> torch.Tensor:
+            tensor = load(name).to(torch.float32).clone()
+            handed[name] = weakref.ref(tensor.untyped_storage())
+            return tensor
+
+        source.load = counted
+        alive_at_keep = []
+
+        def keep(fisher: torch.Tensor) -> float:
+            gc.collect()
+            alive_at_keep.append({".".join(name.split(".")[:3]) for name, ref in handed.items() if ref() is not None})
+            return float(fisher.sum())
+
+        measured = measure_sensitivity(source, torch.randint(0, 49152, (2, 8)), keep=keep).fisher
+    assert all(isinstance(value, float) for value in measured.values())
+    # The output matrix with nothing alive, blocks 1 and 0 (7 Linears each) each alone, the embeddings.
+    assert alive_at_keep == [set()] + [{"model.layers.1"}] * 7 + [{"model.layers.0"}] * 7 + [set()], alive_at_keep
 
 
 def _group(key: str, options: list[tuple[str, int, float]]) -> sizing.Group:

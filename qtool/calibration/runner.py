@@ -39,7 +39,7 @@ from qtool.errors import BadArgument, CorruptFile, NotFound, QtoolError, Unsuppo
 from qtool.sources.base import Source
 from qtool.sources.config_check import check_source_config
 
-_BATCH_TOKENS = 4096
+BATCH_TOKENS = 4096
 
 
 @dataclass
@@ -92,7 +92,7 @@ class BlockStep:
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)   # experts -> tokens routed to each
 
 
-class _Skeleton:
+class Skeleton:
     """The architecture on the meta device: block modules are materialized one at a time."""
 
     def __init__(self, source: Source, device: torch.device) -> None:
@@ -103,6 +103,7 @@ class _Skeleton:
         if layers is None or not hasattr(base, "embed_tokens"):
             raise Unsupported(f"{type(model).__name__}: calibration supports decoder models with model.layers")
         self.layers = layers
+        self.model = model
         self.embed_name = "model.embed_tokens.weight"
         # Gemma scales its embeddings by sqrt(hidden_size) inside the embedding module; Granite in its
         # model's forward, which the blocks run here without.
@@ -208,6 +209,41 @@ class _Skeleton:
     def release(self, index: int) -> None:
         self.layers[index].to("meta")
 
+    def head(self, source: Source, device: torch.device) -> nn.Module:
+        """The model's output head on ``device``: called with the last block's hidden states as
+        ``hidden_states`` (batch, seqlen, hidden), it returns the logits by the model's own forward (its
+        final norm, output matrix, and any logit scaling or soft-capping). Its ``lm_head.weight`` is the
+        embeddings' parameter when the checkpoint has no output matrix (tied)."""
+        norm = getattr(self.model.model, "norm", None)
+        if norm is None or not hasattr(self.model, "lm_head"):
+            raise Unsupported(f"{type(self.model).__name__}: no final norm and output matrix (model.norm, lm_head)")
+        stored = {self.model_name(info.name): info.name for info in source.tensors()}
+        for module, prefix in ((norm, "model.norm."), (self.model.lm_head, "lm_head.")):
+            for leaf, parameter in list(module.named_parameters(recurse=False)):
+                name = stored.get(prefix + leaf, self.embed_name if prefix + leaf == "lm_head.weight" else None)
+                if name is None:
+                    raise CorruptFile(f"the checkpoint has no tensor {prefix}{leaf}")
+                tensor = source.load(name).to(device=device, dtype=torch.float32)
+                if tuple(tensor.shape) != tuple(parameter.shape):
+                    raise CorruptFile(f"tensor {name} has shape {tuple(tensor.shape)}, the config says "
+                                      f"{tuple(parameter.shape)}")
+                module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        self.model.model = _GivenHidden(norm)
+        return self.model
+
+
+class _GivenHidden(nn.Module):
+    """Stands in for the decoder under the output head: returns the normed hidden states it is called with."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, *args: Any, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import MoeModelOutputWithPast   # the widest: MoE heads read router_logits
+
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states))
+
 
 def _cpu_has_bf16_products() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16): oneDNN then runs float32
@@ -217,7 +253,7 @@ def _cpu_has_bf16_products() -> bool:
 
 
 @contextlib.contextmanager
-def _forward_precision(device: torch.device) -> Iterator[None]:
+def forward_precision(device: torch.device) -> Iterator[None]:
     """Calibration forwards (and their X^T X) with reduced-precision inputs to the matrix products and
     float32 sums: TF32 on a GPU (3x faster GPTQ calibration on an H100 for the same quality, SmolLM2
     int4 GPTQ: WikiText-2 +12.72% / KLD 0.1478 against +12.60% / 0.1484 in float32), bfloat16 on a CPU
@@ -292,15 +328,15 @@ class _FinalOutputs:
         return memo
 
 
-def _batches(total: int, batch: int) -> list[slice]:
+def batches(total: int, batch: int) -> list[slice]:
     return [slice(start, min(start + batch, total)) for start in range(0, total, batch)]
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, position_embeddings: Any,
+def run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, position_embeddings: Any,
                position_ids: torch.Tensor, batch: int, attention_mask: torch.Tensor | None = None,
                memo: _FinalOutputs | None = None) -> None:
-    with _forward_precision(hidden.device):
-        for number, part in enumerate(_batches(hidden.shape[0], batch)):
+    with forward_precision(hidden.device):
+        for number, part in enumerate(batches(hidden.shape[0], batch)):
             if memo is not None:
                 memo.part = number
             result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
@@ -378,8 +414,8 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
     handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
     handles += [module.register_forward_pre_hook(_stop) for module in (stop_at or {}).values()]
     try:
-        with torch.inference_mode(), _forward_precision(device):
-            for number, part in enumerate(_batches(hidden.shape[0], batch)):
+        with torch.inference_mode(), forward_precision(device):
+            for number, part in enumerate(batches(hidden.shape[0], batch)):
                 seen_inputs.clear()
                 called.clear()
                 if memo is not None:
@@ -436,12 +472,12 @@ def walk_blocks(source: Source, calib: CalibrationSet, *, device: str | torch.de
     so a config that cannot be used is refused before any progress is shown. ``hessian_on_device``:
     the statistics' X^T X stay on ``device`` (for a method using them there), the rest on the CPU."""
     device = torch.device(device)
-    skeleton = _Skeleton(source, device)
+    skeleton = Skeleton(source, device)
     return _walk(skeleton, source, calib, device=device, want_hessian=want_hessian, seed=seed, per_group=per_group,
                  all_experts=all_experts, hessian_on_device=hessian_on_device)
 
 
-def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device: torch.device, want_hessian: bool,
+def _walk(skeleton: Skeleton, source: Source, calib: CalibrationSet, *, device: torch.device, want_hessian: bool,
           seed: int, per_group: bool, all_experts: bool, hessian_on_device: bool) -> Iterator[BlockStep]:
     names = [info.name for info in source.tensors()]
     n_layers = len(skeleton.layers)
@@ -450,7 +486,7 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
                           "yet (ranks route tokens to different experts); run one process")
     tokens = distributed.local_windows(calib.tokens).to(device)     # this rank's share (all in one process)
     samples, seqlen = tokens.shape
-    batch = max(1, _BATCH_TOKENS // seqlen)
+    batch = max(1, BATCH_TOKENS // seqlen)
 
     with torch.inference_mode():
         embedding = source.load(skeleton.embed_name).to(device=device, dtype=torch.float32)
@@ -501,7 +537,7 @@ def _walk(skeleton: _Skeleton, source: Source, calib: CalibrationSet, *, device:
         if per_group or modified:
             with torch.inference_mode(), (memo.reused(final=set(linears), keep=False) if memo
                                           else contextlib.nullcontext()):
-                _run_block(block, hidden, outputs, position_embeddings, position_ids, batch, attention_mask, memo)
+                run_block(block, hidden, outputs, position_embeddings, position_ids, batch, attention_mask, memo)
         hidden, outputs = outputs, hidden
         skeleton.release(index)
         del block, linears, stats, step, memo
