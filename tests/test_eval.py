@@ -220,6 +220,13 @@ def test_argument_errors(tiny_llama_dir: Path, short_text: Path, tmp_path: Path)
         evaluate([str(tiny_llama_dir)], text_file=short_text, max_ppl_increase=1.0)
     with pytest.raises(NotFound, match="--text"):
         evaluate([str(tiny_llama_dir)], text_file=tmp_path / "missing.txt")
+    # Every model path is checked before the first is loaded: the broken first file is never reached.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF not really")
+    with pytest.raises(NotFound, match="missing-model"):
+        evaluate([str(broken), str(tmp_path / "missing-model")], text_file=short_text)
+    with pytest.raises(NotFound, match="missing-base"):
+        evaluate([str(broken)], baseline=str(tmp_path / "missing-base"), text_file=short_text)
     with pytest.raises(BadArgument, match="--dtype"):
         evaluate([str(tiny_llama_dir)], text_file=short_text, dtype="int3")
     with pytest.raises(BadArgument, match="--batch-size"):

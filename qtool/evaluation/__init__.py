@@ -19,6 +19,7 @@ from qtool.errors import BadArgument, QualityGateFailed
 from qtool.evaluation.datasets import DATASETS, EvalText, check_text_file, load_text
 from qtool.evaluation.model import LoadedModel, check_runtime, load_causal_lm, resolve_device, torch_dtype
 from qtool.evaluation.perplexity import PassResult, check_windows, compare, plan_windows, run_windows, tokenize
+from qtool.sources.resolve import locate
 
 
 @dataclass
@@ -191,6 +192,9 @@ def evaluate(models: list[str], *, text_file: Path | None = None, dataset: str =
     check_options(text_file=None if text is not None else text_file, dataset=dataset, ctx=ctx, chunks=chunks,
                   stride=stride, baseline=baseline, batch_size=batch_size, dtype=dtype, runtime=runtime,
                   max_ppl_increase=max_ppl_increase, max_kld=max_kld)
+    for spec in [*models, *([baseline] if baseline else [])]:
+        if isinstance(spec, str):
+            locate(spec)      # a wrong path is refused before any model is scored
     compute_device = resolve_device(device)
     eval_text = text or load_text(text_file, dataset)
 

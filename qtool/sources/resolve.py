@@ -102,21 +102,20 @@ def resolve_local(path: Path, spec: str) -> Source:
     raise Unsupported(f"{path}: not a .gguf or .safetensors file, nor a model folder; qtool reads those")
 
 
-def resolve(spec: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Source:
-    """The Source for a MODEL argument. ``trust_remote_code`` is accepted for symmetry and never used:
-    qtool runs no code from checkpoints."""
+def locate(spec: str, revision: str | None = None) -> tuple[str, Path | None, str | None, str | None]:
+    """Where a MODEL argument points, without opening it: (the spec, its local path if it exists, else the
+    Hub repo id and revision; the alias has neither). NotFound or BadArgument for a spec that is none of
+    them, so commands taking several models refuse a wrong one before working on the others."""
     if not spec or not spec.strip():
         raise BadArgument("MODEL is empty: give a path, a Hub id or smollm2-135m")
     spec = spec.strip()
     if spec.lower() == SMOLLM2_ALIAS:
-        from qtool.sources.gguf import GGUFSource
-
-        return GGUFSource(smollm2_path(), spec)
+        return spec, None, None, None
     path = Path(spec).expanduser()
     if path.exists():
         if revision is not None:
             raise BadArgument(f"--revision {revision!r} applies to Hub models; {spec} is a local path")
-        return resolve_local(path, spec)
+        return spec, path, None, None
     suffix = path.suffix.lower()
     local_looking = (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
                      or suffix in (".gguf", ".safetensors", ".json") + PICKLE_SUFFIXES)
@@ -126,6 +125,19 @@ def resolve(spec: str, *, revision: str | None = None, trust_remote_code: bool =
             raise NotFound(f"{spec} does not exist (and pickle checkpoints are not supported anyway)")
         raise NotFound(f"{spec} does not exist; give a local path, a Hub id such as org/name[@revision], "
                        f"or {SMOLLM2_ALIAS}")
+    return spec, None, repo_id, hub_revision
+
+
+def resolve(spec: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Source:
+    """The Source for a MODEL argument. ``trust_remote_code`` is accepted for symmetry and never used:
+    qtool runs no code from checkpoints."""
+    spec, path, repo_id, hub_revision = locate(spec, revision)
+    if repo_id is None and path is None:
+        from qtool.sources.gguf import GGUFSource
+
+        return GGUFSource(smollm2_path(), spec)
+    if path is not None:
+        return resolve_local(path, spec)
     from qtool.sources.hf import open_hub
 
     return _wrap_quantized(open_hub(repo_id, revision=hub_revision, spec=spec))
