@@ -71,6 +71,13 @@ def test_values_whose_scale_overflows_float16_are_refused(type_name: str, value:
         ggml_type(type_name).quantize(_weight(value, torch.float32))
 
 
+def test_mxfp4_refuses_huge_values_without_speaking_of_float16() -> None:
+    """MXFP4's block scales are E8M0 exponents: what it refuses is the input limit every type has."""
+    with pytest.raises(ScaleOverflow, match="past the 1.07e[+]09 that no GGML type stores") as refused:
+        ggml_type("MXFP4").quantize(_weight(1e10, torch.float32))
+    assert "float16" not in str(refused.value)
+
+
 @pytest.mark.parametrize("type_name", BLOCK_TYPES)
 def test_large_values_a_type_can_hold_still_round_trip(type_name: str) -> None:
     """The refusal is not a blanket limit: what a type's scale can hold is written and read back."""

@@ -200,9 +200,12 @@ class GGMLType(Scheme):
         """The error for a weight this type cannot hold: inf/NaN, or values too large."""
         if not bool(torch.isfinite(weight).all()):
             return NonFiniteWeight("the weight contains inf or nan values")
-        return ScaleOverflow(f"values up to {float(weight.abs().amax()):.3g} need a {self.name} block scale "
-                             f"beyond float16's range (+-{FLOAT16_MAX:g}); scale the weights down or keep "
-                             "the tensor unquantized")
+        largest = float(weight.abs().amax())
+        # Types without float16 scales (MXFP4's are E8M0) refuse only what every type refuses as it reads.
+        reason = (f"need a {self.name} block scale beyond float16's range (+-{FLOAT16_MAX:g})" if self.fp16_offsets
+                  else f"are past the {LARGEST_INPUT:.3g} that no GGML type stores")
+        return ScaleOverflow(f"values up to {largest:.3g} {reason}; scale the weights down or keep the tensor "
+                             "unquantized")
 
     def check_scales(self, packed: GGMLTensor, weight: torch.Tensor | None = None) -> None:
         """Raise ScaleOverflow when a block's fp16 scale or min is inf or NaN (the bytes of the torch
