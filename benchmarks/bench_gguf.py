@@ -9,8 +9,14 @@ Reports wall time and peak RSS of every step, the ratio qtool / llama.cpp, and t
 first use and cached; that one-time cost is measured separately (a warm-up conversion of a tiny
 model) and reported, not hidden.
 
+i-quant mixes (types named IQ*: llama-quantize refuses the 1-2 bit ones without an importance matrix)
+are made by both tools with one importance matrix, ``llama-imatrix`` over 4 x 512 tokens of the
+calibration text on llama.cpp's F16 file (made once, not counted in either time): ``llama-quantize
+--imatrix`` and ``qtool quantize --imatrix``.
+
 Environment: QTOOL_LLAMA_SDIST (path to llama_cpp_python-*.tar.gz; else /tmp/llsdist/*.tar.gz,
-else ``pip download``), QTOOL_BENCH_TYPES (default "Q8_0,Q4_0,Q4_K_M"), QTOOL_BENCH_JSON (where
+else ``pip download``), QTOOL_LLAMA_BIN (a folder with llama-quantize and llama-imatrix already built;
+else they are built), QTOOL_BENCH_TYPES (default "Q8_0,Q4_0,Q4_K_M"), QTOOL_BENCH_JSON (where
 run_all.py wants the JSON).
 """
 from __future__ import annotations
@@ -32,6 +38,7 @@ from _measure import measure  # noqa: E402
 BENCH = REPO / ".bench"
 PYTHON = sys.executable
 QTOOL = [PYTHON, "-m", "qtool"]
+CALIBRATION = REPO.parent / "shared" / "data" / "calibration" / "groups_merged.txt"
 TARGET_RATIO = 0.5
 TARGET_RSS_BYTES = 10**9
 
@@ -106,14 +113,17 @@ def llama_sources() -> Path:
     return sorted(BENCH.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
 
 
-def llama_quantize(sources: Path) -> Path:
+def llama_tool(sources: Path, tool: str = "llama-quantize") -> Path:
+    """llama.cpp's ``tool`` from QTOOL_LLAMA_BIN, else built from ``sources``."""
+    if os.environ.get("QTOOL_LLAMA_BIN"):
+        return Path(os.environ["QTOOL_LLAMA_BIN"]) / tool
     # A build folder of our own: other benchmarks configure .bench/llama-build their way.
     build = BENCH / "llama-quantize-build"
-    binary = build / "bin" / "llama-quantize"
+    binary = build / "bin" / tool
     if not binary.is_file():
         subprocess.check_call(["cmake", "-S", str(sources), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                                "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF"], stdout=subprocess.DEVNULL)
-        subprocess.check_call(["cmake", "--build", str(build), "--target", "llama-quantize", "-j",
+        subprocess.check_call(["cmake", "--build", str(build), "--target", tool, "-j",
                                str(os.cpu_count() or 2)], stdout=subprocess.DEVNULL)
     return binary
 
@@ -131,7 +141,7 @@ def main(shape_name: str = "1.1b", default_types: str = "Q8_0,Q4_0,Q4_K_M",
                   "(cached in .bench/)")
     model, parameters = synthetic_model(shape_name)
     sources = llama_sources()
-    quantize_binary = llama_quantize(sources)
+    quantize_binary = llama_tool(sources)
     convert_env = {"PYTHONPATH": str(sources / "gguf-py") + os.pathsep + str(sources)}
     out = BENCH / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -148,7 +158,8 @@ def main(shape_name: str = "1.1b", default_types: str = "Q8_0,Q4_0,Q4_K_M",
             write_synthetic_llama(tiny, **dict(SHAPES["1.1b"], num_layers=1, vocab_size=49152),
                                   tokenizer_from=smollm2.tokenizer_dir())
     warmup = 0.0
-    for type_name in types:
+    # One C library serves every type; the i-quant mixes would need an importance matrix for this model.
+    for type_name in [name for name in types if not name.startswith("IQ")] or ["Q4_0"]:
         warmup += run(QTOOL + ["quantize", str(tiny), "--format", "gguf", "--type", type_name,
                                "-o", str(out / "warmup.gguf"), "--force", "--quiet"]).seconds
 
@@ -156,13 +167,18 @@ def main(shape_name: str = "1.1b", default_types: str = "Q8_0,Q4_0,Q4_K_M",
     f16 = out / "llamacpp-f16.gguf"
     convert = run([PYTHON, str(sources / "convert_hf_to_gguf.py"), str(model), "--outtype", "f16",
                    "--outfile", str(f16)], env=convert_env)
+    imatrix = BENCH / f"synthetic-{shape_name}-imatrix.gguf"
+    if any(type_name.startswith("IQ") for type_name in types) and not imatrix.is_file():
+        run([str(llama_tool(sources, "llama-imatrix")), "-m", str(f16), "-f", str(CALIBRATION), "-c", "512",
+             "--chunks", "4", "-t", str(threads), "-o", str(imatrix)])
     result = Result(model=str(model), parameters=parameters, threads=threads, qtool_compile_warmup_seconds=warmup)
     for type_name in types:
+        weighted = ["--imatrix", str(imatrix)] if type_name.startswith("IQ") else []
         ours_path = out / f"qtool-{type_name}.gguf"
-        ours = run(QTOOL + ["quantize", str(model), "--format", "gguf", "--type", type_name,
+        ours = run(QTOOL + ["quantize", str(model), "--format", "gguf", "--type", type_name, *weighted,
                             "-o", str(ours_path), "--force", "--quiet"])
         theirs_path = out / f"llamacpp-{type_name}.gguf"
-        theirs = run([str(quantize_binary), str(f16), str(theirs_path), type_name, str(threads)])
+        theirs = run([str(quantize_binary), *weighted, str(f16), str(theirs_path), type_name, str(threads)])
         llama_total = convert.seconds + theirs.seconds
         ratio = ours.seconds / llama_total
         result.rows.append(Row(
