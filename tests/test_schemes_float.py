@@ -316,11 +316,11 @@ def test_reads_fp8_checkpoints_as_transformers_dequantizes_them(llama128_dir, tm
         resolve(str(fp8_dir)).close()
 
 
-@pytest.mark.parametrize("scheme_name", ["fp8", "mxfp4a16"])
+@pytest.mark.parametrize("scheme_name", ["fp8", "mxfp4a16", "nvfp4a16"])
 def test_gptq_on_the_float_grids(scheme_name):
-    """GPTQ on E4M3 (per row) and E2M1 (groups of 32, power-of-two scales): the output error well below
-    round to nearest's, and the result packed into the format's own bytes, which compressed-tensors decodes
-    to exactly GPTQ's weight."""
+    """GPTQ on E4M3 (per row), E2M1 in groups of 32 with power-of-two scales, and E2M1 in groups of 16 with
+    E4M3 scales under the tensor's global scale: the output error well below round to nearest's, and the
+    result packed into the format's own bytes, which compressed-tensors decodes to exactly GPTQ's weight."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -333,19 +333,23 @@ def test_gptq_on_the_float_grids(scheme_name):
     h = x.T @ x
     scheme = get_scheme(scheme_name)
     rtn = dequantize_float(scheme.quantize(w)).float()
-    result = gptq_quantize(w, h, make_grid(scheme_name, columns=256), act_order=True)
+    result = gptq_quantize(w, h, make_grid(scheme_name, columns=256, absmax=float(w.abs().amax())), act_order=True)
     assert layer_output_error(w, result.qweight, h) < 0.8 * layer_output_error(w, rtn, h)
     packed = scheme.pack_calibrated(result, {}, torch.float32, "model.layers.0.mlp.up_proj.weight")
     assert torch.equal(dequantize_float(packed), result.qweight)
+    if packed.global_scale is not None:     # round to nearest's global scale
+        assert torch.equal(packed.global_scale, scheme.quantize(w).global_scale)
     state = {("weight" if packed.values.dtype == torch.float8_e4m3fn else "weight_packed"): packed.values,
-             "weight_scale": packed.scale}
+             "weight_scale": packed.scale,
+             **({"weight_global_scale": packed.global_scale} if packed.global_scale is not None else {})}
     args = QuantizationArgs.model_validate(scheme.weight_args)
     decompressed = BaseCompressor.get_value_from_registry(scheme.ct_format).decompress(
         state, QuantizationScheme(targets=["Linear"], weights=args))
-    assert torch.equal(decompressed["weight"].float(), result.qweight)
+    weight = decompressed["weight"]      # NVFP4 decompresses to bfloat16, its default dtype
+    assert torch.equal(weight, result.qweight.to(weight.dtype))
 
 
-@pytest.mark.parametrize("scheme_name", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("scheme_name", ["fp8", "mxfp4", "nvfp4a16"])
 def test_gptq_outputs_load_in_transformers(llama128_dir, shared_data, tmp_path, scheme_name):
     from transformers import AutoModelForCausalLM
 
@@ -365,6 +369,14 @@ def test_gptq_outputs_load_in_transformers(llama128_dir, shared_data, tmp_path, 
         for name, parameter in model.named_parameters():
             if ".layers." in name and name.endswith("proj.weight"):
                 assert torch.equal(parameter.data, written.load(name)), name
+    if scheme_name == "nvfp4a16":     # the Linears vLLM fuses share one global scale
+        from safetensors.torch import load_file
+
+        stored = load_file(str(out / "model.safetensors"))
+        for layer in range(2):
+            for module, siblings in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+                scales = [stored[f"model.layers.{layer}.{module}.{leaf}.weight_global_scale"] for leaf in siblings]
+                assert all(torch.equal(scale, scales[0]) for scale in scales), (layer, siblings)
 
 
 def test_fp8_static_input_scales_from_calibration(llama128_dir, shared_data, tmp_path):

@@ -91,14 +91,15 @@ def expert_fallback(name: str, stats: InputStats | None, options: MethodOptions,
     return True
 
 
-def grid_for(plan: TensorPlan) -> Grid:
+def grid_for(plan: TensorPlan, absmax: float | None = None) -> Grid:
     """The grid calibration fits for a planned weight: its encoding record's ``calibration_grid``
-    (nf4/fp4 name their block "block_size" and double-quantize their scales by default)."""
+    (nf4/fp4 name their block "block_size" and double-quantize their scales by default; ``absmax``: the
+    whole weight's largest magnitude, for encodings with a per-tensor scale, NVFP4's global one)."""
     from qtool.schemes.base import get_scheme
 
     grid = get_scheme(plan.scheme).calibration_grid(
         group_size=plan.params.get("group_size") or plan.params.get("block_size"),
-        double_quant=bool(plan.params.get("double_quant", True)), columns=plan.shape[-1])
+        double_quant=bool(plan.params.get("double_quant", True)), columns=plan.shape[-1], absmax=absmax)
     if grid is None:
         raise BadArgument(f"--method: no calibration-aware quantization for scheme {plan.scheme} "
                           f"(tensor {plan.name}); use --method rtn")
@@ -106,8 +107,9 @@ def grid_for(plan: TensorPlan) -> Grid:
 
 
 def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | None,
-                    options: MethodOptions) -> tuple[torch.Tensor, QuantResult | None]:
-    """(dequantized weight, chosen grid parameters) for one planned 2-D weight."""
+                    options: MethodOptions, absmax: float | None = None) -> tuple[torch.Tensor, QuantResult | None]:
+    """(dequantized weight, chosen grid parameters) for one planned 2-D weight (``absmax``: of the whole
+    weight when this is a share of its rows)."""
     from qtool.schemes.base import get_scheme
 
     if options.method == "rtn":
@@ -126,7 +128,7 @@ def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | 
         qweight = scheme.dequantize(packed).to(torch.float32)
         empty = torch.empty(0)
         return qweight, QuantResult(qweight, empty, empty, empty, packed=packed)
-    grid = grid_for(plan)
+    grid = grid_for(plan, float(weight.abs().amax()) if absmax is None else absmax)
     if options.method == "imatrix":
         result = quantize_rtn(weight, grid, stats.mean_square)
     elif options.method == "gptq":
@@ -262,7 +264,8 @@ def _quantize_rows(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | N
         return quantize_weight(weight, plan, stats, options)
     bounds = [weight.shape[0] * part // world for part in range(world + 1)]
     rank = distributed.rank()
-    _, mine = quantize_weight(weight[bounds[rank]:bounds[rank + 1]], plan, stats, options)
+    _, mine = quantize_weight(weight[bounds[rank]:bounds[rank + 1]], plan, stats, options,
+                              absmax=float(weight.abs().amax()))
     on_cpu = dataclasses.replace(mine, qweight=mine.qweight.cpu(), levels=mine.levels.cpu(), scale=mine.scale.cpu(),
                                  offset=mine.offset.cpu(), extra={k: v.cpu() for k, v in mine.extra.items()},
                                  perm=None if mine.perm is None else mine.perm.cpu())

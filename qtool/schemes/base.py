@@ -74,10 +74,11 @@ class Scheme(ABC):
         """Float tensor with the original shape."""
 
     def calibration_grid(self, *, group_size: int | None = None, double_quant: bool = False,
-                         columns: int | None = None) -> Grid | None:
+                         columns: int | None = None, absmax: float | None = None) -> Grid | None:
         """The grid (qtool.schemes.grids) GPTQ and the importance search fit for this encoding, or
         None: no calibration-aware quantization. ``group_size``: the plan's group or block size;
-        ``columns``: the weight's row length (for per-channel schemes)."""
+        ``columns``: the weight's row length (for per-channel schemes); ``absmax``: the whole weight's
+        largest magnitude (for a per-tensor scale)."""
         return None
 
     def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,

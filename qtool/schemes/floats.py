@@ -283,6 +283,25 @@ class FloatGrid(Grid):
         return GridParams(scale, torch.zeros_like(scale))
 
 
+class NVFP4Grid(FloatGrid):
+    """NVFP4's grid under a tensor's global scale g: value = E2M1 * s / g, s the group's E4M3 scale of
+    g * absmax / 6. ``global_scale`` is fixed before GPTQ (from the weight's absmax, or its fused siblings'
+    when they are solved stacked), as GPTQ fits one group at a time; None: each fit takes it from the whole
+    weight it is given (round to nearest, importance search). Each group's fit also returns g
+    (``extra["global_scale"]``, one per group) for the packer."""
+
+    def __init__(self, name: str, global_scale: torch.Tensor | None) -> None:
+        super().__init__(name, NVFP4_GROUP, E2M1_CODEBOOK, lambda absmax: absmax)
+        self.global_scale = global_scale
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        absmax = w.abs().amax(-1, keepdim=True).float()
+        global_scale = (self.global_scale if self.global_scale is not None
+                        else nvfp4_global_scale(absmax.max() if absmax.numel() else torch.zeros(()))).to(w.device)
+        scale = _nvfp4_group_scale(absmax, global_scale) / global_scale
+        return GridParams(scale, torch.zeros_like(scale), {"global_scale": global_scale.expand_as(scale).clone()})
+
+
 def _fp8_row_scale(absmax: torch.Tensor) -> torch.Tensor:
     # bfloat16 scales: the weight_scale the model dtype stores (float32 or bfloat16) holds them exactly
     return _fp8_scale(absmax.to(torch.bfloat16)).float()
@@ -372,6 +391,21 @@ class NVFP4A16(_FloatScheme):
         if weight.is_cuda and (fused_kernel := fused(self)) is not None:
             return fused_kernel(weight, **params)
         return quantize_nvfp4(weight, params.get("global_absmax"))
+
+    def calibration_grid(self, *, absmax: float | None = None, **_: Any) -> Grid:
+        """``absmax``: the weight's (or, stacked, its fused siblings' joint) largest magnitude, which sets
+        the global scale as quantize's (GPTQ needs it); without it each fit takes the global scale from
+        the weight it fits."""
+        return NVFP4Grid(self.name, None if absmax is None else nvfp4_global_scale(torch.tensor(absmax)))
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> PackedFloat:
+        rows, cols = result.levels.shape
+        global_scale = result.extra["global_scale"].reshape(-1)[:1].float()
+        values = E2M1_CODEBOOK.to(result.levels.device)[result.levels.long()]
+        # s / g * g gives back s to within an ulp, which the E4M3 rounding removes.
+        scale = (result.scale.float() * global_scale).to(FP8)
+        return PackedFloat(pack_nibbles(e2m1_codes(values)), scale, global_scale.cpu(), (rows, cols), dtype)
 
 
 @register

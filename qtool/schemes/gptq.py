@@ -28,13 +28,15 @@ from qtool.schemes.grids import (AffineGrid, CodebookGrid, Grid, GridParams, KQu
 
 
 def make_grid(scheme: str, *, group_size: int | None = None, double_quant: bool = False,
-              columns: int | None = None) -> Grid:
+              columns: int | None = None, absmax: float | None = None) -> Grid:
     """The calibration grid of a registered scheme (its record's ``calibration_grid``), for tests and
     benchmarks that name a scheme. ``double_quant``: nf4/fp4 absmaxes quantized as bitsandbytes'
-    double quantization stores them; ``columns``: the weight's row length (per-channel schemes' group)."""
+    double quantization stores them; ``columns``: the weight's row length (per-channel schemes' group);
+    ``absmax``: the weight's largest magnitude (NVFP4's global scale)."""
     from qtool.schemes.base import get_scheme
 
-    grid = get_scheme(scheme).calibration_grid(group_size=group_size, double_quant=double_quant, columns=columns)
+    grid = get_scheme(scheme).calibration_grid(group_size=group_size, double_quant=double_quant, columns=columns,
+                                               absmax=absmax)
     if grid is None:
         raise ValueError(f"no calibration grid for scheme {scheme!r}")
     return grid
