@@ -140,7 +140,7 @@ class Weights:
 def measure(source: Any, plans: list[TensorPlan], weights: Weights, candidates: list[str],
             writer: Writer) -> list[Group]:
     """The options (type, bytes, damage) of every group of the planned 2-D weights. A tensor the
-    sensitivity pass did not see (experts a checkpoint stores fused) is weighed by the median of the
+    sensitivity pass did not see (a router asked for, which is no Linear) is weighed by the median of the
     others' mean Fisher values."""
     from qtool import ui
     from qtool.schemes.base import get_scheme

@@ -113,6 +113,8 @@ def test_block_by_block_fisher_equals_the_whole_model_backward(variant, arch_che
     with resolve(str(folder)) as source:
         measured = measure_sensitivity(source, windows).fisher
         reference = _whole_model_fisher(model_from_source(source), windows)
+        stored = {info.name for info in source.tensors()}
+    assert set(measured) <= stored        # by the names the plan gives them (experts one by one)
     experts = {name: value for name, value in measured.items() if ".experts." in name}
     dense = {name: value for name, value in measured.items() if name not in experts}
     # Every matrix but the routers (not Linears in transformers 5; qtool keeps them unquantized).
