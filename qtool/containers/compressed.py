@@ -164,7 +164,9 @@ def _float_weight(checkpoint: StoredCheckpoint, module: str, args: dict[str, Any
         from qtool.schemes.floats import PackedFloat, dequantize_float
 
         global_scale = raw.get(module + ".weight_global_scale")
-        packed = PackedFloat(raw[values], raw[scale], global_scale, (rows, cols), dtype)
+        tile = args.get("block_structure") if strategy == "block" else None
+        packed = PackedFloat(raw[values], raw[scale], global_scale, (rows, cols), dtype,
+                             tuple(tile) if tile else None)
         if bits == 4 and packed.scale.shape != (rows, cols // group_size):
             raise CorruptFile(f"{checkpoint.description}: {scale} has shape {tuple(packed.scale.shape)}, "
                               f"expected {(rows, cols // group_size)}")

@@ -55,6 +55,7 @@ class PackedFloat:
     global_scale: torch.Tensor | None    # nvfp4: float32 [1] (values = e2m1 * scale / global_scale); else None
     shape: tuple[int, ...]
     dtype: torch.dtype
+    tile: tuple[int, int] | None = None  # fp8 per tile: its rows and columns (edge tiles are partial)
 
 
 def _absmax(groups: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -173,7 +174,7 @@ def quantize_fp8(weight: torch.Tensor, block: int | None = None) -> PackedFloat:
         scale = _absmax(tiles, (1, 3))
     scale = _fp8_scale(scale)
     values = _to_fp8(matrix / (scale if block is None else expand_tiles(scale, (block, block), rows, cols)))
-    return PackedFloat(values, scale, None, tuple(weight.shape), weight.dtype)
+    return PackedFloat(values, scale, None, tuple(weight.shape), weight.dtype, None if block is None else (block, block))
 
 
 def expand_tiles(scale: torch.Tensor, tile: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
@@ -241,8 +242,9 @@ def dequantize_float(packed: PackedFloat) -> torch.Tensor:
     rows, cols = packed.shape
     if packed.values.dtype == FP8:
         scale = packed.scale
-        if scale.shape != (rows, 1):          # per tile: its edge from the grid
-            scale = expand_tiles(scale, (-(-rows // scale.shape[0]), -(-cols // scale.shape[1])), rows, cols)
+        if scale.shape != (rows, 1):          # per tile
+            scale = expand_tiles(scale, packed.tile or (-(-rows // scale.shape[0]), -(-cols // scale.shape[1])),
+                                 rows, cols)
         return (packed.values.to(scale.dtype) * scale).to(packed.dtype).reshape(packed.shape)
     values = unpack_e2m1(packed.values).reshape(rows, packed.scale.shape[1], -1)
     if packed.global_scale is not None:
