@@ -316,11 +316,12 @@ def test_reads_fp8_checkpoints_as_transformers_dequantizes_them(llama128_dir, tm
         resolve(str(fp8_dir)).close()
 
 
-@pytest.mark.parametrize("scheme_name", ["fp8", "mxfp4a16", "nvfp4a16"])
+@pytest.mark.parametrize("scheme_name", ["fp8", "fp8-block", "mxfp4a16", "nvfp4a16"])
 def test_gptq_on_the_float_grids(scheme_name):
-    """GPTQ on E4M3 (per row), E2M1 in groups of 32 with power-of-two scales, and E2M1 in groups of 16 with
-    E4M3 scales under the tensor's global scale: the output error well below round to nearest's, and the
-    result packed into the format's own bytes, which compressed-tensors decodes to exactly GPTQ's weight."""
+    """GPTQ on E4M3 (per row, and per 128 x 128 tile with the tiles' scales fixed first), E2M1 in groups of
+    32 with power-of-two scales, and E2M1 in groups of 16 with E4M3 scales under the tensor's global scale:
+    the output error well below round to nearest's, and the result packed into the format's own bytes,
+    which compressed-tensors decodes to exactly GPTQ's weight."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -329,7 +330,7 @@ def test_gptq_on_the_float_grids(scheme_name):
     generator = torch.Generator().manual_seed(0)
     mix = torch.randn(256, 256, generator=generator) / 16
     x = (torch.randn(512, 256, generator=generator) @ mix) * (torch.rand(256, generator=generator) * 3 + 0.05)
-    w = torch.randn(32, 256, generator=generator) * 0.05
+    w = torch.randn(160, 256, generator=generator) * 0.05      # fp8-block: two row tiles, the second partial
     h = x.T @ x
     scheme = get_scheme(scheme_name)
     rtn = dequantize_float(scheme.quantize(w)).float()
@@ -349,7 +350,7 @@ def test_gptq_on_the_float_grids(scheme_name):
     assert torch.equal(weight, result.qweight.to(weight.dtype))
 
 
-@pytest.mark.parametrize("scheme_name", ["fp8", "mxfp4", "nvfp4a16"])
+@pytest.mark.parametrize("scheme_name", ["fp8", "fp8-block", "mxfp4", "nvfp4a16"])
 def test_gptq_outputs_load_in_transformers(llama128_dir, shared_data, tmp_path, scheme_name):
     from transformers import AutoModelForCausalLM
 

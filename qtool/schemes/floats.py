@@ -304,6 +304,24 @@ class NVFP4Grid(FloatGrid):
         return GridParams(scale, torch.zeros_like(scale), {"global_scale": global_scale.expand_as(scale).clone()})
 
 
+class FP8BlockGrid(FloatGrid):
+    """E4M3 with one scale per 128 x 128 tile. A tile spans 128 rows, which GPTQ updates column by column
+    together, so its scale is fixed from the whole weight before calibration moves any value (static
+    groups: ``whole_tensor_scales``), the tile's absmax / 448 as round to nearest takes it."""
+
+    whole_tensor_scales = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, FP8_BLOCK, FP8_CODEBOOK, _fp8_row_scale)
+
+    def fit(self, w: torch.Tensor, weights: torch.Tensor | None) -> GridParams:
+        groups = w.abs().amax(-1)                         # (rows, column tiles): w is the whole weight
+        rows = groups.shape[0]
+        tiles = torch.nn.functional.pad(groups, (0, 0, 0, -rows % FP8_BLOCK)).unflatten(0, (-1, FP8_BLOCK)).amax(1)
+        scale = _fp8_row_scale(tiles).repeat_interleave(FP8_BLOCK, 0)[:rows].unsqueeze(-1)
+        return GridParams(scale, torch.zeros_like(scale))
+
+
 def _fp8_row_scale(absmax: torch.Tensor) -> torch.Tensor:
     # bfloat16 scales: the weight_scale the model dtype stores (float32 or bfloat16) holds them exactly
     return _fp8_scale(absmax.to(torch.bfloat16)).float()
@@ -376,6 +394,15 @@ class FP8Block(_FloatScheme):
 
     def quantize(self, weight: torch.Tensor, **params: Any) -> PackedFloat:
         return quantize_fp8(weight, FP8_BLOCK)
+
+    def calibration_grid(self, **_: Any) -> Grid:
+        return FP8BlockGrid(self.name)
+
+    def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
+                        tensor_name: str) -> PackedFloat:
+        values = FP8_CODEBOOK.to(result.levels.device)[result.levels.long()].to(FP8)
+        tiles = result.scale[::FP8_BLOCK].to(torch.float32)     # every row of a tile holds its scale
+        return PackedFloat(values, tiles, None, tuple(result.levels.shape), dtype, (FP8_BLOCK, FP8_BLOCK))
 
 
 @register
