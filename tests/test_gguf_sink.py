@@ -91,9 +91,14 @@ def test_mix_presets_follow_llama_quantize_layer_choices():
     n_layers = 16
     infos = [TensorInfo("model.embed_tokens.weight", (1024, 256), "BF16", 0),
              TensorInfo("lm_head.weight", (1024, 256), "BF16", 0)]
+    # llama-quantize's ffn_down rules take every tensor named ffn_down*: the merged experts (Mixtral's w2, the
+    # others' experts.N.down_proj) and shared experts, by their block's index.
+    experts = ("block_sparse_moe.experts.0.w2", "mlp.experts.1.down_proj", "mlp.shared_expert.down_proj",
+               "mlp.shared_experts.down_proj")
     for layer in range(n_layers):
         for stem, shape in (("self_attn.v_proj", (256, 256)), ("mlp.down_proj", (256, 512)),
-                            ("self_attn.o_proj", (256, 256)), ("input_layernorm", (256,))):
+                            ("self_attn.o_proj", (256, 256)), ("input_layernorm", (256,)),
+                            *((expert, (256, 512)) for expert in experts)):
             infos.append(TensorInfo(f"model.layers.{layer}.{stem}.weight", shape, "BF16", 0))
     config = {"num_hidden_layers": n_layers}
 
@@ -103,12 +108,16 @@ def test_mix_presets_follow_llama_quantize_layer_choices():
 
     more_bits = [0, 1, 4, 7, 10, 13, 14, 15]   # llama.cpp's use_more_bits for 16 layers
     assert types("Q4_K_M", "v_proj") == ["Q6_K" if i in more_bits else "Q4_K" for i in range(n_layers)]
-    assert types("Q4_K_M", "down_proj") == ["Q6_K" if i in more_bits else "Q4_K" for i in range(n_layers)]
+    assert types("Q4_K_M", "mlp.down_proj") == ["Q6_K" if i in more_bits else "Q4_K" for i in range(n_layers)]
     assert types("Q4_K_M", "o_proj") == ["Q4_K"] * n_layers
+    for expert in experts:
+        assert types("Q4_K_M", expert) == [
+            "Q6_K" if i in more_bits else "Q4_K" for i in range(n_layers)], expert
+        assert types("Q3_K_M", expert) == ["Q5_K"] + ["Q4_K"] * 15, expert
     assert types("Q4_K_S", "v_proj") == ["Q5_K"] * 4 + ["Q4_K"] * 12
-    assert types("Q4_K_S", "down_proj") == ["Q5_K"] * 2 + ["Q4_K"] * 14
+    assert types("Q4_K_S", "mlp.down_proj") == ["Q5_K"] * 2 + ["Q4_K"] * 14
     assert types("Q3_K_M", "v_proj") == ["Q5_K"] * 2 + ["Q4_K"] * 14
-    assert types("Q3_K_M", "down_proj") == ["Q5_K"] + ["Q4_K"] * 15
+    assert types("Q3_K_M", "mlp.down_proj") == ["Q5_K"] + ["Q4_K"] * 15
     assert types("Q3_K_M", "o_proj") == ["Q4_K"] * n_layers
     assert types("Q5_K_M", "v_proj") == ["Q6_K" if i in more_bits else "Q5_K" for i in range(n_layers)]
     plans = {p.name: stored_type(p) for p in gguf_plans(infos, recipe_for("Q4_K_M"), config)}
