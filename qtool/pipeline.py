@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +80,27 @@ def plan_model(source: Source, recipe: Recipe, fmt: str | None = None) -> list[T
     for plan in plans:
         if not plan.keep:
             get_scheme(plan.scheme)   # unknown names fail before any work
+    plans = _experts_kept_where_unloadable(plans, fmt)
     warning = check_coverage(plans, recipe, source.config)   # never exit 0 with nothing quantized
     if warning:
         ui.warn(warning)
     return plans
+
+
+def _experts_kept_where_unloadable(plans: list[TensorPlan], fmt: str) -> list[TensorPlan]:
+    """``plans`` with a mixture's experts kept when the container's runtime cannot load them quantized
+    (bitsandbytes), as transformers' own bitsandbytes loading leaves them; said once."""
+    schemes = {plan.scheme for plan in plans if not plan.keep}
+    if not schemes or containers.container_for(fmt, schemes).quantizes_experts:
+        return plans
+    experts = {plan.name for plan in plans if not plan.keep and architectures.merged_expert_name(plan.name)}
+    if not experts:
+        return plans
+    container = containers.container_for(fmt, schemes).name
+    ui.warn(f"{container}: the {len(experts)} expert matrices stay unquantized: transformers loads {container} "
+            "weights into Linear layers only, and runs a mixture's experts as fused parameters; --format gguf, "
+            "or a compressed-tensors scheme (--scheme int4-sym, fp8, nvfp4a16), quantizes them")
+    return [replace(plan, scheme=KEEP, params={}) if plan.name in experts else plan for plan in plans]
 
 
 def quantize(spec: str, out: str | Path, recipe: Recipe,

@@ -78,6 +78,9 @@ class Container:
     # matrix per expert merged by the container (GGUF's ffn_*_exps); transformers fuses only the per-expert
     # names its converters know, and has none for gpt-oss.
     writes_fused_experts: ClassVar[bool] = False
+    # Whether its runtime loads a mixture's experts quantized (bitsandbytes: transformers 5 puts its weights
+    # into nn.Linear modules only, and runs the experts as fused 3-D parameters).
+    quantizes_experts: ClassVar[bool] = True
     # --target-bpw / --max-size: the scheme family each tensor's type is chosen from (None: this container
     # cannot be sized), and whether the embeddings and the output matrix are sized too (else the plan's).
     sizing_family: ClassVar[str | None] = None

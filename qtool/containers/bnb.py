@@ -23,6 +23,7 @@ class Bitsandbytes(Container):
     families: ClassVar[tuple[str, ...]] = ("bnb",)
     quant_method: ClassVar[str | None] = "bitsandbytes"
     default: ClassVar[bool] = True
+    quantizes_experts: ClassVar[bool] = False
     bits_defaults: ClassVar[dict[int, str]] = {4: "nf4", 8: "int8-sym"}
     config_keys: ClassVar[tuple[str, ...]] = (
         "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
