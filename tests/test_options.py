@@ -96,7 +96,8 @@ def test_bad_preset_names_file_and_key(tmp_path: Path, content: bytes, key: str)
     with pytest.raises(BadArgument) as err:
         Recipe.from_yaml(preset)
     assert str(preset) in err.value.message and key in err.value.message, err.value.message
-    assert len(err.value.message) < 400
+    # Short besides the file's path (pytest's temporary paths grow with its run counter).
+    assert len(err.value.message.replace(str(preset), "")) < 350
 
 
 def test_bad_preset_on_the_command_line_is_exit_2(tmp_path: Path, hub: FakeHub) -> None:
