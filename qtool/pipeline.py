@@ -91,13 +91,13 @@ def _experts_kept_where_unloadable(plans: list[TensorPlan], fmt: str) -> list[Te
     """``plans`` with a mixture's experts kept when the container's runtime cannot load them quantized
     (bitsandbytes), as transformers' own bitsandbytes loading leaves them; said once."""
     schemes = {plan.scheme for plan in plans if not plan.keep}
-    if not schemes or containers.container_for(fmt, schemes).quantizes_experts:
+    container = containers.container_for(fmt, schemes) if schemes else None
+    if container is None or container.quantizes_experts:
         return plans
     experts = {plan.name for plan in plans if not plan.keep and architectures.merged_expert_name(plan.name)}
     if not experts:
         return plans
-    container = containers.container_for(fmt, schemes).name
-    ui.warn(f"{container}: the {len(experts)} expert matrices stay unquantized: transformers loads {container} "
+    ui.warn(f"{container.name}: the {len(experts)} expert matrices stay unquantized: transformers loads {container.name} "
             "weights into Linear layers only, and runs a mixture's experts as fused parameters; --format gguf, "
             "or a compressed-tensors scheme (--scheme int4-sym, fp8, nvfp4a16), quantizes them")
     return [replace(plan, scheme=KEEP, params={}) if plan.name in experts else plan for plan in plans]

@@ -54,7 +54,7 @@ def measure_sensitivity(source: Source, windows: torch.Tensor, *, device: str | 
     """The Fisher diagonal of every Linear weight of the decoder blocks, of the output matrix and of the
     input embeddings (tied embeddings once, with the gradient of both uses), by checkpoint weight name,
     over ``windows`` (n, seqlen) of token ids, next tokens sampled from the model (see module doc)."""
-    from qtool.calibration.runner import BATCH_TOKENS, Skeleton, batches
+    from qtool.calibration.runner import BATCH_TOKENS, Skeleton, batches, block_output
 
     device = torch.device(device)
     skeleton = Skeleton(source, device)
@@ -90,8 +90,7 @@ def measure_sensitivity(source: Source, windows: torch.Tensor, *, device: str | 
             inputs[index].copy_(hidden)
             with torch.no_grad():
                 for part in batches(count, max(1, BATCH_TOKENS // seqlen)):
-                    result = block(hidden[part], **run)
-                    outputs[part] = result[0] if isinstance(result, tuple) else result
+                    outputs[part] = block_output(block(hidden[part], **run))
             hidden, outputs = outputs, hidden
             skeleton.release(index)
         del outputs
@@ -131,8 +130,7 @@ def measure_sensitivity(source: Source, windows: torch.Tensor, *, device: str | 
                 given = inputs[index, window:window + 1].to(device).requires_grad_(True)
                 for module in linears.values():
                     module.weight.grad = None
-                result = block(given, **run)
-                result = result[0] if isinstance(result, tuple) else result
+                result = block_output(block(given, **run))
                 result.backward(gradients[window:window + 1])
                 for name, module in linears.items():
                     if module.weight.grad is not None:     # an expert no token of the window reached has none

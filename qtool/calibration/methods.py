@@ -106,6 +106,14 @@ def grid_for(plan: TensorPlan, absmax: float | None = None) -> Grid:
     return grid
 
 
+def _tensor_absmax(weight: torch.Tensor, plan: TensorPlan) -> float | None:
+    """The weight's largest magnitude where its encoding has a per-tensor scale (NVFP4's global one, which
+    ``shares_global_scale`` marks); None elsewhere, sparing every other weight the pass and the sync."""
+    from qtool.schemes.base import get_scheme
+
+    return float(weight.abs().amax()) if getattr(get_scheme(plan.scheme), "shares_global_scale", False) else None
+
+
 def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | None,
                     options: MethodOptions, absmax: float | None = None) -> tuple[torch.Tensor, QuantResult | None]:
     """(dequantized weight, chosen grid parameters) for one planned 2-D weight (``absmax``: of the whole
@@ -128,7 +136,7 @@ def quantize_weight(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | 
         qweight = scheme.dequantize(packed).to(torch.float32)
         empty = torch.empty(0)
         return qweight, QuantResult(qweight, empty, empty, empty, packed=packed)
-    grid = grid_for(plan, float(weight.abs().amax()) if absmax is None else absmax)
+    grid = grid_for(plan, _tensor_absmax(weight, plan) if absmax is None else absmax)
     if options.method == "imatrix":
         result = quantize_rtn(weight, grid, stats.mean_square)
     elif options.method == "gptq":
@@ -265,7 +273,7 @@ def _quantize_rows(weight: torch.Tensor, plan: TensorPlan, stats: InputStats | N
     bounds = [weight.shape[0] * part // world for part in range(world + 1)]
     rank = distributed.rank()
     _, mine = quantize_weight(weight[bounds[rank]:bounds[rank + 1]], plan, stats, options,
-                              absmax=float(weight.abs().amax()))
+                              absmax=_tensor_absmax(weight, plan))
     on_cpu = dataclasses.replace(mine, qweight=mine.qweight.cpu(), levels=mine.levels.cpu(), scale=mine.scale.cpu(),
                                  offset=mine.offset.cpu(), extra={k: v.cpu() for k, v in mine.extra.items()},
                                  perm=None if mine.perm is None else mine.perm.cpu())

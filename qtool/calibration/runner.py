@@ -328,6 +328,11 @@ class _FinalOutputs:
         return memo
 
 
+def block_output(result: Any) -> torch.Tensor:
+    """A decoder block's hidden states, whether it returns them alone or first in a tuple."""
+    return result[0] if isinstance(result, tuple) else result
+
+
 def batches(total: int, batch: int) -> list[slice]:
     return [slice(start, min(start + batch, total)) for start in range(0, total, batch)]
 
@@ -341,7 +346,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, out: torch.Tensor, positio
                 memo.part = number
             result = block(hidden[part], attention_mask=attention_mask, position_ids=position_ids,
                            position_embeddings=position_embeddings)
-            out[part] = result[0] if isinstance(result, tuple) else result
+            out[part] = block_output(result)
 
 
 class _Enough(Exception):
@@ -431,7 +436,7 @@ def _observe(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tens
                 except _Enough:
                     continue
                 if outputs is not None:
-                    outputs[part] = result[0] if isinstance(result, tuple) else result
+                    outputs[part] = block_output(result)
             seen_inputs.clear()
     finally:
         for handle in handles:

@@ -267,6 +267,16 @@ FP8_CODEBOOK = _codebook(torch.arange(256, dtype=torch.uint8).view(FP8).float()[
 E2M1_CODEBOOK = _codebook(list(E2M1_VALUES))
 
 
+def _fp8_levels(levels: torch.Tensor) -> torch.Tensor:
+    """Calibrated levels on FP8_CODEBOOK as the E4M3 values they index."""
+    return FP8_CODEBOOK.to(levels.device)[levels.long()].to(FP8)
+
+
+def _e2m1_levels_packed(levels: torch.Tensor) -> torch.Tensor:
+    """Calibrated levels on E2M1_CODEBOOK as packed E2M1 codes, two a byte."""
+    return pack_nibbles(e2m1_codes(E2M1_CODEBOOK.to(levels.device)[levels.long()]))
+
+
 class FloatGrid(Grid):
     """value = scale * codebook[level], the codebook being a float format's values (E4M3, E2M1) and the
     scale what the encoding derives from the group's absmax (the calibration method moves the values; the
@@ -379,7 +389,7 @@ class FP8Channel(_FloatScheme):
 
     def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
                         tensor_name: str) -> PackedFloat:
-        values = FP8_CODEBOOK.to(result.levels.device)[result.levels.long()].to(FP8)
+        values = _fp8_levels(result.levels)
         return PackedFloat(values, result.scale.to(torch.float32), None, tuple(result.levels.shape), dtype)
 
 
@@ -400,7 +410,7 @@ class FP8Block(_FloatScheme):
 
     def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
                         tensor_name: str) -> PackedFloat:
-        values = FP8_CODEBOOK.to(result.levels.device)[result.levels.long()].to(FP8)
+        values = _fp8_levels(result.levels)
         tiles = result.scale[::FP8_BLOCK].to(torch.float32)     # every row of a tile holds its scale
         return PackedFloat(values, tiles, None, tuple(result.levels.shape), dtype, (FP8_BLOCK, FP8_BLOCK))
 
@@ -431,10 +441,9 @@ class NVFP4A16(_FloatScheme):
                         tensor_name: str) -> PackedFloat:
         rows, cols = result.levels.shape
         global_scale = result.extra["global_scale"].reshape(-1)[:1].float()
-        values = E2M1_CODEBOOK.to(result.levels.device)[result.levels.long()]
         # s / g * g gives back s to within an ulp, which the E4M3 rounding removes.
         scale = (result.scale.float() * global_scale).to(FP8)
-        return PackedFloat(pack_nibbles(e2m1_codes(values)), scale, global_scale.cpu(), (rows, cols), dtype)
+        return PackedFloat(_e2m1_levels_packed(result.levels), scale, global_scale.cpu(), (rows, cols), dtype)
 
 
 @register
@@ -468,9 +477,8 @@ class MXFP4A16(_FloatScheme):
     def pack_calibrated(self, result: QuantResult, params: Mapping[str, Any], dtype: torch.dtype,
                         tensor_name: str) -> PackedFloat:
         rows, cols = result.levels.shape
-        values = E2M1_CODEBOOK.to(result.levels.device)[result.levels.long()]
         exponents = (SCALE_BIAS + torch.log2(result.scale.float()).round()).to(torch.uint8)
-        return PackedFloat(pack_nibbles(e2m1_codes(values)), exponents, None, (rows, cols), dtype)
+        return PackedFloat(_e2m1_levels_packed(result.levels), exponents, None, (rows, cols), dtype)
 
 
 @register
