@@ -218,44 +218,49 @@ KERNEL int quantize_q5_1(const void *src, int dtype, int64_t n_blocks, const flo
  * right like llama.cpp's loop. */
 static const float iq4_nl_table[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
+/* The table index nearest to v, ties to the upper entry, as llama.cpp's best_index_int8 (a binary
+ * search, then v - low < high - v) decides: step j moves to entry j + 1 unless v - t[j] < t[j + 1] - v.
+ * That test holds for every step past v's interval and fails for every step before it, so the last
+ * step taken is the binary search's answer (NaN takes every step: entry 15, as there). Branch-free,
+ * so that a loop over values or over candidate scales vectorizes. */
 static inline int iq4_nl_index(float v) {
-    if (v <= iq4_nl_table[0]) return 0;
-    if (v >= iq4_nl_table[15]) return 15;
-    int low = 0, high = 15;
-    while (high - low > 1) {
-        int mid = (low + high) / 2;
-        if (v < iq4_nl_table[mid]) high = mid; else low = mid;
-    }
-    return v - iq4_nl_table[high - 1] < iq4_nl_table[high] - v ? high - 1 : high;
+    int index = 0;
+    for (int j = 0; j < 15; j++) index = v - iq4_nl_table[j] < iq4_nl_table[j + 1] - v ? index : j + 1;
+    return index;
 }
 
-static inline void iq4_nl_sums(const float *x, const float *w, float inverse, float *sum_qx, float *sum_q2) {
-    float qx = 0.0f, q2 = 0.0f;
-    for (int i = 0; i < 32; i++) {
-        float q = iq4_nl_table[iq4_nl_index(inverse * x[i])];
-        float wq = w[i] * q;
-        qx = qx + wq * x[i];
-        q2 = q2 + wq * q;
-    }
-    *sum_qx = qx;
-    *sum_q2 = q2;
+static inline float iq4_nl_value(float v) {
+    float value = iq4_nl_table[0];
+    for (int j = 0; j < 15; j++) value = v - iq4_nl_table[j] < iq4_nl_table[j + 1] - v ? value : iq4_nl_table[j + 1];
+    return value;
 }
 
 /* IQ4_NL's scale search over one block of 32 with element weights w (ggml.py's _iq4_scales): the
  * scale mapping the largest-magnitude element onto the table's end, then 15 inverse scales, each with
- * its weighted least-squares scale; 0 for an empty block or one whose weights are all zero. */
-static float iq4_block_scale(const float *x, const float *w) {
+ * its weighted least-squares scale; 0 for an empty block or one whose weights are all zero. The 16
+ * candidates' sums run side by side (one vector lane each), every sum still left to right over the
+ * block; the candidates are then compared in llama.cpp's order. */
+static inline float iq4_block_scale(const float *x, const float *w) {
     float peak = signed_absmax(x, 32);
     if (fabsf(peak) < 1e-15f) return 0.0f;
-    float sum_qx, sum_q2;
-    iq4_nl_sums(x, w, 1.0f / (peak / 127.0f), &sum_qx, &sum_q2);
-    float scale = sum_q2 > 0.0f ? sum_qx / sum_q2 : 0.0f;
-    float best = scale * sum_qx;
-    for (int step = -7; step <= 7; step++) {
-        iq4_nl_sums(x, w, (float)(step - 127) / peak, &sum_qx, &sum_q2);
-        if (sum_q2 > 0.0f && sum_qx * sum_qx > best * sum_q2) {
-            scale = sum_qx / sum_q2;
-            best = scale * sum_qx;
+    float inverse[16], sum_qx[16], sum_q2[16];
+    inverse[0] = 1.0f / (peak / 127.0f);
+    for (int k = 1; k < 16; k++) inverse[k] = (float)(k - 8 - 127) / peak;
+    for (int k = 0; k < 16; k++) sum_qx[k] = sum_q2[k] = 0.0f;
+    for (int i = 0; i < 32; i++) {
+        for (int k = 0; k < 16; k++) {
+            float q = iq4_nl_value(inverse[k] * x[i]);
+            float wq = w[i] * q;
+            sum_qx[k] = sum_qx[k] + wq * x[i];
+            sum_q2[k] = sum_q2[k] + wq * q;
+        }
+    }
+    float scale = sum_q2[0] > 0.0f ? sum_qx[0] / sum_q2[0] : 0.0f;
+    float best = scale * sum_qx[0];
+    for (int k = 1; k < 16; k++) {
+        if (sum_q2[k] > 0.0f && sum_qx[k] * sum_qx[k] > best * sum_q2[k]) {
+            scale = sum_qx[k] / sum_q2[k];
+            best = scale * sum_qx[k];
         }
     }
     return scale;
