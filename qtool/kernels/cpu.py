@@ -152,12 +152,12 @@ def cpu_kernel(scheme: Any, library: ctypes.CDLL | None = None) -> Callable[...,
 
 
 def lattice_fit(blocks: torch.Tensor, importance: torch.Tensor | None, config: tuple[int, ...],
-                fconfig: tuple[float, ...], tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                fconfig: tuple[float, ...], tables: tuple[torch.Tensor, ...]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The lattice i-quants' search in C (cpu_ggml.c's lattice_fit: ggml_iquants.py's _Lattice._fit, the
     same numbers): (grid indices (rows, groups), sign bits (n_blocks * 32,), scales (rows, 1), empty
     (rows, 1)) for float blocks (n_blocks, 256) on the CPU, ``importance`` (n_blocks, 256) or None; None
-    without a compiler. ``tables``: the grid's levels, map and neighbours, contiguous int32."""
+    without a compiler. ``tables``: ggml_iquants.lattice_packed's."""
     library = _library()
     if library is None:
         return None
@@ -166,14 +166,14 @@ def lattice_fit(blocks: torch.Tensor, importance: torch.Tensor | None, config: t
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         function.restype = ctypes.c_int
         function.argtypes = [pointer, ctypes.c_int, size, pointer, pointer, pointer, pointer, pointer, pointer,
-                             ctypes.c_int32, pointer, pointer, pointer, pointer]
+                             pointer, ctypes.c_int32, pointer, pointer, pointer, pointer]
     if blocks.dtype not in _DTYPES:
         blocks = blocks.to(torch.float32)
     blocks = blocks.contiguous()
     n_blocks = blocks.shape[0]
     sub, group = config[0], config[1]
     rows, groups = n_blocks * (256 // sub), sub // group
-    levels, grid_map, neighbours = tables
+    grid_map, code_rows, counts, packed = tables
     weights = None if importance is None else importance.to(torch.float32).contiguous()
     config_array = np.array(config, dtype=np.int32)
     fconfig_array = np.array(fconfig, dtype=np.float32)
@@ -182,9 +182,9 @@ def lattice_fit(blocks: torch.Tensor, importance: torch.Tensor | None, config: t
     scale = torch.empty((rows, 1), dtype=torch.float32)
     empty = torch.empty((rows, 1), dtype=torch.uint8)
     if function(blocks.data_ptr(), _DTYPES[blocks.dtype], n_blocks, None if weights is None else weights.data_ptr(),
-                config_array.ctypes.data, fconfig_array.ctypes.data, levels.data_ptr(), grid_map.data_ptr(),
-                neighbours.data_ptr(), neighbours.shape[1], index.data_ptr(), signs.data_ptr(), scale.data_ptr(),
-                empty.data_ptr()):
+                config_array.ctypes.data, fconfig_array.ctypes.data, grid_map.data_ptr(), code_rows.data_ptr(),
+                counts.data_ptr(), packed.data_ptr(), packed.shape[1], index.data_ptr(), signs.data_ptr(),
+                scale.data_ptr(), empty.data_ptr()):
         from qtool.schemes.errors import NonFiniteWeight
 
         raise NonFiniteWeight("the weight contains inf or nan values")

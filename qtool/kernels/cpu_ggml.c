@@ -898,28 +898,93 @@ static float qp_fit(const float *x, const float *w, int n, int nmax, uint8_t *le
     return sum_l2 > 0.0f ? sum_lx / sum_l2 : 0.0f;
 }
 
-/* Snap one group's levels to the grid: 1 if they were on it, else 0 with the nearest neighbour's. */
+/* The first neighbour of least weighted distance to one group of M values (M a constant, so that the
+ * loop over elements unrolls), or -1 when none is below infinity. Eight neighbours side by side, one
+ * vector lane each, each distance summed over the group left to right as one at a time would; each
+ * lane keeps its first strict minimum, and of the lanes' the least, the earliest in list order: the
+ * neighbour a scan in list order keeps. Neighbours come as packed codes (levels of `bits` each),
+ * `count` of them, padded to a multiple of 8. */
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+/* Lane by lane: a where mask is set (all ones), else b. */
+static inline f32x8 select_f32x8(i32x8 mask, f32x8 a, f32x8 b) {
+    return (f32x8)((mask & (i32x8)a) | (~mask & (i32x8)b));
+}
+
+static inline i32x8 select_i32x8(i32x8 mask, i32x8 a, i32x8 b) {
+    return (mask & a) | (~mask & b);
+}
+
+static inline int nearest_neighbour(int M, int bits, const uint16_t *packed, int count, const float *xval,
+                                    const float *waux, float scale) {
+    const i32x8 lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+    f32x8 best = (f32x8){0} + INFINITY;
+    i32x8 best_index = (i32x8){0} - 1;
+    /* Each element's distance term for each level it can take (at most 8), computed as the scan
+     * computes it: a neighbour's distance is then a sum of table lookups, one per element. */
+    const f32x8 magnitudes = {1, 3, 5, 7, 9, 11, 13, 15};
+    f32x8 terms[8];
+    for (int i = 0; i < M; i++) {
+        f32x8 diff = scale * magnitudes - xval[i];
+        terms[i] = waux[i] * diff * diff;
+    }
+    for (int j0 = 0; j0 < count; j0 += 8) {
+        u16x8 codes16;
+        memcpy(&codes16, packed + j0, sizeof codes16);
+        i32x8 codes = __builtin_convertvector(codes16, i32x8);
+        f32x8 d = (f32x8){0};
+        for (int i = 0; i < M; i++) d = d + __builtin_shuffle(terms[i], (codes >> (bits * i)) & ((1 << bits) - 1));
+        i32x8 index = lanes + j0;
+        i32x8 better = (index < count) & (d < best);
+        best = select_f32x8(better, d, best);
+        best_index = select_i32x8(better, index, best_index);
+    }
+    /* Without branches (which lane wins is unpredictable): the least distance over the lanes, then
+     * the earliest neighbour of the lanes holding it, each by halving three times (minima: exact); a
+     * lane that found none holds infinity and index -1; when none found any the answer is -1. */
+    const i32x8 halves[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5}, {1, 0, 3, 2, 5, 4, 7, 6}};
+    f32x8 least = best;
+    for (int h = 0; h < 3; h++) {
+        f32x8 other = __builtin_shuffle(least, halves[h]);
+        least = select_f32x8(other < least, other, least);
+    }
+    i32x8 first = select_i32x8((best == least) & (best_index >= 0), best_index, (i32x8){0} + INT32_MAX);
+    for (int h = 0; h < 3; h++) {
+        i32x8 other = __builtin_shuffle(first, halves[h]);
+        first = select_i32x8(other < first, other, first);
+    }
+    int chosen = first[0] == INT32_MAX ? -1 : first[0];
+    return chosen;
+}
+
+/* A lattice's tables as lattice_fit reads them (ggml_iquants.py's lattice_packed): the grid index of
+ * each code (-1 off the grid), each reachable code's row of neighbours (-1 for codes rounding never
+ * gives), each row's neighbour count and its neighbours' packed codes, `width` (a multiple of 8) a row. */
+/* The most candidate scales a lattice type tries (IQ3_XXS: 31). */
+#define MAX_CANDIDATES 32
+
+typedef struct {
+    const int32_t *grid_map, *code_rows, *counts;
+    const uint16_t *packed;
+    int64_t width;
+} Lattice;
+
+/* Snap one group's levels to the grid: 1 if they were on it, else 0 with the nearest neighbour's (the
+ * first of the smallest weighted distance, in list order). */
 static inline int lattice_snap(int *levels, int m, int bits, const float *xval, const float *waux, float scale,
-                        const int32_t *grid_levels, const int32_t *grid_map, const int32_t *neighbours, int width) {
+                               const Lattice *lattice) {
     int code = 0;
     for (int i = 0; i < m; i++) code |= levels[i] << (bits * i);
-    if (grid_map[code] >= 0) return 1;
-    const int32_t *candidates = neighbours + (int64_t)code * width;
-    float best = INFINITY;
-    int chosen = candidates[0];
-    for (int j = 0; j < width && candidates[j] >= 0; j++) {
-        const int32_t *point = grid_levels + (int64_t)candidates[j] * m;
-        float d2 = 0.0f;
-        for (int i = 0; i < m; i++) {
-            float diff = scale * (float)(2 * point[i] + 1) - xval[i];
-            d2 = d2 + waux[i] * diff * diff;
-        }
-        if (d2 < best) {
-            best = d2;
-            chosen = candidates[j];
-        }
-    }
-    for (int i = 0; i < m; i++) levels[i] = grid_levels[(int64_t)chosen * m + i];
+    if (lattice->grid_map[code] >= 0) return 1;
+    int64_t row = lattice->code_rows[code];
+    const uint16_t *packed = lattice->packed + row * lattice->width;
+    int count = lattice->counts[row];
+    int nearest = m == 8 ? nearest_neighbour(8, bits, packed, count, xval, waux, scale)
+                         : nearest_neighbour(4, bits, packed, count, xval, waux, scale);
+    uint32_t chosen = packed[nearest < 0 ? 0 : nearest];
+    for (int i = 0; i < m; i++) levels[i] = (int)((chosen >> (bits * i)) & ((1u << bits) - 1u));
     return 0;
 }
 
@@ -935,8 +1000,8 @@ static inline void lattice_sums(const int *levels, const float *xval, const floa
 }
 
 KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float *importance, const int32_t *config,
-                       const float *fconfig, const int32_t *grid_levels, const int32_t *grid_map,
-                       const int32_t *neighbours, int32_t width, int32_t *index_out, int32_t *signs_out,
+                       const float *fconfig, const int32_t *grid_map, const int32_t *code_rows,
+                       const int32_t *counts, const uint16_t *packed, int32_t width, int32_t *index_out, int32_t *signs_out,
                        float *scale_out, uint8_t *empty_out) {
     const int sub = config[0], m = config[1], kmax = config[2], steps = config[3], factor = config[4];
     const int redo = config[5], even = config[6], qp_start = config[7], flat_weights = config[8];
@@ -944,7 +1009,10 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
     const int bits = m == 4 ? 3 : 2, groups = sub / m;
     int nonfinite = 0;
     float x[256], w[256], waux[256], xval[256];
-    int chosen[32], trial[32], on_grid[8], flags[8];
+    int chosen[32], trial[32], on_grid[8];
+    int trials[MAX_CANDIDATES][32], trial_flags[MAX_CANDIDATES][8];
+    float q_by_element[32][MAX_CANDIDATES] = {{0.0f}};
+    const Lattice lattice = {grid_map, code_rows, counts, packed, width};
     for (int64_t b = 0; b < n_blocks; b++) {
         nonfinite |= load_block(src, dtype, b, 256, x);
         float sum_x2 = 0.0f;
@@ -993,23 +1061,37 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
             float best = 0.0f;
             for (int i = 0; i < sub; i++) chosen[i] = 0;
             for (int g = 0; g < groups; g++) on_grid[g] = redo != 0;
-            for (int step = -steps; step <= steps; step++) {
-                float inverse = ((float)(2 * kmax - 1) + (float)step * step_size) / span;
-                float this_scale = 1.0f / inverse;
+            /* Every candidate scale's levels, snapped, first; then their sums side by side (one vector
+             * lane per candidate, each sum left to right over the sub-block); then llama.cpp's choice,
+             * candidate by candidate in its order. */
+            const int candidates = 2 * steps + 1;
+            for (int k = 0; k < candidates; k++) {
+                float inverse = ((float)(2 * kmax - 1) + (float)(k - steps) * step_size) / span;
+                int *levels = trials[k];
                 for (int i = 0; i < sub; i++) {
                     float l = rint_level(0.5f * (inverse * xv[i] - 1.0f));
-                    trial[i] = (int)clampf(l, 0.0f, (float)(kmax - 1));
+                    levels[i] = (int)clampf(l, 0.0f, (float)(kmax - 1));
                 }
                 for (int g = 0; g < groups; g++)
-                    flags[g] = lattice_snap(trial + g * m, m, bits, xv + g * m, wa + g * m, this_scale, grid_levels,
-                                            grid_map, neighbours, width);
-                float sum_qx, sum_q2;
-                lattice_sums(trial, xv, wr, sub, &sum_qx, &sum_q2);
-                if (sum_q2 > 0.0f && sum_qx * sum_qx > best * sum_q2) {
-                    scale = sum_qx / sum_q2;
-                    best = scale * sum_qx;
-                    for (int i = 0; i < sub; i++) chosen[i] = trial[i];
-                    for (int g = 0; g < groups; g++) on_grid[g] = flags[g];
+                    trial_flags[k][g] = lattice_snap(levels + g * m, m, bits, xv + g * m, wa + g * m, 1.0f / inverse,
+                                                     &lattice);
+                for (int i = 0; i < sub; i++) q_by_element[i][k] = (float)(2 * levels[i] + 1);
+            }
+            float sum_qx[MAX_CANDIDATES], sum_q2[MAX_CANDIDATES];
+            for (int k = 0; k < MAX_CANDIDATES; k++) sum_qx[k] = sum_q2[k] = 0.0f;
+            for (int i = 0; i < sub; i++) {
+                for (int k = 0; k < MAX_CANDIDATES; k++) {
+                    float q = q_by_element[i][k];
+                    sum_qx[k] = sum_qx[k] + wr[i] * xv[i] * q;
+                    sum_q2[k] = sum_q2[k] + wr[i] * q * q;
+                }
+            }
+            for (int k = 0; k < candidates; k++) {
+                if (sum_q2[k] > 0.0f && sum_qx[k] * sum_qx[k] > best * sum_q2[k]) {
+                    scale = sum_qx[k] / sum_q2[k];
+                    best = scale * sum_qx[k];
+                    for (int i = 0; i < sub; i++) chosen[i] = trials[k][i];
+                    for (int g = 0; g < groups; g++) on_grid[g] = trial_flags[k][g];
                 }
             }
             int off = 0;
@@ -1026,7 +1108,7 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
                         float l = rint_level(0.5f * (inverse * xv[g * m + i] - 1.0f));
                         levels[i] = (int)clampf(l, 0.0f, (float)(kmax - 1));
                     }
-                    lattice_snap(levels, m, bits, xv + g * m, wa + g * m, scale, grid_levels, grid_map, neighbours, width);
+                    lattice_snap(levels, m, bits, xv + g * m, wa + g * m, scale, &lattice);
                 }
                 float sum_qx, sum_q2;
                 lattice_sums(trial, xv, wr, sub, &sum_qx, &sum_q2);

@@ -69,6 +69,28 @@ def lattice_int32(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor, 
     return tuple(table.to(torch.int32).contiguous() for table in lattice(type_name, nwant, kmax))
 
 
+@functools.cache
+def lattice_packed(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor, ...]:
+    """:func:`lattice`'s tables as cpu_ggml.c's lattice_fit reads them, made once: (grid map int32; the
+    row of each code in the lists, -1 for codes rounding never gives (a level of kmax or more); each
+    row's neighbour count; the rows: each neighbour as its packed code (levels << bits * i) in uint16,
+    zero-padded to a multiple of 8 neighbours). Packed codes let the kernel read a neighbour's levels
+    without gathering grid rows; rows for reachable codes only keep the lists small (IQ2_S: 5 MB)."""
+    levels, grid_map, neighbours = lattice(type_name, nwant, kmax)
+    m = levels.shape[1]
+    grid_codes = (levels << (torch.arange(m) * (3 if m == 4 else 2))).sum(-1)
+    rows = (neighbours[:, 0] >= 0).nonzero().squeeze(-1)
+    listed = neighbours[rows]
+    code_rows = torch.full((len(grid_map),), -1, dtype=torch.int32)
+    code_rows[rows] = torch.arange(len(rows), dtype=torch.int32)
+    width = -(-listed.shape[1] // 8) * 8
+    packed = torch.zeros((len(rows), width), dtype=torch.int32)
+    packed[:, :listed.shape[1]] = torch.where(listed >= 0, grid_codes[listed.clamp(min=0)], 0).to(torch.int32)
+    counts = (listed >= 0).sum(-1).to(torch.int32)
+    return (grid_map.to(torch.int32).contiguous(), code_rows, counts.contiguous(),
+            packed.to(torch.uint16).contiguous())
+
+
 def best_neighbours(levels: torch.Tensor, xval: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     candidates: torch.Tensor) -> torch.Tensor:
     """llama.cpp's iq*_find_best_neighbour for groups (n, m): among ``candidates`` (n, M), -1 padded, the
@@ -303,7 +325,7 @@ class _Lattice(GGMLType):
         config = (self.sub, self.group, self.kmax, self.steps, self.sigma2_factor, redo, int(self.even_signs),
                   int(self.qp_start), int(self.flat_weights))
         fitted = lattice_fit(blocks, importance, config, (self.step_size, self.empty_below),
-                             lattice_int32(self.name, self.nwant, self.kmax))
+                             lattice_packed(self.name, self.nwant, self.kmax))
         if fitted is None:
             return None
         index, signs, scale, empty = fitted
