@@ -971,13 +971,16 @@ typedef struct {
     int64_t width;
 } Lattice;
 
-/* Snap one group's levels to the grid: 1 if they were on it, else 0 with the nearest neighbour's (the
- * first of the smallest weighted distance, in list order). */
-static inline int lattice_snap(int *levels, int m, int bits, const float *xval, const float *waux, float scale,
-                               const Lattice *lattice) {
+static inline int group_code(const int *levels, int m, int bits) {
     int code = 0;
     for (int i = 0; i < m; i++) code |= levels[i] << (bits * i);
-    if (lattice->grid_map[code] >= 0) return 1;
+    return code;
+}
+
+/* An off-grid group (its code) moved to its nearest neighbour on the grid (the first of the smallest
+ * weighted distance, in list order). */
+static inline void snap_off_grid(int *levels, int code, int m, int bits, const float *xval, const float *waux,
+                                 float scale, const Lattice *lattice) {
     int64_t row = lattice->code_rows[code];
     const uint16_t *packed = lattice->packed + row * lattice->width;
     int count = lattice->counts[row];
@@ -985,6 +988,14 @@ static inline int lattice_snap(int *levels, int m, int bits, const float *xval, 
                          : nearest_neighbour(4, bits, packed, count, xval, waux, scale);
     uint32_t chosen = packed[nearest < 0 ? 0 : nearest];
     for (int i = 0; i < m; i++) levels[i] = (int)((chosen >> (bits * i)) & ((1u << bits) - 1u));
+}
+
+/* Snap one group's levels to the grid: 1 if they were on it, else 0 with the nearest neighbour's. */
+static inline int lattice_snap(int *levels, int m, int bits, const float *xval, const float *waux, float scale,
+                               const Lattice *lattice) {
+    int code = group_code(levels, m, bits);
+    if (lattice->grid_map[code] >= 0) return 1;
+    snap_off_grid(levels, code, m, bits, xval, waux, scale, lattice);
     return 0;
 }
 
@@ -1063,20 +1074,35 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
             for (int g = 0; g < groups; g++) on_grid[g] = redo != 0;
             /* Every candidate scale's levels, snapped, first; then their sums side by side (one vector
              * lane per candidate, each sum left to right over the sub-block); then llama.cpp's choice,
-             * candidate by candidate in its order. */
+             * candidate by candidate in its order. The off-grid groups of all candidates are listed
+             * first and then snapped one after another: no branch on whether each group was on the
+             * grid (which is unpredictable). */
             const int candidates = 2 * steps + 1;
+            float inverses[MAX_CANDIDATES];
+            int codes[MAX_CANDIDATES * 8], off_list[MAX_CANDIDATES * 8], n_off = 0;
             for (int k = 0; k < candidates; k++) {
-                float inverse = ((float)(2 * kmax - 1) + (float)(k - steps) * step_size) / span;
+                inverses[k] = ((float)(2 * kmax - 1) + (float)(k - steps) * step_size) / span;
                 int *levels = trials[k];
                 for (int i = 0; i < sub; i++) {
-                    float l = rint_level(0.5f * (inverse * xv[i] - 1.0f));
+                    float l = rint_level(0.5f * (inverses[k] * xv[i] - 1.0f));
                     levels[i] = (int)clampf(l, 0.0f, (float)(kmax - 1));
                 }
-                for (int g = 0; g < groups; g++)
-                    trial_flags[k][g] = lattice_snap(levels + g * m, m, bits, xv + g * m, wa + g * m, 1.0f / inverse,
-                                                     &lattice);
-                for (int i = 0; i < sub; i++) q_by_element[i][k] = (float)(2 * levels[i] + 1);
+                for (int g = 0; g < groups; g++) {
+                    int code = group_code(levels + g * m, m, bits);
+                    int on = lattice.grid_map[code] >= 0;
+                    codes[8 * k + g] = code;
+                    trial_flags[k][g] = on;
+                    off_list[n_off] = 8 * k + g;
+                    n_off += !on;
+                }
             }
+            for (int e = 0; e < n_off; e++) {
+                int k = off_list[e] >> 3, g = off_list[e] & 7;
+                snap_off_grid(trials[k] + g * m, codes[off_list[e]], m, bits, xv + g * m, wa + g * m,
+                              1.0f / inverses[k], &lattice);
+            }
+            for (int k = 0; k < candidates; k++)
+                for (int i = 0; i < sub; i++) q_by_element[i][k] = (float)(2 * trials[k][i] + 1);
             float sum_qx[MAX_CANDIDATES], sum_q2[MAX_CANDIDATES];
             for (int k = 0; k < MAX_CANDIDATES; k++) sum_qx[k] = sum_q2[k] = 0.0f;
             for (int i = 0; i < sub; i++) {
