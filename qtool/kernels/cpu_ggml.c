@@ -88,7 +88,10 @@ static inline float rint_level(float v) {
     return rint_small(clampf(v, -64.0f, 64.0f));
 }
 
-/* Exported kernels are built for AVX2 and for plain x86-64; the loader picks one at run time. */
+/* Exported kernels are built for AVX2 and for plain x86-64; the loader picks one at run time. The
+ * helpers they call are always inlined, so that each clone has its own build of them too (a helper
+ * left out of line is built once, for plain x86-64). */
+#define HELPER static inline __attribute__((always_inline))
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(QTOOL_PORTABLE)
 #define KERNEL __attribute__((target_clones("avx2", "default")))
 #else
@@ -157,7 +160,7 @@ static inline void store_high_bits(uint8_t *dst, const uint8_t *q) {
  * weights (`importance`: the row-weighted importance ggml.py's row_element_weights computes, one per
  * element) llama.cpp's weighted searches: make_qx_quants (symmetric), make_qkx3_quants (affine). */
 static float qkx3_fit(const float *x, const float *w, int n, float nmax, float *levels, float *the_min);
-static float qx_fit(const float *x, const float *w, int n, int nmax, float *levels);
+HELPER float qx_fit(const float *x, const float *w, int n, int nmax, float *levels);
 static inline const float *block_importance(const float *importance, int64_t period, int64_t index, int n);
 
 static inline int quantize_32(const void *src, int dtype, int64_t n_blocks, const float *importance, int64_t period,
@@ -269,7 +272,7 @@ static inline float iq4_block_scale(const float *x, const float *w) {
 /* The search's element weights over n values (ggml.py's _iq4_weights): x^2, or with an importance
  * matrix importance * sqrt(sigma2 + x^2), sigma2 twice the mean square of the n values (summed left
  * to right). */
-static void iq4_weights(const float *x, int n, const float *importance, float *w) {
+HELPER void iq4_weights(const float *x, int n, const float *importance, float *w) {
     if (importance == NULL) {
         for (int i = 0; i < n; i++) w[i] = x[i] * x[i];
         return;
@@ -388,7 +391,7 @@ static inline float refine_code(const float *x, int n, float d, float code, floa
 /* _search_scale_symmetric for one group of 16 with nstep 4 (Q6_K: nmax 32, Q3_K: nmax 4; rdelta 0.2):
  * levels in [-nmax, nmax - 1]. candidates[k] are the float32 constants nmax + rdelta*step,
  * step = -4..4 without 0. */
-static float symmetric_group_scale(const float *x, float nmax, const float *candidates) {
+HELPER float symmetric_group_scale(const float *x, float nmax, const float *candidates) {
     float peak = signed_absmax(x, 16);
     int zero_group = fabsf(peak) < 1e-15f;
     if (zero_group) peak = 1.0f;
@@ -432,7 +435,7 @@ static void store_q6_k_levels(uint8_t *out, const float *levels, float bias) {
     }
 }
 
-static void q6_k_weighted(const float *x, const float *importance, uint8_t *out);
+HELPER void q6_k_weighted(const float *x, const float *importance, uint8_t *out);
 
 KERNEL int quantize_q6_k(const void *src, int dtype, int64_t n_blocks, const float *candidates,
                          const float *importance, int64_t period, int64_t first, uint8_t *out) {
@@ -508,7 +511,7 @@ static inline float closed_form_error(float scale, float offset, float sum_w, fl
 /* _search_scale_min for one group of 16 (Q2_K: nmax 3, weights |x|): x ≈ scale * l - min with l in
  * [0, nmax], weighted least squares over the plain min/max grid, then candidates[0..nstep] (the
  * float32 constants rmin + rdelta*step + nmax), each kept only when strictly better. */
-static void search_scale_min16(const float *x, const float *w, float nmax, int nstep, const float *candidates,
+HELPER void search_scale_min16(const float *x, const float *w, float nmax, int nstep, const float *candidates,
                                float *scale_out, float *min_out) {
     float low;
     int flat;
@@ -569,7 +572,7 @@ static void store_crumbs(uint8_t *qs, const float *levels, float bias) {
     }
 }
 
-static void q2_k_weighted(const float *x, const float *importance, uint8_t *out);
+HELPER void q2_k_weighted(const float *x, const float *importance, uint8_t *out);
 
 KERNEL int quantize_q2_k(const void *src, int dtype, int64_t n_blocks, const float *candidates,
                          const float *importance, int64_t period, int64_t first, uint8_t *out) {
@@ -618,7 +621,7 @@ static void store_q3_k_fields(uint8_t *out, const uint8_t *codes, const float *l
     }
 }
 
-static void q3_k_weighted(const float *x, const float *importance, uint8_t *out);
+HELPER void q3_k_weighted(const float *x, const float *importance, uint8_t *out);
 
 KERNEL int quantize_q3_k(const void *src, int dtype, int64_t n_blocks, const float *candidates,
                          const float *importance, int64_t period, int64_t first, uint8_t *out) {
@@ -665,7 +668,7 @@ static inline void level_sums(const float *x, const float *levels, float *sum_l,
 
 /* _search_k32 for one group of 32: the scale and -offset of the best candidate, and the sums of its
  * levels (sums[0..2]) and Σx (sums[3]). */
-static void search_k32(const float *x, float nmax, const float *candidates, float *scale_out, float *min_out,
+HELPER void search_k32(const float *x, float nmax, const float *candidates, float *scale_out, float *min_out,
                        float *sums) {
     float low;
     int flat;
@@ -738,7 +741,7 @@ static inline void fit_codes(float d, float dmin, const float *sums, float *ls, 
 
 /* _quantize_k32 for Q4_K / Q5_K: writes d and dmin (fp16 bytes) to out[0..3], the codes to ls/lm
  * and the levels. */
-static void quantize_k32(const float *x, float nmax, const float *candidates, uint8_t *out,
+HELPER void quantize_k32(const float *x, float nmax, const float *candidates, uint8_t *out,
                          uint8_t *ls_out, uint8_t *lm_out, uint8_t *levels_out) {
     float scales[8], mins[8], sums[8][4];
     for (int g = 0; g < 8; g++) search_k32(x + 32 * g, nmax, candidates, &scales[g], &mins[g], sums[g]);
@@ -831,7 +834,7 @@ KERNEL int quantize_q5_k(const void *src, int dtype, int64_t n_blocks, const flo
  * those, 2: always all), even_signs, qp_start, no_importance_weights (0: x^2, 1: sigma2 / 4 + x^2);
  * fconfig: step_size, empty_below. */
 
-static float qp_fit(const float *x, const float *w, int n, int nmax, uint8_t *levels_out) {
+HELPER float qp_fit(const float *x, const float *w, int n, int nmax, uint8_t *levels_out) {
     float peak = 0.0f;
     for (int i = 0; i < n; i++) peak = x[i] > peak ? x[i] : peak;
     if (!(peak >= 1e-15f)) {
@@ -1158,7 +1161,7 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
  * quantize_row_q{2,3,4,5,6}_K_impl). Sums left to right from 0 unless noted. */
 
 /* importance * sqrt(sigma2 + x^2), sigma2 the super-block's mean square times `factor`. */
-static void kquant_weights(const float *x, const float *importance, float factor, float *w) {
+HELPER void kquant_weights(const float *x, const float *importance, float factor, float *w) {
     float sum = 0.0f;
     for (int i = 0; i < 256; i++) sum = sum + x[i] * x[i];
     float sigma2 = sum * (factor / 256.0f);
@@ -1227,7 +1230,7 @@ static float qkx3_fit(const float *x, const float *w, int n, float nmax, float *
 }
 
 /* make_qx_quants (rmse_type 1, weighted): x ~ scale * l, l in [-nmax, nmax-1], stored l + nmax. */
-static float qx_fit(const float *x, const float *w, int n, int nmax, float *levels) {
+HELPER float qx_fit(const float *x, const float *w, int n, int nmax, float *levels) {
     float peak = 0.0f, peak_abs = 0.0f;
     for (int i = 0; i < n; i++) {
         if (fabsf(x[i]) > peak_abs) {
@@ -1269,20 +1272,20 @@ static float qx_fit(const float *x, const float *w, int n, int nmax, float *leve
     return scale;
 }
 
-static float running_sum(const float *v, int n) {
+HELPER float running_sum(const float *v, int n) {
     float total = 0.0f;
     for (int i = 0; i < n; i++) total = total + v[i];
     return total;
 }
 
 /* rint((x + offset) / scale) clamped, for the decoded sub-block scale; a zero scale keeps the levels. */
-static void requantize(const float *x, int n, float scale, float offset, float lo, float hi, float bias,
+HELPER void requantize(const float *x, int n, float scale, float offset, float lo, float hi, float bias,
                        float *levels) {
     if (scale == 0.0f) return;
     for (int i = 0; i < n; i++) levels[i] = clampf(rintf((x[i] + offset) / scale), lo, hi) + bias;
 }
 
-static void q2_k_weighted(const float *x, const float *importance, uint8_t *out) {
+HELPER void q2_k_weighted(const float *x, const float *importance, uint8_t *out) {
     float w[256], levels[256], scales[16], mins[16], sub_weights[16];
     uint8_t ls[16], lm[16];
     kquant_weights(x, importance, 1.0f, w);
@@ -1301,7 +1304,7 @@ static void q2_k_weighted(const float *x, const float *importance, uint8_t *out)
     store_crumbs(out + 16, levels, 0.0f);
 }
 
-static void q3_k_weighted(const float *x, const float *importance, uint8_t *out) {
+HELPER void q3_k_weighted(const float *x, const float *importance, uint8_t *out) {
     float w[256], levels[256], scales[16], sub_weights[16], codes[16];
     uint8_t code_bytes[16];
     kquant_weights(x, importance, 2.0f, w);
@@ -1346,7 +1349,7 @@ static void k32_weighted(const float *x, const float *importance, int five_bit, 
     for (int i = 0; i < 256; i++) levels[i] = (uint8_t)fitted[i];
 }
 
-static void q6_k_weighted(const float *x, const float *importance, uint8_t *out) {
+HELPER void q6_k_weighted(const float *x, const float *importance, uint8_t *out) {
     float levels[256], scales[16];
     for (int g = 0; g < 16; g++) scales[g] = qx_fit(x + 16 * g, importance + 16 * g, 16, 32, levels + 16 * g);
     float peak = signed_absmax(scales, 16);
@@ -1387,7 +1390,7 @@ static inline int iq1_better(float qx, float q2, float *best, float *scale) {
 
 /* One sub-block of n (32 or 16) elements: grid indices (n / 8), each group's delta sign (1: minus),
  * the scale; returns 0 when the sub-block stays empty (index 0, plus, scale 0). */
-static int iq1_sub_block(const float *xb, const float *w, int n, int medium, float empty_below,
+HELPER int iq1_sub_block(const float *xb, const float *w, int n, int medium, float empty_below,
                          const int32_t *grid_levels, const int32_t *grid_map, const int32_t *neighbours,
                          int32_t width, int *index, int *minus, float *scale_out) {
     int order[32], rank[32], levels[32];
