@@ -32,8 +32,8 @@ SOURCE = Path(__file__).with_name("cpu_ggml.c")
 # trapping math the compiler may if-convert (and so vectorize) the clamps; no value changes.
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 # Blocks per call: big enough that the call overhead is negligible, small enough that threads
-# share a tensor evenly.
-_CHUNK_ELEMENTS = 1 << 20
+# share a tensor evenly (the last chunk of a tensor is one thread's alone).
+_CHUNK_ELEMENTS = 1 << 18
 
 
 @functools.cache

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -38,9 +38,26 @@ def cpu_workers() -> Iterator[None]:
                 torch.set_num_threads(threads)
 
 
-def run_chunks(starts: Sequence[int], work: Callable[[Sequence[int]], None], workers: int | None = None) -> None:
-    """Call ``work(starts[i::k])`` on k = min(workers, len(starts)) threads (the caller's one included),
-    with torch single-threaded meanwhile; exceptions propagate."""
+class _SharedStarts:
+    """The chunks' starts as one iterator that every worker draws from (under a lock): a worker takes
+    the next chunk when it finishes one, so a slow or descheduled worker holds back only its own."""
+
+    def __init__(self, starts: Sequence[int]) -> None:
+        self._iterator = iter(starts)
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> _SharedStarts:
+        return self
+
+    def __next__(self) -> int:
+        with self._lock:
+            return next(self._iterator)
+
+
+def run_chunks(starts: Sequence[int], work: Callable[[Iterable[int]], None], workers: int | None = None) -> None:
+    """Call ``work(shared)`` on k = min(workers, len(starts)) threads (the caller's one included), each
+    iterating one shared iterator over ``starts`` (each start reaches one worker), with torch
+    single-threaded meanwhile; exceptions propagate."""
     global _POOL
     k = max(1, min(workers or WORKERS, len(starts)))
     with cpu_workers():
@@ -49,9 +66,10 @@ def run_chunks(starts: Sequence[int], work: Callable[[Sequence[int]], None], wor
             return
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="qtool-cpu")
-        futures = [_POOL.submit(work, starts[part::k]) for part in range(1, k)]
+        shared = _SharedStarts(starts)
+        futures = [_POOL.submit(work, shared) for _ in range(1, k)]
         try:
-            work(starts[0::k])
+            work(shared)
         finally:
             for future in futures:
                 future.result()

@@ -16,7 +16,7 @@ same bytes several times faster for the common types; on CUDA, Triton kernels (:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,8 +47,11 @@ LARGEST_INPUT = 2.0 ** 30
 QK_K = 256
 
 # Elements per chunk handed to quantize_blocks: small enough that the temporaries of the K-quant
-# scale search stay in the tens of MB, large enough that per-op overhead is negligible.
+# scale search stay in the tens of MB, large enough that per-op overhead is negligible. On the CPU
+# smaller: the workers share a tensor's chunks, and the last chunk of each tensor is one worker's
+# alone (the lattice searches take 30-40 ms per 2^18 elements on one core).
 _CHUNK_ELEMENTS = 1 << 20
+_CPU_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -227,11 +230,12 @@ class GGMLType(Scheme):
     def _quantize_chunks(self, blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         """quantize_blocks over bounded chunks; on the CPU on several threads (see _parallel)."""
         out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=blocks.device)
-        step = max(1, _CHUNK_ELEMENTS // self.block_size)
+        on_cpu = blocks.device.type == "cpu"
+        step = max(1, (_CPU_CHUNK_ELEMENTS if on_cpu else _CHUNK_ELEMENTS) // self.block_size)
 
         nonfinite_chunks = []
 
-        def work(starts: Sequence[int]) -> None:
+        def work(starts: Iterable[int]) -> None:
             for start in starts:
                 chunk = blocks[start:start + step].to(torch.float32)
                 # Per chunk, while it is in cache: the C and Triton kernels test the same as they load
@@ -245,7 +249,7 @@ class GGMLType(Scheme):
                     out[start:start + step] = self.quantize_blocks(chunk, importance[start:start + step].to(chunk.device))
 
         starts = range(0, blocks.shape[0], step)
-        if blocks.device.type == "cpu":
+        if on_cpu:
             run_chunks(starts, work)
         else:
             work(starts)

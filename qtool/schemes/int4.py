@@ -14,6 +14,8 @@ asymmetric scale = (max - min) / range with min <= 0 <= max and an integer zero 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -132,7 +134,7 @@ def _quantize_int_cpu(matrix: torch.Tensor, bits: int, symmetric: bool, group_si
     scale = torch.empty((rows, n_groups), dtype=dtype)
     zero_point = None if symmetric else torch.empty((rows, n_groups), dtype=torch.int8)
 
-    def work(starts: range) -> None:
+    def work(starts: Iterable[int]) -> None:
         for start in starts:
             end = min(start + step, rows)
             part_q, part_scale, part_zero = _quantize_int_rows(matrix[start:end], bits, symmetric, group_size, dtype)

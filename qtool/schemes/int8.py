@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -96,7 +98,7 @@ def _int8_rows_cpu(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
     step = max(1, _CPU_CHUNK_ELEMENTS // max(cols, 1))
     is_half = matrix.dtype == torch.float16
 
-    def work(starts: range) -> None:
+    def work(starts: Iterable[int]) -> None:
         half, values, scratch = _scratch(min(step, rows) * cols)
         for start in starts:
             end = min(start + step, rows)

@@ -15,6 +15,8 @@ Numerics follow bitsandbytes 0.50 on CPU so that the bytes are identical to
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -332,7 +334,7 @@ def _quantize_4bit_cpu(flat: torch.Tensor, quant_type: str, block_size: int) -> 
     threshold_table, code_table = _cpu_tables(quant_type)
     chunk = max(_CPU_CHUNK_ELEMENTS // block_size, 1) * block_size      # whole blocks, an even count
 
-    def work(starts: range) -> None:
+    def work(starts: Iterable[int]) -> None:
         buffers = _CpuBuffers.get(min(chunk, full))
         for start in starts:
             end = min(start + chunk, full)
