@@ -34,6 +34,8 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math
 # Blocks per call: big enough that the call overhead is negligible, small enough that threads
 # share a tensor evenly (the last chunk of a tensor is one thread's alone).
 _CHUNK_ELEMENTS = 1 << 18
+# cpu_ggml.c's bound on a lattice type's candidate scales (MAX_CANDIDATES).
+_MAX_CANDIDATES = 32
 
 
 @functools.cache
@@ -174,6 +176,8 @@ def lattice_fit(blocks: torch.Tensor, importance: torch.Tensor | None, config: t
     sub, group = config[0], config[1]
     rows, groups = n_blocks * (256 // sub), sub // group
     grid_map, code_rows, counts, packed = tables
+    if 2 * config[3] + 1 > _MAX_CANDIDATES:
+        raise ValueError(f"{2 * config[3] + 1} candidate scales: past cpu_ggml.c's MAX_CANDIDATES")
     weights = None if importance is None else importance.to(torch.float32).contiguous()
     config_array = np.array(config, dtype=np.int32)
     fconfig_array = np.array(fconfig, dtype=np.float32)

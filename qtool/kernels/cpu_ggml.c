@@ -901,12 +901,6 @@ HELPER float qp_fit(const float *x, const float *w, int n, int nmax, uint8_t *le
     return sum_l2 > 0.0f ? sum_lx / sum_l2 : 0.0f;
 }
 
-/* The first neighbour of least weighted distance to one group of M values (M a constant, so that the
- * loop over elements unrolls), or -1 when none is below infinity. Eight neighbours side by side, one
- * vector lane each, each distance summed over the group left to right as one at a time would; each
- * lane keeps its first strict minimum, and of the lanes' the least, the earliest in list order: the
- * neighbour a scan in list order keeps. Neighbours come as packed codes (levels of `bits` each),
- * `count` of them, padded to a multiple of 8. */
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
@@ -920,6 +914,12 @@ static inline i32x8 select_i32x8(i32x8 mask, i32x8 a, i32x8 b) {
     return (mask & a) | (~mask & b);
 }
 
+/* The first neighbour of least weighted distance to one group of M values (M a constant, so that the
+ * loop over elements unrolls), or -1 when none is below infinity. Eight neighbours side by side, one
+ * vector lane each, each distance summed over the group left to right as one at a time would; each
+ * lane keeps its first strict minimum, and of the lanes' the least, the earliest in list order: the
+ * neighbour a scan in list order keeps. Neighbours come as packed codes (levels of `bits` each),
+ * `count` of them, padded to a multiple of 8. */
 static inline int nearest_neighbour(int M, int bits, const uint16_t *packed, int count, const float *xval,
                                     const float *waux, float scale) {
     const i32x8 lanes = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -958,16 +958,15 @@ static inline int nearest_neighbour(int M, int bits, const uint16_t *packed, int
         i32x8 other = __builtin_shuffle(first, halves[h]);
         first = select_i32x8(other < first, other, first);
     }
-    int chosen = first[0] == INT32_MAX ? -1 : first[0];
-    return chosen;
+    return first[0] == INT32_MAX ? -1 : first[0];
 }
+
+/* The most candidate scales a lattice type tries (IQ3_XXS: 31). */
+#define MAX_CANDIDATES 32
 
 /* A lattice's tables as lattice_fit reads them (ggml_iquants.py's lattice_packed): the grid index of
  * each code (-1 off the grid), each reachable code's row of neighbours (-1 for codes rounding never
  * gives), each row's neighbour count and its neighbours' packed codes, `width` (a multiple of 8) a row. */
-/* The most candidate scales a lattice type tries (IQ3_XXS: 31). */
-#define MAX_CANDIDATES 32
-
 typedef struct {
     const int32_t *grid_map, *code_rows, *counts;
     const uint16_t *packed;
@@ -1107,9 +1106,10 @@ KERNEL int lattice_fit(const void *src, int dtype, int64_t n_blocks, const float
             for (int k = 0; k < candidates; k++)
                 for (int i = 0; i < sub; i++) q_by_element[i][k] = (float)(2 * trials[k][i] + 1);
             float sum_qx[MAX_CANDIDATES], sum_q2[MAX_CANDIDATES];
-            for (int k = 0; k < MAX_CANDIDATES; k++) sum_qx[k] = sum_q2[k] = 0.0f;
+            const int lanes = (candidates + 7) & ~7;     /* whole vectors; the lanes past are zeros */
+            for (int k = 0; k < lanes; k++) sum_qx[k] = sum_q2[k] = 0.0f;
             for (int i = 0; i < sub; i++) {
-                for (int k = 0; k < MAX_CANDIDATES; k++) {
+                for (int k = 0; k < lanes; k++) {
                     float q = q_by_element[i][k];
                     sum_qx[k] = sum_qx[k] + wr[i] * xv[i] * q;
                     sum_q2[k] = sum_q2[k] + wr[i] * q * q;
