@@ -919,7 +919,7 @@ static inline i32x8 select_i32x8(i32x8 mask, i32x8 a, i32x8 b) {
  * vector lane each, each distance summed over the group left to right as one at a time would; each
  * lane keeps its first strict minimum, and of the lanes' the least, the earliest in list order: the
  * neighbour a scan in list order keeps. Neighbours come as packed codes (levels of `bits` each),
- * `count` of them, padded to a multiple of 8. */
+ * `count` of them, padded to a multiple of 8 with the last one (a repeat at a later place never wins). */
 static inline int nearest_neighbour(int M, int bits, const uint16_t *packed, int count, const float *xval,
                                     const float *waux, float scale) {
     const i32x8 lanes = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -940,7 +940,7 @@ static inline int nearest_neighbour(int M, int bits, const uint16_t *packed, int
         f32x8 d = (f32x8){0};
         for (int i = 0; i < M; i++) d = d + __builtin_shuffle(terms[i], (codes >> (bits * i)) & ((1 << bits) - 1));
         i32x8 index = lanes + j0;
-        i32x8 better = (index < count) & (d < best);
+        i32x8 better = d < best;
         best = select_f32x8(better, d, best);
         best_index = select_i32x8(better, index, best_index);
     }

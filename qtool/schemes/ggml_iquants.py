@@ -74,7 +74,7 @@ def lattice_packed(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor,
     """:func:`lattice`'s tables as cpu_ggml.c's lattice_fit reads them, made once: (grid map int32; the
     row of each code in the lists, -1 for codes rounding never gives (a level of kmax or more); each
     row's neighbour count; the rows: each neighbour as its packed code (levels << bits * i) in uint16,
-    zero-padded to a multiple of 8 neighbours). Packed codes let the kernel read a neighbour's levels
+    padded to a multiple of 8 neighbours with the last one). Packed codes let the kernel read a neighbour's levels
     without gathering grid rows; rows for reachable codes only keep the lists small (IQ2_S: 5 MB)."""
     levels, grid_map, neighbours = lattice(type_name, nwant, kmax)
     m = levels.shape[1]
@@ -83,10 +83,14 @@ def lattice_packed(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor,
     listed = neighbours[rows]
     code_rows = torch.full((len(grid_map),), -1, dtype=torch.int32)
     code_rows[rows] = torch.arange(len(rows), dtype=torch.int32)
+    counts = (listed >= 0).sum(-1)
     width = -(-listed.shape[1] // 8) * 8
-    packed = torch.zeros((len(rows), width), dtype=torch.int32)
-    packed[:, :listed.shape[1]] = torch.where(listed >= 0, grid_codes[listed.clamp(min=0)], 0).to(torch.int32)
-    counts = (listed >= 0).sum(-1).to(torch.int32)
+    # Padded with copies of the row's last neighbour: an equal distance at a later place never wins.
+    last = listed.gather(-1, (counts - 1).unsqueeze(-1))
+    padded = torch.cat([listed, last.expand(-1, width - listed.shape[1])], -1)
+    padded = torch.where(padded >= 0, padded, last)
+    packed = grid_codes[padded].to(torch.int32)
+    counts = counts.to(torch.int32)
     return (grid_map.to(torch.int32).contiguous(), code_rows, counts.contiguous(),
             packed.to(torch.uint16).contiguous())
 
