@@ -74,8 +74,9 @@ def lattice_packed(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor,
     """:func:`lattice`'s tables as cpu_ggml.c's lattice_fit reads them, made once: (grid map int32; the
     row of each code in the lists, -1 for codes rounding never gives (a level of kmax or more); each
     row's neighbour count; the rows: each neighbour as its packed code (levels << bits * i) in uint16,
-    padded to a multiple of 8 neighbours with the last one). Packed codes let the kernel read a neighbour's levels
-    without gathering grid rows; rows for reachable codes only keep the lists small (IQ2_S: 5 MB)."""
+    padded to a multiple of 8 neighbours with the last one). Packed codes let the kernel read a
+    neighbour's levels without gathering grid rows; rows for reachable codes only keep the lists small
+    (IQ2_S: 5 MB)."""
     levels, grid_map, neighbours = lattice(type_name, nwant, kmax)
     m = levels.shape[1]
     grid_codes = (levels << (torch.arange(m) * (3 if m == 4 else 2))).sum(-1)
