@@ -77,7 +77,9 @@ def lattice_packed(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor,
     padded to a multiple of 8 neighbours with the last one). Packed codes let the kernel read a
     neighbour's levels without gathering grid rows; rows for reachable codes only keep the lists small
     (IQ2_S: 5 MB)."""
-    levels, grid_map, neighbours = lattice(type_name, nwant, kmax)
+    # Built afresh, not through lattice's cache: its neighbour table (int64, a row for every code:
+    # IQ2_S 215 MB) would stay alive beside these rows for the whole run.
+    levels, grid_map, neighbours = lattice.__wrapped__(type_name, nwant, kmax)
     m = levels.shape[1]
     grid_codes = (levels << (torch.arange(m) * (3 if m == 4 else 2))).sum(-1)
     rows = (neighbours[:, 0] >= 0).nonzero().squeeze(-1)
