@@ -135,7 +135,7 @@ def quantize(spec: str, out: str | Path, recipe: Recipe,
                                 stored_plans(plans, sink_type), options, device)
             return None
         if options.dry_run:
-            sizes = {p.name: sink_type.packed_nbytes(p) for p in plans}
+            sizes = {p.name: sink_type.planned_nbytes(p, source.config) for p in plans}
             report = size_report(source, infos, plans, sizes, output=None, fmt=options.format,
                                  seconds=time.perf_counter() - started, dry_run=True, labels=labels)
             report.sizing = sizing
@@ -183,7 +183,7 @@ def sized(source: Source, recipe: Recipe, options: QuantizeOptions) -> tuple[Rec
         return True
 
     writer = sizing.Writer(family=container.sizing_family, sizes_embeddings=container.sizes_embeddings,
-                           packed_nbytes=sink_type.packed_nbytes,
+                           packed_nbytes=lambda plan: sink_type.planned_nbytes(plan, source.config),
                            overhead_nbytes=lambda plans: sink_type.overhead_nbytes(source, plans), fits=fits,
                            shared_type_groups=sink_type.shared_type_groups)
 

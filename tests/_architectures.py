@@ -76,15 +76,16 @@ SHARP_ATTENTION = {"llama3": 8.0, "phi3-longrope": 8.0}
 MODEL_TYPES = [name for name in VARIANTS if name not in ("llama-tied", "llama3", "phi3-longrope")]
 
 
-def build_checkpoint(variant: str, folder: Path, *, tokenizer_from: Path | None, vocab_size: int) -> Path:
+def build_checkpoint(variant: str, folder: Path, *, tokenizer_from: Path | None, vocab_size: int,
+                     overrides: dict | None = None) -> Path:
     """A random float32 ``variant`` model saved as transformers saves it, with the tokenizer of
-    ``tokenizer_from`` copied beside it when given."""
+    ``tokenizer_from`` copied beside it when given; ``overrides``: config fields changed from the variant's."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, extra = ALL_VARIANTS[variant]
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **{**SIZES, **extra}, vocab_size=vocab_size)
+    config = AutoConfig.for_model(model_type, **{**SIZES, **extra, **(overrides or {})}, vocab_size=vocab_size)
     # eager attention: the one transformers implements Gemma 2's attention soft-capping with.
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(torch.float32).eval()
     with torch.no_grad():   # DeepSeek-V3's routing bias starts at zero: make it count

@@ -481,3 +481,21 @@ def test_gguf_of_calibrated_deepseek_keeps_the_calibrated_value_rows(moe_checkpo
     # (llama.cpp rounds the activations to 8 bits for Q8_0 matrix products: close, not equal)
     assert (got.argmax(-1) == expected.argmax(-1)).all()
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.999
+
+
+def test_gguf_dry_run_sizes_deepseek_split_matrices_as_written(tmp_path):
+    """--dry-run sizes DeepSeek's kv_b_proj as the two tensors the GGUF stores: with a latent of 256 and
+    heads of 32, attn_v_b's rows (256) take Q4_K while attn_k_b's (32, transposed) fall back to Q5_0, so
+    the matrix is not sized as one Q4_K tensor; every row of the plan's report has the written bytes."""
+    from tests._architectures import build_checkpoint
+
+    source = build_checkpoint("deepseek_v2", tmp_path / "model", tokenizer_from=None, vocab_size=VOCAB_SIZE,
+                              overrides={"kv_lora_rank": 256})
+    out = tmp_path / "out.gguf"
+    reports = {}
+    for extra in (("--dry-run",), ()):
+        result = run_cli("quantize", source, "--type", "Q4_K_M", "-o", out, "--json", *extra)
+        assert result.exit_code == 0, result.output
+        reports[bool(extra)] = {row["name"]: row["bytes_after"] for row in json.loads(result.stdout)["tensors"]}
+    assert any(name.endswith("kv_b_proj.weight") for name in reports[False])
+    assert reports[True] == reports[False]

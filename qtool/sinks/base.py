@@ -44,6 +44,12 @@ class Sink(ABC):
         raise NotImplementedError
 
     @classmethod
+    def planned_nbytes(cls, plan: TensorPlan, config: dict) -> int:
+        """Bytes a planned tensor of a model with this ``config`` takes in this format, where the format
+        stores a tensor as pieces the model's architecture decides (GGUF: DeepSeek's kv_b_proj)."""
+        return cls.packed_nbytes(plan)
+
+    @classmethod
     def shared_type_groups(cls, names: list[str]) -> list[list[str]]:
         """Tensors of ``names`` this format (or its runtime) needs quantized with one scheme, grouped."""
         return []

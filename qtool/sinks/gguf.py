@@ -130,6 +130,12 @@ def _split_of(plan: TensorPlan, config: dict) -> _Split | None:
                           for name, shape in zip(architectures.split_names(plan.name, config), shapes)])
 
 
+def _pieces(plan: TensorPlan, config: dict) -> list[TensorPlan]:
+    """The tensors a plan is written as: its split's pieces, or itself."""
+    found = _split_of(plan, config)
+    return [piece for piece, _ in found.pieces] if found is not None else [plan]
+
+
 def _merged_groups(plans: list[TensorPlan]) -> list[_Merged]:
     """The experts merged into one GGUF tensor each, checked: experts 0..E-1 of one shape and one stored type."""
     members: dict[str, dict[int, TensorPlan]] = {}
@@ -372,6 +378,11 @@ class GGUFSink(Sink):
         return packed_nbytes(plan)
 
     @classmethod
+    def planned_nbytes(cls, plan: TensorPlan, config: dict) -> int:
+        """A split matrix (DeepSeek's kv_b_proj) is its pieces, each typed on its own shape."""
+        return sum(packed_nbytes(piece) for piece in _pieces(plan, config))
+
+    @classmethod
     def shared_type_groups(cls, names: list[str]) -> list[list[str]]:
         """The experts of one merged tensor (ffn_*_exps)."""
         merged: dict[str, list[str]] = {}
@@ -390,9 +401,9 @@ class GGUFSink(Sink):
         size = 24 + 512         # magic, version, counts; the general.* keys the sink adds
         for key, value in metadata.items():
             size += 12 + len(key.encode()) + _value_nbytes(value)
-        for plan in plans:
-            size += 24 + len(architectures.hf_to_gguf_name(plan.name, model_type).encode()) + 8 * len(plan.shape)
-            size += -packed_nbytes(plan) % _ALIGNMENT
+        for piece in (piece for plan in plans for piece in _pieces(plan, config)):
+            size += 24 + len(architectures.hf_to_gguf_name(piece.name, model_type).encode()) + 8 * len(piece.shape)
+            size += -packed_nbytes(piece) % _ALIGNMENT
         return size + _ALIGNMENT
 
     @classmethod
