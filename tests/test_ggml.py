@@ -224,7 +224,7 @@ def test_cpu_kernels_are_built_here():
 def test_cpu_kernel_bytes_equal_the_torch_reference(name, dtype):
     """The C kernel against the scheme's torch code, on the edge cases and on model-like weights
     (several chunks, so the threaded split is covered too)."""
-    from qtool.kernels import cpu
+    from qtool.schemes import _parallel
 
     scheme = ggml_type(name)
     generator = torch.Generator().manual_seed(11)
@@ -236,12 +236,12 @@ def test_cpu_kernel_bytes_equal_the_torch_reference(name, dtype):
     blocks = weight.reshape(-1, scheme.block_size)
     kernel = cpu_kernel(get_scheme(name))
     reference = scheme._quantize_chunks(blocks)
-    chunk = cpu._CHUNK_ELEMENTS
+    chunk = _parallel.CPU_CHUNK_ELEMENTS
     try:
-        cpu._CHUNK_ELEMENTS = 1 << 16
+        _parallel.CPU_CHUNK_ELEMENTS = 1 << 16
         fast = kernel(blocks)
     finally:
-        cpu._CHUNK_ELEMENTS = chunk
+        _parallel.CPU_CHUNK_ELEMENTS = chunk
     mismatched = (fast != reference).any(dim=-1).nonzero().flatten().tolist()
     assert not mismatched, f"{name} {dtype}: {len(mismatched)} blocks differ, first {mismatched[:5]}"
     if scheme.takes_importance:   # with an importance matrix: one value per column, chunks mid-row
@@ -249,10 +249,10 @@ def test_cpu_kernel_bytes_equal_the_torch_reference(name, dtype):
         for importance in _importance_vectors(1024):
             reference = scheme._quantize_chunks(head, scheme._importance_blocks(importance, (160, 1024)))
             try:
-                cpu._CHUNK_ELEMENTS = 3 << 14
+                _parallel.CPU_CHUNK_ELEMENTS = 3 << 14
                 fast = kernel(head, importance)
             finally:
-                cpu._CHUNK_ELEMENTS = chunk
+                _parallel.CPU_CHUNK_ELEMENTS = chunk
             assert torch.equal(fast, reference), f"{name} {dtype} with an importance matrix"
 
 

@@ -31,9 +31,6 @@ SOURCE = Path(__file__).with_name("cpu_ggml.c")
 # No -ffast-math, no contraction into fused multiply-adds: the bytes must equal torch's. Without
 # trapping math the compiler may if-convert (and so vectorize) the clamps; no value changes.
 _FLAGS = ["-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-# Blocks per call: big enough that the call overhead is negligible, small enough that threads
-# share a tensor evenly (the last chunk of a tensor is one thread's alone).
-_CHUNK_ELEMENTS = 1 << 18
 # cpu_ggml.c's bound on a lattice type's candidate scales (MAX_CANDIDATES).
 _MAX_CANDIDATES = 32
 
@@ -113,14 +110,14 @@ def cpu_kernel(scheme: Any, library: ctypes.CDLL | None = None) -> Callable[...,
     extra = () if candidates is None else (_candidates_array(candidates).ctypes.data,)
 
     def quantize_blocks(blocks: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
-        from qtool.schemes._parallel import run_chunks
+        from qtool.schemes._parallel import CPU_CHUNK_ELEMENTS, run_chunks
 
         if blocks.dtype not in _DTYPES:
             blocks = blocks.to(torch.float32)
         blocks = blocks.contiguous()
         n_blocks = blocks.shape[0]
         out = torch.empty((n_blocks, type_size), dtype=torch.uint8)
-        step = max(1, _CHUNK_ELEMENTS // block)
+        step = max(1, CPU_CHUNK_ELEMENTS // block)
         dtype_code = _DTYPES[blocks.dtype]
         base_in, base_out = blocks.data_ptr(), out.data_ptr()
         in_stride = block * blocks.element_size()

@@ -19,6 +19,10 @@ from contextlib import contextmanager
 import torch
 
 WORKERS = max(1, min(8, os.cpu_count() or 1))
+# Elements per chunk of the GGML types' CPU paths (C kernels and torch): big enough that a call's
+# overhead is negligible, small enough that the workers share a tensor evenly (the last chunk of a
+# tensor is one worker's alone; the lattice searches take 30-40 ms per 2^18 elements on one core).
+CPU_CHUNK_ELEMENTS = 1 << 18
 _POOL: ThreadPoolExecutor | None = None
 _LOCK = threading.RLock()
 

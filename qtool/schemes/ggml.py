@@ -25,7 +25,7 @@ import torch
 from qtool.errors import BadArgument
 from qtool.kernels import fused
 from qtool.kernels.cpu import cpu_kernel
-from qtool.schemes._parallel import run_chunks
+from qtool.schemes._parallel import CPU_CHUNK_ELEMENTS, run_chunks
 from qtool.schemes.base import Scheme, register
 from qtool.schemes.errors import NonFiniteWeight, ScaleOverflow
 from qtool.schemes.ggml_search import exact_sqrt, nearest_int, qkx3_quants, qx_quants, sequential_sum
@@ -46,12 +46,10 @@ LARGEST_INPUT = 2.0 ** 30
 
 QK_K = 256
 
-# Elements per chunk handed to quantize_blocks: small enough that the temporaries of the K-quant
-# scale search stay in the tens of MB, large enough that per-op overhead is negligible. On the CPU
-# smaller: the workers share a tensor's chunks, and the last chunk of each tensor is one worker's
-# alone (the lattice searches take 30-40 ms per 2^18 elements on one core).
+# Elements per chunk handed to quantize_blocks on a GPU, and to dequantize_blocks: small enough that
+# the temporaries of the K-quant scale search stay in the tens of MB, large enough that per-op
+# overhead is negligible (the CPU workers' quantization takes _parallel.CPU_CHUNK_ELEMENTS).
 _CHUNK_ELEMENTS = 1 << 20
-_CPU_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -231,7 +229,7 @@ class GGMLType(Scheme):
         """quantize_blocks over bounded chunks; on the CPU on several threads (see _parallel)."""
         out = torch.empty((blocks.shape[0], self.type_size), dtype=torch.uint8, device=blocks.device)
         on_cpu = blocks.device.type == "cpu"
-        step = max(1, (_CPU_CHUNK_ELEMENTS if on_cpu else _CHUNK_ELEMENTS) // self.block_size)
+        step = max(1, (CPU_CHUNK_ELEMENTS if on_cpu else _CHUNK_ELEMENTS) // self.block_size)
 
         nonfinite_chunks = []
 

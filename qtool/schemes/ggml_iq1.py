@@ -19,8 +19,8 @@ import torch
 
 from qtool.schemes.base import register
 from qtool.schemes.ggml import QK_K, GGMLType, divide, fp16_bytes, fp16_from_bytes, nearest_int
-from qtool.schemes.ggml_iquants import (_from_le, _le_bytes, exact_sqrt, grid_values, lattice, lattice_int32,
-                                        sequential_sum)
+from qtool.schemes.ggml_iquants import (_from_le, _le_bytes, exact_sqrt, grid_values, group_codes, lattice,
+                                        lattice_int32, sequential_sum)
 
 DELTA = 0.125
 PLUS = (-1 + DELTA, DELTA, 1 + DELTA)        # levels 0, 1, 2 with the delta added (llama.cpp's x_p)
@@ -118,12 +118,11 @@ class _Ternary(GGMLType):
         scale = scale.abs()
         # Groups of 8 onto the grid; an off-grid one takes its neighbour of least sum w (s q - x)^2.
         group_levels = levels.reshape(rows, groups, 8)
-        shifts = torch.arange(8, device=x.device) * 2
-        index = grid_map[(group_levels << shifts).sum(-1)]
+        index = grid_map[group_codes(group_levels)]
         off = (index < 0) & ~empty.unsqueeze(-1)
         if bool(off.any()):
             at_row, at_group = off.nonzero(as_tuple=True)
-            codes = (group_levels[at_row, at_group] << shifts).sum(-1)
+            codes = group_codes(group_levels[at_row, at_group])
             candidates = neighbours[codes]                                                # (k, M)
             values = _levels(levels_table[candidates.clamp(min=0)], minus[at_row, at_group].reshape(-1, 1, 1))
             diff = scale[at_row].reshape(-1, 1, 1) * values - xb.reshape(rows, groups, 8)[at_row, at_group].unsqueeze(1)

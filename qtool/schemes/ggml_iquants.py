@@ -32,6 +32,17 @@ def grid_values(type_name: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(table.grid).reshape(table.grid_shape).copy())
 
 
+def code_bits(m: int) -> int:
+    """Bits a level takes in the code of a group of m (levels 0..7 in groups of 4, 0..2 in groups of 8)."""
+    return 3 if m == 4 else 2
+
+
+def group_codes(levels: torch.Tensor) -> torch.Tensor:
+    """Groups of levels (..., m) -> their codes (...,): sum of l_i << bits * i, the grid map's index."""
+    m = levels.shape[-1]
+    return (levels << (torch.arange(m, device=levels.device) * code_bits(m))).sum(-1)
+
+
 @functools.cache
 def lattice(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(levels (G, m) int64 of the grid points, level l standing for the magnitude 2l + 1; map from a group's
@@ -39,14 +50,12 @@ def lattice(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor, torch.
     points llama.cpp tries for an off-grid group of levels below ``kmax``, in its order, -1 padded)."""
     values = grid_values(type_name).numpy()
     m = values.shape[1]
-    bits = 3 if m == 4 else 2
     levels = torch.from_numpy(np.searchsorted(np.unique(values), values)).long()     # magnitude rank = l
-    shifts = torch.arange(m) * bits
-    grid_map = torch.full((1 << (bits * m),), -1, dtype=torch.long)
-    grid_map[(levels << shifts).sum(-1)] = torch.arange(len(levels))
+    grid_map = torch.full((1 << (code_bits(m) * m),), -1, dtype=torch.long)
+    grid_map[group_codes(levels)] = torch.arange(len(levels))
     # Every group rounding can produce: levels 0..kmax-1 in each place.
     reachable = torch.cartesian_prod(*[torch.arange(kmax)] * m).flip(-1)    # (kmax^m, m), place 0 fastest
-    codes = (reachable << shifts).sum(-1)
+    codes = group_codes(reachable)
     grid_positions = 2 * levels + 1
     lists = []
     for start in range(0, len(codes), 2048):
@@ -65,7 +74,7 @@ def lattice(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor, torch.
 
 @functools.cache
 def lattice_int32(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor, ...]:
-    """:func:`lattice`'s tables as the C kernel reads them (contiguous int32), made once."""
+    """:func:`lattice`'s tables as IQ1's C kernel reads them (contiguous int32), made once."""
     return tuple(table.to(torch.int32).contiguous() for table in lattice(type_name, nwant, kmax))
 
 
@@ -80,8 +89,7 @@ def lattice_packed(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor,
     # Built afresh, not through lattice's cache: its neighbour table (int64, a row for every code:
     # IQ2_S 215 MB) would stay alive beside these rows for the whole run.
     levels, grid_map, neighbours = lattice.__wrapped__(type_name, nwant, kmax)
-    m = levels.shape[1]
-    grid_codes = (levels << (torch.arange(m) * (3 if m == 4 else 2))).sum(-1)
+    grid_codes = group_codes(levels)
     rows = (neighbours[:, 0] >= 0).nonzero().squeeze(-1)
     listed = neighbours[rows]
     code_rows = torch.full((len(grid_map),), -1, dtype=torch.int32)
@@ -92,10 +100,8 @@ def lattice_packed(type_name: str, nwant: int, kmax: int) -> tuple[torch.Tensor,
     last = listed.gather(-1, (counts - 1).unsqueeze(-1))
     padded = torch.cat([listed, last.expand(-1, width - listed.shape[1])], -1)
     padded = torch.where(padded >= 0, padded, last)
-    packed = grid_codes[padded].to(torch.int32)
-    counts = counts.to(torch.int32)
-    return (grid_map.to(torch.int32).contiguous(), code_rows, counts.contiguous(),
-            packed.to(torch.uint16).contiguous())
+    return (grid_map.to(torch.int32).contiguous(), code_rows, counts.to(torch.int32).contiguous(),
+            grid_codes[padded].to(torch.uint16).contiguous())
 
 
 def best_neighbours(levels: torch.Tensor, xval: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -232,18 +238,17 @@ class _Lattice(GGMLType):
         span = scale * self.kmax if self.qp_start else peak      # what the inverse scales divide
         empty = empty | ~(span > 0)
         span = torch.where(empty, torch.ones_like(span), span)
-        shifts = torch.arange(m, device=xval.device) * (3 if m == 4 else 2)
 
         def snap(levels: torch.Tensor, scale: torch.Tensor, redo: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
             """(levels on the grid, on-grid flags (rows, groups)); only the groups ``redo`` marks move."""
             groups = levels.reshape(rows, groups_per_row, m)
-            index = grid_map[(groups << shifts).sum(-1)]
+            index = grid_map[group_codes(groups)]
             off = index < 0
             moved = off if redo is None else off & redo
             if bool(moved.any()):
                 at_row, at_group = moved.nonzero(as_tuple=True)
-                codes = (groups[at_row, at_group] << shifts).sum(-1)
+                codes = group_codes(groups[at_row, at_group])
                 chosen = best_neighbours(grid_levels, xval.reshape(rows, groups_per_row, m)[at_row, at_group],
                                          waux.reshape(rows, groups_per_row, m)[at_row, at_group], scale[at_row],
                                          neighbours[codes])
@@ -284,7 +289,7 @@ class _Lattice(GGMLType):
             refit = again & (sum_q2 > 0)
             scale = torch.where(refit, sum_qx / torch.where(refit, sum_q2, torch.ones_like(sum_q2)), scale)
         scale = torch.where(empty, torch.zeros_like(scale), scale)
-        index = grid_map[(chosen.reshape(rows, groups_per_row, m) << shifts).sum(-1)]
+        index = grid_map[group_codes(chosen.reshape(rows, groups_per_row, m))]
         return torch.where(empty, torch.zeros_like(index), index), scale, empty
 
     def _super_scales(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
